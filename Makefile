@@ -1,0 +1,35 @@
+# linewatch: the two commands that matter are `make demo` and `make test`. Both set everything up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export MPLBACKEND := Agg
+
+.PHONY: install demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install  ## the main job end to end on embedded defaults (local SQLite MLflow, local Prefect)
+	$(VENV)/bin/linewatch demo
+
+lint: install
+	$(VENV)/bin/ruff check models pipeline flows tests benchmarks
+
+test: install lint  ## the whole suite (CI runs this)
+	$(VENV)/bin/pytest -q -x --timeout=900 $(PYTEST_ARGS)
+
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not slow and not stack" $(PYTEST_ARGS)
+
+bench: install  ## regenerate docs/results.md and BENCHMARKS.md figures (long)
+	$(PY) -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
