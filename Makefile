@@ -28,7 +28,8 @@ test: install lint  ## the whole suite (CI runs this)
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not slow and not stack" $(PYTEST_ARGS)
 
-bench: install  ## regenerate docs/results.md and BENCHMARKS.md figures (long)
+bench: install  ## regenerate benchmarks/results/*.md and docs/results.md (long: tens of minutes on 2 cores)
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,bench]'
 	$(PY) -m benchmarks.run_all
 
 clean:

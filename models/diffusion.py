@@ -14,6 +14,7 @@ from .schedule import NoiseSchedule, extract
 
 __all__ = [
     "EpsFn",
+    "randn",
     "PMeanVar",
     "q_sample",
     "predict_x0_from_eps",
@@ -24,6 +25,18 @@ __all__ = [
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """eps_theta(x_t (B,C,H,W), t (B,) long) -> eps (B,C,H,W); z, if any, is bound by the caller."""
+
+
+def randn(
+    shape: torch.Size | tuple[int, ...],
+    generator: torch.Generator | None,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Standard normal noise on ``device`` drawn from ``generator`` (which may live on another device, e.g. CPU)."""
+    if generator is None:
+        return torch.randn(shape, device=device, dtype=dtype)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
 
 
 def q_sample(sched: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -48,7 +61,7 @@ def predict_x0_from_eps(sched: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor
 
 
 def predict_eps_from_x0(sched: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) (inverse of ``predict_x0_from_eps``)."""
+    """Eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) (inverse of ``predict_x0_from_eps``)."""
     return (extract(sched.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - x0) / extract(
         sched.sqrt_recipm1_alphas_cumprod, t, x_t.shape
     )

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EncoderConfig, UNetConfig
+from .diffusion import randn
 from .unet import Downsample, ResBlock, UNet
 
 __all__ = ["EncoderOutput", "Encoder"]
@@ -104,7 +105,7 @@ class Encoder(nn.Module):
             return EncoderOutput(z=a)
         mu, logvar = self.mu_head(a), self.logvar_head(a)
         if self.training:
-            noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            noise = randn(mu.shape, generator, mu.device, mu.dtype)
             z = mu + torch.exp(0.5 * logvar) * noise
         else:
             z = mu

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .diffusion import EpsFn
+from .diffusion import EpsFn, randn
 from .schedule import NoiseSchedule
 
 __all__ = [
@@ -41,13 +41,16 @@ class StepOutput:
     pred_x0: torch.Tensor
 
 
-def make_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:
-    """Descending, evenly spaced integer grid from T-1 down to 0 (``steps`` distinct entries, long)."""
-    if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
+def make_timesteps(num_timesteps: int, steps: int, t_start: int | None = None) -> torch.Tensor:
+    """Descending, evenly spaced integer grid from ``t_start`` (default T-1) down to 0 (``steps`` distinct entries)."""
+    top = num_timesteps - 1 if t_start is None else int(t_start)
+    if not 0 <= top < num_timesteps:
+        raise ValueError(f"t_start must be in [0, {num_timesteps - 1}], got {t_start}")
+    if not 1 <= steps <= top + 1:
+        raise ValueError(f"steps must be in [1, {top + 1}] (t_start + 1), got {steps}")
     if steps == 1:
-        return torch.tensor([num_timesteps - 1], dtype=torch.long)
-    grid = torch.linspace(num_timesteps - 1, 0, steps, dtype=torch.float64).round().long()
+        return torch.tensor([top], dtype=torch.long)
+    grid = torch.linspace(top, 0, steps, dtype=torch.float64).round().long()
     if grid.unique().numel() != steps:  # pragma: no cover - linspace over integers with steps <= T is distinct
         raise ValueError(f"could not build {steps} distinct timesteps out of {num_timesteps}")
     return grid
@@ -56,10 +59,10 @@ def make_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:
 class _GridSampler:
     """Shared grid bookkeeping: abar at each grid entry and at the level after it."""
 
-    def __init__(self, sched: NoiseSchedule, steps: int) -> None:
+    def __init__(self, sched: NoiseSchedule, steps: int, t_start: int | None = None) -> None:
         self.sched = sched
         self.steps = int(steps)
-        self.timesteps = make_timesteps(sched.num_timesteps, self.steps)
+        self.timesteps = make_timesteps(sched.num_timesteps, self.steps, t_start)
         abar = sched.alphas_cumprod.to(torch.float64)
         self._abar = abar[self.timesteps]  # (steps,)
         self._abar_next = torch.cat([self._abar[1:], torch.ones(1, dtype=torch.float64)])  # level after step i
@@ -83,10 +86,18 @@ class DDIMSampler(_GridSampler):
         eta: 0 = deterministic DDIM, 1 = DDPM-like ancestral noise.
         clip_x0: clamp the x0 estimate to [-1, 1] at every step (helps poorly trained models; off for exact
             inversion/reconstruction round trips).
+        t_start: top of the grid (default T-1); a lower value starts from a partially noised image.
     """
 
-    def __init__(self, sched: NoiseSchedule, steps: int = 50, eta: float = 0.0, clip_x0: bool = False) -> None:
-        super().__init__(sched, steps)
+    def __init__(
+        self,
+        sched: NoiseSchedule,
+        steps: int = 50,
+        eta: float = 0.0,
+        clip_x0: bool = False,
+        t_start: int | None = None,
+    ) -> None:
+        super().__init__(sched, steps, t_start)
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         self.eta = float(eta)
@@ -113,7 +124,7 @@ class DDIMSampler(_GridSampler):
         dir_xt = max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
         prev = a_prev**0.5 * pred_x0 + dir_xt
         if sigma > 0:
-            noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+            noise = randn(x_t.shape, generator, x_t.device, x_t.dtype)
             prev = prev + sigma * noise
         return StepOutput(prev_sample=prev, pred_x0=pred_x0)
 
@@ -157,7 +168,7 @@ class DDPMSampler(_GridSampler):
         mean = coef1 * pred_x0 + coef2 * x_t
         var = (1 - a_prev) / (1 - a_t) * beta
         if var > 0:
-            noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+            noise = randn(x_t.shape, generator, x_t.device, x_t.dtype)
             mean = mean + var**0.5 * noise
         return StepOutput(prev_sample=mean, pred_x0=pred_x0)
 

@@ -228,7 +228,7 @@ class UNet(nn.Module):
         if zero_out:
             _zero(self.out_conv)
 
-    def _apply(self, layer: nn.ModuleList, h: torch.Tensor, e_t: torch.Tensor | None, e_z: torch.Tensor | None):
+    def _run_layer(self, layer: nn.ModuleList, h: torch.Tensor, e_t: torch.Tensor | None, e_z: torch.Tensor | None):
         for m in layer:
             h = m(h, e_t, e_z) if isinstance(m, ResBlock) else m(h)
         return h
@@ -259,10 +259,10 @@ class UNet(nn.Module):
         h = self.head(x)
         hs = [h]
         for layer in self.down:
-            h = self._apply(layer, h, e_t, e_z)
+            h = self._run_layer(layer, h, e_t, e_z)
             hs.append(h)
-        h = self._apply(self.mid, h, e_t, e_z)
+        h = self._run_layer(self.mid, h, e_t, e_z)
         for layer in self.up:
             h = torch.cat([h, hs.pop()], dim=1)
-            h = self._apply(layer, h, e_t, e_z)
+            h = self._run_layer(layer, h, e_t, e_z)
         return self.out_conv(F.silu(self.out_norm(h)))

@@ -208,8 +208,8 @@ def pool_indices(
     pool: str | Iterable[str],
     *,
     functional_only: bool = False,
-    probs: Iterable[float] | None = None,
-    types: Iterable[str] | None = None,
+    probs: float | Iterable[float] | None = None,
+    types: str | Iterable[str] | None = None,
     seed: int = 0,
 ) -> np.ndarray:
     """ELPV indices (file order) of the cells in one or more pools, optionally filtered.
@@ -217,23 +217,23 @@ def pool_indices(
     Args:
         pool: a pool name, ``"all"``, a comma-separated string, or an iterable of names.
         functional_only: keep only cells with defect probability 0.
-        probs: keep only cells whose probability is one of these (matched to 1e-6).
-        types: keep only cells of these types ("mono", "poly").
+        probs: keep only cells whose probability is this or one of these (matched to 1e-6).
+        types: keep only cells of this type or these types ("mono", "poly").
         seed: split seed.
 
     Returns:
         Sorted int64 array of ELPV indices.
     """
     table = _split_pools_cached(int(seed), (0.6, 0.2, 0.2))
-    keep = table["pool"].isin(resolve_pools(pool)).to_numpy()
+    keep = table["pool"].isin(resolve_pools(pool)).to_numpy().copy()
     p = table["prob"].to_numpy()
     if functional_only:
         keep &= p == 0.0
     if probs is not None:
-        wanted = np.asarray(list(probs), dtype=float)
+        wanted = np.atleast_1d(np.asarray(list(probs) if not np.isscalar(probs) else probs, dtype=float))
         keep &= np.any(np.abs(p[:, None] - wanted[None, :]) < 1e-6, axis=1)
     if types is not None:
-        wanted_t = list(types)
+        wanted_t = [types] if isinstance(types, str) else list(types)
         bad = [t for t in wanted_t if t not in ("mono", "poly")]
         if bad:
             raise ValueError(f"unknown cell type(s) {bad}: choose from 'mono', 'poly'")

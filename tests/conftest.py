@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 ELPV_SMALL_PER_GROUP = 6  # 4 groups (mono/poly x functional/defective) -> 24 cells
-TINY_TRAIN_STEPS = 120
+TINY_TRAIN_STEPS = 40
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,12 @@ def write_pngs(images: np.ndarray, folder: Path, prefix: str = "cell") -> list[P
     return out
 
 
+@pytest.fixture(scope="session")
+def png_writer():
+    """The ``write_pngs(images, folder, prefix="cell") -> list[Path]`` helper, as a fixture."""
+    return write_pngs
+
+
 @pytest.fixture
 def image_dir(tmp_path: Path, elpv_small: ElpvSmall) -> Path:
     """A folder holding the ``elpv_small`` cells as 8-bit PNGs (``cell_0000.png`` ...)."""
@@ -105,7 +111,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, elpv_small: ElpvSm
     preset = get_preset("tiny")
     data = to_model_input(list(elpv_small.images), preset.preprocess)
     out = tmp_path_factory.mktemp("tiny_ckpt")
-    result = train(preset, data, out, steps=TINY_TRAIN_STEPS, batch_size=8, progress=False, seed=0)
+    result = train(preset, data, out, steps=TINY_TRAIN_STEPS, batch_size=8, progress=False, seed=0, device="cpu")
     if not any(out.iterdir()):  # train() is expected to save; make sure a checkpoint is there either way
         save_checkpoint(result.model, out, preprocess=preset.preprocess)
     return out

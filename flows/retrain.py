@@ -1,0 +1,134 @@
+"""Nightly retrain flow: snapshot -> train (warm start) -> evaluate -> register -> gate -> alias.
+
+The job itself is :func:`pipeline.retrain.retrain`; this module adds retries with back-off (MLflow unreachable, the
+catalog lock busy, a crash in training: the retry resumes from the candidate's checkpoint), a timeout, and Prefect
+events ``linewatch.model.promoted`` / ``linewatch.model.rejected``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows import retry_condition, retry_delays
+
+
+def build_config(
+    preset: str = "cpu",
+    steps: int = 300,
+    window_days: int = 7,
+    end: str | None = None,
+    lines: list[str] | None = None,
+    from_scratch: bool = False,
+    exclude_alerts: bool = True,
+    exclude_anomalous: bool = True,
+    batch_size: int | None = None,
+    inject_weight_noise: float = 0.0,
+    gate: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> Any:
+    """A ``RetrainConfig`` from flow parameters (JSON-friendly types, as deployments pass them)."""
+    from pipeline.retrain import GateConfig, RetrainConfig
+
+    return RetrainConfig(
+        preset=preset,
+        steps=steps,
+        batch_size=batch_size,
+        window_days=window_days,
+        end=datetime.fromisoformat(end) if end else None,
+        lines=tuple(lines) if lines else None,
+        exclude_alerts=exclude_alerts,
+        exclude_anomalous=exclude_anomalous,
+        from_scratch=from_scratch,
+        inject_weight_noise=inject_weight_noise,
+        gate=GateConfig(**(gate or {})),
+        seed=seed,
+    )
+
+
+@task(
+    name="retrain-candidate",
+    retries=2,
+    retry_delay_seconds=retry_delays(),
+    retry_jitter_factor=0.2,
+    retry_condition_fn=retry_condition,
+    timeout_seconds=6 * 3600,
+    cache_policy=NO_CACHE,
+    log_prints=True,
+)
+def retrain_task(config: Any) -> dict[str, Any]:
+    """Run one retrain (``pipeline.retrain.retrain``) and return its result as a dict."""
+    from pipeline.retrain import retrain
+    from pipeline.settings import ensure_dirs, get_settings
+
+    settings = ensure_dirs(get_settings())
+    res = retrain(settings, config)
+    verdict = "promoted to champion" if res.promoted else "kept as challenger"
+    print(
+        f"retrain: v{res.version} {verdict} ({res.gate.reason}); parent v{res.parent_version or '-'}, "
+        f"{res.n_train} train / {res.n_calibration} calibration images, excluded {res.excluded}"
+    )
+    return res.to_dict()
+
+
+def emit_model_event(result: dict[str, Any]) -> None:
+    """Emit ``linewatch.model.promoted`` or ``linewatch.model.rejected`` for a retrain result (never raises)."""
+    try:
+        from prefect.events import emit_event
+
+        emit_event(
+            event="linewatch.model.promoted" if result["promoted"] else "linewatch.model.rejected",
+            resource={"prefect.resource.id": f"linewatch.model.v{result['version']}",
+                      "prefect.resource.name": f"model v{result['version']}"},
+            payload={"version": result["version"], "parent_version": result["parent_version"],
+                     "gate": result["gate"]["reason"], "alias": result["alias"]},
+        )
+    except Exception:  # noqa: BLE001 - an event is a notification, not part of the job
+        pass
+
+
+@flow(name="linewatch-retrain", log_prints=True, timeout_seconds=8 * 3600)
+def retrain_flow(
+    preset: str = "cpu",
+    steps: int = 300,
+    window_days: int = 7,
+    end: str | None = None,
+    lines: list[str] | None = None,
+    from_scratch: bool = False,
+    exclude_alerts: bool = True,
+    exclude_anomalous: bool = True,
+    batch_size: int | None = None,
+    inject_weight_noise: float = 0.0,
+    gate: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Retrain InfoDiffusion on the recent catalog window and promote it only through the gate.
+
+    Args:
+        preset: Model preset (``tiny``, ``cpu``, ``standard``, ``large``).
+        steps: Optimiser steps.
+        window_days: Training window, last N days.
+        end: End of the window (ISO 8601; default: after the newest image).
+        lines: Only these lines.
+        from_scratch: Ignore the champion (no warm start).
+        exclude_alerts: Drop images in windows under an active drift alert.
+        exclude_anomalous: Drop images the champion flagged anomalous.
+        batch_size: Override the preset's batch size.
+        inject_weight_noise: Fault injection (tests, demos): degrade the candidate's weights.
+        gate: ``GateConfig`` overrides.
+        seed: Seed.
+
+    Returns:
+        ``RetrainResult.to_dict()``.
+    """
+    config = build_config(preset, steps, window_days, end, lines, from_scratch, exclude_alerts, exclude_anomalous,
+                          batch_size, inject_weight_noise, gate, seed)
+    result = retrain_task(config)
+    emit_model_event(result)
+    return result
+
+
+__all__ = ["build_config", "retrain_task", "retrain_flow", "emit_model_event"]

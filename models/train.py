@@ -1,0 +1,286 @@
+"""One readable training loop (nanoGPT style) for InfoDiffusion.
+
+AdamW, linear warm-up then cosine decay, global grad-norm clipping, EMA inference weights, autocast on CUDA only,
+seeded, atomic checkpoints every ``checkpoint_every`` steps and at the end, ``resume`` and ``init_from``.
+
+Augmentation: none. No random flips: the line's camera sees every cell in a fixed orientation, and the monitor must
+*notice* layout changes (a mirrored or rotated fixture, a shifted cell). Training on flipped cells would teach z to
+ignore exactly those changes. (ELPV cells are roughly symmetric, so the data gain would be small anyway.)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .checkpoint import (
+    TRAIN_STATE_NAME,
+    WEIGHTS_NAME,
+    load_state_strict,
+    load_train_state,
+    read_config,
+    save_checkpoint,
+)
+from .infodiffusion import InfoDiffusion
+from .preprocess import check_model_input
+from .presets import Preset
+
+__all__ = ["TrainResult", "train", "lr_at", "config_diff"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What ``train`` returns.
+
+    Attributes:
+        model: the inference model (EMA weights), in eval mode, on the training device.
+        step: the final step count (continues across resumes).
+        history: one dict per logged step: step, loss, eps_mse, mmd, kl, lr.
+        out_dir: the checkpoint directory (None when not checkpointing).
+        images_per_s: training throughput of this call (optimiser steps only, checkpoint I/O excluded).
+    """
+
+    model: InfoDiffusion
+    step: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    out_dir: Path | None = None
+    images_per_s: float = 0.0
+
+
+def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to 0 at ``total_steps`` (step is 0-based)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts, as ``key: a != b`` strings."""
+    fa, fb = _flatten(a), _flatten(b)
+    return [f"{k}: {fa.get(k)!r} != {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def _batches(
+    data: torch.Tensor | Dataset, batch_size: int, generator: torch.Generator, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """Endless stream of (B, C, H, W) batches.
+
+    Uniform sampling with replacement from a tensor, or a shuffled DataLoader over a Dataset (items: tensors, or
+    tuples whose first element is the image).
+    """
+    if isinstance(data, torch.Tensor):
+        n = data.shape[0]
+        while True:
+            idx = torch.randint(0, n, (batch_size,), generator=generator)
+            yield data[idx.to(data.device)].to(device, non_blocking=True)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator)
+    if len(loader) == 0:
+        raise ValueError(f"the dataset has fewer items ({len(data)}) than batch_size={batch_size}")  # type: ignore[arg-type]
+    while True:
+        for item in loader:
+            x = item[0] if isinstance(item, list | tuple) else item
+            yield x.to(device, non_blocking=True)
+
+
+def _check_data(data: torch.Tensor | Dataset, preset: Preset) -> None:
+    cfg = preset.model
+    if isinstance(data, torch.Tensor):
+        check_model_input(data, cfg)
+        return
+    if not isinstance(data, Dataset):
+        raise ValueError(f"data must be a (N, C, H, W) tensor in [-1, 1] or a torch Dataset, got {type(data).__name__}")
+    if len(data) == 0:  # type: ignore[arg-type]
+        raise ValueError("the dataset is empty")
+    first = data[0]
+    x = first[0] if isinstance(first, list | tuple) else first
+    check_model_input(torch.as_tensor(x)[None], cfg)
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    ema_p = [p for p in ema.parameters()]
+    cur_p = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_p, cur_p, 1.0 - decay)
+
+
+def train(
+    preset: Preset,
+    data: torch.Tensor | Dataset,
+    out_dir: str | Path | None,
+    *,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    resume: bool = False,
+    init_from: str | Path | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    on_step: Callable[[dict[str, float]], bool | None] | None = None,
+    seed: int | None = None,
+) -> TrainResult:
+    """Train an InfoDiffusion model.
+
+    Args:
+        preset: model / training / preprocessing recipe.
+        data: (N, C, H, W) float tensor in [-1, 1] (from ``to_model_input``) or a Dataset of such (C, H, W) items.
+        out_dir: checkpoint directory (``config.json``, ``weights.safetensors`` = EMA weights, ``train_state.pt``);
+            None = no checkpoints.
+        steps: total optimiser steps (overrides the preset; with ``resume`` it is the total, not the remainder).
+        batch_size: overrides the preset.
+        resume: continue from the checkpoint in ``out_dir`` (step count, optimizer, EMA, RNG); starts fresh if there
+            is none. Without ``resume`` an existing checkpoint in ``out_dir`` is an error (nothing is overwritten).
+        init_from: a checkpoint directory to warm-start the weights from (same model config required).
+        device: default cuda if available, else cpu.
+        progress: show a tqdm bar (only on a TTY).
+        on_step: called with each history record (every ``log_every`` steps); return True to stop early.
+        seed: overrides the preset seed.
+
+    Returns:
+        ``TrainResult``.
+
+    Raises:
+        ValueError: bad data, config mismatch with ``init_from``/``resume``, existing checkpoint without ``resume``.
+        RuntimeError: the loss became non-finite.
+    """
+    from tqdm.auto import tqdm
+
+    overrides = {k: v for k, v in (("steps", steps), ("batch_size", batch_size), ("seed", seed)) if v is not None}
+    tcfg = preset.train.replace(**overrides)
+    cfg = preset.model
+    _check_data(data, preset)
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out_path = Path(out_dir) if out_dir is not None else None
+    has_ckpt = out_path is not None and (out_path / TRAIN_STATE_NAME).exists()
+    if has_ckpt and not resume:
+        raise ValueError(f"{out_path} already holds a checkpoint; pass resume=True to continue it or use a new out_dir")
+    if resume and init_from is not None and has_ckpt:
+        raise ValueError("pass either resume=True (with an existing checkpoint) or init_from, not both")
+
+    torch.manual_seed(tcfg.seed)
+    model = InfoDiffusion(cfg).to(dev)
+    if init_from is not None:
+        src_cfg, _, _ = read_config(init_from)
+        diff = config_diff(src_cfg.to_dict(), cfg.to_dict())
+        if diff:
+            raise ValueError(f"init_from={init_from}: model config differs from the preset's: {'; '.join(diff)}")
+        from safetensors.torch import load_file
+
+        load_state_strict(model, load_file(str(Path(init_from) / WEIGHTS_NAME)), str(init_from))
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    use_amp = tcfg.amp and dev.type == "cuda"
+    amp_dtype = torch.bfloat16 if (use_amp and torch.cuda.is_bf16_supported()) else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    data_gen = torch.Generator().manual_seed(tcfg.seed)
+    loss_gen = torch.Generator(device=dev).manual_seed(tcfg.seed + 1)
+    step, history = 0, []
+
+    if resume and has_ckpt:
+        assert out_path is not None
+        src_cfg, _, _ = read_config(out_path)
+        diff = config_diff(src_cfg.to_dict(), cfg.to_dict())
+        if diff:
+            raise ValueError(f"cannot resume {out_path}: model config differs from the preset's: {'; '.join(diff)}")
+        state = load_train_state(out_path)
+        load_state_strict(model, state["model"], f"{out_path}/{TRAIN_STATE_NAME}")
+        from safetensors.torch import load_file
+
+        load_state_strict(ema, load_file(str(out_path / WEIGHTS_NAME)), str(out_path))
+        opt.load_state_dict(state["optimizer"])
+        if "scaler" in state and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
+        step = int(state["step"])
+        history = list(state.get("history", []))
+        torch.set_rng_state(state["rng"]["torch"])
+        data_gen.set_state(state["rng"]["data"])
+        if loss_gen.device.type == "cpu":
+            loss_gen.set_state(state["rng"]["loss"])
+        ema.to(dev)
+
+    def checkpoint() -> None:
+        if out_path is None:
+            return
+        train_state = {
+            "step": step,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": opt.state_dict(),
+            "history": history,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "data": data_gen.get_state(),
+                "loss": loss_gen.get_state().cpu() if loss_gen.device.type == "cpu" else torch.empty(0),
+            },
+            "train": tcfg.to_dict(),
+        }
+        if scaler.is_enabled():
+            train_state["scaler"] = scaler.state_dict()
+        meta = {"preset": preset.name, "step": step, "train": tcfg.to_dict(), "device": str(dev)}
+        save_checkpoint(ema, out_path, preprocess=preset.preprocess, train_state=train_state, meta=meta)
+
+    batches = _batches(data, tcfg.batch_size, data_gen, dev)
+    bar = tqdm(
+        total=tcfg.steps, initial=step, desc=f"train[{preset.name}]", disable=not progress or not sys.stderr.isatty()
+    )
+    train_time, trained = 0.0, 0
+    model.train()
+    while step < tcfg.steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, lr=tcfg.lr, warmup_steps=tcfg.warmup_steps, total_steps=tcfg.steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = next(batches)
+        with torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=use_amp):
+            out = model.loss(x, generator=loss_gen)
+        scaler.scale(out.total).backward()
+        if tcfg.grad_clip > 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        _ema_update(ema, model, min(tcfg.ema_decay, (1 + step) / (10 + step)))
+        step += 1
+        stop = False
+        if step % tcfg.log_every == 0 or step == tcfg.steps:
+            rec = {"step": step, **{k if k != "total" else "loss": v for k, v in out.as_floats().items()}, "lr": lr}
+            rec.pop("rec", None) if not cfg.loss.use_rec_term else None
+            if not math.isfinite(rec["loss"]):
+                raise RuntimeError(f"non-finite loss {rec['loss']} at step {step}; lower the lr or check the data")
+            history.append(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", mmd=f"{rec['mmd']:.4f}")
+            if on_step is not None:
+                stop = bool(on_step(rec))
+        bar.update(1)
+        train_time += time.perf_counter() - t0
+        trained += x.shape[0]
+        if step % tcfg.checkpoint_every == 0 and step < tcfg.steps and not stop:
+            checkpoint()
+        if stop:
+            break
+    bar.close()
+    checkpoint()
+    ema.eval()
+    return TrainResult(
+        model=ema, step=step, history=history, out_dir=out_path, images_per_s=trained / train_time if train_time else 0.0
+    )

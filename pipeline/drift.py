@@ -1,0 +1,839 @@
+"""Per-window drift tests of latents against a reference, with an i.i.d. null and a lot-aware null.
+
+A *window* is a batch of images (a count of consecutive images, a shift, a day; see :func:`windows`). Its latents z
+are compared with the reference latents (a calibration split of normal images encoded by the same model) by three
+families of tests:
+
+* **per axis**: two-sample Kolmogorov-Smirnov on every latent axis, corrected for multiplicity with
+  Benjamini-Hochberg (default) or Bonferroni. Reported with the signed effect size in reference standard deviations
+  and the population stability index (PSI, with the conventional bands) of each axis;
+* **multivariate**: the unbiased MMD^2 with a Gaussian RBF kernel (median-heuristic bandwidth) and a permutation test;
+* **anomaly scores** (when given): a one-sided Mann-Whitney test "are the window's anomaly scores larger?";
+  its statistic is the AUC ``P(score_cur > score_ref)``.
+
+**Combination rule.** With k families present (2 or 3), each family is tested at ``alpha / k`` and the window is
+flagged when any family fires (Bonferroni across families), so the false-alarm rate on unshifted windows is at most
+``alpha`` under the null in force. The per-axis family's p-value is the smallest corrected p-value: with BH this is
+Simes' global test (valid for independent or positively dependent axes), with Bonferroni it is valid under any
+dependence.
+
+**Nulls.** ``null="iid"`` assumes the window is an i.i.d. sample of the reference distribution: p-values come from the
+KS distribution, the MMD permutations and Mann-Whitney. Images on a line are not i.i.d.: cells of one lot (a module)
+resemble each other, so a window of consecutive images differs from the reference by lot-to-lot variation that
+every i.i.d. two-sample test flags. ``null="lot"`` calibrates instead on windows of *consecutive reference images*
+(a moving-block bootstrap over the reference in its original order): for the window size n it draws
+``n_calibration`` windows made of contiguous blocks (of ``lot_block`` images; default one block of n), computes the
+three statistics (max KS over axes, MMD^2 with the reference bandwidth, score AUC) of each against the rest of the
+reference (leave-window-out), and takes empirical p-values ``(1 + #{boot >= obs}) / (B + 1)``. A window is then
+compared with how much whole lots normally differ. Calibrations are cached per window size.
+
+Pure functions (:func:`ks_per_axis`, :func:`bh_adjust`, :func:`bonferroni`, :func:`effect_size`, :func:`psi`,
+:func:`psi_band`, :func:`mmd_permutation_test`, :func:`score_distribution_test`) hold the statistics;
+:class:`DriftDetector` follows the detector shape (``fit(reference)``, then ``test(window)`` -> :class:`DriftResult`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+from tqdm.auto import tqdm
+
+from pipeline.detectors.base import NotFittedError, as_latent_matrix
+
+__all__ = [
+    "DriftDetector",
+    "DriftResult",
+    "Window",
+    "bh_adjust",
+    "bonferroni",
+    "effect_size",
+    "ks_per_axis",
+    "median_heuristic",
+    "mmd2_unbiased",
+    "mmd_permutation_test",
+    "psi",
+    "psi_band",
+    "score_distribution_test",
+    "windows",
+]
+
+log = logging.getLogger(__name__)
+
+PSI_MODERATE = 0.1
+PSI_SIGNIFICANT = 0.25
+DEFAULT_SHIFTS: tuple[tuple[int, int], ...] = ((6, 14), (14, 22), (22, 6))
+"""Three 8-hour shifts (start hour, end hour); a shift that wraps midnight belongs to the date it starts on."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# pure statistics
+# ------------------------------------------------------------------------------------------------------------
+def _pair(ref: Any, cur: Any) -> tuple[np.ndarray, np.ndarray]:
+    ref = as_latent_matrix(ref, "ref")
+    cur = as_latent_matrix(cur, "cur")
+    if ref.shape[1] != cur.shape[1]:
+        raise ValueError(
+            f"ref has {ref.shape[1]} axes but cur has {cur.shape[1]}; encode both with the same model"
+        )
+    return ref, cur
+
+
+def ks_per_axis(ref: Any, cur: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Two-sample Kolmogorov-Smirnov test on every axis.
+
+    Args:
+        ref: reference (n_ref, d).
+        cur: current window (n_cur, d).
+
+    Returns:
+        ``(stat, p)``, each float array (d,); two-sided, exact for small samples (scipy ``ks_2samp``).
+    """
+    ref, cur = _pair(ref, cur)
+    res = stats.ks_2samp(ref, cur, axis=0)
+    return np.atleast_1d(np.asarray(res.statistic, dtype=np.float64)), np.atleast_1d(
+        np.asarray(res.pvalue, dtype=np.float64)
+    )
+
+
+def _check_p(p: Any) -> np.ndarray:
+    p = np.asarray(p, dtype=np.float64)
+    if p.ndim != 1 or p.size == 0:
+        raise ValueError(f"p-values must be a non-empty 1-D array, got shape {p.shape}")
+    if not np.all((p >= 0) & (p <= 1)):
+        raise ValueError("p-values must lie in [0, 1] (NaN is not allowed)")
+    return p
+
+
+def bh_adjust(p: Any) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (step-up, monotone, clipped at 1).
+
+    An axis is significant at FDR q when its adjusted p-value is <= q; the smallest adjusted p-value is Simes'
+    global p-value.
+
+    Args:
+        p: raw p-values (m,).
+
+    Returns:
+        adjusted p-values (m,), in the input order.
+    """
+    p = _check_p(p)
+    m = p.size
+    order = np.argsort(p)
+    ranked = p[order] * m / np.arange(1, m + 1)
+    ranked = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = np.empty(m)
+    out[order] = np.minimum(ranked, 1.0)
+    return out
+
+
+def bonferroni(p: Any) -> np.ndarray:
+    """Bonferroni adjusted p-values ``min(m * p, 1)`` (valid under any dependence)."""
+    p = _check_p(p)
+    return np.minimum(p * p.size, 1.0)
+
+
+def effect_size(ref: Any, cur: Any) -> np.ndarray:
+    """Signed shift of the mean per axis in reference standard deviations: ``(mean_cur - mean_ref) / std_ref``.
+
+    A constant reference axis gets its standard deviation floored at 1e-12 (a huge effect if the mean moved).
+    """
+    ref, cur = _pair(ref, cur)
+    sd = np.maximum(ref.std(axis=0, ddof=1), 1e-12)
+    return (cur.mean(axis=0) - ref.mean(axis=0)) / sd
+
+
+def _psi_edges(ref: np.ndarray, bins: int) -> list[np.ndarray]:
+    qs = np.linspace(0, 1, bins + 1)[1:-1]
+    return [np.unique(np.quantile(ref[:, j], qs)) for j in range(ref.shape[1])]
+
+
+def _psi_from_edges(ref: np.ndarray, cur: np.ndarray, edges: list[np.ndarray], eps: float) -> np.ndarray:
+    out = np.empty(ref.shape[1])
+    for j, e in enumerate(edges):
+        nb = e.size + 1
+        pr = np.bincount(np.searchsorted(e, ref[:, j], side="right"), minlength=nb) / ref.shape[0]
+        pc = np.bincount(np.searchsorted(e, cur[:, j], side="right"), minlength=nb) / cur.shape[0]
+        pr, pc = np.maximum(pr, eps), np.maximum(pc, eps)
+        out[j] = float(np.sum((pc - pr) * np.log(pc / pr)))
+    return out
+
+
+def psi(ref: Any, cur: Any, bins: int = 10, eps: float = 1e-4) -> np.ndarray:
+    """Population stability index per axis.
+
+    ``PSI = sum_b (p_cur,b - p_ref,b) * ln(p_cur,b / p_ref,b)`` over ``bins`` bins at the reference quantiles
+    (equal reference mass per bin); empty-bin proportions are floored at ``eps``.
+
+    PSI is descriptive: on small windows its sampling noise is large (about ``(bins - 1) * (1/n_cur + 1/n_ref)`` on
+    unshifted data, 0.19 at n_cur = 50 with 10 bins), so it is reported with its band but not used to decide drift.
+
+    Args:
+        ref: reference (n_ref, d).
+        cur: current window (n_cur, d).
+        bins: number of quantile bins (fewer when the reference has ties).
+        eps: floor of empty-bin proportions.
+
+    Returns:
+        float array (d,).
+    """
+    ref, cur = _pair(ref, cur)
+    if bins < 2:
+        raise ValueError(f"bins must be >= 2, got {bins}")
+    return _psi_from_edges(ref, cur, _psi_edges(ref, bins), eps)
+
+
+def psi_band(value: float) -> str:
+    """Conventional PSI band: ``"stable"`` (< 0.1), ``"moderate"`` (0.1 to 0.25), ``"significant"`` (> 0.25)."""
+    if not math.isfinite(value):
+        raise ValueError(f"PSI must be finite, got {value}")
+    if value < PSI_MODERATE:
+        return "stable"
+    if value <= PSI_SIGNIFICANT:
+        return "moderate"
+    return "significant"
+
+
+def _sq_dists(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    d2 = (X * X).sum(1)[:, None] + (Y * Y).sum(1)[None, :] - 2.0 * (X @ Y.T)
+    return np.maximum(d2, 0.0)
+
+
+def median_heuristic(X: np.ndarray, max_points: int = 1000, rng: Any = None) -> float:
+    """Median pairwise Euclidean distance of the rows of X (on at most ``max_points`` random rows); 1.0 if zero."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.shape[0] > max_points:
+        X = X[np.random.default_rng(rng).choice(X.shape[0], max_points, replace=False)]
+    d2 = _sq_dists(X, X)[np.triu_indices(X.shape[0], k=1)]
+    med = float(np.sqrt(np.median(d2))) if d2.size else 0.0
+    return med if med > 0 else 1.0
+
+
+def mmd2_unbiased(X: np.ndarray, Y: np.ndarray, sigma: float) -> float:
+    """Unbiased MMD^2 between samples X (m, d) and Y (n, d), kernel ``exp(-||x - y||^2 / (2 sigma^2))``."""
+    m, n = X.shape[0], Y.shape[0]
+    g = -1.0 / (2.0 * sigma * sigma)
+    kxx = np.exp(_sq_dists(X, X) * g)
+    kyy = np.exp(_sq_dists(Y, Y) * g)
+    kxy = np.exp(_sq_dists(X, Y) * g)
+    return float((kxx.sum() - m) / (m * (m - 1)) + (kyy.sum() - n) / (n * (n - 1)) - 2.0 * kxy.mean())
+
+
+def mmd_permutation_test(
+    ref: Any,
+    cur: Any,
+    n_permutations: int = 200,
+    sigma: float | None = None,
+    rng: Any = None,
+    max_ref: int = 500,
+) -> tuple[float, float]:
+    """Multivariate two-sample test: unbiased MMD^2 (Gaussian RBF) with a permutation p-value.
+
+    The pooled kernel matrix is computed once and all permutations are evaluated with one matrix product. The
+    reference is randomly subsampled to ``max_ref`` rows (a random subsample keeps the test exact and bounds the
+    cost at O((max_ref + n_cur)^2 * n_permutations)).
+
+    Args:
+        ref: reference (n_ref, d).
+        cur: current window (n_cur, d); at least 2 rows.
+        n_permutations: number of random label permutations.
+        sigma: kernel bandwidth; None = median heuristic on the pooled sample (label-invariant, so the test stays
+            exact).
+        rng: seed or ``np.random.Generator``.
+        max_ref: reference subsample size.
+
+    Returns:
+        ``(mmd2, p)``, ``p = (1 + #{perm >= observed}) / (1 + n_permutations)``.
+    """
+    ref, cur = _pair(ref, cur)
+    if ref.shape[0] < 2 or cur.shape[0] < 2:
+        raise ValueError("the MMD test needs at least 2 rows in ref and in cur")
+    if n_permutations < 1:
+        raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
+    rng = np.random.default_rng(rng)
+    if ref.shape[0] > max_ref:
+        ref = ref[rng.choice(ref.shape[0], max_ref, replace=False)]
+    m, n = ref.shape[0], cur.shape[0]
+    pooled = np.vstack([ref, cur])
+    N = m + n
+    d2 = _sq_dists(pooled, pooled)
+    if sigma is None:
+        tri = d2[np.triu_indices(N, k=1)]
+        sigma = float(np.sqrt(np.median(tri))) or 1.0
+    K = np.exp(d2 * (-1.0 / (2.0 * sigma * sigma)))
+    row = K.sum(axis=1)
+    total = row.sum()
+    # label matrix: row 0 is the observed split, rows 1.. random permutations; A[p, i] = 1 if i is in "ref"
+    A = np.zeros((n_permutations + 1, N))
+    A[0, :m] = 1.0
+    picks = np.argsort(rng.random((n_permutations, N)), axis=1)[:, :m]
+    np.put_along_axis(A[1:], picks, 1.0, axis=1)
+    KA = K @ A.T  # (N, P+1)
+    sxx = np.einsum("pi,ip->p", A, KA)  # includes the m diagonal ones
+    sx_all = A @ row
+    sxy = sx_all - sxx
+    syy = total - sxx - 2.0 * sxy
+    mmd2 = (sxx - m) / (m * (m - 1)) + (syy - n) / (n * (n - 1)) - 2.0 * sxy / (m * n)
+    obs = float(mmd2[0])
+    p = (1.0 + np.count_nonzero(mmd2[1:] >= obs - 1e-12)) / (1.0 + n_permutations)
+    return obs, float(p)
+
+
+def score_distribution_test(ref_scores: Any, cur_scores: Any) -> tuple[float, float]:
+    """One-sided test "are the current anomaly scores larger than the reference ones?" (Mann-Whitney U).
+
+    Returns:
+        ``(auc, p)``: ``auc = P(score_cur > score_ref) + 0.5 P(tie)`` (0.5 = no shift) and the one-sided p-value.
+    """
+    r = np.asarray(ref_scores, dtype=np.float64).ravel()
+    c = np.asarray(cur_scores, dtype=np.float64).ravel()
+    if r.size == 0 or c.size == 0:
+        raise ValueError("score test needs non-empty ref_scores and cur_scores")
+    if not (np.isfinite(r).all() and np.isfinite(c).all()):
+        raise ValueError("anomaly scores contain NaN or inf")
+    res = stats.mannwhitneyu(c, r, alternative="greater")
+    return float(res.statistic) / (c.size * r.size), float(res.pvalue)
+
+
+def _auc(cur: np.ndarray, ref: np.ndarray) -> float:
+    ranks = stats.rankdata(np.concatenate([cur, ref]))
+    m = cur.size
+    return float((ranks[:m].sum() - m * (m + 1) / 2.0) / (m * ref.size))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# detector
+# ------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DriftResult:
+    """Outcome of :meth:`DriftDetector.test` on one window.
+
+    Attributes:
+        detected: the window is flagged (some family fired at ``family_alpha``).
+        fired: names of the families that fired, from ``("axes", "mmd", "scores")``.
+        family_p: p-value of each family tested (under the null in force).
+        family_alpha: level each family is tested at (``alpha / number of families``).
+        mmd_stat: unbiased MMD^2 of the window against the reference.
+        mmd_p: its p-value (permutation under the i.i.d. null, lot-bootstrap under the lot null).
+        score_stat: AUC of window vs reference anomaly scores (None without scores).
+        score_p: its one-sided p-value (None without scores).
+        per_axis: one row per axis, sorted by ``rank``: ``axis, ks_stat, p_value, p_adjusted, effect_size, psi,
+            psi_band, significant, rank``. ``p_value``/``p_adjusted`` are the i.i.d. KS values; under the lot null
+            ``significant`` means ``ks_stat`` exceeds the lot-null threshold of the max KS statistic.
+        top_axis: the axis that moved most (largest |effect| among significant axes, else overall).
+        top_share: share of the total |effect| carried by ``top_axis`` (1.0 = one axis explains the shift).
+        n_ref: reference size.
+        n_cur: window size.
+        null: ``"iid"`` or ``"lot"``.
+        thresholds: the decision thresholds used (levels, lot-null quantiles, the expected null PSI).
+        meta: detector name, version, params, model id.
+    """
+
+    detected: bool
+    fired: tuple[str, ...]
+    family_p: dict[str, float]
+    family_alpha: float
+    mmd_stat: float
+    mmd_p: float
+    score_stat: float | None
+    score_p: float | None
+    per_axis: pd.DataFrame
+    top_axis: int
+    top_share: float
+    n_ref: int
+    n_cur: int
+    null: str
+    thresholds: dict[str, float]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line for logs and alerts."""
+        head = "drift" if self.detected else "no drift"
+        fams = ", ".join(f"{k} p={v:.3g}" for k, v in self.family_p.items())
+        row = self.per_axis.iloc[0]
+        return (
+            f"{head} ({self.null} null, n={self.n_cur}; {fams}); top axis z_{self.top_axis}: "
+            f"effect {row['effect_size']:+.2f} sd, KS {row['ks_stat']:.2f}, PSI {row['psi']:.2f} "
+            f"({row['psi_band']}), {self.top_share:.0%} of the total shift"
+        )
+
+
+def _too_small(n: int, min_window: int, alpha: float) -> str:
+    return (
+        f"window has {n} images; at least {min_window} are needed for a drift test at alpha={alpha:g}; "
+        "widen the window (per day instead of per shift)"
+    )
+
+
+class DriftDetector:
+    """Drift tests of windows of latents against a reference (see module docstring).
+
+    Args:
+        alpha: overall false-alarm rate per window (split over the test families).
+        correction: multiplicity correction over axes under the i.i.d. null, ``"bh"`` or ``"bonferroni"``.
+        n_permutations: permutations of the MMD test (i.i.d. null).
+        min_window: smallest window accepted by ``test``.
+        null: ``"iid"`` or ``"lot"``.
+        lot_block: block length (images) of the lot-null bootstrap; None = each calibration window is one run of
+            consecutive reference images (matches windows of consecutive images). Set it to the lot size when a
+            window mixes several non-adjacent lots.
+        n_calibration: bootstrap windows per window size for the lot null (>= k/alpha, default 500).
+        mmd_max_ref: reference subsample size for the MMD statistic.
+        psi_bins: bins of the PSI.
+        random_state: seed; every ``test`` call is reproducible given its inputs.
+        progress: show a progress bar while calibrating the lot null.
+    """
+
+    name = "DriftDetector"
+    version = "1"
+
+    def __init__(
+        self,
+        alpha: float = 0.05,
+        correction: str = "bh",
+        n_permutations: int = 200,
+        min_window: int = 30,
+        null: str = "iid",
+        lot_block: int | None = None,
+        n_calibration: int = 500,
+        mmd_max_ref: int = 500,
+        psi_bins: int = 10,
+        random_state: int = 0,
+        progress: bool = False,
+    ) -> None:
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        if correction not in ("bh", "bonferroni"):
+            raise ValueError(f"correction must be 'bh' or 'bonferroni', got {correction!r}")
+        if null not in ("iid", "lot"):
+            raise ValueError(f"null must be 'iid' or 'lot', got {null!r}")
+        if min_window < 2:
+            raise ValueError(f"min_window must be >= 2, got {min_window}")
+        if lot_block is not None and lot_block < 1:
+            raise ValueError(f"lot_block must be >= 1 or None, got {lot_block}")
+        if null == "lot" and (n_calibration + 1) * alpha / 3.0 < 1.0:
+            raise ValueError(
+                f"n_calibration={n_calibration} cannot resolve p-values at alpha/3={alpha / 3:.3g}; "
+                f"use at least {math.ceil(3.0 / alpha)}"
+            )
+        if n_permutations < 1:
+            raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
+        self.alpha = float(alpha)
+        self.correction = correction
+        self.n_permutations = int(n_permutations)
+        self.min_window = int(min_window)
+        self.null = null
+        self.lot_block = lot_block
+        self.n_calibration = int(n_calibration)
+        self.mmd_max_ref = int(mmd_max_ref)
+        self.psi_bins = int(psi_bins)
+        self.random_state = int(random_state)
+        self.progress = progress
+
+    def get_params(self) -> dict[str, Any]:
+        """Hyperparameters given to ``__init__``."""
+        keys = (
+            "alpha correction n_permutations min_window null lot_block n_calibration mmd_max_ref psi_bins "
+            "random_state"
+        ).split()
+        return {k: getattr(self, k) for k in keys}
+
+    def __repr__(self) -> str:
+        return "DriftDetector(" + ", ".join(f"{k}={v!r}" for k, v in self.get_params().items()) + ")"
+
+    # ---- fit -----------------------------------------------------------------------------------------------
+    def fit(
+        self,
+        Z_ref: Any,
+        ref_scores: Any = None,
+        model_id: str | None = None,
+        ref_order: Any = None,
+    ) -> DriftDetector:
+        """Store the reference.
+
+        Args:
+            Z_ref: reference latents (n_ref, d) of normal images (a DataFrame with ``z_*`` columns works too).
+            ref_scores: optional anomaly scores (n_ref,) of the same images; enables the score family.
+            model_id: id of the model that encoded ``Z_ref``; ``test`` refuses windows from another model.
+            ref_order: optional sort key (n_ref,) giving the production order of the reference (capture time, file
+                order); the lot null draws consecutive images in this order. Default: row order.
+
+        Returns:
+            self.
+        """
+        Z = as_latent_matrix(Z_ref, "Z_ref")
+        n = Z.shape[0]
+        if n < 2 * self.min_window:
+            raise ValueError(
+                f"reference has {n} images; at least {2 * self.min_window} (2 x min_window) are needed"
+            )
+        scores = None
+        if ref_scores is not None:
+            scores = np.asarray(ref_scores, dtype=np.float64).ravel()
+            if scores.size != n:
+                raise ValueError(f"ref_scores has {scores.size} values for {n} reference images")
+            if not np.isfinite(scores).all():
+                raise ValueError("ref_scores contain NaN or inf")
+        if ref_order is not None:
+            key = np.asarray(ref_order)
+            if key.shape[0] != n:
+                raise ValueError(f"ref_order has {key.shape[0]} values for {n} reference images")
+            order = np.argsort(key, kind="stable")
+            Z = Z[order]
+            scores = None if scores is None else scores[order]
+        self.ref_ = Z
+        self.ref_scores_ = scores
+        self.model_id_ = model_id
+        self.n_ref_, self.n_features_in_ = Z.shape
+        self.psi_edges_ = _psi_edges(Z, self.psi_bins)
+        self.sigma_ref_ = median_heuristic(Z, rng=self.random_state)
+        self._ref_sorted = np.sort(Z, axis=0)
+        self._calibrations: dict[int, dict[str, np.ndarray]] = {}
+        self.is_fitted_ = True
+        return self
+
+    def _check_fitted(self) -> None:
+        if not getattr(self, "is_fitted_", False):
+            raise NotFittedError("DriftDetector has not been fit: call fit(Z_ref) first")
+
+    # ---- lot null ------------------------------------------------------------------------------------------
+    def _block_indices(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        L = n if self.lot_block is None else min(self.lot_block, n)
+        n_blocks = math.ceil(n / L)
+        starts = rng.integers(0, self.n_ref_ - L + 1, size=n_blocks)
+        return (starts[:, None] + np.arange(L)[None, :]).ravel()[:n]
+
+    def _window_stats_vs_rest(self, idx: np.ndarray, rng: np.random.Generator) -> tuple[float, float, float]:
+        """Max KS, MMD^2 and score AUC of reference rows ``idx`` against the rest of the reference."""
+        N = self.n_ref_
+        mask = np.zeros(N, dtype=bool)
+        mask[idx] = True
+        n_u = int(mask.sum())
+        win = self.ref_[idx]
+        n = win.shape[0]
+        # KS without re-sorting the rest: F_rest = (N F_ref - n_u F_unique_window) / (N - n_u), at all ref points
+        uniq = self.ref_[mask]
+        ks = 0.0
+        for j in range(self.n_features_in_):
+            x = self._ref_sorted[:, j]
+            f_ref = self._f_ref[:, j]
+            f_u = np.searchsorted(np.sort(uniq[:, j]), x, side="right") / n_u
+            f_win = np.searchsorted(np.sort(win[:, j]), x, side="right") / n
+            f_rest = (N * f_ref - n_u * f_u) / (N - n_u)
+            ks = max(ks, float(np.max(np.abs(f_rest - f_win))))
+        rest_idx = np.flatnonzero(~mask)
+        if rest_idx.size > self.mmd_max_ref:
+            rest_idx = rng.choice(rest_idx, self.mmd_max_ref, replace=False)
+        mmd = mmd2_unbiased(self.ref_[rest_idx], win, self.sigma_ref_)
+        auc = math.nan
+        if self.ref_scores_ is not None:
+            auc = _auc(self.ref_scores_[idx], self.ref_scores_[~mask])
+        return ks, mmd, auc
+
+    def calibrate(self, n: int) -> dict[str, np.ndarray]:
+        """Lot-null bootstrap distributions of the three statistics for windows of ``n`` images (cached).
+
+        Returns:
+            ``{"axes": max-KS (B,), "mmd": MMD^2 (B,), "scores": AUC (B,) or NaNs}``, each sorted ascending.
+        """
+        self._check_fitted()
+        if n in self._calibrations:
+            return self._calibrations[n]
+        if self.n_ref_ < 2 * n:
+            raise ValueError(
+                f"the lot null needs a reference at least twice the window: reference {self.n_ref_}, window {n}; "
+                "use a larger reference or smaller windows"
+            )
+        if not hasattr(self, "_f_ref"):
+            self._f_ref = np.column_stack(
+                [
+                    np.searchsorted(self._ref_sorted[:, j], self._ref_sorted[:, j], side="right")
+                    / self.n_ref_
+                    for j in range(self.n_features_in_)
+                ]
+            )
+        rng = np.random.default_rng([self.random_state, n])
+        out = np.empty((self.n_calibration, 3))
+        it = range(self.n_calibration)
+        for b in tqdm(it, desc=f"lot null n={n}", disable=not self.progress, leave=False):
+            out[b] = self._window_stats_vs_rest(self._block_indices(n, rng), rng)
+        cal = {k: np.sort(out[:, i]) for i, k in enumerate(("axes", "mmd", "scores"))}
+        self._calibrations[n] = cal
+        return cal
+
+    @staticmethod
+    def _boot_p(boot: np.ndarray, obs: float) -> float:
+        n_ge = boot.size - np.searchsorted(boot, obs - 1e-12, side="left")
+        return float((1.0 + n_ge) / (1.0 + boot.size))
+
+    # ---- test ----------------------------------------------------------------------------------------------
+    def test(self, Z_cur: Any, cur_scores: Any = None, model_id: str | None = None) -> DriftResult:
+        """Test one window against the reference.
+
+        Args:
+            Z_cur: window latents (n_cur, d).
+            cur_scores: anomaly scores (n_cur,) of the window; required iff ``ref_scores`` were given to ``fit``.
+            model_id: id of the model that encoded ``Z_cur``; must equal the reference's when both are known.
+
+        Returns:
+            :class:`DriftResult`.
+
+        Raises:
+            NotFittedError: before ``fit``.
+            ValueError: too-small window, NaNs, model-id or dimension mismatch, scores given on one side only.
+        """
+        self._check_fitted()
+        if model_id is not None and self.model_id_ is not None and model_id != self.model_id_:
+            raise ValueError(
+                f"reference was encoded by model {self.model_id_!r} but the window by model {model_id!r}; "
+                "latents of different models are not comparable: re-encode the reference or the window"
+            )
+        Z = as_latent_matrix(Z_cur, "Z_cur")
+        n = Z.shape[0]
+        if n < self.min_window:
+            raise ValueError(_too_small(n, self.min_window, self.alpha))
+        if Z.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"window has {Z.shape[1]} latent axes but the reference has {self.n_features_in_}; "
+                "were they encoded by different models?"
+            )
+        scores = None
+        if (cur_scores is None) != (self.ref_scores_ is None):
+            raise ValueError(
+                "anomaly scores must be given for both the reference (fit ref_scores) and the window "
+                "(test cur_scores), or for neither"
+            )
+        if cur_scores is not None:
+            scores = np.asarray(cur_scores, dtype=np.float64).ravel()
+            if scores.size != n:
+                raise ValueError(f"cur_scores has {scores.size} values for {n} window images")
+            if not np.isfinite(scores).all():
+                raise ValueError("cur_scores contain NaN or inf")
+
+        ref = self.ref_
+        rng = np.random.default_rng([self.random_state, n, 1])
+        ks, p = ks_per_axis(ref, Z)
+        p_adj = bh_adjust(p) if self.correction == "bh" else bonferroni(p)
+        eff = effect_size(ref, Z)
+        psis = _psi_from_edges(ref, Z, self.psi_edges_, 1e-4)
+
+        families = ["axes", "mmd"] + (["scores"] if scores is not None else [])
+        fam_alpha = self.alpha / len(families)
+        family_p: dict[str, float] = {}
+        thresholds: dict[str, float] = {
+            "alpha": self.alpha,
+            "family_alpha": fam_alpha,
+            "psi_null_expected": (len(self.psi_edges_[0])) * (1.0 / n + 1.0 / self.n_ref_),
+        }
+        score_stat = score_p = None
+        if self.null == "iid":
+            family_p["axes"] = float(p_adj.min())
+            significant = p_adj <= fam_alpha
+            mmd_stat, mmd_p = mmd_permutation_test(
+                ref, Z, n_permutations=self.n_permutations, rng=rng, max_ref=self.mmd_max_ref
+            )
+            if scores is not None:
+                score_stat, score_p = score_distribution_test(self.ref_scores_, scores)
+            thresholds["p_adjusted"] = fam_alpha
+        else:
+            cal = self.calibrate(n)
+            q = 1.0 - fam_alpha
+            ks_thr = float(np.quantile(cal["axes"], q))
+            family_p["axes"] = self._boot_p(cal["axes"], float(ks.max()))
+            significant = ks > ks_thr
+            sub = ref
+            if sub.shape[0] > self.mmd_max_ref:
+                sub = sub[rng.choice(sub.shape[0], self.mmd_max_ref, replace=False)]
+            mmd_stat = mmd2_unbiased(sub, Z, self.sigma_ref_)
+            mmd_p = self._boot_p(cal["mmd"], mmd_stat)
+            thresholds.update({"max_ks": ks_thr, "mmd2": float(np.quantile(cal["mmd"], q))})
+            if scores is not None:
+                score_stat = _auc(scores, self.ref_scores_)
+                score_p = self._boot_p(cal["scores"], score_stat)
+                thresholds["score_auc"] = float(np.quantile(cal["scores"], q))
+        family_p["mmd"] = float(mmd_p)
+        if score_p is not None:
+            family_p["scores"] = float(score_p)
+        fired = tuple(k for k in families if family_p[k] <= fam_alpha)
+
+        # rank: significant axes by |effect| first, then the rest by |effect|
+        abs_eff = np.abs(eff)
+        order = np.lexsort((-abs_eff, ~significant))
+        rank = np.empty(order.size, dtype=int)
+        rank[order] = np.arange(1, order.size + 1)
+        table = pd.DataFrame(
+            {
+                "axis": np.arange(self.n_features_in_),
+                "ks_stat": ks,
+                "p_value": p,
+                "p_adjusted": p_adj,
+                "effect_size": eff,
+                "psi": psis,
+                "psi_band": [psi_band(v) for v in psis],
+                "significant": significant,
+                "rank": rank,
+            }
+        ).sort_values("rank", kind="stable", ignore_index=True)
+        top = int(order[0])
+        total = float(abs_eff.sum())
+        return DriftResult(
+            detected=bool(fired),
+            fired=fired,
+            family_p=family_p,
+            family_alpha=fam_alpha,
+            mmd_stat=float(mmd_stat),
+            mmd_p=float(mmd_p),
+            score_stat=score_stat,
+            score_p=score_p,
+            per_axis=table,
+            top_axis=top,
+            top_share=float(abs_eff[top] / total) if total > 0 else 0.0,
+            n_ref=self.n_ref_,
+            n_cur=n,
+            null=self.null,
+            thresholds=thresholds,
+            meta={
+                "name": self.name,
+                "version": self.version,
+                "params": self.get_params(),
+                "model_id": self.model_id_,
+            },
+        )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# windows
+# ------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Window:
+    """One monitoring window.
+
+    Attributes:
+        window_id: ``"count-00003"``, ``"2026-11-27/S2"`` (shift 2 of that date) or ``"2026-11-27"``.
+        start: first timestamp (count windows: of the first row, or its position without a time column).
+        end: end of the window (shift/day: exclusive boundary; count: last row's timestamp or position).
+        frame: the rows of the window.
+    """
+
+    window_id: str
+    start: Any
+    end: Any
+    frame: pd.DataFrame
+
+
+def _shift_of(ts: pd.Series, shifts: Sequence[tuple[int, int]]) -> tuple[pd.Series, pd.Series]:
+    hours = ts.dt.hour + ts.dt.minute / 60.0 + ts.dt.second / 3600.0
+    day = ts.dt.normalize()
+    idx = pd.Series(-1, index=ts.index)
+    sdate = day.copy()
+    for i, (a, b) in enumerate(shifts):
+        if a < b:
+            hit = (hours >= a) & (hours < b)
+        else:  # wraps midnight: the early hours belong to the previous date's shift
+            late, early = hours >= a, hours < b
+            hit = late | early
+            sdate = sdate.where(~early, day - pd.Timedelta(days=1))
+        idx = idx.where(~hit, i)
+    return idx, sdate
+
+
+def _check_shifts(shifts: Sequence[tuple[int, int]]) -> None:
+    cover = np.zeros(24, dtype=int)
+    for a, b in shifts:
+        if not (0 <= a < 24 and 0 <= b <= 24 and a != b):
+            raise ValueError(
+                f"shift ({a}, {b}) must be (start_hour, end_hour) with hours in 0..24 and start != end"
+            )
+        hrs = np.arange(a, b) if a < b else np.r_[np.arange(a, 24), np.arange(0, b)]
+        cover[hrs] += 1
+    if not (cover == 1).all():
+        raise ValueError(f"shifts {tuple(shifts)} must cover every hour of the day exactly once")
+
+
+def windows(
+    df: pd.DataFrame,
+    by: str = "count",
+    size: int | None = None,
+    time_col: str = "captured_at",
+    shifts: Sequence[tuple[int, int]] = DEFAULT_SHIFTS,
+    min_size: int = 30,
+    on_small: str = "skip",
+    skipped: list[dict[str, Any]] | None = None,
+) -> Iterator[Window]:
+    """Cut a table of images (catalog or latents rows) into monitoring windows.
+
+    Windows smaller than ``min_size`` are not yielded with ``on_small="skip"`` (default): each is logged as a
+    warning and, when a list is passed as ``skipped``, appended to it as ``{"window_id", "n", "reason"}``. With
+    ``on_small="raise"`` the first one raises a ``ValueError``.
+
+    Args:
+        df: rows to window; needs ``time_col`` for ``by="shift"``/``"day"`` (and is then sorted by it).
+        by: ``"count"`` (consecutive chunks of ``size`` rows), ``"shift"`` or ``"day"``.
+        size: rows per count window.
+        time_col: timestamp column.
+        shifts: (start_hour, end_hour) per shift, covering the day exactly once; a shift that wraps midnight
+            belongs to the date it starts on.
+        min_size: smallest usable window (match ``DriftDetector.min_window``).
+        on_small: ``"skip"`` or ``"raise"``.
+        skipped: optional list collecting the skipped windows.
+
+    Yields:
+        :class:`Window`, in time (or row) order.
+    """
+    if by not in ("count", "shift", "day"):
+        raise ValueError(f"by must be 'count', 'shift' or 'day', got {by!r}")
+    if on_small not in ("skip", "raise"):
+        raise ValueError(f"on_small must be 'skip' or 'raise', got {on_small!r}")
+    has_time = time_col in df.columns
+    if by != "count" and not has_time:
+        raise ValueError(f"windows by {by!r} need a {time_col!r} column; columns are {list(df.columns)}")
+    frame = df
+    if has_time:
+        ts = pd.to_datetime(df[time_col])
+        if ts.isna().any():
+            raise ValueError(f"{int(ts.isna().sum())} rows have no {time_col!r}; drop or fill them first")
+        frame = df.assign(**{time_col: ts}).sort_values(time_col, kind="stable")
+
+    groups: list[tuple[str, Any, Any, pd.DataFrame]] = []
+    if by == "count":
+        if size is None or size < 1:
+            raise ValueError(f"windows by count need size >= 1, got {size}")
+        for i, lo in enumerate(range(0, len(frame), size)):
+            sub = frame.iloc[lo : lo + size]
+            if has_time:
+                start, end = sub[time_col].iloc[0], sub[time_col].iloc[-1]
+            else:
+                start, end = lo, lo + len(sub) - 1
+            groups.append((f"count-{i:05d}", start, end, sub))
+    elif by == "day":
+        day = frame[time_col].dt.normalize()
+        for d, sub in frame.groupby(day, sort=True):
+            groups.append((d.date().isoformat(), d, d + pd.Timedelta(days=1), sub))
+    else:
+        _check_shifts(shifts)
+        sidx, sdate = _shift_of(frame[time_col], shifts)
+        for (d, i), sub in frame.groupby([sdate, sidx], sort=True):
+            a, b = shifts[int(i)]
+            start = d + pd.Timedelta(hours=a)
+            end = start + pd.Timedelta(hours=(b - a) % 24 or 24)
+            groups.append((f"{d.date().isoformat()}/S{int(i) + 1}", start, end, sub))
+
+    for wid, start, end, sub in groups:
+        if len(sub) < min_size:
+            reason = (
+                f"window has {len(sub)} images; at least {min_size} are needed for a drift test; "
+                "widen the window (per day instead of per shift)"
+            )
+            if on_small == "raise":
+                raise ValueError(f"window {wid}: {reason}")
+            log.warning("skipping window %s: %s", wid, reason)
+            if skipped is not None:
+                skipped.append({"window_id": wid, "n": len(sub), "reason": reason})
+            continue
+        yield Window(wid, start, end, sub)

@@ -1,0 +1,510 @@
+"""The monitor job: encode new images with the champion, score anomalies, test drift per window, alert, log.
+
+Plain functions with a frozen config and result; ``flows/monitor.py`` wraps them in a Prefect task. One run:
+
+1. The champion comes from the registry (``tracking.download_model("champion")``) with its ``linewatch/`` bundle:
+   the calibration latents written by the retrain (images the model did not train on) are the drift reference
+   and the detector's fitting data (refitted deterministically, same seed and split as the retrain's gate).
+2. Catalog images of the monitored period are encoded into the resumable latents table
+   (``<state>/latents.parquet``; a rerun only encodes what is missing) and scored by the detector; flags go to
+   ``<state>/scores.parquet`` (the retrain's selection drops flagged images).
+3. Images are cut into windows (per plant day by default, in ``settings.timezone``); each window is tested
+   against the reference (lot-aware null by default), attributed to latent axes with their descriptions, and
+   handed to the alert manager, whose persisted state makes reruns idempotent: a window already alerted is not
+   re-sent, an active alert is not forgotten after a restart.
+4. Window verdicts go to ``<state>/windows.parquet`` (the retrain drops windows under an active alert), metrics to
+   an MLflow monitoring run (``drift.axis_XX.effect`` series), and a drift report picture per alerted window.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.retrain import BUNDLE_DIR, CALIBRATION_FILE, CHAMPION, GATE_FILE, detector_calibration, state_dir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """What one monitor run looks at and how it decides.
+
+    Attributes:
+        lines: production lines (None: all in the catalog).
+        start: first capture time monitored (None: ``lookback_days`` before the newest image).
+        end: end of the monitored period, exclusive (None: open).
+        lookback_days: period monitored when ``start`` is None.
+        window_by: ``"day"`` (plant days in the configured time zone), ``"shift"`` or ``"count"``.
+        window_size: images per window with ``window_by="count"``.
+        alpha: false-alarm rate per window of the drift test.
+        null: ``"lot"`` (default: calibrated on consecutive reference images) or ``"iid"``.
+        min_window: smallest window tested.
+        n_calibration: bootstrap windows of the lot null.
+        fpr: per-image detector false-positive target.
+        cards: render axis-card strips for the axes of alerted windows (cached per model).
+        report: draw a drift report picture per alerted window.
+        seed: seed of the detector split and the drift tests.
+        progress: progress bars.
+    """
+
+    lines: tuple[str, ...] | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+    lookback_days: float = 2.0
+    window_by: str = "day"
+    window_size: int | None = None
+    alpha: float = 0.01
+    null: str = "lot"
+    min_window: int = 30
+    n_calibration: int = 500
+    fpr: float = 0.05
+    cards: bool = True
+    report: bool = True
+    seed: int = 0
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.window_by not in ("day", "shift", "count"):
+            raise ValueError(f"MonitorConfig.window_by must be 'day', 'shift' or 'count', got {self.window_by!r}")
+        if self.window_by == "count" and not self.window_size:
+            raise ValueError("MonitorConfig.window_by='count' needs window_size")
+        if self.null not in ("lot", "iid"):
+            raise ValueError(f"MonitorConfig.null must be 'lot' or 'iid', got {self.null!r}")
+        if self.lookback_days <= 0:
+            raise ValueError(f"MonitorConfig.lookback_days must be > 0, got {self.lookback_days}")
+
+
+@dataclass(frozen=True)
+class WindowOutcome:
+    """Verdict on one window.
+
+    Attributes:
+        line: production line.
+        window_id: e.g. ``"2026-01-11"``.
+        start: window start (UTC).
+        end: window end (UTC).
+        n_images: images in the window (``n_tested`` of them were tested).
+        n_tested: images given to the drift test (subsampled evenly when the window exceeds half the reference).
+        n_anomalous: images above the detector threshold.
+        detected: the drift test fired.
+        top_axis: the axis that moved most (None without drift).
+        top_share: its share of the total shift.
+        effect: its signed effect (reference standard deviations).
+        description: what the top axis means (from the axis descriptions), or "".
+        summary: the drift test's one-line summary.
+        attribution: the attribution's text.
+        alert_active: an alert is active for the line after this window.
+        events: alert events this window produced (sent now), as dicts.
+        report: drift report picture, when drawn.
+    """
+
+    line: str
+    window_id: str
+    start: datetime
+    end: datetime
+    n_images: int
+    n_tested: int
+    n_anomalous: int
+    detected: bool
+    top_axis: int | None
+    top_share: float
+    effect: float
+    description: str
+    summary: str
+    attribution: str
+    alert_active: bool
+    events: tuple[dict[str, Any], ...] = ()
+    report: str | None = None
+
+
+@dataclass(frozen=True)
+class MonitorResult:
+    """What a monitor run did.
+
+    Attributes:
+        windows: one outcome per tested window, in time order.
+        alerts: alert events produced by this run (new alerts, escalations, resolutions), as dicts.
+        run_id: MLflow monitoring run id.
+        model_version: champion version used.
+        model_id: its checkpoint id.
+        n_encoded: images encoded (all images of the period, cached or new).
+        skipped: windows too small to test (``window_id``, ``n``, ``reason``).
+    """
+
+    windows: tuple[WindowOutcome, ...]
+    alerts: tuple[dict[str, Any], ...]
+    run_id: str | None
+    model_version: str
+    model_id: str
+    n_encoded: int
+    skipped: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return json.loads(json.dumps(asdict(self), default=str))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The champion and its reference
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class Champion:
+    """A loaded champion: checkpoint, bundle reference latents and the fitted detector."""
+
+    version: str
+    path: Path
+    checkpoint: Any
+    model_id: str
+    reference: pd.DataFrame
+    z_ref: np.ndarray
+    detector: Any
+    gate: dict[str, Any]
+
+
+def load_champion(settings: Any, *, fpr: float = 0.05, seed: int = 0) -> Champion:
+    """Download the champion and rebuild its detector from the bundle's calibration latents.
+
+    Raises:
+        ValueError: no champion is registered yet, or the registered folder has no linewatch bundle.
+    """
+    from models import load_checkpoint
+    from pipeline import tracking
+    from pipeline.encode import z_columns
+
+    tracking.configure(settings)
+    version = tracking.get_alias_version(CHAMPION, name=settings.model_name)
+    if version is None:
+        raise ValueError(
+            f"no '{CHAMPION}' model is registered under {settings.model_name!r}: run the nightly retrain first "
+            "(linewatch nightly / the retrain flow)"
+        )
+    path = tracking.download_model(version, Path(settings.checkpoints_dir) / f"registry-v{version}",
+                                   name=settings.model_name)
+    bundle = Path(path) / BUNDLE_DIR
+    if not (bundle / CALIBRATION_FILE).exists():
+        raise ValueError(f"model v{version} has no {BUNDLE_DIR}/{CALIBRATION_FILE}: register it with the retrain job")
+    ckpt = load_checkpoint(path)
+    ref = pd.read_parquet(bundle / CALIBRATION_FILE)
+    z_ref = ref[z_columns(ref)].to_numpy(np.float64)
+    gate = json.loads((bundle / GATE_FILE).read_text()) if (bundle / GATE_FILE).exists() else {}
+    _, det = detector_calibration(z_ref, gate.get("fpr_target", fpr), seed=int(gate.get("detector_seed", seed)))
+    return Champion(str(version), Path(path), ckpt, str(ckpt.meta.get("model_id", "")), ref, z_ref, det, gate)
+
+
+def axis_descriptions(settings: Any, champ: Champion) -> list[Any]:
+    """Describe every axis of the champion by the image property it correlates with (cached per model id)."""
+    from pipeline.axes import AxisDescription, axis_correlations, describe_axes
+    from pipeline.catalog import resolve_store_path
+    from pipeline.images import read_images
+    from pipeline.properties import measure
+
+    cache = state_dir(settings) / "axes" / champ.model_id / "descriptions.json"
+    if cache.exists():
+        raw = json.loads(cache.read_text())
+        return [AxisDescription(**{**d, "second_best": tuple(d["second_best"]) if d["second_best"] else None})
+                for d in raw]
+    paths = [resolve_store_path(settings.catalog_root, p) for p in champ.reference["store_path"]]
+    images = read_images(paths, channels=1)
+    props = measure(np.stack([np.asarray(im).squeeze() for im in images]))
+    desc = describe_axes(axis_correlations(champ.z_ref, props))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps([d.to_dict() for d in desc], indent=1))
+    return desc
+
+
+def axis_card_paths(settings: Any, champ: Champion, axes: list[int], descriptions: list[Any],
+                    progress: bool = False) -> dict[int, str]:
+    """Axis-card strips (PNG) for ``axes``, rendered once per model and cached under the state folder."""
+    from pipeline.axes import axis_cards
+    from pipeline.catalog import resolve_store_path
+    from pipeline.images import load_batch, read_images
+    from pipeline.properties import measure
+
+    out_dir = state_dir(settings) / "axes" / champ.model_id
+    todo = [a for a in axes if not (out_dir / f"axis_{a:02d}.png").exists()]
+    if todo:
+        rows = champ.reference.head(256)
+        paths = [resolve_store_path(settings.catalog_root, p) for p in rows["store_path"]]
+        x = load_batch(paths, champ.checkpoint.preprocess)
+        props = measure(np.stack([np.asarray(im).squeeze() for im in read_images(paths, channels=1)]))
+        axis_cards(champ.checkpoint.model, x, champ.z_ref[: len(rows)], props, out_dir, axes=todo, steps=10,
+                   model_id=champ.model_id, progress=progress)
+    return {a: str(out_dir / f"axis_{a:02d}.png") for a in axes if (out_dir / f"axis_{a:02d}.png").exists()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# State tables
+# --------------------------------------------------------------------------------------------------------------
+def _upsert(path: Path, new: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Replace rows with the same keys and write atomically."""
+    if path.exists():
+        old = pd.read_parquet(path)
+        merged = pd.concat([old, new], ignore_index=True).drop_duplicates(keys, keep="last")
+    else:
+        merged = new
+    tmp = path.with_name(f".{path.name}.tmp")
+    merged.to_parquet(tmp, index=False)
+    tmp.replace(path)
+    return merged
+
+
+def _local(ts: pd.Series, tz: str) -> pd.Series:
+    return pd.to_datetime(ts, utc=True).dt.tz_convert(tz)
+
+
+def _even_subsample(n: int, k: int) -> np.ndarray:
+    return np.unique(np.linspace(0, n - 1, k).round().astype(int))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------------------------
+def monitor(settings: Any, config: MonitorConfig = MonitorConfig(), *, alert_manager: Any = None) -> MonitorResult:
+    """Run one monitor pass (see the module docstring).
+
+    Args:
+        settings: ``pipeline.settings.get_settings()``.
+        config: what to monitor and how.
+        alert_manager: an ``AlertManager`` (default: one on ``settings.state_dir`` with the default policy and the
+            outbox / webhook sinks).
+
+    Returns:
+        The windows tested, the alert events produced and the MLflow run id.
+
+    Raises:
+        ValueError: no champion is registered.
+        pipeline.tracking.TrackingUnavailable: MLflow cannot be reached.
+    """
+    from filelock import FileLock
+
+    with FileLock(str(state_dir(settings) / "monitor.lock"), timeout=3600):
+        return _monitor_locked(settings, config, alert_manager)
+
+
+def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) -> MonitorResult:
+    import torch
+
+    from pipeline import tracking
+    from pipeline.axes import attribute
+    from pipeline.catalog import read_catalog
+    from pipeline.drift import DriftDetector, windows
+    from pipeline.encode import encode_catalog, z_columns
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    champ = load_champion(settings, fpr=config.fpr, seed=config.seed)
+    lines = list(config.lines) if config.lines else None
+    start = config.start
+    if start is None:
+        newest = read_catalog(settings.catalog_root, lines=lines, end=config.end, columns=["captured_at"])
+        if newest.empty:
+            return MonitorResult((), (), None, champ.version, champ.model_id, 0)
+        start = (newest["captured_at"].max() - pd.Timedelta(days=config.lookback_days)).to_pydatetime()
+    rows = read_catalog(settings.catalog_root, lines=lines, start=start, end=config.end)
+    if rows.empty:
+        return MonitorResult((), (), None, champ.version, champ.model_id, 0)
+
+    # encode (resumable) + score ------------------------------------------------------------------------------
+    latents = encode_catalog(champ.checkpoint, rows, state_dir(settings) / "latents.parquet",
+                             root=settings.catalog_root, progress=config.progress)
+    latents = latents[latents["model_id"] == champ.model_id]
+    zc = z_columns(latents)
+    df = rows.merge(latents[["image_id", *zc]], on="image_id", how="inner")
+    Z = df[zc].to_numpy(np.float64)
+    det = champ.detector.predict(Z)
+    df["score"], df["is_anomaly"] = det.scores, det.is_anomaly
+    _upsert(scores_table_path(settings), pd.DataFrame({
+        "image_id": df["image_id"].astype(str), "model_version": champ.version, "model_id": champ.model_id,
+        "score": df["score"].astype(float), "is_anomaly": df["is_anomaly"].astype(bool),
+        "threshold": float(det.threshold),
+    }), ["image_id", "model_id"])
+
+    # drift per window -------------------------------------------------------------------------------------------
+    ref_order = pd.to_datetime(champ.reference["captured_at"], utc=True).astype("int64").to_numpy() \
+        if "captured_at" in champ.reference.columns else None
+    drift = DriftDetector(alpha=config.alpha, null=config.null, min_window=config.min_window,
+                          n_calibration=config.n_calibration, random_state=config.seed, progress=config.progress)
+    drift.fit(champ.z_ref, model_id=champ.model_id, ref_order=ref_order)
+    max_n = drift.n_ref_ // 2 if config.null == "lot" else None
+    descriptions = axis_descriptions(settings, champ)
+    desc_text = {d.axis: d.text for d in descriptions}
+    manager = alert_manager if alert_manager is not None else default_alert_manager(settings)
+
+    results: dict[tuple[str, str], tuple[Any, pd.DataFrame]] = {}
+    outcomes: list[WindowOutcome] = []
+    all_events: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    df["captured_local"] = _local(df["captured_at"], settings.timezone)
+    for line, sub in df.groupby("line", sort=True):
+        for w in windows(sub, by=config.window_by, size=config.window_size, time_col="captured_local",
+                         min_size=config.min_window, skipped=skipped):
+            frame = w.frame
+            zw = frame[zc].to_numpy(np.float64)
+            if max_n is not None and len(zw) > max_n:
+                zw = zw[_even_subsample(len(zw), max_n)]
+            res = drift.test(zw, model_id=champ.model_id)
+            attr = attribute(res, descriptions)
+            top = attr.top_axis if res.detected else None
+            effect = 0.0
+            if top is not None:
+                effect = float(next(a.effect for a in attr.axes if a.axis == top))
+            cards: dict[int, str] = {}
+            if res.detected and config.cards and top is not None:
+                try:
+                    cards = axis_card_paths(settings, champ, [a.axis for a in attr.axes[:3]], descriptions,
+                                            progress=config.progress)
+                except Exception:  # noqa: BLE001 - a missing picture must not stop the alert
+                    logger.exception("axis cards failed for model %s", champ.model_id)
+            examples = _example_images(settings, frame)
+            events = manager.update(
+                str(line), w.window_id, res, attr, model_version=champ.version,
+                card_paths=list(cards.values()), example_images=examples,
+            )
+            ev_dicts = tuple(_event_dict(e) for e in (events or ()))
+            all_events.extend(ev_dicts)
+            active = _is_active(manager, str(line))
+            outcomes.append(WindowOutcome(
+                line=str(line), window_id=w.window_id,
+                start=pd.Timestamp(w.start).tz_convert("UTC").to_pydatetime(),
+                end=pd.Timestamp(w.end).tz_convert("UTC").to_pydatetime(),
+                n_images=len(frame), n_tested=len(zw), n_anomalous=int(frame["is_anomaly"].sum()),
+                detected=bool(res.detected), top_axis=top, top_share=float(res.top_share) if top is not None else 0.0,
+                effect=effect, description=desc_text.get(top, "") if top is not None else "",
+                summary=res.summary(), attribution=attr.text, alert_active=active, events=ev_dicts,
+            ))
+            results[(str(line), w.window_id)] = (res, frame)
+
+    _upsert(windows_table_path(settings), pd.DataFrame([{
+        "line": o.line, "window_id": o.window_id, "start": o.start, "end": o.end, "detected": o.detected,
+        "alert_active": o.alert_active, "top_axis": -1 if o.top_axis is None else o.top_axis,
+        "model_version": champ.version, "n_images": o.n_images,
+    } for o in outcomes]) if outcomes else pd.DataFrame(columns=["line", "window_id"]), ["line", "window_id"])
+
+    # reports + MLflow ------------------------------------------------------------------------------------------
+    if config.report:
+        outcomes = _draw_reports(settings, champ, outcomes, results)
+    run_id = _log_run(settings, champ, outcomes, results, config)
+    return MonitorResult(tuple(outcomes), tuple(all_events), run_id, champ.version, champ.model_id, len(df),
+                         tuple(skipped))
+
+
+def scores_table_path(settings: Any) -> Path:
+    """Per-image detector scores and flags (``image_id, model_version, model_id, score, is_anomaly``)."""
+    return state_dir(settings) / "scores.parquet"
+
+
+def windows_table_path(settings: Any) -> Path:
+    """Per-window verdicts (``line, window_id, start, end, detected, alert_active, ...``)."""
+    return state_dir(settings) / "windows.parquet"
+
+
+def default_alert_manager(settings: Any) -> Any:
+    """The alert manager on ``settings.state_dir`` with the default policy and the configured sinks."""
+    from pipeline import alerts
+
+    return alerts.default_manager(settings) if hasattr(alerts, "default_manager") else alerts.AlertManager(
+        Path(settings.state_dir) / "alerts")
+
+
+def _is_active(manager: Any, line: str) -> bool:
+    for name in ("is_active", "active"):
+        fn = getattr(manager, name, None)
+        if callable(fn):
+            try:
+                return bool(fn(line))
+            except TypeError:
+                continue
+    state = getattr(manager, "state", None)
+    if callable(state):
+        st = state(line)
+        return bool(getattr(st, "active", False) or (isinstance(st, dict) and st.get("active")))
+    return False
+
+
+def _event_dict(event: Any) -> dict[str, Any]:
+    if isinstance(event, dict):
+        return event
+    for name in ("to_dict", "model_dump"):
+        fn = getattr(event, name, None)
+        if callable(fn):
+            return fn()
+    try:
+        return asdict(event)
+    except TypeError:
+        return {"event": str(event)}
+
+
+def _example_images(settings: Any, frame: pd.DataFrame, k: int = 4) -> list[str]:
+    from pipeline.catalog import resolve_store_path
+
+    top = frame.sort_values("score", ascending=False).head(k)
+    return [str(resolve_store_path(settings.catalog_root, p)) for p in top["store_path"]]
+
+
+def _draw_reports(settings: Any, champ: Champion, outcomes: list[WindowOutcome],
+                  results: dict[tuple[str, str], tuple[Any, pd.DataFrame]]) -> list[WindowOutcome]:
+    from dataclasses import replace
+
+    from pipeline.report import drift_report
+
+    out = []
+    history = [(o.window_id, results[(o.line, o.window_id)][0]) for o in outcomes]
+    for o in outcomes:
+        if not o.detected:
+            out.append(o)
+            continue
+        res, frame = results[(o.line, o.window_id)]
+        line_history = [h for h, o2 in zip(history, outcomes, strict=True) if o2.line == o.line]
+        path = state_dir(settings) / "reports" / f"drift_{o.line}_{o.window_id.replace('/', '-')}.png"
+        try:
+            drift_report(res, line_history, axis=o.top_axis, description=o.description,
+                         example_images=_example_images(settings, frame), out_path=path,
+                         title=f"line {o.line}, window {o.window_id}, model v{champ.version}")
+            out.append(replace(o, report=str(path)))
+        except Exception:  # noqa: BLE001 - the picture is a convenience
+            logger.exception("drift report failed for %s %s", o.line, o.window_id)
+            out.append(o)
+    return out
+
+
+def _log_run(settings: Any, champ: Champion, outcomes: list[WindowOutcome],
+             results: dict[tuple[str, str], tuple[Any, pd.DataFrame]], config: MonitorConfig) -> str | None:
+    from pipeline import tracking
+
+    if not outcomes:
+        return None
+    first, last = outcomes[0].window_id, outcomes[-1].window_id
+    with tracking.start_monitoring_run(
+        f"monitor-{first}..{last}",
+        tags={"model_version": champ.version, "model_id": champ.model_id, "null": config.null,
+              "window_by": config.window_by},
+    ) as run_id:
+        tracking.log_params_flat({"monitor": {k: (str(v) if v is not None else "none") for k, v in
+                                              asdict(config).items()}, "model_version": champ.version})
+        for step, o in enumerate(outcomes):
+            res, _ = results[(o.line, o.window_id)]
+            axes = {}
+            for row in res.per_axis.itertuples(index=False):
+                axes[int(row.axis)] = {"effect": float(row.effect_size), "ks": float(row.ks_stat),
+                                       "p": float(row.p_value), "psi": float(row.psi)}
+            tracking.log_drift_window(step, tracking.DriftWindowMetrics(
+                detected=o.detected, mmd_stat=float(res.mmd_stat), mmd_p=float(res.mmd_p), axes=axes,
+                extra={"n_images": float(o.n_images), "anomalous_share": o.n_anomalous / max(o.n_images, 1)},
+            ), timestamp=o.start)
+            tracking.log_alert_state(active=o.alert_active, step=step, level="drift" if o.detected else "",
+                                     moved_axes=[o.top_axis] if o.top_axis is not None else [],
+                                     message=o.attribution if o.detected else "")
+        reports = [o.report for o in outcomes if o.report]
+        for r in reports:
+            tracking.log_artifact(r, "reports")
+        cards = state_dir(settings) / "axes" / champ.model_id
+        if cards.is_dir():
+            tracking.log_artifacts(cards, "axis_cards")
+    return run_id

@@ -1,0 +1,39 @@
+"""Shared fixtures for the models tests: a few real ELPV cells at 16 px and one briefly trained tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models import TrainResult, get_preset, to_model_input, train
+
+N_CELLS = 32
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads() -> None:
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def elpv_cells_uint8() -> np.ndarray:
+    """N_CELLS real ELPV cells (uint8, 300x300), spread over the dataset (loaded from the installed package)."""
+    from elpv_dataset.utils import load_dataset
+
+    images, _, _ = load_dataset()
+    idx = np.linspace(0, len(images) - 1, N_CELLS).round().astype(int)
+    return np.ascontiguousarray(images[idx])
+
+
+@pytest.fixture(scope="session")
+def elpv16(elpv_cells_uint8: np.ndarray) -> torch.Tensor:
+    """(N_CELLS, 1, 16, 16) float32 in [-1, 1]."""
+    return to_model_input(elpv_cells_uint8, get_preset("tiny").preprocess)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(elpv16: torch.Tensor, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    """The tiny preset trained for 300 steps on the cells (a few seconds), checkpointed."""
+    out = tmp_path_factory.mktemp("tiny_ckpt") / "ckpt"
+    return train(get_preset("tiny"), elpv16, out, steps=300, progress=False, device="cpu")

@@ -1,0 +1,318 @@
+"""Drift tests: statistics, calibration under the i.i.d. and lot nulls, power, windows, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from pipeline.detectors import NotFittedError
+from pipeline.drift import (
+    DriftDetector,
+    DriftResult,
+    bh_adjust,
+    bonferroni,
+    effect_size,
+    ks_per_axis,
+    mmd_permutation_test,
+    psi,
+    psi_band,
+    score_distribution_test,
+    windows,
+)
+
+D = 6
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return np.random.default_rng(0).normal(size=(600, D))
+
+
+@pytest.fixture(scope="module")
+def ref_scores():
+    return np.random.default_rng(1).normal(size=600)
+
+
+# ---- pure statistics -------------------------------------------------------------------------------------------
+def test_ks_per_axis_matches_scipy(ref):
+    cur = np.random.default_rng(2).normal(size=(80, D)) + [0, 0, 1, 0, 0, 0]
+    stat, p = ks_per_axis(ref, cur)
+    assert stat.shape == p.shape == (D,)
+    for j in range(D):
+        r = stats.ks_2samp(ref[:, j], cur[:, j])
+        assert stat[j] == pytest.approx(r.statistic) and p[j] == pytest.approx(r.pvalue)
+    assert np.argmin(p) == 2
+
+
+def test_bh_and_bonferroni_known_values():
+    p = np.array([0.01, 0.04, 0.03, 0.02, 0.05])
+    np.testing.assert_allclose(bh_adjust(p), [0.05] * 5)
+    np.testing.assert_allclose(bonferroni(p), [0.05, 0.2, 0.15, 0.1, 0.25])
+    p2 = np.array([0.001, 0.2, 0.012, 0.9])
+    np.testing.assert_allclose(bh_adjust(p2), [0.004, 0.26666667, 0.024, 0.9])
+    rng = np.random.default_rng(0)
+    q = rng.uniform(size=50) ** 3
+    assert (bh_adjust(q) <= bonferroni(q) + 1e-15).all()  # BH is never more conservative
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        bh_adjust([0.1, np.nan])
+
+
+def test_effect_size_signed_in_reference_sd():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(20000, 2)) * [1.0, 4.0]
+    cur = rng.normal(size=(20000, 2)) * [1.0, 4.0] + [-0.5, 2.0]
+    np.testing.assert_allclose(effect_size(ref, cur), [-0.5, 0.5], atol=0.03)
+
+
+def test_psi_and_bands():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(5000, 2))
+    same = rng.normal(size=(5000, 2))
+    shifted = rng.normal(size=(5000, 2)) + [0.0, 1.0]
+    assert psi(ref, same).max() < 0.01
+    v = psi(ref, shifted)
+    assert v[0] < 0.01 and v[1] > 0.5
+    assert [psi_band(x) for x in (0.0, 0.099, 0.1, 0.25, 0.26, 3.0)] == [
+        "stable",
+        "stable",
+        "moderate",
+        "moderate",
+        "significant",
+        "significant",
+    ]
+    with pytest.raises(ValueError):
+        psi_band(float("nan"))
+    # an empty bin in the window is smoothed, not infinite
+    assert np.isfinite(psi(ref, np.full((50, 2), 10.0))).all()
+
+
+def test_mmd_p_values_uniform_under_null():
+    rng = np.random.default_rng(0)
+    ps = []
+    for _ in range(100):
+        a, b = rng.normal(size=(150, 3)), rng.normal(size=(40, 3))
+        ps.append(mmd_permutation_test(a, b, n_permutations=99, rng=rng)[1])
+    ps = np.array(ps)
+    assert stats.kstest(ps, "uniform").pvalue > 0.01
+    assert np.mean(ps <= 0.05) <= 0.12
+    assert ps.min() >= 1 / 100  # the +1 correction
+
+
+def test_mmd_detects_variance_change_and_matches_direct_formula():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(200, 3)), rng.normal(size=(60, 3)) * 2.0  # same mean: KS on means would struggle
+    stat, p = mmd_permutation_test(a, b, n_permutations=199, sigma=1.5, rng=0)
+    assert p <= 0.01
+    from pipeline.drift import mmd2_unbiased
+
+    assert stat == pytest.approx(mmd2_unbiased(a, b, 1.5))
+
+
+def test_score_distribution_test_is_one_sided():
+    rng = np.random.default_rng(0)
+    r = rng.normal(size=500)
+    auc_hi, p_hi = score_distribution_test(r, rng.normal(size=60) + 0.8)
+    auc_lo, p_lo = score_distribution_test(r, rng.normal(size=60) - 0.8)
+    assert auc_hi > 0.65 and p_hi < 1e-4
+    assert auc_lo < 0.35 and p_lo > 0.9  # lower scores are not an anomaly-score drift
+
+
+# ---- DriftDetector: calibration and power ------------------------------------------------------------------------
+def test_false_alarm_rate_under_iid_null(ref, ref_scores):
+    det = DriftDetector(alpha=0.05, n_permutations=99, mmd_max_ref=200).fit(ref, ref_scores=ref_scores)
+    rng = np.random.default_rng(10)
+    flags = [det.test(rng.normal(size=(50, D)), cur_scores=rng.normal(size=50)).detected for _ in range(200)]
+    # nominal 0.05 with binomial sd 0.015 over 200 windows
+    assert np.mean(flags) <= 0.05 + 0.035
+
+
+def test_power_on_one_axis_mean_shift(ref):
+    det = DriftDetector(alpha=0.05, n_permutations=99, mmd_max_ref=200).fit(ref)
+    rng = np.random.default_rng(11)
+    results = []
+    for _ in range(30):
+        x = rng.normal(size=(100, D))
+        x[:, 2] += 0.5
+        results.append(det.test(x))
+    assert np.mean([r.detected for r in results]) >= 0.9
+    assert np.mean([r.top_axis == 2 for r in results]) >= 0.95
+    r = next(r for r in results if r.detected)
+    assert "axes" in r.fired and r.per_axis.iloc[0]["axis"] == 2 and r.per_axis.iloc[0]["significant"]
+    assert r.per_axis.iloc[0]["effect_size"] > 0.2 and r.top_share > 0.3
+
+
+def test_bonferroni_is_more_conservative_than_bh(ref):
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(80, D)) + np.r_[0.35, 0.35, 0.35, 0, 0, 0]
+    bh = DriftDetector(correction="bh", n_permutations=49).fit(ref).test(x)
+    bf = DriftDetector(correction="bonferroni", n_permutations=49).fit(ref).test(x)
+    assert (bh.per_axis.sort_values("axis")["p_adjusted"].to_numpy() <= bf.per_axis.sort_values("axis")[
+        "p_adjusted"
+    ].to_numpy() + 1e-15).all()
+    assert bh.per_axis["significant"].sum() >= bf.per_axis["significant"].sum()
+
+
+def test_score_family_detects_score_drift(ref, ref_scores):
+    det = DriftDetector(n_permutations=49).fit(ref, ref_scores=ref_scores)
+    rng = np.random.default_rng(13)
+    r = det.test(rng.normal(size=(60, D)), cur_scores=rng.normal(size=60) + 1.0)
+    assert r.detected and "scores" in r.fired and r.score_stat > 0.7
+    assert r.family_alpha == pytest.approx(0.05 / 3)
+
+
+def _lots(rng, n_lots, lot_size, lot_sd=0.7, shift=None):
+    """Latents with strong lot structure: each lot has its own mean offset."""
+    offsets = rng.normal(size=(n_lots, D)) * lot_sd
+    Z = np.repeat(offsets, lot_size, axis=0) + rng.normal(size=(n_lots * lot_size, D))
+    if shift is not None:
+        Z = Z + shift
+    return Z
+
+
+def test_lot_null_tames_lot_to_lot_variation():
+    rng = np.random.default_rng(20)
+    ref = _lots(rng, 40, 40)  # 1600 images in production order
+    iid = DriftDetector(n_permutations=49, mmd_max_ref=300).fit(ref)
+    lot = DriftDetector(null="lot", n_calibration=200, mmd_max_ref=300).fit(ref)
+    n_win = 40
+    wins = [_lots(rng, 2, 40) for _ in range(n_win)]  # each window: 80 consecutive images = 2 new lots
+    iid_rate = np.mean([iid.test(w).detected for w in wins])
+    lot_rate = np.mean([lot.test(w).detected for w in wins])
+    assert iid_rate >= 0.5  # the i.i.d. null pages on benign lot changes
+    assert lot_rate <= 0.05 + 0.08  # the lot null does not (binomial tolerance at 40 windows)
+    # a real shift on one axis, larger than lots normally differ, is still found, on the right axis
+    shifted = [_lots(rng, 2, 40, shift=np.r_[0, 0, 0, 3.0, 0, 0]) for _ in range(10)]
+    res = [lot.test(w) for w in shifted]
+    assert np.mean([r.detected for r in res]) >= 0.9
+    assert np.mean([r.top_axis == 3 for r in res]) >= 0.9
+    assert res[0].null == "lot" and "max_ks" in res[0].thresholds
+
+
+def test_lot_null_with_scores_and_blocks_cached():
+    rng = np.random.default_rng(21)
+    ref = _lots(rng, 20, 30)
+    scores = rng.normal(size=ref.shape[0])
+    det = DriftDetector(null="lot", lot_block=30, n_calibration=100, mmd_max_ref=200).fit(ref, ref_scores=scores)
+    r1 = det.test(rng.normal(size=(60, D)), cur_scores=rng.normal(size=60))
+    assert set(r1.family_p) == {"axes", "mmd", "scores"} and "score_auc" in r1.thresholds
+    cal = det.calibrate(60)
+    assert cal is det.calibrate(60)  # cached per window size
+    assert all(v.shape == (100,) for v in cal.values())
+    r2 = det.test(rng.normal(size=(60, D)), cur_scores=rng.normal(size=60) + 3.0)
+    assert "scores" in r2.fired
+
+
+def test_lot_null_respects_ref_order():
+    rng = np.random.default_rng(22)
+    ref = _lots(rng, 30, 40)
+    perm = rng.permutation(ref.shape[0])
+    a = DriftDetector(null="lot", n_calibration=100, mmd_max_ref=200).fit(ref)
+    b = DriftDetector(null="lot", n_calibration=100, mmd_max_ref=200).fit(ref[perm], ref_order=perm)
+    np.testing.assert_allclose(a.calibrate(60)["axes"], b.calibrate(60)["axes"])
+    c = DriftDetector(null="lot", n_calibration=100, mmd_max_ref=200).fit(ref[perm])  # lots shuffled away
+    assert np.median(c.calibrate(60)["axes"]) < np.median(a.calibrate(60)["axes"])
+
+
+# ---- result shape and reproducibility ----------------------------------------------------------------------------
+def test_result_fields_and_reproducibility(ref):
+    det = DriftDetector(n_permutations=49).fit(ref, model_id="m1")
+    x = np.random.default_rng(30).normal(size=(40, D))
+    r = det.test(x, model_id="m1")
+    assert isinstance(r, DriftResult)
+    assert list(r.per_axis.columns) == [
+        "axis",
+        "ks_stat",
+        "p_value",
+        "p_adjusted",
+        "effect_size",
+        "psi",
+        "psi_band",
+        "significant",
+        "rank",
+    ]
+    assert sorted(r.per_axis["axis"]) == list(range(D)) and list(r.per_axis["rank"]) == list(range(1, D + 1))
+    assert r.n_ref == 600 and r.n_cur == 40 and r.null == "iid" and r.meta["model_id"] == "m1"
+    assert "top axis z_" in r.summary()
+    assert det.test(x).mmd_p == r.mmd_p  # reproducible
+    df = pd.DataFrame(x, columns=[f"z_{i}" for i in range(D)]).assign(image_id="a")
+    assert det.test(df).mmd_stat == pytest.approx(r.mmd_stat)
+
+
+# ---- errors ------------------------------------------------------------------------------------------------------
+def test_errors(ref, ref_scores):
+    with pytest.raises(NotFittedError):
+        DriftDetector().test(ref[:50])
+    det = DriftDetector(n_permutations=19).fit(ref, model_id="model-a")
+    with pytest.raises(ValueError, match=r"window has 12 images; at least 30 are needed .*\(per day instead of per shift\)"):
+        det.test(ref[:12])
+    with pytest.raises(ValueError, match=r"'model-a'.*'model-b'"):
+        det.test(ref[:50], model_id="model-b")
+    x = ref[:50].copy()
+    x[7, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        det.test(x)
+    with pytest.raises(ValueError, match="latent axes"):
+        det.test(np.zeros((50, D + 2)))
+    with pytest.raises(ValueError, match="for both"):
+        det.test(ref[:50], cur_scores=np.zeros(50))
+    with pytest.raises(ValueError, match="reference has 40 images"):
+        DriftDetector().fit(ref[:40])
+    with pytest.raises(ValueError, match="ref_scores"):
+        DriftDetector().fit(ref, ref_scores=np.zeros(10))
+    with pytest.raises(ValueError, match="twice the window"):
+        DriftDetector(null="lot", n_calibration=100).fit(ref).test(ref[:400])
+    with pytest.raises(ValueError, match="n_calibration"):
+        DriftDetector(null="lot", n_calibration=20)
+    for kw in ({"alpha": 0}, {"correction": "holm"}, {"null": "block"}, {"min_window": 1}):
+        with pytest.raises(ValueError):
+            DriftDetector(**kw)
+
+
+# ---- windows -----------------------------------------------------------------------------------------------------
+def _catalog(times):
+    return pd.DataFrame({"image_id": [f"i{k}" for k in range(len(times))], "captured_at": pd.to_datetime(times)})
+
+
+def test_windows_by_count_skips_small_remainder():
+    df = pd.DataFrame({"image_id": range(75)})
+    skipped = []
+    ws = list(windows(df, by="count", size=30, min_size=30, skipped=skipped))
+    assert [w.window_id for w in ws] == ["count-00000", "count-00001"]
+    assert [len(w.frame) for w in ws] == [30, 30] and ws[1].start == 30
+    assert skipped[0]["window_id"] == "count-00002" and skipped[0]["n"] == 15
+    assert "per day instead of per shift" in skipped[0]["reason"]
+    with pytest.raises(ValueError, match="count-00002: window has 15 images"):
+        list(windows(df, by="count", size=30, min_size=30, on_small="raise"))
+
+
+def test_windows_by_shift_and_day():
+    times = (
+        list(pd.date_range("2026-11-27 06:00", periods=40, freq="10min"))  # S1 of the 27th
+        + list(pd.date_range("2026-11-27 22:30", periods=40, freq="10min"))  # night shift spanning midnight
+        + list(pd.date_range("2026-11-28 14:00", periods=5, freq="10min"))  # too small
+    )
+    df = _catalog(times).sample(frac=1.0, random_state=0)  # order must not matter
+    skipped = []
+    ws = list(windows(df, by="shift", min_size=30, skipped=skipped))
+    assert [w.window_id for w in ws] == ["2026-11-27/S1", "2026-11-27/S3"]
+    night = ws[1]
+    assert len(night.frame) == 40 and night.start == pd.Timestamp("2026-11-27 22:00")
+    assert night.end == pd.Timestamp("2026-11-28 06:00")
+    assert night.frame["captured_at"].is_monotonic_increasing
+    assert skipped[0]["window_id"] == "2026-11-28/S2"
+    days = list(windows(df, by="day", min_size=30))
+    assert [(w.window_id, len(w.frame)) for w in days] == [("2026-11-27", 49), ("2026-11-28", 36)]
+
+
+def test_windows_errors():
+    df = pd.DataFrame({"x": range(10)})
+    with pytest.raises(ValueError, match="captured_at"):
+        list(windows(df, by="day"))
+    with pytest.raises(ValueError, match="size"):
+        list(windows(df, by="count"))
+    with pytest.raises(ValueError, match="exactly once"):
+        list(windows(_catalog(["2026-01-01 10:00"]), by="shift", shifts=((6, 14), (12, 22), (22, 6))))
+    with pytest.raises(ValueError, match="by must"):
+        list(windows(df, by="week"))
