@@ -17,6 +17,7 @@ import datetime as dt
 import io
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from benchmarks.bench_catalog import synthetic_catalog
 from pipeline import catalog as C
 from pipeline.ingest import IngestConfig, ingest, validate_bytes
 from pipeline.store import ContentStore, sha256_bytes
@@ -72,43 +74,79 @@ def profile(paths: list[Path], tmp: Path) -> dict[str, float]:
         store.put(b, "png", sha256=s)
     t_put = time.perf_counter() - t
     n = len(paths)
-    return {"read": 1e3 * t_read / n, "sha256": 1e3 * t_sha / n, "validate": 1e3 * t_val / n, "store": 1e3 * t_put / n,
-            "bytes": sum(map(len, blobs)) / n}
+    return {
+        "read": 1e3 * t_read / n,
+        "sha256": 1e3 * t_sha / n,
+        "validate": 1e3 * t_val / n,
+        "store": 1e3 * t_put / n,
+        "bytes": sum(map(len, blobs)) / n,
+        "n": n,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[200, 1000, 2000])
+    ap.add_argument(
+        "--catalog-sizes",
+        type=int,
+        nargs="*",
+        default=[100_000, 1_000_000],
+        help="also ingest 200 new images into catalogs already holding this many synthetic rows",
+    )
     args = ap.parse_args()
     from elpv_dataset.utils import load_dataset
 
+    load0 = os.getloadavg()[0]
     images, _p, _t = load_dataset()
     rows = []
     prof = None
+    # warm-up: first-call imports and plugin registration are not part of the steady state
+    with tempfile.TemporaryDirectory(prefix="bench_ingest_warm_") as warm:
+        write_drop(Path(warm) / "drop", images[-10:])
+        ingest(Path(warm) / "drop", Path(warm) / "root", progress=False)
     with tempfile.TemporaryDirectory(prefix="bench_ingest_") as tmp_s:
         tmp = Path(tmp_s)
         for n in args.sizes:
-            if n > len(images):
+            if n > len(images) - 10:
                 raise ValueError(f"at most {len(images)} ELPV cells, asked for {n}")
             drop = tmp / f"drop{n}"
             paths = write_drop(drop, images[:n])
             for workers in (1, 2):
                 root = tmp / f"root{n}-{workers}"
+                cpu0 = time.process_time()
                 s = ingest(drop, root, config=IngestConfig(workers=workers), progress=False)
+                cpu = time.process_time() - cpu0
                 assert s.registered == n and s.n_quarantined == 0, s
                 t = time.perf_counter()
                 again = ingest(drop, root, config=IngestConfig(workers=workers), progress=False)
                 rerun = time.perf_counter() - t
                 assert again.registered == 0 and again.skipped_already_registered == n
-                rows.append((n, workers, s.seconds, n / s.seconds, rerun))
+                rows.append((n, workers, s.seconds, n / s.seconds, rerun, cpu))
                 print(rows[-1], flush=True)
             if prof is None:
                 prof = profile(paths[:200], tmp)
+        grown = []
+        drop = tmp / "drop200"
+        if not drop.exists():
+            write_drop(drop, images[:200])
+        for rows_before in args.catalog_sizes:
+            root = tmp / f"big{rows_before}"
+            C.write_catalog_rows(root, synthetic_catalog(rows_before, seed=1), "part-synthetic-00001")
+            s = ingest(drop, root, config=IngestConfig(workers=2), progress=False)
+            assert s.registered == 200, s
+            t = time.perf_counter()
+            ingest(drop, root, config=IngestConfig(workers=2), progress=False)
+            rerun = time.perf_counter() - t
+            grown.append((rows_before, s.seconds, 200 / s.seconds, rerun))
+            print(grown[-1], flush=True)
+            shutil.rmtree(root)
 
     lines = [
         "# bench_ingest",
         "",
-        f"Command: `.venv/bin/python -m benchmarks.bench_ingest --sizes {' '.join(map(str, args.sizes))}`  ",
+        f"Command: `.venv/bin/python -m benchmarks.bench_ingest --sizes {' '.join(map(str, args.sizes))} "
+        f"--catalog-sizes {' '.join(map(str, args.catalog_sizes))}`  ",
         "Machine: 2-core CPU, 24 GiB, no GPU (shared with other jobs, so numbers are a lower bound)  ",
         f"Date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; Python {platform.python_version()}, "
         f"{os.cpu_count()} CPUs visible",
@@ -116,28 +154,50 @@ def main() -> None:
         "Real ELPV 300x300 8-bit cells written as PNG (compress_level=1), 100 per day folder with a MES export, "
         "ingested into an empty catalog (target: >= 200 images/s on 2 cores).",
         "",
-        "| images | threads | ingest s | images/s | idempotent re-run s |",
-        "|---|---|---|---|---|",
+        f"Load average (1 min) at start / end: {load0:.1f} / {os.getloadavg()[0]:.1f} on 2 cores; wall-clock rates "
+        "fall when other jobs compete, so the CPU time of the ingesting process is reported too: images per "
+        "CPU-second is what one core sustains, and two threads can use two cores (decoding and hashing release "
+        "the GIL).",
+        "",
+        "| images | threads | ingest s (wall) | images/s (wall) | process CPU s | images per CPU-s "
+        "| idempotent re-run s |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for n, w, secs, rate, rerun in rows:
-        lines.append(f"| {n:,} | {w} | {secs:.2f} | {rate:.0f} | {rerun:.2f} |")
+    for n, w, secs, rate, rerun, cpu in rows:
+        lines.append(f"| {n:,} | {w} | {secs:.2f} | {rate:.0f} | {cpu:.2f} | {n / cpu:.0f} | {rerun:.2f} |")
     if prof is not None:
         total = prof["read"] + prof["sha256"] + prof["validate"] + prof["store"]
         lines += [
             "",
-            f"Per-image profile (200 cells, {prof['bytes'] / 1024:.0f} KiB each, one thread): read "
+            f"Per-image profile ({prof['n']} cells, {prof['bytes'] / 1024:.0f} KiB each, one thread): read "
             f"{prof['read']:.2f} ms, sha256 {prof['sha256']:.2f} ms, Pillow verify + full decode "
             f"{prof['validate']:.2f} ms, store write (temp + rename) {prof['store']:.2f} ms; sum {total:.2f} ms "
             f"= {1e3 / total:.0f} images/s before catalog bookkeeping.",
         ]
+    if grown:
+        lines += [
+            "",
+            "## Ingesting 200 new images into a catalog that already holds many rows (2 threads)",
+            "",
+            "The existing rows are synthetic (benchmarks.bench_catalog.synthetic_catalog: 4 lines x 365 days, one part "
+            "file per partition). The start-up cost is one scan of 5 columns of the whole catalog (registered digests "
+            "and the paths/sizes/mtimes of files in this drop folder).",
+            "",
+            "| rows already in catalog | ingest s | images/s | idempotent re-run s |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {n:,} | {secs:.2f} | {rate:.0f} | {rerun:.2f} |" for n, secs, rate, rerun in grown]
     small = [r for r in rows if r[1] == 2]
     if len(small) > 1:
         lines += [
             "",
-            f"Growth: with 2 threads, {small[0][0]:,} images ran at {small[0][3]:.0f}/s and {small[-1][0]:,} at "
-            f"{small[-1][3]:.0f}/s. Per-image cost is flat (decode dominates); the fixed per-run cost (lock, reading "
-            "the catalog's known state, one part file per partition per batch, the run record) weighs more on small "
-            "runs. The known-state read grows with the catalog size (see bench_catalog: full 5-column scan).",
+            f"Growth with the number of images (2 threads): {small[0][0]:,} images ran at {small[0][3]:.0f}/s wall "
+            f"({small[0][0] / small[0][5]:.0f} per CPU-s), {small[-1][0]:,} at {small[-1][3]:.0f}/s wall "
+            f"({small[-1][0] / small[-1][5]:.0f} per CPU-s): the cost per image is flat (the PNG decode dominates), "
+            "so ingestion time grows linearly with the images; wall-clock differences between rows follow the "
+            "machine's load more than the size. Growth with the catalog size: each run starts with one scan of "
+            "the catalog (see the table above and bench_catalog), which grows with the rows and the number of part "
+            "files; at 1M rows it is a few seconds per run, whatever the number of new images.",
         ]
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("\n".join(lines) + "\n")

@@ -89,7 +89,10 @@ def train_variant(name: str, lam: float, zeta: float, data, args) -> Path:
     secs = time.perf_counter() - t0
     meta = {"steps": int(result.step), "seconds": secs, "images_per_s": float(result.images_per_s)}
     (out / "bench_train.json").write_text(json.dumps(meta, indent=2))
-    print(f"[{name}] trained {result.step} steps in {secs:.0f} s ({result.images_per_s:.1f} img/s)", file=sys.stderr)
+    print(
+        f"[{name}] trained {result.step} steps in {secs:.0f} s ({result.images_per_s:.1f} img/s)",
+        file=sys.stderr,
+    )
     return out
 
 
@@ -141,7 +144,9 @@ def measure_properties(images: np.ndarray) -> pd.DataFrame:
     return measure(images, list(PROPERTIES))
 
 
-def evaluate(Z: np.ndarray, types: np.ndarray, probs: np.ndarray, lots: np.ndarray, props: pd.DataFrame) -> dict:
+def evaluate(
+    Z: np.ndarray, types: np.ndarray, probs: np.ndarray, lots: np.ndarray, props: pd.DataFrame
+) -> dict:
     """All probe metrics and the disentanglement indicator for one representation."""
     mono = (types == "mono").astype(int)
     mp = probe(Z, mono)
@@ -264,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     rows[f"PCA on pixels (d = {d})"] = evaluate(Zp, types, probs, lots, props)
 
     ctx = {
-        "command": "python -m benchmarks.bench_latent_quality " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.bench_latent_quality "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "preset": args.preset,
         "image_size": spec.image_size,

@@ -42,15 +42,26 @@ def main() -> None:
     for name, fault, order in CASES:
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
-            res = simulate_line(Path(tmp) / "drop", days=8, per_day=100, start=dt.date(2026, 1, 5), fault=fault,
-                                order=order, progress=False)
+            res = simulate_line(
+                Path(tmp) / "drop",
+                days=8,
+                per_day=100,
+                start=dt.date(2026, 1, 5),
+                fault=fault,
+                order=order,
+                progress=False,
+            )
             secs = time.perf_counter() - t
             size = sum(p.stat().st_size for p in res.paths) / 2**20
-        rows.append(f"| {name} | {res.n_images} | {secs:.2f} | {1000 * secs / res.n_images:.1f} | {size:.0f} |")
+        rows.append(
+            f"| {name} | {res.n_images} | {secs:.2f} | {1000 * secs / res.n_images:.1f} | {size:.0f} |"
+        )
 
     table = split_pools()
     counts = table.groupby(["pool", "type"], observed=True).size().unstack()
-    levels = table.assign(prob=table["prob"].round(2)).groupby(["pool", "prob"], observed=True).size().unstack()
+    levels = (
+        table.assign(prob=table["prob"].round(2)).groupby(["pool", "prob"], observed=True).size().unstack()
+    )
     pool_rows = [
         f"| {p} | {int((table['pool'] == p).sum())} | {table.loc[table['pool'] == p, 'lot'].nunique()} "
         f"| {counts.loc[p, 'mono']} | {counts.loc[p, 'poly']} | "

@@ -130,8 +130,11 @@ start() {
   PREFECT_HOME="$STACK_DIR/prefect-home" PREFECT_API_URL="$PREFECT_API_URL" \
     "$VENV/bin/prefect" work-pool create "$POOL" --type process >"$LOGS/work-pool.log" 2>&1 \
     || grep -qi "already exists" "$LOGS/work-pool.log" || die "work pool: see $LOGS/work-pool.log"
+  mkdir -p "$STACK_DIR/linewatch-home"
   spawn prefect-worker env PREFECT_HOME="$STACK_DIR/prefect-home" PREFECT_API_URL="$PREFECT_API_URL" \
-    MLFLOW_TRACKING_URI="$MLFLOW_URL" PYTHONPATH="$REPO" \
+    PREFECT_WORKER_QUERY_SECONDS=5 MLFLOW_TRACKING_URI="$MLFLOW_URL" PYTHONPATH="$REPO" \
+    LINEWATCH_HOME="${LINEWATCH_HOME:-$STACK_DIR/linewatch-home}" LINEWATCH_WORK_POOL="$POOL" \
+    LINEWATCH_TIMEZONE="${LINEWATCH_TIMEZONE:-UTC}" LINEWATCH_WEBHOOK_URL="${LINEWATCH_WEBHOOK_URL:-}" \
     "$VENV/bin/prefect" worker start --pool "$POOL" --type process --name native-worker
   wait_http "$MLFLOW_URL/health" mlflow 180
   cat >"$STACK_DIR/stack.env" <<EOF

@@ -7,7 +7,6 @@ The job is :func:`pipeline.monitor.monitor`. Each new alert is also emitted as t
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from prefect import flow, task
@@ -16,37 +15,6 @@ from prefect.cache_policies import NO_CACHE
 from flows import retry_condition, retry_delays
 
 ALERT_EVENT = "linewatch.drift.alert"
-
-
-def build_config(
-    lines: list[str] | None = None,
-    start: str | None = None,
-    end: str | None = None,
-    lookback_days: float = 2.0,
-    window_by: str = "day",
-    window_size: int | None = None,
-    alpha: float = 0.01,
-    null: str = "lot",
-    min_window: int = 30,
-    cards: bool = True,
-    report: bool = True,
-) -> Any:
-    """A ``MonitorConfig`` from flow parameters (JSON-friendly types)."""
-    from pipeline.monitor import MonitorConfig
-
-    return MonitorConfig(
-        lines=tuple(lines) if lines else None,
-        start=datetime.fromisoformat(start) if start else None,
-        end=datetime.fromisoformat(end) if end else None,
-        lookback_days=lookback_days,
-        window_by=window_by,
-        window_size=window_size,
-        alpha=alpha,
-        null=null,
-        min_window=min_window,
-        cards=cards,
-        report=report,
-    )
 
 
 @task(
@@ -140,8 +108,12 @@ def monitor_flow(
     Returns:
         ``MonitorResult.to_dict()`` plus ``events_emitted``.
     """
-    config = build_config(lines, start, end, lookback_days, window_by, window_size, alpha, null, min_window, cards,
-                          report)
+    from pipeline.monitor import monitor_config
+
+    config = monitor_config(
+        lines=lines, start=start, end=end, lookback_days=lookback_days, window_by=window_by,
+        window_size=window_size, alpha=alpha, null=null, min_window=min_window, cards=cards, report=report,
+    )
     result = monitor_task(config)
     result["events_emitted"] = emit_alert_events(result)
     return result

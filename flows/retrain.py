@@ -7,46 +7,12 @@ events ``linewatch.model.promoted`` / ``linewatch.model.rejected``.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import retry_condition, retry_delays
-
-
-def build_config(
-    preset: str = "cpu",
-    steps: int = 300,
-    window_days: int = 7,
-    end: str | None = None,
-    lines: list[str] | None = None,
-    from_scratch: bool = False,
-    exclude_alerts: bool = True,
-    exclude_anomalous: bool = True,
-    batch_size: int | None = None,
-    inject_weight_noise: float = 0.0,
-    gate: dict[str, Any] | None = None,
-    seed: int = 0,
-) -> Any:
-    """A ``RetrainConfig`` from flow parameters (JSON-friendly types, as deployments pass them)."""
-    from pipeline.retrain import GateConfig, RetrainConfig
-
-    return RetrainConfig(
-        preset=preset,
-        steps=steps,
-        batch_size=batch_size,
-        window_days=window_days,
-        end=datetime.fromisoformat(end) if end else None,
-        lines=tuple(lines) if lines else None,
-        exclude_alerts=exclude_alerts,
-        exclude_anomalous=exclude_anomalous,
-        from_scratch=from_scratch,
-        inject_weight_noise=inject_weight_noise,
-        gate=GateConfig(**(gate or {})),
-        seed=seed,
-    )
 
 
 @task(
@@ -102,6 +68,7 @@ def retrain_flow(
     exclude_anomalous: bool = True,
     batch_size: int | None = None,
     inject_weight_noise: float = 0.0,
+    holdout_share: float = 0.25,
     gate: dict[str, Any] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -118,17 +85,23 @@ def retrain_flow(
         exclude_anomalous: Drop images the champion flagged anomalous.
         batch_size: Override the preset's batch size.
         inject_weight_noise: Fault injection (tests, demos): degrade the candidate's weights.
+        holdout_share: Calibration share of the window (by image-id hash).
         gate: ``GateConfig`` overrides.
         seed: Seed.
 
     Returns:
         ``RetrainResult.to_dict()``.
     """
-    config = build_config(preset, steps, window_days, end, lines, from_scratch, exclude_alerts, exclude_anomalous,
-                          batch_size, inject_weight_noise, gate, seed)
+    from pipeline.retrain import retrain_config
+
+    config = retrain_config(
+        preset=preset, steps=steps, window_days=window_days, end=end, lines=lines, from_scratch=from_scratch,
+        exclude_alerts=exclude_alerts, exclude_anomalous=exclude_anomalous, batch_size=batch_size,
+        inject_weight_noise=inject_weight_noise, holdout_share=holdout_share, gate=gate, seed=seed,
+    )
     result = retrain_task(config)
     emit_model_event(result)
     return result
 
 
-__all__ = ["build_config", "retrain_task", "retrain_flow", "emit_model_event"]
+__all__ = ["retrain_task", "retrain_flow", "emit_model_event"]

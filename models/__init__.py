@@ -15,6 +15,7 @@ from .config import (
 )
 from .encoder import Encoder, EncoderOutput
 from .infodiffusion import InfoDiffusion, LossOutput
+from .latent import LatentDDPM, LatentDDPMConfig, load_latent_ddpm, save_latent_ddpm, train_latent_ddpm
 from .losses import kl_normal, mmd, rbf_kernel, sample_prior
 from .preprocess import check_model_input, to_model_input
 from .presets import PRESETS, Preset, get_preset
@@ -54,4 +55,9 @@ __all__ = [
     "Encoder",
     "EncoderOutput",
     "UNet",
+    "LatentDDPM",
+    "LatentDDPMConfig",
+    "train_latent_ddpm",
+    "save_latent_ddpm",
+    "load_latent_ddpm",
 ]

@@ -108,10 +108,19 @@ def save_checkpoint(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        save_file(_state_for_saving(model), str(tmp / WEIGHTS_NAME), metadata={"format_version": str(FORMAT_VERSION)})
+        save_file(
+            _state_for_saving(model),
+            str(tmp / WEIGHTS_NAME),
+            metadata={"format_version": str(FORMAT_VERSION)},
+        )
         meta = dict(meta or {})
         meta["model_id"] = file_digest(tmp / WEIGHTS_NAME)[:16]
-        doc = {"format_version": FORMAT_VERSION, "model": cfg.to_dict(), "preprocess": preprocess.to_dict(), "meta": meta}
+        doc = {
+            "format_version": FORMAT_VERSION,
+            "model": cfg.to_dict(),
+            "preprocess": preprocess.to_dict(),
+            "meta": meta,
+        }
         (tmp / CONFIG_NAME).write_text(json.dumps(doc, indent=2, sort_keys=True))
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE_NAME)
@@ -155,7 +164,11 @@ def read_config(path: str | Path) -> tuple[InfoDiffusionConfig, PreprocessSpec, 
     for key in ("model", "preprocess"):
         if key not in doc:
             raise ValueError(f"checkpoint {d}: {CONFIG_NAME} lacks the {key!r} section")
-    return InfoDiffusionConfig.from_dict(doc["model"]), PreprocessSpec.from_dict(doc["preprocess"]), doc.get("meta", {})
+    return (
+        InfoDiffusionConfig.from_dict(doc["model"]),
+        PreprocessSpec.from_dict(doc["preprocess"]),
+        doc.get("meta", {}),
+    )
 
 
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -312,7 +312,9 @@ class TrainConfig(_ConfigMixin):
         if self.steps < 1:
             raise ValueError(f"TrainConfig.steps must be >= 1, got {self.steps}")
         if self.batch_size < 2:
-            raise ValueError(f"TrainConfig.batch_size must be >= 2 (the MMD needs a batch), got {self.batch_size}")
+            raise ValueError(
+                f"TrainConfig.batch_size must be >= 2 (the MMD needs a batch), got {self.batch_size}"
+            )
         if self.lr <= 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
@@ -348,4 +350,6 @@ class PreprocessSpec(_ConfigMixin):
         if self.channels not in (1, 3):
             raise ValueError(f"PreprocessSpec.channels must be 1 or 3, got {self.channels}")
         if self.resample not in RESAMPLE_MODES:
-            raise ValueError(f"PreprocessSpec.resample must be one of {RESAMPLE_MODES}, got {self.resample!r}")
+            raise ValueError(
+                f"PreprocessSpec.resample must be one of {RESAMPLE_MODES}, got {self.resample!r}"
+            )

@@ -48,19 +48,25 @@ def q_sample(sched: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: tor
         t: (B,) integer timesteps in [0, T).
         noise: (B, C, H, W) standard normal noise.
     """
-    return extract(sched.sqrt_alphas_cumprod, t, x0.shape) * x0 + extract(
-        sched.sqrt_one_minus_alphas_cumprod, t, x0.shape
-    ) * noise
+    return (
+        extract(sched.sqrt_alphas_cumprod, t, x0.shape) * x0
+        + extract(sched.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise
+    )
 
 
-def predict_x0_from_eps(sched: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+def predict_x0_from_eps(
+    sched: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
+) -> torch.Tensor:
     """x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-    return extract(sched.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - extract(
-        sched.sqrt_recipm1_alphas_cumprod, t, x_t.shape
-    ) * eps
+    return (
+        extract(sched.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+        - extract(sched.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
+    )
 
 
-def predict_eps_from_x0(sched: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+def predict_eps_from_x0(
+    sched: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor
+) -> torch.Tensor:
     """Eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) (inverse of ``predict_x0_from_eps``)."""
     return (extract(sched.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - x0) / extract(
         sched.sqrt_recipm1_alphas_cumprod, t, x_t.shape
@@ -75,9 +81,10 @@ def q_posterior_mean_variance(
     Returns:
         (mean (B,C,H,W), variance (B,1,1,1), log_variance (B,1,1,1)).
     """
-    mean = extract(sched.posterior_mean_coef1, t, x_t.shape) * x0 + extract(
-        sched.posterior_mean_coef2, t, x_t.shape
-    ) * x_t
+    mean = (
+        extract(sched.posterior_mean_coef1, t, x_t.shape) * x0
+        + extract(sched.posterior_mean_coef2, t, x_t.shape) * x_t
+    )
     var = extract(sched.posterior_variance, t, x_t.shape)
     logvar = extract(sched.posterior_log_variance_clipped, t, x_t.shape)
     return mean, var, logvar

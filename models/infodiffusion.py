@@ -60,7 +60,9 @@ class InfoDiffusion(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg.encoder, cfg.image_size, cfg.in_channels, cfg.latent_dim)
-        self.unet = UNet(cfg.unet, cfg.image_size, cfg.in_channels, cfg.in_channels, latent_dim=cfg.latent_dim)
+        self.unet = UNet(
+            cfg.unet, cfg.image_size, cfg.in_channels, cfg.in_channels, latent_dim=cfg.latent_dim
+        )
         sched = NoiseSchedule.from_config(cfg.diffusion)
         self._sched_names = tuple(sched.as_dict())
         for name, value in sched.as_dict().items():
@@ -111,7 +113,9 @@ class InfoDiffusion(nn.Module):
 
     def _check_z(self, z: torch.Tensor, batch: int) -> torch.Tensor:
         if z.ndim != 2 or z.shape[1] != self.cfg.latent_dim or z.shape[0] not in (1, batch):
-            raise ValueError(f"z must be (B, {self.cfg.latent_dim}) with B = {batch} (or 1), got {tuple(z.shape)}")
+            raise ValueError(
+                f"z must be (B, {self.cfg.latent_dim}) with B = {batch} (or 1), got {tuple(z.shape)}"
+            )
         if not torch.isfinite(z).all():
             raise ValueError("z contains NaN or infinite values")
         return z

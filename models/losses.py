@@ -20,7 +20,9 @@ def rbf_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         (N, M) kernel matrix.
     """
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"rbf_kernel expects (N, d) and (M, d) with the same d, got {tuple(a.shape)}, {tuple(b.shape)}")
+        raise ValueError(
+            f"rbf_kernel expects (N, d) and (M, d) with the same d, got {tuple(a.shape)}, {tuple(b.shape)}"
+        )
     d = a.shape[1]
     sq = (a[:, None, :] - b[None, :, :]).pow(2).mean(dim=-1)
     return torch.exp(-sq / d)

@@ -122,7 +122,9 @@ def to_model_input(
     elif isinstance(images, list | tuple):
         items = images
     else:
-        raise ValueError(f"images must be a numpy array, a torch tensor or a list of arrays, got {type(images).__name__}")
+        raise ValueError(
+            f"images must be a numpy array, a torch tensor or a list of arrays, got {type(images).__name__}"
+        )
     if len(items) == 0:
         raise ValueError("empty batch: no images to convert")
     if float_range[1] <= float_range[0]:
@@ -147,12 +149,18 @@ def check_model_input(x: Any, cfg: InfoDiffusionConfig) -> torch.Tensor:
         ValueError: not a float tensor, wrong rank/channels/size, empty batch, NaN/inf, values outside [-1, 1].
     """
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"model input must be a torch.Tensor (use models.to_model_input), got {type(x).__name__}")
+        raise ValueError(
+            f"model input must be a torch.Tensor (use models.to_model_input), got {type(x).__name__}"
+        )
     if not x.is_floating_point():
-        raise ValueError(f"model input must be a float tensor in [-1, 1] (use models.to_model_input), got {x.dtype}")
+        raise ValueError(
+            f"model input must be a float tensor in [-1, 1] (use models.to_model_input), got {x.dtype}"
+        )
     want = (cfg.in_channels, cfg.image_size, cfg.image_size)
     if x.ndim != 4:
-        raise ValueError(f"model input must be (B, C, H, W) = (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}")
+        raise ValueError(
+            f"model input must be (B, C, H, W) = (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}"
+        )
     if x.shape[0] == 0:
         raise ValueError("empty batch: model input has B = 0")
     if tuple(x.shape[1:]) != want:
@@ -164,5 +172,7 @@ def check_model_input(x: Any, cfg: InfoDiffusionConfig) -> torch.Tensor:
         raise ValueError("model input contains NaN or infinite values")
     amax = float(x.detach().abs().max())
     if amax > 1.0 + 1e-3:
-        raise ValueError(f"model input must be in [-1, 1], got max |x| = {amax:.4g} (use models.to_model_input)")
+        raise ValueError(
+            f"model input must be in [-1, 1], got max |x| = {amax:.4g} (use models.to_model_input)"
+        )
     return x

@@ -51,7 +51,9 @@ def make_timesteps(num_timesteps: int, steps: int, t_start: int | None = None) -
     if steps == 1:
         return torch.tensor([top], dtype=torch.long)
     grid = torch.linspace(top, 0, steps, dtype=torch.float64).round().long()
-    if grid.unique().numel() != steps:  # pragma: no cover - linspace over integers with steps <= T is distinct
+    if (
+        grid.unique().numel() != steps
+    ):  # pragma: no cover - linspace over integers with steps <= T is distinct
         raise ValueError(f"could not build {steps} distinct timesteps out of {num_timesteps}")
     return grid
 
@@ -65,7 +67,9 @@ class _GridSampler:
         self.timesteps = make_timesteps(sched.num_timesteps, self.steps, t_start)
         abar = sched.alphas_cumprod.to(torch.float64)
         self._abar = abar[self.timesteps]  # (steps,)
-        self._abar_next = torch.cat([self._abar[1:], torch.ones(1, dtype=torch.float64)])  # level after step i
+        self._abar_next = torch.cat(
+            [self._abar[1:], torch.ones(1, dtype=torch.float64)]
+        )  # level after step i
 
     def _levels(self, t_index: int) -> tuple[float, float]:
         if not 0 <= t_index < self.steps:
@@ -174,7 +178,10 @@ class DDPMSampler(_GridSampler):
 
 
 def ddim_sample_loop(
-    eps_fn: EpsFn, x_T: torch.Tensor, sampler: DDIMSampler | DDPMSampler, generator: torch.Generator | None = None
+    eps_fn: EpsFn,
+    x_T: torch.Tensor,
+    sampler: DDIMSampler | DDPMSampler,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Run the sampler from x_T (level ``timesteps[0]``) to x0.
 

@@ -31,7 +31,10 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
     def abar(u: float) -> float:
         return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
 
-    betas = [min(1 - abar((i + 1) / num_timesteps) / abar(i / num_timesteps), max_beta) for i in range(num_timesteps)]
+    betas = [
+        min(1 - abar((i + 1) / num_timesteps) / abar(i / num_timesteps), max_beta)
+        for i in range(num_timesteps)
+    ]
     return torch.tensor(betas, dtype=torch.float64)
 
 

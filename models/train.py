@@ -79,7 +79,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two nested config dicts, as ``key: a != b`` strings."""
     fa, fb = _flatten(a), _flatten(b)
-    return [f"{k}: {fa.get(k)!r} != {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+    return [
+        f"{k}: {fa.get(k)!r} != {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)
+    ]
 
 
 def _batches(
@@ -110,7 +112,9 @@ def _check_data(data: torch.Tensor | Dataset, preset: Preset) -> None:
         check_model_input(data, cfg)
         return
     if not isinstance(data, Dataset):
-        raise ValueError(f"data must be a (N, C, H, W) tensor in [-1, 1] or a torch Dataset, got {type(data).__name__}")
+        raise ValueError(
+            f"data must be a (N, C, H, W) tensor in [-1, 1] or a torch Dataset, got {type(data).__name__}"
+        )
     if len(data) == 0:  # type: ignore[arg-type]
         raise ValueError("the dataset is empty")
     first = data[0]
@@ -159,21 +163,33 @@ def train(
     Returns:
         ``TrainResult``.
 
+    Note:
+        Thread count is the caller's choice (``torch.set_num_threads``). On a CPU shared with other busy processes,
+        1 thread can be far faster than 2 (OpenMP barrier spinning under oversubscription).
+
     Raises:
         ValueError: bad data, config mismatch with ``init_from``/``resume``, existing checkpoint without ``resume``.
         RuntimeError: the loss became non-finite.
     """
     from tqdm.auto import tqdm
 
-    overrides = {k: v for k, v in (("steps", steps), ("batch_size", batch_size), ("seed", seed)) if v is not None}
+    overrides = {
+        k: v for k, v in (("steps", steps), ("batch_size", batch_size), ("seed", seed)) if v is not None
+    }
     tcfg = preset.train.replace(**overrides)
     cfg = preset.model
     _check_data(data, preset)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     out_path = Path(out_dir) if out_dir is not None else None
     has_ckpt = out_path is not None and (out_path / TRAIN_STATE_NAME).exists()
     if has_ckpt and not resume:
-        raise ValueError(f"{out_path} already holds a checkpoint; pass resume=True to continue it or use a new out_dir")
+        raise ValueError(
+            f"{out_path} already holds a checkpoint; pass resume=True to continue it or use a new out_dir"
+        )
     if resume and init_from is not None and has_ckpt:
         raise ValueError("pass either resume=True (with an existing checkpoint) or init_from, not both")
 
@@ -183,7 +199,9 @@ def train(
         src_cfg, _, _ = read_config(init_from)
         diff = config_diff(src_cfg.to_dict(), cfg.to_dict())
         if diff:
-            raise ValueError(f"init_from={init_from}: model config differs from the preset's: {'; '.join(diff)}")
+            raise ValueError(
+                f"init_from={init_from}: model config differs from the preset's: {'; '.join(diff)}"
+            )
         from safetensors.torch import load_file
 
         load_state_strict(model, load_file(str(Path(init_from) / WEIGHTS_NAME)), str(init_from))
@@ -201,7 +219,9 @@ def train(
         src_cfg, _, _ = read_config(out_path)
         diff = config_diff(src_cfg.to_dict(), cfg.to_dict())
         if diff:
-            raise ValueError(f"cannot resume {out_path}: model config differs from the preset's: {'; '.join(diff)}")
+            raise ValueError(
+                f"cannot resume {out_path}: model config differs from the preset's: {'; '.join(diff)}"
+            )
         state = load_train_state(out_path)
         load_state_strict(model, state["model"], f"{out_path}/{TRAIN_STATE_NAME}")
         from safetensors.torch import load_file
@@ -240,7 +260,10 @@ def train(
 
     batches = _batches(data, tcfg.batch_size, data_gen, dev)
     bar = tqdm(
-        total=tcfg.steps, initial=step, desc=f"train[{preset.name}]", disable=not progress or not sys.stderr.isatty()
+        total=tcfg.steps,
+        initial=step,
+        desc=f"train[{preset.name}]",
+        disable=not progress or not sys.stderr.isatty(),
     )
     train_time, trained = 0.0, 0
     model.train()
@@ -263,10 +286,17 @@ def train(
         step += 1
         stop = False
         if step % tcfg.log_every == 0 or step == tcfg.steps:
-            rec = {"step": step, **{k if k != "total" else "loss": v for k, v in out.as_floats().items()}, "lr": lr}
-            rec.pop("rec", None) if not cfg.loss.use_rec_term else None
+            rec = {
+                "step": step,
+                **{k if k != "total" else "loss": v for k, v in out.as_floats().items()},
+                "lr": lr,
+            }
+            if not cfg.loss.use_rec_term:
+                rec.pop("rec", None)
             if not math.isfinite(rec["loss"]):
-                raise RuntimeError(f"non-finite loss {rec['loss']} at step {step}; lower the lr or check the data")
+                raise RuntimeError(
+                    f"non-finite loss {rec['loss']} at step {step}; lower the lr or check the data"
+                )
             history.append(rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", mmd=f"{rec['mmd']:.4f}")
             if on_step is not None:
@@ -282,5 +312,9 @@ def train(
     checkpoint()
     ema.eval()
     return TrainResult(
-        model=ema, step=step, history=history, out_dir=out_path, images_per_s=trained / train_time if train_time else 0.0
+        model=ema,
+        step=step,
+        history=history,
+        out_dir=out_path,
+        images_per_s=trained / train_time if train_time else 0.0,
     )

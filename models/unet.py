@@ -62,7 +62,13 @@ class ResBlock(nn.Module):
     """
 
     def __init__(
-        self, in_ch: int, out_ch: int, emb_dim: int = 0, z_emb_dim: int = 0, dropout: float = 0.0, num_groups: int = 8
+        self,
+        in_ch: int,
+        out_ch: int,
+        emb_dim: int = 0,
+        z_emb_dim: int = 0,
+        dropout: float = 0.0,
+        num_groups: int = 8,
     ) -> None:
         super().__init__()
         self.norm1 = nn.GroupNorm(num_groups, in_ch)
@@ -228,7 +234,9 @@ class UNet(nn.Module):
         if zero_out:
             _zero(self.out_conv)
 
-    def _run_layer(self, layer: nn.ModuleList, h: torch.Tensor, e_t: torch.Tensor | None, e_z: torch.Tensor | None):
+    def _run_layer(
+        self, layer: nn.ModuleList, h: torch.Tensor, e_t: torch.Tensor | None, e_z: torch.Tensor | None
+    ):
         for m in layer:
             h = m(h, e_t, e_z) if isinstance(m, ResBlock) else m(h)
         return h
@@ -254,7 +262,9 @@ class UNet(nn.Module):
         if self.z_embed is not None:
             if z is None or z.ndim != 2 or z.shape[1] != self.latent_dim:
                 got = None if z is None else tuple(z.shape)
-                raise ValueError(f"this UNet is z-conditioned: pass z of shape (B, {self.latent_dim}), got {got}")
+                raise ValueError(
+                    f"this UNet is z-conditioned: pass z of shape (B, {self.latent_dim}), got {got}"
+                )
             e_z = self.z_embed(z)
         h = self.head(x)
         hs = [h]

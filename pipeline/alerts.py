@@ -752,6 +752,8 @@ class AlertManager:
                             top_axes=tuple(top),
                             tests=tuple(sorted(set(alert.tests) | set(tests))),
                             summary=str(getattr(attribution, "text", alert.summary)),
+                            card_paths=tuple(str(p) for p in card_paths) or alert.card_paths,
+                            example_images=tuple(str(p) for p in example_images) or alert.example_images,
                         )
                         events.append(self._event("escalated", alert, window_id, now_s))
                     st.active = alert.to_dict()

@@ -87,7 +87,9 @@ def lock_owner(root: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 @contextlib.contextmanager
-def catalog_lock(root: str | os.PathLike[str], *, timeout: float = 10.0, purpose: str = "write") -> Iterator[None]:
+def catalog_lock(
+    root: str | os.PathLike[str], *, timeout: float = 10.0, purpose: str = "write"
+) -> Iterator[None]:
     """Hold the catalog's writer lock; concurrent writers serialise here.
 
     Args:
@@ -114,7 +116,12 @@ def catalog_lock(root: str | os.PathLike[str], *, timeout: float = 10.0, purpose
             f"retry with a longer --lock-timeout. If that process is gone the lock frees itself."
         ) from None
     try:
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose, "since": utcnow().isoformat()}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "purpose": purpose,
+            "since": utcnow().isoformat(),
+        }
         _atomic_write_text(root / LOCK_OWNER_FILE, json.dumps(info))
         yield
     finally:
@@ -277,7 +284,7 @@ def read_catalog(
         One row per image, sorted by ``captured_at`` then ``image_id``; ``captured_at`` is tz-aware UTC.
     """
     root = Path(root) if root is not None else default_root()
-    as_set = (lambda v: None if v is None else ({v} if isinstance(v, str) else set(v)))  # noqa: E731
+    as_set = lambda v: None if v is None else ({v} if isinstance(v, str) else set(v))  # noqa: E731
     lines_s, stations_s, split_s = as_set(lines), as_set(stations), as_set(split)
     ids_s = None if image_ids is None else set(image_ids)
     cols = list(columns) if columns is not None else list(S.CATALOG_SCHEMA.names)
@@ -292,9 +299,29 @@ def read_catalog(
     last_date = (t1 - pd.Timedelta(microseconds=1)).strftime("%Y-%m-%d") if t1 is not None else None
 
     files = _partition_files(root, lines_s, first_date, last_date)
-    need = list(dict.fromkeys([*cols, S.IMAGE_ID, S.CAPTURED_AT]))
+    conds = []
+    if t0 is not None:
+        conds.append(
+            ds.field(S.CAPTURED_AT) >= pa.scalar(t0.to_pydatetime(), type=pa.timestamp("us", tz="UTC"))
+        )
+    if t1 is not None:
+        conds.append(
+            ds.field(S.CAPTURED_AT) < pa.scalar(t1.to_pydatetime(), type=pa.timestamp("us", tz="UTC"))
+        )
+    if stations_s is not None:
+        conds.append(ds.field(S.STATION).isin(sorted(stations_s)))
+    if ids_s is not None:
+        conds.append(ds.field(S.IMAGE_ID).isin(sorted(ids_s)))
+    return _frame_from_files(root, files, cols, conds, split_s)
+
+
+def _frame_from_files(
+    root: Path, files: list[str], cols: list[str], conds: list[ds.Expression], split_s: set[str] | None
+) -> pd.DataFrame:
+    """Read part files with filters, drop compaction leftovers, apply the split overlay, sort."""
     if not files:
         return S.CATALOG_SCHEMA.empty_table().select(cols).to_pandas()
+    need = list(dict.fromkeys([*cols, S.IMAGE_ID, S.CAPTURED_AT]))
     dataset = ds.dataset(
         files,
         schema=S.CATALOG_SCHEMA,
@@ -303,21 +330,9 @@ def read_catalog(
         partition_base_dir=str(root / CATALOG_DIR),
     )
     expr = None
-
-    def _and(e: ds.Expression) -> None:
-        nonlocal expr
-        expr = e if expr is None else (expr & e)
-
-    if t0 is not None:
-        _and(ds.field(S.CAPTURED_AT) >= pa.scalar(t0.to_pydatetime(), type=pa.timestamp("us", tz="UTC")))
-    if t1 is not None:
-        _and(ds.field(S.CAPTURED_AT) < pa.scalar(t1.to_pydatetime(), type=pa.timestamp("us", tz="UTC")))
-    if stations_s is not None:
-        _and(ds.field(S.STATION).isin(sorted(stations_s)))
-    if ids_s is not None:
-        _and(ds.field(S.IMAGE_ID).isin(sorted(ids_s)))
-    table = dataset.to_table(columns=need, filter=expr)
-    df = table.to_pandas()
+    for cond in conds:
+        expr = cond if expr is None else (expr & cond)
+    df = dataset.to_table(columns=need, filter=expr).to_pandas()
     if df[S.IMAGE_ID].duplicated().any():  # only after an interrupted compaction: both copies are identical
         df = df.drop_duplicates(S.IMAGE_ID, keep="first")
     if S.SPLIT in cols or split_s is not None:
@@ -332,6 +347,31 @@ def read_catalog(
             df = df[df[S.SPLIT].isin(split_s)]
     df = df.sort_values([S.CAPTURED_AT, S.IMAGE_ID], kind="stable")
     return df[cols].reset_index(drop=True)
+
+
+def scan_catalog(
+    root: str | os.PathLike[str], columns: Sequence[str], *, lines: Iterable[str] | None = None
+) -> pa.Table:
+    """Bulk read of some catalog columns as an Arrow table: unsorted, no split overlay, no pandas.
+
+    For whole-catalog work (ingest start-up, stats) where ``read_catalog``'s sorting and conversion would dominate.
+    Rows left twice by an interrupted compaction are not removed here; callers that care use ``image_id``.
+    """
+    cols = list(columns)
+    unknown = [c for c in cols if c not in S.CATALOG_SCHEMA.names or c == S.SPLIT]
+    if unknown:
+        raise ValueError(f"scan_catalog cannot read columns {unknown}")
+    files = _partition_files(Path(root), None if lines is None else set(lines), None, None)
+    if not files:
+        return S.CATALOG_SCHEMA.empty_table().select(cols)
+    dataset = ds.dataset(
+        files,
+        schema=S.CATALOG_SCHEMA,
+        format="parquet",
+        partitioning=ds.partitioning(S.PARTITION_SCHEMA, flavor="hive"),
+        partition_base_dir=str(Path(root) / CATALOG_DIR),
+    )
+    return dataset.to_table(columns=cols)
 
 
 def resolve_store_path(root: str | os.PathLike[str], store_path: str) -> Path:
@@ -366,7 +406,8 @@ def set_split(
         raise ValueError(f"{len(missing)} image ids are not in the catalog, e.g. {missing[:3]}")
     now = utcnow()
     table = pa.table(
-        {S.IMAGE_ID: ids, S.SPLIT: [split] * len(ids), S.ASSIGNED_AT: [now] * len(ids)}, schema=S.SPLITS_SCHEMA
+        {S.IMAGE_ID: ids, S.SPLIT: [split] * len(ids), S.ASSIGNED_AT: [now] * len(ids)},
+        schema=S.SPLITS_SCHEMA,
     )
     with catalog_lock(root, timeout=lock_timeout, purpose="set_split"):
         append_table(root, "splits", table, f"part-{new_run_id()}")
@@ -437,7 +478,9 @@ def snapshot(
         data = read_catalog(root, **dict(data), columns=[S.IMAGE_ID, S.SHA256, S.LINE, S.DATE])
     missing = [c for c in (S.IMAGE_ID, S.SHA256) if c not in data.columns]
     if missing:
-        raise ValueError(f"snapshot needs columns {missing}; pass a catalog DataFrame or a read_catalog query")
+        raise ValueError(
+            f"snapshot needs columns {missing}; pass a catalog DataFrame or a read_catalog query"
+        )
     if data.empty:
         raise ValueError(f"snapshot {name!r} would name zero images; check the query or DataFrame")
     if data.groupby(S.IMAGE_ID)[S.SHA256].nunique().max() > 1:
@@ -493,7 +536,9 @@ def list_snapshots(root: str | os.PathLike[str] | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["digest", "name", "names", "n_images", "created_at"])
 
 
-def load_snapshot(root: str | os.PathLike[str] | None, digest: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+def load_snapshot(
+    root: str | os.PathLike[str] | None, digest: str, columns: Sequence[str] | None = None
+) -> pd.DataFrame:
     """The catalog rows of a snapshot, exactly the images it froze (sorted by image_id).
 
     Args:
@@ -511,21 +556,22 @@ def load_snapshot(root: str | os.PathLike[str] | None, digest: str, columns: Seq
         raise ValueError(f"snapshot {digest} is corrupt: its id list does not hash to its digest")
     cols = list(columns) if columns is not None else list(S.CATALOG_SCHEMA.names)
     need = list(dict.fromkeys([*cols, S.IMAGE_ID, S.SHA256]))
-    if S.LINE in ids and S.DATE in ids:
-        parts = []
-        for (line, date), grp in ids.groupby([S.LINE, S.DATE]):
-            day = pd.Timestamp(date, tz="UTC")
-            parts.append(
-                read_catalog(root, lines=line, start=day, end=day + pd.Timedelta(days=1),
-                             image_ids=grp[S.IMAGE_ID], columns=need)
-            )
-        df = pd.concat(parts, ignore_index=True)
+    id_cond = [ds.field(S.IMAGE_ID).isin(ids[S.IMAGE_ID].tolist())]
+    if S.LINE in ids and S.DATE in ids:  # read only the partitions the snapshot's images live in
+        files = []
+        for line, date in sorted(set(zip(ids[S.LINE], ids[S.DATE], strict=True))):
+            folder = partition_dir(root, line, date)
+            if folder.is_dir():
+                files.extend(str(folder / n) for n in sorted(os.listdir(folder)) if _is_part(n))
+        df = _frame_from_files(root, files, need, id_cond, None)
     else:
-        df = read_catalog(root, image_ids=ids[S.IMAGE_ID], columns=need)
+        df = _frame_from_files(root, _partition_files(root, None, None, None), need, id_cond, None)
     merged = ids[[S.IMAGE_ID, S.SHA256]].merge(df, on=[S.IMAGE_ID, S.SHA256], how="left", indicator=True)
     lost = merged.loc[merged["_merge"] != "both", S.IMAGE_ID]
     if len(lost):
-        raise ValueError(f"snapshot {digest[:12]}: {len(lost)} images are no longer in the catalog, e.g. {list(lost[:3])}")
+        raise ValueError(
+            f"snapshot {digest[:12]}: {len(lost)} images are no longer in the catalog, e.g. {list(lost[:3])}"
+        )
     return merged[cols].sort_values(S.IMAGE_ID).reset_index(drop=True)
 
 
@@ -574,31 +620,42 @@ class CatalogStats:
 def catalog_stats(root: str | os.PathLike[str] | None = None) -> CatalogStats:
     """Counts per line and day, quarantine counts by reason, and storage used."""
     root = Path(root) if root is not None else default_root()
-    cat = read_catalog(root, columns=[S.IMAGE_ID, S.LINE, S.DATE])
+    cat = scan_catalog(root, [S.IMAGE_ID, S.LINE, S.DATE])
+    if cat.num_rows and pc.count_distinct(cat[S.IMAGE_ID]).as_py() != cat.num_rows:
+        cat = pa.Table.from_pandas(cat.to_pandas().drop_duplicates(S.IMAGE_ID), preserve_index=False)
     per = (
-        cat.groupby([S.LINE, S.DATE]).size().rename("images").reset_index().sort_values([S.LINE, S.DATE])
-        if len(cat)
+        cat.group_by([S.LINE, S.DATE])
+        .aggregate([([], "count_all")])
+        .to_pandas()
+        .rename(columns={"count_all": "images"})[[S.LINE, S.DATE, "images"]]
+        .sort_values([S.LINE, S.DATE])
+        if cat.num_rows
         else pd.DataFrame(columns=[S.LINE, S.DATE, "images"])
     )
     quarantine = read_table(root, "quarantine", columns=[S.REASON_CODE])
     dups = read_table(root, "duplicates", columns=[S.SHA256])
     by_reason = {str(k): int(v) for k, v in quarantine[S.REASON_CODE].value_counts().sort_index().items()}
     storage = {
-        name: _dir_bytes(root / name) for name in (STORE_DIR, CATALOG_DIR, TABLES_DIR, QUARANTINE_DIR, SNAPSHOTS_DIR)
+        name: _dir_bytes(root / name)
+        for name in (STORE_DIR, CATALOG_DIR, TABLES_DIR, QUARANTINE_DIR, SNAPSHOTS_DIR)
     }
     storage["total"] = sum(storage.values())
     return CatalogStats(
-        n_images=len(cat),
+        n_images=cat.num_rows,
         n_duplicates=len(dups),
         n_quarantined=len(quarantine),
-        per_line_day=[{k: (int(v) if k == "images" else str(v)) for k, v in r.items()} for r in per.to_dict("records")],
+        per_line_day=[
+            {k: (int(v) if k == "images" else str(v)) for k, v in r.items()} for r in per.to_dict("records")
+        ],
         quarantine_by_reason=by_reason,
         storage_bytes=storage,
         n_part_files=len(_partition_files(root, None, None, None)),
     )
 
 
-def compact(root: str | os.PathLike[str] | None = None, *, min_files: int = 2, lock_timeout: float = 10.0) -> int:
+def compact(
+    root: str | os.PathLike[str] | None = None, *, min_files: int = 2, lock_timeout: float = 10.0
+) -> int:
     """Merge each partition's part files into one, so many small ingest runs don't leave many tiny files.
 
     The merged file is published first, then the old parts are removed. A crash in between leaves both; readers
@@ -619,7 +676,9 @@ def compact(root: str | os.PathLike[str] | None = None, *, min_files: int = 2, l
             table = ds.dataset(files, schema=S.FILE_CATALOG_SCHEMA, format="parquet").to_table()
             df_ids = table[S.IMAGE_ID].to_pandas()
             keep = ~df_ids.duplicated().to_numpy()
-            table = table.filter(pa.array(keep)).sort_by([(S.CAPTURED_AT, "ascending"), (S.IMAGE_ID, "ascending")])
+            table = table.filter(pa.array(keep)).sort_by(
+                [(S.CAPTURED_AT, "ascending"), (S.IMAGE_ID, "ascending")]
+            )
             publish_parquet(table, Path(folder) / f"part-{new_run_id('compact-')}.parquet")
             for f in files:
                 os.unlink(f)

@@ -63,8 +63,10 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     print(f"ingest run {summary.run_id} into {_root(args)}")
     print(f"  registered  {summary.registered}")
     print(f"  duplicates  {summary.duplicates}")
-    print(f"  skipped     {summary.skipped_already_registered} already registered, "
-          f"{summary.skipped_already_seen} already seen (duplicate or quarantined)")
+    print(
+        f"  skipped     {summary.skipped_already_registered} already registered, "
+        f"{summary.skipped_already_seen} already seen (duplicate or quarantined)"
+    )
     print(f"  quarantined {summary.n_quarantined}")
     for code, n in summary.quarantined.items():
         print(f"    {code:<20} {n:>6}  {REASONS.get(code, '')}")
@@ -77,8 +79,10 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(stats.to_dict(), indent=1))
         return 0
-    print(f"catalog {_root(args)}: {stats.n_images} images, {stats.n_duplicates} duplicates, "
-          f"{stats.n_quarantined} quarantined, {stats.n_part_files} part files")
+    print(
+        f"catalog {_root(args)}: {stats.n_images} images, {stats.n_duplicates} duplicates, "
+        f"{stats.n_quarantined} quarantined, {stats.n_part_files} part files"
+    )
     if stats.per_line_day:
         print(f"  {'line':<12} {'date':<10} {'images':>8}")
         for row in stats.per_line_day:
@@ -122,26 +126,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     root_help = "catalog root (default: $LINEWATCH_HOME or ./.linewatch)"
 
-    p = subparsers.add_parser("ingest", help="register new images from a drop folder (exactly once)",
-                              description="Validate and register new images from a drop folder into the catalog.",
-                              epilog=_INGEST_EPILOG, formatter_class=fmt)
+    p = subparsers.add_parser(
+        "ingest",
+        help="register new images from a drop folder (exactly once)",
+        description="Validate and register new images from a drop folder into the catalog.",
+        epilog=_INGEST_EPILOG,
+        formatter_class=fmt,
+    )
     p.add_argument("drop", metavar="DROP", help="the drop folder")
     p.add_argument("--line", help="only ingest DROP/<LINE>")
     p.add_argument("--root", help=root_help)
-    p.add_argument("--quarantine-mode", choices=("copy", "move"), default="copy",
-                   help="copy rejects to quarantine (default) or move them out of the drop folder")
+    p.add_argument(
+        "--quarantine-mode",
+        choices=("copy", "move"),
+        default="copy",
+        help="copy rejects to quarantine (default) or move them out of the drop folder",
+    )
     p.add_argument("--quarantine-dir", help="where rejects go (default: ROOT/quarantine)")
-    p.add_argument("--delete-source", action="store_true",
-                   help="remove registered files from the drop folder once published (off by default)")
-    p.add_argument("--lock-timeout", type=float, default=10.0, help="seconds to wait for another ingest (default 10)")
+    p.add_argument(
+        "--delete-source",
+        action="store_true",
+        help="remove registered files from the drop folder once published (off by default)",
+    )
+    p.add_argument(
+        "--lock-timeout", type=float, default=10.0, help="seconds to wait for another ingest (default 10)"
+    )
     p.add_argument("--workers", type=int, default=2, help="validation threads (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cmd_ingest)
 
-    cat = subparsers.add_parser("catalog", help="inspect and maintain the image catalog",
-                                description="Inspect and maintain the image catalog.", epilog=_CATALOG_EPILOG,
-                                formatter_class=fmt)
+    cat = subparsers.add_parser(
+        "catalog",
+        help="inspect and maintain the image catalog",
+        description="Inspect and maintain the image catalog.",
+        epilog=_CATALOG_EPILOG,
+        formatter_class=fmt,
+    )
     csub = cat.add_subparsers(dest="catalog_command", metavar="ACTION")
 
     s = csub.add_parser("stats", help="counts per line and day, quarantine by reason, storage used")

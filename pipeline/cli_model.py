@@ -188,6 +188,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CLIError(f"--init checkpoint {args.init!r} does not exist")
     if args.resume and args.init:
         raise CLIError("--resume continues the run in --out; --init starts a new run from another checkpoint: pick one")
+    out = Path(args.out)
+    if not args.resume and out.exists() and any(out.iterdir()):
+        raise CLIError(
+            f"--out {args.out!r} already holds files; pass --resume to continue that run, or choose a new --out"
+        )
     paths = find_images(args.images)
     channels = preset.preprocess.channels
     print(f"training preset {preset.name!r} on {len(paths)} images from {args.images}", file=sys.stderr)

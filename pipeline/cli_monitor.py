@@ -38,7 +38,7 @@ class LatentSource:
     origin: str
 
     @property
-    def Z(self) -> np.ndarray:  # noqa: N802
+    def Z(self) -> np.ndarray:
         """The (N, d) latent matrix."""
         from pipeline.encode import latent_matrix
 

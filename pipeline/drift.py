@@ -454,6 +454,7 @@ class DriftDetector:
         ref_scores: Any = None,
         model_id: str | None = None,
         ref_order: Any = None,
+        ref_lots: Any = None,
     ) -> DriftDetector:
         """Store the reference.
 
@@ -463,6 +464,10 @@ class DriftDetector:
             model_id: id of the model that encoded ``Z_ref``; ``test`` refuses windows from another model.
             ref_order: optional sort key (n_ref,) giving the production order of the reference (capture time, file
                 order); the lot null draws consecutive images in this order. Default: row order.
+            ref_lots: optional lot label (n_ref,) of each reference image. When given, lot-null calibration
+                windows (and blocks) start at lot boundaries: use it when monitoring windows are cut on lot
+                boundaries (a window = whole lots), which differ from the reference more than windows that start
+                mid-lot.
 
         Returns:
             self.
@@ -487,6 +492,15 @@ class DriftDetector:
             order = np.argsort(key, kind="stable")
             Z = Z[order]
             scores = None if scores is None else scores[order]
+        else:
+            order = np.arange(n)
+        self._lot_starts = None
+        if ref_lots is not None:
+            lots = np.asarray(ref_lots)
+            if lots.shape[0] != n:
+                raise ValueError(f"ref_lots has {lots.shape[0]} values for {n} reference images")
+            lots = lots[order]
+            self._lot_starts = np.r_[0, np.flatnonzero(lots[1:] != lots[:-1]) + 1]
         self.ref_ = Z
         self.ref_scores_ = scores
         self.model_id_ = model_id
@@ -506,7 +520,11 @@ class DriftDetector:
     def _block_indices(self, n: int, rng: np.random.Generator) -> np.ndarray:
         L = n if self.lot_block is None else min(self.lot_block, n)
         n_blocks = math.ceil(n / L)
-        starts = rng.integers(0, self.n_ref_ - L + 1, size=n_blocks)
+        if self._lot_starts is not None:
+            cand = self._lot_starts[self._lot_starts <= self.n_ref_ - L]
+            starts = rng.choice(cand, size=n_blocks)
+        else:
+            starts = rng.integers(0, self.n_ref_ - L + 1, size=n_blocks)
         return (starts[:, None] + np.arange(L)[None, :]).ravel()[:n]
 
     def _window_stats_vs_rest(self, idx: np.ndarray, rng: np.random.Generator) -> tuple[float, float, float]:

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
@@ -269,10 +270,17 @@ class _Candidate:
 def _check_name(rel: tuple[str, ...], config: IngestConfig) -> Rejection | None:
     for part in rel:
         if len(part) > config.max_filename_length:
-            return Rejection(BAD_FILENAME, f"name part {part[:40]!r}... is {len(part)} characters long "
-                             f"(limit {config.max_filename_length})")
+            return Rejection(
+                BAD_FILENAME,
+                f"name part {part[:40]!r}... is {len(part)} characters long "
+                f"(limit {config.max_filename_length})",
+            )
         if not _SAFE_PART.match(part):
-            why = "starts with a dot or dash" if part[:1] in (".", "-") else "has characters outside [A-Za-z0-9._-]"
+            why = (
+                "starts with a dot or dash"
+                if part[:1] in (".", "-")
+                else "has characters outside [A-Za-z0-9._-]"
+            )
             return Rejection(BAD_FILENAME, f"name part {part!r} {why}")
     return None
 
@@ -286,8 +294,12 @@ def _check_link(cand: _Candidate, drop_real: str) -> Rejection:
     inside = resolved == drop_real or resolved.startswith(drop_real.rstrip(os.sep) + os.sep)
     kind = "folder link" if os.path.isdir(cand.path) else "link"
     if not inside:
-        return Rejection(PATH_ESCAPE, f"symbolic {kind} to {target!r} resolves outside the drop folder ({resolved})")
-    return Rejection(SYMLINK, f"symbolic {kind} to {target!r}; links are not followed, drop the real file instead")
+        return Rejection(
+            PATH_ESCAPE, f"symbolic {kind} to {target!r} resolves outside the drop folder ({resolved})"
+        )
+    return Rejection(
+        SYMLINK, f"symbolic {kind} to {target!r}; links are not followed, drop the real file instead"
+    )
 
 
 def validate_bytes(data: bytes, ext: str, config: IngestConfig) -> Rejection | tuple[int, int, str, int]:
@@ -310,24 +322,36 @@ def validate_bytes(data: bytes, ext: str, config: IngestConfig) -> Rejection | t
     if ext not in _FORMAT_EXTS[fmt]:
         return Rejection(EXTENSION_MISMATCH, f"named .{ext} but the content is {fmt}")
     if fmt == "PNG" and not data.endswith(_PNG_IEND):
-        return Rejection(TRUNCATED, f"PNG of {len(data)} bytes does not end with the IEND chunk (partial file)")
+        return Rejection(
+            TRUNCATED, f"PNG of {len(data)} bytes does not end with the IEND chunk (partial file)"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=[fmt]) as im:
                 width, height, mode = im.width, im.height, im.mode
                 if width * height > config.max_pixels:
-                    return Rejection(DECOMPRESSION_BOMB, f"header claims {width}x{height} = {width * height:,} "
-                                     f"pixels > max_pixels {config.max_pixels:,}; not decoded")
+                    return Rejection(
+                        DECOMPRESSION_BOMB,
+                        f"header claims {width}x{height} = {width * height:,} "
+                        f"pixels > max_pixels {config.max_pixels:,}; not decoded",
+                    )
                 if width < config.min_width or height < config.min_height:
-                    return Rejection(TOO_SMALL, f"{width}x{height} is below the minimum "
-                                     f"{config.min_width}x{config.min_height}")
+                    return Rejection(
+                        TOO_SMALL,
+                        f"{width}x{height} is below the minimum {config.min_width}x{config.min_height}",
+                    )
                 if width > config.max_width or height > config.max_height:
-                    return Rejection(TOO_LARGE, f"{width}x{height} is above the maximum "
-                                     f"{config.max_width}x{config.max_height}")
+                    return Rejection(
+                        TOO_LARGE,
+                        f"{width}x{height} is above the maximum {config.max_width}x{config.max_height}",
+                    )
                 if mode not in _MODE_DEPTH:
-                    return Rejection(UNSUPPORTED_MODE, f"pixel mode {mode!r} is not supported; expected 8/16-bit "
-                                     "grayscale (L, I;16) or RGB/RGBA (converted)")
+                    return Rejection(
+                        UNSUPPORTED_MODE,
+                        f"pixel mode {mode!r} is not supported; expected 8/16-bit "
+                        "grayscale (L, I;16) or RGB/RGBA (converted)",
+                    )
                 im.verify()
             with Image.open(io.BytesIO(data), formats=[fmt]) as im:
                 im.load()
@@ -335,8 +359,10 @@ def validate_bytes(data: bytes, ext: str, config: IngestConfig) -> Rejection | t
         size = _header_size(data, fmt)
         if size is not None:
             w, h = size
-            return Rejection(DECOMPRESSION_BOMB, f"header claims {w}x{h} = {w * h:,} pixels > max_pixels "
-                             f"{config.max_pixels:,}; not decoded")
+            return Rejection(
+                DECOMPRESSION_BOMB,
+                f"header claims {w}x{h} = {w * h:,} pixels > max_pixels {config.max_pixels:,}; not decoded",
+            )
         return Rejection(DECOMPRESSION_BOMB, f"Pillow refused to open it: {exc}")
     except UnidentifiedImageError as exc:
         return Rejection(CORRUPT, f"{fmt} header could not be parsed: {exc}")
@@ -345,10 +371,14 @@ def validate_bytes(data: bytes, ext: str, config: IngestConfig) -> Rejection | t
         if "truncat" in msg.lower() or isinstance(exc, EOFError):
             return Rejection(TRUNCATED, f"{fmt} data ends early: {msg}")
         return Rejection(CORRUPT, f"{fmt} decoder error: {type(exc).__name__}: {msg}")
+    except Exception as exc:  # any other decoder failure on hostile bytes is a reject, not a crash
+        return Rejection(CORRUPT, f"{fmt} decoder failed unexpectedly: {type(exc).__name__}: {exc}")
     return width, height, mode, _MODE_DEPTH[mode]
 
 
-def inspect_file(path: str, rel: tuple[str, ...], config: IngestConfig, store: ContentStore) -> Rejection | Accepted:
+def inspect_file(
+    path: str, rel: tuple[str, ...], config: IngestConfig, store: ContentStore
+) -> Rejection | Accepted:
     """Validate one regular file and, if valid, put its bytes in the store.
 
     The file is opened with ``O_NOFOLLOW`` so a file swapped for a link after listing is refused too.
@@ -356,20 +386,27 @@ def inspect_file(path: str, rel: tuple[str, ...], config: IngestConfig, store: C
     ext = rel[-1].rsplit(".", 1)[-1].lower() if "." in rel[-1] else ""
     if f".{ext}" not in config.allowed_extensions:
         allowed = ", ".join(config.allowed_extensions)
-        return Rejection(BAD_EXTENSION, f"extension {('.' + ext) if ext else '(none)'!r} is not one of {allowed}")
+        return Rejection(
+            BAD_EXTENSION, f"extension {('.' + ext) if ext else '(none)'!r} is not one of {allowed}"
+        )
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError as exc:
         if os.path.islink(path):
             return Rejection(SYMLINK, "became a symbolic link while ingesting; links are not followed")
         return Rejection(UNREADABLE, f"cannot open: {exc.strerror or exc}")
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if st.st_size == 0:
-            return Rejection(ZERO_BYTE, "the file is empty (0 bytes)")
-        if st.st_size > config.max_file_bytes:
-            return Rejection(FILE_TOO_LARGE, f"{st.st_size:,} bytes > max_file_bytes {config.max_file_bytes:,}")
-        data = fh.read()
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if st.st_size == 0:
+                return Rejection(ZERO_BYTE, "the file is empty (0 bytes)")
+            if st.st_size > config.max_file_bytes:
+                return Rejection(
+                    FILE_TOO_LARGE, f"{st.st_size:,} bytes > max_file_bytes {config.max_file_bytes:,}"
+                )
+            data = fh.read()
+    except OSError as exc:
+        return Rejection(UNREADABLE, f"read failed: {exc.strerror or exc}")
     sha = sha256_bytes(data)
     checked = validate_bytes(data, ext, config)
     if isinstance(checked, Rejection):
@@ -408,8 +445,14 @@ def _scan(scan_root: Path, drop: Path, skip_dirs: set[str], metadata_name: str) 
             except FileNotFoundError:
                 continue
             rel = Path(full).relative_to(drop).parts
-            yield _Candidate(full, rel, st.st_size, st.st_mtime_ns, is_link=stat.S_ISLNK(st.st_mode),
-                             is_regular=stat.S_ISREG(st.st_mode))
+            yield _Candidate(
+                full,
+                rel,
+                st.st_size,
+                st.st_mtime_ns,
+                is_link=stat.S_ISLNK(st.st_mode),
+                is_regular=stat.S_ISREG(st.st_mode),
+            )
 
 
 @dataclass(frozen=True)
@@ -480,20 +523,48 @@ def _default_crash_hook(point: str) -> None:
         os._exit(70)
 
 
-def _known_state(root: Path) -> tuple[set[tuple[str, int, int]], set[tuple[str, int, int]], dict[str, str], set]:
-    cat = C.read_catalog(root, columns=[S.IMAGE_ID, S.SHA256, S.SOURCE_PATH, S.SOURCE_SIZE, S.SOURCE_MTIME_NS])
-    registered_keys = set(zip(cat[S.SOURCE_PATH], cat[S.SOURCE_SIZE].astype(int), cat[S.SOURCE_MTIME_NS].astype(int),
-                              strict=True))
-    sha_to_id = dict(zip(cat[S.SHA256], cat[S.IMAGE_ID], strict=True))
-    path_sha = set(zip(cat[S.SOURCE_PATH], cat[S.SHA256], strict=True))
-    seen: set[tuple[str, int, int]] = set()
-    dups = C.read_table(root, "duplicates", columns=[S.SOURCE_PATH, S.SOURCE_SIZE, S.SOURCE_MTIME_NS])
-    seen.update(zip(dups[S.SOURCE_PATH], dups[S.SOURCE_SIZE].astype(int), dups[S.SOURCE_MTIME_NS].astype(int),
-                    strict=True))
-    q = C.read_table(root, "quarantine", columns=[S.PATH, S.SOURCE_SIZE, S.SOURCE_MTIME_NS])
-    q = q.dropna()
-    seen.update(zip(q[S.PATH], q[S.SOURCE_SIZE].astype(int), q[S.SOURCE_MTIME_NS].astype(int), strict=True))
-    return registered_keys, seen, sha_to_id, path_sha
+class _KnownState:
+    """What earlier runs did, restricted to what this run needs.
+
+    ``registered_keys`` / ``seen_keys`` / ``path_sha`` only hold entries for paths found in this drop folder scan
+    (a vectorised ``is_in`` filter), and registered digests are looked up per batch with ``index_in`` against the
+    Arrow column, so start-up stays cheap on a catalog of millions of rows.
+    """
+
+    def __init__(self, root: Path, scanned_paths: list[str]) -> None:
+        cols = [S.IMAGE_ID, S.SHA256, S.SOURCE_PATH, S.SOURCE_SIZE, S.SOURCE_MTIME_NS]
+        cat = C.scan_catalog(root, cols)
+        paths = pa.array(scanned_paths, type=pa.string())
+        mine = cat.filter(pc.is_in(cat[S.SOURCE_PATH], value_set=paths)).to_pydict()
+        self.registered_keys = set(
+            zip(mine[S.SOURCE_PATH], mine[S.SOURCE_SIZE], mine[S.SOURCE_MTIME_NS], strict=True)
+        )
+        self.path_sha = set(zip(mine[S.SOURCE_PATH], mine[S.SHA256], strict=True))
+        self._shas = cat[S.SHA256].combine_chunks()
+        self._ids = cat[S.IMAGE_ID].combine_chunks()
+        self.run_sha_to_id: dict[str, str] = {}
+        self.seen_keys: set[tuple[str, int, int]] = set()
+        for table, path_col in (("duplicates", S.SOURCE_PATH), ("quarantine", S.PATH)):
+            df = C.read_table(root, table, columns=[path_col, S.SOURCE_SIZE, S.SOURCE_MTIME_NS]).dropna()
+            df = df[df[path_col].isin(set(scanned_paths))]
+            self.seen_keys.update(
+                zip(
+                    df[path_col],
+                    df[S.SOURCE_SIZE].astype(int),
+                    df[S.SOURCE_MTIME_NS].astype(int),
+                    strict=True,
+                )
+            )
+
+    def lookup(self, shas: list[str]) -> dict[str, str]:
+        """``sha256 -> image_id`` for the digests already registered (earlier runs or this one)."""
+        out = {s: self.run_sha_to_id[s] for s in shas if s in self.run_sha_to_id}
+        rest = [s for s in shas if s not in out]
+        if rest and len(self._shas):
+            idx = pc.index_in(pa.array(rest, type=pa.string()), value_set=self._shas)
+            ids = pc.take(self._ids, idx).to_pylist()
+            out.update({s: i for s, i in zip(rest, ids, strict=True) if i is not None})
+        return out
 
 
 def _quarantine_dest(qdir: Path, run_id: str, rel: tuple[str, ...]) -> Path:
@@ -546,6 +617,8 @@ def ingest(
         if not _SAFE_PART.match(line):
             raise ValueError(f"line {line!r} must match {_SAFE_PART.pattern}")
         scan_root = drop_abs / line
+        if scan_root.is_symlink():
+            raise ValueError(f"{scan_root} is a symbolic link; links are not followed, give the real folder")
         if not scan_root.is_dir():
             raise ValueError(f"no folder for line {line!r}: {scan_root} does not exist")
     hook = crash_hook or _default_crash_hook
@@ -555,14 +628,15 @@ def ingest(
     skip_dirs = {os.path.realpath(root), os.path.realpath(qdir)}
 
     with C.catalog_lock(root, timeout=config.lock_timeout, purpose=f"ingest {run_id}"):
-        registered_keys, seen_keys, sha_to_id, path_sha = _known_state(root)
+        scanned = list(_scan(scan_root, drop_abs, skip_dirs, config.metadata_filename))
+        known = _KnownState(root, [c.path for c in scanned])
         candidates: list[_Candidate] = []
         n_skip_registered = n_skip_seen = 0
-        for cand in _scan(scan_root, drop_abs, skip_dirs, config.metadata_filename):
+        for cand in scanned:
             key = (cand.path, cand.size, cand.mtime_ns)
-            if key in registered_keys:
+            if key in known.registered_keys:
                 n_skip_registered += 1
-            elif key in seen_keys:
+            elif key in known.seen_keys:
                 n_skip_seen += 1
             else:
                 candidates.append(cand)
@@ -585,7 +659,9 @@ def ingest(
             part = f"part-{run_id}-{seq:05d}"
             hook("before_publish")
             C.write_catalog_rows(root, pa.Table.from_pylist(rows, schema=S.CATALOG_SCHEMA), part)
-            C.append_table(root, "duplicates", pa.Table.from_pylist(dup_rows, schema=S.DUPLICATES_SCHEMA), part)
+            C.append_table(
+                root, "duplicates", pa.Table.from_pylist(dup_rows, schema=S.DUPLICATES_SCHEMA), part
+            )
             C.append_table(root, "quarantine", pa.Table.from_pylist(q_rows, schema=S.QUARANTINE_SCHEMA), part)
             hook("after_publish")
             for path in to_remove:  # only what the user asked to remove, and only once its row is published
@@ -605,11 +681,19 @@ def ingest(
                     dest = None
                 if config.quarantine_mode == "move" and dest is not None:
                     to_remove.append(cand.path)
-            q_rows.append({
-                S.PATH: cand.path, S.SOURCE_SIZE: cand.size, S.SOURCE_MTIME_NS: cand.mtime_ns, S.SHA256: rej.sha256,
-                S.REASON_CODE: rej.code, S.REASON: rej.reason, S.QUARANTINED_TO: str(dest) if dest else None,
-                S.AT: C.utcnow(), S.INGEST_RUN_ID: run_id,
-            })
+            q_rows.append(
+                {
+                    S.PATH: cand.path,
+                    S.SOURCE_SIZE: cand.size,
+                    S.SOURCE_MTIME_NS: cand.mtime_ns,
+                    S.SHA256: rej.sha256,
+                    S.REASON_CODE: rej.code,
+                    S.REASON: rej.reason,
+                    S.QUARANTINED_TO: str(dest) if dest else None,
+                    S.AT: C.utcnow(),
+                    S.INGEST_RUN_ID: run_id,
+                }
+            )
             quarantined[rej.code] += 1
 
         def check(cand: _Candidate) -> Rejection | Accepted:
@@ -622,38 +706,54 @@ def ingest(
                 return Rejection(NOT_A_FILE, "not a regular file (FIFO, socket or device)")
             try:
                 return inspect_file(cand.path, cand.rel, config, store)
-            except OSError as exc:
-                return Rejection(UNREADABLE, f"read failed: {exc}")
+            finally:
+                bar.update(1)
 
-        bar = tqdm(total=len(candidates), unit="file", desc="ingest", disable=not progress or not sys.stderr.isatty())
-        pool = ThreadPoolExecutor(max_workers=config.workers) if config.workers > 1 and len(candidates) > 8 else None
+        bar = tqdm(
+            total=len(candidates), unit="file", desc="ingest", disable=not progress or not sys.stderr.isatty()
+        )
+        pool = (
+            ThreadPoolExecutor(max_workers=config.workers)
+            if config.workers > 1 and len(candidates) > 8
+            else None
+        )
         try:
             chunk = max(config.batch_size, 1)
             for lo in range(0, len(candidates), chunk):
                 batch = candidates[lo : lo + chunk]
-                results = pool.map(check, batch) if pool is not None else map(check, batch)
+                results = list(pool.map(check, batch) if pool is not None else map(check, batch))
+                registered = known.lookup([r.sha256 for r in results if isinstance(r, Accepted)])
                 for cand, res in zip(batch, results, strict=True):
-                    bar.update(1)
                     if isinstance(res, Rejection):
                         reject(cand, res)
                         continue
-                    if res.sha256 in sha_to_id:
-                        if (cand.path, res.sha256) in path_sha:
+                    if res.sha256 not in registered and res.sha256 in known.run_sha_to_id:
+                        registered[res.sha256] = known.run_sha_to_id[
+                            res.sha256
+                        ]  # same bytes twice in a batch
+                    if res.sha256 in registered:
+                        if (cand.path, res.sha256) in known.path_sha:
                             n_skip_registered += 1  # same file touched: already registered
                             continue
-                        dup_rows.append({
-                            S.SOURCE_PATH: cand.path, S.SOURCE_SIZE: cand.size, S.SOURCE_MTIME_NS: cand.mtime_ns,
-                            S.SHA256: res.sha256, S.DUPLICATE_OF: sha_to_id[res.sha256], S.SEEN_AT: C.utcnow(),
-                            S.INGEST_RUN_ID: run_id,
-                        })
+                        dup_rows.append(
+                            {
+                                S.SOURCE_PATH: cand.path,
+                                S.SOURCE_SIZE: cand.size,
+                                S.SOURCE_MTIME_NS: cand.mtime_ns,
+                                S.SHA256: res.sha256,
+                                S.DUPLICATE_OF: registered[res.sha256],
+                                S.SEEN_AT: C.utcnow(),
+                                S.INGEST_RUN_ID: run_id,
+                            }
+                        )
                         counts["duplicates"] += 1
                         if config.delete_source:
                             to_remove.append(cand.path)
                         continue
                     rows.append(_catalog_row(cand, res, mes, config, run_id))
                     ts_sources[rows[-1][S.TIMESTAMP_SOURCE]] += 1
-                    sha_to_id[res.sha256] = rows[-1][S.IMAGE_ID]
-                    path_sha.add((cand.path, res.sha256))
+                    known.run_sha_to_id[res.sha256] = rows[-1][S.IMAGE_ID]
+                    known.path_sha.add((cand.path, res.sha256))
                     counts["registered"] += 1
                     if config.delete_source:
                         to_remove.append(cand.path)
@@ -676,8 +776,17 @@ def ingest(
             images_per_s=round(n_inspected / seconds, 2) if seconds > 0 else 0.0,
             timestamp_sources=dict(sorted(ts_sources.items())),
         )
-        C.write_run_record(root, run_id, {"kind": "ingest", "drop": str(drop_abs), "line": line,
-                                          "config": asdict(config), **summary.to_dict()})
+        C.write_run_record(
+            root,
+            run_id,
+            {
+                "kind": "ingest",
+                "drop": str(drop_abs),
+                "line": line,
+                "config": asdict(config),
+                **summary.to_dict(),
+            },
+        )
     return summary
 
 

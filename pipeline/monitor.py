@@ -28,7 +28,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.retrain import BUNDLE_DIR, CALIBRATION_FILE, CHAMPION, GATE_FILE, detector_calibration, state_dir
+from pipeline.retrain import (
+    BUNDLE_DIR,
+    CALIBRATION_FILE,
+    CHAMPION,
+    GATE_FILE,
+    detector_calibration,
+    state_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +159,22 @@ class MonitorResult:
         return json.loads(json.dumps(asdict(self), default=str))
 
 
+def monitor_config(**params: Any) -> MonitorConfig:
+    """A ``MonitorConfig`` from JSON-friendly parameters (ISO 8601 strings for times; None = the default)."""
+    from dataclasses import fields
+
+    p = {k: v for k, v in params.items() if v is not None}
+    unknown = set(p) - {f.name for f in fields(MonitorConfig)}
+    if unknown:
+        raise ValueError(f"unknown monitor parameters {sorted(unknown)}")
+    for k in ("start", "end"):
+        if isinstance(p.get(k), str):
+            p[k] = datetime.fromisoformat(p[k])
+    if "lines" in p:
+        p["lines"] = tuple(p["lines"])
+    return MonitorConfig(**p)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The champion and its reference
 # --------------------------------------------------------------------------------------------------------------
@@ -175,7 +198,7 @@ def load_champion(settings: Any, *, fpr: float = 0.05, seed: int = 0) -> Champio
     Raises:
         ValueError: no champion is registered yet, or the registered folder has no linewatch bundle.
     """
-    from models import load_checkpoint
+    from models.checkpoint import load_checkpoint
     from pipeline import tracking
     from pipeline.encode import z_columns
 
@@ -292,7 +315,6 @@ def monitor(settings: Any, config: MonitorConfig = MonitorConfig(), *, alert_man
 def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) -> MonitorResult:
     import torch
 
-    from pipeline import tracking
     from pipeline.axes import attribute
     from pipeline.catalog import read_catalog
     from pipeline.drift import DriftDetector, windows
@@ -366,6 +388,7 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
             events = manager.update(
                 str(line), w.window_id, res, attr, model_version=champ.version,
                 card_paths=list(cards.values()), example_images=examples,
+                window_start=pd.Timestamp(w.start).isoformat(), window_end=pd.Timestamp(w.end).isoformat(),
             )
             ev_dicts = tuple(_event_dict(e) for e in (events or ()))
             all_events.extend(ev_dicts)
@@ -405,27 +428,22 @@ def windows_table_path(settings: Any) -> Path:
     return state_dir(settings) / "windows.parquet"
 
 
-def default_alert_manager(settings: Any) -> Any:
-    """The alert manager on ``settings.state_dir`` with the default policy and the configured sinks."""
-    from pipeline import alerts
+def default_alert_manager(settings: Any, policy: Any = None) -> Any:
+    """The alert manager on ``<state>/alerts`` with the default policy.
 
-    return alerts.default_manager(settings) if hasattr(alerts, "default_manager") else alerts.AlertManager(
-        Path(settings.state_dir) / "alerts")
+    Sinks: the log, a JSON-lines file (``<state>/alerts.jsonl``) and, when ``LINEWATCH_WEBHOOK_URL`` is set, the
+    webhook.
+    """
+    from pipeline.alerts import AlertManager, AlertPolicy, JsonlSink, LogSink, WebhookSink
+
+    sinks: list[Any] = [LogSink(), JsonlSink(state_dir(settings) / "alerts.jsonl", name="jsonl")]
+    if getattr(settings, "webhook_url", None):
+        sinks.append(WebhookSink(settings.webhook_url, name="webhook"))
+    return AlertManager(state_dir(settings) / "alerts", policy or AlertPolicy(), sinks)
 
 
 def _is_active(manager: Any, line: str) -> bool:
-    for name in ("is_active", "active"):
-        fn = getattr(manager, name, None)
-        if callable(fn):
-            try:
-                return bool(fn(line))
-            except TypeError:
-                continue
-    state = getattr(manager, "state", None)
-    if callable(state):
-        st = state(line)
-        return bool(getattr(st, "active", False) or (isinstance(st, dict) and st.get("active")))
-    return False
+    return manager.active(line) is not None
 
 
 def _event_dict(event: Any) -> dict[str, Any]:

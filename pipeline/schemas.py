@@ -63,7 +63,9 @@ PARTITION_COLUMNS = (LINE, DATE)
 
 _TS = pa.timestamp("us", tz="UTC")
 
-PARTITION_SCHEMA = pa.schema([pa.field(LINE, pa.string(), nullable=False), pa.field(DATE, pa.string(), nullable=False)])
+PARTITION_SCHEMA = pa.schema(
+    [pa.field(LINE, pa.string(), nullable=False), pa.field(DATE, pa.string(), nullable=False)]
+)
 """Hive partition keys of the catalog: ``line=<line>/date=<YYYY-MM-DD>``."""
 
 CATALOG_SCHEMA = pa.schema(
@@ -151,7 +153,10 @@ def latents_schema(d: int, score_columns: tuple[str, ...] | list[str] = ()) -> p
     Returns:
         ``image_id, model_id, z_0..z_{d-1}[, scores...]`` with the schema version in its metadata.
     """
-    fields = [pa.field(IMAGE_ID, pa.string(), nullable=False), pa.field(MODEL_ID, pa.string(), nullable=False)]
+    fields = [
+        pa.field(IMAGE_ID, pa.string(), nullable=False),
+        pa.field(MODEL_ID, pa.string(), nullable=False),
+    ]
     fields += [pa.field(name, pa.float32(), nullable=False) for name in latent_columns(d)]
     taken = {f.name for f in fields}
     for name in score_columns:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,10 +92,18 @@ class ContentStore:
         digest = sha256 if sha256 is not None else sha256_bytes(data)
         rel = self.relpath(digest, ext)
         final = self.directory / rel
-        if final.is_file() and final.stat().st_size == len(data):
-            return StoredObject(digest, rel, final, written=False)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=final.parent)
+        try:
+            if os.stat(final).st_size == len(data):
+                return StoredObject(digest, rel, final, written=False)
+        except FileNotFoundError:
+            pass
+        tmp = str(final.parent / f".tmp-{uuid.uuid4().hex}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        try:
+            fd = os.open(tmp, flags, 0o644)
+        except FileNotFoundError:  # first object in this fan-out folder
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, flags, 0o644)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)

@@ -60,11 +60,13 @@ import math
 import os
 import re
 import shlex
+import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -287,6 +289,7 @@ def configure(settings: Settings | None = None) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(settings.mlflow_timeout_s))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if settings.mlflow_is_local:
         settings.mlflow_artifacts_dir.mkdir(parents=True, exist_ok=True)
         if settings.mlflow_tracking_uri.startswith("sqlite:///"):
@@ -681,7 +684,9 @@ def log_dataset(df: Any, *, name: str, digest: str, source: str, context: str,
     if not digest:
         raise ValueError("log_dataset needs the snapshot digest (pipeline.catalog.snapshot(...).digest)")
     rid = _run_id(run_id)
-    ds = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:_DIGEST_MAX])
+    with warnings.catch_warnings():  # "source can be interpreted in multiple ways": both readings are local paths
+        warnings.simplefilter("ignore", UserWarning)
+        ds = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:_DIGEST_MAX])
     input_tags = [InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("linewatch.digest", digest[:500])]
     input_tags += [InputTag(_key(k), _str(v)[:500]) for k, v in (tags or {}).items()]
     dsi = DatasetInput(dataset=ds._to_mlflow_entity(), tags=input_tags)
@@ -781,15 +786,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_checkpoint_dir(ckpt_dir: Path) -> None:
+def _check_checkpoint_dir(ckpt_dir: Path) -> list[Path]:
+    """Relative paths of the files of a checkpoint folder that get registered (all but pickles and hidden files)."""
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint folder {ckpt_dir} does not exist")
     missing = [f for f in CHECKPOINT_FILES if not (ckpt_dir / f).is_file()]
     if missing:
         raise ValueError(f"{ckpt_dir} is not a linewatch checkpoint: missing {missing} (use models.save_checkpoint)")
-    pickled = [p.name for p in ckpt_dir.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES]
-    if pickled:
-        raise ValueError(f"{ckpt_dir} holds pickle-format files {pickled}; only safetensors + JSON are registered")
+    files = sorted(p.relative_to(ckpt_dir) for p in ckpt_dir.rglob("*") if p.is_file())
+    files = [p for p in files if not any(part.startswith(".") for part in p.parts)]
+    skipped = [str(p) for p in files if p.suffix.lower() in PICKLE_SUFFIXES]
+    if skipped:
+        log.info("not registering pickle-format files %s (resume state stays local)", skipped)
+    return [p for p in files if p.suffix.lower() not in PICKLE_SUFFIXES]
 
 
 def _version_info(mv: Any) -> ModelVersionInfo:
@@ -818,9 +827,19 @@ def _ensure_registered_model(name: str) -> None:
     _retry(f"create registered model {name!r}", create)
 
 
-def _artifact_names(run_id: str, path: str) -> set[str]:
-    files = _retry("list artifacts", lambda: _client().list_artifacts(run_id, path))
-    return {Path(f.path).name for f in files}
+def _artifact_tree(run_id: str, path: str) -> set[str]:
+    """Relative paths of every file under ``path`` of the run's artifacts (recursive)."""
+    client = _client()
+    out: set[str] = set()
+    todo = [path]
+    while todo:
+        here = todo.pop()
+        for f in _retry("list artifacts", lambda here=here: client.list_artifacts(run_id, here)):
+            if f.is_dir:
+                todo.append(f.path)
+            else:
+                out.add(str(Path(f.path).relative_to(path)))
+    return out
 
 
 def log_checkpoint_and_register(ckpt_dir: str | os.PathLike[str], *, model_name: str | None = None,
@@ -828,7 +847,8 @@ def log_checkpoint_and_register(ckpt_dir: str | os.PathLike[str], *, model_name:
                                 description: str | None = None) -> ModelVersionInfo:
     """Log a checkpoint folder as run artifacts (pickle-free) and register it as a new model version.
 
-    Steps, each retried: upload ``ckpt_dir`` to ``model/`` of the run, list it back and check every file arrived,
+    Steps, each retried: upload the files of ``ckpt_dir`` (subfolders such as a ``linewatch/`` bundle included;
+    pickle formats such as a resume ``train_state.pt`` stay local) to ``model/`` of the run, list it back and check every file arrived,
     create the registered model if needed, create the version from ``runs:/<run_id>/model`` with all tags in the
     same request. If the registration response is lost and retried, the version that was created is found (same
     run and source) and returned instead of making a second one. No alias is touched here.
@@ -845,17 +865,21 @@ def log_checkpoint_and_register(ckpt_dir: str | os.PathLike[str], *, model_name:
         The new version.
 
     Raises:
-        ValueError: The folder is not a checkpoint or holds pickle files.
+        ValueError: The folder is not a checkpoint (``weights.safetensors`` / ``config.json`` missing).
         TrackingUnavailable: MLflow failed; no version was created.
     """
     rid = _run_id(run_id)
     ckpt_dir = Path(ckpt_dir)
-    _check_checkpoint_dir(ckpt_dir)
+    files = _check_checkpoint_dir(ckpt_dir)
     name = model_name or _settings().model_name
     client = _client()
-    local_files = {p.name for p in ckpt_dir.iterdir() if p.is_file()}
-    log_artifacts(ckpt_dir, MODEL_ARTIFACT_PATH, run_id=rid)
-    uploaded = _artifact_names(rid, MODEL_ARTIFACT_PATH)
+    local_files = {str(p) for p in files}
+    with tempfile.TemporaryDirectory() as tmp:  # only the pickle-free files travel (subfolders kept)
+        for rel in files:
+            (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ckpt_dir / rel, Path(tmp) / rel)
+        log_artifacts(tmp, MODEL_ARTIFACT_PATH, run_id=rid)
+    uploaded = _artifact_tree(rid, MODEL_ARTIFACT_PATH)
     if not local_files <= uploaded:
         raise TrackingUnavailable(
             f"checkpoint upload incomplete: {sorted(local_files - uploaded)} missing under runs:/{rid}/model; "
@@ -935,8 +959,14 @@ def list_versions(*, name: str | None = None) -> list[ModelVersionInfo]:
     name = name or _settings().model_name
     client = _client()
     found = _retry(f"list {name}", lambda: client.search_model_versions(f"name='{name}'"))
-    # search results may omit aliases on some stores; read each version for the full record
-    out = [_version_info(_retry("get version", lambda mv=mv: client.get_model_version(name, mv.version)))
+    if not found:
+        return []
+    # search results carry tags but not aliases: take those from the registered model (one more call)
+    model = _retry(f"get {name}", lambda: client.get_registered_model(name))
+    by_version: dict[int, list[str]] = {}
+    for alias, version in (getattr(model, "aliases", None) or {}).items():
+        by_version.setdefault(int(version), []).append(alias)
+    out = [replace(_version_info(mv), aliases=tuple(sorted(by_version.get(int(mv.version), []))))
            for mv in found]
     return sorted(out, key=lambda v: v.version)
 
@@ -1053,6 +1083,9 @@ def download_model(alias_or_version: str | int, dst: str | os.PathLike[str], *,
             artifact_uri=mv.source, dst_path=str(dst), tracking_uri=_settings().mlflow_tracking_uri))
     path = Path(local)
     _check_checkpoint_dir(path)
+    pickled = [p.name for p in path.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES]
+    if pickled:
+        raise RegistryError(f"{name} v{version} holds pickle-format files {pickled}; refusing to hand them out")
     expected = mv.tags.get("checkpoint.weights_sha256")
     if expected and _sha256(path / "weights.safetensors") != expected:
         raise RegistryError(f"downloaded weights of {name} v{version} do not match the registered sha256")
@@ -1106,7 +1139,7 @@ def log_drift_window(step: int, window: DriftWindowMetrics | Mapping[str, Any] |
                 metrics[f"drift.{axis_key(axis)}.{stat}"] = float(value)
     for k, v in dict(_field(window, "extra", {}) or {}).items():
         metrics[f"drift.{k}"] = float(v)
-    ts = int(timestamp.timestamp() * 1000) if timestamp else None
+    ts = int(timestamp.timestamp() * 1000) if hasattr(timestamp, "timestamp") else None  # datetime / Timestamp
     log_metrics(metrics, step=step, run_id=rid, timestamp_ms=ts)
     return metrics
 
@@ -1156,6 +1189,7 @@ def ui_command(port: int = 5000, settings: Settings | None = None) -> list[str]:
         "--default-artifact-root", settings.mlflow_artifacts_dir.resolve().as_uri(),
         "--host", "127.0.0.1",
         "--port", str(int(port)),
+        "--workers", "1",
     ]
 
 

@@ -23,7 +23,7 @@ is *strictly greater*. If validation and new normal images are exchangeable, the
   the order statistics ``(s_(l), s_(u))`` whose ranks come from the Binomial(n, 1 - fpr) distribution;
 * ``fpr_ci_``: the 95 % interval of the false-alarm rate that the chosen threshold actually has on new normal
   data; for the k-th order statistic that rate is Beta(n - k + 1, k) distributed, so at n = 200 and 1 % it spans
-  roughly 0.1 % to 3.6 %. Collect more calibration images to narrow it.
+  roughly 0.1 % to 2.8 %. Collect more calibration images to narrow it.
 
 ``fpr_empirical_`` is the share of validation scores above the threshold (at most ``fpr`` by construction).
 """

@@ -13,7 +13,8 @@ N_CELLS = 32
 
 @pytest.fixture(scope="session", autouse=True)
 def _threads() -> None:
-    torch.set_num_threads(2)
+    # 1 thread: on a shared 2-core box OpenMP barriers under oversubscription are ~100x slower than 1 thread
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,13 @@ from pipeline import schemas as S
 REPO = Path(__file__).resolve().parents[2]
 
 
-def synthetic_rows(n_per: int = 5, lines=("L1", "L2"), days=("2026-11-25", "2026-11-26", "2026-11-27"),
-                   stations=("ST1", "ST2"), run_id: str = "run-a") -> pa.Table:
+def synthetic_rows(
+    n_per: int = 5,
+    lines=("L1", "L2"),
+    days=("2026-11-25", "2026-11-26", "2026-11-27"),
+    stations=("ST1", "ST2"),
+    run_id: str = "run-a",
+) -> pa.Table:
     rows = []
     k = 0
     for line in lines:
@@ -28,15 +33,31 @@ def synthetic_rows(n_per: int = 5, lines=("L1", "L2"), days=("2026-11-25", "2026
             for i in range(n_per):
                 sha = hashlib.sha256(f"{line}{day}{i}".encode()).hexdigest()
                 ts = pd.Timestamp(f"{day}T00:00:00Z") + pd.Timedelta(hours=4 * i + 1)
-                rows.append({
-                    S.IMAGE_ID: sha[:24], S.SHA256: sha, S.SOURCE_PATH: f"/drop/{line}/{day}/S{k}.png",
-                    S.SOURCE_SIZE: 100, S.SOURCE_MTIME_NS: 0, S.LINE: line, S.STATION: stations[i % len(stations)],
-                    S.CAPTURED_AT: ts.to_pydatetime(), S.TIMESTAMP_SOURCE: "mes", S.PRODUCT_TYPE: None,
-                    S.WIDTH: 300, S.HEIGHT: 300, S.MODE: "L", S.BIT_DEPTH: 8, S.CONVERTED_FROM_RGB: False,
-                    S.STORE_PATH: f"store/{sha[:2]}/{sha[2:4]}/{sha}.png",
-                    S.INGESTED_AT: pd.Timestamp("2026-11-28T00:00:00Z").to_pydatetime(),
-                    S.INGEST_RUN_ID: run_id, S.DATE: day, S.SPLIT: None, S.FLAGS: [],
-                })
+                rows.append(
+                    {
+                        S.IMAGE_ID: sha[:24],
+                        S.SHA256: sha,
+                        S.SOURCE_PATH: f"/drop/{line}/{day}/S{k}.png",
+                        S.SOURCE_SIZE: 100,
+                        S.SOURCE_MTIME_NS: 0,
+                        S.LINE: line,
+                        S.STATION: stations[i % len(stations)],
+                        S.CAPTURED_AT: ts.to_pydatetime(),
+                        S.TIMESTAMP_SOURCE: "mes",
+                        S.PRODUCT_TYPE: None,
+                        S.WIDTH: 300,
+                        S.HEIGHT: 300,
+                        S.MODE: "L",
+                        S.BIT_DEPTH: 8,
+                        S.CONVERTED_FROM_RGB: False,
+                        S.STORE_PATH: f"store/{sha[:2]}/{sha[2:4]}/{sha}.png",
+                        S.INGESTED_AT: pd.Timestamp("2026-11-28T00:00:00Z").to_pydatetime(),
+                        S.INGEST_RUN_ID: run_id,
+                        S.DATE: day,
+                        S.SPLIT: None,
+                        S.FLAGS: [],
+                    }
+                )
                 k += 1
     return pa.Table.from_pylist(rows, schema=S.CATALOG_SCHEMA)
 
@@ -162,9 +183,13 @@ def test_split_overlay_latest_wins(root: Path) -> None:
 
 def test_compaction_merges_parts_and_survives_a_crash(root: Path) -> None:
     for k in range(3):
-        C.write_catalog_rows(root, synthetic_rows(n_per=2, lines=("L1",), days=("2026-11-29",), run_id=f"r{k}")
-                             .set_column(0, S.IMAGE_ID, pa.array([f"r{k}-{i}" for i in range(2)])),
-                             f"part-r{k}-00001")
+        C.write_catalog_rows(
+            root,
+            synthetic_rows(n_per=2, lines=("L1",), days=("2026-11-29",), run_id=f"r{k}").set_column(
+                0, S.IMAGE_ID, pa.array([f"r{k}-{i}" for i in range(2)])
+            ),
+            f"part-r{k}-00001",
+        )
     before = C.read_catalog(root)
     folder = root / "catalog" / "line=L1" / "date=2026-11-29"
     assert len(list(folder.glob("part-*"))) == 3
@@ -172,9 +197,13 @@ def test_compaction_merges_parts_and_survives_a_crash(root: Path) -> None:
     assert len(list(folder.glob("part-*"))) == 1
     pd.testing.assert_frame_equal(C.read_catalog(root), before)
     # crash after publishing the merged file but before removing an old part: readers see no duplicates
-    C.write_catalog_rows(root, pq.read_table(next(folder.glob("part-*")))
-                         .append_column(S.LINE, pa.array(["L1"] * 6)).append_column(S.DATE, pa.array(["2026-11-29"] * 6)),
-                         "part-leftover")
+    C.write_catalog_rows(
+        root,
+        pq.read_table(next(folder.glob("part-*")))
+        .append_column(S.LINE, pa.array(["L1"] * 6))
+        .append_column(S.DATE, pa.array(["2026-11-29"] * 6)),
+        "part-leftover",
+    )
     pd.testing.assert_frame_equal(C.read_catalog(root), before)
     C.compact(root)
     assert len(list(folder.glob("part-*"))) == 1
@@ -182,17 +211,33 @@ def test_compaction_merges_parts_and_survives_a_crash(root: Path) -> None:
 
 
 def test_stats(root: Path) -> None:
-    q = pa.Table.from_pylist([
-        {S.PATH: f"/d/{i}", S.SOURCE_SIZE: 1, S.SOURCE_MTIME_NS: 1, S.SHA256: None, S.REASON_CODE: code,
-         S.REASON: "r", S.QUARANTINED_TO: None, S.AT: pd.Timestamp("2026-11-27T00:00Z").to_pydatetime(),
-         S.INGEST_RUN_ID: "x"} for i, code in enumerate(["zero_byte", "truncated", "zero_byte"])
-    ], schema=S.QUARANTINE_SCHEMA)
+    q = pa.Table.from_pylist(
+        [
+            {
+                S.PATH: f"/d/{i}",
+                S.SOURCE_SIZE: 1,
+                S.SOURCE_MTIME_NS: 1,
+                S.SHA256: None,
+                S.REASON_CODE: code,
+                S.REASON: "r",
+                S.QUARANTINED_TO: None,
+                S.AT: pd.Timestamp("2026-11-27T00:00Z").to_pydatetime(),
+                S.INGEST_RUN_ID: "x",
+            }
+            for i, code in enumerate(["zero_byte", "truncated", "zero_byte"])
+        ],
+        schema=S.QUARANTINE_SCHEMA,
+    )
     C.append_table(root, "quarantine", q, "part-x")
     stats = C.catalog_stats(root)
     assert stats.n_images == 30 and stats.n_quarantined == 3
     assert stats.quarantine_by_reason == {"truncated": 1, "zero_byte": 2}
-    assert {"line": "L1", "date": "2026-11-26", "images": 5} in stats.per_line_day and len(stats.per_line_day) == 6
-    assert stats.storage_bytes["catalog"] > 0 and stats.storage_bytes["total"] >= stats.storage_bytes["catalog"]
+    assert {"line": "L1", "date": "2026-11-26", "images": 5} in stats.per_line_day and len(
+        stats.per_line_day
+    ) == 6
+    assert (
+        stats.storage_bytes["catalog"] > 0 and stats.storage_bytes["total"] >= stats.storage_bytes["catalog"]
+    )
     assert stats.to_dict()["n_part_files"] == 6
 
 
@@ -221,9 +266,13 @@ def test_default_root_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 
 
 def test_lock_timeout_names_holder(tmp_path: Path) -> None:
-    code = ("import sys, time\nfrom pipeline.catalog import catalog_lock\n"
-            "with catalog_lock(sys.argv[1], purpose='holder-x'):\n    print('held', flush=True)\n    time.sleep(30)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    code = (
+        "import sys, time\nfrom pipeline.catalog import catalog_lock\n"
+        "with catalog_lock(sys.argv[1], purpose='holder-x'):\n    print('held', flush=True)\n    time.sleep(30)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "held"
         with pytest.raises(C.CatalogLockedError, match=f"pid {proc.pid} .*holder-x"):

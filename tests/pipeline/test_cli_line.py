@@ -56,8 +56,9 @@ def test_ingest_json_then_stats(drop: Path, tmp_path: Path, capsys: pytest.Captu
     assert "zero_byte" in text and "L1" in text and "storage:" in text
 
 
-def test_env_root_and_snapshot(drop: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_env_root_and_snapshot(
+    drop: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("LINEWATCH_HOME", str(tmp_path / "home"))
     assert run(["ingest", str(drop), "--line", "L1", "--no-progress"]) == 0
     assert (tmp_path / "home" / "catalog").is_dir()
@@ -74,10 +75,16 @@ def test_lock_busy_exit_code(drop: Path, tmp_path: Path, capsys: pytest.CaptureF
     import subprocess
     import sys
 
-    code = ("import sys, time\nfrom pipeline.catalog import catalog_lock\n"
-            "with catalog_lock(sys.argv[1], purpose='busy-test'):\n    print('held', flush=True)\n    time.sleep(30)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
+    code = (
+        "import sys, time\nfrom pipeline.catalog import catalog_lock\n"
+        "with catalog_lock(sys.argv[1], purpose='busy-test'):\n    print('held', flush=True)\n    time.sleep(30)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(root)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     try:
         assert proc.stdout.readline().strip() == "held"
         assert run(["ingest", str(drop), "--root", str(root), "--lock-timeout", "0.2"]) == 3

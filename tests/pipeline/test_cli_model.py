@@ -43,6 +43,9 @@ def test_train_end_to_end_with_overrides(image_dir, tmp_path, capsys):
     assert ckpt.meta["model_id"] in text
 
     # --resume continues the same run; --init starts a new one from those weights
+    # an existing run is never overwritten without --resume
+    assert main(["train", "--images", str(image_dir), "--out", str(out), "--preset", "tiny", "--steps", "1"]) == 2
+    assert "--resume" in capsys.readouterr().err
     assert main(["train", "--images", str(image_dir), "--out", str(out), "--preset", "tiny", "--steps", "5",
                  "--batch-size", "4", "--latent-dim", "4", "--lambda", "0", "--zeta", "0", "--resume",
                  "--no-progress", "--device", "cpu"]) == 0
@@ -116,12 +119,12 @@ def test_traverse_reconstruct_sample(tiny_checkpoint, image_dir, tmp_path, capsy
     img = str(image_dir / "cell_0000.png")
     grid = tmp_path / "grid.png"
     assert main(["traverse", "--model", str(tiny_checkpoint), "--image", img, "--out", str(grid),
-                 "--axes", "0", "2", "--values", "-2", "0", "2", "--steps", "4", "--device", "cpu"]) == 0
+                 "--axes", "0", "2", "--values", "-2", "0", "2", "--steps", "3", "--device", "cpu"]) == 0
     w, h = _png_shape(grid)
     assert w > h  # 2 rows x (2 + 3) columns
     grid_all = tmp_path / "grid_all.png"
     assert main(["traverse", "--model", str(tiny_checkpoint), "--image", img, "--out", str(grid_all),
-                 "--axes", "all", "--steps", "2"]) == 0
+                 "--axes", "all", "--values", "-1", "1", "--steps", "2"]) == 0
     assert _png_shape(grid_all)[1] > h  # more rows
 
     rec = tmp_path / "rec.png"

@@ -122,7 +122,8 @@ def test_drift_lot_null_and_errors(tiny_checkpoint, ref_parquet, elpv_small, tmp
     base = ["drift", "--model", str(tiny_checkpoint), "--no-progress"]
     cases = [
         (["--current", str(window)], "--reference is required"),
-        (["--reference", str(ref_pq), "--current", str(window)], "at least 30"),  # default min window
+        (["--reference", str(ref_pq), "--current", str(window), "--min-window", "12"], "window has 10 images"),
+        (["--reference", str(ref_pq), "--current", str(window)], "at least 60"),  # default min window 30
         (["--reference", str(ref_pq), "--current", str(tmp_path / "nothing")], "does not exist"),
         (["--reference", str(ref_pq), "--current", str(window), "--alpha", "1.5"], "alpha"),
     ]

@@ -148,9 +148,10 @@ def test_bonferroni_is_more_conservative_than_bh(ref):
     x = rng.normal(size=(80, D)) + np.r_[0.35, 0.35, 0.35, 0, 0, 0]
     bh = DriftDetector(correction="bh", n_permutations=49).fit(ref).test(x)
     bf = DriftDetector(correction="bonferroni", n_permutations=49).fit(ref).test(x)
-    assert (bh.per_axis.sort_values("axis")["p_adjusted"].to_numpy() <= bf.per_axis.sort_values("axis")[
-        "p_adjusted"
-    ].to_numpy() + 1e-15).all()
+    assert (
+        bh.per_axis.sort_values("axis")["p_adjusted"].to_numpy()
+        <= bf.per_axis.sort_values("axis")["p_adjusted"].to_numpy() + 1e-15
+    ).all()
     assert bh.per_axis["significant"].sum() >= bf.per_axis["significant"].sum()
 
 
@@ -194,7 +195,9 @@ def test_lot_null_with_scores_and_blocks_cached():
     rng = np.random.default_rng(21)
     ref = _lots(rng, 20, 30)
     scores = rng.normal(size=ref.shape[0])
-    det = DriftDetector(null="lot", lot_block=30, n_calibration=100, mmd_max_ref=200).fit(ref, ref_scores=scores)
+    det = DriftDetector(null="lot", lot_block=30, n_calibration=100, mmd_max_ref=200).fit(
+        ref, ref_scores=scores
+    )
     r1 = det.test(rng.normal(size=(60, D)), cur_scores=rng.normal(size=60))
     assert set(r1.family_p) == {"axes", "mmd", "scores"} and "score_auc" in r1.thresholds
     cal = det.calibrate(60)
@@ -245,7 +248,9 @@ def test_errors(ref, ref_scores):
     with pytest.raises(NotFittedError):
         DriftDetector().test(ref[:50])
     det = DriftDetector(n_permutations=19).fit(ref, model_id="model-a")
-    with pytest.raises(ValueError, match=r"window has 12 images; at least 30 are needed .*\(per day instead of per shift\)"):
+    with pytest.raises(
+        ValueError, match=r"window has 12 images; at least 30 are needed .*\(per day instead of per shift\)"
+    ):
         det.test(ref[:12])
     with pytest.raises(ValueError, match=r"'model-a'.*'model-b'"):
         det.test(ref[:50], model_id="model-b")
@@ -272,7 +277,9 @@ def test_errors(ref, ref_scores):
 
 # ---- windows -----------------------------------------------------------------------------------------------------
 def _catalog(times):
-    return pd.DataFrame({"image_id": [f"i{k}" for k in range(len(times))], "captured_at": pd.to_datetime(times)})
+    return pd.DataFrame(
+        {"image_id": [f"i{k}" for k in range(len(times))], "captured_at": pd.to_datetime(times)}
+    )
 
 
 def test_windows_by_count_skips_small_remainder():
@@ -316,3 +323,16 @@ def test_windows_errors():
         list(windows(_catalog(["2026-01-01 10:00"]), by="shift", shifts=((6, 14), (12, 22), (22, 6))))
     with pytest.raises(ValueError, match="by must"):
         list(windows(df, by="week"))
+
+
+def test_lot_aligned_calibration_with_ref_lots():
+    rng = np.random.default_rng(23)
+    ref = _lots(rng, 30, 40)
+    lots = np.repeat(np.arange(30), 40)
+    kw = {"null": "lot", "n_calibration": 100, "mmd_max_ref": 200}
+    aligned = DriftDetector(**kw).fit(ref, ref_lots=lots).calibrate(40)
+    anywhere = DriftDetector(**kw).fit(ref).calibrate(40)
+    # a window that is exactly one lot differs from the rest more than one straddling two lots
+    assert np.median(aligned["axes"]) > np.median(anywhere["axes"])
+    with pytest.raises(ValueError, match="ref_lots"):
+        DriftDetector(**kw).fit(ref, ref_lots=lots[:10])

@@ -62,7 +62,9 @@ def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     """A tiny, well-formed PNG whose header claims a huge image (decoding it would need ~10 GB)."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 1024)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    )
 
 
 def corrupt_png() -> bytes:
@@ -88,15 +90,24 @@ BAD_CASES = {
     "corrupt": ("cell_corrupt.png", corrupt_png, "corrupt", "decoder"),
     "truncated_png": ("cell_trunc.png", lambda: png_bytes(gray(5, (64, 64)))[:300], "truncated", "IEND"),
     "truncated_png_tail": ("cell_tail.png", lambda: png_bytes(gray(6, (64, 64)))[:-4], "truncated", "IEND"),
-    "truncated_jpeg": ("cell_trunc.jpg", lambda: png_bytes(gray(7, (64, 64)), "JPEG")[:400], "truncated", "ends"),
+    "truncated_jpeg": (
+        "cell_trunc.jpg",
+        lambda: png_bytes(gray(7, (64, 64)), "JPEG")[:400],
+        "truncated",
+        "ends",
+    ),
     "zero_byte": ("cell_empty.png", lambda: b"", "zero_byte", "empty"),
     "text_named_png": ("cell_text.png", lambda: b"serial,timestamp\nS1,2026\n", "not_an_image", "not PNG"),
     "decompression_bomb": ("cell_bomb.png", bomb_png, "decompression_bomb", "10,000,000,000"),
     "too_small": ("cell_small.png", lambda: png_bytes(gray(8, (8, 8))), "too_small", "8x8"),
     "too_large": ("cell_wide.png", lambda: png_bytes(gray(9, (40, 5000))), "too_large", "5000x40"),
     "palette": ("cell_pal.png", lambda: png_bytes_mode("P"), "unsupported_mode", "'P'"),
-    "float_tiff": ("cell_float.tif", lambda: png_bytes(np.zeros((64, 64), np.float32), "TIFF"), "unsupported_mode",
-                   "'F'"),
+    "float_tiff": (
+        "cell_float.tif",
+        lambda: png_bytes(np.zeros((64, 64), np.float32), "TIFF"),
+        "unsupported_mode",
+        "'F'",
+    ),
     "gif": ("cell.gif", lambda: png_bytes(gray(10), "GIF"), "bad_extension", ".gif"),
     "no_extension": ("cell_noext", lambda: png_bytes(gray(11)), "bad_extension", "(none)"),
     "jpeg_named_png": ("cell_jpg.png", lambda: png_bytes(gray(12), "JPEG"), "extension_mismatch", "JPEG"),
@@ -170,7 +181,9 @@ def test_accepted_variants_16bit_rgb_jpeg_tiff_bmp(tmp_path: Path) -> None:
     assert cat.loc["g16.png", S.BIT_DEPTH] == 16 and cat.loc["g16.png", S.MODE].startswith("I;16")
     assert (cat.loc["g16.png", S.WIDTH], cat.loc["g16.png", S.HEIGHT]) == (50, 40)
     assert cat.loc["g16.tif", S.BIT_DEPTH] == 16
-    assert bool(cat.loc["rgb.png", S.CONVERTED_FROM_RGB]) and "converted_from_rgb" in list(cat.loc["rgb.png", S.FLAGS])
+    assert bool(cat.loc["rgb.png", S.CONVERTED_FROM_RGB]) and "converted_from_rgb" in list(
+        cat.loc["rgb.png", S.FLAGS]
+    )
     assert cat.loc["rgb.png", S.BIT_DEPTH] == 8
     assert not cat.loc[["g8.jpg", "g8.bmp", "g16.png"], S.CONVERTED_FROM_RGB].any()
     # the store holds the original bytes under their sha256 and the right extension
@@ -281,7 +294,9 @@ def test_mes_export_gives_timestamp_line_station_else_file_time(tmp_path: Path) 
 
 def test_read_mes_export_flags_naive_and_bad_timestamps(tmp_path: Path) -> None:
     p = tmp_path / "mes.csv"
-    p.write_text("serial,timestamp,line,station,product_type\nA,2026-01-01T00:00:00,L1,S1,\nB,yesterday,L1,S1,x\n")
+    p.write_text(
+        "serial,timestamp,line,station,product_type\nA,2026-01-01T00:00:00,L1,S1,\nB,yesterday,L1,S1,x\n"
+    )
     rows = read_mes_export(p)
     assert rows["A"].flags == ("naive_mes_timestamp",) and rows["A"].captured_at.tzinfo is not None
     assert rows["B"].captured_at is None and rows["B"].flags == ("bad_mes_timestamp",)
@@ -330,7 +345,9 @@ def test_validate_bytes_direct() -> None:
     cfg = IngestConfig()
     assert validate_bytes(png_bytes(gray(1)), "png", cfg) == (48, 48, "L", 8)
     assert validate_bytes(bomb_png(), "png", cfg).code == "decompression_bomb"
-    assert validate_bytes(png_bytes(gray(1)), "png", IngestConfig(max_pixels=100)).code == "decompression_bomb"
+    assert (
+        validate_bytes(png_bytes(gray(1)), "png", IngestConfig(max_pixels=100)).code == "decompression_bomb"
+    )
 
 
 def test_config_validation() -> None:
@@ -436,7 +453,9 @@ def test_second_ingest_fails_clearly_while_lock_held(tmp_path: Path) -> None:
         "with catalog_lock(sys.argv[1], purpose='ingest test-holder'):\n"
         "    print('held', flush=True)\n    time.sleep(30)\n"
     )
-    holder = subprocess.Popen([sys.executable, "-c", code, str(root)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(root)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(C.CatalogLockedError, match=f"pid {holder.pid}.*ingest test-holder"):
@@ -473,11 +492,9 @@ def test_concurrent_ingests_serialise_and_register_once(tmp_path: Path) -> None:
 # realism: a few real ELPV cells (loaded from the installed package, never copied into the repo)
 
 
-@pytest.fixture(scope="module")
-def elpv_cells() -> np.ndarray:
-    elpv = pytest.importorskip("elpv_dataset.utils")
-    images, _probs, _types = elpv.load_dataset()
-    return images[:12]
+@pytest.fixture
+def elpv_cells(elpv_small) -> np.ndarray:  # noqa: ANN001 - session fixture from tests/conftest.py
+    return elpv_small.images[:12]
 
 
 def test_real_elpv_cells_register_with_their_shape(tmp_path: Path, elpv_cells: np.ndarray) -> None:
@@ -495,3 +512,32 @@ def test_real_elpv_cells_register_with_their_shape(tmp_path: Path, elpv_cells: n
     row = cat[cat[S.SOURCE_PATH].str.endswith("E0005.png")].iloc[0]
     with Image.open(C.resolve_store_path(root, row[S.STORE_PATH])) as im:
         np.testing.assert_array_equal(np.asarray(im), elpv_cells[5])
+
+
+def test_unexpected_decoder_error_is_a_reject(monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import PngImagePlugin
+
+    def boom(self):  # noqa: ANN001
+        raise RuntimeError("decoder exploded")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "verify", boom)
+    rej = validate_bytes(png_bytes(gray(1)), "png", IngestConfig())
+    assert rej.code == "corrupt" and "decoder exploded" in rej.reason
+
+
+def test_store_failure_aborts_instead_of_quarantining(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from pipeline.store import ContentStore
+
+    make_drop(tmp_path, n=3)
+
+    def full(self, data, ext, *, sha256=None):  # noqa: ANN001
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ContentStore, "put", full)
+    with pytest.raises(OSError, match="No space"):
+        ingest(tmp_path / "drop", tmp_path / "root", progress=False, config=IngestConfig(workers=1))
+    assert C.read_table(tmp_path / "root", "quarantine").empty and read_all(tmp_path / "root").empty

@@ -1,0 +1,1 @@
+"""Benchmarks of linewatch (``python -m benchmarks.run_all``)."""

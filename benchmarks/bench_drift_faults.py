@@ -1,0 +1,406 @@
+"""Drift-detection benchmark on ELPV windows with the simulator's faults: linewatch against peer monitors.
+
+Windows of n = 50, 100, 200 held-out functional cells (the monitored line), reference = the calibration-pool
+functional cells (what the shipped monitor uses). Two kinds of windows:
+
+* **i.i.d. windows**: cells drawn at random (40 % mono, the reference's product mix);
+* **lot windows**: cells in production order: a run of consecutive mono cells and a run of consecutive poly cells
+  (file order = module order), so a window carries the lot-to-lot variation of a real line.
+
+Conditions: no fault (false alarms), gain x0.9, blur sigma = 1 px (at 300 px), noise sigma = 3 % of full range,
+misalignment 2 deg (+6 px shift), product mix 40 % -> 90 % mono, defect rate 0 % -> 25 % p = 1 cells. Image faults are
+applied to every cell of the window with ``pipeline.faults`` (one noise draw per cell, cached). Strata smaller than
+the draw (e.g. 90 % of 200 mono cells from 90 held-out mono cells) are drawn with replacement (i.i.d.) or wrap around
+(lot windows).
+
+Methods (each on the same windows):
+
+* linewatch: ``pipeline.drift.DriftDetector`` on InfoDiffusion z (per-axis KS + BH and MMD permutation test,
+  Bonferroni across families), with the i.i.d. null and with the lot null (calibrated on consecutive reference
+  cells; windows above half the reference are evenly subsampled, as the monitor does);
+* DiffAE ablation z, same detector (i.i.d. null);
+* KS on mean intensity; pixel PCA (64 px, 32 components) + KS (BH); pixel PCA + MMD (permutations);
+  EfficientNet-Lite0 global features + PCA (32) + KS (BH) ("Failing Loudly", Rabanser et al. 2019).
+
+Reported: detection rate at nominal alpha = 0.05, and at an **equal false-alarm rate**: every method's threshold on
+its own drift statistic is set to 5 % on a separate set of no-fault windows of the same kind and size (an oracle
+calibration that none of them has in production; it compares power only). Attribution: for each single-factor fault,
+the share of detected linewatch windows naming the modal top axis, and whether that axis's description (from
+``pipeline.axes.describe_axes`` on the calibration cells) names a property the fault moves
+(``pipeline.properties.FAULT_PROPERTIES``).
+
+Run: ``.venv/bin/python -m benchmarks.bench_drift_faults [--windows 50 --null-windows 100]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from benchmarks import common as C
+
+NAME = "bench_drift_faults"
+ALPHA = 0.05
+CONDITIONS: dict[str, dict[str, Any]] = {
+    "no fault": {"variant": "clean", "mono": 0.4, "defect": 0.0},
+    "gain x0.9": {"variant": "gain x0.9", "mono": 0.4, "defect": 0.0},
+    "blur 1 px": {"variant": "blur 1 px", "mono": 0.4, "defect": 0.0},
+    "noise 3%": {"variant": "noise 3%", "mono": 0.4, "defect": 0.0},
+    "misalign 2 deg": {"variant": "misalign 2 deg", "mono": 0.4, "defect": 0.0},
+    "product mix 40->90% mono": {"variant": "clean", "mono": 0.9, "defect": 0.0},
+    "defect rate 0->25% p=1": {"variant": "clean", "mono": 0.4, "defect": 0.25},
+}
+VARIANTS = ("clean", *C.DRIFT_FAULTS)
+
+
+# ------------------------------------------------------------------------------------------------ windows
+@dataclass(frozen=True)
+class Strata:
+    """Positions (into the window pool = held-out functional cells then held-out p = 1 cells), in file order."""
+
+    mono: np.ndarray
+    poly: np.ndarray
+    defect: np.ndarray
+
+
+def _draw(rng: np.random.Generator, pos: np.ndarray, k: int, kind: str) -> np.ndarray:
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if kind == "iid":
+        return rng.choice(pos, k, replace=k > len(pos))
+    start = int(rng.integers(0, len(pos)))
+    return pos[(start + np.arange(k)) % len(pos)]
+
+
+def make_window(rng: np.random.Generator, strata: Strata, n: int, mono: float, defect: float, kind: str) -> np.ndarray:
+    """Pool positions of one window of ``n`` cells: ``defect`` share p = 1, the rest ``mono`` share mono."""
+    if kind not in ("iid", "lot"):
+        raise ValueError(f"window kind must be 'iid' or 'lot', got {kind!r}")
+    n_def = int(round(defect * n))
+    n_mono = int(round(mono * (n - n_def)))
+    parts = [
+        _draw(rng, strata.mono, n_mono, kind),
+        _draw(rng, strata.poly, n - n_def - n_mono, kind),
+        _draw(rng, strata.defect, n_def, kind),
+    ]
+    return np.concatenate(parts)
+
+
+# ------------------------------------------------------------------------------------------------ features
+@dataclass
+class Features:
+    """One method's features: reference (n_ref, d) and, per variant, the window pool (n_pool, d)."""
+
+    ref: np.ndarray
+    pool: dict[str, np.ndarray]
+
+
+def _pool_matrix(ok: dict[str, np.ndarray], defect: np.ndarray) -> dict[str, np.ndarray]:
+    return {v: np.vstack([ok[v], defect]) for v in ok}
+
+
+def pixel_features(sp: C.Splits) -> dict[str, Features]:
+    """Mean intensity and pixel PCA (fit on training cells) features."""
+    from benchmarks.baselines import PixelPCA, downsample
+
+    def comp() -> dict[str, np.ndarray]:
+        out = {"train": downsample(C.images()[sp.train], 64), "cal": downsample(C.images()[sp.calibration], 64),
+               "defect": downsample(C.images()[sp.test_defect], 64),
+               "mean_cal": C.images()[sp.calibration].mean(axis=(1, 2)) / 255.0,
+               "mean_defect": C.images()[sp.test_defect].mean(axis=(1, 2)) / 255.0}
+        for v in VARIANTS:
+            imgs = C.variant_images(sp.test_ok, v)
+            out[f"ok_{C.slug(v)}"] = downsample(imgs, 64)
+            out[f"mean_ok_{C.slug(v)}"] = imgs.mean(axis=(1, 2)) / 255.0
+        return out
+
+    P = C.cached(f"drift/pixels_{C.key_of(sp.test_ok.tolist(), sp.calibration.tolist())}", comp)
+    pca = PixelPCA(32).fit(P["train"])
+    pix = Features(pca.transform(P["cal"]), _pool_matrix(
+        {v: pca.transform(P[f"ok_{C.slug(v)}"]) for v in VARIANTS}, pca.transform(P["defect"])))
+    mean = Features(P["mean_cal"][:, None], _pool_matrix(
+        {v: P[f"mean_ok_{C.slug(v)}"][:, None] for v in VARIANTS}, P["mean_defect"][:, None]))
+    return {"mean": mean, "pixpca": pix}
+
+
+def effnet_pca_features(sp: C.Splits) -> Features:
+    """EfficientNet-Lite0 global features, PCA to 32 dims fit on the training cells."""
+    from benchmarks.baselines import PixelPCA
+
+    pca = PixelPCA(32).fit(C.effnet_features(sp.train, patches=True)["global"])
+    g_test = C.effnet_features(sp.test, patches=True)["global"]  # held-out functional, then p = 1
+    n_ok = len(sp.test_ok)
+    ok = {v: pca.transform(g_test[:n_ok] if v == "clean" else C.effnet_features(sp.test_ok, v)["global"])
+          for v in VARIANTS}
+    return Features(pca.transform(C.effnet_features(sp.calibration)["global"]),
+                    _pool_matrix(ok, pca.transform(g_test[n_ok:])))
+
+
+def latent_features(sp: C.Splits, ckpt_dir: Any) -> Features:
+    """z of the reference and of every window-pool variant under one checkpoint (cached per model id)."""
+    import torch
+
+    from models import load_checkpoint
+
+    mid = C.checkpoint_meta(ckpt_dir)["model_id"]
+
+    def comp() -> dict[str, np.ndarray]:
+        torch.set_num_threads(1)
+        ck = load_checkpoint(ckpt_dir)
+        out = {"cal": C.encode(ck, C.images()[sp.calibration]), "defect": C.encode(ck, C.images()[sp.test_defect])}
+        for v in VARIANTS:
+            out[f"ok_{C.slug(v)}"] = C.encode(ck, C.variant_images(sp.test_ok, v))
+        return out
+
+    Z = C.cached(f"drift/z_{mid}_{C.key_of(sp.test_ok.tolist(), sp.calibration.tolist())}", comp)
+    return Features(Z["cal"], _pool_matrix({v: Z[f"ok_{C.slug(v)}"] for v in VARIANTS}, Z["defect"]))
+
+
+# ------------------------------------------------------------------------------------------------ methods
+def _even_subsample(n: int, k: int) -> np.ndarray:
+    return np.unique(np.linspace(0, n - 1, k).round().astype(int))
+
+
+def linewatch_method(feats: Features, null: str, n_perm: int, seed: int) -> Callable[[np.ndarray], tuple]:
+    """A window -> (p_equiv, stat, detected, top_axis) function around the shipped DriftDetector."""
+    from pipeline.drift import DriftDetector
+
+    det = DriftDetector(alpha=ALPHA, null=null, n_permutations=n_perm, random_state=seed)
+    det.fit(feats.ref)
+    max_n = det.n_ref_ // 2 if null == "lot" else None
+
+    def test(Zw: np.ndarray) -> tuple:
+        if max_n is not None and len(Zw) > max_n:
+            Zw = Zw[_even_subsample(len(Zw), max_n)]
+        r = det.test(Zw)
+        # one continuous statistic: how far the most significant family is below its level
+        ratio = min(p / r.family_alpha for p in r.family_p.values())
+        return min(1.0, ratio * ALPHA), float(-np.log10(max(ratio, 1e-300))), bool(r.detected), int(r.top_axis)
+
+    return test
+
+
+def baseline_method(kind: str, ref: np.ndarray, n_perm: int, seed: int) -> Callable[[np.ndarray], tuple]:
+    """KS-1d / KS-BH / MMD window tests of :mod:`benchmarks.baselines`."""
+    from benchmarks.baselines import ks_bh_test, ks_test_1d, mmd_test
+
+    def test(Xw: np.ndarray) -> tuple:
+        if kind == "ks1":
+            r = ks_test_1d(ref[:, 0], Xw[:, 0])
+        elif kind == "ksbh":
+            r = ks_bh_test(ref, Xw)
+        else:
+            r = mmd_test(ref, Xw, n_permutations=n_perm, seed=seed)
+        return r.p, r.stat, r.p <= ALPHA, -1
+
+    return test
+
+
+# ------------------------------------------------------------------------------------------------ run
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    sp = C.get_splits()
+    n_ok = len(sp.test_ok)
+    t_ok = sp.types[sp.test_ok]
+    strata = Strata(mono=np.flatnonzero(t_ok == "mono"), poly=np.flatnonzero(t_ok == "poly"),
+                    defect=n_ok + np.arange(len(sp.test_defect)))
+    feats: dict[str, Features] = {}
+    methods: dict[str, tuple[str, str]] = {}  # label -> (features key, how)
+    models: dict[str, Any] = {}
+    notes: list[str] = []
+    for variant in C.VARIANTS:
+        ck = C.find_checkpoint(variant) if args.no_train else C.get_checkpoint(variant, sp, steps=args.steps)
+        if ck is None:
+            notes.append(f"{variant}: not run (no checkpoint under benchmarks/out/)")
+            continue
+        models[variant] = C.checkpoint_meta(ck)
+        key = "z" if variant == "InfoDiffusion" else "z_diffae"
+        feats[key] = latent_features(sp, ck)
+    if "z" in feats:
+        methods["linewatch z (i.i.d. null)"] = ("z", "lw_iid")
+        methods["linewatch z (lot null)"] = ("z", "lw_lot")
+    if "z_diffae" in feats:
+        methods["DiffAE ablation z (i.i.d. null)"] = ("z_diffae", "lw_iid")
+    C.log("pixel features")
+    feats.update(pixel_features(sp))
+    methods["KS mean intensity"] = ("mean", "ks1")
+    methods["pixel PCA + KS (BH)"] = ("pixpca", "ksbh")
+    methods["pixel PCA + MMD"] = ("pixpca", "mmd")
+    if not args.no_effnet:
+        C.log("EfficientNet features")
+        feats["effnet"] = effnet_pca_features(sp)
+        methods["EfficientNet-Lite0 + PCA + KS (BH)"] = ("effnet", "ksbh")
+    else:
+        notes.append("EfficientNet-Lite0 + KS: not run (--no-effnet)")
+
+    testers: dict[str, Callable[[np.ndarray], tuple]] = {}
+    for label, (fk, how) in methods.items():
+        f = feats[fk]
+        if how.startswith("lw_"):
+            testers[label] = linewatch_method(f, how[3:], args.permutations, 0)
+        else:
+            testers[label] = baseline_method(how, f.ref, args.permutations, 0)
+
+    # window sets: (kind, n, condition, role) -> list of position arrays
+    results: list[dict[str, Any]] = []
+    raw: dict[str, Any] = {}
+    t_method = Counter()
+    n_method = Counter()
+    for kind in ("iid", "lot"):
+        for n in args.ns:
+            sets: dict[tuple[str, str], list[np.ndarray]] = {}
+            rng_cal = np.random.default_rng([1, n, kind == "lot"])
+            rng_eval = np.random.default_rng([2, n, kind == "lot"])
+            sets[("no fault", "cal")] = [make_window(rng_cal, strata, n, 0.4, 0.0, kind)
+                                         for _ in range(args.null_windows)]
+            for cond, spec in CONDITIONS.items():
+                k = args.null_windows if cond == "no fault" else args.windows
+                sets[(cond, "eval")] = [make_window(rng_eval, strata, n, spec["mono"], spec["defect"], kind)
+                                        for _ in range(k)]
+            C.log(f"{kind} windows n={n}: {sum(len(v) for v in sets.values())} windows x {len(testers)} methods")
+            for label, tester in testers.items():
+                fk = methods[label][0]
+                out: dict[tuple[str, str], np.ndarray] = {}
+                for (cond, role), wins in sets.items():
+                    X = feats[fk].pool[CONDITIONS[cond]["variant"]]
+                    t0 = time.perf_counter()
+                    out[(cond, role)] = np.array([tester(X[w]) for w in wins], dtype=float)
+                    t_method[label] += time.perf_counter() - t0
+                    n_method[label] += len(wins)
+                null_cal = out[("no fault", "cal")][:, 1]
+                thr = float(np.quantile(null_cal, 1 - ALPHA, method="higher"))
+                for cond in CONDITIONS:
+                    a = out[(cond, "eval")]
+                    row = {"kind": kind, "n": n, "method": label, "condition": cond, "windows": len(a),
+                           "rate_nominal": float(a[:, 2].mean()), "rate_equal_far": float((a[:, 1] > thr).mean()),
+                           "threshold_equal_far": thr}
+                    if a[:, 3].max() >= 0 and cond != "no fault":
+                        det = a[:, 2].astype(bool)
+                        tops = a[det, 3].astype(int)
+                        row["top_axes"] = Counter(tops.tolist()).most_common()
+                    results.append(row)
+                raw[f"{kind}|{n}|{label}"] = {f"{c}|{r}": v[:, :3].tolist() for (c, r), v in out.items()}
+            C.log(f"{kind} n={n} done")
+
+    attribution = attribution_table(sp, feats.get("z"), results) if "z" in feats else []
+    speed = {m: t_method[m] / max(1, n_method[m]) for m in t_method}
+    return {"rows": results, "attribution": attribution, "models": models, "notes": notes, "speed_s_per_window": speed,
+            "ns": list(args.ns), "windows": args.windows, "null_windows": args.null_windows,
+            "permutations": args.permutations, "n_ref": int(len(sp.calibration)), "n_pool_ok": n_ok,
+            "n_pool_mono": int(len(strata.mono)), "n_pool_poly": int(len(strata.poly)),
+            "n_pool_defect": int(len(strata.defect))}
+
+
+def attribution_table(sp: C.Splits, zf: Features | None, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Top-axis consistency per fault and whether the axis description names the fault's property."""
+    from pipeline.axes import axis_correlations, describe_axes
+    from pipeline.properties import FAULT_PROPERTIES, measure
+
+    props = C.cached(f"drift/props_cal_{C.key_of(sp.calibration.tolist())}",
+                     lambda: {c: v.to_numpy() for c, v in measure(C.images()[sp.calibration]).items()})
+    import pandas as pd
+
+    desc = {d.axis: d for d in describe_axes(axis_correlations(zf.ref, pd.DataFrame(props)))}
+    out = []
+    for r in rows:
+        if "top_axes" not in r or not r["method"].startswith("linewatch"):
+            continue
+        tops = r["top_axes"]
+        n_det = sum(c for _, c in tops)
+        if n_det == 0:
+            out.append({**{k: r[k] for k in ("kind", "n", "method", "condition")}, "detected": 0})
+            continue
+        axis, count = tops[0]
+        d = desc[int(axis)]
+        named = [p for p in (d.property, d.second[0] if d.second and abs(d.second[1]) >= 0.3 else None) if p]
+        kind = C.FAULT_KIND[r["condition"]]
+        out.append({**{k: r[k] for k in ("kind", "n", "method", "condition")}, "detected": n_det,
+                    "top_axis": int(axis), "consistency": count / n_det, "description": d.text,
+                    "names_fault_property": any(p in FAULT_PROPERTIES[kind] for p in named),
+                    "fault_properties": list(FAULT_PROPERTIES[kind])})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+def report(res: dict[str, Any], command: str) -> str:
+    f = C.fmt
+    rows = res["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    conds = list(CONDITIONS)
+    out = [C.header(NAME, command)]
+    out.append(
+        f"Reference: {res['n_ref']} calibration-pool functional cells. Window pool: {res['n_pool_ok']} held-out "
+        f"functional cells ({res['n_pool_mono']} mono / {res['n_pool_poly']} poly) and {res['n_pool_defect']} "
+        f"held-out p = 1 cells. Per table cell: {res['windows']} fault windows; false-alarm rates from "
+        f"{res['null_windows']} no-fault windows; equal-FAR thresholds from another {res['null_windows']} no-fault "
+        f"windows. MMD: {res['permutations']} permutations. alpha = {ALPHA}.\n\n"
+        "Columns: detection rate per condition (the `no fault` column is the false-alarm rate). `nominal` = each "
+        "test's own decision at alpha = 0.05; `equal FAR` = threshold on the method's statistic set to a 5 % "
+        "false-alarm rate on separate no-fault windows of the same kind and size (power at an equal false-alarm "
+        "rate; baselines have no lot-aware null of their own, so this is the only fair comparison on lot windows).\n\n"
+    )
+    for kind, title in (("iid", "i.i.d. windows"), ("lot", "lot windows (consecutive cells: lot-to-lot variation)")):
+        for mode, mtitle in (("rate_nominal", "nominal alpha = 0.05"), ("rate_equal_far", "equal false-alarm rate")):
+            out.append(f"## {title}, {mtitle}\n\n")
+            out.append("| method | n | " + " | ".join(conds) + " |\n|---|---|" + "---|" * len(conds) + "\n")
+            for m in methods:
+                for n in res["ns"]:
+                    cells = {r["condition"]: r for r in rows if r["kind"] == kind and r["n"] == n and r["method"] == m}
+                    if not cells:
+                        continue
+                    vals = []
+                    for c in conds:
+                        v = cells[c][mode]
+                        s = f(v, 2)
+                        vals.append(f"**{s}**" if (c != "no fault" and v >= 0.9) else s)
+                    out.append(f"| {m} | {n} | " + " | ".join(vals) + " |\n")
+            out.append("\n")
+    out.append("## Attribution (linewatch, detected windows)\n\n")
+    out.append("| windows | null | n | fault | detected | modal top axis | share naming it | axis description | "
+               "names the fault's property |\n|---|---|---|---|---|---|---|---|---|\n")
+    for a in res["attribution"]:
+        if a.get("detected", 0) == 0:
+            out.append(f"| {a['kind']} | {a['method']} | {a['n']} | {a['condition']} | 0 | - | - | - | - |\n")
+            continue
+        out.append(
+            f"| {a['kind']} | {a['method'].split('(')[-1].rstrip(')')} | {a['n']} | {a['condition']} | {a['detected']} | "
+            f"z_{a['top_axis']} | {a['consistency']:.2f} | {a['description']} | "
+            f"{'yes' if a['names_fault_property'] else 'no'} |\n"
+        )
+    out.append("\n## Models, speed, notes\n\n")
+    for k, v in res["models"].items():
+        out.append(f"- {k}: `{v['path']}` ({v['image_size']} px, lambda = {v['lambda_mmd']}, zeta = {v['zeta']}, "
+                   f"{v['steps']} steps, model id {v['model_id']})\n")
+    for m, s in res["speed_s_per_window"].items():
+        out.append(f"- {m}: {s * 1e3:.1f} ms per window test (features precomputed)\n")
+    for note in res["notes"]:
+        out.append(f"- {note}\n")
+    return "".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ns", type=int, nargs="+", default=[50, 100, 200])
+    ap.add_argument("--windows", type=int, default=50, help="fault windows per table cell")
+    ap.add_argument("--null-windows", type=int, default=100, help="no-fault windows (each of FAR and threshold set)")
+    ap.add_argument("--permutations", type=int, default=100, help="MMD permutations")
+    ap.add_argument("--steps", type=int, default=1000, help="training steps if no checkpoint can be reused")
+    ap.add_argument("--no-train", action="store_true", help="only reuse checkpoints found under benchmarks/out/")
+    ap.add_argument("--no-effnet", action="store_true")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    res = run(args)
+    cmd = ".venv/bin/python -m benchmarks.bench_drift_faults" + (" " + " ".join(argv) if argv else "")
+    C.write_results(NAME, report(res, cmd), res)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

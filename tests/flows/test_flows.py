@@ -1,0 +1,148 @@
+"""Flows: retry policy, schedules, automation, CLI wiring, tasks via ``.fn()``, and end-to-end runs (slow)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pandas as pd
+import pytest
+
+from flows import StepFailed, is_retryable, retry_delays, use_local_prefect_home
+from tests.flows.world import PER_DAY, make_world, monitor_params, set_env, tiny_retrain_params
+
+
+def test_retry_policy_retries_transient_errors_only(monkeypatch):
+    from pipeline.catalog import CatalogLockedError
+    from pipeline.tracking import TrackingUnavailable
+
+    assert is_retryable(TrackingUnavailable("down")) and is_retryable(CatalogLockedError("busy"))
+    assert is_retryable(TimeoutError()) and is_retryable(OSError("disk"))
+    assert not is_retryable(ValueError("too few images")) and not is_retryable(None)
+    monkeypatch.setenv("LINEWATCH_RETRY_DELAY_S", "2")
+    assert retry_delays() == [2.0, 6.0, 18.0]
+    err = StepFailed("retrain", TrackingUnavailable("mlflow down"))
+    assert "step 'retrain' failed: TrackingUnavailable: mlflow down" in str(err)
+
+
+def test_prefect_home_goes_under_linewatch_home(tmp_path, monkeypatch):
+    monkeypatch.delenv("PREFECT_HOME", raising=False)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert use_local_prefect_home(tmp_path) == tmp_path / "prefect"
+    monkeypatch.setenv("PREFECT_API_URL", "http://prefect:4200/api")
+    monkeypatch.delenv("PREFECT_HOME", raising=False)
+    use_local_prefect_home(tmp_path / "other")
+    assert "PREFECT_HOME" not in __import__("os").environ  # a configured server is left alone
+
+
+def test_deployments_have_the_cron_schedules():
+    from flows.deploy import build_deployments
+
+    deps = {d.name: d for d in build_deployments("Europe/Berlin")}
+    assert set(deps) == {"nightly", "monitor", "ingest", "retrain"}
+    crons = {n: [(s.schedule.cron, s.schedule.timezone) for s in d.schedules] for n, d in deps.items()}
+    assert crons["nightly"] == [("0 2 * * *", "Europe/Berlin")]
+    assert crons["monitor"] == [("*/15 * * * *", "Europe/Berlin")]
+    assert crons["ingest"] == [("*/10 * * * *", "Europe/Berlin")]
+    assert crons["retrain"] == []
+
+
+def test_drift_alert_automation_calls_a_webhook_on_the_alert_event():
+    from flows.deploy import drift_alert_automation
+    from flows.monitor import ALERT_EVENT
+
+    block = uuid.uuid4()
+    auto = drift_alert_automation(block)
+    assert auto.trigger.expect == {ALERT_EVENT}
+    assert auto.trigger.threshold == 1
+    (action,) = auto.actions
+    assert action.type == "call-webhook" and action.block_document_id == block
+    assert "{{ event.payload.description }}" in action.payload
+
+
+def test_cli_registers_the_flow_commands():
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["demo", "--preset", "tiny", "--per-day", "20", "--no-prefect"])
+    assert args.func.__name__ == "cmd_demo" and args.per_day == 20 and args.no_prefect
+    assert parser.parse_args(["nightly", "--from-scratch"]).func.__name__ == "cmd_nightly"
+    assert parser.parse_args(["monitor", "--lookback-days", "1"]).func.__name__ == "cmd_monitor"
+    assert parser.parse_args(["serve", "--timezone", "UTC"]).func.__name__ == "cmd_serve"
+    assert parser.parse_args(["retrain"]).func.__name__ == "cmd_retrain"
+
+
+def test_ingest_task_fn_registers_the_drop_folder(tmp_path, monkeypatch):
+    from flows.ingest import ingest_task
+    from pipeline.settings import ensure_dirs, get_settings
+    from pipeline.simulate import simulate_line
+
+    set_env(monkeypatch, tmp_path)
+    s = ensure_dirs(get_settings())
+    simulate_line(s.drop_dir, days=1, per_day=8, seed=0, truth=tmp_path / "truth.parquet", progress=False)
+    out = ingest_task.fn()
+    assert out["registered"] == 8
+    assert ingest_task.fn()["registered"] == 0  # exactly once
+
+
+def test_alert_events_are_emitted_for_new_alerts_only(monkeypatch):
+    import prefect.events
+
+    from flows.monitor import ALERT_EVENT, emit_alert_events
+
+    sent = []
+    monkeypatch.setattr(prefect.events, "emit_event", lambda **kw: sent.append(kw))
+    result = {"model_version": "3", "windows": [
+        {"line": "L1", "window_id": "d1", "detected": True, "events": [], "top_axis": 1},
+        {"line": "L1", "window_id": "d2", "detected": True, "events": [{"kind": "opened"}], "top_axis": 4,
+         "description": "axis 4: brightness (r = 0.93)", "effect": -2.1, "summary": "drift", "attribution": "a4"},
+    ]}
+    assert emit_alert_events(result) == 1
+    assert sent[0]["event"] == ALERT_EVENT and sent[0]["resource"]["prefect.resource.id"] == "linewatch.line.L1"
+    assert sent[0]["payload"]["top_axis"] == 4 and sent[0]["payload"]["window_id"] == "d2"
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
+def test_nightly_flow_end_to_end(tmp_path, monkeypatch, prefect_harness):
+    from flows.nightly import nightly_flow
+    from pipeline import tracking
+
+    settings = make_world(tmp_path / "home", monkeypatch)
+    out = nightly_flow(ingest=True, retrain=tiny_retrain_params(), monitor=monitor_params())
+    assert out["ingest"]["registered"] == 0  # already ingested by the world; the step ran
+    assert out["retrain"]["promoted"] and out["retrain"]["version"] == "1"
+    assert len(out["monitor"]["windows"]) == 3
+    tracking.configure(settings)
+    assert tracking.get_alias_version("champion") == 1
+
+
+@pytest.mark.slow
+def test_unreachable_mlflow_retries_then_fails_naming_the_step(tmp_path, monkeypatch, prefect_harness,
+                                                               fast_retries):
+    import socket
+
+    import pipeline.retrain as R
+    from flows.nightly import nightly_flow
+    from pipeline import tracking
+    from pipeline.catalog import read_catalog
+
+    settings = make_world(tmp_path / "home", monkeypatch)
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    set_env(monkeypatch, tmp_path / "home", tracking_uri=f"http://127.0.0.1:{port}")
+    tracking.reset()
+    calls = []
+    real = R.retrain
+    monkeypatch.setattr(R, "retrain", lambda *a, **k: calls.append(1) or real(*a, **k))
+    before = read_catalog(settings.catalog_root)
+    with pytest.raises(StepFailed, match="step 'retrain' failed: TrackingUnavailable") as info:
+        nightly_flow(ingest=False, retrain=tiny_retrain_params(), monitor={"skip": True})
+    assert isinstance(info.value.cause, tracking.TrackingUnavailable)
+    assert len(calls) == 3  # the first try and two retries
+    after = read_catalog(settings.catalog_root)
+    pd.testing.assert_frame_equal(before, after)  # catalog intact
+    assert not (settings.state_dir / "alerts" / "lines").exists() or not any(
+        (settings.state_dir / "alerts" / "lines").iterdir())  # no alert state touched
+    assert not list(settings.checkpoints_dir.glob("candidate-*/model"))  # nothing prepared for registration
+    assert len(before) == 6 * PER_DAY

@@ -1,0 +1,78 @@
+"""A small simulated line with a gain fault, ingested into a fresh LINEWATCH_HOME (shared by the job/flow tests)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+TZ = "Europe/Berlin"
+DAYS = 6
+PER_DAY = 30
+FAULT_DAY = 5  # 1-based: days 5 and 6 are faulty
+TRAIN_DAYS = 3
+
+
+def day(k: int) -> dt.date:
+    """1-based simulated day."""
+    from pipeline.simulate import DEFAULT_START
+
+    return DEFAULT_START + dt.timedelta(days=k - 1)
+
+
+def midnight(k: int) -> str:
+    """Local midnight starting 1-based day ``k`` (ISO 8601)."""
+    return dt.datetime.combine(day(k), dt.time(0), tzinfo=ZoneInfo(TZ)).isoformat()
+
+
+def set_env(monkeypatch: pytest.MonkeyPatch, home: Path, tracking_uri: str | None = None) -> None:
+    """Point linewatch at ``home`` (SQLite MLflow inside unless ``tracking_uri``)."""
+    monkeypatch.setenv("LINEWATCH_HOME", str(home))
+    monkeypatch.setenv("LINEWATCH_TIMEZONE", TZ)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri or f"sqlite:///{home / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    for key in ("LINEWATCH_CATALOG", "LINEWATCH_DROP", "LINEWATCH_STATE", "LINEWATCH_CHECKPOINTS",
+                "LINEWATCH_WEBHOOK_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("LINEWATCH_MLFLOW_RETRIES", "2")
+    monkeypatch.setenv("LINEWATCH_MLFLOW_BACKOFF_S", "0.05")
+    monkeypatch.setenv("LINEWATCH_MLFLOW_TIMEOUT_S", "2")
+
+
+def make_world(home: Path, monkeypatch: pytest.MonkeyPatch) -> object:
+    """Simulate ``DAYS`` x ``PER_DAY`` cells (gain x0.8 from ``FAULT_DAY``), ingest them; return the settings."""
+    from pipeline import tracking
+    from pipeline.faults import FaultSpec
+    from pipeline.ingest import ingest
+    from pipeline.settings import ensure_dirs, get_settings
+    from pipeline.simulate import simulate_line
+
+    set_env(monkeypatch, home)
+    tracking.reset()
+    settings = ensure_dirs(get_settings())
+    simulate_line(settings.drop_dir, days=DAYS, per_day=PER_DAY, lines=("L1",), seed=0,
+                  fault=FaultSpec("gain", start_day=FAULT_DAY - 1, severity=0.8),
+                  truth=home / "truth.parquet", progress=False)
+    ingest(settings.drop_dir, settings.catalog_root, progress=False)
+    return settings
+
+
+def tiny_retrain_params(**over: object) -> dict:
+    """Retrain parameters for the tiny preset on days 1..TRAIN_DAYS (seconds, not minutes)."""
+    params = {
+        "preset": "tiny", "steps": 40, "batch_size": 16, "window_days": TRAIN_DAYS, "end": midnight(TRAIN_DAYS + 1),
+        "holdout_share": 0.4, "min_train_images": 8, "from_scratch": True,
+        "gate": {"recon_images": 4, "recon_steps": 4, "eval_repeats": 1, "fpr_tolerance": 0.3},
+    }
+    params.update(over)
+    return params
+
+
+def monitor_params(**over: object) -> dict:
+    """Monitor parameters for days TRAIN_DAYS+1 .. DAYS."""
+    params = {"start": midnight(TRAIN_DAYS + 1), "end": midnight(DAYS + 1), "window_by": "day", "min_window": 15,
+              "cards": False}
+    params.update(over)
+    return params

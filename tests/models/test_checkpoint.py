@@ -1,0 +1,80 @@
+import hashlib
+import json
+
+import pytest
+import torch
+
+from models import InfoDiffusion, get_preset, load_checkpoint, save_checkpoint
+from models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_train_state
+
+
+def test_trained_checkpoint_round_trip_gives_identical_outputs(trained_tiny, elpv16):
+    ck = load_checkpoint(trained_tiny.out_dir)
+    assert not ck.model.training
+    assert ck.config == get_preset("tiny").model and ck.preprocess == get_preset("tiny").preprocess
+    x = elpv16[:4]
+    assert torch.equal(ck.model.encode(x), trained_tiny.model.encode(x))
+    t = torch.tensor([0, 10, 500, 999])
+    z = torch.randn(4, 8)
+    with torch.no_grad():
+        assert torch.equal(ck.model(x, t, z), trained_tiny.model(x, t, z))
+    digest = hashlib.sha256((trained_tiny.out_dir / WEIGHTS_NAME).read_bytes()).hexdigest()
+    assert ck.meta["model_id"] == digest[:16]
+    assert ck.meta["step"] == 300 and ck.meta["preset"] == "tiny"
+
+
+def test_train_state_loads_weights_only(trained_tiny):
+    st = load_train_state(trained_tiny.out_dir)
+    assert st["step"] == 300 and "optimizer" in st and "model" in st
+
+
+def test_save_load_fresh_model(tmp_path):
+    p = get_preset("tiny")
+    torch.manual_seed(0)
+    m = InfoDiffusion(p.model)
+    out = save_checkpoint(m, tmp_path / "c", preprocess=p.preprocess, meta={"note": "x"})
+    ck = load_checkpoint(out / CONFIG_NAME)  # a file inside the dir works too
+    assert ck.meta["note"] == "x" and len(ck.meta["model_id"]) == 16
+    for k, v in m.state_dict().items():
+        assert torch.equal(ck.model.state_dict()[k], v)
+    # overwrite in place (atomic replace), no temp dirs left behind
+    save_checkpoint(m, out, preprocess=p.preprocess)
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["c"]
+
+
+def test_mismatched_config_fails_naming_the_key(tmp_path):
+    p = get_preset("tiny")
+    out = save_checkpoint(InfoDiffusion(p.model), tmp_path / "c", preprocess=p.preprocess)
+    doc = json.loads((out / CONFIG_NAME).read_text())
+    doc["model"]["latent_dim"] = 6
+    (out / CONFIG_NAME).write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="shape mismatch for 'encoder.fc"):
+        load_checkpoint(out)
+    doc["model"]["latent_dim"] = 8
+    doc["model"]["unet"]["channel_mult"] = [1, 2, 2]
+    (out / CONFIG_NAME).write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="missing keys|unexpected keys"):
+        load_checkpoint(out)
+    doc["model"]["unet"]["channel_mult"] = [1, 2]
+    doc["model"]["encoder"]["kind"] = "vit"
+    (out / CONFIG_NAME).write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="kind"):
+        load_checkpoint(out)
+
+
+def test_missing_files_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope")
+    p = get_preset("tiny")
+    out = save_checkpoint(InfoDiffusion(p.model), tmp_path / "c", preprocess=p.preprocess)
+    (out / WEIGHTS_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match=WEIGHTS_NAME):
+        load_checkpoint(out)
+    with pytest.raises(FileNotFoundError, match="resume"):
+        load_train_state(out)
+
+
+def test_preprocess_must_match_model(tmp_path):
+    p = get_preset("tiny")
+    with pytest.raises(ValueError, match="does not match"):
+        save_checkpoint(InfoDiffusion(p.model), tmp_path / "c", preprocess=get_preset("cpu").preprocess)

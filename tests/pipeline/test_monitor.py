@@ -1,0 +1,76 @@
+"""Monitor job on a small simulated line with a gain fault: windows, alerts, restart idempotency, MLflow series."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from pipeline.monitor import MonitorConfig, monitor_config
+from tests.flows.world import FAULT_DAY, TRAIN_DAYS, day, make_world, monitor_params, tiny_retrain_params
+
+
+def test_monitor_config_validation():
+    cfg = monitor_config(start="2026-01-08T00:00:00+01:00", lines=["L1"], window_by="shift")
+    assert cfg.lines == ("L1",) and cfg.start.isoformat().startswith("2026-01-08")
+    with pytest.raises(ValueError, match="window_by"):
+        MonitorConfig(window_by="week")
+    with pytest.raises(ValueError, match="window_size"):
+        MonitorConfig(window_by="count")
+    with pytest.raises(ValueError, match="unknown monitor parameters"):
+        monitor_config(alpah=0.1)
+
+
+def test_monitor_without_champion_says_what_to_do(tmp_path, monkeypatch):
+    from pipeline import tracking
+    from pipeline.monitor import monitor
+    from pipeline.settings import ensure_dirs, get_settings
+    from tests.flows.world import set_env
+
+    set_env(monkeypatch, tmp_path)
+    tracking.reset()
+    with pytest.raises(ValueError, match="no 'champion' model"):
+        monitor(ensure_dirs(get_settings()), MonitorConfig())
+
+
+@pytest.mark.slow
+def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(tmp_path, monkeypatch):
+    from pipeline import tracking
+    from pipeline.monitor import default_alert_manager, monitor, scores_table_path, windows_table_path
+    from pipeline.retrain import retrain, retrain_config
+
+    settings = make_world(tmp_path / "home", monkeypatch)
+    v1 = retrain(settings, retrain_config(**tiny_retrain_params()))
+    assert v1.promoted, v1.gate.reason
+
+    res = monitor(settings, monitor_config(**monitor_params()))
+    by_day = {w.window_id: w for w in res.windows}
+    healthy, faulty = day(TRAIN_DAYS + 1).isoformat(), [day(k).isoformat() for k in (FAULT_DAY, FAULT_DAY + 1)]
+    assert set(by_day) == {day(k).isoformat() for k in range(TRAIN_DAYS + 1, FAULT_DAY + 2)}
+    assert not by_day[healthy].detected, by_day[healthy].summary
+    assert all(by_day[d].detected for d in faulty), [by_day[d].summary for d in faulty]
+    # the default policy opens after 2 drifted windows in a row: one "opened" event, on the second faulty day
+    opened = [e for e in res.alerts if e["kind"] == "opened"]
+    assert len(opened) == 1 and opened[0]["window_id"] == faulty[1]
+    assert by_day[faulty[1]].alert_active and by_day[faulty[1]].description
+    sent = (settings.state_dir / "alerts.jsonl").read_text().splitlines()
+    assert [json.loads(x)["kind"] for x in sent] == ["opened"]
+
+    # the window log and the flags feed the next retrain's selection
+    wins = pd.read_parquet(windows_table_path(settings))
+    assert set(wins.loc[wins["detected"], "window_id"]) == set(faulty)
+    assert len(pd.read_parquet(scores_table_path(settings))) == res.n_encoded
+
+    # MLflow: one point per window of the per-axis effect series
+    tracking.configure(settings)
+    axis = by_day[faulty[1]].top_axis
+    hist = tracking.get_metric_history(f"drift.{tracking.axis_key(axis)}.effect", run_id=res.run_id)
+    assert len(hist) == 3
+
+    # restart: a fresh manager on the same state, the same windows again
+    again = monitor(settings, monitor_config(**monitor_params()), alert_manager=default_alert_manager(settings))
+    assert again.alerts == ()  # nothing re-sent
+    assert default_alert_manager(settings).active("L1") is not None  # nothing forgotten
+    assert (settings.state_dir / "alerts.jsonl").read_text().splitlines() == sent
+    assert [w.detected for w in again.windows] == [w.detected for w in res.windows]
