@@ -35,6 +35,7 @@ Run: ``.venv/bin/python -m benchmarks.bench_drift_faults [--windows 50 --null-wi
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -397,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     res = run(args)
-    cmd = ".venv/bin/python -m benchmarks.bench_drift_faults" + (" " + " ".join(argv) if argv else "")
+    cmd = ".venv/bin/python -m benchmarks.bench_drift_faults" + "".join(" " + a for a in (sys.argv[1:] if argv is None else argv))
     C.write_results(NAME, report(res, cmd), res)
     return 0
 

@@ -169,7 +169,8 @@ def main() -> None:
         total = prof["read"] + prof["sha256"] + prof["validate"] + prof["store"]
         lines += [
             "",
-            f"Per-image profile ({prof['n']} cells, {prof['bytes'] / 1024:.0f} KiB each, one thread): read "
+            f"Per-image profile ({prof['n']} cells, {prof['bytes'] / 1024:.0f} KiB each, one thread, wall time under the "
+            f"load above): read "
             f"{prof['read']:.2f} ms, sha256 {prof['sha256']:.2f} ms, Pillow verify + full decode "
             f"{prof['validate']:.2f} ms, store write (temp + rename) {prof['store']:.2f} ms; sum {total:.2f} ms "
             f"= {1e3 / total:.0f} images/s before catalog bookkeeping.",

@@ -210,7 +210,9 @@ def main(argv: list[str] | None = None) -> None:
         " so the default measures 1 thread; on an idle 2-core machine rerun with `--threads 1 2`.",
         "- train = one AdamW step on the full loss (eps-MSE + MMD), fp32; encode = `model.encode` under no_grad;"
         " recon = DDIM inversion + decoding (2 x steps denoiser calls) per image; FLOPs from FlopCounterMode"
-        " (convs/matmuls only); peak = `resource.getrusage` maxrss of the preset's own subprocess.",
+        " (convs/matmuls only); peak = `resource.getrusage` maxrss of the preset's own subprocess. A '% of matmul'"
+        " above 100% means oneDNN's convolutions beat the 2048^3 sgemm used as the reference, not a measuring error"
+        " in the FLOP count (FlopCounterMode counts both conv-backward products).",
         "",
     ]
     for th in args.threads:

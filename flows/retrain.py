@@ -69,6 +69,7 @@ def retrain_flow(
     batch_size: int | None = None,
     inject_weight_noise: float = 0.0,
     holdout_share: float = 0.25,
+    min_train_images: int = 16,
     gate: dict[str, Any] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -86,6 +87,7 @@ def retrain_flow(
         batch_size: Override the preset's batch size.
         inject_weight_noise: Fault injection (tests, demos): degrade the candidate's weights.
         holdout_share: Calibration share of the window (by image-id hash).
+        min_train_images: Fewer training images after the selection rules is an error.
         gate: ``GateConfig`` overrides.
         seed: Seed.
 
@@ -97,7 +99,8 @@ def retrain_flow(
     config = retrain_config(
         preset=preset, steps=steps, window_days=window_days, end=end, lines=lines, from_scratch=from_scratch,
         exclude_alerts=exclude_alerts, exclude_anomalous=exclude_anomalous, batch_size=batch_size,
-        inject_weight_noise=inject_weight_noise, holdout_share=holdout_share, gate=gate, seed=seed,
+        inject_weight_noise=inject_weight_noise, holdout_share=holdout_share, min_train_images=min_train_images,
+        gate=gate, seed=seed,
     )
     result = retrain_task(config)
     emit_model_event(result)

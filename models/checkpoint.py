@@ -89,7 +89,8 @@ def save_checkpoint(
 
     Args:
         model: the model whose weights are the inference weights (pass the EMA model when training with EMA).
-        out_dir: the checkpoint directory (replaced if it exists).
+        out_dir: the checkpoint directory. An existing checkpoint there is replaced (other files in it are kept);
+            an existing non-empty directory that is not a checkpoint is refused.
         preprocess: the preprocessing spec the model was trained with.
         train_state: optional resume state (tensors, numbers, strings, nested dicts/lists only), saved as
             ``train_state.pt``.
@@ -105,6 +106,8 @@ def save_checkpoint(
             f"preprocess spec ({preprocess.image_size} px, {preprocess.channels} ch) does not match the model "
             f"({cfg.image_size} px, {cfg.in_channels} ch)"
         )
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / CONFIG_NAME).exists():
+        raise ValueError(f"{out_dir} exists, is not empty and is not a checkpoint; refusing to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -124,6 +127,10 @@ def save_checkpoint(
         (tmp / CONFIG_NAME).write_text(json.dumps(doc, indent=2, sort_keys=True))
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE_NAME)
+        if out_dir.exists():  # keep companion files (e.g. a latent DDPM saved next to the weights)
+            for f in out_dir.iterdir():
+                if f.is_file() and f.name not in (WEIGHTS_NAME, CONFIG_NAME, TRAIN_STATE_NAME):
+                    shutil.copy2(f, tmp / f.name)
         old = out_dir.with_name(f".{out_dir.name}.old")
         if old.exists():
             shutil.rmtree(old)

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import (
+    CONFIG_NAME,
     TRAIN_STATE_NAME,
     WEIGHTS_NAME,
     load_state_strict,
@@ -185,11 +186,13 @@ def train(
         else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
     out_path = Path(out_dir) if out_dir is not None else None
-    has_ckpt = out_path is not None and (out_path / TRAIN_STATE_NAME).exists()
+    has_ckpt = out_path is not None and (out_path / CONFIG_NAME).exists()
     if has_ckpt and not resume:
         raise ValueError(
             f"{out_path} already holds a checkpoint; pass resume=True to continue it or use a new out_dir"
         )
+    if out_path is not None and not has_ckpt and out_path.exists() and any(out_path.iterdir()):
+        raise ValueError(f"out_dir {out_path} exists and is not empty; use a new or empty directory")
     if resume and init_from is not None and has_ckpt:
         raise ValueError("pass either resume=True (with an existing checkpoint) or init_from, not both")
 

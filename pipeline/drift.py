@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -635,7 +636,10 @@ class DriftDetector:
                 raise ValueError("cur_scores contain NaN or inf")
 
         ref = self.ref_
-        rng = np.random.default_rng([self.random_state, n, 1])
+        # seeded by the window's content: reproducible for a given window, but a fresh reference subsample and
+        # permutation set for each window, so the false-alarm rate over many windows does not hinge on one
+        # particular MMD reference subsample
+        rng = np.random.default_rng([self.random_state, n, zlib.crc32(Z.tobytes())])
         ks, p = ks_per_axis(ref, Z)
         p_adj = bh_adjust(p) if self.correction == "bh" else bonferroni(p)
         eff = effect_size(ref, Z)

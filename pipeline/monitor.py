@@ -373,10 +373,13 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
                 zw = zw[_even_subsample(len(zw), max_n)]
             res = drift.test(zw, model_id=champ.model_id)
             attr = attribute(res, descriptions)
-            top = attr.top_axis if res.detected else None
+            top = None
+            if res.detected:  # the attribution's top significant axis, else the drift test's largest shift
+                top = int(attr.top_axis if attr.top_axis is not None else res.top_axis)
             effect = 0.0
             if top is not None:
-                effect = float(next(a.effect for a in attr.axes if a.axis == top))
+                row = res.per_axis.loc[res.per_axis["axis"] == top].iloc[0]
+                effect = float(row["effect_size"])
             cards: dict[int, str] = {}
             if res.detected and config.cards and top is not None:
                 try:

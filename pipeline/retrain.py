@@ -316,10 +316,10 @@ def select_training_data(
             a_start = a_start.tz_localize("UTC") if a_start.tzinfo is None else a_start
             a_end = pd.Timestamp(row.end) if row.end is not None and not pd.isna(row.end) else end_ts
             a_end = a_end.tz_localize("UTC") if a_end.tzinfo is None else a_end
-            hit = ((df_ts >= a_start) & (df_ts < a_end)).to_numpy()
+            hit = np.array((df_ts >= a_start) & (df_ts < a_end), dtype=bool)
             line = getattr(row, "line", None)
             if line is not None and not (isinstance(line, float) and math.isnan(line)):
-                hit &= lines == str(line)
+                hit = hit & (lines == str(line))
             drop |= hit
         excluded["alert_window"] = int(drop.sum())
         df, df_ts = df.loc[~drop], df_ts[~drop]

@@ -60,9 +60,12 @@ def test_drift_alert_automation_calls_a_webhook_on_the_alert_event():
 
 
 def test_cli_registers_the_flow_commands():
-    from pipeline.cli import build_parser
+    import argparse
 
-    parser = build_parser()
+    from flows.cli import register
+
+    parser = argparse.ArgumentParser(prog="linewatch")
+    register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["demo", "--preset", "tiny", "--per-day", "20", "--no-prefect"])
     assert args.func.__name__ == "cmd_demo" and args.per_day == 20 and args.no_prefect
     assert parser.parse_args(["nightly", "--from-scratch"]).func.__name__ == "cmd_nightly"

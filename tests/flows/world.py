@@ -1,4 +1,4 @@
-"""A small simulated line with a gain fault, ingested into a fresh LINEWATCH_HOME (shared by the job/flow tests)."""
+"""A small simulated line with a strong gain fault (x0.6), ingested into a fresh LINEWATCH_HOME (shared by the job/flow tests)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def set_env(monkeypatch: pytest.MonkeyPatch, home: Path, tracking_uri: str | Non
 
 
 def make_world(home: Path, monkeypatch: pytest.MonkeyPatch) -> object:
-    """Simulate ``DAYS`` x ``PER_DAY`` cells (gain x0.8 from ``FAULT_DAY``), ingest them; return the settings."""
+    """Simulate ``DAYS`` x ``PER_DAY`` cells (gain x0.6 from ``FAULT_DAY``), ingest them; return the settings."""
     from pipeline import tracking
     from pipeline.faults import FaultSpec
     from pipeline.ingest import ingest
@@ -53,7 +53,7 @@ def make_world(home: Path, monkeypatch: pytest.MonkeyPatch) -> object:
     tracking.reset()
     settings = ensure_dirs(get_settings())
     simulate_line(settings.drop_dir, days=DAYS, per_day=PER_DAY, lines=("L1",), seed=0,
-                  fault=FaultSpec("gain", start_day=FAULT_DAY - 1, severity=0.8),
+                  fault=FaultSpec("gain", start_day=FAULT_DAY - 1, severity=1.6),
                   truth=home / "truth.parquet", progress=False)
     ingest(settings.drop_dir, settings.catalog_root, progress=False)
     return settings
@@ -62,7 +62,7 @@ def make_world(home: Path, monkeypatch: pytest.MonkeyPatch) -> object:
 def tiny_retrain_params(**over: object) -> dict:
     """Retrain parameters for the tiny preset on days 1..TRAIN_DAYS (seconds, not minutes)."""
     params = {
-        "preset": "tiny", "steps": 40, "batch_size": 16, "window_days": TRAIN_DAYS, "end": midnight(TRAIN_DAYS + 1),
+        "preset": "tiny", "steps": 80, "batch_size": 16, "window_days": TRAIN_DAYS, "end": midnight(TRAIN_DAYS + 1),
         "holdout_share": 0.4, "min_train_images": 8, "from_scratch": True,
         "gate": {"recon_images": 4, "recon_steps": 4, "eval_repeats": 1, "fpr_tolerance": 0.3},
     }

@@ -11,10 +11,14 @@ from models import TrainResult, get_preset, to_model_input, train
 N_CELLS = 32
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _threads() -> None:
-    # 1 thread: on a shared 2-core box OpenMP barriers under oversubscription are ~100x slower than 1 thread
+@pytest.fixture(scope="package", autouse=True)
+def _threads():
+    # 1 thread: on a shared 2-core box OpenMP barriers under oversubscription are ~100x slower than 1 thread.
+    # Package scope: restored when the tests/models package is done, so other packages keep their setting.
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

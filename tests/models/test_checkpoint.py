@@ -37,9 +37,19 @@ def test_save_load_fresh_model(tmp_path):
     assert ck.meta["note"] == "x" and len(ck.meta["model_id"]) == 16
     for k, v in m.state_dict().items():
         assert torch.equal(ck.model.state_dict()[k], v)
-    # overwrite in place (atomic replace), no temp dirs left behind
+    # overwrite in place (atomic replace), companion files kept, no temp dirs left behind
+    (out / "latent_ddpm.json").write_text("{}")
     save_checkpoint(m, out, preprocess=p.preprocess)
     assert sorted(q.name for q in tmp_path.iterdir()) == ["c"]
+    assert (out / "latent_ddpm.json").exists()
+
+
+def test_refuses_to_replace_a_non_checkpoint_directory(tmp_path):
+    p = get_preset("tiny")
+    (tmp_path / "precious.txt").write_text("x")
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        save_checkpoint(InfoDiffusion(p.model), tmp_path, preprocess=p.preprocess)
+    assert (tmp_path / "precious.txt").exists()
 
 
 def test_mismatched_config_fails_naming_the_key(tmp_path):

@@ -93,6 +93,12 @@ def test_bad_data_is_rejected(tmp_path):
         train(p, torch.full((4, 1, 16, 16), 200.0), None, steps=1, progress=False, device="cpu")
 
 
+def test_refuses_a_non_empty_non_checkpoint_out_dir(elpv16, tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="not empty"):
+        train(_tiny(batch_size=8), elpv16, tmp_path, steps=1, progress=False, device="cpu")
+
+
 def test_dataset_input(elpv16):
     ds = torch.utils.data.TensorDataset(elpv16)
     res = train(_tiny(batch_size=8, log_every=2), ds, None, steps=4, progress=False, device="cpu")

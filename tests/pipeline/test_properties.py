@@ -129,6 +129,9 @@ def test_registry_labels_and_fault_map() -> None:
     assert P.PROPERTIES["mean_intensity"].label == "brightness"
     for fault, props in P.FAULT_PROPERTIES.items():
         assert props and all(p in P.PROPERTIES for p in props), fault
+    from pipeline.faults import FAULTS  # only the fault names: every simulated fault maps to properties
+
+    assert set(FAULTS) == set(P.FAULT_PROPERTIES)
 
 
 @pytest.mark.parametrize(

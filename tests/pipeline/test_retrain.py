@@ -230,7 +230,8 @@ def test_two_retrains_at_once_corrupt_nothing(tmp_path, monkeypatch):
 
     def run(seed):
         try:
-            results.append(retrain(settings, retrain_config(**tiny_retrain_params(steps=20, seed=seed))))
+            gate = {**tiny_retrain_params()["gate"], "axis_std_floor": 0.0}  # short runs: only consistency matters
+            results.append(retrain(settings, retrain_config(**tiny_retrain_params(steps=20, seed=seed, gate=gate))))
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 
