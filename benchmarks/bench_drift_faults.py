@@ -168,11 +168,13 @@ def _even_subsample(n: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, k).round().astype(int))
 
 
-def linewatch_method(feats: Features, null: str, n_perm: int, seed: int) -> Callable[[np.ndarray], tuple]:
+def linewatch_method(
+    feats: Features, null: str, n_perm: int, seed: int, lot_block: int | None = None
+) -> Callable[[np.ndarray], tuple]:
     """A window -> (p_equiv, stat, detected, top_axis) function around the shipped DriftDetector."""
     from pipeline.drift import DriftDetector
 
-    det = DriftDetector(alpha=ALPHA, null=null, n_permutations=n_perm, random_state=seed)
+    det = DriftDetector(alpha=ALPHA, null=null, n_permutations=n_perm, random_state=seed, lot_block=lot_block)
     det.fit(feats.ref)
     max_n = det.n_ref_ // 2 if null == "lot" else None
 
@@ -225,6 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "z" in feats:
         methods["linewatch z (i.i.d. null)"] = ("z", "lw_iid")
         methods["linewatch z (lot null)"] = ("z", "lw_lot")
+        methods["linewatch z (lot null, 30-cell blocks)"] = ("z", "lw_lot30")
     if "z_diffae" in feats:
         methods["DiffAE ablation z (i.i.d. null)"] = ("z_diffae", "lw_iid")
     C.log("pixel features")
@@ -243,7 +246,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for label, (fk, how) in methods.items():
         f = feats[fk]
         if how.startswith("lw_"):
-            testers[label] = linewatch_method(f, how[3:], args.permutations, 0)
+            null = how[3:6]
+            testers[label] = linewatch_method(f, null, args.permutations, 0, 30 if how.endswith("30") else None)
         else:
             testers[label] = baseline_method(how, f.ref, args.permutations, 0)
 

@@ -171,10 +171,22 @@ def _loss_of(cfg_path: Path) -> tuple[str, float, float, dict[str, Any]]:
     )
 
 
+def _steps_of(d: Path) -> int:
+    """Optimiser steps behind the weights of checkpoint folder ``d`` (``meta.step``, else bench_train.json)."""
+    try:
+        step = json.loads((d / "config.json").read_text()).get("meta", {}).get("step")
+        if step is not None:
+            return int(step)
+    except (ValueError, json.JSONDecodeError):
+        pass
+    info = d / "bench_train.json"
+    return int(json.loads(info.read_text()).get("steps", 0)) if info.exists() else 0
+
+
 def find_checkpoint(variant: str, image_size: int = 32) -> Path | None:
     """A checkpoint under ``benchmarks/out/`` of the given variant (matched on the loss weights in config.json).
 
-    Prefers the one trained for the most steps (``bench_train.json`` or the folder name ``_s<steps>_``).
+    Prefers the one trained for the most steps (``meta.step`` of its config.json).
     """
     lam, zeta = VARIANTS[variant]
     found: list[tuple[int, Path]] = []
@@ -188,16 +200,7 @@ def find_checkpoint(variant: str, image_size: int = 32) -> Path | None:
             continue
         if size != str(image_size) or abs(l_ - lam) > 1e-9 or abs(z_ - zeta) > 1e-9:
             continue
-        steps = 0
-        info = d / "bench_train.json"
-        if info.exists():
-            steps = int(json.loads(info.read_text()).get("steps", 0))
-        elif "_s" in d.name:
-            try:
-                steps = int(d.name.split("_s")[1].split("_")[0])
-            except ValueError:
-                steps = 0
-        found.append((steps, d))
+        found.append((_steps_of(d), d))
     return max(found)[1] if found else None
 
 
@@ -229,8 +232,7 @@ def get_checkpoint(variant: str, splits: Splits, steps: int = 1000, threads: int
 def checkpoint_meta(path: Path) -> dict[str, Any]:
     """What a checkpoint is (for the results header)."""
     size, lam, zeta, meta = _loss_of(path / "config.json")
-    info = path / "bench_train.json"
-    steps = json.loads(info.read_text()).get("steps") if info.exists() else meta.get("step", "?")
+    steps = _steps_of(path)
     return {
         "path": str(path.relative_to(ROOT)),
         "image_size": size,
