@@ -303,7 +303,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def attribution_table(sp: C.Splits, zf: Features | None, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Top-axis consistency per fault and whether the axis description names the fault's property."""
-    from pipeline.axes import axis_correlations, describe_axes
+    from pipeline.axes import MIN_ABS_R, axis_correlations, describe_axes
     from pipeline.properties import FAULT_PROPERTIES, measure
 
     props = C.cached(f"drift/props_cal_{C.key_of(sp.calibration.tolist())}",
@@ -322,7 +322,8 @@ def attribution_table(sp: C.Splits, zf: Features | None, rows: list[dict[str, An
             continue
         axis, count = tops[0]
         d = desc[int(axis)]
-        named = [p for p in (d.property, d.second[0] if d.second and abs(d.second[1]) >= 0.3 else None) if p]
+        second = d.second_best[0] if d.second_best and d.property and abs(d.second_best[1]) >= MIN_ABS_R else None
+        named = [p for p in (d.property, second) if p]  # the properties the description's text names
         kind = C.FAULT_KIND[r["condition"]]
         out.append({**{k: r[k] for k in ("kind", "n", "method", "condition")}, "detected": n_det,
                     "top_axis": int(axis), "consistency": count / n_det, "description": d.text,

@@ -98,6 +98,13 @@ def train_variant(name: str, lam: float, zeta: float, data, args) -> Path:
     return out
 
 
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def train_info(ckpt_dir: Path) -> dict:
     """The ``bench_train.json`` written after training (empty if the checkpoint came from elsewhere)."""
     p = ckpt_dir / "bench_train.json"
@@ -178,13 +185,14 @@ def write_report(rows: dict[str, dict], ctx: dict) -> str:
         f"- command: `{ctx['command']}`",
         f"- machine: {MACHINE} (shared with other jobs while it ran: timings are indicative only)",
         f"- date: {ctx['date']}",
-        f"- preset: `{ctx['preset']}` ({ctx['image_size']} px, d = {ctx['d']}), {ctx['steps']} steps x batch "
-        f"{ctx['batch_size']} per model, seed {ctx['seed']}; torch threads {ctx['threads']}",
+        f"- preset: `{ctx['preset']}` ({ctx['image_size']} px, d = {ctx['d']}), budget {ctx['steps']} steps x batch "
+        f"{ctx['batch_size']} per model when trained here, seed {ctx['seed']}; torch threads {ctx['threads']}",
         f"- training cells: {ctx['n_train']} functional (p = 0) cells of the train pool (`split_pools(seed=0)`)",
         f"- probe cells: {ctx['n_eval']} cells of the calibration + held-out pools ({ctx['n_mono']} mono / "
         f"{ctx['n_eval'] - ctx['n_mono']} poly; defect task: {ctx['n_def']} defective p >= 2/3 vs "
         f"{ctx['n_func']} functional p = 0)",
         f"- training time: {ctx['train_times']}",
+        *[f"- checkpoint {c}" for c in ctx["checkpoints"]],
         "",
         "Probes: 5-fold stratified CV, `StandardScaler` + `LogisticRegression` fit on the train folds, out-of-fold "
         "predictions. `lot-grouped` = same with folds grouped by lot (no neighbour cell of the same module in the "
@@ -226,7 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=150, help="training steps per model (same for both)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: on shared, oversubscribed cores 2 threads spin)"
+    )
+    parser.add_argument("--infodiffusion", default=None, metavar="CKPT", help="evaluate this checkpoint, no training")
+    parser.add_argument("--diffae", default=None, metavar="CKPT", help="evaluate this checkpoint, no training")
     parser.add_argument("--retrain", action="store_true", help="ignore checkpoints saved by an earlier run")
     parser.add_argument("--out", default=str(RESULTS), help="markdown results file")
     args = parser.parse_args(argv)
@@ -251,17 +263,23 @@ def main(argv: list[str] | None = None) -> int:
     props = measure_properties(eval_images)
 
     rows: dict[str, dict] = {}
-    times = []
+    times: list[str] = []
+    ckpts: list[str] = []
     d = preset.model.latent_dim
     for name, (lam, zeta) in VARIANTS.items():
-        ckpt_dir = train_variant(name, lam, zeta, data, args)
+        given = args.infodiffusion if lam > 0 else args.diffae
+        ckpt_dir = Path(given) if given else train_variant(name, lam, zeta, data, args)
         ckpt = load_checkpoint(ckpt_dir)
         d = ckpt.config.latent_dim
         Z = encode_images(ckpt.model, ckpt.preprocess, list(eval_images), batch_size=128)
         rows[name] = evaluate(Z, types, probs, lots, props)
         info = train_info(ckpt_dir)
-        if info:
-            times.append(f"{name}: {info['seconds']:.0f} s ({info['images_per_s']:.1f} img/s)")
+        loss = ckpt.config.loss
+        step = info.get("steps", ckpt.meta.get("step", "?"))
+        ckpts.append(f"{name}: `{_rel(ckpt_dir)}` (lambda {loss.lambda_mmd:g}, zeta {loss.zeta:g}, step {step}, "
+                     f"model id {ckpt.meta.get('model_id')})")
+        if "seconds" in info:
+            times.append(f"{name}: {info['seconds']:.0f} s wall ({info.get('images_per_s', 0):.1f} img/s)")
         print(f"[{name}] {json.dumps({k: v for k, v in rows[name].items() if k != 'dis'})}", file=sys.stderr)
 
     from sklearn.decomposition import PCA
@@ -287,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_def": int((probs >= 2 / 3).sum()),
         "n_func": int((probs == 0).sum()),
         "train_times": "; ".join(times) or "n/a (reused checkpoints without timing)",
+        "checkpoints": ckpts,
         "note": f"python {platform.python_version()}, torch {torch.__version__}.",
     }
     report = write_report(rows, ctx)

@@ -13,7 +13,6 @@ effects) lives in the decorators; the logic lives in ``pipeline``.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,15 +67,6 @@ def use_local_prefect_home(home: str | os.PathLike[str]) -> Path:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     return Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect"))
-
-
-def annotate(step: str, fn: Callable[[], Any]) -> Any:
-    """Run ``fn``; if it raises, add a note naming the pipeline ``step`` (the exception type is kept)."""
-    try:
-        return fn()
-    except Exception as exc:
-        exc.add_note(f"linewatch step failed: {step}")
-        raise
 
 
 class StepFailed(RuntimeError):

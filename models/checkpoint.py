@@ -89,7 +89,8 @@ def save_checkpoint(
 
     Args:
         model: the model whose weights are the inference weights (pass the EMA model when training with EMA).
-        out_dir: the checkpoint directory. An existing checkpoint there is replaced (other files in it are kept);
+        out_dir: the checkpoint directory. An existing checkpoint there is replaced (other files and folders in it
+            are carried over);
             an existing non-empty directory that is not a checkpoint is refused.
         preprocess: the preprocessing spec the model was trained with.
         train_state: optional resume state (tensors, numbers, strings, nested dicts/lists only), saved as
@@ -127,10 +128,14 @@ def save_checkpoint(
         (tmp / CONFIG_NAME).write_text(json.dumps(doc, indent=2, sort_keys=True))
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE_NAME)
-        if out_dir.exists():  # keep companion files (e.g. a latent DDPM saved next to the weights)
+        if out_dir.exists():  # keep companion files and folders (a latent DDPM, a monitoring bundle, ...)
             for f in out_dir.iterdir():
-                if f.is_file() and f.name not in (WEIGHTS_NAME, CONFIG_NAME, TRAIN_STATE_NAME):
-                    shutil.copy2(f, tmp / f.name)
+                if f.name in (WEIGHTS_NAME, CONFIG_NAME, TRAIN_STATE_NAME):
+                    continue
+                if f.is_dir():
+                    shutil.copytree(f, tmp / f.name, symlinks=True)
+                else:
+                    shutil.copy2(f, tmp / f.name, follow_symlinks=False)
         old = out_dir.with_name(f".{out_dir.name}.old")
         if old.exists():
             shutil.rmtree(old)

@@ -19,6 +19,7 @@ _BUILTIN = (
     "pipeline.cli_line",
     "pipeline.cli_monitor",
     "pipeline.cli_ops",
+    "pipeline.cli_sweep",
 )
 
 

@@ -38,6 +38,10 @@ class DemoConfig:
         per_day: captures per day.
         fault_day: first faulty day (1-based).
         gain_severity: severity of the gain fault (factor = 1 - 0.25 x severity; 0.8 -> x0.8).
+        order: cell order of the simulation. ``"shuffled"`` (default) keeps the mono/poly mix steady from day to
+            day; with ``"lot"`` whole ELPV lots are replayed in file order, two a day, and the mono share swings
+            between 0 and 100 % per day: a genuine product-mix drift that the monitor rightly flags, which would
+            blur the demo's point (the camera fault).
         train_days: days of the first training window (days 1..train_days).
         steps_first: optimiser steps of the first (from scratch) training.
         steps_second: optimiser steps of the warm-started second training.
@@ -55,6 +59,7 @@ class DemoConfig:
     per_day: int = 64
     fault_day: int = 7
     gain_severity: float = 0.8
+    order: str = "shuffled"
     train_days: int = 5
     steps_first: int = 400
     steps_second: int = 150
@@ -218,7 +223,7 @@ def run_demo(
     sim = simulate_line(
         settings.drop_dir, days=config.days, per_day=config.per_day, lines=(DEMO_LINE,), seed=config.seed,
         fault=FaultSpec("gain", start_day=config.fault_day - 1, severity=config.gain_severity),
-        truth=settings.home / "truth.parquet", progress=config.progress,
+        order=config.order, truth=settings.home / "truth.parquet", progress=config.progress,
     )
     seconds["simulate"] = time.perf_counter() - t
     out(f"[demo]     {sim.n_images} images in {settings.drop_dir} ({seconds['simulate']:.0f} s)")

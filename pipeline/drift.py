@@ -496,12 +496,14 @@ class DriftDetector:
         else:
             order = np.arange(n)
         self._lot_starts = None
+        self._lot_ids = None
         if ref_lots is not None:
             lots = np.asarray(ref_lots)
             if lots.shape[0] != n:
                 raise ValueError(f"ref_lots has {lots.shape[0]} values for {n} reference images")
             lots = lots[order]
             self._lot_starts = np.r_[0, np.flatnonzero(lots[1:] != lots[:-1]) + 1]
+            self._lot_ids = np.cumsum(np.r_[0, lots[1:] != lots[:-1]])  # runs of equal labels, in order
         self.ref_ = Z
         self.ref_scores_ = scores
         self.model_id_ = model_id
@@ -518,25 +520,46 @@ class DriftDetector:
             raise NotFittedError("DriftDetector has not been fit: call fit(Z_ref) first")
 
     # ---- lot null ------------------------------------------------------------------------------------------
-    def _block_indices(self, n: int, rng: np.random.Generator) -> np.ndarray:
+    def _block_indices(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of one calibration window, and the rows to leave out of "the rest" for it.
+
+        Left out are the window itself plus a guard band of one block length on each side of every block (or,
+        with ``ref_lots``, every lot the window touches): a window that starts or ends inside a lot must not be
+        compared with the other part of that same lot, which would make the calibration windows look more
+        alike than new lots do.
+        """
+        N = self.n_ref_
         L = n if self.lot_block is None else min(self.lot_block, n)
         n_blocks = math.ceil(n / L)
         if self._lot_starts is not None:
-            cand = self._lot_starts[self._lot_starts <= self.n_ref_ - L]
+            cand = self._lot_starts[self._lot_starts <= N - L]
             starts = rng.choice(cand, size=n_blocks)
         else:
-            starts = rng.integers(0, self.n_ref_ - L + 1, size=n_blocks)
-        return (starts[:, None] + np.arange(L)[None, :]).ravel()[:n]
+            starts = rng.integers(0, N - L + 1, size=n_blocks)
+        idx = (starts[:, None] + np.arange(L)[None, :]).ravel()[:n]
+        excl = np.zeros(N, dtype=bool)
+        if self._lot_ids is not None:
+            excl = np.isin(self._lot_ids, np.unique(self._lot_ids[idx]))
+        else:
+            guard = max(0, min(L, (N - 2 * n) // (2 * n_blocks)))  # always leave at least n rows in the rest
+            for s0 in starts:
+                excl[max(0, s0 - guard) : s0 + L + guard] = True
+        excl[idx] = True
+        if N - int(excl.sum()) < n:  # lots larger than the reference allows: fall back to the window alone
+            excl[:] = False
+            excl[idx] = True
+        return idx, excl
 
-    def _window_stats_vs_rest(self, idx: np.ndarray, rng: np.random.Generator) -> tuple[float, float, float]:
-        """Max KS, MMD^2 and score AUC of reference rows ``idx`` against the rest of the reference."""
+    def _window_stats_vs_rest(
+        self, idx: np.ndarray, excl: np.ndarray, rng: np.random.Generator
+    ) -> tuple[float, float, float]:
+        """Max KS, MMD^2 and score AUC of reference rows ``idx`` against the reference rows not in ``excl``."""
         N = self.n_ref_
-        mask = np.zeros(N, dtype=bool)
-        mask[idx] = True
+        mask = excl
         n_u = int(mask.sum())
         win = self.ref_[idx]
         n = win.shape[0]
-        # KS without re-sorting the rest: F_rest = (N F_ref - n_u F_unique_window) / (N - n_u), at all ref points
+        # KS without re-sorting the rest: F_rest = (N F_ref - n_u F_excluded) / (N - n_u), at all ref points
         uniq = self.ref_[mask]
         ks = 0.0
         for j in range(self.n_features_in_):
@@ -581,7 +604,8 @@ class DriftDetector:
         out = np.empty((self.n_calibration, 3))
         it = range(self.n_calibration)
         for b in tqdm(it, desc=f"lot null n={n}", disable=not self.progress, leave=False):
-            out[b] = self._window_stats_vs_rest(self._block_indices(n, rng), rng)
+            idx, excl = self._block_indices(n, rng)
+            out[b] = self._window_stats_vs_rest(idx, excl, rng)
         cal = {k: np.sort(out[:, i]) for i, k in enumerate(("axes", "mmd", "scores"))}
         self._calibrations[n] = cal
         return cal

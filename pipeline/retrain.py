@@ -793,7 +793,7 @@ def _retrain_locked(
     logger.info("retrain: v%s %s (%s)", version, alias, gate.reason)
     return RetrainResult(
         version=version, promoted=gate.passed, gate=gate, parent_version=parent_version, data_digest=data_digest,
-        calibration_digest=calib_digest, alignment=alignment, model_dir=out_dir, model_id=model_id,
+        calibration_digest=calib_digest, alignment=alignment, model_dir=model_dir, model_id=model_id,
         metrics=metrics, n_train=len(sel.train), n_calibration=len(sel.calibration), excluded=sel.excluded,
         run_id=run_id, train_seconds=train_seconds, alias=alias,
     )

@@ -41,4 +41,9 @@ def elpv16(elpv_cells_uint8: np.ndarray) -> torch.Tensor:
 def trained_tiny(elpv16: torch.Tensor, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     """The tiny preset trained for 300 steps on the cells (a few seconds), checkpointed."""
     out = tmp_path_factory.mktemp("tiny_ckpt") / "ckpt"
-    return train(get_preset("tiny"), elpv16, out, steps=300, progress=False, device="cpu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # session fixtures run before the package-scoped _threads fixture
+    try:
+        return train(get_preset("tiny"), elpv16, out, steps=300, progress=False, device="cpu")
+    finally:
+        torch.set_num_threads(before)

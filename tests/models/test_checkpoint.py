@@ -39,9 +39,11 @@ def test_save_load_fresh_model(tmp_path):
         assert torch.equal(ck.model.state_dict()[k], v)
     # overwrite in place (atomic replace), companion files kept, no temp dirs left behind
     (out / "latent_ddpm.json").write_text("{}")
+    (out / "bundle").mkdir()
+    (out / "bundle" / "ref.txt").write_text("r")
     save_checkpoint(m, out, preprocess=p.preprocess)
     assert sorted(q.name for q in tmp_path.iterdir()) == ["c"]
-    assert (out / "latent_ddpm.json").exists()
+    assert (out / "latent_ddpm.json").exists() and (out / "bundle" / "ref.txt").read_text() == "r"
 
 
 def test_refuses_to_replace_a_non_checkpoint_directory(tmp_path):
