@@ -211,8 +211,9 @@ def main(argv: list[str] | None = None) -> None:
         "- train = one AdamW step on the full loss (eps-MSE + MMD), fp32; encode = `model.encode` under no_grad;"
         " recon = DDIM inversion + decoding (2 x steps denoiser calls) per image; FLOPs from FlopCounterMode"
         " (convs/matmuls only); peak = `resource.getrusage` maxrss of the preset's own subprocess. A '% of matmul'"
-        " above 100% means oneDNN's convolutions beat the 2048^3 sgemm used as the reference, not a measuring error"
-        " in the FLOP count (FlopCounterMode counts both conv-backward products).",
+        " above 100% (standard training) is not understood: oneDNN may pick faster conv algorithms than the"
+        " direct-conv FLOPs FlopCounterMode counts, or the 2048^3 sgemm is below the core's true peak; treat the"
+        " ratios as rough.",
         "",
     ]
     for th in args.threads:
