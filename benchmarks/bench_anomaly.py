@@ -127,16 +127,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     models_used: dict[str, Any] = {}
 
     # ---- linewatch + DiffAE ablation
-    for variant in C.VARIANTS:
-        ck = C.find_checkpoint(variant) if args.no_train else C.get_checkpoint(variant, sp, steps=args.steps)
+    for tag, ck in C.resolve_models(args.model, sp, args.no_train, args.steps).items():
         if ck is None:
-            notes[variant] = "not run: no checkpoint found under benchmarks/out/"
+            notes[tag] = "not run: no checkpoint found under benchmarks/out/"
             continue
-        models_used[variant] = C.checkpoint_meta(ck)
-        C.log(f"[{variant}] encoding + residuals")
+        models_used[tag] = C.checkpoint_meta(ck)
+        C.log(f"[{tag}] encoding + residuals")
         cal = model_latents_and_residuals(ck, sp.calibration, "cal")
         tst = model_latents_and_residuals(ck, test, "test")
-        tag = "linewatch" if variant == "InfoDiffusion" else "DiffAE"
         t0 = time.perf_counter()
         maha = Mahalanobis().fit(cal["z"])
         scores[f"{tag}: Mahalanobis(z)"] = s_maha = maha.score(tst["z"])
@@ -232,7 +230,7 @@ def report(res: dict[str, Any], command: str) -> str:
     f = C.fmt
     rows = sorted(res["rows"], key=lambda r: -r["auroc"])
     lw = [r for r in rows if r["method"].startswith("linewatch")]
-    peers = [r for r in rows if not r["method"].startswith(("linewatch", "DiffAE"))]
+    peers = [r for r in rows if r["method"].split(":")[0] not in res["models"] and not r["method"].startswith("linewatch")]
     best_lw = lw[0] if lw else None
     best_peer = peers[0] if peers else None
     out = [C.header(NAME, command)]
@@ -286,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=1000, help="training steps if no checkpoint can be reused")
     ap.add_argument("--no-train", action="store_true", help="only reuse checkpoints found under benchmarks/out/")
+    ap.add_argument("--model", action="append", help="LABEL=CHECKPOINT_DIR (repeatable; label 'linewatch...' = shipped)")
     ap.add_argument("--ae-steps", type=int, default=1500)
     ap.add_argument("--coreset", type=int, default=5000)
     ap.add_argument("--no-effnet", action="store_true", help="skip the EfficientNet-based PatchCore")

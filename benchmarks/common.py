@@ -18,6 +18,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -148,7 +149,7 @@ def cached(name: str, fn: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.n
     t0 = time.perf_counter()
     out = fn()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")  # parallel runs never share a temp file
     np.savez(tmp, **out)
     tmp.replace(path)
     log(f"cached {name} ({time.perf_counter() - t0:.0f} s)")
@@ -229,6 +230,26 @@ def get_checkpoint(variant: str, splits: Splits, steps: int = 1000, threads: int
     return out
 
 
+def resolve_models(specs: list[str] | None, splits: Splits, no_train: bool, steps: int) -> dict[str, Path | None]:
+    """Models to benchmark: ``LABEL=DIR`` specs, or by default the newest InfoDiffusion (label ``linewatch``) and
+    DiffAE-ablation (label ``DiffAE ablation``) checkpoints under ``benchmarks/out/`` (trained if missing).
+
+    A label starting with ``linewatch`` marks the shipped model; the others are ablations.
+    """
+    if specs:
+        out: dict[str, Path | None] = {}
+        for spec in specs:
+            label, sep, path = spec.partition("=")
+            if not sep or not Path(path).is_dir():
+                raise ValueError(f"--model takes LABEL=CHECKPOINT_DIR with an existing folder, got {spec!r}")
+            out[label.strip()] = Path(path).resolve()
+        return out
+    labels = {"InfoDiffusion": "linewatch", "DiffAE ablation": "DiffAE ablation"}
+    return {
+        labels[v]: (find_checkpoint(v) if no_train else get_checkpoint(v, splits, steps=steps)) for v in VARIANTS
+    }
+
+
 def checkpoint_meta(path: Path) -> dict[str, Any]:
     """What a checkpoint is (for the results header)."""
     size, lam, zeta, meta = _loss_of(path / "config.json")
@@ -300,7 +321,7 @@ def effnet_features(idx: np.ndarray, variant: str = "clean", patches: bool = Fal
     """EfficientNet-Lite0 features of cells ``idx`` (clean or faulted), cached on disk in chunks.
 
     Returns:
-        ``{"global": (N, 1280) float32, "patches": (N, 152, 19, 19) float16 (only when ``patches``)}``.
+        ``{"global": (N, 1280) float32, "patches": (N, 152, 18, 18) float16 (only when ``patches``)}``.
     """
     global _EFFNET
     idx = np.asarray(idx, dtype=np.int64)

@@ -76,7 +76,7 @@ def plot_drift(res: dict[str, Any], kind: str, mode: str) -> Path:
     handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=6, loc="lower center", ncol=4, bbox_to_anchor=(0.5, -0.16))
     title = {"rate_nominal": "nominal alpha = 0.05", "rate_equal_far": "equal false-alarm rate (5 %)"}[mode]
-    fig.suptitle(f"Drift detection, {'i.i.d.' if kind == 'iid' else 'lot'} windows, {title}", fontsize=8)
+    fig.suptitle(f"Drift detection, {'i.i.d.' if kind == 'iid' else 'lot'} windows, {title}", fontsize=8, y=1.08)
     return _save(fig, f"drift_{kind}_{'nominal' if mode == 'rate_nominal' else 'equal_far'}.png")
 
 

@@ -65,6 +65,8 @@ def use_local_prefect_home(home: str | os.PathLike[str]) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         os.environ["PREFECT_HOME"] = str(path)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the ephemeral API starts in a subprocess; 20 s (Prefect's default) is too short on a busy 2-core machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     return Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect"))
 

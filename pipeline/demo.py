@@ -305,8 +305,12 @@ def demo_checks(config: DemoConfig, v1: dict[str, Any], mon: dict[str, Any],
     by_day = {w["window_id"]: w for w in mon["windows"]}
     healthy = _day_id(config, config.fault_day - 1)
     w = by_day.get(healthy)
-    checks[f"no alert on day {config.fault_day - 1}"] = (
-        w is not None and not w["detected"], "window missing" if w is None else w["summary"])
+    if w is None:
+        checks[f"no alert on day {config.fault_day - 1}"] = (False, "window missing")
+    else:  # an alert = the alert manager opened one (a lone drifted window is below the policy's hysteresis)
+        quiet = not w["alert_active"] and not w.get("events")
+        checks[f"no alert on day {config.fault_day - 1}"] = (
+            quiet, ("window drifted, no alert: " if w["detected"] else "") + w["summary"])
     faulty = [by_day.get(_day_id(config, k)) for k in (config.fault_day, config.fault_day + 1) if k <= config.days]
     faulty = [x for x in faulty if x is not None]
     drifted = [x for x in faulty if x["detected"] and x["top_axis"] is not None]

@@ -8,7 +8,8 @@ Plain functions with a frozen config and result; ``flows/monitor.py`` wraps them
 2. Catalog images of the monitored period are encoded into the resumable latents table
    (``<state>/latents.parquet``; a rerun only encodes what is missing) and scored by the detector; flags go to
    ``<state>/scores.parquet`` (the retrain's selection drops flagged images).
-3. Images are cut into windows (per plant day by default, in ``settings.timezone``); each window is tested
+3. Images are cut into windows (per plant day by default, in ``settings.timezone``; a window still in progress
+   waits for a later run); each complete window is tested
    against the reference (lot-aware null by default), attributed to latent axes with their descriptions, and
    handed to the alert manager, whose persisted state makes reruns idempotent: a window already alerted is not
    re-sent, an active alert is not forgotten after a restart.
@@ -367,6 +368,10 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
     for line, sub in df.groupby("line", sort=True):
         for w in windows(sub, by=config.window_by, size=config.window_size, time_col="captured_local",
                          min_size=config.min_window, skipped=skipped):
+            if config.window_by != "count" and pd.Timestamp(w.end) > pd.Timestamp.now(tz="UTC"):
+                # still in progress: the alert manager records a window id once, so test it when it is complete
+                skipped.append({"window_id": w.window_id, "n": len(w.frame), "reason": "window still in progress"})
+                continue
             frame = w.frame
             zw = frame[zc].to_numpy(np.float64)
             if max_n is not None and len(zw) > max_n:

@@ -13,7 +13,7 @@ property                    what                                           fault
 ==========================  =============================================  =================
 ``mean_intensity``          mean grey level                                gain
 ``contrast``                standard deviation of the grey levels          gain
-``sharpness``               variance of the Laplacian (Gaussian pre-blur)  blur
+``sharpness``               Laplacian variance / mean^2 (light pre-blur)   blur
 ``noise_level``             sigma of a structure-free filter (Immerkaer)   noise
 ``dark_fraction``           share of pixels below 0.2 of full scale        defect_rate, gain
 ``crack_fraction``          share of thin dark line-like pixels            defect_rate
@@ -182,12 +182,16 @@ def vignetting(images: np.ndarray) -> float | np.ndarray:
 
 
 def sharpness(images: np.ndarray) -> float | np.ndarray:
-    """Variance of the Laplacian after a light pre-blur (binomial, sigma 0.7 px); blur lowers it.
+    """Variance of the Laplacian relative to the squared mean intensity, after a light pre-blur; blur lowers it.
 
-    The pre-blur keeps pixel noise from dominating the measure; the value is scaled by 1e3 for readability.
+    ``var(Laplacian(blur(x))) / mean(x)**2 * 1e3``. Dividing by the squared mean makes it gain-invariant (a
+    Laplacian scales with the intensity), so a gain change does not read as a focus change; the pre-blur (binomial,
+    sigma 0.7 px) keeps pixel noise from dominating.
     """
     x, single = _prepare(images)
-    return _out(_laplacian(_binomial(x, 1)).var(axis=(1, 2)) * 1e3, single)
+    var = _laplacian(_binomial(x, 1)).var(axis=(1, 2))
+    mean = np.maximum(x.mean(axis=(1, 2)), 1e-3)
+    return _out(var / (mean * mean) * 1e3, single)
 
 
 def noise_level(images: np.ndarray) -> float | np.ndarray:
@@ -309,7 +313,7 @@ PROPERTIES: dict[str, Property] = {
     for p in (
         Property("mean_intensity", mean_intensity, "brightness", "fraction of full scale"),
         Property("contrast", contrast, "contrast", "fraction of full scale (std)"),
-        Property("sharpness", sharpness, "sharpness", "Laplacian variance x 1e3"),
+        Property("sharpness", sharpness, "sharpness", "Laplacian variance / mean intensity^2 x 1e3"),
         Property("noise_level", noise_level, "noise level", "fraction of full scale (sigma)"),
         Property("dark_fraction", dark_fraction, "dark-area fraction", "fraction of pixels"),
         Property("crack_fraction", crack_fraction, "crack-like dark lines", "fraction of pixels"),

@@ -189,6 +189,8 @@ def test_lot_null_tames_lot_to_lot_variation():
     assert np.mean([r.detected for r in res]) >= 0.9
     assert np.mean([r.top_axis == 3 for r in res]) >= 0.9
     assert res[0].null == "lot" and "max_ks" in res[0].thresholds
+    for r in res:  # the per-axis flags and the axes family agree under the lot null
+        assert ("axes" in r.fired) == bool(r.per_axis["significant"].any())
 
 
 def test_lot_null_with_scores_and_blocks_cached():

@@ -39,6 +39,8 @@ def test_gain_moves_brightness_contrast_and_dark_fraction(cells: np.ndarray) -> 
 def test_blur_lowers_sharpness(cells: np.ndarray) -> None:
     blurred = _u8(ndimage.gaussian_filter(_f(cells), sigma=(0, 1.5, 1.5)))
     assert np.all(P.sharpness(blurred) < 0.7 * P.sharpness(cells))
+    # ...and a gain change is not a focus change
+    np.testing.assert_allclose(P.sharpness(_u8(_f(cells) * 0.75)), P.sharpness(cells), rtol=0.1)
 
 
 def test_noise_raises_noise_level(cells: np.ndarray) -> None:
