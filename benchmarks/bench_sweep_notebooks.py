@@ -21,7 +21,7 @@ OUT = ROOT / "benchmarks" / "out" / "notebooks"
 MACHINE = "2-core CPU, 24 GiB, no GPU"
 
 
-def time_sweep(home: Path, steps: int) -> tuple[float, str]:
+def time_sweep(home: Path, steps: int, threads: int) -> tuple[float, str]:
     """A 2 x 2 grid (lambda 0, 0.1 x d 8, 16) on 64 ELPV train cells, probes on 96 calibration cells."""
     import torch
 
@@ -29,7 +29,7 @@ def time_sweep(home: Path, steps: int) -> tuple[float, str]:
     from pipeline.elpv import load_elpv, pool_indices
     from pipeline.sweep import elpv_probe_set, sweep
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     tracking.reset()
     images = load_elpv().images[pool_indices("train", functional_only=True)[:64]]
     ev, labels, _ = elpv_probe_set("calibration", max_images=96)
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     """Measure and write the markdown report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="training steps per sweep model")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the sweep (notebooks use 1)")
     parser.add_argument("--skip-notebooks", action="store_true")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
         os.environ.pop("LINEWATCH_NOTEBOOK_CKPT", None)
         os.environ["PYTHONPATH"] = str(ROOT)  # the kernels import this checkout
-        sweep_s, table = time_sweep(home, args.steps)
+        sweep_s, table = time_sweep(home, args.steps, args.threads)
         nb_times = {}
         if not args.skip_notebooks:
             for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Tiny sweep (preset tiny, 2 x 2 grid: lambda 0, 0.1 x d 8, 16; {args.steps} steps x batch 16 per model on 64 "
         "ELPV train cells; probes and disentanglement on 96 calibration cells; traversal grids at 10 DDIM steps; "
-        f"local SQLite MLflow, MLflow schema creation included): **{sweep_s:.1f} s**",
+        f"local SQLite MLflow, MLflow schema creation included; torch threads {args.threads}): **{sweep_s:.1f} s**",
         "",
     ]
     lines += [f"- notebook `{k}` (CI path, kernel start included): **{v:.1f} s**" for k, v in nb_times.items()]

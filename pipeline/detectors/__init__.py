@@ -1,7 +1,10 @@
 """Per-image anomaly detectors: one small sklearn-shaped protocol (see :mod:`pipeline.detectors.base`).
 
-Latent detectors work on z (N, d); :class:`DiffusionResidual` works on images and uses the diffusion model itself.
+Latent detectors work on z (N, d); ``DiffusionResidual`` works on images and uses the diffusion model itself. It is
+imported lazily, so the latent detectors and ``pipeline.drift`` do not pull in torch and ``models``.
 """
+
+from typing import Any
 
 from pipeline.detectors.base import (
     BaseDetector,
@@ -10,7 +13,6 @@ from pipeline.detectors.base import (
     NotFittedError,
     conformal_threshold,
 )
-from pipeline.detectors.diffusion import DiffusionResidual
 from pipeline.detectors.ensemble import Ensemble
 from pipeline.detectors.outlier import IsolationForestDetector, KNNDistance, Mahalanobis
 
@@ -26,3 +28,11 @@ __all__ = [
     "NotFittedError",
     "conformal_threshold",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DiffusionResidual":
+        from pipeline.detectors.diffusion import DiffusionResidual
+
+        return DiffusionResidual
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
