@@ -127,6 +127,18 @@ def headline(anom: dict[str, Any] | None, drift: dict[str, Any] | None) -> list[
             det = ", ".join(f"{c} {fmt(get('lot', 100, lwl, c, 'rate_nominal'), 2)}" for c in conds)
             out.append(f"- Drift on lot windows (n = 100): false alarms {fmt(far, 2)} with the lot null "
                        f"(vs {fmt(far_iid, 2)} with the i.i.d. null); detection with the lot null: {det}.")
+        for kind in ("iid", "lot"):
+            ms = list(dict.fromkeys(r["method"] for r in rows if r["kind"] == kind))
+            if lw not in ms:
+                continue
+            parts = []
+            for c in conds:
+                vals = {m: get(kind, 100, m, c, "rate_equal_far") for m in ms}
+                vals = {m: v for m, v in vals.items() if v is not None}
+                best = max(vals, key=lambda m: vals[m])
+                parts.append(f"{c}: linewatch {fmt(vals.get(lw), 2)}, best {best} {fmt(vals[best], 2)}")
+            out.append(f"- Drift at an equal 5 % false-alarm rate, {'i.i.d.' if kind == 'iid' else 'lot'} windows, "
+                       f"n = 100: " + "; ".join(parts) + ".")
     return out
 
 
