@@ -3,6 +3,13 @@
 AdamW, linear warm-up then cosine decay, global grad-norm clipping, EMA inference weights, autocast on CUDA only,
 seeded, atomic checkpoints every ``checkpoint_every`` steps and at the end, ``resume`` and ``init_from``.
 
+Data parallel (``torchrun``): when ``torch.distributed`` is initialised with more than one process (``train`` does it
+itself from the ``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` variables torchrun sets: "nccl" on CUDA, "gloo" on CPU),
+the loss runs through ``DistributedDataParallel`` (gradients averaged over ranks). Every rank draws the same global
+batch indices (one shared data stream, so a checkpoint's data RNG is valid for all ranks) and trains on its own
+``batch_size // world_size`` slice; diffusion noise / timesteps are seeded per rank. Rank 0 alone keeps the EMA,
+writes checkpoints (the others wait at a barrier), shows progress and records history (losses averaged over ranks).
+
 Augmentation: none. No random flips: the line's camera sees every cell in a fixed orientation, and the monitor must
 *notice* layout changes (a mirrored or rotated fixture, a shifted cell). Training on flipped cells would teach z to
 ignore exactly those changes. (ELPV cells are roughly symmetric, so the data gain would be small anyway.)
@@ -10,17 +17,20 @@ ignore exactly those changes. (ELPV cells are roughly symmetric, so the data gai
 
 from __future__ import annotations
 
+import atexit
 import copy
 import math
+import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
 from .checkpoint import (
     CONFIG_NAME,
@@ -31,7 +41,8 @@ from .checkpoint import (
     read_config,
     save_checkpoint,
 )
-from .infodiffusion import InfoDiffusion
+from .config import TrainConfig
+from .infodiffusion import InfoDiffusion, LossOutput
 from .preprocess import check_model_input
 from .presets import Preset
 
@@ -43,11 +54,13 @@ class TrainResult:
     """What ``train`` returns.
 
     Attributes:
-        model: the inference model (EMA weights), in eval mode, on the training device.
+        model: the inference model (EMA weights), in eval mode, on the training device. Under data parallel
+            training only rank 0 keeps the EMA; the other ranks return their (synchronised) raw training weights.
         step: the final step count (continues across resumes).
-        history: one dict per logged step: step, loss, eps_mse, mmd, kl, lr.
+        history: one dict per logged step: step, loss, eps_mse, mmd, kl, lr (empty on ranks other than 0).
         out_dir: the checkpoint directory (None when not checkpointing).
-        images_per_s: training throughput of this call (optimiser steps only, checkpoint I/O excluded).
+        images_per_s: training throughput of this call (optimiser steps only, checkpoint I/O excluded; all ranks
+            together under data parallel training).
     """
 
     model: InfoDiffusion
@@ -85,14 +98,38 @@ def config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     ]
 
 
+class _ShardBatches(Sampler[list[int]]):
+    """Yields this rank's contiguous slice of every global batch of indices."""
+
+    def __init__(self, batches: Iterable[list[int]], rank: int, world: int) -> None:
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for idx in self.batches:
+            per = len(idx) // self.world
+            yield idx[self.rank * per : (self.rank + 1) * per]
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+
 def _batches(
-    data: torch.Tensor | Dataset, batch_size: int, generator: torch.Generator, device: torch.device
+    data: torch.Tensor | Dataset,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
 ) -> Iterator[torch.Tensor]:
     """Endless stream of (B, C, H, W) batches.
 
     Uniform sampling with replacement from a tensor, or a shuffled DataLoader over a Dataset (items: tensors, or
-    tuples whose first element is the image).
+    tuples whose first element is the image). With ``world > 1`` every rank draws the same global batch of
+    ``batch_size`` indices (same ``generator`` seed) and yields its own ``batch_size // world`` slice.
     """
+    if world > 1:
+        yield from _sharded_batches(data, batch_size, generator, device, rank, world)
+        return
     if isinstance(data, torch.Tensor):
         n = data.shape[0]
         while True:
@@ -105,6 +142,57 @@ def _batches(
         for item in loader:
             x = item[0] if isinstance(item, list | tuple) else item
             yield x.to(device, non_blocking=True)
+
+
+def _sharded_batches(
+    data: torch.Tensor | Dataset,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+    rank: int,
+    world: int,
+) -> Iterator[torch.Tensor]:
+    per = batch_size // world
+    lo, hi = rank * per, (rank + 1) * per
+    if isinstance(data, torch.Tensor):
+        n = data.shape[0]
+        while True:
+            idx = torch.randint(0, n, (batch_size,), generator=generator)[lo:hi]
+            yield data[idx.to(data.device)].to(device, non_blocking=True)
+    global_batches = BatchSampler(RandomSampler(data, generator=generator), batch_size, drop_last=True)  # type: ignore[arg-type]
+    if len(global_batches) == 0:
+        raise ValueError(f"the dataset has fewer items ({len(data)}) than batch_size={batch_size}")  # type: ignore[arg-type]
+    loader = DataLoader(data, batch_sampler=_ShardBatches(global_batches, rank, world), generator=generator)
+    while True:
+        for item in loader:
+            x = item[0] if isinstance(item, list | tuple) else item
+            yield x.to(device, non_blocking=True)
+
+
+class _LossModule(torch.nn.Module):
+    """``forward(x, generator)`` = ``model.loss``: DDP syncs gradients only for what runs through its ``forward``."""
+
+    def __init__(self, model: InfoDiffusion) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator) -> LossOutput:
+        return self.model.loss(x, generator=generator)
+
+
+def _env_world() -> int:
+    """WORLD_SIZE set by torchrun (1 when absent or not a launcher environment)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 1
+    try:
+        return int(os.environ["WORLD_SIZE"])
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE must be an integer, got {os.environ['WORLD_SIZE']!r}") from None
+
+
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _check_data(data: torch.Tensor | Dataset, preset: Preset) -> None:
@@ -121,6 +209,10 @@ def _check_data(data: torch.Tensor | Dataset, preset: Preset) -> None:
     first = data[0]
     x = first[0] if isinstance(first, list | tuple) else first
     check_model_input(torch.as_tensor(x)[None], cfg)
+
+
+# rank r's diffusion-noise generator: seed + 1 + r * stride (rank 0 = the single-process seed)
+_RANK_SEED_STRIDE = 1_000_003
 
 
 @torch.no_grad()
@@ -156,9 +248,10 @@ def train(
         resume: continue from the checkpoint in ``out_dir`` (step count, optimizer, EMA, RNG); starts fresh if there
             is none. Without ``resume`` an existing checkpoint in ``out_dir`` is an error (nothing is overwritten).
         init_from: a checkpoint directory to warm-start the weights from (same model config required).
-        device: default cuda if available, else cpu.
-        progress: show a tqdm bar (only on a TTY).
-        on_step: called with each history record (every ``log_every`` steps); return True to stop early.
+        device: default cuda if available (``cuda:LOCAL_RANK`` under torchrun), else cpu.
+        progress: show a tqdm bar (only on a TTY; rank 0 only).
+        on_step: called with each history record (every ``log_every`` steps; rank 0 only, its answer is
+            broadcast to all ranks); return True to stop early.
         seed: overrides the preset seed.
 
     Returns:
@@ -168,23 +261,74 @@ def train(
         Thread count is the caller's choice (``torch.set_num_threads``). On a CPU shared with other busy processes,
         1 thread can be far faster than 2 (OpenMP barrier spinning under oversubscription).
 
+        Data parallel: see the module docstring. ``batch_size`` is the global batch (split over ranks); ``out_dir``
+        and ``init_from`` must be visible to every rank (all ranks read the checkpoint on ``resume``). A process
+        group that ``train`` initialised itself stays up for later calls and is destroyed at interpreter exit.
+
     Raises:
-        ValueError: bad data, config mismatch with ``init_from``/``resume``, existing checkpoint without ``resume``.
+        ValueError: bad data, config mismatch with ``init_from``/``resume``, existing checkpoint without ``resume``,
+            a global batch size not divisible by the world size (or under 2 images per rank).
         RuntimeError: the loss became non-finite.
     """
-    from tqdm.auto import tqdm
-
     overrides = {
         k: v for k, v in (("steps", steps), ("batch_size", batch_size), ("seed", seed)) if v is not None
     }
     tcfg = preset.train.replace(**overrides)
-    cfg = preset.model
     _check_data(data, preset)
-    dev = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dist.is_available() and not dist.is_initialized() and _env_world() > 1:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device is not None:
+            dev = torch.device(device)
+        elif torch.cuda.is_available():
+            dev = torch.device("cuda", local_rank)
+        else:
+            dev = torch.device("cpu")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        # kept for later calls (re-initialising a torchrun group in one process races on its rendezvous store)
+        atexit.register(_destroy_group)
+    elif device is not None:
+        dev = torch.device(device)
+    elif torch.cuda.is_available() and dist.is_available() and dist.is_initialized():
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    else:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return _train(
+        preset,
+        data,
+        out_dir,
+        tcfg=tcfg,
+        dev=dev,
+        resume=resume,
+        init_from=init_from,
+        progress=progress,
+        on_step=on_step,
     )
+
+
+def _train(
+    preset: Preset,
+    data: torch.Tensor | Dataset,
+    out_dir: str | Path | None,
+    *,
+    tcfg: TrainConfig,
+    dev: torch.device,
+    resume: bool,
+    init_from: str | Path | None,
+    progress: bool,
+    on_step: Callable[[dict[str, float]], bool | None] | None,
+) -> TrainResult:
+    from tqdm.auto import tqdm
+
+    cfg = preset.model
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if distributed and (tcfg.batch_size % world != 0 or tcfg.batch_size // world < 2):
+        raise ValueError(
+            f"batch_size={tcfg.batch_size} is the global batch: it must be divisible by the world size {world} "
+            f"and give at least 2 images per rank; use e.g. batch_size={max(2, tcfg.batch_size // world) * world}"
+        )
     out_path = Path(out_dir) if out_dir is not None else None
     has_ckpt = out_path is not None and (out_path / CONFIG_NAME).exists()
     if has_ckpt and not resume:
@@ -208,13 +352,13 @@ def train(
         from safetensors.torch import load_file
 
         load_state_strict(model, load_file(str(Path(init_from) / WEIGHTS_NAME)), str(init_from))
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    ema = copy.deepcopy(model).requires_grad_(False).eval() if rank == 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     use_amp = tcfg.amp and dev.type == "cuda"
     amp_dtype = torch.bfloat16 if (use_amp and torch.cuda.is_bf16_supported()) else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     data_gen = torch.Generator().manual_seed(tcfg.seed)
-    loss_gen = torch.Generator(device=dev).manual_seed(tcfg.seed + 1)
+    loss_gen = torch.Generator(device=dev).manual_seed(tcfg.seed + 1 + _RANK_SEED_STRIDE * rank)
     step, history = 0, []
 
     if resume and has_ckpt:
@@ -229,20 +373,35 @@ def train(
         load_state_strict(model, state["model"], f"{out_path}/{TRAIN_STATE_NAME}")
         from safetensors.torch import load_file
 
-        load_state_strict(ema, load_file(str(out_path / WEIGHTS_NAME)), str(out_path))
+        if ema is not None:
+            load_state_strict(ema, load_file(str(out_path / WEIGHTS_NAME)), str(out_path))
+            ema.to(dev)
         opt.load_state_dict(state["optimizer"])
         if "scaler" in state and scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
-        history = list(state.get("history", []))
+        history = list(state.get("history", [])) if rank == 0 else []
         torch.set_rng_state(state["rng"]["torch"])
         data_gen.set_state(state["rng"]["data"])
         if loss_gen.device.type == "cpu":
-            loss_gen.set_state(state["rng"]["loss"])
-        ema.to(dev)
+            per_rank = state["rng"].get("loss_per_rank")
+            if not distributed:
+                loss_gen.set_state(state["rng"]["loss"])
+            elif per_rank is not None and len(per_rank) == world:
+                loss_gen.set_state(per_rank[rank])
+            else:  # saved by a run with another world size: fresh, still distinct per rank and per resume point
+                loss_gen.manual_seed(tcfg.seed + 1 + _RANK_SEED_STRIDE * rank + step)
 
     def checkpoint() -> None:
         if out_path is None:
+            return
+        loss_state = loss_gen.get_state().cpu() if loss_gen.device.type == "cpu" else torch.empty(0)
+        per_rank: list[torch.Tensor] | None = None
+        if distributed:
+            per_rank = [torch.empty(0)] * world
+            dist.all_gather_object(per_rank, loss_state)
+        if rank != 0:
+            dist.barrier()  # rank 0 writes; the others wait until the checkpoint is complete
             return
         train_state = {
             "step": step,
@@ -252,24 +411,46 @@ def train(
             "rng": {
                 "torch": torch.get_rng_state(),
                 "data": data_gen.get_state(),
-                "loss": loss_gen.get_state().cpu() if loss_gen.device.type == "cpu" else torch.empty(0),
+                "loss": loss_state,
             },
             "train": tcfg.to_dict(),
         }
+        if per_rank is not None:
+            train_state["rng"]["loss_per_rank"] = per_rank
+            train_state["world_size"] = world
         if scaler.is_enabled():
             train_state["scaler"] = scaler.state_dict()
         meta = {"preset": preset.name, "step": step, "train": tcfg.to_dict(), "device": str(dev)}
-        save_checkpoint(ema, out_path, preprocess=preset.preprocess, train_state=train_state, meta=meta)
+        if distributed:
+            meta["world_size"] = world
+        assert ema is not None
+        try:
+            save_checkpoint(ema, out_path, preprocess=preset.preprocess, train_state=train_state, meta=meta)
+        finally:
+            if distributed:
+                dist.barrier()
 
-    batches = _batches(data, tcfg.batch_size, data_gen, dev)
+    batches = _batches(data, tcfg.batch_size, data_gen, dev, rank, world)
     bar = tqdm(
         total=tcfg.steps,
         initial=step,
         desc=f"train[{preset.name}]",
-        disable=not progress or not sys.stderr.isatty(),
+        disable=not progress or not sys.stderr.isatty() or rank != 0,
     )
     train_time, trained = 0.0, 0
     model.train()
+    loss_fn: Callable[[torch.Tensor, torch.Generator], LossOutput]
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # broadcasts rank 0's weights; the schedule buffers are constants, identical on every rank
+        loss_fn = DistributedDataParallel(
+            _LossModule(model),
+            device_ids=[dev.index] if dev.type == "cuda" and dev.index is not None else None,
+            forward_sync_buffers=False,
+        )
+    else:
+        loss_fn = lambda x, g: model.loss(x, generator=g)  # noqa: E731
     while step < tcfg.steps:
         t0 = time.perf_counter()
         lr = lr_at(step, lr=tcfg.lr, warmup_steps=tcfg.warmup_steps, total_steps=tcfg.steps)
@@ -277,7 +458,7 @@ def train(
             group["lr"] = lr
         x = next(batches)
         with torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=use_amp):
-            out = model.loss(x, generator=loss_gen)
+            out = loss_fn(x, loss_gen)
         scaler.scale(out.total).backward()
         if tcfg.grad_clip > 0:
             scaler.unscale_(opt)
@@ -285,13 +466,19 @@ def train(
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        _ema_update(ema, model, min(tcfg.ema_decay, (1 + step) / (10 + step)))
+        if ema is not None:
+            _ema_update(ema, model, min(tcfg.ema_decay, (1 + step) / (10 + step)))
         step += 1
         stop = False
         if step % tcfg.log_every == 0 or step == tcfg.steps:
+            terms = out.as_floats()
+            if distributed:  # mean over ranks (every rank takes part, so a non-finite loss stops them all)
+                vals = torch.tensor(list(terms.values()), dtype=torch.float64, device=dev)
+                dist.all_reduce(vals)
+                terms = dict(zip(terms, (vals / world).tolist(), strict=True))
             rec = {
                 "step": step,
-                **{k if k != "total" else "loss": v for k, v in out.as_floats().items()},
+                **{k if k != "total" else "loss": v for k, v in terms.items()},
                 "lr": lr,
             }
             if not cfg.loss.use_rec_term:
@@ -300,22 +487,28 @@ def train(
                 raise RuntimeError(
                     f"non-finite loss {rec['loss']} at step {step}; lower the lr or check the data"
                 )
-            history.append(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", mmd=f"{rec['mmd']:.4f}")
-            if on_step is not None:
-                stop = bool(on_step(rec))
+            if rank == 0:
+                history.append(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", mmd=f"{rec['mmd']:.4f}")
+                if on_step is not None:
+                    stop = bool(on_step(rec))
+            if distributed:  # rank 0 decides (on_step); the others follow
+                flag = torch.tensor([int(stop)], device=dev)
+                dist.broadcast(flag, src=0)
+                stop = bool(flag.item())
         bar.update(1)
         train_time += time.perf_counter() - t0
-        trained += x.shape[0]
+        trained += x.shape[0] * world
         if step % tcfg.checkpoint_every == 0 and step < tcfg.steps and not stop:
             checkpoint()
         if stop:
             break
     bar.close()
     checkpoint()
-    ema.eval()
+    final = ema if ema is not None else model.requires_grad_(False)
+    final.eval()
     return TrainResult(
-        model=ema,
+        model=final,
         step=step,
         history=history,
         out_dir=out_path,

@@ -182,3 +182,157 @@ def test_drift_event_triggers_the_webhook_automation(stack_env, webhook_server) 
 # trigger `linewatch-nightly/nightly` with `run_deployment(..., timeout=...)`, then assert with pipeline.tracking:
 # registry versions, aliases (champion / challenger), lineage tags (data.train_digest, lineage.parent_version,
 # lineage.code_version, gate.*), drift metrics (drift.axis_NN.effect series) and a POST on webhook_server.
+
+
+def _deploy_project(stack) -> None:
+    """`prefect deploy --all` of the project's prefect.yaml (repo root), then switch its schedules off.
+
+    The schedules (ingest every 10 min, monitor every 15 min) would otherwise start runs on the shared worker
+    with the worker's own LINEWATCH_HOME while this test (and later ones) use the stack.
+    """
+    from prefect.client.orchestration import get_client
+
+    env = dict(os.environ, PREFECT_API_URL=stack.prefect_api_url, LINEWATCH_TIMEZONE="Europe/Berlin")
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    with get_client(sync_client=True) as client:
+        for name in ("linewatch-nightly/nightly", "linewatch-monitor/monitor", "linewatch-ingest/ingest"):
+            dep = client.read_deployment_by_name(name)
+            assert dep.work_pool_name == stack.work_pool and dep.entrypoint.startswith("flows/")
+            for sched in dep.schedules:
+                client.update_deployment_schedule(dep.id, sched.id, active=False)
+        from prefect.client.schemas.filters import (
+            DeploymentFilter,
+            DeploymentFilterName,
+            FlowRunFilter,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+        )
+        from prefect.client.schemas.objects import StateType
+
+        scheduled = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["nightly", "monitor", "ingest"])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
+        )
+        for fr in scheduled:
+            if "auto-scheduled" in (fr.tags or []):
+                client.delete_flow_run(fr.id)
+
+
+def _run_nightly(stack, parameters: dict, env: dict[str, str], timeout: float = 420.0):
+    """Trigger the deployed nightly flow on the worker and wait for its final state."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    run = run_deployment("linewatch-nightly/nightly", parameters=parameters, job_variables={"env": env},
+                         timeout=timeout, poll_interval=2)
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run.id).state
+    return run, state
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_nightly_flow_through_the_stack(stack_env, webhook_server, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deploy prefect.yaml, run the nightly flow twice on the process worker against the Postgres-backed MLflow.
+
+    Run 1 (ingest the drop folder, train from scratch, monitor days 4-6, gain fault from day 5): v1 is champion
+    with lineage tags, the monitoring run has the per-axis drift series, the alert reaches the webhook.
+    Run 2 (warm start from v1, degraded weights, no monitor): v2 is refused by the gate, becomes challenger with
+    parent v1, and the champion stays on v1.
+    """
+    from mlflow import MlflowClient
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pipeline.faults import FaultSpec
+    from pipeline.settings import get_settings
+    from pipeline.simulate import simulate_line
+    from tests.flows import world
+
+    # A fresh world: simulated line in the drop folder (not yet ingested: the nightly's ingest step does it).
+    home = tmp_path / "home"
+    world.set_env(monkeypatch, home, tracking_uri=stack_env.mlflow_url)
+    tag = uuid.uuid4().hex[:8]
+    env = {
+        "LINEWATCH_HOME": str(home),
+        "LINEWATCH_TIMEZONE": world.TZ,
+        "MLFLOW_TRACKING_URI": stack_env.mlflow_url,
+        "LINEWATCH_MODEL_NAME": os.environ["LINEWATCH_MODEL_NAME"],
+        "LINEWATCH_TRAINING_EXPERIMENT": f"lw-stack-training-{tag}",
+        "LINEWATCH_MONITORING_EXPERIMENT": f"lw-stack-monitoring-{tag}",
+        "LINEWATCH_WEBHOOK_URL": webhook_server.url,
+        "LINEWATCH_MLFLOW_RETRIES": "3",
+        "LINEWATCH_MLFLOW_BACKOFF_S": "0.5",
+        "LINEWATCH_MLFLOW_TIMEOUT_S": "30",
+        "OMP_NUM_THREADS": "2",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    tracking.reset()
+    settings = get_settings()
+    simulate_line(settings.drop_dir, days=world.DAYS, per_day=world.PER_DAY, lines=("L1",), seed=0,
+                  fault=FaultSpec("gain", start_day=world.FAULT_DAY - 1, severity=1.6), progress=False)
+
+    with temporary_settings({PREFECT_API_URL: stack_env.prefect_api_url}):
+        _deploy_project(stack_env)
+        run1, state1 = _run_nightly(stack_env, {"ingest": True, "retrain": world.tiny_retrain_params(),
+                                                "monitor": world.monitor_params()}, env)
+        assert state1 is not None and state1.is_completed(), (state1, run1.id)
+        got = webhook_server.wait_for(1, timeout=30)  # sent by the monitor step inside the flow run
+        run2, state2 = _run_nightly(stack_env, {
+            "ingest": False, "monitor": {"skip": True},
+            "retrain": world.tiny_retrain_params(from_scratch=False, steps=10, inject_weight_noise=0.5)}, env)
+        assert state2 is not None and state2.is_completed(), (state2, run2.id)
+
+    # Ingest step: the drop folder reached the catalog, in the worker's flow run (not this process).
+    from pipeline.catalog import read_catalog
+
+    assert len(read_catalog(settings.catalog_root)) == world.DAYS * world.PER_DAY
+
+    # Registry, aliases, lineage on the Postgres-backed MLflow server.
+    tracking.configure(settings)
+    versions = tracking.list_versions()
+    assert sorted(v.version for v in versions) == [1, 2]
+    v1, v2 = tracking.get_model_version(1), tracking.get_model_version(2)
+    assert tracking.get_alias_version("champion") == 1 and "champion" in v1.aliases
+    assert tracking.get_alias_version("challenger") == 2 and "challenger" in v2.aliases
+    assert v1.source == f"runs:/{v1.run_id}/model"
+    assert v1.tags["lineage.parent_version"] == "none" and v2.tags["lineage.parent_version"] == "1"
+    assert v2.tags["warm_start"] == "true"
+    for v in (v1, v2):
+        assert len(v.tags["data.train_digest"]) == 64 and len(v.tags["data.calibration_digest"]) == 64
+        assert v.tags["lineage.code_version"]
+    assert v1.tags["data.train_digest"] == v2.tags["data.train_digest"]  # same window, same snapshot
+    assert v1.tags["gate.passed"].lower() == "true" and v2.tags["gate.passed"].lower() == "false"
+    assert "eps_mse" in v2.tags["gate.reason"]
+    train = tracking.run_summary(v1.run_id)
+    assert train.artifact_uri.startswith("mlflow-artifacts:/")
+    assert any(d.digest == v1.tags["data.train_digest"] for d in train.datasets)
+
+    # Drift metrics: one monitoring run for days 4..6, per-axis effect series, alert state on the run.
+    client = MlflowClient(stack_env.mlflow_url)
+    exp = client.get_experiment_by_name(env["LINEWATCH_MONITORING_EXPERIMENT"])
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    mid = runs[0].info.run_id
+    assert runs[0].data.tags["model_version"] == "1"
+    effect_keys = sorted(k for k in runs[0].data.metrics if k.startswith("drift.axis_") and k.endswith(".effect"))
+    assert effect_keys
+    series = tracking.get_metric_history(effect_keys[0], run_id=mid)
+    assert [step for step, _ in series] == [0, 1, 2]
+    detected = tracking.get_metric_history("drift.detected", run_id=mid)
+    assert [step for step, _ in detected] == [0, 1, 2] and detected[0][1] == 0.0 and detected[-1][1] == 1.0
+    assert tracking.run_summary(mid).tags["alert.moved_axes"].startswith("axis_")
+
+    # The alert webhook: a JSON POST from the flow run's alert manager to the local server.
+    opened = [g for g in got if g.get("kind") == "opened"]
+    assert opened, got
+    alert = opened[0]["alert"]
+    assert alert["line"] == "L1" and alert["model_version"] == "1" and alert["status"] == "open"
+    assert alert["top_axes"] and alert["window"]["id"] == opened[0]["window_id"]
