@@ -108,7 +108,7 @@ def _label(prop: str) -> str:
     return PROPERTIES[prop].label if prop in PROPERTIES else prop
 
 
-def _corr_matrix(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+def corr_matrix(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     """Pearson correlation of every column of A (n, p) with every column of B (n, q); constant columns give 0."""
     A = A - A.mean(axis=0)
     B = B - B.mean(axis=0)
@@ -159,8 +159,8 @@ def axis_correlations(
     P = props_df[names].to_numpy(dtype=np.float64)
     if not np.isfinite(P).all():
         raise ValueError("props_df contains NaN or infinite values")
-    pear = _corr_matrix(Z, P)
-    spear = _corr_matrix(stats.rankdata(Z, axis=0), stats.rankdata(P, axis=0))
+    pear = corr_matrix(Z, P)
+    spear = corr_matrix(stats.rankdata(Z, axis=0), stats.rankdata(P, axis=0))
     d = Z.shape[1]
     return pd.DataFrame(
         {
@@ -739,7 +739,7 @@ def align_axes(Z_prev: Any, Z_new: Any, *, weak: float = 0.5) -> Alignment:
         )
     if len(A) < 3:
         raise ValueError(f"need at least 3 probe images, got {len(A)}")
-    C = _corr_matrix(A, B)  # (d_prev, d_new)
+    C = corr_matrix(A, B)  # (d_prev, d_new)
     rows, cols = optimize.linear_sum_assignment(-np.abs(C))
     d_prev, d_new = C.shape
     perm = np.full(d_prev, -1, dtype=int)

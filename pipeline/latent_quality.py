@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.axes import corr_matrix
 from pipeline.detectors.base import as_latent_matrix
 
 __all__ = [
@@ -192,16 +193,6 @@ class DisentanglementResult:
         return {"total": self.total, "per_property": self.per_property.to_dict(orient="records")}
 
 
-def _abs_corr(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """|Pearson r| of every column of A (n, p) with every column of B (n, q); constant columns give 0."""
-    A = A - A.mean(axis=0)
-    B = B - B.mean(axis=0)
-    na = np.sqrt((A * A).sum(axis=0))
-    nb = np.sqrt((B * B).sum(axis=0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        C = (A.T @ B) / np.outer(na, nb)
-    C[~np.isfinite(C)] = 0.0
-    return np.clip(np.abs(C), 0.0, 1.0)
 
 
 def disentanglement_indicator(
@@ -237,7 +228,7 @@ def disentanglement_indicator(
     P = props_df[names].to_numpy(dtype=np.float64)
     if not np.isfinite(P).all():
         raise ValueError("props_df contains NaN or infinite values")
-    C = _abs_corr(X, P)  # (d, q)
+    C = np.abs(corr_matrix(X, P))  # (d, q)
     rows = []
     for j, name in enumerate(names):
         order = np.argsort(-C[:, j], kind="stable")
