@@ -44,8 +44,9 @@ class FlowRunner:
     def monitor(self, **params: Any) -> dict[str, Any]:
         """The monitor flow."""
         from flows.monitor import monitor_flow
+        from flows.runners import with_task_runner
 
-        return monitor_flow(**params)
+        return with_task_runner(monitor_flow)(**params)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -104,8 +105,9 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     """Run the monitor flow once now."""
     _prefect_home()
     from flows.monitor import monitor_flow
+    from flows.runners import with_task_runner
 
-    _print_json(monitor_flow(lookback_days=args.lookback_days, window_by=args.window_by, start=args.start,
+    _print_json(with_task_runner(monitor_flow)(lookback_days=args.lookback_days, window_by=args.window_by, start=args.start,
                              end=args.end))
     return 0
 

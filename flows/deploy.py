@@ -49,6 +49,7 @@ def build_deployments(timezone: str | None = None, *, nightly_params: dict[str, 
     from flows.monitor import monitor_flow
     from flows.nightly import nightly_flow
     from flows.retrain import retrain_flow
+    from flows.runners import with_task_runner
     from pipeline.settings import get_settings
 
     tz = timezone or get_settings().timezone
@@ -58,7 +59,7 @@ def build_deployments(timezone: str | None = None, *, nightly_params: dict[str, 
             description="ingest -> retrain (promotion gate) -> monitor, nightly", tags=["linewatch"],
             concurrency_limit=1,
         ),
-        monitor_flow.to_deployment(
+        with_task_runner(monitor_flow).to_deployment(
             name="monitor", schedules=[Cron(MONITOR_CRON, timezone=tz)], parameters=monitor_params or {},
             description="encode, score, drift per window, alerts", tags=["linewatch"], concurrency_limit=1,
         ),

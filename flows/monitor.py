@@ -3,6 +3,9 @@
 The job is :func:`pipeline.monitor.monitor`. Each new alert is also emitted as the Prefect event
 ``linewatch.drift.alert`` (resource ``linewatch.line.<line>``), which the automation built by
 :func:`flows.deploy.drift_alert_automation` turns into a webhook notification.
+
+The pass (encode, score, drift) is submitted to the flow's task runner; :func:`flows.runners.with_task_runner`
+picks it from ``LINEWATCH_TASK_RUNNER`` (``dask``: a ``prefect_dask.DaskTaskRunner``).
 """
 
 from __future__ import annotations
@@ -114,6 +117,7 @@ def monitor_flow(
         lines=lines, start=start, end=end, lookback_days=lookback_days, window_by=window_by,
         window_size=window_size, alpha=alpha, null=null, min_window=min_window, cards=cards, report=report,
     )
-    result = monitor_task(config)
+    # submitted (not called) so the flow's task runner runs it: a Dask worker under LINEWATCH_TASK_RUNNER=dask
+    result = monitor_task.submit(config).result()
     result["events_emitted"] = emit_alert_events(result)
     return result

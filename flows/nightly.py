@@ -17,6 +17,7 @@ from flows import StepFailed
 from flows.ingest import ingest_flow
 from flows.monitor import monitor_flow
 from flows.retrain import retrain_flow
+from flows.runners import with_task_runner
 
 
 def _step(name: str, fn: Any, **kwargs: Any) -> Any:
@@ -55,5 +56,5 @@ def nightly_flow(
     out["retrain"] = _step("retrain", retrain_flow, **(retrain or {}))
     mon = dict(monitor or {})
     if not mon.pop("skip", False):
-        out["monitor"] = _step("monitor", monitor_flow, **mon)
+        out["monitor"] = _step("monitor", with_task_runner(monitor_flow), **mon)
     return out
