@@ -19,7 +19,7 @@ from .encoder import Encoder, EncoderOutput
 from .losses import kl_normal, mmd, sample_prior
 from .preprocess import check_model_input
 from .samplers import DDIMSampler, DDPMSampler, ddim_invert_loop, ddim_sample_loop
-from .schedule import NoiseSchedule
+from .schedule import NoiseSchedule, register_schedule, schedule_from_buffers
 from .unet import UNet
 
 __all__ = ["LossOutput", "InfoDiffusion"]
@@ -63,16 +63,13 @@ class InfoDiffusion(nn.Module):
         self.unet = UNet(
             cfg.unet, cfg.image_size, cfg.in_channels, cfg.in_channels, latent_dim=cfg.latent_dim
         )
-        sched = NoiseSchedule.from_config(cfg.diffusion)
-        self._sched_names = tuple(sched.as_dict())
-        for name, value in sched.as_dict().items():
-            self.register_buffer(f"sched_{name}", value, persistent=False)
+        register_schedule(self, cfg.diffusion)
 
     # ------------------------------------------------------------------ basics
     @property
     def schedule(self) -> NoiseSchedule:
         """The noise schedule as a ``NoiseSchedule`` view of the buffers (on the module's device)."""
-        return NoiseSchedule(**{n: getattr(self, f"sched_{n}") for n in self._sched_names})
+        return schedule_from_buffers(self)
 
     @property
     def num_timesteps(self) -> int:

@@ -21,7 +21,7 @@ from torch import nn
 from .config import DiffusionConfig, _ConfigMixin
 from .diffusion import q_sample, randn
 from .samplers import DDIMSampler, ddim_sample_loop
-from .schedule import NoiseSchedule
+from .schedule import NoiseSchedule, register_schedule, schedule_from_buffers
 from .unet import timestep_embedding
 
 __all__ = [
@@ -99,15 +99,12 @@ class LatentDDPM(nn.Module):
         self.net = LatentDenoiser(cfg)
         self.register_buffer("z_mean", torch.zeros(cfg.latent_dim))
         self.register_buffer("z_std", torch.ones(cfg.latent_dim))
-        sched = NoiseSchedule.from_config(cfg.diffusion)
-        self._sched_names = tuple(sched.as_dict())
-        for name, value in sched.as_dict().items():
-            self.register_buffer(f"sched_{name}", value, persistent=False)
+        register_schedule(self, cfg.diffusion)
 
     @property
     def schedule(self) -> NoiseSchedule:
         """The noise schedule view of the buffers."""
-        return NoiseSchedule(**{n: getattr(self, f"sched_{n}") for n in self._sched_names})
+        return schedule_from_buffers(self)
 
     def loss(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """eps-MSE on standardised codes z (B, d)."""

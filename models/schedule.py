@@ -127,3 +127,17 @@ class NoiseSchedule:
     def as_dict(self) -> dict[str, torch.Tensor]:
         """Name -> tensor (used to register the schedule as module buffers)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def register_schedule(module: torch.nn.Module, cfg: DiffusionConfig) -> None:
+    """Keep the schedule of ``cfg`` on ``module`` as non-persistent buffers ``sched_<name>``.
+
+    Buffers follow ``module.to(device)`` and are not saved in checkpoints (they are derived from the config).
+    """
+    for name, value in NoiseSchedule.from_config(cfg).as_dict().items():
+        module.register_buffer(f"sched_{name}", value, persistent=False)
+
+
+def schedule_from_buffers(module: torch.nn.Module) -> NoiseSchedule:
+    """The ``NoiseSchedule`` view of buffers registered by :func:`register_schedule` (on the module's device)."""
+    return NoiseSchedule(**{f.name: getattr(module, f"sched_{f.name}") for f in fields(NoiseSchedule)})
