@@ -102,6 +102,16 @@ start_pg() {
     >/dev/null 2>&1 || log "pg_trgm not available (postgresql-contrib); prefect works but slower search"
 }
 
+wait_port_free() {  # port, name, seconds: a server of an earlier run may still be shutting down
+  local port=$1 name=$2 secs=${3:-30} i
+  alive "$name" && return 0
+  for ((i = 0; i < secs; i++)); do
+    (exec 3<>"/dev/tcp/$HOST/$port") 2>/dev/null || return 0
+    sleep 1
+  done
+  die "port $port for $name is still in use after ${secs} s: $(ss -ltnp 2>/dev/null | grep ":$port " || true)"
+}
+
 spawn() {  # name, command...   (own session, so stop can kill the whole group)
   local name=$1; shift
   if alive "$name"; then log "$name already running (pid $(cat "$STACK_DIR/$name.pid"))"; return 0; fi
@@ -116,6 +126,8 @@ start() {
   local t0=$SECONDS
   start_pg
   mkdir -p "$STACK_DIR/artifacts" "$STACK_DIR/prefect-home"
+  wait_port_free "$MLFLOW_PORT" mlflow
+  wait_port_free "$PREFECT_PORT" prefect-server
   spawn mlflow env MLFLOW_HTTP_REQUEST_MAX_RETRIES=0 \
     "$VENV/bin/mlflow" server \
       --backend-store-uri "$MLFLOW_DB_URL" \
