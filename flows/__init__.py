@@ -78,3 +78,21 @@ class StepFailed(RuntimeError):
         super().__init__(f"step '{step}' failed: {type(cause).__name__}: {cause}")
         self.step = step
         self.cause = cause
+
+
+def job_task_options(*, retries: int = 3) -> dict[str, Any]:
+    """The ``@task`` policy shared by the job wrappers (ingest, retrain, monitor).
+
+    Retries with back-off (``retry_delays()``, jittered) only for transient failures (``retry_condition``); no result
+    caching, since every job has side effects; prints go to the run log. Callers add their name and timeout.
+    """
+    from prefect.cache_policies import NO_CACHE
+
+    return {
+        "retries": retries,
+        "retry_delay_seconds": retry_delays(),
+        "retry_jitter_factor": 0.2,
+        "retry_condition_fn": retry_condition,
+        "cache_policy": NO_CACHE,
+        "log_prints": True,
+    }

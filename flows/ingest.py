@@ -5,21 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
 
-from flows import retry_condition, retry_delays
+from flows import job_task_options
 
 
-@task(
-    name="ingest-drop-folder",
-    retries=3,
-    retry_delay_seconds=retry_delays(),
-    retry_jitter_factor=0.2,
-    retry_condition_fn=retry_condition,
-    timeout_seconds=1800,
-    cache_policy=NO_CACHE,
-    log_prints=True,
-)
+@task(name="ingest-drop-folder", timeout_seconds=1800, **job_task_options())
 def ingest_task(drop: str | None = None, line: str | None = None) -> dict[str, Any]:
     """Register every new valid image of the drop folder (retried when the catalog lock is busy).
 

@@ -13,23 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
 
-from flows import retry_condition, retry_delays
+from flows import job_task_options
 
 ALERT_EVENT = "linewatch.drift.alert"
 
 
-@task(
-    name="monitor-windows",
-    retries=3,
-    retry_delay_seconds=retry_delays(),
-    retry_jitter_factor=0.2,
-    retry_condition_fn=retry_condition,
-    timeout_seconds=3600,
-    cache_policy=NO_CACHE,
-    log_prints=True,
-)
+@task(name="monitor-windows", timeout_seconds=3600, **job_task_options())
 def monitor_task(config: Any) -> dict[str, Any]:
     """Run one monitor pass (``pipeline.monitor.monitor``) and return its result as a dict.
 

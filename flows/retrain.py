@@ -10,21 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
 
-from flows import retry_condition, retry_delays
+from flows import job_task_options
 
 
-@task(
-    name="retrain-candidate",
-    retries=2,
-    retry_delay_seconds=retry_delays(),
-    retry_jitter_factor=0.2,
-    retry_condition_fn=retry_condition,
-    timeout_seconds=6 * 3600,
-    cache_policy=NO_CACHE,
-    log_prints=True,
-)
+@task(name="retrain-candidate", timeout_seconds=6 * 3600, **job_task_options(retries=2))
 def retrain_task(config: Any) -> dict[str, Any]:
     """Run one retrain (``pipeline.retrain.retrain``) and return its result as a dict."""
     from pipeline.retrain import retrain
