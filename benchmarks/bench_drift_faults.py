@@ -102,6 +102,8 @@ class Features:
 
     ref: np.ndarray
     pool: dict[str, np.ndarray]
+    q_ref: np.ndarray | None = None
+    q_pool: dict[str, np.ndarray] | None = None
 
 
 def _pool_matrix(ok: dict[str, np.ndarray], defect: np.ndarray) -> dict[str, np.ndarray]:
@@ -165,28 +167,57 @@ def latent_features(sp: C.Splits, ckpt_dir: Any) -> Features:
     return Features(Z["cal"], _pool_matrix({v: Z[f"ok_{C.slug(v)}"] for v in VARIANTS}, Z["defect"]))
 
 
+def quality_features(sp: C.Splits) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Full-resolution image-quality channels (``pipeline.properties.QUALITY_CHANNELS``) of reference and pool."""
+    from pipeline.properties import QUALITY_CHANNELS, measure
+
+    def comp() -> dict[str, np.ndarray]:
+        def q(imgs: np.ndarray) -> np.ndarray:
+            return measure(imgs, QUALITY_CHANNELS).to_numpy(np.float64)
+
+        out = {"cal": q(C.images()[sp.calibration]), "defect": q(C.images()[sp.test_defect])}
+        for v in VARIANTS:
+            out[f"ok_{C.slug(v)}"] = q(C.variant_images(sp.test_ok, v))
+        return out
+
+    Q = C.cached(f"drift/quality_{C.key_of(sp.test_ok.tolist(), sp.calibration.tolist(), list(QUALITY_CHANNELS))}",
+                 comp)
+    return Q["cal"], _pool_matrix({v: Q[f"ok_{C.slug(v)}"] for v in VARIANTS}, Q["defect"])
+
+
 # ------------------------------------------------------------------------------------------------ methods
 def _even_subsample(n: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, k).round().astype(int))
 
 
 def linewatch_method(
-    feats: Features, null: str, n_perm: int, seed: int, lot_block: int | None = None
-) -> Callable[[np.ndarray], tuple]:
-    """A window -> (p_equiv, stat, detected, top_axis) function around the shipped DriftDetector."""
+    feats: Features, null: str, n_perm: int, seed: int, lot_block: int | None = None,
+    strata: np.ndarray | None = None, lots: np.ndarray | None = None, quality: bool = False,
+) -> Callable[[np.ndarray, np.ndarray | None], tuple]:
+    """A (window, quality) -> (p_equiv, stat, detected, top_axis) function around the shipped DriftDetector."""
     from pipeline.drift import DriftDetector
 
     det = DriftDetector(alpha=ALPHA, null=null, n_permutations=n_perm, random_state=seed, lot_block=lot_block)
-    det.fit(feats.ref)
+    det.fit(feats.ref, ref_strata=strata, ref_lots=lots, ref_quality=feats.q_ref if quality else None)
     max_n = det.n_ref_ // 2 if null == "lot" else None
 
-    def test(Zw: np.ndarray) -> tuple:
+    def test(Zw: np.ndarray, Qw: np.ndarray | None = None) -> tuple:
         if max_n is not None and len(Zw) > max_n:
-            Zw = Zw[_even_subsample(len(Zw), max_n)]
-        r = det.test(Zw)
+            keep = _even_subsample(len(Zw), max_n)
+            Zw = Zw[keep]
+            Qw = None if Qw is None else Qw[keep]
+        r = det.test(Zw, cur_quality=Qw if quality else None)
         # one continuous statistic: how far the most significant family is below its level
         ratio = min(p / r.family_alpha for p in r.family_p.values())
-        return min(1.0, ratio * ALPHA), float(-np.log10(max(ratio, 1e-300))), bool(r.detected), int(r.top_axis)
+        stat = float(-np.log10(max(ratio, 1e-300)))
+        if null == "lot":
+            # bootstrap p-values floor at 1 / (B + 1), so many windows tie at the top: use each family's statistic
+            # as a z-score against its lot-null bootstrap, the largest over the families
+            cal = det.calibrate(len(Zw))
+            obs = {"axes": float(r.per_axis["ks_stat"].max()), "mmd": r.mmd_stat, "quality": r.quality_stat}
+            stat = max((obs[f] - float(np.mean(cal[f]))) / max(1e-12, float(np.std(cal[f])))
+                       for f in r.family_p)
+        return min(1.0, ratio * ALPHA), stat, bool(r.detected), int(r.top_axis)
 
     return test
 
@@ -195,7 +226,7 @@ def baseline_method(kind: str, ref: np.ndarray, n_perm: int, seed: int) -> Calla
     """KS-1d / KS-BH / MMD window tests of :mod:`benchmarks.baselines`."""
     from benchmarks.baselines import ks_bh_test, ks_test_1d, mmd_test
 
-    def test(Xw: np.ndarray) -> tuple:
+    def test(Xw: np.ndarray, _q: Any = None) -> tuple:
         if kind == "ks1":
             r = ks_test_1d(ref[:, 0], Xw[:, 0])
         elif kind == "ksbh":
@@ -228,6 +259,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if tag.startswith("linewatch"):
             methods["linewatch z (i.i.d. null)"] = ("z", "lw_iid")
             methods["linewatch z (lot null)"] = ("z", "lw_lot")
+            methods["linewatch z + quality (lot null)"] = ("z", "lw_lotq")
+            if args.unstratified:
+                methods["linewatch z (lot null, unstratified)"] = ("z", "lw_lotu")
             if args.lot_blocks:
                 methods[f"linewatch z (lot null, {args.lot_blocks}-cell blocks)"] = ("z", f"lw_lot{args.lot_blocks}")
         else:
@@ -237,20 +271,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     methods["KS mean intensity"] = ("mean", "ks1")
     methods["pixel PCA + KS (BH)"] = ("pixpca", "ksbh")
     methods["pixel PCA + MMD"] = ("pixpca", "mmd")
-    if not args.no_effnet:
+    if not args.no_effnet and (not args.only or any("Efficient" in o for o in args.only)):
         C.log("EfficientNet features")
         feats["effnet"] = effnet_pca_features(sp)
         methods["EfficientNet-Lite0 + PCA + KS (BH)"] = ("effnet", "ksbh")
     else:
         notes.append("EfficientNet-Lite0 + KS: not run (--no-effnet)")
 
-    testers: dict[str, Callable[[np.ndarray], tuple]] = {}
+    if args.only:
+        methods = {k: v for k, v in methods.items() if any(o in k for o in args.only)}
+    if "z" in feats:
+        feats["z"].q_ref, feats["z"].q_pool = quality_features(sp)
+    cal_types, cal_lots = sp.types[sp.calibration], sp.lots[sp.calibration]
+    testers: dict[str, Callable[..., tuple]] = {}
     for label, (fk, how) in methods.items():
         f = feats[fk]
         if how.startswith("lw_"):
             null = how[3:6]
-            block = int(how[6:]) if len(how) > 6 else None
-            testers[label] = linewatch_method(f, null, args.permutations, 0, block)
+            tail = how[6:]
+            block = int(tail) if tail.isdigit() else None
+            # the shipped lot null: stratified by product type, lots from the catalog ("u": the old, unstratified)
+            strat = null == "lot" and tail != "u"
+            testers[label] = linewatch_method(
+                f, null, args.permutations, 0, block, strata=cal_types if strat else None,
+                lots=cal_lots if strat else None, quality=tail == "q")
         else:
             testers[label] = baseline_method(how, f.ref, args.permutations, 0)
 
@@ -276,8 +320,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 out: dict[tuple[str, str], np.ndarray] = {}
                 for (cond, role), wins in sets.items():
                     X = feats[fk].pool[CONDITIONS[cond]["variant"]]
+                    Q = None if feats[fk].q_pool is None else feats[fk].q_pool[CONDITIONS[cond]["variant"]]
                     t0 = time.perf_counter()
-                    out[(cond, role)] = np.array([tester(X[w]) for w in wins], dtype=float)
+                    out[(cond, role)] = np.array([tester(X[w], None if Q is None else Q[w]) for w in wins],
+                                                 dtype=float)
                     t_method[label] += time.perf_counter() - t0
                     n_method[label] += len(wins)
                 null_cal = out[("no fault", "cal")][:, 1]
@@ -440,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", action="append", help="LABEL=CHECKPOINT_DIR (repeatable; label 'linewatch...' = shipped)")
     ap.add_argument("--no-effnet", action="store_true")
     ap.add_argument("--lot-blocks", type=int, default=0, help="also run the lot null with blocks of this many cells")
+    ap.add_argument("--unstratified", action="store_true", help="also run the old lot null (not stratified by type)")
+    ap.add_argument("--only", nargs="+", help="run only the methods whose label contains one of these strings")
     ap.add_argument("--part-out", help="write the raw results of this (partial) run as JSON here, no report")
     ap.add_argument("--merge", nargs="+", help="merge --part-out JSON files (e.g. one per window size) into the report")
     args = ap.parse_args(argv)

@@ -19,6 +19,8 @@ Protocol (the InfoDiffusion paper's latent-quality protocol, applied to ELPV):
 
 Run: ``.venv/bin/python -m benchmarks.bench_latent_quality [--steps N]``; checkpoints are kept under
 ``benchmarks/out/latent_quality/`` (git-ignored) and reused by later runs with the same steps (``--retrain`` forces).
+``--lambda`` and ``--mmd-bandwidth`` (``LossConfig.mmd_bandwidth``) change the InfoDiffusion variant only; a
+non-default value adds ``_lam<L>`` / ``_bw<B>`` to its checkpoint folder, so runs never share a folder.
 Results: ``benchmarks/results/bench_latent_quality.md``.
 """
 
@@ -41,7 +43,8 @@ OUT_DIR = ROOT / "benchmarks" / "out" / "latent_quality"
 RESULTS = ROOT / "benchmarks" / "results" / "bench_latent_quality.md"
 PROPERTIES = ("mean_intensity", "contrast", "sharpness", "dark_fraction")
 MACHINE = "2-core CPU, 24 GiB, no GPU"
-VARIANTS = {"InfoDiffusion (0.1, 1)": (0.1, 1.0), "DiffAE ablation (0, 0)": (0.0, 0.0)}
+DEFAULT_LAMBDA = 0.1
+DEFAULT_BANDWIDTH = "reference"
 TARGETS = {"mono_poly_acc": 0.98, "defect_auroc": 0.90}
 
 
@@ -56,14 +59,31 @@ def load_pools(seed: int = 0) -> tuple[np.ndarray, pd.DataFrame]:
 
 
 # --- models ----------------------------------------------------------------------------------------------------
-def train_variant(name: str, lam: float, zeta: float, data, args) -> Path:
+def variants(lam: float = DEFAULT_LAMBDA, bandwidth: str = DEFAULT_BANDWIDTH) -> dict[str, tuple[float, float, str]]:
+    """The two trained variants: name -> (lambda_mmd, zeta, mmd_bandwidth). The first is InfoDiffusion."""
+    name = f"InfoDiffusion ({lam:g}, 1)"
+    if bandwidth != DEFAULT_BANDWIDTH:
+        name = f"InfoDiffusion ({lam:g}, 1, bw {bandwidth})"
+    return {name: (lam, 1.0, bandwidth), "DiffAE ablation (0, 0)": (0.0, 0.0, DEFAULT_BANDWIDTH)}
+
+
+def checkpoint_dir(preset: str, lam: float, bandwidth: str, steps: int, seed: int) -> Path:
+    """Folder of one variant's checkpoint; non-default lambda / bandwidth get a suffix (no collision)."""
+    slug = "infodiffusion" if lam > 0 else "diffae"
+    if lam > 0 and lam != DEFAULT_LAMBDA:
+        slug += f"_lam{lam:g}"
+    if bandwidth != DEFAULT_BANDWIDTH:
+        slug += f"_bw{bandwidth}"
+    return OUT_DIR / f"{preset}_{slug}_s{steps}_seed{seed}"
+
+
+def train_variant(name: str, lam: float, zeta: float, data, args, bandwidth: str = DEFAULT_BANDWIDTH) -> Path:
     """Train (or reuse) one model variant; returns its checkpoint folder."""
     import torch
 
     from models import get_preset, load_checkpoint, train
 
-    slug = "infodiffusion" if lam > 0 else "diffae"
-    out = OUT_DIR / f"{args.preset}_{slug}_s{args.steps}_seed{args.seed}"
+    out = checkpoint_dir(args.preset, lam, bandwidth, args.steps, args.seed)
     if args.retrain and out.exists():
         import shutil
 
@@ -73,7 +93,7 @@ def train_variant(name: str, lam: float, zeta: float, data, args) -> Path:
         print(f"[{name}] reusing {out}", file=sys.stderr)
         return out
     preset = get_preset(args.preset)
-    loss = dataclasses.replace(preset.model.loss, lambda_mmd=lam, zeta=zeta)
+    loss = dataclasses.replace(preset.model.loss, lambda_mmd=lam, zeta=zeta, mmd_bandwidth=bandwidth)
     preset = dataclasses.replace(preset, model=dataclasses.replace(preset.model, loss=loss))
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -172,6 +192,9 @@ def evaluate(
         "mono_poly_acc_lot": mp_lot["acc"],
         "defect_auroc_lot": de_lot["auroc"],
         "tad": float(sum(v[1] for v in dis.values())),
+        "z_std_mean": float(Z.std(0).mean()),
+        "z_std_min": float(Z.std(0).min()),
+        "z_std_max": float(Z.std(0).max()),
         "dis": dis,
     }
 
@@ -213,7 +236,13 @@ def write_report(rows: dict[str, dict], ctx: dict) -> str:
     for name, r in rows.items():
         cells = [f"{r['dis'][p][0]:.2f} / {r['dis'][p][1]:.2f} (z_{r['dis'][p][2]})" for p in PROPERTIES]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    info, diffae = rows[list(VARIANTS)[0]], rows[list(VARIANTS)[1]]
+    lines += ["", "Scale of the codes: per-axis std over the probe cells, mean (min - max) over the d axes.", ""]
+    lines += [
+        f"- {name}: {r['z_std_mean']:.3f} ({r['z_std_min']:.3f} - {r['z_std_max']:.3f})"
+        for name, r in rows.items()
+        if "z_std_mean" in r
+    ]
+    info, diffae = rows[list(rows)[0]], rows[list(rows)[1]]
     lines += ["", "Targets:", ""]
     checks = [
         ("InfoDiffusion mono/poly accuracy >= 0.98", info["mono_poly_acc"] >= TARGETS["mono_poly_acc"]),
@@ -239,6 +268,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--infodiffusion", default=None, metavar="CKPT", help="evaluate this checkpoint, no training")
     parser.add_argument("--diffae", default=None, metavar="CKPT", help="evaluate this checkpoint, no training")
+    parser.add_argument(
+        "--lambda", dest="lam", type=float, default=DEFAULT_LAMBDA, help="lambda_mmd of the InfoDiffusion variant"
+    )
+    parser.add_argument(
+        "--mmd-bandwidth",
+        default=DEFAULT_BANDWIDTH,
+        choices=("reference", "dim"),
+        help="MMD kernel bandwidth of the InfoDiffusion variant (LossConfig.mmd_bandwidth)",
+    )
     parser.add_argument("--retrain", action="store_true", help="ignore checkpoints saved by an earlier run")
     parser.add_argument("--out", default=str(RESULTS), help="markdown results file")
     args = parser.parse_args(argv)
@@ -266,9 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     times: list[str] = []
     ckpts: list[str] = []
     d = preset.model.latent_dim
-    for name, (lam, zeta) in VARIANTS.items():
+    if args.lam <= 0:
+        parser.error("--lambda must be > 0 (lambda = 0 is the DiffAE ablation, always run)")
+    for name, (lam, zeta, bandwidth) in variants(args.lam, args.mmd_bandwidth).items():
         given = args.infodiffusion if lam > 0 else args.diffae
-        ckpt_dir = Path(given) if given else train_variant(name, lam, zeta, data, args)
+        ckpt_dir = Path(given) if given else train_variant(name, lam, zeta, data, args, bandwidth)
         ckpt = load_checkpoint(ckpt_dir)
         d = ckpt.config.latent_dim
         Z = encode_images(ckpt.model, ckpt.preprocess, list(eval_images), batch_size=128)
@@ -276,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         info = train_info(ckpt_dir)
         loss = ckpt.config.loss
         step = info.get("steps", ckpt.meta.get("step", "?"))
-        ckpts.append(f"{name}: `{_rel(ckpt_dir)}` (lambda {loss.lambda_mmd:g}, zeta {loss.zeta:g}, step {step}, "
+        ckpts.append(f"{name}: `{_rel(ckpt_dir)}` (lambda {loss.lambda_mmd:g}, zeta {loss.zeta:g}, "
+                     f"MMD bandwidth {loss.mmd_bandwidth}, step {step}, "
                      f"model id {ckpt.meta.get('model_id')})")
         if "seconds" in info:
             times.append(f"{name}: {info['seconds']:.0f} s wall ({info.get('images_per_s', 0):.1f} img/s)")

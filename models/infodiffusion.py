@@ -132,9 +132,9 @@ class InfoDiffusion(nn.Module):
 
         * t ~ U{0..T-1} and eps ~ N(0, I) per example, x_t = q_sample(x0, t, eps); z = Enc(x0) sees the **clean**
           image; eps_mse = mean (eps_theta(x_t, t, z) - eps)^2 (the unweighted "simple" DDPM loss).
-        * MMD: biased V-statistic with the reference kernel against a **fresh** prior batch of the same size, on the
-          conditioning code z (the reparameterised sample with the stochastic head, i.e. a sample of the aggregate
-          posterior q(z)).
+        * MMD: biased V-statistic with the ``lc.mmd_bandwidth`` kernel (default: the reference's) against a **fresh**
+          prior batch of the same size, on the conditioning code z (the reparameterised sample with the stochastic
+          head, i.e. a sample of the aggregate posterior q(z)).
         * KL: only with the stochastic (Gaussian) encoder head; with the deterministic encoder it is undefined and
           omitted. Hence lambda_mmd = zeta = 0 with the deterministic encoder is exactly the DiffAE ablation
           (``total == eps_mse``).
@@ -170,11 +170,11 @@ class InfoDiffusion(nn.Module):
 
         prior = sample_prior(b, self.cfg.latent_dim, lc.prior, generator=generator, device=dev)
         if lc.lambda_mmd > 0:
-            mmd_val = mmd(z.float(), prior)
+            mmd_val = mmd(z.float(), prior, lc.mmd_bandwidth)
             total = total + lc.lambda_mmd * mmd_val
         else:
             with torch.no_grad():
-                mmd_val = mmd(z.detach().float(), prior)
+                mmd_val = mmd(z.detach().float(), prior, lc.mmd_bandwidth)
 
         zero = torch.zeros((), device=dev)
         kl_val = zero

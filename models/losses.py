@@ -2,19 +2,46 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
-__all__ = ["rbf_kernel", "mmd", "kl_normal", "sample_prior"]
+from .config import MMD_BANDWIDTHS
+
+__all__ = ["kernel_denominator", "rbf_kernel", "mmd", "kl_normal", "sample_prior"]
 
 
-def rbf_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The reference (InfoVAE) kernel k(u, v) = exp(-mean_d (u_d - v_d)^2 / d) = exp(-||u - v||^2 / d^2).
+def kernel_denominator(d: int, bandwidth: str = "reference") -> float:
+    """The denominator c of the RBF kernel k(u, v) = exp(-||u - v||^2 / c) for codes of dimension d.
+
+    Args:
+        d: latent dimension (>= 1).
+        bandwidth: ``"reference"`` -> c = d^2 (the InfoVAE / InfoDiffusion reference code);
+            ``"dim"`` -> c = 2 d (a Gaussian kernel with sigma^2 = d, the scale of ||u - v||^2 / 2 under N(0, I)).
+
+    Returns:
+        c as a float.
+    """
+    if d < 1:
+        raise ValueError(f"kernel_denominator needs d >= 1, got {d}")
+    if bandwidth == "reference":
+        return float(d * d)
+    if bandwidth == "dim":
+        return float(2 * d)
+    raise ValueError(f"unknown MMD kernel bandwidth {bandwidth!r}; choose one of {MMD_BANDWIDTHS}")
+
+
+def rbf_kernel(a: torch.Tensor, b: torch.Tensor, bandwidth: str = "reference") -> torch.Tensor:
+    """RBF kernel matrix k(u, v) = exp(-||u - v||^2 / c), c = ``kernel_denominator(d, bandwidth)``.
+
+    ``"reference"`` (default) is the reference (InfoVAE) kernel exp(-mean_d (u_d - v_d)^2 / d) =
+    exp(-||u - v||^2 / d^2); ``"dim"`` is exp(-||u - v||^2 / (2 d)), a Gaussian kernel with sigma^2 = d.
 
     Args:
         a: (N, d).
         b: (M, d).
+        bandwidth: ``"reference"`` or ``"dim"`` (see ``LossConfig.mmd_bandwidth`` for why both exist).
 
     Returns:
         (N, M) kernel matrix.
@@ -24,11 +51,12 @@ def rbf_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             f"rbf_kernel expects (N, d) and (M, d) with the same d, got {tuple(a.shape)}, {tuple(b.shape)}"
         )
     d = a.shape[1]
+    per_dim = kernel_denominator(d, bandwidth) / d  # ||u - v||^2 / c = mean_d (u_d - v_d)^2 / (c / d); exact: d or 2
     sq = (a[:, None, :] - b[None, :, :]).pow(2).mean(dim=-1)
-    return torch.exp(-sq / d)
+    return torch.exp(-sq / per_dim)
 
 
-def mmd(z: torch.Tensor, z_prior: torch.Tensor) -> torch.Tensor:
+def mmd(z: torch.Tensor, z_prior: torch.Tensor, bandwidth: str = "reference") -> torch.Tensor:
     """Squared MMD between two samples: biased V-statistic with the diagonals included (as in the reference).
 
     MMD^2 = mean K(Y, Y) + mean K(Z, Z) - 2 mean K(Y, Z). It is >= 0 and 0 iff the samples coincide as empirical
@@ -37,11 +65,13 @@ def mmd(z: torch.Tensor, z_prior: torch.Tensor) -> torch.Tensor:
     Args:
         z: (N, d) encoder codes.
         z_prior: (M, d) samples from p(z).
+        bandwidth: kernel bandwidth, ``"reference"`` (default) or ``"dim"``; see ``rbf_kernel``.
 
     Returns:
         Scalar tensor.
     """
-    return rbf_kernel(z_prior, z_prior).mean() + rbf_kernel(z, z).mean() - 2 * rbf_kernel(z_prior, z).mean()
+    k = functools.partial(rbf_kernel, bandwidth=bandwidth)
+    return k(z_prior, z_prior).mean() + k(z, z).mean() - 2 * k(z_prior, z).mean()
 
 
 def kl_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

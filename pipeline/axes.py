@@ -49,6 +49,7 @@ __all__ = [
     "axis_cards",
     "axis_correlations",
     "describe_axes",
+    "quality_text",
 ]
 
 #: Below this |r| no property is said to explain an axis.
@@ -385,7 +386,7 @@ def attribute(drift_result: Any, cards: Any = None, *, max_axes: int | None = No
         if len(table) and np.isfinite(eff).any():
             i = int(np.nanargmax(np.abs(eff)))
             tail = f"; largest shift: axis {int(table['axis'].iloc[i])} ({_fmt_effect(float(eff[i]))})"
-        text = f"{head}; no single axis is significant{tail}"
+        text = f"{head}; no single axis is significant{tail}" + quality_text(drift_result, prefix="; ")
         return Attribution(detected, (), None, 0.0, fired, text)
     top = axes[0]
     share = abs(top.effect) / total if total > 0 else 0.0
@@ -398,7 +399,24 @@ def attribute(drift_result: Any, cards: Any = None, *, max_axes: int | None = No
         text += "; also " + ", ".join(f"axis {a.axis} ({_fmt_effect(a.effect)})" for a in axes[1:4])
         if len(axes) > 4:
             text += f" and {len(axes) - 4} more"
+    text += quality_text(drift_result, prefix="; ")
     return Attribution(detected, tuple(axes), top.axis, share, fired, text)
+
+
+def quality_text(drift_result: Any, prefix: str = "") -> str:
+    """One phrase for the significant image-quality channels of a drift result whose quality family fired.
+
+    Reads e.g. ``"image quality: fine-detail ratio moved by +2.7 σ"``; ``""`` when the family did not fire (or for a
+    bare per-axis table).
+    """
+    table = getattr(drift_result, "per_channel", None)
+    if not isinstance(table, pd.DataFrame) or "quality" not in tuple(getattr(drift_result, "fired", ()) or ()):
+        return ""
+    sig = table[table["significant"].astype(bool)]
+    if sig.empty:
+        return ""
+    parts = [f"{_label(str(r['channel']))} moved by {_fmt_effect(float(r['effect_size']))}" for _, r in sig.iterrows()]
+    return f"{prefix}image quality: " + ", ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------------ axis cards

@@ -227,6 +227,7 @@ examples:
   linewatch drift --model ckpt/v1 --reference calib/ --current line1/2024-05-01/
   linewatch drift --model ckpt/v1 --reference calib_latents.parquet --current today_latents.parquet --json
   linewatch drift --model ckpt/v1 --reference calib/ --current shift2/ --null lot --alpha 0.01
+  linewatch drift --model ckpt/v1 --reference calib/ --current shift2/ --quality   # blur, sensor noise
 
 Prints whether the current window drifted from the reference: the multivariate MMD^2 statistic and p-value, and for
 every latent axis its KS statistic, p-value (BH-adjusted too), effect size (shift in reference standard deviations),
@@ -255,8 +256,12 @@ def cmd_drift(args: argparse.Namespace) -> int:
         random_state=args.seed,
         progress=progress,
     )
-    det.fit(ref.Z, model_id=model_id)
-    res = det.test(cur.Z, model_id=model_id)
+    q_ref = q_cur = None
+    if args.quality:
+        q_ref = _quality_of(ref, "--reference", progress)
+        q_cur = _quality_of(cur, "--current", progress)
+    det.fit(ref.Z, model_id=model_id, ref_quality=q_ref)
+    res = det.test(cur.Z, model_id=model_id, cur_quality=q_cur)
     axes = res.per_axis
     if args.json:
         doc = {
@@ -286,6 +291,15 @@ def cmd_drift(args: argparse.Namespace) -> int:
                 }
                 for r in axes.itertuples(index=False)
             ],
+            "quality": None if res.per_channel is None else {
+                "statistic": res.quality_stat,
+                "p_value": res.quality_p,
+                "channels": [
+                    {"channel": str(r.channel), "statistic": float(r.ks_stat), "p_value": float(r.p_value),
+                     "effect_size": float(r.effect_size), "significant": bool(r.significant)}
+                    for r in res.per_channel.itertuples(index=False)
+                ],
+            },
             "summary": res.summary(),
         }
         print(json.dumps(_jsonable(doc), indent=2))
@@ -302,7 +316,24 @@ def cmd_drift(args: argparse.Namespace) -> int:
             f"{r.rank:>4}  z_{r.axis:<3}  {r.ks_stat:>6.3f}  {r.p_value:>9.3g}  {r.p_adjusted:>9.3g}  "
             f"{r.effect_size:>+7.2f}  {r.psi:>6.3f}  {r.psi_band}  {'*' if r.significant else ''}"
         )
+    if res.per_channel is not None:
+        print(f"image quality (full resolution): max KS {res.quality_stat:.3f}, p = {res.quality_p:.4g}")
+        for r in res.per_channel.itertuples(index=False):
+            print(f"  {r.channel:<14}  KS {r.ks_stat:.3f}  p {r.p_value:.3g}  effect {r.effect_size:+.2f} sd"
+                  f"  {'*' if r.significant else ''}")
     return 0
+
+
+def _quality_of(src: LatentSource, what: str, progress: bool) -> Any:
+    """Full-resolution image-quality channels of the images of an image-folder source."""
+    from pipeline.images import read_images
+    from pipeline.properties import QUALITY_CHANNELS, measure
+
+    if src.kind != "images":
+        raise CLIError(f"--quality measures the images themselves: give {what} as an image folder, not a Parquet file")
+    images = read_images(list(src.frame["path"]), channels=1)
+    return pd.concat([measure(np.asarray(im).squeeze()[None], QUALITY_CHANNELS) for im in images],
+                     ignore_index=True)
 
 
 # --- registration ------------------------------------------------------------------------------------------------
@@ -352,4 +383,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--null", choices=("iid", "lot"), default="iid", help="null hypothesis (default iid)")
     p.add_argument("--min-window", type=int, default=30, help="smallest window accepted (default 30)")
     p.add_argument("--permutations", type=int, default=200, help="MMD permutations, iid null (default 200)")
+    p.add_argument("--quality", action="store_true",
+                   help="also test full-resolution image-quality channels (fine detail, noise, rotation); needs image "
+                        "folders for --reference and --current")
     p.set_defaults(func=cmd_drift)

@@ -9,9 +9,13 @@ families of tests:
   and the population stability index (PSI, with the conventional bands) of each axis;
 * **multivariate**: the unbiased MMD^2 with a Gaussian RBF kernel (median-heuristic bandwidth) and a permutation test;
 * **anomaly scores** (when given): a one-sided Mann-Whitney test "are the window's anomaly scores larger?";
-  its statistic is the AUC ``P(score_cur > score_ref)``.
+  its statistic is the AUC ``P(score_cur > score_ref)``;
+* **image quality** (when given): per-channel two-sample KS on full-resolution image-quality measurements
+  (sharpness, noise level, ... from :mod:`pipeline.properties`), Bonferroni over channels. A latent computed at
+  32-64 px cannot see a 1 px blur or 3 % sensor noise on a 300 px image (downsampling averages them away); these
+  channels can, and the result names the channel that moved.
 
-**Combination rule.** With k families present (2 or 3), each family is tested at ``alpha / k`` and the window is
+**Combination rule.** With k families present (2 to 4), each family is tested at ``alpha / k`` and the window is
 flagged when any family fires (Bonferroni across families), so the false-alarm rate on unshifted windows is at most
 ``alpha`` under the null in force. The per-axis family's p-value is the smallest corrected p-value: with BH this is
 Simes' global test (valid for independent or positively dependent axes), with Bonferroni it is valid under any
@@ -27,6 +31,9 @@ three statistics (max KS over axes, MMD^2 with the reference bandwidth, score AU
 reference (leave-window-out, with a guard band of one block on each side, or the whole lots the window touches when
 ``ref_lots`` is given, so a window is never compared with the other half of its own lot), and takes empirical
 p-values ``(1 + #{boot >= obs}) / (B + 1)``. A window is then compared with how much whole lots normally differ.
+With ``ref_strata`` (e.g. the product type) each calibration window takes every stratum's share of the reference as
+consecutive images of that stratum and is compared with the rest re-weighted to the reference's shares, so a
+calibration window looks like a monitored window of the usual product mix, not like one product's run.
 Calibrations are cached per window size. The lot null is only as precise as the reference holds independent
 windows (about n_ref / n): calibrated on average, but the false-alarm rate one line sees with its one reference
 varies around alpha (see ``benchmarks/results/bench_drift_calibration.md``).
@@ -312,6 +319,62 @@ def _auc(cur: np.ndarray, ref: np.ndarray) -> float:
     return float((ranks[:m].sum() - m * (m + 1) / 2.0) / (m * ref.size))
 
 
+def _as_channels(X: Any, n: int, what: str) -> tuple[np.ndarray | None, tuple[str, ...]]:
+    """(n, k) float matrix and channel names of per-image channels (None passes through)."""
+    if X is None:
+        return None, ()
+    if isinstance(X, pd.DataFrame):
+        names = tuple(str(c) for c in X.columns)
+        M = X.to_numpy(dtype=np.float64)
+    else:
+        M = np.asarray(X, dtype=np.float64)
+        if M.ndim == 1:
+            M = M[:, None]
+        names = tuple(f"q_{i}" for i in range(M.shape[1] if M.ndim == 2 else 0))
+    if M.ndim != 2 or M.shape[0] != n or M.shape[1] == 0:
+        raise ValueError(f"{what} must have shape ({n}, k) with k >= 1, got {M.shape}")
+    if not np.isfinite(M).all():
+        raise ValueError(f"{what} contain NaN or inf")
+    return M, names
+
+
+def _max_weighted_ks(win: np.ndarray, rest: np.ndarray, w: np.ndarray) -> float:
+    """Largest KS distance over columns between a sample and a weighted sample (weights ``w`` sum to 1)."""
+    best = 0.0
+    n = win.shape[0]
+    for j in range(win.shape[1]):
+        o = np.argsort(rest[:, j], kind="stable")
+        xs, cw = rest[o, j], np.cumsum(w[o])
+        pts = np.concatenate([xs, win[:, j]])
+        f_rest = np.r_[0.0, cw][np.searchsorted(xs, pts, side="right")]
+        f_win = np.searchsorted(np.sort(win[:, j]), pts, side="right") / n
+        best = max(best, float(np.max(np.abs(f_rest - f_win))))
+    return best
+
+
+def _weighted_mmd2(R: np.ndarray, w: np.ndarray, X: np.ndarray, sigma: float) -> float:
+    """MMD^2 between a weighted sample R (weights sum to 1, diagonal left out) and X (unbiased within X)."""
+    g = 1.0 / (2.0 * sigma**2)
+    Krr = np.exp(-g * _sq_dists(R, R))
+    np.fill_diagonal(Krr, 0.0)
+    rr = float(w @ Krr @ w) / max(1e-12, 1.0 - float(np.sum(w**2)))
+    m = X.shape[0]
+    Kxx = np.exp(-g * _sq_dists(X, X))
+    xx = (Kxx.sum() - np.trace(Kxx)) / (m * (m - 1))
+    rx = float(w @ np.exp(-g * _sq_dists(R, X)).mean(axis=1))
+    return float(rr + xx - 2.0 * rx)
+
+
+def _weighted_auc(cur: np.ndarray, rest: np.ndarray, w: np.ndarray) -> float:
+    """P(cur > rest) + 0.5 P(tie) with the rest weighted by ``w`` (summing to 1)."""
+    o = np.argsort(rest, kind="stable")
+    xs, cw = rest[o], np.r_[0.0, np.cumsum(w[o])]
+    below = cw[np.searchsorted(xs, cur, side="left")]
+    at_or_below = cw[np.searchsorted(xs, cur, side="right")]
+    return float(np.mean(0.5 * (below + at_or_below)))
+
+
+
 # ------------------------------------------------------------------------------------------------------------
 # detector
 # ------------------------------------------------------------------------------------------------------------
@@ -321,7 +384,7 @@ class DriftResult:
 
     Attributes:
         detected: the window is flagged (some family fired at ``family_alpha``).
-        fired: names of the families that fired, from ``("axes", "mmd", "scores")``.
+        fired: names of the families that fired, from ``("axes", "mmd", "scores", "quality")``.
         family_p: p-value of each family tested (under the null in force).
         family_alpha: level each family is tested at (``alpha / number of families``).
         mmd_stat: unbiased MMD^2 of the window against the reference.
@@ -337,6 +400,11 @@ class DriftResult:
         n_cur: window size.
         null: ``"iid"`` or ``"lot"``.
         thresholds: the decision thresholds used (levels, lot-null quantiles, the expected null PSI).
+        quality_stat: largest per-channel KS statistic of the image-quality channels (None without them).
+        quality_p: p-value of the quality family (Bonferroni over channels under the i.i.d. null, lot bootstrap of
+            the max KS under the lot null; None without channels).
+        per_channel: one row per quality channel, significant first then by KS: ``channel, ks_stat, p_value,
+            effect_size, significant`` (None without channels).
         meta: detector name, version, params, model id.
     """
 
@@ -355,7 +423,17 @@ class DriftResult:
     n_cur: int
     null: str
     thresholds: dict[str, float]
+    quality_stat: float | None = None
+    quality_p: float | None = None
+    per_channel: pd.DataFrame | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def top_channel(self) -> str | None:
+        """The image-quality channel that moved most when the quality family fired, else None."""
+        if self.per_channel is None or "quality" not in self.fired:
+            return None
+        return str(self.per_channel.iloc[0]["channel"])
 
     def summary(self) -> str:
         """One line for logs and alerts."""
@@ -366,6 +444,10 @@ class DriftResult:
             f"{head} ({self.null} null, n={self.n_cur}; {fams}); top axis z_{self.top_axis}: "
             f"effect {row['effect_size']:+.2f} sd, KS {row['ks_stat']:.2f}, PSI {row['psi']:.2f} "
             f"({row['psi_band']}), {self.top_share:.0%} of the total shift"
+        ) + (
+            ""
+            if self.top_channel is None
+            else f"; image quality: {self.top_channel} {self.per_channel.iloc[0]['effect_size']:+.2f} sd"
         )
 
 
@@ -396,6 +478,7 @@ class DriftDetector:
     """
 
     name = "DriftDetector"
+    _min_rest_frac = 0.5
     version = "1"
 
     def __init__(
@@ -460,6 +543,8 @@ class DriftDetector:
         model_id: str | None = None,
         ref_order: Any = None,
         ref_lots: Any = None,
+        ref_strata: Any = None,
+        ref_quality: Any = None,
     ) -> DriftDetector:
         """Store the reference.
 
@@ -473,6 +558,16 @@ class DriftDetector:
                 windows (and blocks) start at lot boundaries: use it when monitoring windows are cut on lot
                 boundaries (a window = whole lots), which differ from the reference more than windows that start
                 mid-lot.
+            ref_strata: optional stratum label (n_ref,) of each reference image, e.g. the product type. When
+                given, every lot-null calibration window takes from each stratum its share of the reference
+                (largest-remainder rounding), as consecutive images *of that stratum*, and is compared with the rest
+                of the reference re-weighted to the same shares. Without it, a calibration window of consecutive
+                images is mostly one product, so the lot null measures product-mix swings and is far too wide for
+                windows that mix products like the reference does.
+            ref_quality: optional image-quality channels (n_ref, k) of the same images (a DataFrame keeps its column
+                names, e.g. ``sharpness``, ``noise_level`` from :mod:`pipeline.properties` at full resolution);
+                enables the ``quality`` family: per-channel two-sample KS, which sees fine-scale faults (blur,
+                sensor noise) that a latent computed at a few dozen pixels cannot.
 
         Returns:
             self.
@@ -490,6 +585,14 @@ class DriftDetector:
                 raise ValueError(f"ref_scores has {scores.size} values for {n} reference images")
             if not np.isfinite(scores).all():
                 raise ValueError("ref_scores contain NaN or inf")
+        quality, q_names = _as_channels(ref_quality, n, "ref_quality")
+        strata = None
+        if ref_strata is not None:
+            strata = np.asarray(ref_strata)
+            if strata.shape[0] != n:
+                raise ValueError(f"ref_strata has {strata.shape[0]} values for {n} reference images")
+            if pd.isna(strata).any():
+                raise ValueError("ref_strata contain missing values; label every reference image (e.g. 'unknown')")
         if ref_order is not None:
             key = np.asarray(ref_order)
             if key.shape[0] != n:
@@ -497,6 +600,7 @@ class DriftDetector:
             order = np.argsort(key, kind="stable")
             Z = Z[order]
             scores = None if scores is None else scores[order]
+            quality = None if quality is None else quality[order]
         else:
             order = np.arange(n)
         self._lot_starts = None
@@ -508,13 +612,25 @@ class DriftDetector:
             lots = lots[order]
             self._lot_starts = np.r_[0, np.flatnonzero(lots[1:] != lots[:-1]) + 1]
             self._lot_ids = np.cumsum(np.r_[0, lots[1:] != lots[:-1]])  # runs of equal labels, in order
+        if strata is None:
+            self._streams = [(np.arange(n), 1.0)]
+            self.strata_ = None
+        else:
+            strata = strata[order]
+            labels, inv = np.unique(strata, return_inverse=True)
+            self._streams = [(np.flatnonzero(inv == i), float(np.mean(inv == i))) for i in range(labels.size)]
+            self.strata_ = {str(lab): float(np.mean(inv == i)) for i, lab in enumerate(labels)}
         self.ref_ = Z
         self.ref_scores_ = scores
+        self.ref_quality_ = quality
+        self.quality_names_ = q_names
+        self._stream_of = np.empty(n, dtype=np.int64)
+        for i, (rows, _) in enumerate(self._streams):
+            self._stream_of[rows] = i
         self.model_id_ = model_id
         self.n_ref_, self.n_features_in_ = Z.shape
         self.psi_edges_ = _psi_edges(Z, self.psi_bins)
         self.sigma_ref_ = median_heuristic(Z, rng=self.random_state)
-        self._ref_sorted = np.sort(Z, axis=0)
         self._calibrations: dict[int, dict[str, np.ndarray]] = {}
         self.is_fitted_ = True
         return self
@@ -524,69 +640,97 @@ class DriftDetector:
             raise NotFittedError("DriftDetector has not been fit: call fit(Z_ref) first")
 
     # ---- lot null ------------------------------------------------------------------------------------------
+    def _allocation(self, n: int) -> list[int]:
+        """Images per stratum in a calibration window of ``n``: the reference shares, largest-remainder rounding."""
+        raw = np.array([share * n for _, share in self._streams])
+        k = np.floor(raw).astype(int)
+        for i in np.argsort(-(raw - k), kind="stable")[: n - int(k.sum())]:
+            k[i] += 1
+        return k.tolist()
+
     def _block_indices(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Rows of one calibration window, and the rows to leave out of "the rest" for it.
 
-        Left out are the window itself plus a guard band of one block length on each side of every block (or,
-        with ``ref_lots``, every lot the window touches): a window that starts or ends inside a lot must not be
-        compared with the other part of that same lot, which would make the calibration windows look more
-        alike than new lots do.
+        Per stratum (one stream of all rows without ``ref_strata``), the window takes its share as blocks of
+        consecutive rows of that stratum. Left out of the rest are the window itself plus a guard band of one block
+        length on each side of every block (or, with ``ref_lots``, every lot the window touches): a window that
+        starts or ends inside a lot must not be compared with the other part of that same lot, which would make the
+        calibration windows look more alike than new lots do.
         """
         N = self.n_ref_
-        L = n if self.lot_block is None else min(self.lot_block, n)
-        n_blocks = math.ceil(n / L)
-        if self._lot_starts is not None:
-            cand = self._lot_starts[self._lot_starts <= N - L]
-            starts = rng.choice(cand, size=n_blocks)
-        else:
-            starts = rng.integers(0, N - L + 1, size=n_blocks)
-        idx = (starts[:, None] + np.arange(L)[None, :]).ravel()[:n]
         excl = np.zeros(N, dtype=bool)
+        parts = []
+        for (rows, _), k in zip(self._streams, self._allocation(n), strict=True):
+            if k == 0:
+                continue
+            n_s = rows.size
+            L = k if self.lot_block is None else min(self.lot_block, k)
+            n_blocks = math.ceil(k / L)
+            cand = None
+            if self._lot_ids is not None:
+                ids = self._lot_ids[rows]
+                first = np.r_[0, np.flatnonzero(ids[1:] != ids[:-1]) + 1]  # lot starts within this stratum
+                cand = first[first <= n_s - L]
+            if cand is not None and cand.size:
+                starts = rng.choice(cand, size=n_blocks)
+            else:
+                starts = rng.integers(0, n_s - L + 1, size=n_blocks)
+            pos = (starts[:, None] + np.arange(L)[None, :]).ravel()[:k]
+            parts.append(rows[pos])
+            if self._lot_ids is None:
+                guard = max(0, min(L, (n_s - 2 * k) // (2 * n_blocks)))  # leave at least k rows of the stratum
+                for s0 in starts:
+                    excl[rows[max(0, s0 - guard) : s0 + L + guard]] = True
+        idx = np.concatenate(parts)
         if self._lot_ids is not None:
             excl = np.isin(self._lot_ids, np.unique(self._lot_ids[idx]))
-        else:
-            guard = max(0, min(L, (N - 2 * n) // (2 * n_blocks)))  # always leave at least n rows in the rest
-            for s0 in starts:
-                excl[max(0, s0 - guard) : s0 + L + guard] = True
         excl[idx] = True
-        if N - int(excl.sum()) < n:  # lots larger than the reference allows: fall back to the window alone
+        short = any(
+            k > 0 and int((~excl[rows]).sum()) < max(2, int(k * self._min_rest_frac))
+            for (rows, _), k in zip(self._streams, self._allocation(n), strict=True)
+        )
+        if N - int(excl.sum()) < n or short:  # lots larger than the reference allows: leave out the window alone
             excl[:] = False
             excl[idx] = True
         return idx, excl
 
+    def _rest_weights(self, keep: np.ndarray) -> np.ndarray:
+        """Weights (summing to 1) of the kept reference rows that restore the reference's stratum shares."""
+        w = np.zeros(keep.size)
+        for rows, share in self._streams:
+            kept = rows[keep[rows]]
+            if kept.size:
+                w[kept] = share / kept.size
+        w = w[keep]
+        return w / w.sum()
+
     def _window_stats_vs_rest(
         self, idx: np.ndarray, excl: np.ndarray, rng: np.random.Generator
-    ) -> tuple[float, float, float]:
-        """Max KS, MMD^2 and score AUC of reference rows ``idx`` against the reference rows not in ``excl``."""
-        N = self.n_ref_
-        mask = excl
-        n_u = int(mask.sum())
-        win = self.ref_[idx]
-        n = win.shape[0]
-        # KS without re-sorting the rest: F_rest = (N F_ref - n_u F_excluded) / (N - n_u), at all ref points
-        uniq = self.ref_[mask]
-        ks = 0.0
-        for j in range(self.n_features_in_):
-            x = self._ref_sorted[:, j]
-            f_ref = self._f_ref[:, j]
-            f_u = np.searchsorted(np.sort(uniq[:, j]), x, side="right") / n_u
-            f_win = np.searchsorted(np.sort(win[:, j]), x, side="right") / n
-            f_rest = (N * f_ref - n_u * f_u) / (N - n_u)
-            ks = max(ks, float(np.max(np.abs(f_rest - f_win))))
-        rest_idx = np.flatnonzero(~mask)
-        if rest_idx.size > self.mmd_max_ref:
-            rest_idx = rng.choice(rest_idx, self.mmd_max_ref, replace=False)
-        mmd = mmd2_unbiased(self.ref_[rest_idx], win, self.sigma_ref_)
+    ) -> tuple[float, float, float, float]:
+        """Max KS (axes), MMD^2, score AUC and max KS (quality) of rows ``idx`` against the re-weighted rest."""
+        keep = ~excl
+        rest_idx = np.flatnonzero(keep)
+        w = self._rest_weights(keep)
+        ks = _max_weighted_ks(self.ref_[idx], self.ref_[rest_idx], w)
+        if rest_idx.size > self.mmd_max_ref:  # weighted subsample keeps the stratum shares
+            sub = rng.choice(rest_idx.size, self.mmd_max_ref, replace=False, p=w)
+            mmd = mmd2_unbiased(self.ref_[rest_idx[sub]], self.ref_[idx], self.sigma_ref_)
+        else:
+            mmd = _weighted_mmd2(self.ref_[rest_idx], w, self.ref_[idx], self.sigma_ref_)
         auc = math.nan
         if self.ref_scores_ is not None:
-            auc = _auc(self.ref_scores_[idx], self.ref_scores_[~mask])
-        return ks, mmd, auc
+            auc = _weighted_auc(self.ref_scores_[idx], self.ref_scores_[rest_idx], w)
+        qks = math.nan
+        if self.ref_quality_ is not None:
+            qks = _max_weighted_ks(self.ref_quality_[idx], self.ref_quality_[rest_idx], w)
+        return ks, mmd, auc, qks
 
     def calibrate(self, n: int) -> dict[str, np.ndarray]:
-        """Lot-null bootstrap distributions of the three statistics for windows of ``n`` images (cached).
+        """Lot-null bootstrap distributions of the family statistics for windows of ``n`` images (cached).
 
         Returns:
-            ``{"axes": max-KS (B,), "mmd": MMD^2 (B,), "scores": AUC (B,) or NaNs}``, each sorted ascending.
+            ``{"axes": max-KS (B,), "mmd": MMD^2 (B,), "scores": AUC (B,), "quality": max-KS (B,)}``, each sorted
+            ascending (NaNs for a family without reference data).
         """
         self._check_fitted()
         if n in self._calibrations:
@@ -596,21 +740,13 @@ class DriftDetector:
                 f"the lot null needs a reference at least twice the window: reference {self.n_ref_}, window {n}; "
                 "use a larger reference or smaller windows"
             )
-        if not hasattr(self, "_f_ref"):
-            self._f_ref = np.column_stack(
-                [
-                    np.searchsorted(self._ref_sorted[:, j], self._ref_sorted[:, j], side="right")
-                    / self.n_ref_
-                    for j in range(self.n_features_in_)
-                ]
-            )
         rng = np.random.default_rng([self.random_state, n])
-        out = np.empty((self.n_calibration, 3))
+        out = np.empty((self.n_calibration, 4))
         it = range(self.n_calibration)
         for b in tqdm(it, desc=f"lot null n={n}", disable=not self.progress, leave=False):
             idx, excl = self._block_indices(n, rng)
             out[b] = self._window_stats_vs_rest(idx, excl, rng)
-        cal = {k: np.sort(out[:, i]) for i, k in enumerate(("axes", "mmd", "scores"))}
+        cal = {k: np.sort(out[:, i]) for i, k in enumerate(("axes", "mmd", "scores", "quality"))}
         self._calibrations[n] = cal
         return cal
 
@@ -627,13 +763,17 @@ class DriftDetector:
         return float((1.0 + n_ge) / (1.0 + boot.size))
 
     # ---- test ----------------------------------------------------------------------------------------------
-    def test(self, Z_cur: Any, cur_scores: Any = None, model_id: str | None = None) -> DriftResult:
+    def test(
+        self, Z_cur: Any, cur_scores: Any = None, model_id: str | None = None, cur_quality: Any = None
+    ) -> DriftResult:
         """Test one window against the reference.
 
         Args:
             Z_cur: window latents (n_cur, d).
             cur_scores: anomaly scores (n_cur,) of the window; required iff ``ref_scores`` were given to ``fit``.
             model_id: id of the model that encoded ``Z_cur``; must equal the reference's when both are known.
+            cur_quality: image-quality channels (n_cur, k) of the window; required iff ``ref_quality`` was given,
+                with the same channels.
 
         Returns:
             :class:`DriftResult`.
@@ -670,6 +810,21 @@ class DriftDetector:
             if not np.isfinite(scores).all():
                 raise ValueError("cur_scores contain NaN or inf")
 
+        quality = None
+        if (cur_quality is None) != (self.ref_quality_ is None):
+            raise ValueError(
+                "image-quality channels must be given for both the reference (fit ref_quality) and the window "
+                "(test cur_quality), or for neither"
+            )
+        if cur_quality is not None:
+            quality, names = _as_channels(cur_quality, n, "cur_quality")
+            if quality.shape[1] != self.ref_quality_.shape[1] or (
+                isinstance(cur_quality, pd.DataFrame) and list(names) != list(self.quality_names_)
+            ):
+                raise ValueError(
+                    f"window quality channels {list(names)} do not match the reference's {list(self.quality_names_)}"
+                )
+
         ref = self.ref_
         # seeded by the window's content: reproducible for a given window, but a fresh reference subsample and
         # permutation set for each window, so the false-alarm rate over many windows does not hinge on one
@@ -680,15 +835,28 @@ class DriftDetector:
         eff = effect_size(ref, Z)
         psis = _psi_from_edges(ref, Z, self.psi_edges_, 1e-4)
 
-        families = ["axes", "mmd"] + (["scores"] if scores is not None else [])
+        families = ["axes", "mmd"] + (["scores"] if scores is not None else []) + (
+            ["quality"] if quality is not None else []
+        )
         fam_alpha = self.alpha / len(families)
+        if self.null == "lot" and (self.n_calibration + 1) * fam_alpha < 1.0:
+            raise ValueError(
+                f"n_calibration={self.n_calibration} cannot resolve p-values at alpha/{len(families)}="
+                f"{fam_alpha:.3g}; use at least {math.ceil(1.0 / fam_alpha)}"
+            )
         family_p: dict[str, float] = {}
         thresholds: dict[str, float] = {
             "alpha": self.alpha,
             "family_alpha": fam_alpha,
             "psi_null_expected": (len(self.psi_edges_[0])) * (1.0 / n + 1.0 / self.n_ref_),
         }
-        score_stat = score_p = None
+        score_stat = score_p = quality_stat = quality_p = None
+        per_channel = None
+        q_sig = None
+        if quality is not None:
+            q_ks, q_pv = ks_per_axis(self.ref_quality_, quality)
+            q_eff = effect_size(self.ref_quality_, quality)
+            quality_stat = float(q_ks.max())
         if self.null == "iid":
             family_p["axes"] = float(p_adj.min())
             significant = p_adj <= fam_alpha
@@ -697,6 +865,10 @@ class DriftDetector:
             )
             if scores is not None:
                 score_stat, score_p = score_distribution_test(self.ref_scores_, scores)
+            if quality is not None:
+                q_adj = bonferroni(q_pv)
+                quality_p = float(q_adj.min())
+                q_sig = q_adj <= fam_alpha
             thresholds["p_adjusted"] = fam_alpha
         else:
             cal = self.calibrate(n)
@@ -713,9 +885,20 @@ class DriftDetector:
                 score_stat = _auc(scores, self.ref_scores_)
                 score_p = self._boot_p(cal["scores"], score_stat)
                 thresholds["score_auc"] = self._boot_threshold(cal["scores"], fam_alpha)
+            if quality is not None:
+                q_thr = self._boot_threshold(cal["quality"], fam_alpha)
+                quality_p = self._boot_p(cal["quality"], quality_stat)
+                q_sig = q_ks > q_thr
+                thresholds["quality_max_ks"] = q_thr
         family_p["mmd"] = float(mmd_p)
         if score_p is not None:
             family_p["scores"] = float(score_p)
+        if quality_p is not None:
+            family_p["quality"] = float(quality_p)
+            per_channel = pd.DataFrame(
+                {"channel": list(self.quality_names_), "ks_stat": q_ks, "p_value": q_pv, "effect_size": q_eff,
+                 "significant": q_sig}
+            ).sort_values(["significant", "ks_stat"], ascending=False, kind="stable", ignore_index=True)
         fired = tuple(k for k in families if family_p[k] <= fam_alpha * (1 + 1e-9))
 
         # rank: significant axes by |effect| first, then the rest by |effect|
@@ -754,6 +937,9 @@ class DriftDetector:
             n_cur=n,
             null=self.null,
             thresholds=thresholds,
+            quality_stat=quality_stat,
+            quality_p=quality_p,
+            per_channel=per_channel,
             meta={
                 "name": self.name,
                 "version": self.version,

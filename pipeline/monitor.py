@@ -56,6 +56,9 @@ class MonitorConfig:
         null: ``"lot"`` (default: calibrated on consecutive reference images) or ``"iid"``.
         min_window: smallest window tested.
         n_calibration: bootstrap windows of the lot null.
+        quality: also test full-resolution image-quality channels (``pipeline.properties.QUALITY_CHANNELS``:
+            fine detail, pixel noise, rotation) of every window; they see blur, sensor noise and small
+            misalignments that the model's low-resolution latents average away. Measured once per image and cached.
         fpr: per-image detector false-positive target.
         cards: render axis-card strips for the axes of alerted windows (cached per model).
         report: draw a drift report picture per alerted window.
@@ -73,6 +76,7 @@ class MonitorConfig:
     null: str = "lot"
     min_window: int = 30
     n_calibration: int = 500
+    quality: bool = True
     fpr: float = 0.05
     cards: bool = True
     report: bool = True
@@ -316,7 +320,7 @@ def monitor(settings: Any, config: MonitorConfig = MonitorConfig(), *, alert_man
 def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) -> MonitorResult:
     import torch
 
-    from pipeline.axes import attribute
+    from pipeline.axes import attribute, quality_text
     from pipeline.catalog import read_catalog
     from pipeline.drift import DriftDetector, windows
     from pipeline.encode import encode_catalog, z_columns
@@ -352,9 +356,19 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
     # drift per window -------------------------------------------------------------------------------------------
     ref_order = pd.to_datetime(champ.reference["captured_at"], utc=True).astype("int64").to_numpy() \
         if "captured_at" in champ.reference.columns else None
+    # the lot null draws calibration windows with the reference's product mix, when the catalog knows the product
+    ref_strata = None
+    if "product_type" in champ.reference.columns and champ.reference["product_type"].nunique() > 1:
+        ref_strata = champ.reference["product_type"].fillna("unknown").astype(str).to_numpy()
+    quality = q_ref = None
+    if config.quality:
+        quality = quality_channels(settings, pd.concat([champ.reference[["image_id", "store_path"]],
+                                                        df[["image_id", "store_path"]]], ignore_index=True),
+                                   progress=config.progress)
+        q_ref = quality.loc[champ.reference["image_id"].astype(str).to_numpy()].reset_index(drop=True)
     drift = DriftDetector(alpha=config.alpha, null=config.null, min_window=config.min_window,
                           n_calibration=config.n_calibration, random_state=config.seed, progress=config.progress)
-    drift.fit(champ.z_ref, model_id=champ.model_id, ref_order=ref_order)
+    drift.fit(champ.z_ref, model_id=champ.model_id, ref_order=ref_order, ref_strata=ref_strata, ref_quality=q_ref)
     max_n = drift.n_ref_ // 2 if config.null == "lot" else None
     descriptions = axis_descriptions(settings, champ)
     desc_text = {d.axis: d.text for d in descriptions}
@@ -374,12 +388,15 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
                 continue
             frame = w.frame
             zw = frame[zc].to_numpy(np.float64)
+            qw = None if quality is None else quality.loc[frame["image_id"].astype(str).to_numpy()]
             if max_n is not None and len(zw) > max_n:
-                zw = zw[_even_subsample(len(zw), max_n)]
-            res = drift.test(zw, model_id=champ.model_id)
+                keep = _even_subsample(len(zw), max_n)
+                zw = zw[keep]
+                qw = None if qw is None else qw.iloc[keep]
+            res = drift.test(zw, model_id=champ.model_id, cur_quality=qw)
             attr = attribute(res, descriptions)
             top = None
-            if res.detected:  # the attribution's top significant axis, else the drift test's largest shift
+            if res.detected and res.fired != ("quality",):  # the top significant axis, else the largest shift
                 top = int(attr.top_axis if attr.top_axis is not None else res.top_axis)
             effect = 0.0
             if top is not None:
@@ -407,7 +424,7 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
                 end=pd.Timestamp(w.end).tz_convert("UTC").to_pydatetime(),
                 n_images=len(frame), n_tested=len(zw), n_anomalous=int(frame["is_anomaly"].sum()),
                 detected=bool(res.detected), top_axis=top, top_share=float(res.top_share) if top is not None else 0.0,
-                effect=effect, description=desc_text.get(top, "") if top is not None else "",
+                effect=effect, description=desc_text.get(top, "") if top is not None else quality_text(res),
                 summary=res.summary(), attribution=attr.text, alert_active=active, events=ev_dicts,
             ))
             results[(str(line), w.window_id)] = (res, frame)
@@ -424,6 +441,46 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
     run_id = _log_run(settings, champ, outcomes, results, config)
     return MonitorResult(tuple(outcomes), tuple(all_events), run_id, champ.version, champ.model_id, len(df),
                          tuple(skipped))
+
+
+def quality_table_path(settings: Any) -> Path:
+    """Per-image image-quality channels (``image_id`` + ``pipeline.properties.QUALITY_CHANNELS``), model-free."""
+    return state_dir(settings) / "quality.parquet"
+
+
+def quality_channels(settings: Any, rows: pd.DataFrame, progress: bool = False) -> pd.DataFrame:
+    """Image-quality channels of ``rows`` (``image_id``, ``store_path``), indexed by image id.
+
+    Measured at full resolution once per image and kept in :func:`quality_table_path`; only images not measured
+    before are read.
+    """
+    from tqdm.auto import tqdm
+
+    from pipeline.catalog import resolve_store_path
+    from pipeline.images import read_images
+    from pipeline.properties import QUALITY_CHANNELS, measure
+
+    channels = list(QUALITY_CHANNELS)
+    path = quality_table_path(settings)
+    have = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["image_id", *channels])
+    if not set(channels) <= set(have.columns):  # another channel set: measure again
+        have = pd.DataFrame(columns=["image_id", *channels])
+    rows = rows.drop_duplicates("image_id")
+    todo = rows[~rows["image_id"].astype(str).isin(set(have["image_id"].astype(str)))]
+    if len(todo):
+        values = []
+        batch = 64
+        for i in tqdm(range(0, len(todo), batch), desc="image quality", unit="batch", disable=not progress):
+            part = todo.iloc[i : i + batch]
+            images = read_images([resolve_store_path(settings.catalog_root, p) for p in part["store_path"]],
+                                 channels=1)
+            values.append(pd.concat([measure(np.asarray(im).squeeze()[None], channels) for im in images],
+                                    ignore_index=True))
+        new = pd.concat(values, ignore_index=True)
+        new.insert(0, "image_id", todo["image_id"].astype(str).to_numpy())
+        have = _upsert(path, new, ["image_id"])
+    table = have.assign(image_id=have["image_id"].astype(str)).set_index("image_id")[channels].astype(np.float64)
+    return table.loc[~table.index.duplicated(keep="last")]
 
 
 def scores_table_path(settings: Any) -> Path:

@@ -831,8 +831,8 @@ def write_bundle(
     tmp = bundle.with_name(bundle.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    keep = [c for c in ("image_id", "line", "station", "captured_at", "store_path", "lot", "lot_id") if c in
-            calibration.columns]
+    keep = [c for c in ("image_id", "line", "station", "captured_at", "store_path", "product_type", "lot", "lot_id")
+            if c in calibration.columns]
     ref = calibration[keep].copy()
     for i in range(z_cal.shape[1]):
         ref[f"z_{i}"] = z_cal[:, i]

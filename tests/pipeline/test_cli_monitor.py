@@ -131,3 +131,28 @@ def test_drift_lot_null_and_errors(tiny_checkpoint, ref_parquet, elpv_small, tmp
         assert main([*base, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert msg in err, (extra, err)
+
+
+def test_drift_quality_channels_see_a_blur_the_tiny_latent_cannot(
+    tiny_checkpoint, ref_parquet, elpv_small, tmp_path, capsys, png_writer
+):
+    from scipy import ndimage
+
+    ref_dir, ref_pq = ref_parquet
+    blurred = tmp_path / "blurred"
+    imgs = ndimage.gaussian_filter(elpv_small.images.astype(np.float32), sigma=(0, 1.0, 1.0))
+    png_writer(np.clip(np.rint(imgs), 0, 255).astype(np.uint8), blurred)  # 1 px defocus at 300 px
+    common = ["--model", str(tiny_checkpoint), "--reference", str(ref_dir), "--min-window", "10", "--quality"]
+    doc = _drift_json(capsys, *common, "--current", str(blurred))
+    assert doc["detected"] is True and "quality" in doc["fired"]
+    chans = {c["channel"]: c for c in doc["quality"]["channels"]}
+    assert set(chans) == {"detail_ratio", "noise_level", "rotation_deg"}
+    assert chans["detail_ratio"]["significant"] and chans["detail_ratio"]["effect_size"] > 1.0
+    same = _drift_json(capsys, *common, "--current", str(ref_dir))
+    assert "quality" not in same["fired"]
+    assert main(["drift", *common, "--current", str(blurred), "--no-progress"]) == 0
+    assert "image quality (full resolution)" in capsys.readouterr().out
+    # the channels are measured on images: a latents file cannot give them
+    assert main(["drift", "--model", str(tiny_checkpoint), "--reference", str(ref_pq), "--current", str(blurred),
+                 "--quality", "--min-window", "10", "--no-progress"]) == 2
+    assert "--quality measures the images" in capsys.readouterr().err

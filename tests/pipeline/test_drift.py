@@ -338,3 +338,104 @@ def test_lot_aligned_calibration_with_ref_lots():
     assert np.median(aligned["axes"]) > np.median(anywhere["axes"])
     with pytest.raises(ValueError, match="ref_lots"):
         DriftDetector(**kw).fit(ref, ref_lots=lots[:10])
+
+
+# ---- stratified lot null and the image-quality family --------------------------------------------------------------
+def _typed_line(rng, n_lots, lot_size, mono_every=3, run=1, shift=None):
+    """Lots of two product types in production order, in runs of ``run`` lots of one type (a mono run, then
+    ``mono_every - 1`` poly runs); the type moves axis 0 by 4 sd (like mono vs poly)."""
+    Z, types, lots = [], [], []
+    for i in range(n_lots):
+        t = "mono" if (i // run) % mono_every == 0 else "poly"
+        z = rng.normal(size=(lot_size, D)) + rng.normal(size=D) * 0.5
+        z[:, 0] += 4.0 if t == "mono" else 0.0
+        Z.append(z)
+        types += [t] * lot_size
+        lots += [i] * lot_size
+    Z = np.vstack(Z)
+    if shift is not None:
+        Z = Z + shift
+    return Z, np.array(types), np.array(lots)
+
+
+def _mixed_window(rng, n, mono_share, lot_size, shift=None):
+    """A window of the usual mix: one run of consecutive mono cells and one of poly cells (new lots)."""
+    k = int(round(n * mono_share))
+    m, _, _ = _typed_line(rng, -(-k // lot_size), lot_size, mono_every=1)
+    p, _, _ = _typed_line(rng, -(-(n - k) // lot_size) + 1, lot_size, mono_every=10**9)
+    p = p[lot_size:]  # lot 0 of a "mono_every" line is mono: drop it
+    Z = np.vstack([m[:k], p[: n - k]])
+    return Z if shift is None else Z + shift
+
+
+def test_stratified_lot_null_matches_windows_of_the_usual_mix():
+    rng = np.random.default_rng(40)
+    ref, types, lots = _typed_line(rng, 36, 30, run=4)  # 1080 cells, a third mono, runs of 4 lots of one type
+    share = float(np.mean(types == "mono"))
+    plain = DriftDetector(null="lot", n_calibration=200, mmd_max_ref=300).fit(ref)
+    strat = DriftDetector(null="lot", n_calibration=200, mmd_max_ref=300).fit(ref, ref_strata=types, ref_lots=lots)
+    assert strat.strata_ == pytest.approx({"mono": share, "poly": 1 - share})
+    # calibration windows of the stratified null have the reference's product mix
+    idx, excl = strat._block_indices(90, np.random.default_rng(0))
+    assert idx.size == 90 and np.sum(types[idx] == "mono") == round(90 * share)
+    assert not excl[~np.isin(lots, lots[idx])].any()  # only the lots the window touches are left out
+    # the unstratified null measures one-product runs: its threshold is far wider
+    assert np.median(plain.calibrate(90)["axes"]) > 1.5 * np.median(strat.calibrate(90)["axes"])
+    null_w = [_mixed_window(rng, 90, share, 30) for _ in range(40)]
+    assert np.mean([strat.test(w).detected for w in null_w]) <= 0.05 + 0.08
+    shifted = [_mixed_window(rng, 90, share, 30, shift=np.r_[0, 0, 1.5, 0, 0, 0]) for _ in range(20)]
+    res_s = [strat.test(w) for w in shifted]
+    res_p = [plain.test(w) for w in shifted]
+    assert np.mean([r.detected for r in res_s]) >= 0.8
+    assert np.mean([r.detected for r in res_s]) > np.mean([r.detected for r in res_p]) + 0.3
+    assert np.mean([r.top_axis == 2 for r in res_s if r.detected]) >= 0.9
+    with pytest.raises(ValueError, match="ref_strata has"):
+        DriftDetector(null="lot").fit(ref, ref_strata=types[:10])
+
+
+def test_weighted_statistics_reduce_to_the_unweighted_ones():
+    from pipeline.drift import _auc, _max_weighted_ks, _weighted_auc, _weighted_mmd2, mmd2_unbiased
+
+    rng = np.random.default_rng(41)
+    R, X = rng.normal(size=(120, 3)), rng.normal(size=(40, 3)) + 0.3
+    w = np.full(120, 1 / 120)
+    ks = max(stats.ks_2samp(R[:, j], X[:, j]).statistic for j in range(3))
+    assert _max_weighted_ks(X, R, w) == pytest.approx(ks)
+    assert _weighted_auc(X[:, 0], R[:, 0], w) == pytest.approx(_auc(X[:, 0], R[:, 0]))
+    assert _weighted_mmd2(R, w, X, 1.3) == pytest.approx(mmd2_unbiased(R, X, 1.3))
+    # weights restore a mixture: a reference half like X, half shifted; weighting X's half up shrinks the distances
+    R2 = np.vstack([rng.normal(size=(60, 3)) + 0.3, rng.normal(size=(60, 3)) + 2.0])
+    w2 = np.r_[np.full(60, 0.9 / 60), np.full(60, 0.1 / 60)]
+    assert _weighted_mmd2(R2, w2, X, 1.3) < 0.5 * _weighted_mmd2(R2, w, X, 1.3)
+    assert _max_weighted_ks(X, R2, w2) < _max_weighted_ks(X, R2, w) - 0.1
+    assert abs(_weighted_auc(X[:, 0], R2[:, 0], w2) - 0.5) < abs(_weighted_auc(X[:, 0], R2[:, 0], w) - 0.5)
+
+
+@pytest.mark.parametrize("null", ["iid", "lot"])
+def test_quality_family_sees_a_channel_the_latents_miss(null):
+    rng = np.random.default_rng(42)
+    ref = rng.normal(size=(600, D))
+    q_ref = pd.DataFrame({"sharpness": rng.normal(1.0, 0.1, 600), "noise_level": rng.normal(0.01, 0.002, 600)})
+    det = DriftDetector(null=null, n_permutations=49, n_calibration=200, mmd_max_ref=300).fit(ref, ref_quality=q_ref)
+    q_ok = pd.DataFrame({"sharpness": rng.normal(1.0, 0.1, 80), "noise_level": rng.normal(0.01, 0.002, 80)})
+    r0 = det.test(rng.normal(size=(80, D)), cur_quality=q_ok)
+    assert set(r0.family_p) == {"axes", "mmd", "quality"} and r0.family_alpha == pytest.approx(0.05 / 3)
+    assert r0.per_channel is not None and set(r0.per_channel["channel"]) == {"sharpness", "noise_level"}
+    # blur: sharpness drops, the latents do not move
+    q_blur = q_ok.assign(sharpness=q_ok["sharpness"] * 0.8)
+    r1 = det.test(rng.normal(size=(80, D)), cur_quality=q_blur)
+    assert r1.detected and "quality" in r1.fired and r1.top_channel == "sharpness"
+    assert r1.per_channel.iloc[0]["effect_size"] < -1.0 and "sharpness" in r1.summary()
+    # calibrated: unshifted windows rarely fire the quality family
+    fired = [
+        "quality" in det.test(rng.normal(size=(80, D)), cur_quality=pd.DataFrame({
+            "sharpness": rng.normal(1.0, 0.1, 80), "noise_level": rng.normal(0.01, 0.002, 80)})).fired
+        for _ in range(60)
+    ]
+    assert np.mean(fired) <= 0.05 / 3 + 0.06
+    with pytest.raises(ValueError, match="or for neither"):
+        det.test(rng.normal(size=(80, D)))
+    with pytest.raises(ValueError, match="do not match"):
+        det.test(rng.normal(size=(80, D)), cur_quality=q_ok[["noise_level", "sharpness"]])
+    with pytest.raises(ValueError, match="NaN"):
+        det.test(rng.normal(size=(80, D)), cur_quality=q_ok.assign(sharpness=np.nan))

@@ -74,3 +74,23 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
     assert default_alert_manager(settings).active("L1") is not None  # nothing forgotten
     assert (settings.state_dir / "alerts.jsonl").read_text().splitlines() == sent
     assert [w.detected for w in again.windows] == [w.detected for w in res.windows]
+
+    # the image-quality channels: measured once per image at full resolution, cached, tested with every window
+    from pipeline import properties as properties_mod
+    from pipeline.alerts import AlertManager
+    from pipeline.monitor import quality_table_path
+
+    qres = monitor(settings, monitor_config(**monitor_params(quality=True)),
+                   alert_manager=AlertManager(tmp_path / "alerts-quality"))
+    assert all("quality p=" in w.summary for w in qres.windows)
+    table = pd.read_parquet(quality_table_path(settings))
+    assert set(table["image_id"]) >= set(pd.read_parquet(scores_table_path(settings))["image_id"])
+    assert table.drop(columns="image_id").notna().all().all()
+
+    def no_measure(*a, **k):
+        raise AssertionError("image properties were measured again")
+
+    monkeypatch.setattr(properties_mod, "measure", no_measure)
+    again_q = monitor(settings, monitor_config(**monitor_params(quality=True)),
+                      alert_manager=AlertManager(tmp_path / "alerts-quality"))
+    assert [w.summary for w in again_q.windows] == [w.summary for w in qres.windows]

@@ -152,3 +152,13 @@ def test_bad_input_raises(bad: np.ndarray, match: str) -> None:
 def test_unknown_property_raises(cells: np.ndarray) -> None:
     with pytest.raises(ValueError, match="unknown properties"):
         P.measure(cells, properties=["brightness"])
+
+
+def test_detail_ratio_sees_a_one_pixel_blur_and_noise(cells: np.ndarray) -> None:
+    base = P.detail_ratio(cells)
+    blurred = _u8(ndimage.gaussian_filter(_f(cells), sigma=(0, 1.0, 1.0)))
+    assert np.all(P.detail_ratio(blurred) > 1.05 * base)  # 1 px at 300 px: invisible at the model's 32-64 px
+    noisy = _u8(_f(cells) + np.random.default_rng(1).normal(0.0, 6.0, cells.shape))
+    assert np.all(P.detail_ratio(noisy) > 1.5 * base)
+    assert P.detail_ratio(cells[0]) == pytest.approx(base[0])  # one image gives a float
+    assert "detail_ratio" in P.QUALITY_CHANNELS and set(P.QUALITY_CHANNELS) <= set(P.PROPERTIES)
