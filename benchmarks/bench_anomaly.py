@@ -268,9 +268,7 @@ def report(res: dict[str, Any], command: str) -> str:
             f"{'met' if beat else 'NOT met'}.\n"
         )
     out.append("\n## Models and notes\n\n")
-    for k, v in res["models"].items():
-        out.append(f"- {k}: `{v['path']}` ({v['image_size']} px, lambda = {v['lambda_mmd']}, zeta = {v['zeta']}, "
-                   f"{v['steps']} steps, model id {v['model_id']})\n")
+    out.extend(C.model_lines(res["models"]))
     for k, v in res["notes"].items():
         out.append(f"- {k}: {v}\n")
     out.append(

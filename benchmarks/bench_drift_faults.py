@@ -465,9 +465,7 @@ def report(res: dict[str, Any], command: str) -> str:
             f"{'yes' if a['names_fault_property'] else 'no'} |\n"
         )
     out.append("\n## Models, speed, notes\n\n")
-    for k, v in res["models"].items():
-        out.append(f"- {k}: `{v['path']}` ({v['image_size']} px, lambda = {v['lambda_mmd']}, zeta = {v['zeta']}, "
-                   f"{v['steps']} steps, model id {v['model_id']})\n")
+    out.extend(C.model_lines(res["models"]))
     for m, s in res["speed_s_per_window"].items():
         out.append(f"- {m}: {s * 1e3:.1f} ms per window test (features precomputed)\n")
     for note in res["notes"]:

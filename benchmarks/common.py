@@ -264,6 +264,15 @@ def checkpoint_meta(path: Path) -> dict[str, Any]:
     }
 
 
+def model_lines(models: dict[str, dict[str, Any]]) -> list[str]:
+    """Report lines naming each model used (path, size, lambda, zeta, steps, id) from :func:`checkpoint_meta`."""
+    return [
+        f"- {k}: `{v['path']}` ({v['image_size']} px, lambda = {v['lambda_mmd']}, zeta = {v['zeta']}, "
+        f"{v['steps']} steps, model id {v['model_id']})\n"
+        for k, v in models.items()
+    ]
+
+
 def encode(ckpt: Any, imgs: np.ndarray, batch: int = 128) -> np.ndarray:
     """Latents z (N, d) of uint8 images with a loaded checkpoint."""
     import torch

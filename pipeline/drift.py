@@ -10,8 +10,11 @@ families of tests:
 * **multivariate**: the unbiased MMD^2 with a Gaussian RBF kernel (median-heuristic bandwidth) and a permutation test;
 * **anomaly scores** (when given): a one-sided Mann-Whitney test "are the window's anomaly scores larger?";
   its statistic is the AUC ``P(score_cur > score_ref)``;
-* **image quality** (when given): per-channel two-sample KS on full-resolution image-quality measurements
-  (sharpness, noise level, ... from :mod:`pipeline.properties`), Bonferroni over channels. A latent computed at
+* **image quality** (when given): per-channel mean shift (in reference sd; Welch t-test under the i.i.d. null) of
+  full-resolution image-quality measurements (fine detail, noise level, rotation from :mod:`pipeline.properties`),
+  Bonferroni over channels. A mean shift, not KS: the faults these channels watch move a property's level, while
+  whole lots differ in the *shape* of e.g. the rotation distribution (all cells of one module share it), which KS
+  would count as drift. A latent computed at
   32-64 px cannot see a 1 px blur or 3 % sensor noise on a 300 px image (downsampling averages them away); these
   channels can, and the result names the channel that moved.
 
@@ -400,11 +403,11 @@ class DriftResult:
         n_cur: window size.
         null: ``"iid"`` or ``"lot"``.
         thresholds: the decision thresholds used (levels, lot-null quantiles, the expected null PSI).
-        quality_stat: largest per-channel KS statistic of the image-quality channels (None without them).
-        quality_p: p-value of the quality family (Bonferroni over channels under the i.i.d. null, lot bootstrap of
-            the max KS under the lot null; None without channels).
-        per_channel: one row per quality channel, significant first then by KS: ``channel, ks_stat, p_value,
-            effect_size, significant`` (None without channels).
+        quality_stat: largest |mean shift| of the image-quality channels, in reference sd (None without them).
+        quality_p: p-value of the quality family (Welch t-tests, Bonferroni over channels, under the i.i.d. null;
+            lot bootstrap of the largest |shift| under the lot null; None without channels).
+        per_channel: one row per quality channel, significant first then by |effect|: ``channel, ks_stat, p_value,
+            effect_size, significant`` (``p_value``: Welch t-test; None without channels).
         meta: detector name, version, params, model id.
     """
 
@@ -624,6 +627,7 @@ class DriftDetector:
         self.ref_scores_ = scores
         self.ref_quality_ = quality
         self.quality_names_ = q_names
+        self._q_sd = None if quality is None else np.maximum(quality.std(axis=0), 1e-12)
         self._stream_of = np.empty(n, dtype=np.int64)
         for i, (rows, _) in enumerate(self._streams):
             self._stream_of[rows] = i
@@ -707,7 +711,7 @@ class DriftDetector:
     def _window_stats_vs_rest(
         self, idx: np.ndarray, excl: np.ndarray, rng: np.random.Generator
     ) -> tuple[float, float, float, float]:
-        """Max KS (axes), MMD^2, score AUC and max KS (quality) of rows ``idx`` against the re-weighted rest."""
+        """Max KS (axes), MMD^2, score AUC and max |mean shift| in sd (quality) of rows ``idx`` vs the re-weighted rest."""
         keep = ~excl
         rest_idx = np.flatnonzero(keep)
         w = self._rest_weights(keep)
@@ -720,16 +724,17 @@ class DriftDetector:
         auc = math.nan
         if self.ref_scores_ is not None:
             auc = _weighted_auc(self.ref_scores_[idx], self.ref_scores_[rest_idx], w)
-        qks = math.nan
+        qstat = math.nan
         if self.ref_quality_ is not None:
-            qks = _max_weighted_ks(self.ref_quality_[idx], self.ref_quality_[rest_idx], w)
-        return ks, mmd, auc, qks
+            shift = self.ref_quality_[idx].mean(axis=0) - w @ self.ref_quality_[rest_idx]
+            qstat = float(np.max(np.abs(shift) / self._q_sd))
+        return ks, mmd, auc, qstat
 
     def calibrate(self, n: int) -> dict[str, np.ndarray]:
         """Lot-null bootstrap distributions of the family statistics for windows of ``n`` images (cached).
 
         Returns:
-            ``{"axes": max-KS (B,), "mmd": MMD^2 (B,), "scores": AUC (B,), "quality": max-KS (B,)}``, each sorted
+            ``{"axes": max-KS (B,), "mmd": MMD^2 (B,), "scores": AUC (B,), "quality": max |shift| (B,)}``, each sorted
             ascending (NaNs for a family without reference data).
         """
         self._check_fitted()
@@ -854,9 +859,11 @@ class DriftDetector:
         per_channel = None
         q_sig = None
         if quality is not None:
-            q_ks, q_pv = ks_per_axis(self.ref_quality_, quality)
+            q_ks, _ = ks_per_axis(self.ref_quality_, quality)
             q_eff = effect_size(self.ref_quality_, quality)
-            quality_stat = float(q_ks.max())
+            q_pv = stats.ttest_ind(quality, self.ref_quality_, axis=0, equal_var=False).pvalue
+            q_pv = np.where(np.isfinite(q_pv), q_pv, 1.0)
+            quality_stat = float(np.max(np.abs(q_eff)))
         if self.null == "iid":
             family_p["axes"] = float(p_adj.min())
             significant = p_adj <= fam_alpha
@@ -888,8 +895,8 @@ class DriftDetector:
             if quality is not None:
                 q_thr = self._boot_threshold(cal["quality"], fam_alpha)
                 quality_p = self._boot_p(cal["quality"], quality_stat)
-                q_sig = q_ks > q_thr
-                thresholds["quality_max_ks"] = q_thr
+                q_sig = np.abs(q_eff) > q_thr
+                thresholds["quality_max_shift_sd"] = q_thr
         family_p["mmd"] = float(mmd_p)
         if score_p is not None:
             family_p["scores"] = float(score_p)
@@ -898,7 +905,8 @@ class DriftDetector:
             per_channel = pd.DataFrame(
                 {"channel": list(self.quality_names_), "ks_stat": q_ks, "p_value": q_pv, "effect_size": q_eff,
                  "significant": q_sig}
-            ).sort_values(["significant", "ks_stat"], ascending=False, kind="stable", ignore_index=True)
+            ).assign(_abs=np.abs(q_eff)).sort_values(["significant", "_abs"], ascending=False, kind="stable",
+                                                     ignore_index=True).drop(columns="_abs")
         fired = tuple(k for k in families if family_p[k] <= fam_alpha * (1 + 1e-9))
 
         # rank: significant axes by |effect| first, then the rest by |effect|
