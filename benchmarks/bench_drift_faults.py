@@ -17,7 +17,10 @@ Methods (each on the same windows):
 
 * linewatch: ``pipeline.drift.DriftDetector`` on InfoDiffusion z (per-axis KS + BH and MMD permutation test,
   Bonferroni across families), with the i.i.d. null and with the lot null (calibrated on consecutive reference
-  cells; windows above half the reference are evenly subsampled, as the monitor does);
+  cells, stratified by cell type with the lots known, as the monitor does with the catalog's product type; windows
+  above half the reference are evenly subsampled, as the monitor does); "z + quality" adds the full-resolution
+  image-quality family (``pipeline.properties.QUALITY_CHANNELS``): this is the shipped monitor;
+  ``--unstratified`` also runs the lot null without strata (the 2026-11-27 version);
 * DiffAE ablation z, same detector (i.i.d. null);
 * KS on mean intensity; pixel PCA (64 px, 32 components) + KS (BH); pixel PCA + MMD (permutations);
   EfficientNet-Lite0 global features + PCA (32) + KS (BH) ("Failing Loudly", Rabanser et al. 2019).
@@ -25,9 +28,11 @@ Methods (each on the same windows):
 Reported: detection rate at nominal alpha = 0.05, and at an **equal false-alarm rate**: every method's threshold on
 its own drift statistic is set to 5 % on a separate set of no-fault windows of the same kind and size (an oracle
 calibration that none of them has in production; it compares power only). Attribution: for each single-factor fault,
-the share of detected linewatch windows naming the modal top axis, and whether that axis's description (from
-``pipeline.axes.describe_axes`` on the calibration cells) names a property the fault moves
-(``pipeline.properties.FAULT_PROPERTIES``).
+the share of detected linewatch windows naming the modal top axis (or, when the quality family fired, the top
+image-quality channel, which is what the alert names), and whether that axis's description (from
+``pipeline.axes.describe_axes`` on the calibration cells) or that channel is a property the fault moves
+(``pipeline.properties.FAULT_PROPERTIES``). Equal-FAR statistic of the lot null: the largest family z-score against
+its bootstrap (bootstrap p-values tie at their 1 / (B + 1) floor).
 
 Run: ``.venv/bin/python -m benchmarks.bench_drift_faults [--windows 50 --null-windows 100]``.
 """
@@ -194,7 +199,11 @@ def linewatch_method(
     feats: Features, null: str, n_perm: int, seed: int, lot_block: int | None = None,
     strata: np.ndarray | None = None, lots: np.ndarray | None = None, quality: bool = False,
 ) -> Callable[[np.ndarray, np.ndarray | None], tuple]:
-    """A (window, quality) -> (p_equiv, stat, detected, top_axis) function around the shipped DriftDetector."""
+    """A (window, quality) -> (p_equiv, stat, detected, top_axis, top_channel) function around the DriftDetector.
+
+    ``top_channel`` is the index (into ``QUALITY_CHANNELS``) of the image-quality channel the result names when the
+    quality family fired, else -1.
+    """
     from pipeline.drift import DriftDetector
 
     det = DriftDetector(alpha=ALPHA, null=null, n_permutations=n_perm, random_state=seed, lot_block=lot_block)
@@ -217,7 +226,8 @@ def linewatch_method(
             obs = {"axes": float(r.per_axis["ks_stat"].max()), "mmd": r.mmd_stat, "quality": r.quality_stat}
             stat = max((obs[f] - float(np.mean(cal[f]))) / max(1e-12, float(np.std(cal[f])))
                        for f in r.family_p)
-        return min(1.0, ratio * ALPHA), stat, bool(r.detected), int(r.top_axis)
+        ch = -1 if r.top_channel is None else list(det.quality_names_).index(r.top_channel)
+        return min(1.0, ratio * ALPHA), stat, bool(r.detected), int(r.top_axis), ch
 
     return test
 
@@ -233,7 +243,7 @@ def baseline_method(kind: str, ref: np.ndarray, n_perm: int, seed: int) -> Calla
             r = ks_bh_test(ref, Xw)
         else:
             r = mmd_test(ref, Xw, n_permutations=n_perm, seed=seed)
-        return r.p, r.stat, r.p <= ALPHA, -1
+        return r.p, r.stat, r.p <= ALPHA, -1, -1
 
     return test
 
@@ -335,8 +345,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            "threshold_equal_far": thr}
                     if a[:, 3].max() >= 0 and cond != "no fault":
                         det = a[:, 2].astype(bool)
-                        tops = a[det, 3].astype(int)
-                        row["top_axes"] = Counter(tops.tolist()).most_common()
+                        # what the alert names: the quality channel when that family fired, else the top axis
+                        names = [f"ch:{int(c)}" if c >= 0 else f"z:{int(t)}" for t, c in a[det][:, 3:5]]
+                        row["top_axes"] = Counter(names).most_common()
                     results.append(row)
                 raw[f"{kind}|{n}|{label}"] = {f"{c}|{r}": v[:, :3].tolist() for (c, r), v in out.items()}
             C.log(f"{kind} n={n} done")
@@ -379,9 +390,9 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
 def attribution_table(sp: C.Splits, zf: Features | None, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Top-axis consistency per fault and whether the axis description names the fault's property."""
     from pipeline.axes import MIN_ABS_R, axis_correlations, describe_axes
-    from pipeline.properties import FAULT_PROPERTIES, measure
+    from pipeline.properties import FAULT_PROPERTIES, PROPERTIES, QUALITY_CHANNELS, measure
 
-    props = C.cached(f"drift/props_cal_{C.key_of(sp.calibration.tolist())}",
+    props = C.cached(f"drift/props_cal_{C.key_of(sp.calibration.tolist(), list(PROPERTIES))}",
                      lambda: {c: v.to_numpy() for c, v in measure(C.images()[sp.calibration]).items()})
     import pandas as pd
 
@@ -395,15 +406,21 @@ def attribution_table(sp: C.Splits, zf: Features | None, rows: list[dict[str, An
         if n_det == 0:
             out.append({**{k: r[k] for k in ("kind", "n", "method", "condition")}, "detected": 0})
             continue
-        axis, count = tops[0]
-        d = desc[int(axis)]
+        label, count = tops[0]
+        kind = C.FAULT_KIND[r["condition"]]
+        base = {**{k: r[k] for k in ("kind", "n", "method", "condition")}, "detected": n_det,
+                "consistency": count / n_det, "fault_properties": list(FAULT_PROPERTIES[kind])}
+        if label.startswith("ch:"):
+            ch = QUALITY_CHANNELS[int(label[3:])]
+            out.append({**base, "top_axis": ch, "description": f"image quality: {PROPERTIES[ch].label}",
+                        "names_fault_property": ch in FAULT_PROPERTIES[kind]})
+            continue
+        axis = int(label[2:])
+        d = desc[axis]
         second = d.second_best[0] if d.second_best and d.property and abs(d.second_best[1]) >= MIN_ABS_R else None
         named = [p for p in (d.property, second) if p]  # the properties the description's text names
-        kind = C.FAULT_KIND[r["condition"]]
-        out.append({**{k: r[k] for k in ("kind", "n", "method", "condition")}, "detected": n_det,
-                    "top_axis": int(axis), "consistency": count / n_det, "description": d.text,
-                    "names_fault_property": any(p in FAULT_PROPERTIES[kind] for p in named),
-                    "fault_properties": list(FAULT_PROPERTIES[kind])})
+        out.append({**base, "top_axis": f"z_{axis}", "description": d.text,
+                    "names_fault_property": any(p in FAULT_PROPERTIES[kind] for p in named)})
     return out
 
 
@@ -453,7 +470,7 @@ def report(res: dict[str, Any], command: str) -> str:
                     out.append(f"| {m} | {n} | " + " | ".join(vals) + " |\n")
             out.append("\n")
     out.append("## Attribution (linewatch, detected windows)\n\n")
-    out.append("| windows | method | n | fault | detected | modal top axis | share naming it | axis description | "
+    out.append("| windows | method | n | fault | detected | modal top axis / channel | share naming it | description | "
                "names the fault's property |\n|---|---|---|---|---|---|---|---|---|\n")
     for a in res["attribution"]:
         if a.get("detected", 0) == 0:
@@ -461,7 +478,7 @@ def report(res: dict[str, Any], command: str) -> str:
             continue
         out.append(
             f"| {a['kind']} | {a['method']} | {a['n']} | {a['condition']} | {a['detected']} | "
-            f"z_{a['top_axis']} | {a['consistency']:.2f} | {a['description']} | "
+            f"{a['top_axis']} | {a['consistency']:.2f} | {a['description']} | "
             f"{'yes' if a['names_fault_property'] else 'no'} |\n"
         )
     out.append("\n## Models, speed, notes\n\n")
