@@ -4,17 +4,22 @@ The job is :func:`pipeline.monitor.monitor`. Each new alert is also emitted as t
 ``linewatch.drift.alert`` (resource ``linewatch.line.<line>``), which the automation built by
 :func:`flows.deploy.drift_alert_automation` turns into a webhook notification.
 
-The pass (encode, score, drift) is submitted to the flow's task runner; :func:`flows.runners.with_task_runner`
-picks it from ``LINEWATCH_TASK_RUNNER`` (``dask``: a ``prefect_dask.DaskTaskRunner``).
+Encoding is spread over the flow's task runner: a planning task lists the monitored images the champion has not
+encoded yet in chunks, one ``encode-chunk`` task per chunk writes a part file next to the latents table (mapped, so
+on Dask each chunk runs on a worker), and the pass (scoring, drift, alerts) then folds the parts into the table as
+its single writer and runs as one task: it needs every window's latents together. :func:`flows.runners.
+with_task_runner` picks the runner from ``LINEWATCH_TASK_RUNNER`` (``dask``: a ``prefect_dask.DaskTaskRunner``;
+workers need the catalog and the checkpoint folder on a shared file system).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, task, unmapped
 
 from flows import job_task_options
+from flows.runners import with_task_runner
 
 ALERT_EVENT = "linewatch.drift.alert"
 
@@ -35,6 +40,34 @@ def monitor_task(config: Any) -> dict[str, Any]:
         verdict = f"DRIFT axis {w.top_axis} ({w.description})" if w.detected else "no drift"
         print(f"monitor: line {w.line} window {w.window_id}: n={w.n_images}, {w.n_anomalous} anomalous, {verdict}")
     return res.to_dict()
+
+
+@task(name="plan-encoding", **job_task_options())
+def plan_encoding_task(config: Any, chunk_size: int) -> dict[str, Any]:
+    """Chunks of monitored images the champion has not encoded yet (``pipeline.monitor.encoding_plan``)."""
+    from pipeline.monitor import encoding_plan
+    from pipeline.settings import ensure_dirs, get_settings
+
+    return encoding_plan(ensure_dirs(get_settings()), config, chunk_size)
+
+
+@task(name="encode-chunk", timeout_seconds=3600, **job_task_options())
+def encode_chunk_task(checkpoint_dir: str, records: list[dict[str, str]]) -> str:
+    """Encode one chunk into a part file (``pipeline.monitor.encode_chunk``); a retry rewrites the same part."""
+    from pipeline.monitor import encode_chunk
+    from pipeline.settings import ensure_dirs, get_settings
+
+    return encode_chunk(ensure_dirs(get_settings()), checkpoint_dir, records)
+
+
+def default_chunk_size(env: Any = None) -> int:
+    """Chunked encoding is on (1024 images per task) when the flows run on Dask, off (0) on the thread runner."""
+    import os
+
+    from flows.runners import RUNNER_ENV
+
+    env = os.environ if env is None else env
+    return 1024 if (env.get(RUNNER_ENV) or "thread").strip().lower() == "dask" else 0
 
 
 def emit_alert_events(result: dict[str, Any]) -> int:
@@ -82,6 +115,8 @@ def monitor_flow(
     min_window: int = 30,
     cards: bool = True,
     report: bool = True,
+    quality: bool = True,
+    encode_chunk_size: int | None = None,
 ) -> dict[str, Any]:
     """Monitor the recent catalog windows with the champion.
 
@@ -97,17 +132,37 @@ def monitor_flow(
         min_window: Smallest window tested.
         cards: Render axis cards for alerted axes.
         report: Draw drift report pictures.
+        quality: Also test the full-resolution image-quality channels (blur, noise, rotation).
+        encode_chunk_size: Images per parallel ``encode-chunk`` task; 0 = encode inside the monitor pass; None =
+            1024 on the Dask runner, else 0.
 
     Returns:
-        ``MonitorResult.to_dict()`` plus ``events_emitted``.
+        ``MonitorResult.to_dict()`` plus ``events_emitted`` and ``encode_chunks`` (chunks encoded in parallel).
     """
     from pipeline.monitor import monitor_config
 
     config = monitor_config(
         lines=lines, start=start, end=end, lookback_days=lookback_days, window_by=window_by,
         window_size=window_size, alpha=alpha, null=null, min_window=min_window, cards=cards, report=report,
+        quality=quality,
     )
+    chunk = default_chunk_size() if encode_chunk_size is None else int(encode_chunk_size)
+    n_chunks = 0
+    if chunk > 0:
+        plan = plan_encoding_task.submit(config, chunk).result()
+        n_chunks = len(plan["chunks"])
+        if n_chunks:
+            futures = encode_chunk_task.map(unmapped(plan["checkpoint"]), plan["chunks"])
+            for f in futures:  # wait for every chunk; the first failure fails the flow
+                f.result()
     # submitted (not called) so the flow's task runner runs it: a Dask worker under LINEWATCH_TASK_RUNNER=dask
     result = monitor_task.submit(config).result()
     result["events_emitted"] = emit_alert_events(result)
+    result["encode_chunks"] = n_chunks
     return result
+
+
+# A work-pool deployment (prefect.yaml) loads ``flows/monitor.py:monitor_flow`` from its entrypoint in the worker's
+# process: give the module-level flow the runner that process's environment names (LINEWATCH_TASK_RUNNER), as the CLI
+# and `linewatch serve` do when they start a flow.
+monitor_flow = with_task_runner(monitor_flow)

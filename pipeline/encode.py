@@ -15,6 +15,7 @@ Image decoding runs in a small thread pool one batch ahead of the model, so file
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import tempfile
@@ -290,7 +291,8 @@ def encode_catalog(
     """Encode catalog images into the resumable latents table at ``out_path`` (a Parquet file).
 
     Rows already present for ``(image_id, model_id)`` are skipped, so rerunning after a crash, or after new images
-    arrived, encodes only what is missing. Latents of other models in the same file are kept untouched. New rows are
+    arrived, encodes only what is missing. Part files written by :func:`encode_part` (parallel workers) are merged
+    in first, so what they encoded is not encoded again. Latents of other models in the same file are kept untouched. New rows are
     flushed every ``flush_every`` images (temp file + ``os.replace``).
 
     Args:
@@ -318,6 +320,7 @@ def encode_catalog(
         if col not in catalog_df.columns:
             raise ValueError(f"catalog has no column {col!r} (columns: {list(catalog_df.columns)})")
     out_path = Path(out_path)
+    merge_parts(out_path)
     existing = _read_existing(out_path)
     todo = catalog_df[[id_col, image_path_col]].drop_duplicates(subset=id_col)
     if not existing.empty:
@@ -360,6 +363,101 @@ def encode_catalog(
     if pending:
         table = flush()
     return table
+
+
+def parts_dir(out_path: str | os.PathLike[str]) -> Path:
+    """Folder of the part files that parallel :func:`encode_part` calls write next to the latents table."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name + ".parts")
+
+
+def pending_images(
+    checkpoint: Any, catalog_df: pd.DataFrame, out_path: str | os.PathLike[str], *, id_col: str = IMAGE_ID
+) -> pd.DataFrame:
+    """Catalog rows (duplicates dropped) that the latents table and its part files do not hold for this model."""
+    model_id = model_id_of(resolve_checkpoint(checkpoint))
+    done: set[str] = set()
+    existing = _read_existing(Path(out_path))
+    if not existing.empty:
+        done |= set(existing.loc[existing[MODEL_ID] == model_id, IMAGE_ID].astype(str))
+    for part in sorted(parts_dir(out_path).glob(f"{model_id}-*.parquet")):
+        done |= set(pd.read_parquet(part, columns=[IMAGE_ID])[IMAGE_ID].astype(str))
+    rows = catalog_df.drop_duplicates(subset=id_col)
+    return rows[~rows[id_col].astype(str).isin(done)]
+
+
+def encode_part(
+    checkpoint: Any,
+    rows: pd.DataFrame,
+    out_path: str | os.PathLike[str],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    image_path_col: str = "store_path",
+    id_col: str = IMAGE_ID,
+    root: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+    workers: int = _READ_WORKERS,
+) -> Path:
+    """Encode one chunk of catalog rows into its own part file (for many workers; one writer merges them later).
+
+    The part is named by the model id and a digest of the chunk's image ids, and written atomically, so a retried
+    or repeated chunk rewrites the same file instead of duplicating rows. :func:`encode_catalog` (or
+    :func:`merge_parts`) folds the parts into the table.
+
+    Returns:
+        The part file.
+    """
+    ckpt = resolve_checkpoint(checkpoint)
+    model_id = model_id_of(ckpt)
+    for col in (id_col, image_path_col):
+        if col not in rows.columns:
+            raise ValueError(f"rows have no column {col!r} (columns: {list(rows.columns)})")
+    rows = rows.drop_duplicates(subset=id_col)
+    ids = rows[id_col].astype(str).tolist()
+    if not ids:
+        raise ValueError("encode_part got an empty chunk")
+    base = Path(root) if root is not None else None
+    paths = [Path(p) if base is None or Path(p).is_absolute() else base / p for p in rows[image_path_col]]
+    chunks = []
+    for start, z, _ in _encode_files(ckpt, paths, batch_size=batch_size, progress=progress, desc="encode part",
+                                     workers=workers):
+        chunk = pd.DataFrame({IMAGE_ID: ids[start : start + len(z)], MODEL_ID: model_id})
+        chunks.append(pd.concat([chunk, pd.DataFrame(z, columns=latent_columns(z.shape[1]))], axis=1))
+    df = pd.concat(chunks, ignore_index=True)
+    digest = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+    out = parts_dir(out_path) / f"{model_id}-{digest}.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return write_parquet_atomic(df, out, latents_schema(len(z_columns(df))))
+
+
+def merge_parts(out_path: str | os.PathLike[str]) -> int:
+    """Fold the part files of :func:`encode_part` into the latents table (single writer), then delete them.
+
+    Rows already in the table for the same ``(image_id, model_id)`` win; the parts are removed only after the
+    table was replaced atomically, so a crash in between loses nothing (the next merge sees the same parts).
+
+    Returns:
+        Rows added to the table.
+    """
+    out_path = Path(out_path)
+    parts = sorted(parts_dir(out_path).glob("*.parquet"))
+    if not parts:
+        return 0
+    table = _read_existing(out_path)
+    new = pd.concat([read_latents(p) for p in parts], ignore_index=True)
+    d = len(z_columns(new))
+    if not table.empty and len(z_columns(table)) != d:
+        raise ValueError(f"{str(out_path)!r} holds {len(z_columns(table))}-d latents, the parts hold {d}-d")
+    score_cols = _score_columns(table)
+    for col in score_cols:
+        new[col] = np.nan
+    full = pd.concat([table, new], ignore_index=True) if not table.empty else new
+    before = len(table)
+    full = full.drop_duplicates([IMAGE_ID, MODEL_ID], keep="first", ignore_index=True)
+    write_parquet_atomic(full, out_path, latents_schema(d, score_cols))
+    for p in parts:
+        p.unlink(missing_ok=True)
+    return len(full) - before
 
 
 def _read_existing(out_path: Path) -> pd.DataFrame:

@@ -321,25 +321,17 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
     import torch
 
     from pipeline.axes import attribute, quality_text
-    from pipeline.catalog import read_catalog
     from pipeline.drift import DriftDetector, windows
     from pipeline.encode import encode_catalog, z_columns
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     champ = load_champion(settings, fpr=config.fpr, seed=config.seed)
-    lines = list(config.lines) if config.lines else None
-    start = config.start
-    if start is None:
-        newest = read_catalog(settings.catalog_root, lines=lines, end=config.end, columns=["captured_at"])
-        if newest.empty:
-            return MonitorResult((), (), None, champ.version, champ.model_id, 0)
-        start = (newest["captured_at"].max() - pd.Timedelta(days=config.lookback_days)).to_pydatetime()
-    rows = read_catalog(settings.catalog_root, lines=lines, start=start, end=config.end)
+    rows = _monitored_rows(settings, config)
     if rows.empty:
         return MonitorResult((), (), None, champ.version, champ.model_id, 0)
 
-    # encode (resumable) + score ------------------------------------------------------------------------------
-    latents = encode_catalog(champ.checkpoint, rows, state_dir(settings) / "latents.parquet",
+    # encode (resumable; folds in parts encoded in parallel by encode_chunk) + score ----------------------------
+    latents = encode_catalog(champ.checkpoint, rows, latents_table_path(settings),
                              root=settings.catalog_root, progress=config.progress)
     latents = latents[latents["model_id"] == champ.model_id]
     zc = z_columns(latents)
@@ -441,6 +433,61 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
     run_id = _log_run(settings, champ, outcomes, results, config)
     return MonitorResult(tuple(outcomes), tuple(all_events), run_id, champ.version, champ.model_id, len(df),
                          tuple(skipped))
+
+
+def _monitored_rows(settings: Any, config: MonitorConfig) -> pd.DataFrame:
+    """Catalog rows of the monitored period (``config.start`` or ``lookback_days`` before the newest image)."""
+    from pipeline.catalog import read_catalog
+
+    lines = list(config.lines) if config.lines else None
+    start = config.start
+    if start is None:
+        newest = read_catalog(settings.catalog_root, lines=lines, end=config.end, columns=["captured_at"])
+        if newest.empty:
+            return newest
+        start = (newest["captured_at"].max() - pd.Timedelta(days=config.lookback_days)).to_pydatetime()
+    return read_catalog(settings.catalog_root, lines=lines, start=start, end=config.end)
+
+
+def latents_table_path(settings: Any) -> Path:
+    """The resumable latents table of the monitor (every model's latents, one row per image and model)."""
+    return state_dir(settings) / "latents.parquet"
+
+
+def encoding_plan(settings: Any, config: MonitorConfig, chunk_size: int = 1024) -> dict[str, Any]:
+    """The champion's folder and the monitored images it has not encoded yet, in chunks for parallel workers.
+
+    A flow maps :func:`encode_chunk` over ``chunks`` (e.g. on Dask workers); the monitor pass then folds the part
+    files into the latents table and encodes nothing twice.
+
+    Returns:
+        ``{"checkpoint": str, "model_id": str, "chunks": [[{"image_id", "store_path"}, ...], ...]}``.
+    """
+    from pipeline.encode import pending_images
+
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    champ = load_champion(settings, fpr=config.fpr, seed=config.seed)
+    rows = _monitored_rows(settings, config)
+    plan: dict[str, Any] = {"checkpoint": str(champ.path), "model_id": champ.model_id, "chunks": []}
+    if rows.empty:
+        return plan
+    todo = pending_images(champ.checkpoint, rows[["image_id", "store_path"]], latents_table_path(settings))
+    records = todo.assign(image_id=todo["image_id"].astype(str), store_path=todo["store_path"].astype(str))
+    records = records.to_dict("records")
+    plan["chunks"] = [records[i : i + chunk_size] for i in range(0, len(records), chunk_size)]
+    return plan
+
+
+def encode_chunk(settings: Any, checkpoint_dir: str, records: list[dict[str, str]]) -> str:
+    """Encode one chunk of :func:`encoding_plan` into a part file next to the latents table; returns its path."""
+    import torch
+
+    from pipeline.encode import encode_part
+
+    torch.set_num_threads(1)  # one core per chunk: the chunks are the parallelism
+    return str(encode_part(checkpoint_dir, pd.DataFrame(records), latents_table_path(settings),
+                           root=settings.catalog_root, workers=1))
 
 
 def quality_table_path(settings: Any) -> Path:

@@ -83,7 +83,7 @@ def test_monitor_flow_submits_its_pass_to_the_dask_runner(tmp_path, monkeypatch,
     monkeypatch.setattr(M, "monitor", fake_monitor)
     for key, value in DASK_ENV.items():
         monkeypatch.setenv(key, value)
-    on_dask = FlowRunner().monitor(**monitor_params())
+    on_dask = FlowRunner().monitor(**monitor_params(), encode_chunk_size=0)
     monkeypatch.setenv("LINEWATCH_TASK_RUNNER", "thread")
     on_threads = FlowRunner().monitor(**monitor_params())
     assert on_dask == on_threads
@@ -91,3 +91,63 @@ def test_monitor_flow_submits_its_pass_to_the_dask_runner(tmp_path, monkeypatch,
     assert seen[0][0] is not None and seen[1][0] is None  # the pass ran on a Dask worker, then on a thread
     assert seen[0][1] == seen[1][1] and seen[0][1].min_window == 15
 
+
+
+def test_monitor_flow_encodes_chunks_on_dask_workers_before_the_pass(tmp_path, monkeypatch, prefect_harness):
+    """Chunked encoding: one mapped task per chunk on the Dask workers, then the pass; off on the thread runner."""
+    import pipeline.monitor as M
+    from flows.cli import FlowRunner
+    from flows.monitor import default_chunk_size
+    from tests.flows.world import monitor_params, set_env
+
+    set_env(monkeypatch, tmp_path)
+    order: list[tuple[str, object]] = []
+
+    def fake_plan(settings, config, chunk_size):
+        order.append(("plan", chunk_size))
+        return {"checkpoint": "/ckpt/v1", "model_id": "model-a",
+                "chunks": [[{"image_id": f"i{k}", "store_path": f"p{k}"}] for k in range(5)]}
+
+    def fake_chunk(settings, checkpoint_dir, records):
+        order.append(("chunk", (checkpoint_dir, records[0]["image_id"], _on_dask_worker())))
+        return f"part-{records[0]['image_id']}"
+
+    def fake_monitor(settings, config):
+        order.append(("pass", _on_dask_worker()))
+        return M.MonitorResult((), (), None, "1", "model-a", 5)
+
+    monkeypatch.setattr(M, "encoding_plan", fake_plan)
+    monkeypatch.setattr(M, "encode_chunk", fake_chunk)
+    monkeypatch.setattr(M, "monitor", fake_monitor)
+    for key, value in DASK_ENV.items():
+        monkeypatch.setenv(key, value)
+    assert default_chunk_size() == 1024
+    res = FlowRunner().monitor(**monitor_params())
+    assert res["encode_chunks"] == 5
+    assert order[0] == ("plan", 1024) and order[-1][0] == "pass"
+    chunks = [v for k, v in order if k == "chunk"]
+    assert sorted(c[1] for c in chunks) == [f"i{k}" for k in range(5)]
+    assert all(c[0] == "/ckpt/v1" and c[2] for c in chunks)  # every chunk ran on a Dask worker
+    # the thread runner encodes inside the pass (no plan, no chunks) unless asked
+    order.clear()
+    monkeypatch.setenv("LINEWATCH_TASK_RUNNER", "thread")
+    assert default_chunk_size() == 0
+    res = FlowRunner().monitor(**monitor_params())
+    assert res["encode_chunks"] == 0 and [k for k, _ in order] == ["pass"]
+    order.clear()
+    res = FlowRunner().monitor(**monitor_params(), encode_chunk_size=2)
+    assert res["encode_chunks"] == 5 and [k for k, _ in order] == ["plan"] + ["chunk"] * 5 + ["pass"]
+
+
+@pytest.mark.parametrize("runner, expected", [("dask", "DaskTaskRunner"), ("thread", "ThreadPoolTaskRunner")])
+def test_work_pool_entrypoint_gets_the_runner_of_the_workers_environment(runner, expected):
+    """prefect.yaml's entrypoint ``flows/monitor.py:monitor_flow`` is imported by the worker: it honours the env."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from flows.monitor import monitor_flow; print(type(monitor_flow.task_runner).__name__)"
+    env = {**os.environ, "LINEWATCH_TASK_RUNNER": runner}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == expected

@@ -172,3 +172,38 @@ def test_add_scores(ckpt, image_dir, tmp_path):
     more = encode_catalog(ckpt, _catalog(image_dir).iloc[:7], tmp_path / "l.parquet", progress=False, root=image_dir)
     assert more["mahalanobis"].iloc[:5].tolist() == [0, 1, 2, 3, 4]
     assert more["mahalanobis"].iloc[5:].isna().all()
+
+
+def test_parallel_parts_then_one_writer_merge(ckpt, image_dir, tmp_path, monkeypatch):
+    from pipeline.encode import encode_part, merge_parts, parts_dir, pending_images
+
+    out = tmp_path / "latents.parquet"
+    cat = _catalog(image_dir)
+    serial = encode_catalog(ckpt, cat, tmp_path / "serial.parquet", batch_size=8, progress=False, root=image_dir)
+    # three workers encode disjoint chunks into part files; the table is not touched
+    chunks = [cat.iloc[i : i + 10] for i in range(0, len(cat), 10)]
+    parts = [encode_part(ckpt, c, out, root=image_dir, batch_size=4) for c in chunks]
+    assert not out.exists() and len({p.name for p in parts}) == len(chunks)
+    assert all(p.parent == parts_dir(out) for p in parts)
+    assert pending_images(ckpt, cat, out).empty  # the parts count as encoded
+    assert encode_part(ckpt, chunks[0], out, root=image_dir) == parts[0]  # a retried chunk rewrites its own part
+    # the monitor's encode folds the parts in and encodes nothing again
+    calls = []
+    real = enc._encode_files
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[1]))
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(enc, "_encode_files", counting)
+    merged = encode_catalog(ckpt, cat, out, batch_size=8, progress=False, root=image_dir)
+    assert calls == [] and not list(parts_dir(out).glob("*.parquet"))
+    assert len(merged) == len(cat) and merged["image_id"].is_unique
+    a = merged.set_index("image_id").loc[serial["image_id"], z_columns(serial)].to_numpy()
+    np.testing.assert_allclose(a, serial[z_columns(serial)].to_numpy(), rtol=1e-4, atol=1e-5)
+    assert merge_parts(out) == 0  # nothing left
+    # a part overlapping rows already in the table adds only the new ones
+    encode_part(ckpt, cat.iloc[:3], out, root=image_dir)
+    assert merge_parts(out) == 0 and len(read_latents(out)) == len(cat)
+    with pytest.raises(ValueError, match="empty chunk"):
+        encode_part(ckpt, cat.iloc[:0], out, root=image_dir)

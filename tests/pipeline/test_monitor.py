@@ -44,7 +44,18 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
     v1 = retrain(settings, retrain_config(**tiny_retrain_params()))
     assert v1.promoted, v1.gate.reason
 
+    # parallel workers encode the period in chunks first (as the flow does on Dask); the pass then encodes nothing
+    from pipeline.encode import parts_dir
+    from pipeline.monitor import encode_chunk, encoding_plan, latents_table_path
+
+    plan = encoding_plan(settings, monitor_config(**monitor_params()), chunk_size=25)
+    assert plan["model_id"] and sum(len(c) for c in plan["chunks"]) == 3 * 30  # days 4-6, none encoded yet
+    parts = [encode_chunk(settings, plan["checkpoint"], c) for c in plan["chunks"]]
+    assert len(set(parts)) == len(plan["chunks"]) == 4
+    assert encoding_plan(settings, monitor_config(**monitor_params()), chunk_size=25)["chunks"] == []
+
     res = monitor(settings, monitor_config(**monitor_params()))
+    assert not list(parts_dir(latents_table_path(settings)).glob("*.parquet"))  # folded into the table
     by_day = {w.window_id: w for w in res.windows}
     healthy, faulty = day(TRAIN_DAYS + 1).isoformat(), [day(k).isoformat() for k in (FAULT_DAY, FAULT_DAY + 1)]
     assert set(by_day) == {day(k).isoformat() for k in range(TRAIN_DAYS + 1, FAULT_DAY + 2)}
