@@ -108,7 +108,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from flows.runners import with_task_runner
 
     _print_json(with_task_runner(monitor_flow)(lookback_days=args.lookback_days, window_by=args.window_by, start=args.start,
-                             end=args.end))
+                             end=args.end, quality=not args.no_quality,
+                             encode_chunk_size=args.encode_chunk_size))
     return 0
 
 
@@ -160,6 +161,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--window-by", choices=("day", "shift"), default="day")
     p.add_argument("--start", default=None, help="ISO 8601 start (default: lookback from the newest image)")
     p.add_argument("--end", default=None, help="ISO 8601 end (exclusive)")
+    p.add_argument("--no-quality", action="store_true",
+                   help="skip the full-resolution image-quality channels (blur, noise, rotation)")
+    p.add_argument("--encode-chunk-size", type=int, default=None,
+                   help="images per parallel encode task (default: 1024 with LINEWATCH_TASK_RUNNER=dask, else 0 = off)")
     p.set_defaults(func=cmd_monitor)
 
     p = subparsers.add_parser("serve", help="serve the scheduled deployments (nightly 02:00, monitor /15 min, "
