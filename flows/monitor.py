@@ -14,6 +14,7 @@ workers need the catalog and the checkpoint folder on a shared file system).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from prefect import flow, task, unmapped
@@ -60,14 +61,11 @@ def encode_chunk_task(checkpoint_dir: str, records: list[dict[str, str]]) -> str
     return encode_chunk(ensure_dirs(get_settings()), checkpoint_dir, records)
 
 
-def default_chunk_size(env: Any = None) -> int:
+def default_chunk_size(env: Mapping[str, str] | None = None) -> int:
     """Chunked encoding is on (1024 images per task) when the flows run on Dask, off (0) on the thread runner."""
-    import os
+    from flows.runners import runner_name
 
-    from flows.runners import RUNNER_ENV
-
-    env = os.environ if env is None else env
-    return 1024 if (env.get(RUNNER_ENV) or "thread").strip().lower() == "dask" else 0
+    return 1024 if runner_name(env) == "dask" else 0
 
 
 def emit_alert_events(result: dict[str, Any]) -> int:

@@ -38,6 +38,19 @@ def _flag(value: str, key: str) -> bool:
     raise ValueError(f"{key} must be 1/0 (true/false), got {value!r}")
 
 
+def runner_name(env: Mapping[str, str] | None = None) -> str:
+    """The runner named by ``LINEWATCH_TASK_RUNNER`` (``thread`` when unset), validated.
+
+    Raises:
+        ValueError: an unknown runner name.
+    """
+    env = os.environ if env is None else env
+    name = (env.get(RUNNER_ENV) or "thread").strip().lower()
+    if name not in RUNNERS:
+        raise ValueError(f"{RUNNER_ENV} must be one of {list(RUNNERS)}, got {name!r}")
+    return name
+
+
 def task_runner_from_env(env: Mapping[str, str] | None = None) -> Any:
     """The task runner configured by ``LINEWATCH_TASK_RUNNER`` (see the module docstring).
 
@@ -54,9 +67,7 @@ def task_runner_from_env(env: Mapping[str, str] | None = None) -> Any:
         ImportError: ``dask`` is configured but ``prefect-dask`` is not installed.
     """
     env = os.environ if env is None else env
-    name = (env.get(RUNNER_ENV) or "thread").strip().lower()
-    if name not in RUNNERS:
-        raise ValueError(f"{RUNNER_ENV} must be one of {list(RUNNERS)}, got {name!r}")
+    name = runner_name(env)
     if name == "thread":
         from prefect.task_runners import ThreadPoolTaskRunner
 

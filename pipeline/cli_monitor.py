@@ -327,13 +327,11 @@ def cmd_drift(args: argparse.Namespace) -> int:
 def _quality_of(src: LatentSource, what: str, progress: bool) -> Any:
     """Full-resolution image-quality channels of the images of an image-folder source."""
     from pipeline.images import read_images
-    from pipeline.properties import QUALITY_CHANNELS, measure
+    from pipeline.properties import QUALITY_CHANNELS, measure_each
 
     if src.kind != "images":
         raise CLIError(f"--quality measures the images themselves: give {what} as an image folder, not a Parquet file")
-    images = read_images(list(src.frame["path"]), channels=1)
-    return pd.concat([measure(np.asarray(im).squeeze()[None], QUALITY_CHANNELS) for im in images],
-                     ignore_index=True)
+    return measure_each(read_images(list(src.frame["path"]), channels=1), QUALITY_CHANNELS)
 
 
 # --- registration ------------------------------------------------------------------------------------------------

@@ -481,7 +481,6 @@ class DriftDetector:
     """
 
     name = "DriftDetector"
-    _min_rest_frac = 0.5
     version = "1"
 
     def __init__(
@@ -622,15 +621,12 @@ class DriftDetector:
             strata = strata[order]
             labels, inv = np.unique(strata, return_inverse=True)
             self._streams = [(np.flatnonzero(inv == i), float(np.mean(inv == i))) for i in range(labels.size)]
-            self.strata_ = {str(lab): float(np.mean(inv == i)) for i, lab in enumerate(labels)}
+            self.strata_ = {str(lab): share for lab, (_, share) in zip(labels, self._streams, strict=True)}
         self.ref_ = Z
         self.ref_scores_ = scores
         self.ref_quality_ = quality
         self.quality_names_ = q_names
         self._q_sd = None if quality is None else np.maximum(quality.std(axis=0), 1e-12)
-        self._stream_of = np.empty(n, dtype=np.int64)
-        for i, (rows, _) in enumerate(self._streams):
-            self._stream_of[rows] = i
         self.model_id_ = model_id
         self.n_ref_, self.n_features_in_ = Z.shape
         self.psi_edges_ = _psi_edges(Z, self.psi_bins)
@@ -664,7 +660,8 @@ class DriftDetector:
         N = self.n_ref_
         excl = np.zeros(N, dtype=bool)
         parts = []
-        for (rows, _), k in zip(self._streams, self._allocation(n), strict=True):
+        alloc = self._allocation(n)
+        for (rows, _), k in zip(self._streams, alloc, strict=True):
             if k == 0:
                 continue
             n_s = rows.size
@@ -690,8 +687,8 @@ class DriftDetector:
             excl = np.isin(self._lot_ids, np.unique(self._lot_ids[idx]))
         excl[idx] = True
         short = any(
-            k > 0 and int((~excl[rows]).sum()) < max(2, int(k * self._min_rest_frac))
-            for (rows, _), k in zip(self._streams, self._allocation(n), strict=True)
+            k > 0 and int((~excl[rows]).sum()) < max(2, k // 2)
+            for (rows, _), k in zip(self._streams, alloc, strict=True)
         )
         if N - int(excl.sum()) < n or short:  # lots larger than the reference allows: leave out the window alone
             excl[:] = False

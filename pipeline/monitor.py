@@ -505,7 +505,7 @@ def quality_channels(settings: Any, rows: pd.DataFrame, progress: bool = False) 
 
     from pipeline.catalog import resolve_store_path
     from pipeline.images import read_images
-    from pipeline.properties import QUALITY_CHANNELS, measure
+    from pipeline.properties import QUALITY_CHANNELS, measure_each
 
     channels = list(QUALITY_CHANNELS)
     path = quality_table_path(settings)
@@ -521,8 +521,7 @@ def quality_channels(settings: Any, rows: pd.DataFrame, progress: bool = False) 
             part = todo.iloc[i : i + batch]
             images = read_images([resolve_store_path(settings.catalog_root, p) for p in part["store_path"]],
                                  channels=1)
-            values.append(pd.concat([measure(np.asarray(im).squeeze()[None], channels) for im in images],
-                                    ignore_index=True))
+            values.append(measure_each(images, channels))
         new = pd.concat(values, ignore_index=True)
         new.insert(0, "image_id", todo["image_id"].astype(str).to_numpy())
         have = _upsert(path, new, ["image_id"])

@@ -46,6 +46,7 @@ __all__ = [
     "detail_ratio",
     "mean_intensity",
     "measure",
+    "measure_each",
     "noise_level",
     "offset_px",
     "offset_x",
@@ -206,14 +207,13 @@ def noise_level(images: np.ndarray) -> float | np.ndarray:
     floor that the noise fault rises far above.
     """
     x, single = _prepare(images)
-    d2 = x[:, :-2] - 2.0 * x[:, 1:-1] + x[:, 2:]
-    resp = d2[:, :, :-2] - 2.0 * d2[:, :, 1:-1] + d2[:, :, 2:]  # (N, H-2, W-2), valid region only
-    return _out(np.sqrt(np.pi / 2.0) * np.abs(resp).mean(axis=(1, 2)) / 6.0, single)
+    return _out(np.sqrt(np.pi / 2.0) * _immerkaer_mean_abs(x) / 6.0, single)
 
 
 def _immerkaer_mean_abs(x: np.ndarray) -> np.ndarray:
+    """Mean |response| of the Immerkaer 3x3 filter per image of an (N, H, W) stack, valid region only."""
     d2 = x[:, :-2] - 2.0 * x[:, 1:-1] + x[:, 2:]
-    resp = d2[:, :, :-2] - 2.0 * d2[:, :, 1:-1] + d2[:, :, 2:]
+    resp = d2[:, :, :-2] - 2.0 * d2[:, :, 1:-1] + d2[:, :, 2:]  # (N, H-2, W-2)
     return np.abs(resp).mean(axis=(1, 2))
 
 
@@ -363,6 +363,17 @@ FAULT_PROPERTIES: dict[str, tuple[str, ...]] = {
     "product_mix": ("contrast", "dark_fraction", "vignetting", "crack_fraction"),
 }
 """Keys are the fault kinds of :data:`pipeline.faults.FAULTS`."""
+
+
+def measure_each(images: Sequence[np.ndarray], properties: Sequence[str] | None = None) -> pd.DataFrame:
+    """:func:`measure` image by image, for images that may differ in size (e.g. as read from a folder).
+
+    Each image is squeezed to (H, W) first (a trailing channel axis of 1 from ``read_images`` goes away).
+    """
+    names = list(PROPERTIES) if properties is None else list(properties)
+    if not len(images):
+        return pd.DataFrame(columns=names, dtype=np.float64)
+    return pd.concat([measure(np.asarray(im).squeeze()[None], names) for im in images], ignore_index=True)
 
 
 QUALITY_CHANNELS: tuple[str, ...] = ("detail_ratio", "noise_level", "rotation_deg")

@@ -28,6 +28,19 @@ def ckpt(tiny_checkpoint):
     return resolve_checkpoint(tiny_checkpoint)
 
 
+def _count_encodes(monkeypatch) -> list[int]:
+    """Record the number of files of every ``_encode_files`` call (the list fills as encoding happens)."""
+    calls: list[int] = []
+    real = enc._encode_files
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[1]))
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(enc, "_encode_files", counting)
+    return calls
+
+
 def _catalog(folder: Path) -> pd.DataFrame:
     paths = find_images(folder)
     return pd.DataFrame(
@@ -85,14 +98,7 @@ def test_encode_catalog_resumable(ckpt, image_dir, tmp_path, monkeypatch):
     assert schema_version_of(pq.read_schema(out)) is not None
     before = out.read_bytes()
 
-    calls = []
-    real = enc._encode_files
-
-    def counting(*args, **kwargs):
-        calls.append(len(args[1]))
-        yield from real(*args, **kwargs)
-
-    monkeypatch.setattr(enc, "_encode_files", counting)
+    calls = _count_encodes(monkeypatch)
     second = encode_catalog(ckpt, cat, out, batch_size=8, progress=False, root=image_dir)
     assert calls == [] and len(second) == len(cat)
     assert out.read_bytes() == before  # nothing rewritten
@@ -188,14 +194,7 @@ def test_parallel_parts_then_one_writer_merge(ckpt, image_dir, tmp_path, monkeyp
     assert pending_images(ckpt, cat, out).empty  # the parts count as encoded
     assert encode_part(ckpt, chunks[0], out, root=image_dir) == parts[0]  # a retried chunk rewrites its own part
     # the monitor's encode folds the parts in and encodes nothing again
-    calls = []
-    real = enc._encode_files
-
-    def counting(*args, **kwargs):
-        calls.append(len(args[1]))
-        yield from real(*args, **kwargs)
-
-    monkeypatch.setattr(enc, "_encode_files", counting)
+    calls = _count_encodes(monkeypatch)
     merged = encode_catalog(ckpt, cat, out, batch_size=8, progress=False, root=image_dir)
     assert calls == [] and not list(parts_dir(out).glob("*.parquet"))
     assert len(merged) == len(cat) and merged["image_id"].is_unique
