@@ -20,6 +20,10 @@ def test_monitor_config_validation():
         MonitorConfig(window_by="count")
     with pytest.raises(ValueError, match="unknown monitor parameters"):
         monitor_config(alpah=0.1)
+    from pipeline.monitor import encoding_plan
+
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        encoding_plan(None, cfg, chunk_size=0)
 
 
 def test_monitor_without_champion_says_what_to_do(tmp_path, monkeypatch):
