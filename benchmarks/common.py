@@ -187,22 +187,25 @@ def _steps_of(d: Path) -> int:
 def find_checkpoint(variant: str, image_size: int = 32) -> Path | None:
     """A checkpoint under ``benchmarks/out/`` of the given variant (matched on the loss weights in config.json).
 
-    Prefers the one trained for the most steps (``meta.step`` of its config.json).
+    Only the shipped MMD kernel (``mmd_bandwidth="reference"``) counts. Prefers the one trained for the most steps
+    (``meta.step`` of its config.json), then the lowest training seed, then the path (deterministic).
     """
     lam, zeta = VARIANTS[variant]
-    found: list[tuple[int, Path]] = []
+    found: list[tuple[int, int, str, Path]] = []
     for cfg in OUT.rglob("config.json"):
         d = cfg.parent
-        if d.name.startswith(".") or not (d / "weights.safetensors").exists():
-            continue
+        if d.name.startswith(".") or not (d / "weights.safetensors").exists() or "anomaly_tiles" in d.parts:
+            continue  # tile models (bench_anomaly_tiles) are not whole-cell models
         try:
-            size, l_, z_, _ = _loss_of(cfg)
+            size, l_, z_, meta = _loss_of(cfg)
+            bandwidth = json.loads(cfg.read_text())["model"].get("loss", {}).get("mmd_bandwidth", "reference")
         except (KeyError, ValueError, json.JSONDecodeError):
             continue
-        if size != str(image_size) or abs(l_ - lam) > 1e-9 or abs(z_ - zeta) > 1e-9:
+        if size != str(image_size) or abs(l_ - lam) > 1e-9 or abs(z_ - zeta) > 1e-9 or bandwidth != "reference":
             continue
-        found.append((_steps_of(d), d))
-    return max(found)[1] if found else None
+        seed = int(meta.get("train", {}).get("seed", 0) or 0)
+        found.append((-_steps_of(d), seed, str(d), d))
+    return min(found)[3] if found else None
 
 
 def get_checkpoint(variant: str, splits: Splits, steps: int = 1000, threads: int = 1) -> Path:

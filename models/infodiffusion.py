@@ -388,6 +388,7 @@ class InfoDiffusion(nn.Module):
         steps: int,
         z: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Noise x0 to level ``t_start`` (q_sample), then DDIM-denoise back to t = 0 conditioned on z = Enc(x0).
 
@@ -400,6 +401,8 @@ class InfoDiffusion(nn.Module):
             steps: DDIM steps between t_start and 0 (1..t_start+1).
             z: optional (B, d_z) codes (default Enc(x0)).
             generator: RNG for the forward noise.
+            noise: the forward noise itself, broadcastable to x0 (e.g. one (1, C, H, W) field shared by the batch,
+                so an image's result does not depend on its batch); overrides ``generator``.
 
         Returns:
             (B, C, H, W) x0_hat clamped to [-1, 1].
@@ -408,5 +411,9 @@ class InfoDiffusion(nn.Module):
         z = self.encode(x0) if z is None else self._check_z(z, x0.shape[0])
         sampler = DDIMSampler(self.schedule, steps, t_start=t_start)
         t = torch.full((x0.shape[0],), int(t_start), dtype=torch.long, device=x0.device)
-        x_t = q_sample(self.schedule, x0, t, randn(x0.shape, generator, x0.device, x0.dtype))
+        if noise is None:
+            noise = randn(x0.shape, generator, x0.device, x0.dtype)
+        else:
+            noise = noise.to(device=x0.device, dtype=x0.dtype).expand_as(x0)
+        x_t = q_sample(self.schedule, x0, t, noise)
         return ddim_sample_loop(self.eps_fn(z), x_t, sampler).clamp(-1, 1)

@@ -20,7 +20,7 @@ import pandas as pd
 
 from pipeline.cli import CLIError
 
-DETECTORS = ("mahalanobis", "knn", "iforest", "ensemble")
+DETECTORS = ("auto", "residual", "mahalanobis", "knn", "iforest", "ensemble")
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,11 @@ examples:
   linewatch score --model ckpt/v1 --images today/ --reference calib_latents.parquet --fpr 0.005 --json
   linewatch score --model ckpt/v1 --images suspicious.png --reference calib/ --detector knn
 
+Detectors: "residual" (the monitor's: the diffusion residual, noised to t* = 100 and 250 and denoised with the image's
+own z, judged against the reference images nearest in z; needs image folders, or latents files with r_* residual
+columns), "mahalanobis", "knn", "iforest" and "ensemble" on z alone. "auto" (default) takes "residual" when both
+sources can give residuals, else "mahalanobis", and says which.
+
 The reference (normal images the model did not train on) is split at random into two halves: the detector is fit on
 one, and the flag threshold is the conformal (1 - fpr) quantile of the scores of the other, so the false-alarm rate
 on normal images is at most --fpr. That needs at least 1/fpr - 1 images in the threshold half (99 at 1 %, so about
@@ -159,9 +164,32 @@ def split_reference(n: int, share: float, seed: int) -> tuple[np.ndarray, np.nda
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+def _has_residuals(source: LatentSource, n: int) -> bool:
+    from pipeline.detectors.conditional import residual_columns
+
+    return source.kind == "images" or set(residual_columns(n)) <= set(source.frame.columns)
+
+
+def source_residuals(source: LatentSource, ckpt: Any, scoring: Any, *, what: str, progress: bool) -> np.ndarray:
+    """Diffusion residuals (N, len(t_stars)) of a source: computed from its images, or its ``r_*`` columns."""
+    from pipeline.detectors.conditional import residual_columns
+    from pipeline.images import load_batch
+
+    cols = residual_columns(len(scoring.t_stars))
+    if source.kind != "images":
+        if not set(cols) <= set(source.frame.columns):
+            raise CLIError(f"{what}: {source.origin!r} has no residual columns {cols}; the residual detector needs "
+                           "an image folder (or use --detector mahalanobis on latents)")
+        return source.frame[cols].to_numpy(np.float64)
+    x = load_batch(source.frame["path"].tolist(), ckpt.preprocess)
+    return scoring.residual_detector(ckpt.model, progress=progress).residuals(x)
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     """Run ``linewatch score``."""
     from pipeline.cli_model import load_model
+    from pipeline.retrain import ScoringConfig
+    from pipeline.retrain import make_detector as residual_detector
 
     _require_reference(args, "score")
     if not 0.0 < args.fpr < 1.0:
@@ -171,14 +199,25 @@ def cmd_score(args: argparse.Namespace) -> int:
     ref = load_latent_source(args.reference, ckpt, what="--reference", batch_size=args.batch_size, progress=progress)
     cur = load_latent_source(args.images, ckpt, what="--images", batch_size=args.batch_size, progress=progress)
     fit_idx, val_idx = split_reference(len(ref.frame), args.calibration_share, args.seed)
-    Z_ref = ref.Z
-    det = make_detector(args.detector)
-    det.fit(Z_ref[fit_idx])
+    scoring = ScoringConfig()
+    name = args.detector
+    if name == "auto":
+        n = len(scoring.t_stars)
+        name = "residual" if _has_residuals(ref, n) and _has_residuals(cur, n) else "mahalanobis"
+    X_ref, X_cur = ref.Z, cur.Z
+    if name == "residual":
+        X_ref = np.column_stack([X_ref, source_residuals(ref, ckpt, scoring, what="--reference", progress=progress)])
+        X_cur = np.column_stack([X_cur, source_residuals(cur, ckpt, scoring, what="--images", progress=progress)])
+        det = residual_detector(len(scoring.t_stars), k=scoring.k, n_fit=len(fit_idx))
+    else:
+        det = make_detector(name)
+    args.detector = name
+    det.fit(X_ref[fit_idx])
     try:
-        det.infer_threshold(Z_ref[val_idx], fpr=args.fpr)
+        det.infer_threshold(X_ref[val_idx], fpr=args.fpr)
     except ValueError as exc:
-        raise CLIError(f"{exc} (reference: {len(Z_ref)} images, {len(val_idx)} used for the threshold)") from exc
-    res = det.predict(cur.Z)
+        raise CLIError(f"{exc} (reference: {len(X_ref)} images, {len(val_idx)} used for the threshold)") from exc
+    res = det.predict(X_cur)
     labels = cur.labels()
     model_id = str(ckpt.meta.get("model_id"))
     if args.json:
@@ -355,13 +394,14 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "score",
         help="per-image anomaly scores and flags against a reference",
-        description="Score images with a latent anomaly detector calibrated on reference images.",
+        description="Score images with an anomaly detector calibrated on reference images.",
         epilog=SCORE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(p)
     p.add_argument("--images", required=True, metavar="DIR", help="images to score (folder, recursive, or one file)")
-    p.add_argument("--detector", default="mahalanobis", choices=DETECTORS, help="default: mahalanobis")
+    p.add_argument("--detector", default="auto", choices=DETECTORS,
+                   help="default auto: residual with image folders, else mahalanobis (see below)")
     p.add_argument("--fpr", type=float, default=0.01, help="target false-alarm rate on normal images (default 0.01)")
     p.add_argument(
         "--calibration-share", type=float, default=0.5, help="share of the reference used for the threshold (0.5)"

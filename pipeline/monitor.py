@@ -3,10 +3,13 @@
 Plain functions with a frozen config and result; ``flows/monitor.py`` wraps them in a Prefect task. One run:
 
 1. The champion comes from the registry (``tracking.download_model("champion")``) with its ``linewatch/`` bundle:
-   the calibration latents written by the retrain (images the model did not train on) are the drift reference
-   and the detector's fitting data (refitted deterministically, same seed and split as the retrain's gate).
+   the calibration latents and diffusion residuals written by the retrain (images the model did not train on) are
+   the drift reference and the detector's fitting data (refitted deterministically, same seed and split as the
+   retrain's gate).
 2. Catalog images of the monitored period are encoded into the resumable latents table
-   (``<state>/latents.parquet``; a rerun only encodes what is missing) and scored by the detector; flags go to
+   (``<state>/latents.parquet``; a rerun only encodes what is missing), their diffusion residuals computed once per
+   image and model (``<state>/residuals.parquet``), and scored by the detector (the residual judged against the
+   calibration images nearest in z, ``pipeline.detectors.ConditionalResidual``); flags go to
    ``<state>/scores.parquet`` (the retrain's selection drops flagged images).
 3. Images are cut into windows (per plant day by default, in ``settings.timezone``; a window still in progress
    waits for a later run); each complete window is tested
@@ -34,6 +37,7 @@ from pipeline.retrain import (
     CALIBRATION_FILE,
     CHAMPION,
     GATE_FILE,
+    ScoringConfig,
     detector_calibration,
     state_dir,
 )
@@ -195,6 +199,8 @@ class Champion:
     z_ref: np.ndarray
     detector: Any
     gate: dict[str, Any]
+    scoring: ScoringConfig | None = None
+    """The residual recipe of the bundle; None for a bundle from before residual scoring (Mahalanobis on z)."""
 
 
 def load_champion(settings: Any, *, fpr: float = 0.05, seed: int = 0) -> Champion:
@@ -219,12 +225,23 @@ def load_champion(settings: Any, *, fpr: float = 0.05, seed: int = 0) -> Champio
     bundle = Path(path) / BUNDLE_DIR
     if not (bundle / CALIBRATION_FILE).exists():
         raise ValueError(f"model v{version} has no {BUNDLE_DIR}/{CALIBRATION_FILE}: register it with the retrain job")
+    from pipeline.detectors.conditional import residual_columns
+
     ckpt = load_checkpoint(path)
     ref = pd.read_parquet(bundle / CALIBRATION_FILE)
     z_ref = ref[z_columns(ref)].to_numpy(np.float64)
     gate = json.loads((bundle / GATE_FILE).read_text()) if (bundle / GATE_FILE).exists() else {}
-    _, det = detector_calibration(z_ref, gate.get("fpr_target", fpr), seed=int(gate.get("detector_seed", seed)))
-    return Champion(str(version), Path(path), ckpt, str(ckpt.meta.get("model_id", "")), ref, z_ref, det, gate)
+    scoring = ScoringConfig.from_dict(gate.get("scoring"))
+    residuals = None
+    if scoring is not None:
+        residuals = ref[residual_columns(len(scoring.t_stars))].to_numpy(np.float64)
+    else:
+        logger.warning("model v%s has no residual scoring in its bundle: scoring images with Mahalanobis on z "
+                       "(retrain to get the residual detector)", version)
+    _, det = detector_calibration(z_ref, gate.get("fpr_target", fpr), seed=int(gate.get("detector_seed", seed)),
+                                  residuals=residuals, k=scoring.k if scoring else 25)
+    return Champion(str(version), Path(path), ckpt, str(ckpt.meta.get("model_id", "")), ref, z_ref, det, gate,
+                    scoring)
 
 
 def axis_descriptions(settings: Any, champ: Champion) -> list[Any]:
@@ -337,6 +354,9 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
     zc = z_columns(latents)
     df = rows.merge(latents[["image_id", *zc]], on="image_id", how="inner")
     Z = df[zc].to_numpy(np.float64)
+    if champ.scoring is not None:
+        R = residual_table(settings, champ, df, progress=config.progress).loc[df["image_id"].astype(str)]
+        Z = np.column_stack([Z, R.to_numpy(np.float64)])
     det = champ.detector.predict(Z)
     df["score"], df["is_anomaly"] = det.scores, det.is_anomaly
     _upsert(scores_table_path(settings), pd.DataFrame({
@@ -526,6 +546,49 @@ def quality_channels(settings: Any, rows: pd.DataFrame, progress: bool = False) 
         new.insert(0, "image_id", todo["image_id"].astype(str).to_numpy())
         have = _upsert(path, new, ["image_id"])
     table = have.assign(image_id=have["image_id"].astype(str)).set_index("image_id")[channels].astype(np.float64)
+    return table.loc[~table.index.duplicated(keep="last")]
+
+
+def residuals_table_path(settings: Any) -> Path:
+    """Per-image diffusion residuals (``image_id, model_id, r_0 .. r_{m-1}``), computed once per image and model."""
+    return state_dir(settings) / "residuals.parquet"
+
+
+def residual_table(settings: Any, champ: Champion, rows: pd.DataFrame, progress: bool = False,
+                   chunk: int = 512) -> pd.DataFrame:
+    """Diffusion residuals of ``rows`` (``image_id``, ``store_path``) under the champion, indexed by image id.
+
+    Computed with the bundle's recipe (``ScoringConfig``) for images not in :func:`residuals_table_path` yet, in
+    chunks (a crash keeps the finished chunks). The forward noise is one shared field, so an image's residual does
+    not depend on which other images it was computed with.
+    """
+    from tqdm.auto import tqdm
+
+    from pipeline.detectors.conditional import residual_columns
+    from pipeline.retrain import load_images
+
+    if champ.scoring is None:
+        raise ValueError(f"model v{champ.version} has no residual scoring recipe in its bundle")
+    cols = residual_columns(len(champ.scoring.t_stars))
+    path = residuals_table_path(settings)
+    have = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["image_id", "model_id", *cols])
+    if not set(cols) <= set(have.columns):
+        have = pd.DataFrame(columns=["image_id", "model_id", *cols])
+    mine = have[have["model_id"].astype(str) == champ.model_id]
+    rows = rows.drop_duplicates("image_id")
+    todo = rows[~rows["image_id"].astype(str).isin(set(mine["image_id"].astype(str)))]
+    if len(todo):
+        det = champ.scoring.residual_detector(champ.checkpoint.model)
+        spec = champ.checkpoint.preprocess
+        for i in tqdm(range(0, len(todo), chunk), desc="diffusion residuals", unit="chunk", disable=not progress):
+            part = todo.iloc[i : i + chunk]
+            R = det.residuals(load_images(settings, part, spec))
+            new = pd.DataFrame(R, columns=cols)
+            new.insert(0, "model_id", champ.model_id)
+            new.insert(0, "image_id", part["image_id"].astype(str).to_numpy())
+            have = _upsert(path, new, ["image_id", "model_id"])
+        mine = have[have["model_id"].astype(str) == champ.model_id]
+    table = mine.assign(image_id=mine["image_id"].astype(str)).set_index("image_id")[cols].astype(np.float64)
     return table.loc[~table.index.duplicated(keep="last")]
 
 

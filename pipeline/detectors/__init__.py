@@ -1,6 +1,7 @@
 """Per-image anomaly detectors: one small sklearn-shaped protocol (see :mod:`pipeline.detectors.base`).
 
-Latent detectors work on z (N, d); ``DiffusionResidual`` works on images and uses the diffusion model itself. It is
+Latent detectors work on z (N, d); ``DiffusionResidual`` works on images and uses the diffusion model itself;
+``ConditionalResidual`` judges precomputed residuals against the reference images nearest in z. ``DiffusionResidual`` is
 imported lazily, so the latent detectors and ``pipeline.drift`` do not pull in torch and ``models``.
 """
 
@@ -13,11 +14,13 @@ from pipeline.detectors.base import (
     NotFittedError,
     conformal_threshold,
 )
+from pipeline.detectors.conditional import ConditionalResidual
 from pipeline.detectors.ensemble import Ensemble
 from pipeline.detectors.outlier import IsolationForestDetector, KNNDistance, Mahalanobis
 
 __all__ = [
     "BaseDetector",
+    "ConditionalResidual",
     "DetectionResult",
     "Detector",
     "DiffusionResidual",

@@ -49,11 +49,17 @@ def test_score_flags_an_odd_image(tiny_checkpoint, ref_parquet, elpv_small, tmp_
     assert doc["images"][3]["flagged"] is True
     assert all(0 < r["p_value"] <= 1 for r in doc["images"])
     assert len(doc["images"][0]["sha256"]) == 64
+    assert doc["detector"] == "residual"  # auto: image folders give diffusion residuals
 
-    # a latents Parquet reference of the same model gives the same result
+    # a latents Parquet reference (no residual columns): auto takes Mahalanobis on z, the same as from the folder
     doc_pq = _score_json(capsys, "--model", str(tiny_checkpoint), "--images", str(imgs), "--reference",
                          str(ref_pq), "--fpr", "0.1")
-    np.testing.assert_allclose([r["score"] for r in doc_pq["images"]], scores, rtol=1e-6)
+    doc_maha = _score_json(capsys, "--model", str(tiny_checkpoint), "--images", str(imgs), "--reference",
+                           str(ref_dir), "--fpr", "0.1", "--detector", "mahalanobis")
+    assert doc_pq["detector"] == doc_maha["detector"] == "mahalanobis"
+    np.testing.assert_allclose([r["score"] for r in doc_pq["images"]], [r["score"] for r in doc_maha["images"]],
+                               rtol=1e-6)
+    assert int(np.argmax([r["score"] for r in doc_maha["images"]])) == 3
 
     # table output
     assert main(["score", "--model", str(tiny_checkpoint), "--images", str(imgs), "--reference", str(ref_pq),
@@ -73,6 +79,7 @@ def test_score_user_errors(tiny_checkpoint, ref_parquet, tmp_path, capsys):
         (["--reference", str(tmp_path / "missing")], "does not exist"),
         (["--reference", str(ref_pq), "--fpr", "0.01"], "calibration"),  # 12 threshold images < 99
         (["--reference", str(ref_pq), "--fpr", "2"], "--fpr"),
+        (["--reference", str(ref_pq), "--detector", "residual"], "has no residual columns"),
     ]
     for extra, msg in cases:
         assert main([*base, *extra]) == 2, extra

@@ -72,6 +72,25 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
     sent = (settings.state_dir / "alerts.jsonl").read_text().splitlines()
     assert [json.loads(x)["kind"] for x in sent] == ["opened"]
 
+    # per-image scores: the diffusion residual judged against the calibration images nearest in z, with the
+    # recipe the retrain recorded in the bundle; residuals computed once per image and model
+    from pipeline.detectors import ConditionalResidual
+    from pipeline.detectors import diffusion as diffusion_mod
+    from pipeline.monitor import load_champion, residuals_table_path
+    from pipeline.retrain import ScoringConfig
+
+    champ = load_champion(settings)
+    assert champ.scoring == ScoringConfig() and isinstance(champ.detector, ConditionalResidual)
+    assert {"r_0", "r_1"} <= set(champ.reference.columns) and (champ.reference[["r_0", "r_1"]] > 0).all().all()
+    assert champ.gate["scoring"]["t_stars"] == [100, 250]
+    resid = pd.read_parquet(residuals_table_path(settings))
+    assert len(resid) == res.n_encoded and set(resid["model_id"]) == {champ.model_id}
+
+    def no_residuals(*a, **k):
+        raise AssertionError("diffusion residuals were computed again")
+
+    monkeypatch.setattr(diffusion_mod.DiffusionResidual, "latents_and_residuals", no_residuals)
+
     # the window log and the flags feed the next retrain's selection
     wins = pd.read_parquet(windows_table_path(settings))
     assert set(wins.loc[wins["detected"], "window_id"]) == set(faulty)
@@ -109,3 +128,12 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
     again_q = monitor(settings, monitor_config(**monitor_params(quality=True)),
                       alert_manager=AlertManager(tmp_path / "alerts-quality"))
     assert [w.summary for w in again_q.windows] == [w.summary for w in qres.windows]
+
+    # a bundle from before residual scoring: the monitor falls back to Mahalanobis on z, and says so
+    from pipeline.detectors import Mahalanobis
+
+    monkeypatch.setattr(ScoringConfig, "from_dict", classmethod(lambda cls, d: None))
+    old = load_champion(settings)
+    assert old.scoring is None and isinstance(old.detector, Mahalanobis)
+    fallback = monitor(settings, monitor_config(**monitor_params()), alert_manager=AlertManager(tmp_path / "alerts-old"))
+    assert len(fallback.windows) == len(res.windows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from datetime import UTC, datetime, timedelta
 
@@ -13,8 +14,10 @@ import torch
 from pipeline.retrain import (
     GateConfig,
     RetrainConfig,
+    ScoringConfig,
     apply_gate,
     denoising_loss,
+    detector_calibration,
     evaluate_model,
     holdout_mask,
     latent_quality,
@@ -88,6 +91,28 @@ def test_retrain_config_from_params():
         RetrainConfig(steps=0)
     with pytest.raises(ValueError, match="fpr_target"):
         GateConfig(fpr_target=0)
+    sc = retrain_config(scoring={"t_stars": [50, 200], "k": 10}).scoring
+    assert sc.t_stars == (50, 200) and sc.k == 10 and sc.steps == 10
+    assert ScoringConfig.from_dict(dataclasses.asdict(sc)) == sc and ScoringConfig.from_dict(None) is None
+    for bad in ({"t_stars": ()}, {"steps": 0}, {"k": 2}):
+        with pytest.raises(ValueError, match="ScoringConfig"):
+            ScoringConfig(**bad)
+
+
+def test_detector_calibration_residual_and_fallback():
+    from pipeline.detectors import ConditionalResidual, Mahalanobis
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(300, 4))
+    R = np.exp(rng.normal(size=(300, 2)) * 0.3 + (z[:, :1] > 0) * 1.5)  # residual scale depends on z
+    fpr, det = detector_calibration(z, 0.1, seed=0, residuals=R, k=25)
+    assert isinstance(det, ConditionalResidual) and det.n_residuals == 2 and det.k == 25
+    assert 0.0 <= fpr <= 0.2 and det.n_ref_ == 150  # fit on one half, thresholded on the other
+    assert det.score(np.column_stack([z[:5], R[:5] * 20])).min() > det.threshold_  # 20x the residual: flagged
+    fpr_m, maha = detector_calibration(z, 0.1, seed=0)
+    assert isinstance(maha, Mahalanobis) and 0.0 <= fpr_m <= 0.2
+    _, small = detector_calibration(z[:30], 0.1, seed=0, residuals=R[:30], k=25)
+    assert small.k == 3  # capped at a fifth of the 15 fit images
 
 
 # ------------------------------------------------------------------------------------------------ gate

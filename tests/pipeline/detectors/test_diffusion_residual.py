@@ -30,11 +30,12 @@ class SmoothingDenoiser(torch.nn.Module):
     def encode(self, x):
         return x.mean(dim=(1, 2, 3))[:, None]
 
-    def partial_denoise(self, x0, t_start, steps, z=None, generator=None):
+    def partial_denoise(self, x0, t_start, steps, z=None, generator=None, noise=None):
         self.calls += 1
         sigma = t_start / 1000.0
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-        x_t = x0 + sigma * noise
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        x_t = x0 + sigma * noise.expand_as(x0)
         return F.avg_pool2d(F.pad(x_t, (2, 2, 2, 2), mode="replicate"), 5, stride=1).clamp(-1, 1)
 
 
@@ -136,3 +137,46 @@ def test_real_tiny_infodiffusion_runs():
     assert s.shape == (4,) and np.isfinite(s).all()
     np.testing.assert_array_equal(s, det.score(X[:4]))  # deterministic given the seeds
     assert model.training  # the detector restores the model's mode
+
+
+def two_kinds_of_images(n: int, seed: int) -> torch.Tensor:
+    """Half smooth dark images, half brighter ones with a fine texture that is normal for them (like poly cells)."""
+    x = smooth_images(n, seed)
+    kind1 = torch.arange(n) % 2 == 1
+    x[~kind1] = (x[~kind1] - 0.4).clamp(-1, 1)
+    x[kind1] = add_noise((x[kind1] + 0.4).clamp(-1, 1), 0.2, seed + 100)
+    return x
+
+
+def test_context_z_judges_residuals_against_similar_images():
+    ref, normal = two_kinds_of_images(120, 0), two_kinds_of_images(60, 1)
+    # defective smooth cells: noise weaker than the normal texture of the other kind
+    defect = add_noise(two_kinds_of_images(60, 2)[0::2], 0.15, 7)
+    normal_kind0, normal_kind1 = normal[0::2], normal[1::2]
+    y = np.r_[np.zeros(60), np.ones(30)]
+    auroc = {}
+    for context in ("z", "none"):
+        det = DiffusionResidual(SmoothingDenoiser(), t_stars=(50,), steps=2, context=context, k=15, progress=False)
+        det.fit(ref)
+        s = np.r_[det.score(normal_kind0), det.score(normal_kind1), det.score(defect)]
+        auroc[context] = roc_auc(y, s)
+    assert auroc["z"] > 0.95 and auroc["none"] < 0.7
+
+
+def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
+    pos, neg = s[y == 1], s[y == 0]
+    return float((pos[:, None] > neg[None, :]).mean())
+
+
+def test_residuals_do_not_depend_on_the_batch():
+    X = smooth_images(12, 0)
+    a = DiffusionResidual(SmoothingDenoiser(), t_stars=(50, 150), steps=2, batch_size=5, progress=False)
+    b = DiffusionResidual(SmoothingDenoiser(), t_stars=(50, 150), steps=2, batch_size=12, progress=False)
+    np.testing.assert_allclose(a.residuals(X)[3:9], b.residuals(X[3:9]), rtol=1e-6)
+    Z, R = a.latents_and_residuals(X)
+    assert Z.shape == (12, 1) and R.shape == (12, 2)
+    a.fit(X)
+    np.testing.assert_allclose(a.score_residuals(Z, R), a.score(X))
+    for kw in ({"context": "lot"}, {"k": 2}):
+        with pytest.raises(ValueError):
+            DiffusionResidual(SmoothingDenoiser(), **kw)
