@@ -26,7 +26,6 @@ Run: ``.venv/bin/python -m benchmarks.bench_anomaly``. Results: ``benchmarks/res
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from typing import Any
 
@@ -330,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     res = run(args)
-    cmd = ".venv/bin/python -m benchmarks.bench_anomaly" + "".join(" " + a for a in (sys.argv[1:] if argv is None else argv))
+    cmd = C.command_line("bench_anomaly", argv)
     C.write_results(NAME, report(res, cmd), res)
     return 0
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -520,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if "pool_stats" not in res:
         res["pool_stats"] = pool_stats(C.get_splits())
-    cmd = ".venv/bin/python -m benchmarks.bench_drift_faults" + "".join(" " + a for a in (sys.argv[1:] if argv is None else argv))
+    cmd = C.command_line("bench_drift_faults", argv)
     C.write_results(NAME, report(res, cmd), res)
     return 0
 

@@ -12,7 +12,6 @@ Run: ``.venv/bin/python -m benchmarks.bench_stages [--quick]``.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -165,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                "drift": drift([50, 100, 200, 500, 1000], 2000, 500),
                "calibration": calibration_growth([500, 1000, 2000, 4000], 100, 500),
                "quality": quality_channels(200), "n_calibration": 500}
-    cmd = ".venv/bin/python -m benchmarks.bench_stages" + "".join(
-        " " + a for a in (sys.argv[1:] if argv is None else argv))
+    cmd = C.command_line("bench_stages", argv)
     C.write_results(NAME, report(res, cmd), res)
     return 0
 

@@ -290,6 +290,12 @@ def encode(ckpt: Any, imgs: np.ndarray, batch: int = 128) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ results
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that reproduces a benchmark run: ``.venv/bin/python -m benchmarks.<module> <args>``."""
+    args = sys.argv[1:] if argv is None else argv
+    return f".venv/bin/python -m benchmarks.{module}" + "".join(" " + a for a in args)
+
+
 def header(name: str, command: str) -> str:
     """Markdown header of a results file."""
     return (

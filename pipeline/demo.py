@@ -266,8 +266,12 @@ def run_demo(
                          min_window=config.min_window)
     seconds["monitor"] = time.perf_counter() - t
     for w in mon["windows"]:
-        verdict = (f"drift: axis {w['top_axis']} moved {w['effect']:+.2f} sd ({w['description']})"
-                   if w["detected"] else "no drift")
+        if not w["detected"]:
+            verdict = "no drift"
+        elif w["top_axis"] is None:  # only the image-quality family fired: the description names the channel
+            verdict = f"drift: {w['description']}"
+        else:
+            verdict = f"drift: axis {w['top_axis']} moved {w['effect']:+.2f} sd ({w['description']})"
         kinds = [e.get("kind") for e in w.get("events", ())]
         if kinds:
             verdict += f"; alert {', '.join(kinds)}"

@@ -461,6 +461,15 @@ def _too_small(n: int, min_window: int, alpha: float) -> str:
     )
 
 
+def _both_or_neither(ref: Any, cur: Any, what: str, fit_arg: str, test_arg: str) -> None:
+    """A family is tested only when the reference and the window both carry its data."""
+    if (cur is None) != (ref is None):
+        raise ValueError(
+            f"{what} must be given for both the reference (fit {fit_arg}) and the window (test {test_arg}), "
+            "or for neither"
+        )
+
+
 class DriftDetector:
     """Drift tests of windows of latents against a reference (see module docstring).
 
@@ -800,11 +809,7 @@ class DriftDetector:
                 "were they encoded by different models?"
             )
         scores = None
-        if (cur_scores is None) != (self.ref_scores_ is None):
-            raise ValueError(
-                "anomaly scores must be given for both the reference (fit ref_scores) and the window "
-                "(test cur_scores), or for neither"
-            )
+        _both_or_neither(self.ref_scores_, cur_scores, "anomaly scores", "ref_scores", "cur_scores")
         if cur_scores is not None:
             scores = np.asarray(cur_scores, dtype=np.float64).ravel()
             if scores.size != n:
@@ -813,11 +818,7 @@ class DriftDetector:
                 raise ValueError("cur_scores contain NaN or inf")
 
         quality = None
-        if (cur_quality is None) != (self.ref_quality_ is None):
-            raise ValueError(
-                "image-quality channels must be given for both the reference (fit ref_quality) and the window "
-                "(test cur_quality), or for neither"
-            )
+        _both_or_neither(self.ref_quality_, cur_quality, "image-quality channels", "ref_quality", "cur_quality")
         if cur_quality is not None:
             quality, names = _as_channels(cur_quality, n, "cur_quality")
             if quality.shape[1] != self.ref_quality_.shape[1] or (
