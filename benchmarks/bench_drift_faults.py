@@ -19,7 +19,9 @@ Methods (each on the same windows):
   Bonferroni across families), with the i.i.d. null and with the lot null (calibrated on consecutive reference
   cells, stratified by cell type with the lots known, as the monitor does with the catalog's product type; windows
   above half the reference are evenly subsampled, as the monitor does); "z + quality" adds the full-resolution
-  image-quality family (``pipeline.properties.QUALITY_CHANNELS``): this is the shipped monitor;
+  image-quality family (``pipeline.properties.QUALITY_CHANNELS``); "z + quality + scores" also the per-image anomaly
+  scores (one-sided Mann-Whitney of the window's scores against the reference's cross-fitted ones,
+  ``score_features``): this is the shipped monitor; "anomaly scores (Mann-Whitney)" is that family on its own;
   ``--unstratified`` also runs the lot null without strata (the 2026-11-27 version);
 * DiffAE ablation z, same detector (i.i.d. null);
 * KS on mean intensity; pixel PCA (64 px, 32 components) + KS (BH); pixel PCA + MMD (permutations);
@@ -108,6 +110,8 @@ class Features:
     pool: dict[str, np.ndarray]
     q_ref: np.ndarray | None = None
     q_pool: dict[str, np.ndarray] | None = None
+    s_ref: np.ndarray | None = None
+    s_pool: dict[str, np.ndarray] | None = None
 
 
 def _pool_matrix(ok: dict[str, np.ndarray], defect: np.ndarray) -> dict[str, np.ndarray]:
@@ -189,6 +193,45 @@ def quality_features(sp: C.Splits) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     return Q["cal"], _pool_matrix({v: Q[f"ok_{C.slug(v)}"] for v in VARIANTS}, Q["defect"])
 
 
+def score_features(sp: C.Splits, ckpt_dir: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Per-image anomaly scores as the monitor computes them: reference (cross-fitted) and every pool variant.
+
+    Residuals with the shipped recipe (``pipeline.retrain.ScoringConfig``), the detector of
+    ``pipeline.retrain.detector_calibration`` on the calibration cells (fit on one half, as the monitor), the
+    reference's own scores from ``pipeline.retrain.calibration_scores`` (two-fold cross-fitting).
+    """
+    import torch
+
+    from models import load_checkpoint, to_model_input
+    from pipeline.retrain import ScoringConfig, calibration_scores, detector_calibration
+
+    mid = C.checkpoint_meta(ckpt_dir)["model_id"]
+    sc = ScoringConfig()
+
+    def comp() -> dict[str, np.ndarray]:
+        torch.set_num_threads(1)
+        ck = load_checkpoint(ckpt_dir)
+        res = sc.residual_detector(ck.model)
+
+        def zr(imgs: np.ndarray) -> np.ndarray:
+            z, r = res.latents_and_residuals(to_model_input(imgs, ck.preprocess))
+            return np.column_stack([z, r])
+
+        out = {"cal": zr(C.images()[sp.calibration]), "defect": zr(C.images()[sp.test_defect])}
+        for v in VARIANTS:
+            out[f"ok_{C.slug(v)}"] = zr(C.variant_images(sp.test_ok, v))
+        return out
+
+    R = C.cached(f"drift/zr_{mid}_{C.key_of(sp.test_ok.tolist(), sp.calibration.tolist(), list(sc.t_stars))}", comp)
+    m = len(sc.t_stars)
+    z_cal, r_cal = R["cal"][:, :-m], R["cal"][:, -m:]
+    _, det = detector_calibration(z_cal, 0.05, seed=0, residuals=r_cal, k=sc.k)
+    s_ref = calibration_scores(z_cal, r_cal, k=sc.k, seed=0)
+    pool = _pool_matrix({v: det.score(R[f"ok_{C.slug(v)}"])[:, None] for v in VARIANTS},
+                        det.score(R["defect"])[:, None])
+    return s_ref, {v: x.ravel() for v, x in pool.items()}
+
+
 # ------------------------------------------------------------------------------------------------ methods
 def _even_subsample(n: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, k).round().astype(int))
@@ -196,8 +239,8 @@ def _even_subsample(n: int, k: int) -> np.ndarray:
 
 def linewatch_method(
     feats: Features, null: str, n_perm: int, seed: int, lot_block: int | None = None,
-    strata: np.ndarray | None = None, lots: np.ndarray | None = None, quality: bool = False,
-) -> Callable[[np.ndarray, np.ndarray | None], tuple]:
+    strata: np.ndarray | None = None, lots: np.ndarray | None = None, quality: bool = False, scores: bool = False,
+) -> Callable[..., tuple]:
     """A (window, quality) -> (p_equiv, stat, detected, top_axis, top_channel) function around the DriftDetector.
 
     ``top_channel`` is the index (into ``QUALITY_CHANNELS``) of the image-quality channel the result names when the
@@ -206,15 +249,17 @@ def linewatch_method(
     from pipeline.drift import DriftDetector
 
     det = DriftDetector(alpha=ALPHA, null=null, n_permutations=n_perm, random_state=seed, lot_block=lot_block)
-    det.fit(feats.ref, ref_strata=strata, ref_lots=lots, ref_quality=feats.q_ref if quality else None)
+    det.fit(feats.ref, ref_strata=strata, ref_lots=lots, ref_quality=feats.q_ref if quality else None,
+            ref_scores=feats.s_ref if scores else None)
     max_n = det.n_ref_ // 2 if null == "lot" else None
 
-    def test(Zw: np.ndarray, Qw: np.ndarray | None = None) -> tuple:
+    def test(Zw: np.ndarray, Qw: np.ndarray | None = None, Sw: np.ndarray | None = None) -> tuple:
         if max_n is not None and len(Zw) > max_n:
             keep = _even_subsample(len(Zw), max_n)
             Zw = Zw[keep]
             Qw = None if Qw is None else Qw[keep]
-        r = det.test(Zw, cur_quality=Qw if quality else None)
+            Sw = None if Sw is None else Sw[keep]
+        r = det.test(Zw, cur_quality=Qw if quality else None, cur_scores=Sw if scores else None)
         # one continuous statistic: how far the most significant family is below its level
         ratio = min(p / r.family_alpha for p in r.family_p.values())
         stat = float(-np.log10(max(ratio, 1e-300)))
@@ -222,7 +267,8 @@ def linewatch_method(
             # bootstrap p-values floor at 1 / (B + 1), so many windows tie at the top: use each family's statistic
             # as a z-score against its lot-null bootstrap, the largest over the families
             cal = det.calibrate(len(Zw))
-            obs = {"axes": float(r.per_axis["ks_stat"].max()), "mmd": r.mmd_stat, "quality": r.quality_stat}
+            obs = {"axes": float(r.per_axis["ks_stat"].max()), "mmd": r.mmd_stat, "quality": r.quality_stat,
+                   "scores": r.score_stat}
             stat = max((obs[f] - float(np.mean(cal[f]))) / max(1e-12, float(np.std(cal[f])))
                        for f in r.family_p)
         ch = -1 if r.top_channel is None else list(det.quality_names_).index(r.top_channel)
@@ -235,7 +281,12 @@ def baseline_method(kind: str, ref: np.ndarray, n_perm: int, seed: int) -> Calla
     """KS-1d / KS-BH / MMD window tests of :mod:`benchmarks.baselines`."""
     from benchmarks.baselines import ks_bh_test, ks_test_1d, mmd_test
 
-    def test(Xw: np.ndarray, _q: Any = None) -> tuple:
+    def test(Xw: np.ndarray, _q: Any = None, _s: Any = None) -> tuple:
+        if kind == "mw":
+            from pipeline.drift import score_distribution_test
+
+            auc, p = score_distribution_test(ref[:, 0], Xw[:, 0])
+            return p, auc, p <= ALPHA, -1, -1
         if kind == "ks1":
             r = ks_test_1d(ref[:, 0], Xw[:, 0])
         elif kind == "ksbh":
@@ -258,6 +309,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     methods: dict[str, tuple[str, str]] = {}  # label -> (features key, how)
     models: dict[str, Any] = {}
     notes: list[str] = []
+    shipped: Any = None
     for tag, ck in C.resolve_models(args.model, sp, args.no_train, args.steps).items():
         if ck is None:
             notes.append(f"{tag}: not run (no checkpoint under benchmarks/out/)")
@@ -266,9 +318,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         key = "z" if tag.startswith("linewatch") else f"z {tag}"
         feats[key] = latent_features(sp, ck)
         if tag.startswith("linewatch"):
+            shipped = ck
             methods["linewatch z (i.i.d. null)"] = ("z", "lw_iid")
             methods["linewatch z (lot null)"] = ("z", "lw_lot")
             methods["linewatch z + quality (lot null)"] = ("z", "lw_lotq")
+            methods["linewatch z + quality + scores (lot null)"] = ("z", "lw_lotqs")
+            methods["linewatch z + scores (i.i.d. null)"] = ("z", "lw_iids")
             if args.unstratified:
                 methods["linewatch z (lot null, unstratified)"] = ("z", "lw_lotu")
             if args.lot_blocks:
@@ -289,8 +344,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.only:
         methods = {k: v for k, v in methods.items() if any(o in k for o in args.only)}
-    if "z" in feats:
+    if "z" in feats and shipped is not None:
         feats["z"].q_ref, feats["z"].q_pool = quality_features(sp)
+        C.log("anomaly scores")
+        feats["z"].s_ref, feats["z"].s_pool = score_features(sp, shipped)
+        # the score distribution on its own (one-sided Mann-Whitney): what the family could add where no latent or
+        # quality family fires
+        feats["scores"] = Features(feats["z"].s_ref[:, None], {v: x[:, None] for v, x in feats["z"].s_pool.items()})
+        if not args.only or any(o in "linewatch anomaly scores (Mann-Whitney)" for o in args.only):
+            methods["linewatch anomaly scores (Mann-Whitney)"] = ("scores", "mw")
     cal_types, cal_lots = sp.types[sp.calibration], sp.lots[sp.calibration]
     testers: dict[str, Callable[..., tuple]] = {}
     for label, (fk, how) in methods.items():
@@ -303,7 +365,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             strat = null == "lot" and tail != "u"
             testers[label] = linewatch_method(
                 f, null, args.permutations, 0, block, strata=cal_types if strat else None,
-                lots=cal_lots if strat else None, quality=tail == "q")
+                lots=cal_lots if strat else None, quality="q" in tail, scores="s" in tail)
         else:
             testers[label] = baseline_method(how, f.ref, args.permutations, 0)
 
@@ -328,11 +390,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 fk = methods[label][0]
                 out: dict[tuple[str, str], np.ndarray] = {}
                 for (cond, role), wins in sets.items():
-                    X = feats[fk].pool[CONDITIONS[cond]["variant"]]
-                    Q = None if feats[fk].q_pool is None else feats[fk].q_pool[CONDITIONS[cond]["variant"]]
+                    v = CONDITIONS[cond]["variant"]
+                    X = feats[fk].pool[v]
+                    Q = None if feats[fk].q_pool is None else feats[fk].q_pool[v]
+                    S = None if feats[fk].s_pool is None else feats[fk].s_pool[v]
                     t0 = time.perf_counter()
-                    out[(cond, role)] = np.array([tester(X[w], None if Q is None else Q[w]) for w in wins],
-                                                 dtype=float)
+                    out[(cond, role)] = np.array(
+                        [tester(X[w], None if Q is None else Q[w], None if S is None else S[w]) for w in wins],
+                        dtype=float)
                     t_method[label] += time.perf_counter() - t0
                     n_method[label] += len(wins)
                 null_cal = out[("no fault", "cal")][:, 1]

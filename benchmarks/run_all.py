@@ -119,14 +119,14 @@ def headline(anom: dict[str, Any] | None, drift: dict[str, Any] | None) -> list[
                          and r["condition"] == c), None)
 
         lw = "linewatch z (i.i.d. null)"
-        shipped = "linewatch z + quality (lot null)"  # what the monitor runs
+        shipped = "linewatch z + quality + scores (lot null)"  # what the monitor runs
         conds = [c for c in dict.fromkeys(r["condition"] for r in rows) if c != "no fault"]
         if any(r["method"] == shipped for r in rows):
             for kind in ("iid", "lot"):
                 far = get(kind, 100, shipped, "no fault", "rate_nominal")
                 far_iid = get(kind, 100, lw, "no fault", "rate_nominal")
                 det = ", ".join(f"{c} {fmt(get(kind, 100, shipped, c, 'rate_nominal'), 2)}" for c in conds)
-                out.append(f"- Drift, shipped monitor (z + image-quality channels, stratified lot null), "
+                out.append(f"- Drift, shipped monitor (z + image-quality channels + anomaly scores, stratified lot null), "
                            f"{'i.i.d.' if kind == 'iid' else 'lot'} windows, n = 100, alpha 0.05: false alarms "
                            f"{fmt(far, 2)} (target <= 0.05; {fmt(far_iid, 2)} under the i.i.d. null); detection: {det}.")
         me = shipped if any(r["method"] == shipped for r in rows) else lw

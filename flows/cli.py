@@ -108,7 +108,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from flows.runners import with_task_runner
 
     _print_json(with_task_runner(monitor_flow)(lookback_days=args.lookback_days, window_by=args.window_by, start=args.start,
-                             end=args.end, quality=not args.no_quality,
+                             end=args.end, quality=not args.no_quality, scores=not args.no_scores,
                              encode_chunk_size=args.encode_chunk_size))
     return 0
 
@@ -163,6 +163,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--end", default=None, help="ISO 8601 end (exclusive)")
     p.add_argument("--no-quality", action="store_true",
                    help="skip the full-resolution image-quality channels (blur, noise, rotation)")
+    p.add_argument("--no-scores", action="store_true",
+                   help="skip the test of the windows' anomaly scores against the reference's")
     p.add_argument("--encode-chunk-size", type=int, default=None,
                    help="images per parallel encode task (default: 1024 with LINEWATCH_TASK_RUNNER=dask, else 0 = off)")
     p.set_defaults(func=cmd_monitor)

@@ -114,6 +114,7 @@ def monitor_flow(
     cards: bool = True,
     report: bool = True,
     quality: bool = True,
+    scores: bool = True,
     encode_chunk_size: int | None = None,
 ) -> dict[str, Any]:
     """Monitor the recent catalog windows with the champion.
@@ -131,6 +132,7 @@ def monitor_flow(
         cards: Render axis cards for alerted axes.
         report: Draw drift report pictures.
         quality: Also test the full-resolution image-quality channels (blur, noise, rotation).
+        scores: Also test whether the window's per-image anomaly scores rose against the reference's.
         encode_chunk_size: Images per parallel ``encode-chunk`` task; 0 = encode inside the monitor pass; None =
             1024 on the Dask runner, else 0.
 
@@ -142,7 +144,7 @@ def monitor_flow(
     config = monitor_config(
         lines=lines, start=start, end=end, lookback_days=lookback_days, window_by=window_by,
         window_size=window_size, alpha=alpha, null=null, min_window=min_window, cards=cards, report=report,
-        quality=quality,
+        quality=quality, scores=scores,
     )
     chunk = default_chunk_size() if encode_chunk_size is None else int(encode_chunk_size)
     n_chunks = 0

@@ -43,13 +43,16 @@ __all__ = [
     "AxisCard",
     "AxisDescription",
     "DriftLike",
+    "LATENT_FAMILIES",
     "align_axes",
     "apply_alignment",
     "attribute",
     "axis_cards",
     "axis_correlations",
     "describe_axes",
+    "image_level_text",
     "quality_text",
+    "scores_text",
 ]
 
 #: Below this |r| no property is said to explain an axis.
@@ -386,7 +389,7 @@ def attribute(drift_result: Any, cards: Any = None, *, max_axes: int | None = No
         if len(table) and np.isfinite(eff).any():
             i = int(np.nanargmax(np.abs(eff)))
             tail = f"; largest shift: axis {int(table['axis'].iloc[i])} ({_fmt_effect(float(eff[i]))})"
-        text = f"{head}; no single axis is significant{tail}" + quality_text(drift_result, prefix="; ")
+        text = f"{head}; no single axis is significant{tail}" + image_level_text(drift_result, prefix="; ")
         return Attribution(detected, (), None, 0.0, fired, text)
     top = axes[0]
     share = abs(top.effect) / total if total > 0 else 0.0
@@ -399,7 +402,7 @@ def attribute(drift_result: Any, cards: Any = None, *, max_axes: int | None = No
         text += "; also " + ", ".join(f"axis {a.axis} ({_fmt_effect(a.effect)})" for a in axes[1:4])
         if len(axes) > 4:
             text += f" and {len(axes) - 4} more"
-    text += quality_text(drift_result, prefix="; ")
+    text += image_level_text(drift_result, prefix="; ")
     return Attribution(detected, tuple(axes), top.axis, share, fired, text)
 
 
@@ -417,6 +420,29 @@ def quality_text(drift_result: Any, prefix: str = "") -> str:
         return ""
     parts = [f"{_label(str(r['channel']))} moved by {_fmt_effect(float(r['effect_size']))}" for _, r in sig.iterrows()]
     return f"{prefix}image quality: " + ", ".join(parts)
+
+
+def scores_text(drift_result: Any, prefix: str = "") -> str:
+    """One phrase for a drift result whose anomaly-score family fired; ``""`` otherwise.
+
+    Reads e.g. ``"anomaly scores up: a window cell outscores a reference cell 64% of the time (p = 0.003)"``.
+    """
+    if "scores" not in tuple(getattr(drift_result, "fired", ()) or ()):
+        return ""
+    auc, p = getattr(drift_result, "score_stat", None), getattr(drift_result, "score_p", None)
+    if auc is None or p is None:
+        return ""
+    return f"{prefix}anomaly scores up: a window cell outscores a reference cell {auc:.0%} of the time (p = {p:.2g})"
+
+
+def image_level_text(drift_result: Any, prefix: str = "") -> str:
+    """The phrases of the families that are not latent axes (image quality, anomaly scores), joined."""
+    parts = [t for t in (quality_text(drift_result), scores_text(drift_result)) if t]
+    return prefix + "; ".join(parts) if parts else ""
+
+
+LATENT_FAMILIES = ("axes", "mmd")
+"""Drift-test families that speak about latent axes (the others are image-level: quality, scores)."""
 
 
 # ------------------------------------------------------------------------------------------------ axis cards

@@ -38,6 +38,7 @@ from pipeline.retrain import (
     CHAMPION,
     GATE_FILE,
     ScoringConfig,
+    calibration_scores,
     detector_calibration,
     state_dir,
 )
@@ -63,6 +64,9 @@ class MonitorConfig:
         quality: also test full-resolution image-quality channels (``pipeline.properties.QUALITY_CHANNELS``:
             fine detail, pixel noise, rotation) of every window; they see blur, sensor noise and small
             misalignments that the model's low-resolution latents average away. Measured once per image and cached.
+        scores: also test whether the window's per-image anomaly scores are higher than the reference's (one-sided
+            Mann-Whitney; the reference's scores are cross-fitted, ``pipeline.retrain.calibration_scores``): a rise in
+            the share of unusual cells, such as more cracked cells. Needs a bundle with residual scoring.
         fpr: per-image detector false-positive target.
         cards: render axis-card strips for the axes of alerted windows (cached per model).
         report: draw a drift report picture per alerted window.
@@ -81,6 +85,7 @@ class MonitorConfig:
     min_window: int = 30
     n_calibration: int = 500
     quality: bool = True
+    scores: bool = True
     fpr: float = 0.05
     cards: bool = True
     report: bool = True
@@ -201,6 +206,8 @@ class Champion:
     gate: dict[str, Any]
     scoring: ScoringConfig | None = None
     """The residual recipe of the bundle; None for a bundle from before residual scoring (Mahalanobis on z)."""
+    ref_scores: np.ndarray | None = None
+    """Out-of-sample anomaly scores of the reference images (cross-fitted), for the drift test's score family."""
 
 
 def load_champion(settings: Any, *, fpr: float = 0.05, seed: int = 0) -> Champion:
@@ -238,10 +245,12 @@ def load_champion(settings: Any, *, fpr: float = 0.05, seed: int = 0) -> Champio
     else:
         logger.warning("model v%s has no residual scoring in its bundle: scoring images with Mahalanobis on z "
                        "(retrain to get the residual detector)", version)
-    _, det = detector_calibration(z_ref, gate.get("fpr_target", fpr), seed=int(gate.get("detector_seed", seed)),
+    det_seed = int(gate.get("detector_seed", seed))
+    _, det = detector_calibration(z_ref, gate.get("fpr_target", fpr), seed=det_seed,
                                   residuals=residuals, k=scoring.k if scoring else 25)
+    ref_scores = None if scoring is None else calibration_scores(z_ref, residuals, k=scoring.k, seed=det_seed)
     return Champion(str(version), Path(path), ckpt, str(ckpt.meta.get("model_id", "")), ref, z_ref, det, gate,
-                    scoring)
+                    scoring, ref_scores)
 
 
 def axis_descriptions(settings: Any, champ: Champion) -> list[Any]:
@@ -337,7 +346,7 @@ def monitor(settings: Any, config: MonitorConfig = MonitorConfig(), *, alert_man
 def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) -> MonitorResult:
     import torch
 
-    from pipeline.axes import attribute, quality_text
+    from pipeline.axes import LATENT_FAMILIES, attribute, image_level_text
     from pipeline.drift import DriftDetector, windows
     from pipeline.encode import encode_catalog, z_columns
 
@@ -380,7 +389,9 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
         q_ref = quality.loc[champ.reference["image_id"].astype(str).to_numpy()].reset_index(drop=True)
     drift = DriftDetector(alpha=config.alpha, null=config.null, min_window=config.min_window,
                           n_calibration=config.n_calibration, random_state=config.seed, progress=config.progress)
-    drift.fit(champ.z_ref, model_id=champ.model_id, ref_order=ref_order, ref_strata=ref_strata, ref_quality=q_ref)
+    use_scores = config.scores and champ.ref_scores is not None
+    drift.fit(champ.z_ref, model_id=champ.model_id, ref_order=ref_order, ref_strata=ref_strata, ref_quality=q_ref,
+              ref_scores=champ.ref_scores if use_scores else None)
     max_n = drift.n_ref_ // 2 if config.null == "lot" else None
     descriptions = axis_descriptions(settings, champ)
     desc_text = {d.axis: d.text for d in descriptions}
@@ -401,14 +412,18 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
             frame = w.frame
             zw = frame[zc].to_numpy(np.float64)
             qw = None if quality is None else quality.loc[frame["image_id"].astype(str).to_numpy()]
+            sw = frame["score"].to_numpy(np.float64) if use_scores else None
             if max_n is not None and len(zw) > max_n:
                 keep = _even_subsample(len(zw), max_n)
                 zw = zw[keep]
                 qw = None if qw is None else qw.iloc[keep]
-            res = drift.test(zw, model_id=champ.model_id, cur_quality=qw)
+                sw = None if sw is None else sw[keep]
+            res = drift.test(zw, model_id=champ.model_id, cur_quality=qw, cur_scores=sw)
             attr = attribute(res, descriptions)
             top = None
-            if res.detected and res.fired != ("quality",):  # the top significant axis, else the largest shift
+            # the top significant axis (else the largest shift) when a latent family fired; image-level families
+            # (quality channels, anomaly scores) are described by their own text
+            if res.detected and set(res.fired) & set(LATENT_FAMILIES):
                 top = int(attr.top_axis if attr.top_axis is not None else res.top_axis)
             effect = 0.0
             if top is not None:
@@ -436,7 +451,7 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
                 end=pd.Timestamp(w.end).tz_convert("UTC").to_pydatetime(),
                 n_images=len(frame), n_tested=len(zw), n_anomalous=int(frame["is_anomaly"].sum()),
                 detected=bool(res.detected), top_axis=top, top_share=float(res.top_share) if top is not None else 0.0,
-                effect=effect, description=desc_text.get(top, "") if top is not None else quality_text(res),
+                effect=effect, description=desc_text.get(top, "") if top is not None else image_level_text(res),
                 summary=res.summary(), attribution=attr.text, alert_active=active, events=ev_dicts,
             ))
             results[(str(line), w.window_id)] = (res, frame)

@@ -541,6 +541,22 @@ def detector_calibration(
     return fpr, full
 
 
+def calibration_scores(z_cal: np.ndarray, residuals: np.ndarray, *, k: int = 25, seed: int = 0) -> np.ndarray:
+    """Out-of-sample anomaly scores of every calibration image (the drift reference of the score family).
+
+    Two-fold cross-fitting: the residual detector fitted on one (seeded) half scores the other, and the other way
+    round, so no image is scored by a detector that saw it. Same detector recipe as :func:`detector_calibration`.
+    """
+    X = np.column_stack([z_cal, residuals])
+    idx = np.random.default_rng([seed, 1]).permutation(len(X))
+    a, b = np.array_split(idx, 2)
+    out = np.empty(len(X))
+    n_res = int(np.asarray(residuals).reshape(len(X), -1).shape[1])
+    for fit, score in ((a, b), (b, a)):
+        out[score] = make_detector(n_res, k=k, n_fit=len(fit)).fit(X[fit]).score(X[score])
+    return out
+
+
 def make_detector(n_residuals: int | None = None, *, k: int = 25, n_fit: int | None = None) -> Any:
     """The per-image detector the monitor scores with.
 
@@ -959,5 +975,5 @@ def _ops_alert(settings: Any, message: str, **payload: Any) -> None:
 __all__ = [
     "GateConfig", "RetrainConfig", "ScoringConfig", "GateResult", "DataSelection", "RetrainResult", "retrain", "apply_gate",
     "select_training_data", "holdout_mask", "latent_quality", "mmd_to_prior", "axis_alignment", "evaluate_model",
-    "perturb_weights", "write_bundle",
+    "perturb_weights", "write_bundle", "calibration_scores", "detector_calibration", "make_detector",
 ]

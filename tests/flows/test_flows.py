@@ -70,8 +70,8 @@ def test_cli_registers_the_flow_commands():
     assert args.func.__name__ == "cmd_demo" and args.per_day == 20 and args.no_prefect
     assert parser.parse_args(["nightly", "--from-scratch"]).func.__name__ == "cmd_nightly"
     assert parser.parse_args(["monitor", "--lookback-days", "1"]).func.__name__ == "cmd_monitor"
-    mon = parser.parse_args(["monitor", "--no-quality", "--encode-chunk-size", "256"])
-    assert mon.no_quality and mon.encode_chunk_size == 256
+    mon = parser.parse_args(["monitor", "--no-quality", "--no-scores", "--encode-chunk-size", "256"])
+    assert mon.no_quality and mon.no_scores and mon.encode_chunk_size == 256
     assert parser.parse_args(["monitor"]).encode_chunk_size is None
     assert parser.parse_args(["serve", "--timezone", "UTC"]).func.__name__ == "cmd_serve"
     assert parser.parse_args(["retrain"]).func.__name__ == "cmd_retrain"

@@ -242,3 +242,23 @@ def test_axis_cards_write_png_and_json(tmp_path) -> None:
     assert att.axes[0].description == cards[1].description.text
     with pytest.raises(ValueError, match="out of range"):
         A.axis_cards(model, X, Z, props, tmp_path, axes=[99], progress=False)
+
+
+def test_image_level_families_are_described_in_words() -> None:
+    from types import SimpleNamespace
+
+    table = pd.DataFrame({"axis": [0, 1], "effect_size": [0.2, -0.1], "significant": [False, False]})
+    channels = pd.DataFrame({"channel": ["detail_ratio", "noise_level"], "effect_size": [2.7, 0.1],
+                             "significant": [True, False]})
+    res = SimpleNamespace(detected=True, per_axis=table, fired=("quality", "scores"), per_channel=channels,
+                          score_stat=0.64, score_p=0.003)
+    assert A.scores_text(res) == ("anomaly scores up: a window cell outscores a reference cell 64% of the time "
+                                  "(p = 0.003)")
+    both = A.image_level_text(res, prefix="; ")
+    assert both.startswith("; image quality: ") and "fine-detail ratio moved by +2.7" in both
+    assert both.endswith("(p = 0.003)")
+    text = A.attribute(res).text
+    assert "no single axis is significant" in text and "anomaly scores up" in text
+    only_axes = SimpleNamespace(**{**vars(res), "fired": ("axes",)})
+    assert A.scores_text(only_axes) == "" and A.image_level_text(only_axes) == ""
+    assert set(A.LATENT_FAMILIES) == {"axes", "mmd"}

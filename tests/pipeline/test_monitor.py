@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -129,11 +130,19 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
                       alert_manager=AlertManager(tmp_path / "alerts-quality"))
     assert [w.summary for w in again_q.windows] == [w.summary for w in qres.windows]
 
+    # the anomaly-score family: the windows' scores against the reference's cross-fitted ones
+    sres = monitor(settings, monitor_config(**monitor_params(scores=True)),
+                   alert_manager=AlertManager(tmp_path / "alerts-scores"))
+    assert all("scores p=" in w.summary for w in sres.windows)
+    assert len(champ.ref_scores) == len(champ.reference) and np.isfinite(champ.ref_scores).all()
+
     # a bundle from before residual scoring: the monitor falls back to Mahalanobis on z, and says so
     from pipeline.detectors import Mahalanobis
 
     monkeypatch.setattr(ScoringConfig, "from_dict", classmethod(lambda cls, d: None))
     old = load_champion(settings)
     assert old.scoring is None and isinstance(old.detector, Mahalanobis)
-    fallback = monitor(settings, monitor_config(**monitor_params()), alert_manager=AlertManager(tmp_path / "alerts-old"))
+    fallback = monitor(settings, monitor_config(**monitor_params(scores=True)),
+                       alert_manager=AlertManager(tmp_path / "alerts-old"))
     assert len(fallback.windows) == len(res.windows)
+    assert not any("scores p=" in w.summary for w in fallback.windows)  # no residual scores: no score family
