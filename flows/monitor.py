@@ -5,9 +5,11 @@ The job is :func:`pipeline.monitor.monitor`. Each new alert is also emitted as t
 :func:`flows.deploy.drift_alert_automation` turns into a webhook notification.
 
 Encoding is spread over the flow's task runner: a planning task lists the monitored images the champion has not
-encoded yet in chunks, one ``encode-chunk`` task per chunk writes a part file next to the latents table (mapped, so
-on Dask each chunk runs on a worker), and the pass (scoring, drift, alerts) then folds the parts into the table as
-its single writer and runs as one task: it needs every window's latents together. :func:`flows.runners.
+encoded yet in chunks, one ``encode-chunk`` task per chunk writes a part file next to the latents table, and one
+``residual-chunk`` task per chunk of images without diffusion residuals (the per-image score's costly part, about
+100x an encoding) writes a residual part (both mapped, so on Dask each chunk runs on a worker); the pass (scoring,
+drift, alerts) then folds the parts into the tables as their single writer and runs as one task: it needs every
+window's latents together. :func:`flows.runners.
 with_task_runner` picks the runner from ``LINEWATCH_TASK_RUNNER`` (``dask``: a ``prefect_dask.DaskTaskRunner``;
 workers need the catalog and the checkpoint folder on a shared file system).
 """
@@ -59,6 +61,15 @@ def encode_chunk_task(checkpoint_dir: str, records: list[dict[str, str]]) -> str
     from pipeline.settings import ensure_dirs, get_settings
 
     return encode_chunk(ensure_dirs(get_settings()), checkpoint_dir, records)
+
+
+@task(name="residual-chunk", timeout_seconds=3600, **job_task_options())
+def residual_chunk_task(checkpoint_dir: str, scoring: dict[str, Any], records: list[dict[str, str]]) -> str:
+    """Diffusion residuals of one chunk into a part file (``pipeline.monitor.residual_chunk``); retry-safe."""
+    from pipeline.monitor import residual_chunk
+    from pipeline.settings import ensure_dirs, get_settings
+
+    return residual_chunk(ensure_dirs(get_settings()), checkpoint_dir, scoring, records)
 
 
 def default_chunk_size(env: Mapping[str, str] | None = None) -> int:
@@ -137,7 +148,8 @@ def monitor_flow(
             1024 on the Dask runner, else 0.
 
     Returns:
-        ``MonitorResult.to_dict()`` plus ``events_emitted`` and ``encode_chunks`` (chunks encoded in parallel).
+        ``MonitorResult.to_dict()`` plus ``events_emitted`` and ``encode_chunks`` (encoding and residual chunks run
+        in parallel).
     """
     from pipeline.monitor import monitor_config
 
@@ -150,11 +162,15 @@ def monitor_flow(
     n_chunks = 0
     if chunk > 0:
         plan = plan_encoding_task.submit(config, chunk).result()
-        n_chunks = len(plan["chunks"])
-        if n_chunks:
-            futures = encode_chunk_task.map(unmapped(plan["checkpoint"]), plan["chunks"])
-            for f in futures:  # wait for every chunk; the first failure fails the flow
-                f.result()
+        n_chunks = len(plan["chunks"]) + len(plan["residual_chunks"])
+        futures = []
+        if plan["chunks"]:
+            futures += list(encode_chunk_task.map(unmapped(plan["checkpoint"]), plan["chunks"]))
+        if plan["residual_chunks"]:
+            futures += list(residual_chunk_task.map(unmapped(plan["checkpoint"]), unmapped(plan["scoring"]),
+                                                    plan["residual_chunks"]))
+        for f in futures:  # wait for every chunk; the first failure fails the flow
+            f.result()
     # submitted (not called) so the flow's task runner runs it: a Dask worker under LINEWATCH_TASK_RUNNER=dask
     result = monitor_task.submit(config).result()
     result["events_emitted"] = emit_alert_events(result)

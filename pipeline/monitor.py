@@ -496,7 +496,9 @@ def encoding_plan(settings: Any, config: MonitorConfig, chunk_size: int = 1024) 
     files into the latents table and encodes nothing twice.
 
     Returns:
-        ``{"checkpoint": str, "model_id": str, "chunks": [[{"image_id", "store_path"}, ...], ...]}``.
+        ``{"checkpoint": str, "model_id": str, "chunks": [[{"image_id", "store_path"}, ...], ...],
+        "scoring": dict | None, "residual_chunks": [...]}``: ``residual_chunks`` (images without diffusion
+        residuals under this model, for :func:`residual_chunk`) is empty when the bundle has no scoring recipe.
     """
     from pipeline.encode import pending_images
 
@@ -504,13 +506,20 @@ def encoding_plan(settings: Any, config: MonitorConfig, chunk_size: int = 1024) 
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     champ = load_champion(settings, fpr=config.fpr, seed=config.seed)
     rows = _monitored_rows(settings, config)
-    plan: dict[str, Any] = {"checkpoint": str(champ.path), "model_id": champ.model_id, "chunks": []}
+    plan: dict[str, Any] = {"checkpoint": str(champ.path), "model_id": champ.model_id, "chunks": [],
+                            "scoring": asdict(champ.scoring) if champ.scoring else None, "residual_chunks": []}
     if rows.empty:
         return plan
-    todo = pending_images(champ.checkpoint, rows[["image_id", "store_path"]], latents_table_path(settings))
-    records = todo.assign(image_id=todo["image_id"].astype(str), store_path=todo["store_path"].astype(str))
-    records = records.to_dict("records")
-    plan["chunks"] = [records[i : i + chunk_size] for i in range(0, len(records), chunk_size)]
+
+    def chunked(todo: pd.DataFrame) -> list[list[dict[str, str]]]:
+        records = todo[["image_id", "store_path"]].astype(str).to_dict("records")
+        return [records[i : i + chunk_size] for i in range(0, len(records), chunk_size)]
+
+    plan["chunks"] = chunked(pending_images(champ.checkpoint, rows[["image_id", "store_path"]],
+                                            latents_table_path(settings)))
+    if champ.scoring is not None:
+        plan["residual_chunks"] = chunked(pending_residuals(settings, champ.model_id, rows,
+                                                            len(champ.scoring.t_stars)))
     return plan
 
 
@@ -569,42 +578,108 @@ def residuals_table_path(settings: Any) -> Path:
     return state_dir(settings) / "residuals.parquet"
 
 
+def residual_parts_dir(settings: Any) -> Path:
+    """Where parallel workers drop residual part files (:func:`residual_chunk`) for the monitor pass to fold in."""
+    return state_dir(settings) / "residual_parts"
+
+
+def _residual_frame(settings: Any, model: Any, spec: Any, scoring: ScoringConfig, model_id: str,
+                    rows: pd.DataFrame) -> pd.DataFrame:
+    from pipeline.detectors.conditional import residual_columns
+    from pipeline.retrain import load_images
+
+    R = scoring.residual_detector(model).residuals(load_images(settings, rows, spec))
+    new = pd.DataFrame(R, columns=residual_columns(len(scoring.t_stars)))
+    new.insert(0, "model_id", model_id)
+    new.insert(0, "image_id", rows["image_id"].astype(str).to_numpy())
+    return new
+
+
+def _fold_residual_parts(settings: Any) -> None:
+    """Fold the workers' residual part files into :func:`residuals_table_path` (single writer), then remove them."""
+    parts = sorted(residual_parts_dir(settings).glob("*.parquet"))
+    if not parts:
+        return
+    _upsert(residuals_table_path(settings), pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True),
+            ["image_id", "model_id"])
+    for p in parts:
+        p.unlink(missing_ok=True)
+
+
+def pending_residuals(settings: Any, model_id: str, rows: pd.DataFrame, n_residuals: int) -> pd.DataFrame:
+    """Rows (``image_id``, ``store_path``) whose residuals under ``model_id`` are neither in the table nor in a part."""
+    from pipeline.detectors.conditional import residual_columns
+
+    cols = residual_columns(n_residuals)
+    done: set[str] = set()
+    path = residuals_table_path(settings)
+    for f in [path, *sorted(residual_parts_dir(settings).glob("*.parquet"))]:
+        if f.exists():
+            have = pd.read_parquet(f)
+            if set(cols) <= set(have.columns):
+                done |= set(have.loc[have["model_id"].astype(str) == model_id, "image_id"].astype(str))
+    rows = rows.drop_duplicates("image_id")
+    return rows[~rows["image_id"].astype(str).isin(done)]
+
+
 def residual_table(settings: Any, champ: Champion, rows: pd.DataFrame, progress: bool = False,
                    chunk: int = 512) -> pd.DataFrame:
     """Diffusion residuals of ``rows`` (``image_id``, ``store_path``) under the champion, indexed by image id.
 
-    Computed with the bundle's recipe (``ScoringConfig``) for images not in :func:`residuals_table_path` yet, in
-    chunks (a crash keeps the finished chunks). The forward noise is one shared field, so an image's residual does
-    not depend on which other images it was computed with.
+    Folds in the part files of parallel workers (:func:`residual_chunk`), then computes, with the bundle's recipe
+    (``ScoringConfig``), the images still missing from :func:`residuals_table_path`, in chunks (a crash keeps the
+    finished chunks). The forward noise is one shared field, so an image's residual does not depend on which other
+    images it was computed with.
     """
     from tqdm.auto import tqdm
 
     from pipeline.detectors.conditional import residual_columns
-    from pipeline.retrain import load_images
 
     if champ.scoring is None:
         raise ValueError(f"model v{champ.version} has no residual scoring recipe in its bundle")
+    _fold_residual_parts(settings)
     cols = residual_columns(len(champ.scoring.t_stars))
+    todo = pending_residuals(settings, champ.model_id, rows, len(cols))
+    for i in tqdm(range(0, len(todo), chunk), desc="diffusion residuals", unit="chunk", disable=not progress):
+        new = _residual_frame(settings, champ.checkpoint.model, champ.checkpoint.preprocess, champ.scoring,
+                              champ.model_id, todo.iloc[i : i + chunk])
+        _upsert(residuals_table_path(settings), new, ["image_id", "model_id"])
     path = residuals_table_path(settings)
     have = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["image_id", "model_id", *cols])
-    if not set(cols) <= set(have.columns):
-        have = pd.DataFrame(columns=["image_id", "model_id", *cols])
     mine = have[have["model_id"].astype(str) == champ.model_id]
-    rows = rows.drop_duplicates("image_id")
-    todo = rows[~rows["image_id"].astype(str).isin(set(mine["image_id"].astype(str)))]
-    if len(todo):
-        det = champ.scoring.residual_detector(champ.checkpoint.model)
-        spec = champ.checkpoint.preprocess
-        for i in tqdm(range(0, len(todo), chunk), desc="diffusion residuals", unit="chunk", disable=not progress):
-            part = todo.iloc[i : i + chunk]
-            R = det.residuals(load_images(settings, part, spec))
-            new = pd.DataFrame(R, columns=cols)
-            new.insert(0, "model_id", champ.model_id)
-            new.insert(0, "image_id", part["image_id"].astype(str).to_numpy())
-            have = _upsert(path, new, ["image_id", "model_id"])
-        mine = have[have["model_id"].astype(str) == champ.model_id]
     table = mine.assign(image_id=mine["image_id"].astype(str)).set_index("image_id")[cols].astype(np.float64)
     return table.loc[~table.index.duplicated(keep="last")]
+
+
+def residual_chunk(settings: Any, checkpoint_dir: str, scoring: dict[str, Any], records: list[dict[str, str]]) -> str:
+    """Compute the residuals of one chunk of :func:`encoding_plan` into a part file; returns its path.
+
+    The part is named by the model id and a digest of the chunk's image ids and written atomically, so a retried
+    chunk rewrites the same file. The monitor pass folds the parts into the residuals table.
+    """
+    import hashlib
+
+    import torch
+
+    from models.checkpoint import load_checkpoint
+
+    torch.set_num_threads(1)  # one core per chunk: the chunks are the parallelism
+    rows = pd.DataFrame(records)
+    if rows.empty:
+        raise ValueError("residual_chunk got an empty chunk")
+    ckpt = load_checkpoint(checkpoint_dir)
+    model_id = str(ckpt.meta.get("model_id", ""))
+    sc = ScoringConfig.from_dict(scoring)
+    if sc is None:
+        raise ValueError("residual_chunk needs the bundle's scoring recipe")
+    df = _residual_frame(settings, ckpt.model, ckpt.preprocess, sc, model_id, rows)
+    digest = hashlib.sha256("\n".join(sorted(df["image_id"])).encode()).hexdigest()[:16]
+    out = residual_parts_dir(settings) / f"{model_id}-{digest}.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    df.to_parquet(tmp, index=False)
+    tmp.replace(out)
+    return str(out)
 
 
 def scores_table_path(settings: Any) -> Path:

@@ -106,11 +106,18 @@ def test_monitor_flow_encodes_chunks_on_dask_workers_before_the_pass(tmp_path, m
     def fake_plan(settings, config, chunk_size):
         order.append(("plan", chunk_size))
         return {"checkpoint": "/ckpt/v1", "model_id": "model-a",
-                "chunks": [[{"image_id": f"i{k}", "store_path": f"p{k}"}] for k in range(5)]}
+                "chunks": [[{"image_id": f"i{k}", "store_path": f"p{k}"}] for k in range(5)],
+                "scoring": {"t_stars": [100, 250], "steps": 10, "seed": 0, "k": 25},
+                "residual_chunks": [[{"image_id": f"r{k}", "store_path": f"p{k}"}] for k in range(3)]}
 
     def fake_chunk(settings, checkpoint_dir, records):
         order.append(("chunk", (checkpoint_dir, records[0]["image_id"], _on_dask_worker())))
         return f"part-{records[0]['image_id']}"
+
+    def fake_residual_chunk(settings, checkpoint_dir, scoring, records):
+        assert scoring["t_stars"] == [100, 250]
+        order.append(("residuals", (checkpoint_dir, records[0]["image_id"], _on_dask_worker())))
+        return f"rpart-{records[0]['image_id']}"
 
     def fake_monitor(settings, config):
         order.append(("pass", _on_dask_worker()))
@@ -118,16 +125,19 @@ def test_monitor_flow_encodes_chunks_on_dask_workers_before_the_pass(tmp_path, m
 
     monkeypatch.setattr(M, "encoding_plan", fake_plan)
     monkeypatch.setattr(M, "encode_chunk", fake_chunk)
+    monkeypatch.setattr(M, "residual_chunk", fake_residual_chunk)
     monkeypatch.setattr(M, "monitor", fake_monitor)
     for key, value in DASK_ENV.items():
         monkeypatch.setenv(key, value)
     assert default_chunk_size() == 1024
     res = FlowRunner().monitor(**monitor_params())
-    assert res["encode_chunks"] == 5
+    assert res["encode_chunks"] == 5 + 3
     assert order[0] == ("plan", 1024) and order[-1][0] == "pass"
     chunks = [v for k, v in order if k == "chunk"]
     assert sorted(c[1] for c in chunks) == [f"i{k}" for k in range(5)]
     assert all(c[0] == "/ckpt/v1" and c[2] for c in chunks)  # every chunk ran on a Dask worker
+    rchunks = [v for k, v in order if k == "residuals"]
+    assert sorted(c[1] for c in rchunks) == ["r0", "r1", "r2"] and all(c[2] for c in rchunks)
     # the thread runner encodes inside the pass (no plan, no chunks) unless asked
     order.clear()
     monkeypatch.setenv("LINEWATCH_TASK_RUNNER", "thread")
@@ -136,7 +146,8 @@ def test_monitor_flow_encodes_chunks_on_dask_workers_before_the_pass(tmp_path, m
     assert res["encode_chunks"] == 0 and [k for k, _ in order] == ["pass"]
     order.clear()
     res = FlowRunner().monitor(**monitor_params(), encode_chunk_size=2)
-    assert res["encode_chunks"] == 5 and [k for k, _ in order] == ["plan"] + ["chunk"] * 5 + ["pass"]
+    assert res["encode_chunks"] == 8 and [k for k, _ in order][0] == "plan" and order[-1][0] == "pass"
+    assert sorted(k for k, _ in order[1:-1]) == ["chunk"] * 5 + ["residuals"] * 3
 
 
 @pytest.mark.parametrize("runner, expected", [("dask", "DaskTaskRunner"), ("thread", "ThreadPoolTaskRunner")])

@@ -57,7 +57,15 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
     assert plan["model_id"] and sum(len(c) for c in plan["chunks"]) == 3 * 30  # days 4-6, none encoded yet
     parts = [encode_chunk(settings, plan["checkpoint"], c) for c in plan["chunks"]]
     assert len(set(parts)) == len(plan["chunks"]) == 4
-    assert encoding_plan(settings, monitor_config(**monitor_params()), chunk_size=25)["chunks"] == []
+    # the costly part of the per-image score, the diffusion residuals, in chunks too
+    from pipeline.monitor import residual_chunk, residual_parts_dir
+
+    assert plan["scoring"]["t_stars"] == (100, 250) and sum(len(c) for c in plan["residual_chunks"]) == 90
+    rparts = [residual_chunk(settings, plan["checkpoint"], plan["scoring"], c) for c in plan["residual_chunks"]]
+    assert len(set(rparts)) == 4 and all(pd.read_parquet(p).shape == (len(c), 4)
+                                         for p, c in zip(rparts, plan["residual_chunks"], strict=True))
+    again_plan = encoding_plan(settings, monitor_config(**monitor_params()), chunk_size=25)
+    assert again_plan["chunks"] == [] and again_plan["residual_chunks"] == []
 
     res = monitor(settings, monitor_config(**monitor_params()))
     assert not list(parts_dir(latents_table_path(settings)).glob("*.parquet"))  # folded into the table
@@ -86,6 +94,7 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
     assert champ.gate["scoring"]["t_stars"] == [100, 250]
     resid = pd.read_parquet(residuals_table_path(settings))
     assert len(resid) == res.n_encoded and set(resid["model_id"]) == {champ.model_id}
+    assert not list(residual_parts_dir(settings).glob("*.parquet"))  # the workers' parts were folded in
 
     def no_residuals(*a, **k):
         raise AssertionError("diffusion residuals were computed again")
