@@ -105,7 +105,7 @@ def train_variant(name: str, lam: float, zeta: float, data, args, bandwidth: str
         batch_size=args.batch_size,
         progress=sys.stderr.isatty(),
         seed=args.seed,
-        device="cpu",
+        device=args.device,
         resume=True,  # an interrupted run continues from its last checkpoint (same total steps, same schedule)
     )
     secs = time.perf_counter() - t0
@@ -206,7 +206,8 @@ def write_report(rows: dict[str, dict], ctx: dict) -> str:
         "# Latent quality on ELPV (linear probes on z, disentanglement indicator)",
         "",
         f"- command: `{ctx['command']}`",
-        f"- machine: {MACHINE} (shared with other jobs while it ran: timings are indicative only)",
+        (f"- machine: {MACHINE} (shared with other jobs while it ran: timings are indicative only)"
+         if ctx["device"] == "cpu" else f"- machine: torch device {ctx['device']} ({ctx['device_name']})"),
         f"- date: {ctx['date']}",
         f"- preset: `{ctx['preset']}` ({ctx['image_size']} px, d = {ctx['d']}), budget {ctx['steps']} steps x batch "
         f"{ctx['batch_size']} per model when trained here, seed {ctx['seed']}; torch threads {ctx['threads']}",
@@ -264,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="training steps per model (same for both; default 3000, about 8 min per model on one core)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu",
+                        help="torch device for training and encoding: cpu (default) or cuda (e.g. --preset standard)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: on shared, oversubscribed cores 2 threads spin)"
     )
@@ -312,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt_dir = Path(given) if given else train_variant(name, lam, zeta, data, args, bandwidth)
         ckpt = load_checkpoint(ckpt_dir)
         d = ckpt.config.latent_dim
-        Z = encode_images(ckpt.model, ckpt.preprocess, list(eval_images), batch_size=128)
+        Z = encode_images(ckpt.model.to(args.device), ckpt.preprocess, list(eval_images), batch_size=128)
         rows[name] = evaluate(Z, types, probs, lots, props)
         info = train_info(ckpt_dir)
         loss = ckpt.config.loss
@@ -341,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size or preset.train.batch_size,
         "seed": args.seed,
         "threads": args.threads,
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "n_train": len(train_idx),
         "n_eval": len(eval_idx),
         "n_mono": int((types == "mono").sum()),

@@ -36,18 +36,25 @@ def _time(fn: Callable[[], Any], repeat: int = 3) -> float:
 
 def scoring(n_refs: list[int], n_images: list[int]) -> list[dict[str, Any]]:
     """Fit on n_ref reference latents, then score n images, per detector."""
-    from pipeline.detectors import IsolationForestDetector, KNNDistance, Mahalanobis
+    from pipeline.detectors import ConditionalResidual, IsolationForestDetector, KNNDistance, Mahalanobis
 
     rng = np.random.default_rng(0)
     rows = []
+
+    def sample(n: int, with_residuals: bool) -> np.ndarray:
+        Z = rng.normal(size=(n, D))
+        return np.column_stack([Z, np.exp(rng.normal(size=(n, 2)))]) if with_residuals else Z
+
     for name, make in (("Mahalanobis", Mahalanobis), ("kNN distance", KNNDistance),
-                       ("IsolationForest", IsolationForestDetector)):
+                       ("IsolationForest", IsolationForestDetector),
+                       ("ConditionalResidual (the monitor's; residuals precomputed)", ConditionalResidual)):
+        res = make is ConditionalResidual
         for n_ref in n_refs:
-            ref = rng.normal(size=(n_ref, D))
+            ref = sample(n_ref, res)
             det = make()
             fit_s = _time(lambda det=det, ref=ref: det.fit(ref), repeat=1)
             for n in n_images:
-                X = rng.normal(size=(n, D))
+                X = sample(n, res)
                 s = _time(lambda det=det, X=X: det.score(X), repeat=2)
                 rows.append({"detector": name, "n_ref": n_ref, "n": n, "fit_s": fit_s, "score_s": s,
                              "images_per_s": n / s})
@@ -127,7 +134,7 @@ def report(res: dict[str, Any], command: str) -> str:
                "the monitor.\n")
     sc = {(r["detector"], r["n_ref"], r["n"]): r for r in res["scoring"]}
     lines = []
-    for det in ("Mahalanobis", "kNN distance", "IsolationForest"):
+    for det in dict.fromkeys(k[0] for k in sc):
         refs = sorted({k[1] for k in sc if k[0] == det})
         ns = sorted({k[2] for k in sc if k[0] == det})
         a, b = sc[(det, refs[0], ns[-1])], sc[(det, refs[-1], ns[-1])]
@@ -140,8 +147,10 @@ def report(res: dict[str, Any], command: str) -> str:
     lines.append(f"lot-null calibration: x{cg[-1]['calibration_s'] / cg[0]['calibration_s']:.1f} for "
                  f"x{cg[-1]['n_ref'] // cg[0]['n_ref']} reference size")
     out.append("\n## Growth\n\n" + "".join(f"- {x}\n" for x in lines))
-    out.append("\nScoring grows linearly with the images scored; kNN also with the reference (exact neighbour search), "
-               "Mahalanobis and IsolationForest do not. The drift test's cost is dominated by the MMD permutations "
+    out.append("\nScoring grows linearly with the images scored; kNN and ConditionalResidual also with the reference "
+               "(exact neighbour search), Mahalanobis and IsolationForest do not. ConditionalResidual's rows exclude "
+               "the diffusion residuals themselves (about 25 ms per image on one core, `bench_anomaly.md`), which the "
+               "monitor computes once per image. The drift test's cost is dominated by the MMD permutations "
                "(i.i.d. null) and grows with the window; under the lot null a window test is cheap and the one-off "
                "calibration per window size grows with the reference (each bootstrap window is compared with the "
                "rest).\n")
