@@ -116,3 +116,16 @@ def test_small_reference_caps_k():
     Z, R, _ = two_kinds(8, 0)
     det = ConditionalResidual(k=25).fit(X(Z, R))
     assert det.k_ == 7 and np.isfinite(det.reference_scores_).all()
+
+
+def test_protocol_thresholding_like_every_detector(fitted):
+    Z, R, _ = two_kinds(100, 8)
+    with pytest.raises(NotFittedError, match="infer_threshold"):
+        ConditionalResidual().fit(X(Z, R)).predict(X(Z, R))
+    lo, hi = fitted.threshold_ci_
+    assert lo <= fitted.threshold_ <= hi
+    flo, fhi = fitted.fpr_ci_
+    assert 0 < flo < 0.05 < fhi < 0.1 and fitted.fpr_empirical_ <= 0.05
+    res = fitted.predict(X(Z, R))
+    np.testing.assert_array_equal(res.is_anomaly, res.scores > res.threshold)
+    assert ((res.p_values > 0) & (res.p_values <= 1)).all() and res.meta["name"] == "ConditionalResidual"
