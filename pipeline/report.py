@@ -2,7 +2,9 @@
 
 One PNG per alerted window with three rows:
 
-1. per-axis bar chart of the signed effect (reference standard deviations), significant axes highlighted;
+1. per-axis bar chart of the signed effect (reference standard deviations), significant axes highlighted; next to it,
+   when the window was tested on them, the image-level families: the shift of each full-resolution image-quality
+   channel and the anomaly-score AUC (a drift they alone found shows there, not on the axes);
 2. time series of the top axis's KS statistic over the windows, against the decision threshold (the lot-null
    quantile of the max-KS statistic, when the lot null is in force), drifted windows marked;
 3. example images of the window (the highest anomaly scores).
@@ -21,6 +23,32 @@ import numpy as np
 def _axis_row(per_axis: Any, axis: int) -> Any:
     rows = per_axis[per_axis["axis"] == axis]
     return rows.iloc[0] if len(rows) else None
+
+
+def _image_level_panel(ax: Any, result: Any) -> None:
+    """Bars of the image-quality channel shifts (ref. sd) and the anomaly-score AUC of one drift result."""
+    labels, values, colors = [], [], []
+    per_channel = getattr(result, "per_channel", None)
+    if per_channel is not None:
+        for _, r in per_channel.iterrows():
+            labels.append(str(r["channel"]).replace("_", " "))
+            values.append(float(r["effect_size"]))
+            colors.append("tab:red" if bool(r["significant"]) else "tab:gray")
+    fired = tuple(getattr(result, "fired", ()) or ())
+    score_stat, score_p = getattr(result, "score_stat", None), getattr(result, "score_p", None)
+    if score_stat is not None:
+        labels.append("anomaly scores\n(AUC - 0.5) x 10")
+        values.append((float(score_stat) - 0.5) * 10.0)
+        colors.append("tab:red" if "scores" in fired else "tab:gray")
+    y = np.arange(len(labels))
+    ax.barh(y, values, color=colors)
+    ax.axvline(0, color="black", lw=0.6)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_xlabel("shift (ref. sd)")
+    title = "image level (red: fired)"
+    if score_stat is not None and score_p is not None:
+        title += f"\nscores AUC {float(score_stat):.2f}, p = {float(score_p):.2g}"
+    ax.set_title(title, fontsize=9)
 
 
 def drift_report(
@@ -57,6 +85,7 @@ def drift_report(
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from pipeline.images import read_image
 
@@ -67,16 +96,22 @@ def drift_report(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     examples = list(example_images)[:max_examples]
+    per_channel = getattr(result, "per_channel", None)
+    image_level = (per_channel is not None and len(per_channel) > 0) or getattr(result, "score_stat", None) is not None
+    cols = max(2 if image_level else 1, max_examples)
     fig = plt.figure(figsize=(11, 8.5), constrained_layout=True)
-    gs = fig.add_gridspec(3, max(1, max_examples), height_ratios=[1.1, 1.0, 1.0])
+    gs = fig.add_gridspec(3, cols, height_ratios=[1.1, 1.0, 1.0])
 
-    # 1. per-axis effects
-    ax1 = fig.add_subplot(gs[0, :])
+    # 1. per-axis effects (and the image-level families beside them)
+    ax1 = fig.add_subplot(gs[0, : cols - 1] if image_level else gs[0, :])
+    if image_level:
+        _image_level_panel(fig.add_subplot(gs[0, cols - 1]), result)
     tab = per_axis.sort_values("axis")
     colors = ["tab:red" if bool(s) else "tab:gray" for s in tab["significant"]]
     ax1.bar(tab["axis"].astype(int), tab["effect_size"].astype(float), color=colors)
     ax1.axhline(0, color="black", lw=0.6)
     ax1.set_xlabel("latent axis")
+    ax1.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax1.set_ylabel("effect (ref. sd)")
     ax1.set_title(f"per-axis shift (red: significant); {'drift' if result.detected else 'no drift'}, "
                   f"n={result.n_cur}, null={result.null}")
