@@ -222,7 +222,9 @@ def score_features(sp: C.Splits, ckpt_dir: Any) -> tuple[np.ndarray, dict[str, n
             out[f"ok_{C.slug(v)}"] = zr(C.variant_images(sp.test_ok, v))
         return out
 
-    R = C.cached(f"drift/zr_{mid}_{C.key_of(sp.test_ok.tolist(), sp.calibration.tolist(), list(sc.t_stars))}", comp)
+    key = C.key_of(sp.test_ok.tolist(), sp.calibration.tolist(), list(sc.t_stars))
+    seeds = "" if sc.seeds == (0,) else "_seeds" + "-".join(map(str, sc.seeds))
+    R = C.cached(f"drift/zr_{mid}{seeds}_{key}", comp)
     m = len(sc.t_stars)
     z_cal, r_cal = R["cal"][:, :-m], R["cal"][:, -m:]
     _, det = detector_calibration(z_cal, 0.05, seed=0, residuals=r_cal, k=sc.k)

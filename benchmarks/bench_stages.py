@@ -149,7 +149,8 @@ def report(res: dict[str, Any], command: str) -> str:
     out.append("\n## Growth\n\n" + "".join(f"- {x}\n" for x in lines))
     out.append("\nScoring grows linearly with the images scored; kNN and ConditionalResidual also with the reference "
                "(exact neighbour search), Mahalanobis and IsolationForest do not. ConditionalResidual's rows exclude "
-               "the diffusion residuals themselves (about 25 ms per image on one core, `bench_anomaly.md`), which the "
+               "the diffusion residuals themselves (about 24 ms per image and noise field on one core, 70 ms with the "
+               "shipped three, `bench_anomaly.md`), which the "
                "monitor computes once per image. The drift test's cost is dominated by the MMD permutations "
                "(i.i.d. null) and grows with the window; under the lot null a window test is cheap and the one-off "
                "calibration per window size grows with the reference (each bootstrap window is compared with the "

@@ -100,40 +100,47 @@ class ScoringConfig:
 
     The per-image score is the diffusion residual (``pipeline.detectors.DiffusionResidual``: noise to t*, denoise
     with the image's own z, mean squared residual) judged against the ``k`` calibration images nearest in z
-    (``pipeline.detectors.ConditionalResidual``). On the ELPV benchmark's lot-level split this ranks p = 1 cells
-    above functional ones at AUROC 0.78 (3000-step cpu model; 0.81 at 10,000 steps), where Mahalanobis on z (the
-    previous default) was at 0.38-0.40: z describes the module, not the crack.
+    (``pipeline.detectors.ConditionalResidual``). On the ELPV benchmark's lot-level split, with the 10,000-step cpu
+    model, this ranks p = 1 cells above functional ones at AUROC 0.82 with three noise fields (0.81 with one; 0.78
+    with one and the 3000-step model), where Mahalanobis on z (the previous default) was at 0.38-0.40: z describes
+    the module, not the crack.
 
     Attributes:
         t_stars: noise levels of the residual.
         steps: DDIM steps from t* back to 0.
-        seed: seed of the shared forward-noise field.
+        seeds: seeds of the shared forward-noise fields; the residual is averaged over them. Each costs one pass
+            (about 24 ms per image on one core at the cpu preset); three cut the score's noise (AUROC 0.807 -> 0.823
+            on the benchmark, 0.766 -> 0.777 for the DiffAE ablation).
         k: neighbours in z (capped at a fifth of the detector's fit images, at least 3).
     """
 
     t_stars: tuple[int, ...] = (100, 250)
     steps: int = 10
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
     k: int = 25
 
     def __post_init__(self) -> None:
-        if not self.t_stars or self.steps < 1 or self.k < 3:
-            raise ValueError(f"ScoringConfig needs t_stars, steps >= 1 and k >= 3, got {self}")
+        if not self.t_stars or not self.seeds or self.steps < 1 or self.k < 3:
+            raise ValueError(f"ScoringConfig needs t_stars, seeds, steps >= 1 and k >= 3, got {self}")
 
     def residual_detector(self, model: Any, *, progress: bool = False) -> Any:
         """The ``DiffusionResidual`` that computes this recipe's residuals with ``model``."""
         from pipeline.detectors import DiffusionResidual
 
-        return DiffusionResidual(model, t_stars=self.t_stars, steps=self.steps, seeds=(self.seed,), reduce="mse",
+        return DiffusionResidual(model, t_stars=self.t_stars, steps=self.steps, seeds=self.seeds, reduce="mse",
                                  context="z", k=self.k, batch_size=64, progress=progress)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> ScoringConfig | None:
-        """From the bundle's ``gate.json`` entry (None when the bundle predates residual scoring)."""
+        """From the bundle's ``gate.json`` entry (None when the bundle predates residual scoring).
+
+        A bundle written with a single ``seed`` (before ``seeds``) reads as ``seeds=(seed,)``.
+        """
         if not d:
             return None
-        return cls(t_stars=tuple(int(t) for t in d["t_stars"]), steps=int(d["steps"]), seed=int(d["seed"]),
-                   k=int(d["k"]))
+        seeds = d["seeds"] if "seeds" in d else [d["seed"]]
+        return cls(t_stars=tuple(int(t) for t in d["t_stars"]), steps=int(d["steps"]),
+                   seeds=tuple(int(x) for x in seeds), k=int(d["k"]))
 
 
 @dataclass(frozen=True)
@@ -287,8 +294,9 @@ def retrain_config(**params: Any) -> RetrainConfig:
     p["gate"] = p["gate"] if isinstance(p.get("gate"), GateConfig) else GateConfig(**(p.get("gate") or {}))
     if not isinstance(p.get("scoring"), ScoringConfig):
         sc = dict(p.get("scoring") or {})
-        if "t_stars" in sc:
-            sc["t_stars"] = tuple(int(t) for t in sc["t_stars"])
+        for key in ("t_stars", "seeds"):
+            if key in sc:
+                sc[key] = tuple(int(t) for t in sc[key])
         p["scoring"] = ScoringConfig(**sc)
     return RetrainConfig(**p)
 

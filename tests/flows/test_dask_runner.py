@@ -107,7 +107,7 @@ def test_monitor_flow_encodes_chunks_on_dask_workers_before_the_pass(tmp_path, m
         order.append(("plan", chunk_size))
         return {"checkpoint": "/ckpt/v1", "model_id": "model-a",
                 "chunks": [[{"image_id": f"i{k}", "store_path": f"p{k}"}] for k in range(5)],
-                "scoring": {"t_stars": [100, 250], "steps": 10, "seed": 0, "k": 25},
+                "scoring": {"t_stars": [100, 250], "steps": 10, "seeds": [0, 1, 2], "k": 25},
                 "residual_chunks": [[{"image_id": f"r{k}", "store_path": f"p{k}"}] for k in range(3)]}
 
     def fake_chunk(settings, checkpoint_dir, records):

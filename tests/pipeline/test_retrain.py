@@ -91,10 +91,13 @@ def test_retrain_config_from_params():
         RetrainConfig(steps=0)
     with pytest.raises(ValueError, match="fpr_target"):
         GateConfig(fpr_target=0)
-    sc = retrain_config(scoring={"t_stars": [50, 200], "k": 10}).scoring
-    assert sc.t_stars == (50, 200) and sc.k == 10 and sc.steps == 10
+    sc = retrain_config(scoring={"t_stars": [50, 200], "k": 10, "seeds": [4]}).scoring
+    assert sc.t_stars == (50, 200) and sc.k == 10 and sc.steps == 10 and sc.seeds == (4,)
+    assert ScoringConfig().seeds == (0, 1, 2)
     assert ScoringConfig.from_dict(dataclasses.asdict(sc)) == sc and ScoringConfig.from_dict(None) is None
-    for bad in ({"t_stars": ()}, {"steps": 0}, {"k": 2}):
+    legacy = {"t_stars": [100, 250], "steps": 10, "seed": 0, "k": 25}  # a bundle written before `seeds`
+    assert ScoringConfig.from_dict(legacy) == ScoringConfig(seeds=(0,))
+    for bad in ({"t_stars": ()}, {"seeds": ()}, {"steps": 0}, {"k": 2}):
         with pytest.raises(ValueError, match="ScoringConfig"):
             ScoringConfig(**bad)
 
