@@ -121,24 +121,24 @@ def shipped_residuals(ckpt_dir: Any, idx: np.ndarray, tag: str, seeds: tuple[int
 
     ``seeds`` (default: the shipped ``ScoringConfig().seeds``) averages the residual over that many noise fields.
     """
+    import dataclasses
+
     import torch
 
     from models import load_checkpoint, to_model_input
-    from pipeline.detectors import DiffusionResidual
     from pipeline.retrain import ScoringConfig
 
     meta = C.checkpoint_meta(ckpt_dir)
     sc = ScoringConfig()
     seeds = sc.seeds if seeds is None else tuple(seeds)
+    sc = dataclasses.replace(sc, seeds=seeds)
 
     def compute() -> dict[str, np.ndarray]:
         torch.set_num_threads(1)
         ck = load_checkpoint(ckpt_dir)
         x = to_model_input(C.images()[idx], ck.preprocess)
         t0 = time.perf_counter()
-        det = DiffusionResidual(ck.model, t_stars=sc.t_stars, steps=sc.steps, seeds=seeds, reduce="mse",
-                                k=sc.k, batch_size=64, progress=False)
-        z, r = det.latents_and_residuals(x)
+        z, r = sc.residual_detector(ck.model).latents_and_residuals(x)
         return {"z": z, "r": r, "sec_per_img": np.array((time.perf_counter() - t0) / len(idx))}
 
     suffix = "" if seeds == (0,) else "_seeds" + "-".join(map(str, seeds))

@@ -176,10 +176,10 @@ def source_residuals(source: LatentSource, ckpt: Any, scoring: Any, *, what: str
     from pipeline.images import load_batch
 
     cols = residual_columns(len(scoring.t_stars))
+    if not _has_residuals(source, len(cols)):
+        raise CLIError(f"{what}: {source.origin!r} has no residual columns {cols}; the residual detector needs "
+                       "an image folder (or use --detector mahalanobis on latents)")
     if source.kind != "images":
-        if not set(cols) <= set(source.frame.columns):
-            raise CLIError(f"{what}: {source.origin!r} has no residual columns {cols}; the residual detector needs "
-                           "an image folder (or use --detector mahalanobis on latents)")
         return source.frame[cols].to_numpy(np.float64)
     x = load_batch(source.frame["path"].tolist(), ckpt.preprocess)
     return scoring.residual_detector(ckpt.model, progress=progress).residuals(x)
@@ -211,7 +211,6 @@ def cmd_score(args: argparse.Namespace) -> int:
         det = residual_detector(len(scoring.t_stars), k=scoring.k, n_fit=len(fit_idx))
     else:
         det = make_detector(name)
-    args.detector = name
     det.fit(X_ref[fit_idx])
     try:
         det.infer_threshold(X_ref[val_idx], fpr=args.fpr)
@@ -223,7 +222,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.json:
         doc = {
             "model_id": model_id,
-            "detector": args.detector,
+            "detector": name,
             "fpr_target": res.fpr_target,
             "fpr_ci": list(res.fpr_ci),
             "threshold": res.threshold,
@@ -246,7 +245,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(json.dumps(_jsonable(doc), indent=2))
         return 0
     print(
-        f"model {model_id}, detector {args.detector}: threshold {res.threshold:.4g} "
+        f"model {model_id}, detector {name}: threshold {res.threshold:.4g} "
         f"(95% CI {res.threshold_ci[0]:.4g}..{res.threshold_ci[1]:.4g}) for fpr {res.fpr_target:g} "
         f"(true false-alarm rate 95% CI {res.fpr_ci[0]:.2%}..{res.fpr_ci[1]:.2%}); "
         f"reference {len(fit_idx)} fit + {len(val_idx)} threshold images"

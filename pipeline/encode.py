@@ -371,6 +371,12 @@ def parts_dir(out_path: str | os.PathLike[str]) -> Path:
     return out_path.with_name(out_path.name + ".parts")
 
 
+def part_file(folder: str | os.PathLike[str], model_id: str, image_ids: Sequence[str]) -> Path:
+    """``<folder>/<model_id>-<digest of the sorted ids>.parquet``: a retried chunk maps to the same part file."""
+    digest = hashlib.sha256("\n".join(sorted(map(str, image_ids))).encode()).hexdigest()[:16]
+    return Path(folder) / f"{model_id}-{digest}.parquet"
+
+
 def pending_images(
     checkpoint: Any, catalog_df: pd.DataFrame, out_path: str | os.PathLike[str], *, id_col: str = IMAGE_ID
 ) -> pd.DataFrame:
@@ -424,9 +430,7 @@ def encode_part(
         chunk = pd.DataFrame({IMAGE_ID: ids[start : start + len(z)], MODEL_ID: model_id})
         chunks.append(pd.concat([chunk, pd.DataFrame(z, columns=latent_columns(z.shape[1]))], axis=1))
     df = pd.concat(chunks, ignore_index=True)
-    digest = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
-    out = parts_dir(out_path) / f"{model_id}-{digest}.parquet"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = part_file(parts_dir(out_path), model_id, ids)
     return write_parquet_atomic(df, out, latents_schema(len(z_columns(df))))
 
 

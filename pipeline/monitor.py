@@ -657,11 +657,10 @@ def residual_chunk(settings: Any, checkpoint_dir: str, scoring: dict[str, Any], 
     The part is named by the model id and a digest of the chunk's image ids and written atomically, so a retried
     chunk rewrites the same file. The monitor pass folds the parts into the residuals table.
     """
-    import hashlib
-
     import torch
 
     from models.checkpoint import load_checkpoint
+    from pipeline.encode import part_file, write_parquet_atomic
 
     torch.set_num_threads(1)  # one core per chunk: the chunks are the parallelism
     rows = pd.DataFrame(records)
@@ -673,13 +672,7 @@ def residual_chunk(settings: Any, checkpoint_dir: str, scoring: dict[str, Any], 
     if sc is None:
         raise ValueError("residual_chunk needs the bundle's scoring recipe")
     df = _residual_frame(settings, ckpt.model, ckpt.preprocess, sc, model_id, rows)
-    digest = hashlib.sha256("\n".join(sorted(df["image_id"])).encode()).hexdigest()[:16]
-    out = residual_parts_dir(settings) / f"{model_id}-{digest}.parquet"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    df.to_parquet(tmp, index=False)
-    tmp.replace(out)
-    return str(out)
+    return str(write_parquet_atomic(df, part_file(residual_parts_dir(settings), model_id, df["image_id"])))
 
 
 def scores_table_path(settings: Any) -> Path:
