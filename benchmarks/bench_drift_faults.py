@@ -18,8 +18,8 @@ Methods (each on the same windows):
 * linewatch: ``pipeline.drift.DriftDetector`` on InfoDiffusion z (per-axis KS + BH and MMD permutation test,
   Bonferroni across families), with the i.i.d. null and with the lot null (calibrated on consecutive reference
   cells, stratified by cell type with the lots known, as the monitor does with the catalog's product type; windows
-  above half the reference are evenly subsampled, as the monitor does); "z + quality" adds the full-resolution
-  image-quality family (``pipeline.properties.QUALITY_CHANNELS``); "z + quality + scores" also the per-image anomaly
+  above a third of the reference, ``DriftDetector.max_window``, are evenly subsampled, as the monitor does);
+  "z + quality" adds the full-resolution image-quality family (``pipeline.properties.QUALITY_CHANNELS``); "z + quality + scores" also the per-image anomaly
   scores (one-sided Mann-Whitney of the window's scores against the reference's cross-fitted ones,
   ``score_features``): this is the shipped monitor; "anomaly scores (Mann-Whitney)" is that family on its own;
   ``--unstratified`` also runs the lot null without strata (the 2026-11-27 version);
@@ -235,10 +235,6 @@ def score_features(sp: C.Splits, ckpt_dir: Any) -> tuple[np.ndarray, dict[str, n
 
 
 # ------------------------------------------------------------------------------------------------ methods
-def _even_subsample(n: int, k: int) -> np.ndarray:
-    return np.unique(np.linspace(0, n - 1, k).round().astype(int))
-
-
 def linewatch_method(
     feats: Features, null: str, n_perm: int, seed: int, lot_block: int | None = None,
     strata: np.ndarray | None = None, lots: np.ndarray | None = None, quality: bool = False, scores: bool = False,
@@ -248,16 +244,16 @@ def linewatch_method(
     ``top_channel`` is the index (into ``QUALITY_CHANNELS``) of the image-quality channel the result names when the
     quality family fired, else -1.
     """
-    from pipeline.drift import DriftDetector
+    from pipeline.drift import DriftDetector, even_subsample
 
     det = DriftDetector(alpha=ALPHA, null=null, n_permutations=n_perm, random_state=seed, lot_block=lot_block)
     det.fit(feats.ref, ref_strata=strata, ref_lots=lots, ref_quality=feats.q_ref if quality else None,
             ref_scores=feats.s_ref if scores else None)
-    max_n = det.n_ref_ // 2 if null == "lot" else None
+    max_n = det.max_window
 
     def test(Zw: np.ndarray, Qw: np.ndarray | None = None, Sw: np.ndarray | None = None) -> tuple:
         if max_n is not None and len(Zw) > max_n:
-            keep = _even_subsample(len(Zw), max_n)
+            keep = even_subsample(len(Zw), max_n)
             Zw = Zw[keep]
             Qw = None if Qw is None else Qw[keep]
             Sw = None if Sw is None else Sw[keep]

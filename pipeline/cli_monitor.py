@@ -278,7 +278,7 @@ reference in production order and at least twice as many reference images as the
 def cmd_drift(args: argparse.Namespace) -> int:
     """Run ``linewatch drift``."""
     from pipeline.cli_model import load_model
-    from pipeline.drift import DriftDetector
+    from pipeline.drift import DriftDetector, even_subsample
 
     _require_reference(args, "drift")
     ckpt = load_model(args.model, args.device)
@@ -299,7 +299,15 @@ def cmd_drift(args: argparse.Namespace) -> int:
         q_ref = _quality_of(ref, "--reference", progress)
         q_cur = _quality_of(cur, "--current", progress)
     det.fit(ref.Z, model_id=model_id, ref_quality=q_ref)
-    res = det.test(cur.Z, model_id=model_id, cur_quality=q_cur)
+    z_cur, n_given = cur.Z, len(cur.Z)
+    if det.max_window is not None and n_given > det.max_window:
+        # the lot null's guard band needs the window to be at most a third of the reference (DriftDetector.max_window)
+        keep = even_subsample(n_given, det.max_window)
+        z_cur = z_cur[keep]
+        q_cur = None if q_cur is None else q_cur.iloc[keep]
+    res = det.test(z_cur, model_id=model_id, cur_quality=q_cur)
+    subsampled = (f"current subsampled evenly from {n_given} to {res.n_cur} images (the lot null tests windows of at "
+                  f"most a third of the reference)") if res.n_cur < n_given else None
     axes = res.per_axis
     if args.json:
         doc = {
@@ -313,6 +321,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
             "multivariate": {"test": "mmd2", "statistic": res.mmd_stat, "p_value": res.mmd_p},
             "n_reference": res.n_ref,
             "n_current": res.n_cur,
+            "n_current_given": n_given,
             "top_axis": res.top_axis,
             "top_share": res.top_share,
             "axes": [
@@ -347,6 +356,8 @@ def cmd_drift(args: argparse.Namespace) -> int:
         f"multivariate MMD^2: {res.mmd_stat:.4g}, p = {res.mmd_p:.4g} ({res.null} null, each family at "
         f"alpha {res.family_alpha:.3g}); reference {res.n_ref} vs current {res.n_cur} images, model {model_id}"
     )
+    if subsampled:
+        print(subsampled)
     print(res.summary())
     print(f"{'rank':>4}  {'axis':>5}  {'KS':>6}  {'p_value':>9}  {'p_adj':>9}  {'effect':>7}  {'PSI':>6}  band  sig")
     for r in axes.itertuples(index=False):

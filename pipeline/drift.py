@@ -69,6 +69,7 @@ __all__ = [
     "bh_adjust",
     "bonferroni",
     "effect_size",
+    "even_subsample",
     "ks_per_axis",
     "median_heuristic",
     "mmd2_unbiased",
@@ -644,6 +645,23 @@ class DriftDetector:
         self.is_fitted_ = True
         return self
 
+    @property
+    def max_window(self) -> int | None:
+        """Largest window the lot null calibrates honestly: a third of the reference (None under the i.i.d. null).
+
+        A lot-null calibration window is compared with the rest of the reference *minus a guard band* around it
+        (:meth:`_block_indices`), so that it is compared with other lots and not with the rest of its own lot. Up to
+        a third of the reference, the window, a guard band and a comparison set as large as the window all fit. A
+        larger window leaves no room for the guard: the calibration windows are then compared with their own lots'
+        neighbours, look more alike than new lots do, and the null is too narrow (measured in ``make demo``: a
+        110-image reference of 5 days, day windows subsampled to half the reference, flagged a healthy day at
+        quality p = 0.002; subsampled to a third, p = 0.34). Windows above ``max_window`` should be subsampled
+        evenly (:func:`even_subsample`) before :meth:`test`, as the monitor does. It is never below ``min_window``
+        (a reference under three minimum windows gets a narrower guard band).
+        """
+        self._check_fitted()
+        return None if self.null == "iid" else max(self.n_ref_ // 3, self.min_window)
+
     def _check_fitted(self) -> None:
         if not getattr(self, "is_fitted_", False):
             raise NotFittedError("DriftDetector has not been fit: call fit(Z_ref) first")
@@ -953,6 +971,19 @@ class DriftDetector:
                 "model_id": self.model_id_,
             },
         )
+
+
+def even_subsample(n: int, k: int) -> np.ndarray:
+    """``min(n, k)`` row positions spread evenly over ``0 .. n-1`` (first and last included), in order.
+
+    How a window larger than :attr:`DriftDetector.max_window` is cut down: every part of the window (every lot it
+    spans, every hour of the shift) keeps its share.
+    """
+    if n < 0 or k < 1:
+        raise ValueError(f"even_subsample needs n >= 0 and k >= 1, got n={n}, k={k}")
+    if k >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, k).round().astype(int))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -113,7 +113,8 @@ class WindowOutcome:
         start: window start (UTC).
         end: window end (UTC).
         n_images: images in the window (``n_tested`` of them were tested).
-        n_tested: images given to the drift test (subsampled evenly when the window exceeds half the reference).
+        n_tested: images given to the drift test (subsampled evenly when the window exceeds a third of the reference,
+            ``DriftDetector.max_window``).
         n_anomalous: images above the detector threshold.
         detected: the drift test fired.
         top_axis: the axis that moved most (None without drift).
@@ -314,10 +315,6 @@ def _local(ts: pd.Series, tz: str) -> pd.Series:
     return pd.to_datetime(ts, utc=True).dt.tz_convert(tz)
 
 
-def _even_subsample(n: int, k: int) -> np.ndarray:
-    return np.unique(np.linspace(0, n - 1, k).round().astype(int))
-
-
 # --------------------------------------------------------------------------------------------------------------
 # The job
 # --------------------------------------------------------------------------------------------------------------
@@ -347,7 +344,7 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
     import torch
 
     from pipeline.axes import LATENT_FAMILIES, attribute, image_level_text
-    from pipeline.drift import DriftDetector, windows
+    from pipeline.drift import DriftDetector, even_subsample, windows
     from pipeline.encode import encode_catalog, z_columns
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -392,7 +389,7 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
     use_scores = config.scores and champ.ref_scores is not None
     drift.fit(champ.z_ref, model_id=champ.model_id, ref_order=ref_order, ref_strata=ref_strata, ref_quality=q_ref,
               ref_scores=champ.ref_scores if use_scores else None)
-    max_n = drift.n_ref_ // 2 if config.null == "lot" else None
+    max_n = drift.max_window  # the lot null's guard band needs the window to be at most a third of the reference
     descriptions = axis_descriptions(settings, champ)
     desc_text = {d.axis: d.text for d in descriptions}
     manager = alert_manager if alert_manager is not None else default_alert_manager(settings)
@@ -414,7 +411,7 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
             qw = None if quality is None else quality.loc[frame["image_id"].astype(str).to_numpy()]
             sw = frame["score"].to_numpy(np.float64) if use_scores else None
             if max_n is not None and len(zw) > max_n:
-                keep = _even_subsample(len(zw), max_n)
+                keep = even_subsample(len(zw), max_n)
                 zw = zw[keep]
                 qw = None if qw is None else qw.iloc[keep]
                 sw = None if sw is None else sw[keep]

@@ -125,6 +125,15 @@ def test_drift_lot_null_and_errors(tiny_checkpoint, ref_parquet, elpv_small, tmp
     doc = _drift_json(capsys, "--model", str(tiny_checkpoint), "--reference", str(ref_dir), "--current",
                       str(window), "--null", "lot", "--min-window", "5")
     assert doc["null"] == "lot" and isinstance(doc["detected"], bool)
+    # a window larger than a third of the reference is subsampled evenly for the lot null's guard band, and says so
+    n_ref = len(elpv_small.images)
+    assert doc["n_current_given"] == 10 and doc["n_current"] == min(10, max(n_ref // 3, 5))
+    big = _drift_json(capsys, "--model", str(tiny_checkpoint), "--reference", str(ref_dir), "--current",
+                      str(ref_dir), "--null", "lot", "--min-window", "5")
+    assert big["n_current_given"] == n_ref and big["n_current"] == max(n_ref // 3, 5)
+    assert main(["drift", "--model", str(tiny_checkpoint), "--reference", str(ref_dir), "--current", str(ref_dir),
+                 "--null", "lot", "--min-window", "5", "--no-progress"]) == 0
+    assert f"subsampled evenly from {n_ref} to {big['n_current']} images" in capsys.readouterr().out
 
     base = ["drift", "--model", str(tiny_checkpoint), "--no-progress"]
     cases = [
