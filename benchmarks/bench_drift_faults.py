@@ -20,8 +20,10 @@ Methods (each on the same windows):
   cells, stratified by cell type with the lots known, as the monitor does with the catalog's product type; windows
   above a third of the reference, ``DriftDetector.max_window``, are evenly subsampled, as the monitor does);
   "z + quality" adds the full-resolution image-quality family (``pipeline.properties.QUALITY_CHANNELS``); "z + quality + scores" also the per-image anomaly
-  scores (one-sided Mann-Whitney of the window's scores against the reference's cross-fitted ones,
-  ``score_features``): this is the shipped monitor; "anomaly scores (Mann-Whitney)" is that family on its own;
+  scores (the window's scores against the reference's cross-fitted ones: AUC and tail share,
+  ``score_features``): this is the shipped monitor; "anomaly scores (AUC + tail share)" is that family on its own
+  under the i.i.d. null (one-sided Mann-Whitney AUC and Fisher test of the share above the reference's 90th
+  percentile, Bonferroni);
   ``--unstratified`` also runs the lot null without strata (the 2026-11-27 version);
 * DiffAE ablation z, same detector (i.i.d. null);
 * KS on mean intensity; pixel PCA (64 px, 32 components) + KS (BH); pixel PCA + MMD (permutations);
@@ -266,9 +268,9 @@ def linewatch_method(
             # as a z-score against its lot-null bootstrap, the largest over the families
             cal = det.calibrate(len(Zw))
             obs = {"axes": float(r.per_axis["ks_stat"].max()), "mmd": r.mmd_stat, "quality": r.quality_stat,
-                   "scores": r.score_stat}
-            stat = max((obs[f] - float(np.mean(cal[f]))) / max(1e-12, float(np.std(cal[f])))
-                       for f in r.family_p)
+                   "scores": r.score_stat, "scores_tail": r.score_tail}
+            fams = [*r.family_p, *(["scores_tail"] if "scores" in r.family_p else [])]
+            stat = max((obs[f] - float(np.mean(cal[f]))) / max(1e-12, float(np.std(cal[f]))) for f in fams)
         ch = -1 if r.top_channel is None else list(det.quality_names_).index(r.top_channel)
         return min(1.0, ratio * ALPHA), stat, bool(r.detected), int(r.top_axis), ch
 
@@ -281,10 +283,13 @@ def baseline_method(kind: str, ref: np.ndarray, n_perm: int, seed: int) -> Calla
 
     def test(Xw: np.ndarray, _q: Any = None, _s: Any = None) -> tuple:
         if kind == "mw":
-            from pipeline.drift import score_distribution_test
+            # the score family under the i.i.d. null: AUC (Mann-Whitney) and tail share (Fisher), Bonferroni
+            from pipeline.drift import score_distribution_test, score_tail_test
 
-            auc, p = score_distribution_test(ref[:, 0], Xw[:, 0])
-            return p, auc, p <= ALPHA, -1, -1
+            _, p_auc = score_distribution_test(ref[:, 0], Xw[:, 0])
+            _, p_tail = score_tail_test(ref[:, 0], Xw[:, 0])
+            p = min(1.0, 2.0 * min(p_auc, p_tail))
+            return p, -np.log(max(p, 1e-300)), p <= ALPHA, -1, -1
         if kind == "ks1":
             r = ks_test_1d(ref[:, 0], Xw[:, 0])
         elif kind == "ksbh":
@@ -346,11 +351,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         feats["z"].q_ref, feats["z"].q_pool = quality_features(sp)
         C.log("anomaly scores")
         feats["z"].s_ref, feats["z"].s_pool = score_features(sp, shipped)
-        # the score distribution on its own (one-sided Mann-Whitney): what the family could add where no latent or
+        # the score family on its own (AUC + tail share, i.i.d. null): what the family could add where no latent or
         # quality family fires
         feats["scores"] = Features(feats["z"].s_ref[:, None], {v: x[:, None] for v, x in feats["z"].s_pool.items()})
-        if not args.only or any(o in "linewatch anomaly scores (Mann-Whitney)" for o in args.only):
-            methods["linewatch anomaly scores (Mann-Whitney)"] = ("scores", "mw")
+        if not args.only or any(o in "linewatch anomaly scores (AUC + tail share)" for o in args.only):
+            methods["linewatch anomaly scores (AUC + tail share)"] = ("scores", "mw")
     cal_types, cal_lots = sp.types[sp.calibration], sp.lots[sp.calibration]
     testers: dict[str, Callable[..., tuple]] = {}
     for label, (fk, how) in methods.items():

@@ -425,14 +425,22 @@ def quality_text(drift_result: Any, prefix: str = "") -> str:
 def scores_text(drift_result: Any, prefix: str = "") -> str:
     """One phrase for a drift result whose anomaly-score family fired; ``""`` otherwise.
 
-    Reads e.g. ``"anomaly scores up: a window cell outscores a reference cell 64% of the time (p = 0.003)"``.
+    Reads e.g. ``"anomaly scores up: 23% of the window's cells above the reference's 90th percentile (10%
+    expected); a window cell outscores a reference cell 64% of the time (p = 0.003)"`` (the first part when the
+    result carries the tail share).
     """
     if "scores" not in tuple(getattr(drift_result, "fired", ()) or ()):
         return ""
     auc, p = getattr(drift_result, "score_stat", None), getattr(drift_result, "score_p", None)
     if auc is None or p is None:
         return ""
-    return f"{prefix}anomaly scores up: a window cell outscores a reference cell {auc:.0%} of the time (p = {p:.2g})"
+    tail, expected = getattr(drift_result, "score_tail", None), getattr(drift_result, "score_tail_expected", None)
+    share = ""
+    if tail is not None and expected is not None:
+        share = (f"{tail:.0%} of the window's cells above the reference's {1 - expected:.0%} percentile "
+                 f"({expected:.0%} expected); ").replace("% percentile", "th percentile")
+    return (f"{prefix}anomaly scores up: {share}a window cell outscores a reference cell {auc:.0%} of the time "
+            f"(p = {p:.2g})")
 
 
 def image_level_text(drift_result: Any, prefix: str = "") -> str:

@@ -8,8 +8,15 @@ families of tests:
   Benjamini-Hochberg (default) or Bonferroni. Reported with the signed effect size in reference standard deviations
   and the population stability index (PSI, with the conventional bands) of each axis;
 * **multivariate**: the unbiased MMD^2 with a Gaussian RBF kernel (median-heuristic bandwidth) and a permutation test;
-* **anomaly scores** (when given): a one-sided Mann-Whitney test "are the window's anomaly scores larger?";
-  its statistic is the AUC ``P(score_cur > score_ref)``;
+* **anomaly scores** (when given): "are there more unusual cells?", two one-sided statistics combined by their
+  smaller p-value (Bonferroni under the i.i.d. null, the joint bootstrap under the lot null): the AUC
+  ``P(score_cur > score_ref)`` (Mann-Whitney), which sees a shift of the whole score distribution, and the *tail
+  share*, the share of window cells above the reference's ``1 - score_tail`` quantile (Fisher's exact test), which
+  sees a minority of cells turning bad. The tail share is what a quality engineer reads ("23 % of today's cells score
+  above the reference's 90th percentile, 10 % expected"). Under the lot null, where a whole lot scoring a little
+  higher is normal, it finds a minority of bad cells far more often than the AUC (synthetic lots with 25 % bad
+  cells: 0.66 vs 0.11, ``tests/pipeline/test_drift.py``; ELPV lot windows: ``benchmarks/results/
+  bench_drift_faults.md``); the AUC is the stronger one for a shift of every cell and on i.i.d. windows;
 * **image quality** (when given): per-channel mean shift (in reference sd; Welch t-test under the i.i.d. null) of
   full-resolution image-quality measurements (fine detail, noise level, rotation from :mod:`pipeline.properties`),
   Bonferroni over channels. A mean shift, not KS: the faults these channels watch move a property's level, while
@@ -30,7 +37,8 @@ resemble each other, so a window of consecutive images differs from the referenc
 every i.i.d. two-sample test flags. ``null="lot"`` calibrates instead on windows of *consecutive reference images*
 (a moving-block bootstrap over the reference in its original order): for the window size n it draws
 ``n_calibration`` windows made of contiguous blocks (of ``lot_block`` images; default one block of n), computes the
-three statistics (max KS over axes, MMD^2 with the reference bandwidth, score AUC) of each against the rest of the
+family statistics (max KS over axes, MMD^2 with the reference bandwidth, score AUC and tail share, max quality
+shift) of each against the rest of the
 reference (leave-window-out, with a guard band of one block on each side, or the whole lots the window touches when
 ``ref_lots`` is given, so a window is never compared with the other half of its own lot), and takes empirical
 p-values ``(1 + #{boot >= obs}) / (B + 1)``. A window is then compared with how much whole lots normally differ.
@@ -77,6 +85,7 @@ __all__ = [
     "psi",
     "psi_band",
     "score_distribution_test",
+    "score_tail_test",
     "windows",
 ]
 
@@ -317,6 +326,35 @@ def score_distribution_test(ref_scores: Any, cur_scores: Any) -> tuple[float, fl
     return float(res.statistic) / (c.size * r.size), float(res.pvalue)
 
 
+def score_tail_test(ref_scores: Any, cur_scores: Any, tail: float = 0.1) -> tuple[float, float]:
+    """One-sided test "is a larger share of the current cells in the reference's upper ``tail``?" (Fisher exact).
+
+    The cut is the reference's ``1 - tail`` quantile; the window's count above it is compared with the reference's
+    (a 2 x 2 table), so the cut's own estimation error is accounted for.
+
+    Returns:
+        ``(share, p)``: the share of current scores above the cut and the one-sided p-value.
+    """
+    if not 0.0 < tail < 1.0:
+        raise ValueError(f"tail must be in (0, 1), got {tail}")
+    r = np.asarray(ref_scores, dtype=np.float64).ravel()
+    c = np.asarray(cur_scores, dtype=np.float64).ravel()
+    if r.size == 0 or c.size == 0:
+        raise ValueError("score test needs non-empty ref_scores and cur_scores")
+    if not (np.isfinite(r).all() and np.isfinite(c).all()):
+        raise ValueError("anomaly scores contain NaN or inf")
+    cut = float(np.quantile(r, 1.0 - tail))
+    k_c, k_r = int(np.count_nonzero(c > cut)), int(np.count_nonzero(r > cut))
+    p = stats.fisher_exact([[k_c, c.size - k_c], [k_r, r.size - k_r]], alternative="greater").pvalue
+    return k_c / c.size, float(p)
+
+
+def _weighted_quantile(x: np.ndarray, w: np.ndarray, q: float) -> float:
+    order = np.argsort(x, kind="stable")
+    cw = np.cumsum(w[order])
+    return float(x[order][min(int(np.searchsorted(cw, q * cw[-1], side="left")), x.size - 1)])
+
+
 def _auc(cur: np.ndarray, ref: np.ndarray) -> float:
     ranks = stats.rankdata(np.concatenate([cur, ref]))
     m = cur.size
@@ -394,7 +432,7 @@ class DriftResult:
         mmd_stat: unbiased MMD^2 of the window against the reference.
         mmd_p: its p-value (permutation under the i.i.d. null, lot-bootstrap under the lot null).
         score_stat: AUC of window vs reference anomaly scores (None without scores).
-        score_p: its one-sided p-value (None without scores).
+        score_p: the score family's one-sided p-value, AUC and tail share combined (None without scores).
         per_axis: one row per axis, sorted by ``rank``: ``axis, ks_stat, p_value, p_adjusted, effect_size, psi,
             psi_band, significant, rank``. ``p_value``/``p_adjusted`` are the i.i.d. KS values; under the lot null
             ``significant`` means ``ks_stat`` exceeds the lot-null threshold of the max KS statistic.
@@ -409,6 +447,8 @@ class DriftResult:
             lot bootstrap of the largest |shift| under the lot null; None without channels).
         per_channel: one row per quality channel, significant first then by |effect|: ``channel, ks_stat, p_value,
             effect_size, significant`` (``p_value``: Welch t-test; None without channels).
+        score_tail: share of the window's cells above the reference's ``1 - score_tail`` score quantile (None
+            without scores); ``score_tail_expected`` is that share on the reference (``score_tail``, e.g. 0.10).
         meta: detector name, version, params, model id.
     """
 
@@ -430,6 +470,8 @@ class DriftResult:
     quality_stat: float | None = None
     quality_p: float | None = None
     per_channel: pd.DataFrame | None = None
+    score_tail: float | None = None
+    score_tail_expected: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -486,6 +528,8 @@ class DriftDetector:
         n_calibration: bootstrap windows per window size for the lot null (>= k/alpha, default 500).
         mmd_max_ref: reference subsample size for the MMD statistic.
         psi_bins: bins of the PSI.
+        score_tail: upper tail of the reference's anomaly scores whose share the score family watches (0.10: the
+            share of cells above the reference's 90th percentile).
         random_state: seed; every ``test`` call is reproducible given its inputs.
         progress: show a progress bar while calibrating the lot null.
     """
@@ -504,6 +548,7 @@ class DriftDetector:
         n_calibration: int = 500,
         mmd_max_ref: int = 500,
         psi_bins: int = 10,
+        score_tail: float = 0.1,
         random_state: int = 0,
         progress: bool = False,
     ) -> None:
@@ -524,6 +569,8 @@ class DriftDetector:
             )
         if n_permutations < 1:
             raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
+        if not 0.0 < score_tail <= 0.5:
+            raise ValueError(f"score_tail must be in (0, 0.5], got {score_tail}")
         self.alpha = float(alpha)
         self.correction = correction
         self.n_permutations = int(n_permutations)
@@ -533,6 +580,7 @@ class DriftDetector:
         self.n_calibration = int(n_calibration)
         self.mmd_max_ref = int(mmd_max_ref)
         self.psi_bins = int(psi_bins)
+        self.score_tail = float(score_tail)
         self.random_state = int(random_state)
         self.progress = progress
 
@@ -540,7 +588,7 @@ class DriftDetector:
         """Hyperparameters given to ``__init__``."""
         keys = (
             "alpha correction n_permutations min_window null lot_block n_calibration mmd_max_ref psi_bins "
-            "random_state"
+            "score_tail random_state"
         ).split()
         return {k: getattr(self, k) for k in keys}
 
@@ -734,8 +782,11 @@ class DriftDetector:
 
     def _window_stats_vs_rest(
         self, idx: np.ndarray, excl: np.ndarray, rng: np.random.Generator
-    ) -> tuple[float, float, float, float]:
-        """Max KS (axes), MMD^2, score AUC and max |mean shift| in sd (quality) of rows ``idx`` vs the re-weighted rest."""
+    ) -> tuple[float, float, float, float, float]:
+        """Family statistics of rows ``idx`` against the re-weighted rest.
+
+        Max KS (axes), MMD^2, score AUC, max |mean shift| in sd (quality) and the score tail share.
+        """
         keep = ~excl
         rest_idx = np.flatnonzero(keep)
         w = self._rest_weights(keep)
@@ -745,21 +796,26 @@ class DriftDetector:
             mmd = mmd2_unbiased(self.ref_[rest_idx[sub]], self.ref_[idx], self.sigma_ref_)
         else:
             mmd = _weighted_mmd2(self.ref_[rest_idx], w, self.ref_[idx], self.sigma_ref_)
-        auc = math.nan
+        auc = tail = math.nan
         if self.ref_scores_ is not None:
             auc = _weighted_auc(self.ref_scores_[idx], self.ref_scores_[rest_idx], w)
+            cut = _weighted_quantile(self.ref_scores_[rest_idx], w, 1.0 - self.score_tail)
+            tail = float(np.mean(self.ref_scores_[idx] > cut))
         qstat = math.nan
         if self.ref_quality_ is not None:
             shift = self.ref_quality_[idx].mean(axis=0) - w @ self.ref_quality_[rest_idx]
             qstat = float(np.max(np.abs(shift) / self._q_sd))
-        return ks, mmd, auc, qstat
+        return ks, mmd, auc, qstat, tail
 
     def calibrate(self, n: int) -> dict[str, np.ndarray]:
         """Lot-null bootstrap distributions of the family statistics for windows of ``n`` images (cached).
 
         Returns:
-            ``{"axes": max-KS (B,), "mmd": MMD^2 (B,), "scores": AUC (B,), "quality": max |shift| (B,)}``, each sorted
-            ascending (NaNs for a family without reference data).
+            ``{"axes": max-KS (B,), "mmd": MMD^2 (B,), "scores": AUC (B,), "quality": max |shift| (B,),
+            "scores_tail": tail share (B,), "scores_minp": the smaller of the two score p-values (B,)}``, each sorted
+            ascending (NaNs for a family without reference data). ``scores_minp`` is computed per bootstrap window
+            (each against the other windows), so the score family's combined p-value keeps the AUC and the tail
+            share's dependence.
         """
         self._check_fitted()
         if n in self._calibrations:
@@ -770,12 +826,13 @@ class DriftDetector:
                 "use a larger reference or smaller windows"
             )
         rng = np.random.default_rng([self.random_state, n])
-        out = np.empty((self.n_calibration, 4))
+        out = np.empty((self.n_calibration, 5))
         it = range(self.n_calibration)
         for b in tqdm(it, desc=f"lot null n={n}", disable=not self.progress, leave=False):
             idx, excl = self._block_indices(n, rng)
             out[b] = self._window_stats_vs_rest(idx, excl, rng)
-        cal = {k: np.sort(out[:, i]) for i, k in enumerate(("axes", "mmd", "scores", "quality"))}
+        cal = {k: np.sort(out[:, i]) for i, k in enumerate(("axes", "mmd", "scores", "quality", "scores_tail"))}
+        cal["scores_minp"] = np.sort(np.minimum(self._self_p(out[:, 2]), self._self_p(out[:, 4])))
         self._calibrations[n] = cal
         return cal
 
@@ -785,6 +842,13 @@ class DriftDetector:
         # the most bootstrap values allowed at or above the statistic (1e-9: float-safe at level * (B + 1) integer)
         k_max = math.floor(level * (boot.size + 1) - 1 + 1e-9)
         return float(boot[boot.size - k_max - 1])
+
+    @staticmethod
+    def _self_p(values: np.ndarray) -> np.ndarray:
+        """Empirical upper-tail p-value of each bootstrap value against the other ones: ``(#{others >= v} + 1) / B``."""
+        s = np.sort(values)
+        n_ge = values.size - np.searchsorted(s, values - 1e-12, side="left")  # counts itself
+        return n_ge / values.size
 
     @staticmethod
     def _boot_p(boot: np.ndarray, obs: float) -> float:
@@ -871,7 +935,7 @@ class DriftDetector:
             "family_alpha": fam_alpha,
             "psi_null_expected": (len(self.psi_edges_[0])) * (1.0 / n + 1.0 / self.n_ref_),
         }
-        score_stat = score_p = quality_stat = quality_p = None
+        score_stat = score_p = quality_stat = quality_p = tail_share = None
         per_channel = None
         q_sig = None
         if quality is not None:
@@ -887,7 +951,9 @@ class DriftDetector:
                 ref, Z, n_permutations=self.n_permutations, rng=rng, max_ref=self.mmd_max_ref
             )
             if scores is not None:
-                score_stat, score_p = score_distribution_test(self.ref_scores_, scores)
+                score_stat, p_auc = score_distribution_test(self.ref_scores_, scores)
+                tail_share, p_tail = score_tail_test(self.ref_scores_, scores, self.score_tail)
+                score_p = min(1.0, 2.0 * min(p_auc, p_tail))
             if quality is not None:
                 q_adj = bonferroni(q_pv)
                 quality_p = float(q_adj.min())
@@ -906,8 +972,12 @@ class DriftDetector:
             thresholds.update({"max_ks": ks_thr, "mmd2": self._boot_threshold(cal["mmd"], fam_alpha)})
             if scores is not None:
                 score_stat = _auc(scores, self.ref_scores_)
-                score_p = self._boot_p(cal["scores"], score_stat)
+                tail_share = float(np.mean(scores > np.quantile(self.ref_scores_, 1.0 - self.score_tail)))
+                min_p = min(self._boot_p(cal["scores"], score_stat), self._boot_p(cal["scores_tail"], tail_share))
+                n_le = int(np.searchsorted(cal["scores_minp"], min_p + 1e-12, side="right"))
+                score_p = (1.0 + n_le) / (1.0 + cal["scores_minp"].size)
                 thresholds["score_auc"] = self._boot_threshold(cal["scores"], fam_alpha)
+                thresholds["score_tail_share"] = self._boot_threshold(cal["scores_tail"], fam_alpha)
             if quality is not None:
                 q_thr = self._boot_threshold(cal["quality"], fam_alpha)
                 quality_p = self._boot_p(cal["quality"], quality_stat)
@@ -964,6 +1034,8 @@ class DriftDetector:
             quality_stat=quality_stat,
             quality_p=quality_p,
             per_channel=per_channel,
+            score_tail=tail_share,
+            score_tail_expected=None if tail_share is None else self.score_tail,
             meta={
                 "name": self.name,
                 "version": self.version,

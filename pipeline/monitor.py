@@ -64,9 +64,10 @@ class MonitorConfig:
         quality: also test full-resolution image-quality channels (``pipeline.properties.QUALITY_CHANNELS``:
             fine detail, pixel noise, rotation) of every window; they see blur, sensor noise and small
             misalignments that the model's low-resolution latents average away. Measured once per image and cached.
-        scores: also test whether the window's per-image anomaly scores are higher than the reference's (one-sided
-            Mann-Whitney; the reference's scores are cross-fitted, ``pipeline.retrain.calibration_scores``): a rise in
-            the share of unusual cells, such as more cracked cells. Needs a bundle with residual scoring.
+        scores: also test whether the window's per-image anomaly scores are higher than the reference's (AUC and
+            the share of cells above the reference's 90th percentile; the reference's scores are cross-fitted,
+            ``pipeline.retrain.calibration_scores``): a rise in the share of unusual cells, such as more cracked
+            cells. Needs a bundle with residual scoring.
         fpr: per-image detector false-positive target.
         cards: render axis-card strips for the axes of alerted windows (cached per model).
         report: draw a drift report picture per alerted window.

@@ -40,14 +40,21 @@ def _image_level_panel(ax: Any, result: Any) -> None:
         labels.append("anomaly scores\n(AUC - 0.5) x 10")
         values.append((float(score_stat) - 0.5) * 10.0)
         colors.append("tab:red" if "scores" in fired else "tab:gray")
+    tail, expected = getattr(result, "score_tail", None), getattr(result, "score_tail_expected", None)
+    if tail is not None and expected is not None:
+        labels.append(f"cells above ref. {1 - expected:.0%} pct.\n(share / expected - 1)")
+        values.append(float(tail) / float(expected) - 1.0)
+        colors.append("tab:red" if "scores" in fired else "tab:gray")
     y = np.arange(len(labels))
     ax.barh(y, values, color=colors)
     ax.axvline(0, color="black", lw=0.6)
     ax.set_yticks(y, labels, fontsize=8)
-    ax.set_xlabel("shift (ref. sd)")
+    ax.set_xlabel("shift (ref. sd; scores: as labelled)")
     title = "image level (red: fired)"
     if score_stat is not None and score_p is not None:
         title += f"\nscores AUC {float(score_stat):.2f}, p = {float(score_p):.2g}"
+        if tail is not None:
+            title += f", {float(tail):.0%} of cells in the reference's top {float(expected):.0%}"
     ax.set_title(title, fontsize=9)
 
 

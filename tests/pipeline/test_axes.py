@@ -262,3 +262,7 @@ def test_image_level_families_are_described_in_words() -> None:
     only_axes = SimpleNamespace(**{**vars(res), "fired": ("axes",)})
     assert A.scores_text(only_axes) == "" and A.image_level_text(only_axes) == ""
     assert set(A.LATENT_FAMILIES) == {"axes", "mmd"}
+    tail = SimpleNamespace(**{**vars(res), "score_tail": 0.23, "score_tail_expected": 0.1})
+    assert A.scores_text(tail) == ("anomaly scores up: 23% of the window's cells above the reference's 90th "
+                                   "percentile (10% expected); a window cell outscores a reference cell 64% of the "
+                                   "time (p = 0.003)")

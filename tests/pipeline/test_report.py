@@ -19,7 +19,7 @@ def _result(detected: bool, fired: tuple[str, ...], with_image_level: bool) -> S
     if with_image_level:
         extra = {"per_channel": pd.DataFrame({"channel": ["detail_ratio", "noise_level"], "effect_size": [2.7, 0.1],
                                               "significant": [True, False]}),
-                 "score_stat": 0.64, "score_p": 0.003}
+                 "score_stat": 0.64, "score_p": 0.003, "score_tail": 0.23, "score_tail_expected": 0.1}
     return SimpleNamespace(detected=detected, fired=fired, per_axis=per_axis, top_axis=1, n_cur=100, null="lot",
                            thresholds={"max_ks": 0.3}, **extra)
 
