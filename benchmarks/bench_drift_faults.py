@@ -289,7 +289,8 @@ def baseline_method(kind: str, ref: np.ndarray, n_perm: int, seed: int) -> Calla
             _, p_auc = score_distribution_test(ref[:, 0], Xw[:, 0])
             _, p_tail = score_tail_test(ref[:, 0], Xw[:, 0])
             p = min(1.0, 2.0 * min(p_auc, p_tail))
-            return p, -np.log(max(p, 1e-300)), p <= ALPHA, -1, -1
+            # the equal-FAR statistic: -log of the smaller p-value, uncapped (the capped p ties at 1 for most windows)
+            return p, -np.log(max(min(p_auc, p_tail), 1e-300)), p <= ALPHA, -1, -1
         if kind == "ks1":
             r = ks_test_1d(ref[:, 0], Xw[:, 0])
         elif kind == "ksbh":

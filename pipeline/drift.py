@@ -310,18 +310,23 @@ def mmd_permutation_test(
     return obs, float(p)
 
 
-def score_distribution_test(ref_scores: Any, cur_scores: Any) -> tuple[float, float]:
-    """One-sided test "are the current anomaly scores larger than the reference ones?" (Mann-Whitney U).
-
-    Returns:
-        ``(auc, p)``: ``auc = P(score_cur > score_ref) + 0.5 P(tie)`` (0.5 = no shift) and the one-sided p-value.
-    """
+def _score_pair(ref_scores: Any, cur_scores: Any) -> tuple[np.ndarray, np.ndarray]:
     r = np.asarray(ref_scores, dtype=np.float64).ravel()
     c = np.asarray(cur_scores, dtype=np.float64).ravel()
     if r.size == 0 or c.size == 0:
         raise ValueError("score test needs non-empty ref_scores and cur_scores")
     if not (np.isfinite(r).all() and np.isfinite(c).all()):
         raise ValueError("anomaly scores contain NaN or inf")
+    return r, c
+
+
+def score_distribution_test(ref_scores: Any, cur_scores: Any) -> tuple[float, float]:
+    """One-sided test "are the current anomaly scores larger than the reference ones?" (Mann-Whitney U).
+
+    Returns:
+        ``(auc, p)``: ``auc = P(score_cur > score_ref) + 0.5 P(tie)`` (0.5 = no shift) and the one-sided p-value.
+    """
+    r, c = _score_pair(ref_scores, cur_scores)
     res = stats.mannwhitneyu(c, r, alternative="greater")
     return float(res.statistic) / (c.size * r.size), float(res.pvalue)
 
@@ -337,12 +342,7 @@ def score_tail_test(ref_scores: Any, cur_scores: Any, tail: float = 0.1) -> tupl
     """
     if not 0.0 < tail < 1.0:
         raise ValueError(f"tail must be in (0, 1), got {tail}")
-    r = np.asarray(ref_scores, dtype=np.float64).ravel()
-    c = np.asarray(cur_scores, dtype=np.float64).ravel()
-    if r.size == 0 or c.size == 0:
-        raise ValueError("score test needs non-empty ref_scores and cur_scores")
-    if not (np.isfinite(r).all() and np.isfinite(c).all()):
-        raise ValueError("anomaly scores contain NaN or inf")
+    r, c = _score_pair(ref_scores, cur_scores)
     cut = float(np.quantile(r, 1.0 - tail))
     k_c, k_r = int(np.count_nonzero(c > cut)), int(np.count_nonzero(r > cut))
     p = stats.fisher_exact([[k_c, c.size - k_c], [k_r, r.size - k_r]], alternative="greater").pvalue
