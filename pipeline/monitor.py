@@ -312,6 +312,25 @@ def _upsert(path: Path, new: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return merged
 
 
+def _family_metrics(res: Any) -> dict[str, float]:
+    """Per-window MLflow metrics beyond MMD and the axes: each family's p-value and the image-level statistics.
+
+    ``p.<family>`` for every family tested, ``scores.auc`` / ``scores.tail_share`` (share of cells above the
+    reference's 90th percentile score) and ``quality.max_shift_sd`` / ``quality.<channel>.effect`` when present.
+    """
+    out = {f"p.{k}": float(v) for k, v in res.family_p.items()}
+    if res.score_stat is not None:
+        out["scores.auc"] = float(res.score_stat)
+    if getattr(res, "score_tail", None) is not None:
+        out["scores.tail_share"] = float(res.score_tail)
+    if res.quality_stat is not None:
+        out["quality.max_shift_sd"] = float(res.quality_stat)
+    if res.per_channel is not None:
+        for r in res.per_channel.itertuples(index=False):
+            out[f"quality.{r.channel}.effect"] = float(r.effect_size)
+    return out
+
+
 def _local(ts: pd.Series, tz: str) -> pd.Series:
     return pd.to_datetime(ts, utc=True).dt.tz_convert(tz)
 
@@ -769,7 +788,8 @@ def _log_run(settings: Any, champ: Champion, outcomes: list[WindowOutcome],
                                        "p": float(row.p_value), "psi": float(row.psi)}
             tracking.log_drift_window(step, tracking.DriftWindowMetrics(
                 detected=o.detected, mmd_stat=float(res.mmd_stat), mmd_p=float(res.mmd_p), axes=axes,
-                extra={"n_images": float(o.n_images), "anomalous_share": o.n_anomalous / max(o.n_images, 1)},
+                extra={"n_images": float(o.n_images), "anomalous_share": o.n_anomalous / max(o.n_images, 1),
+                       **_family_metrics(res)},
             ), timestamp=o.start)
             tracking.log_alert_state(active=o.alert_active, step=step, level="drift" if o.detected else "",
                                      moved_axes=[o.top_axis] if o.top_axis is not None else [],

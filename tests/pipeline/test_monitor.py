@@ -111,6 +111,9 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
     axis = by_day[faulty[1]].top_axis
     hist = tracking.get_metric_history(f"drift.{tracking.axis_key(axis)}.effect", run_id=res.run_id)
     assert len(hist) == 3
+    # and of every family's p-value, so a quality engineer can chart which test fired on which day
+    p_axes = tracking.get_metric_history("drift.p.axes", run_id=res.run_id)
+    assert len(p_axes) == 3 and all(0 < v <= 1 for _, v in p_axes)
 
     # restart: a fresh manager on the same state, the same windows again
     again = monitor(settings, monitor_config(**monitor_params()), alert_manager=default_alert_manager(settings))
@@ -144,6 +147,10 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
                    alert_manager=AlertManager(tmp_path / "alerts-scores"))
     assert all("scores p=" in w.summary for w in sres.windows)
     assert len(champ.ref_scores) == len(champ.reference) and np.isfinite(champ.ref_scores).all()
+    tracking.configure(settings)
+    tail = tracking.get_metric_history("drift.scores.tail_share", run_id=sres.run_id)
+    assert len(tail) == len(sres.windows) and all(0 <= v <= 1 for _, v in tail)
+    assert len(tracking.get_metric_history("drift.p.scores", run_id=sres.run_id)) == len(sres.windows)
 
     # a bundle from before residual scoring: the monitor falls back to Mahalanobis on z, and says so
     from pipeline.detectors import Mahalanobis
