@@ -42,19 +42,19 @@ def _image_level_panel(ax: Any, result: Any) -> None:
         colors.append("tab:red" if "scores" in fired else "tab:gray")
     tail, expected = getattr(result, "score_tail", None), getattr(result, "score_tail_expected", None)
     if tail is not None and expected is not None:
-        labels.append(f"cells above ref. {1 - expected:.0%} pct.\n(share / expected - 1)")
+        labels.append(f"cells above ref. {100 * (1 - expected):.0f}th pct.\n(share / expected - 1)")
         values.append(float(tail) / float(expected) - 1.0)
         colors.append("tab:red" if "scores" in fired else "tab:gray")
     y = np.arange(len(labels))
     ax.barh(y, values, color=colors)
     ax.axvline(0, color="black", lw=0.6)
     ax.set_yticks(y, labels, fontsize=8)
-    ax.set_xlabel("shift (ref. sd; scores: as labelled)")
+    ax.set_xlabel("shift (ref. sd)")
     title = "image level (red: fired)"
     if score_stat is not None and score_p is not None:
         title += f"\nscores AUC {float(score_stat):.2f}, p = {float(score_p):.2g}"
         if tail is not None:
-            title += f", {float(tail):.0%} of cells in the reference's top {float(expected):.0%}"
+            title += f"\n{float(tail):.0%} of cells in ref. top {float(expected):.0%}"
     ax.set_title(title, fontsize=9)
 
 
@@ -154,6 +154,6 @@ def drift_report(
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    fig.savefig(out_path, dpi=90)
+    fig.savefig(out_path, dpi=90, bbox_inches="tight")  # the image-level panel's title must not be cut off
     plt.close(fig)
     return out_path
