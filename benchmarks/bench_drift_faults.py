@@ -304,6 +304,8 @@ def baseline_method(kind: str, ref: np.ndarray, n_perm: int, seed: int) -> Calla
 
 # ------------------------------------------------------------------------------------------------ run
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.axes import mix_text
+
     sp = C.get_splits()
     n_ok = len(sp.test_ok)
     t_ok = sp.types[sp.test_ok]
@@ -358,6 +360,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.only or any(o in "linewatch anomaly scores (AUC + tail share)" for o in args.only):
             methods["linewatch anomaly scores (AUC + tail share)"] = ("scores", "mw")
     cal_types, cal_lots = sp.types[sp.calibration], sp.lots[sp.calibration]
+    pool_types = np.r_[sp.types[sp.test_ok], sp.types[sp.test_defect]]
     testers: dict[str, Callable[..., tuple]] = {}
     for label, (fk, how) in methods.items():
         f = feats[fk]
@@ -416,6 +419,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         # what the alert names: the quality channel when that family fired, else the top axis
                         names = [f"ch:{int(c)}" if c >= 0 else f"z:{int(t)}" for t, c in a[det][:, 3:5]]
                         row["top_axes"] = Counter(names).most_common()
+                        # the monitor adds "product mix changed: ..." to a drifted window's alert when the shares
+                        # moved (pipeline.axes.mix_text); the windows are subsampled before the test, not for this
+                        wins = sets[(cond, "eval")]
+                        stated = [bool(mix_text(cal_types, pool_types[w])) for w, d in zip(wins, det, strict=True) if d]
+                        row["mix_stated"] = float(np.mean(stated))
                     results.append(row)
                 raw[f"{kind}|{n}|{label}"] = {f"{c}|{r}": v[:, :3].tolist() for (c, r), v in out.items()}
             C.log(f"{kind} n={n} done")
@@ -477,7 +485,8 @@ def attribution_table(sp: C.Splits, zf: Features | None, rows: list[dict[str, An
         label, count = tops[0]
         kind = C.FAULT_KIND[r["condition"]]
         base = {**{k: r[k] for k in ("kind", "n", "method", "condition")}, "detected": n_det,
-                "consistency": count / n_det, "fault_properties": list(FAULT_PROPERTIES[kind])}
+                "consistency": count / n_det, "fault_properties": list(FAULT_PROPERTIES[kind]),
+                "mix_stated": r.get("mix_stated")}
         if label.startswith("ch:"):
             ch = QUALITY_CHANNELS[int(label[3:])]
             out.append({**base, "top_axis": ch, "description": f"image quality: {PROPERTIES[ch].label}",
@@ -538,16 +547,19 @@ def report(res: dict[str, Any], command: str) -> str:
                     out.append(f"| {m} | {n} | " + " | ".join(vals) + " |\n")
             out.append("\n")
     out.append("## Attribution (linewatch, detected windows)\n\n")
+    out.append("`mix stated`: share of the detected windows whose alert also says \"product mix changed: ...\" "
+               "(`pipeline.axes.mix_text`, the catalog's product type; shares moved by 0.15 or more).\n\n")
     out.append("| windows | method | n | fault | detected | modal top axis / channel | share naming it | description | "
-               "names the fault's property |\n|---|---|---|---|---|---|---|---|---|\n")
+               "names the fault's property | mix stated |\n|---|---|---|---|---|---|---|---|---|---|\n")
     for a in res["attribution"]:
         if a.get("detected", 0) == 0:
-            out.append(f"| {a['kind']} | {a['method']} | {a['n']} | {a['condition']} | 0 | - | - | - | - |\n")
+            out.append(f"| {a['kind']} | {a['method']} | {a['n']} | {a['condition']} | 0 | - | - | - | - | - |\n")
             continue
         out.append(
             f"| {a['kind']} | {a['method']} | {a['n']} | {a['condition']} | {a['detected']} | "
             f"{a['top_axis']} | {a['consistency']:.2f} | {a['description']} | "
-            f"{'yes' if a['names_fault_property'] else 'no'} |\n"
+            f"{'yes' if a['names_fault_property'] else 'no'} | "
+            f"{'-' if a.get('mix_stated') is None else format(a['mix_stated'], '.2f')} |\n"
         )
     out.append("\n## Models, speed, notes\n\n")
     out.extend(C.model_lines(res["models"]))

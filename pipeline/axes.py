@@ -51,12 +51,15 @@ __all__ = [
     "axis_correlations",
     "describe_axes",
     "image_level_text",
+    "mix_text",
     "quality_text",
     "scores_text",
 ]
 
 #: Below this |r| no property is said to explain an axis.
 MIN_ABS_R = 0.3
+#: A window's product mix is mentioned when some product's share differs from the reference's by at least this much.
+MIX_CHANGE = 0.15
 
 
 @runtime_checkable
@@ -447,6 +450,32 @@ def image_level_text(drift_result: Any, prefix: str = "") -> str:
     """The phrases of the families that are not latent axes (image quality, anomaly scores), joined."""
     parts = [t for t in (quality_text(drift_result), scores_text(drift_result)) if t]
     return prefix + "; ".join(parts) if parts else ""
+
+
+def mix_text(ref_products: Any, window_products: Any, min_change: float = MIX_CHANGE, prefix: str = "") -> str:
+    """One phrase on the window's product mix when it differs from the reference's, else ``""``.
+
+    Reads e.g. ``"product mix changed: mono 90% (reference 40%), poly 10% (reference 60%)"``. Descriptive context for a
+    drifted window, not a test: a product-mix change moves several latent axes at once, and the axes alone then read
+    as "no single measured property"; the catalog's product type says it directly. Mentioned when some product's share
+    moved by ``min_change`` (absolute) or more; products are listed by share in the window.
+
+    Args:
+        ref_products: product label of every reference image (missing labels count as ``"unknown"``).
+        window_products: product label of every window image.
+        min_change: smallest absolute change of a share that is mentioned.
+        prefix: prepended to a non-empty phrase (e.g. ``"; "``).
+    """
+    ref = pd.Series(ref_products, dtype=object).fillna("unknown").astype(str)
+    win = pd.Series(window_products, dtype=object).fillna("unknown").astype(str)
+    if ref.empty or win.empty:
+        return ""
+    r, w = ref.value_counts(normalize=True), win.value_counts(normalize=True)
+    labels = sorted(set(r.index) | set(w.index), key=lambda k: (-w.get(k, 0.0), k))
+    if max(abs(w.get(k, 0.0) - r.get(k, 0.0)) for k in labels) < min_change - 1e-9:  # float-safe at the bound
+        return ""
+    parts = [f"{k} {w.get(k, 0.0):.0%} (reference {r.get(k, 0.0):.0%})" for k in labels]
+    return f"{prefix}product mix changed: " + ", ".join(parts)
 
 
 LATENT_FAMILIES = ("axes", "mmd")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -121,7 +121,8 @@ class WindowOutcome:
         top_axis: the axis that moved most (None without drift).
         top_share: its share of the total shift.
         effect: its signed effect (reference standard deviations).
-        description: what the top axis means (from the axis descriptions), or "".
+        description: what the top axis means (from the axis descriptions), or the image-level families' phrase,
+            then "product mix changed: ..." when the window's product shares moved (``pipeline.axes.mix_text``).
         summary: the drift test's one-line summary.
         attribution: the attribution's text.
         alert_active: an alert is active for the line after this window.
@@ -363,7 +364,7 @@ def monitor(settings: Any, config: MonitorConfig = MonitorConfig(), *, alert_man
 def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) -> MonitorResult:
     import torch
 
-    from pipeline.axes import LATENT_FAMILIES, attribute, image_level_text
+    from pipeline.axes import LATENT_FAMILIES, attribute, image_level_text, mix_text
     from pipeline.drift import DriftDetector, even_subsample, windows
     from pipeline.encode import encode_catalog, z_columns
 
@@ -398,6 +399,7 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
     ref_strata = None
     if "product_type" in champ.reference.columns and champ.reference["product_type"].nunique() > 1:
         ref_strata = champ.reference["product_type"].fillna("unknown").astype(str).to_numpy()
+    ref_products = champ.reference["product_type"] if "product_type" in champ.reference.columns else None
     quality = q_ref = None
     if config.quality:
         quality = quality_channels(settings, pd.concat([champ.reference[["image_id", "store_path"]],
@@ -437,6 +439,10 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
                 sw = None if sw is None else sw[keep]
             res = drift.test(zw, model_id=champ.model_id, cur_quality=qw, cur_scores=sw)
             attr = attribute(res, descriptions)
+            mix = ""
+            if res.detected and ref_products is not None and "product_type" in frame.columns:
+                mix = mix_text(ref_products, frame["product_type"], prefix="; ")
+                attr = replace(attr, text=attr.text + mix)  # the alert's summary says the mix moved
             top = None
             # the top significant axis (else the largest shift) when a latent family fired; image-level families
             # (quality channels, anomaly scores) are described by their own text
@@ -468,7 +474,8 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
                 end=pd.Timestamp(w.end).tz_convert("UTC").to_pydatetime(),
                 n_images=len(frame), n_tested=len(zw), n_anomalous=int(frame["is_anomaly"].sum()),
                 detected=bool(res.detected), top_axis=top, top_share=float(res.top_share) if top is not None else 0.0,
-                effect=effect, description=desc_text.get(top, "") if top is not None else image_level_text(res),
+                effect=effect,
+                description=(desc_text.get(top, "") if top is not None else image_level_text(res)) + mix,
                 summary=res.summary(), attribution=attr.text, alert_active=active, events=ev_dicts,
             ))
             results[(str(line), w.window_id)] = (res, frame)

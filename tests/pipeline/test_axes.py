@@ -266,3 +266,15 @@ def test_image_level_families_are_described_in_words() -> None:
     assert A.scores_text(tail) == ("anomaly scores up: 23% of the window's cells above the reference's 90th "
                                    "percentile (10% expected); a window cell outscores a reference cell 64% of the "
                                    "time (p = 0.003)")
+
+
+def test_mix_text_names_a_product_mix_change_only() -> None:
+    ref = ["mono"] * 40 + ["poly"] * 60
+    assert A.mix_text(ref, ["mono"] * 90 + ["poly"] * 10) == (
+        "product mix changed: mono 90% (reference 40%), poly 10% (reference 60%)")
+    assert A.mix_text(ref, ["mono"] * 45 + ["poly"] * 55) == ""  # within MIX_CHANGE: not mentioned
+    assert A.mix_text(ref, ["mono"] * 45 + ["poly"] * 55, min_change=0.05).startswith("product mix changed")
+    # a product the reference never saw, and missing labels, are named too
+    text = A.mix_text(ref, ["mono"] * 40 + ["poly"] * 40 + [None] * 20, prefix="; ")
+    assert text == "; product mix changed: mono 40% (reference 40%), poly 40% (reference 60%), unknown 20% (reference 0%)"
+    assert A.mix_text([], ["mono"]) == "" and A.mix_text(ref, []) == ""
