@@ -246,19 +246,17 @@ def linewatch_method(
     ``top_channel`` is the index (into ``QUALITY_CHANNELS``) of the image-quality channel the result names when the
     quality family fired, else -1.
     """
-    from pipeline.drift import DriftDetector, even_subsample
+    from pipeline.drift import DriftDetector
 
     det = DriftDetector(alpha=ALPHA, null=null, n_permutations=n_perm, random_state=seed, lot_block=lot_block)
     det.fit(feats.ref, ref_strata=strata, ref_lots=lots, ref_quality=feats.q_ref if quality else None,
             ref_scores=feats.s_ref if scores else None)
-    max_n = det.max_window
 
     def test(Zw: np.ndarray, Qw: np.ndarray | None = None, Sw: np.ndarray | None = None) -> tuple:
-        if max_n is not None and len(Zw) > max_n:
-            keep = even_subsample(len(Zw), max_n)
-            Zw = Zw[keep]
-            Qw = None if Qw is None else Qw[keep]
-            Sw = None if Sw is None else Sw[keep]
+        keep = det.rows_to_test(len(Zw))  # as the monitor does
+        Zw = Zw[keep]
+        Qw = None if Qw is None else Qw[keep]
+        Sw = None if Sw is None else Sw[keep]
         r = det.test(Zw, cur_quality=Qw if quality else None, cur_scores=Sw if scores else None)
         # one continuous statistic: how far the most significant family is below its level
         ratio = min(p / r.family_alpha for p in r.family_p.values())

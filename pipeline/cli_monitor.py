@@ -278,7 +278,7 @@ reference in production order and at least twice as many reference images as the
 def cmd_drift(args: argparse.Namespace) -> int:
     """Run ``linewatch drift``."""
     from pipeline.cli_model import load_model
-    from pipeline.drift import DriftDetector, even_subsample
+    from pipeline.drift import DriftDetector
 
     _require_reference(args, "drift")
     ckpt = load_model(args.model, args.device)
@@ -299,13 +299,9 @@ def cmd_drift(args: argparse.Namespace) -> int:
         q_ref = _quality_of(ref, "--reference", progress)
         q_cur = _quality_of(cur, "--current", progress)
     det.fit(ref.Z, model_id=model_id, ref_quality=q_ref)
-    z_cur, n_given = cur.Z, len(cur.Z)
-    if det.max_window is not None and n_given > det.max_window:
-        # the lot null's guard band needs the window to be at most a third of the reference (DriftDetector.max_window)
-        keep = even_subsample(n_given, det.max_window)
-        z_cur = z_cur[keep]
-        q_cur = None if q_cur is None else q_cur.iloc[keep]
-    res = det.test(z_cur, model_id=model_id, cur_quality=q_cur)
+    n_given = len(cur.Z)
+    keep = det.rows_to_test(n_given)  # the lot null's guard band: at most a third of the reference
+    res = det.test(cur.Z[keep], model_id=model_id, cur_quality=None if q_cur is None else q_cur.iloc[keep])
     subsampled = (f"current subsampled evenly from {n_given} to {res.n_cur} images (the lot null tests windows of at "
                   f"most a third of the reference)") if res.n_cur < n_given else None
     axes = res.per_axis

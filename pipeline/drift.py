@@ -710,6 +710,13 @@ class DriftDetector:
         self._check_fitted()
         return None if self.null == "iid" else max(self.n_ref_ // 3, self.min_window)
 
+    def rows_to_test(self, n: int) -> np.ndarray:
+        """Positions of a window of ``n`` images to give :meth:`test`.
+
+        All of them under the i.i.d. null; under the lot null, evenly subsampled to :attr:`max_window` when larger.
+        """
+        return np.arange(n) if self.max_window is None else even_subsample(n, self.max_window)
+
     def _check_fitted(self) -> None:
         if not getattr(self, "is_fitted_", False):
             raise NotFittedError("DriftDetector has not been fit: call fit(Z_ref) first")

@@ -365,7 +365,7 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
     import torch
 
     from pipeline.axes import LATENT_FAMILIES, attribute, image_level_text, mix_text
-    from pipeline.drift import DriftDetector, even_subsample, windows
+    from pipeline.drift import DriftDetector, windows
     from pipeline.encode import encode_catalog, z_columns
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -411,7 +411,6 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
     use_scores = config.scores and champ.ref_scores is not None
     drift.fit(champ.z_ref, model_id=champ.model_id, ref_order=ref_order, ref_strata=ref_strata, ref_quality=q_ref,
               ref_scores=champ.ref_scores if use_scores else None)
-    max_n = drift.max_window  # the lot null's guard band needs the window to be at most a third of the reference
     descriptions = axis_descriptions(settings, champ)
     desc_text = {d.axis: d.text for d in descriptions}
     manager = alert_manager if alert_manager is not None else default_alert_manager(settings)
@@ -432,11 +431,11 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
             zw = frame[zc].to_numpy(np.float64)
             qw = None if quality is None else quality.loc[frame["image_id"].astype(str).to_numpy()]
             sw = frame["score"].to_numpy(np.float64) if use_scores else None
-            if max_n is not None and len(zw) > max_n:
-                keep = even_subsample(len(zw), max_n)
-                zw = zw[keep]
-                qw = None if qw is None else qw.iloc[keep]
-                sw = None if sw is None else sw[keep]
+            # the lot null's guard band needs the window to be at most a third of the reference
+            keep = drift.rows_to_test(len(zw))
+            zw = zw[keep]
+            qw = None if qw is None else qw.iloc[keep]
+            sw = None if sw is None else sw[keep]
             res = drift.test(zw, model_id=champ.model_id, cur_quality=qw, cur_scores=sw)
             attr = attribute(res, descriptions)
             mix = ""

@@ -410,6 +410,9 @@ def test_even_subsample_and_max_window():
     assert DriftDetector(null="lot", min_window=10).fit(ref).max_window == 40  # a third of the reference
     assert DriftDetector(null="lot", min_window=30).fit(ref[:70]).max_window == 30  # never below min_window
     assert DriftDetector().fit(ref).max_window is None  # the i.i.d. null has no guard band
+    lot = DriftDetector(null="lot", min_window=10).fit(ref)
+    assert lot.rows_to_test(100).tolist() == even_subsample(100, 40).tolist() and lot.rows_to_test(30).size == 30
+    assert DriftDetector().fit(ref).rows_to_test(100).tolist() == list(range(100))
     with pytest.raises(NotFittedError):
         _ = DriftDetector(null="lot").max_window
 
