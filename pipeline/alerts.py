@@ -1,19 +1,25 @@
-"""Alerting on drifted windows: policy, persisted per-line state, sinks and a durable outbox.
+"""Alerting on drifted windows: policy, persisted per-line state, one alert per cause, and delivery.
 
 Flow of one window (:meth:`AlertManager.update`):
 
 1. retry whatever is still in the outbox (:meth:`Outbox.flush`);
 2. load the line's state (JSON, one file per line); a window id already processed returns ``[]`` (idempotent, so a
-   restart that re-processes a window neither re-alerts nor forgets);
-3. apply the :class:`AlertPolicy`: hysteresis (``k_consecutive`` drifted windows before an alert opens), one open
-   alert per line (later drifted windows are deduplicated into it; a rise to ``critical`` is an *escalation*),
-   resolution after ``resolve_after`` clear windows, and a cooldown: the same drift (dedup key = line, top axes,
-   tests fired) re-appearing within ``cooldown_windows`` windows (or ``cooldown_minutes``) of its last alert is
-   *suppressed*;
+   restart that re-processes a window, or a later model re-testing it, neither re-alerts nor forgets);
+3. name the window's causes (:func:`pipeline.causes.window_causes`: one per family group that fired, e.g.
+   ``axes:z_3``, ``quality:noise_level``, ``scores``) and apply the :class:`AlertPolicy` **per family group**
+   (``latent``, ``quality``, ``scores``): hysteresis (``k_consecutive`` drifted windows of the group in a row before
+   its alert opens), one open alert per group (its later drifted windows fold into it; a new cause or a rise to
+   ``critical`` is an *escalation*, notified), resolution after ``resolve_after`` windows in a row without that
+   group's drift, and a cooldown: the same cause re-opening within ``cooldown_windows`` windows (or
+   ``cooldown_minutes``) of its last alert is *suppressed*;
 4. write the deliverable events (opened / escalated / resolved) to the outbox, **then** save the state atomically
    (temp file + ``os.replace``); ids are deterministic, so a crash between the two cannot duplicate an event;
-5. deliver the outbox to every sink. An event leaves the outbox (moves to ``sent/``) only when every sink has taken
-   it; a failing webhook keeps it pending and the next update (or :meth:`AlertManager.flush`) retries it.
+5. deliver the outbox to every sink (:mod:`pipeline.alert_delivery`). An event leaves the outbox (moves to
+   ``sent/``) only when every sink has taken it; a failing webhook keeps it pending and the next update (or
+   :meth:`AlertManager.flush`) retries it.
+
+Operations events (a retrained model not promoted, no candidate trained) go through the same outbox and sinks
+(:meth:`AlertManager.notify_ops`).
 
 See ``docs/alerts.md`` for the alert JSON schema.
 """
@@ -25,17 +31,24 @@ import json
 import logging
 import os
 import re
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from filelock import FileLock
+
+from pipeline.alert_delivery import (
+    DeliveryError,
+    FlushReport,
+    JsonlSink,
+    LogSink,
+    Outbox,
+    Sink,
+    WebhookSink,
+    _atomic_write_json,
+)
 
 __all__ = [
     "POLICIES",
@@ -63,7 +76,7 @@ _RANK = {s: i for i, s in enumerate(SEVERITIES)}
 #: Event kinds. ``suppressed`` events are returned and recorded in the state, never delivered.
 EVENT_KINDS: tuple[str, ...] = ("opened", "escalated", "resolved", "suppressed")
 _DELIVERED_KINDS = frozenset({"opened", "escalated", "resolved"})
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def _now() -> datetime:
@@ -93,21 +106,6 @@ def _jsonable(v: Any) -> Any:
 
 def _digest(*parts: Any) -> str:
     return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:16]
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------ policy
@@ -191,24 +189,32 @@ def get_policy(name: str) -> AlertPolicy:
 class Alert:
     """An alert record (the ``alert`` object of every event; see ``docs/alerts.md``).
 
+    One alert per line and family group (``latent``, ``quality``, ``scores``; :mod:`pipeline.causes`) can be open at a
+    time, so a defect surge while a camera alert is open is its own alert with its own notification.
+
     Attributes:
         id: stable id (line, opening window and dedup key).
         line: production line.
         window: the window that opened it: ``{"id", "start", "end"}``.
         model_version: model that encoded the window.
-        tests: test families that fired (``"axes"``, ``"mmd"``, ``"scores"``).
-        top_axes: ``[{"axis", "effect", "p", "description"}]``, largest |effect| first.
+        tests: test families that fired (``"axes"``, ``"mmd"``, ``"scores"``, ``"quality"``).
+        top_axes: ``[{"axis", "effect", "p", "description"}]``, largest |effect| first (latent alerts).
         severity: ``"warning"`` or ``"critical"``.
         status: ``"open"``, ``"resolved"`` or ``"suppressed"``.
-        summary: one line (the attribution text).
+        summary: one line on the cause (e.g. ``"anomaly scores up: 23% of the window's cells ..."``).
         card_paths: axis card files (PNG/JSON) of the top axes.
-        example_images: paths of example images of the window.
-        dedup_key: the key used for deduplication and cooldown.
+        example_images: paths of example images of the window (highest anomaly scores first).
+        dedup_key: the key used for deduplication and cooldown (``"<line>|<cause>"``).
         created_at: ISO time the alert opened.
         updated_at: ISO time of the last change.
         last_window: id of the last window that changed it.
         resolved_at: ISO time it resolved (None while open).
         n_windows: drifted windows seen while open.
+        family: the family group (``"latent"``, ``"quality"``, ``"scores"``, ...).
+        cause: the cause that opened it (``"axes:z_3"``, ``"mmd"``, ``"quality:noise_level"``, ``"scores"``).
+        causes: every cause seen while open, in order (a new one escalates the alert).
+        example_serials: MES serials of the example images (same order), what a person finds on the line.
+        details: the whole window's attribution line (every family that fired, and the product mix when it moved).
     """
 
     id: str
@@ -228,22 +234,43 @@ class Alert:
     last_window: str
     resolved_at: str | None = None
     n_windows: int = 1
+    family: str = "latent"
+    cause: str = ""
+    causes: tuple[str, ...] = ()
+    example_serials: tuple[str, ...] = ()
+    details: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict."""
         d = asdict(self)
-        for k in ("tests", "top_axes", "card_paths", "example_images"):
+        for k in _TUPLE_FIELDS:
             d[k] = list(d[k])
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Alert:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict` (an alert written before causes existed gets them from its tests)."""
         kw = dict(d)
-        for k in ("tests", "card_paths", "example_images"):
-            kw[k] = tuple(kw.get(k, ()))
+        for k in _TUPLE_FIELDS:
+            if k != "top_axes":
+                kw[k] = tuple(kw.get(k, ()))
         kw["top_axes"] = tuple(dict(a) for a in kw.get("top_axes", ()))
+        if not kw.get("cause"):
+            kw["family"] = _legacy_family(kw["tests"])
+            kw["cause"] = kw["family"]
+        if not kw["causes"]:
+            kw["causes"] = (kw["cause"],)
         return cls(**kw)
+
+
+_TUPLE_FIELDS = ("tests", "top_axes", "card_paths", "example_images", "causes", "example_serials")
+
+
+def _legacy_family(tests: Sequence[str]) -> str:
+    """The family group of an alert from before per-cause alerts (its first fired test decides)."""
+    from pipeline.causes import family_group
+
+    return family_group(tests[0]) if tests else "drift"
 
 
 @dataclass(frozen=True)
@@ -256,6 +283,7 @@ class AlertEvent:
         window_id: the window that caused it.
         created_at: ISO time.
         alert: the alert after the event.
+        reason: why, in words (``"new cause scores"``, ``"severity warning -> critical"``, ``"2 clear windows"``).
     """
 
     kind: str
@@ -263,6 +291,7 @@ class AlertEvent:
     window_id: str
     created_at: str
     alert: Alert
+    reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON body sent to the sinks."""
@@ -271,6 +300,7 @@ class AlertEvent:
             "kind": self.kind,
             "window_id": self.window_id,
             "created_at": self.created_at,
+            "reason": self.reason,
             "alert": self.alert.to_dict(),
         }
 
@@ -282,19 +312,17 @@ class AlertState:
     Attributes:
         line: production line.
         n_windows: windows processed so far (the next window's index).
-        consecutive_drift: drifted windows in a row.
-        consecutive_clear: clear windows in a row.
-        active: the open alert (``Alert.to_dict()``), or None.
+        counters: per family group, ``{"drift": drifted windows in a row, "clear": clear windows in a row}``.
+        open: per family group, its open alert (``Alert.to_dict()``).
         last_sent: per dedup key, ``{"window_index", "at", "alert_id", "kind"}`` of its last opened/resolved event.
         processed: window id -> window index, for idempotency (oldest dropped past ``max_processed``).
-        history: one entry per window (``window_id, index, detected, severity, events, at``), bounded.
+        history: one entry per window (``window_id, index, detected, causes, events, at``), bounded.
     """
 
     line: str
     n_windows: int = 0
-    consecutive_drift: int = 0
-    consecutive_clear: int = 0
-    active: dict[str, Any] | None = None
+    counters: dict[str, dict[str, int]] = field(default_factory=dict)
+    open: dict[str, dict[str, Any]] = field(default_factory=dict)
     last_sent: dict[str, dict[str, Any]] = field(default_factory=dict)
     processed: dict[str, int] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -305,251 +333,28 @@ class AlertState:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AlertState:
-        """Inverse of :meth:`to_dict`."""
-        if d.get("version", STATE_VERSION) != STATE_VERSION:
+        """Inverse of :meth:`to_dict`; a version-1 state (one alert per line) is migrated."""
+        version = d.get("version", STATE_VERSION)
+        if version == 1:
+            return cls._from_v1(d)
+        if version != STATE_VERSION:
             raise ValueError(
                 f"alert state version {d.get('version')} is not supported (expected {STATE_VERSION})"
             )
         kw = {k: v for k, v in d.items() if k != "version"}
         return cls(**kw)
 
-
-# ------------------------------------------------------------------------------------------------ sinks
-
-
-class DeliveryError(RuntimeError):
-    """A sink could not deliver an event."""
-
-
-@runtime_checkable
-class Sink(Protocol):
-    """Somewhere events go. ``name`` must be stable across restarts (the outbox tracks delivery per name)."""
-
-    name: str
-
-    def send(self, event: dict[str, Any]) -> None:
-        """Deliver one event or raise."""
-        ...
-
-
-class LogSink:
-    """Log each event as one line through :mod:`logging` (``pipeline.alerts`` logger by default)."""
-
-    def __init__(
-        self, logger: logging.Logger | None = None, level: int = logging.WARNING, name: str = "log"
-    ) -> None:
-        self.logger = logger or log
-        self.level = level
-        self.name = name
-
-    def send(self, event: dict[str, Any]) -> None:
-        """Log the event."""
-        a = event["alert"]
-        axes = ", ".join(f"z_{x['axis']} {x['effect']:+.2f} sd" for x in a["top_axes"]) or "no single axis"
-        self.logger.log(
-            self.level,
-            "ALERT %s [%s] line=%s window=%s model=%s tests=%s axes: %s; %s (alert %s)",
-            event["kind"].upper(),
-            a["severity"],
-            a["line"],
-            event["window_id"],
-            a["model_version"],
-            ",".join(a["tests"]),
-            axes,
-            a["summary"],
-            a["id"],
-        )
-
-
-class JsonlSink:
-    """Append each event as one JSON line to a file (flushed and fsynced)."""
-
-    def __init__(self, path: str | os.PathLike[str], name: str | None = None) -> None:
-        self.path = Path(path)
-        self.name = name or f"jsonl:{self.path}"
-
-    def send(self, event: dict[str, Any]) -> None:
-        """Append the event."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(event, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-
-
-class WebhookSink:
-    """POST each event as a JSON body to an HTTP(S) URL (stdlib ``urllib``; no extra dependency).
-
-    Args:
-        url: the endpoint.
-        timeout: seconds per request.
-        retries: extra attempts after a failed one (so at most ``retries + 1`` requests per send).
-        backoff: seconds before the first retry; doubled each retry.
-        headers: extra headers (e.g. an authorisation token).
-        name: stable sink name (default ``"webhook:<url>"``).
-        sleep: the sleep function (tests pass a no-op).
-    """
-
-    def __init__(
-        self,
-        url: str,
-        timeout: float = 5.0,
-        retries: int = 3,
-        backoff: float = 0.5,
-        headers: Mapping[str, str] | None = None,
-        name: str | None = None,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"webhook url must start with http:// or https://, got {url!r}")
-        if timeout <= 0 or retries < 0 or backoff < 0:
-            raise ValueError("webhook timeout must be > 0, retries >= 0 and backoff >= 0")
-        self.url = url
-        self.timeout = float(timeout)
-        self.retries = int(retries)
-        self.backoff = float(backoff)
-        self.headers = dict(headers or {})
-        self.name = name or f"webhook:{url}"
-        self._sleep = sleep
-
-    def send(self, event: dict[str, Any]) -> None:
-        """POST the event; retry with exponential backoff; raise :class:`DeliveryError` when every attempt fails."""
-        body = json.dumps(event).encode("utf-8")
-        headers = {"Content-Type": "application/json", "User-Agent": "linewatch-alerts/1", **self.headers}
-        last: str = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                self._sleep(self.backoff * 2 ** (attempt - 1))
-            req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 (configured URL)
-                    if 200 <= resp.status < 300:
-                        return
-                    last = f"HTTP {resp.status}"
-            except urllib.error.HTTPError as exc:
-                last = f"HTTP {exc.code}"
-            except (urllib.error.URLError, OSError) as exc:
-                last = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
-            log.info("webhook %s attempt %d/%d failed: %s", self.url, attempt + 1, self.retries + 1, last)
-        raise DeliveryError(f"webhook {self.url} failed after {self.retries + 1} attempts: {last}")
-
-
-# ------------------------------------------------------------------------------------------------ outbox
-
-
-@dataclass(frozen=True)
-class FlushReport:
-    """Outcome of :meth:`Outbox.flush`.
-
-    Attributes:
-        delivered: event ids that reached every sink (moved to ``sent/``).
-        pending: event ids still pending, with the last error per sink.
-    """
-
-    delivered: tuple[str, ...]
-    pending: dict[str, dict[str, str]]
-
-
-class Outbox:
-    """Durable store-and-forward queue of alert events: one JSON file per event.
-
-    ``<dir>/pending/<event_id>.json`` holds ``{"event", "queued_at", "delivered_to", "attempts", "errors"}``;
-    once every sink has the event the file moves to ``<dir>/sent/``. Delivery is tracked per sink name, so a sink
-    that already took an event is not sent it again when another sink failed. Within one flush, a sink that fails
-    is not tried on later events, which keeps each sink's events in order.
-    """
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-        self.pending_dir = self.root / "pending"
-        self.sent_dir = self.root / "sent"
-        self.pending_dir.mkdir(parents=True, exist_ok=True)
-        self.sent_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(str(self.root / ".outbox.lock"))
-
-    def put(self, event: Mapping[str, Any]) -> bool:
-        """Queue an event; returns False (and writes nothing) when its id is already pending or sent."""
-        eid = str(event["event_id"])
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", eid):
-            raise ValueError(f"event_id {eid!r} must be a plain file name")
-        with self._lock:
-            if (self.pending_dir / f"{eid}.json").exists() or (self.sent_dir / f"{eid}.json").exists():
-                return False
-            entry = {
-                "event": dict(event),
-                "queued_at": time.time(),
-                "delivered_to": [],
-                "attempts": 0,
-                "errors": {},
-            }
-            _atomic_write_json(self.pending_dir / f"{eid}.json", entry)
-        return True
-
-    def _entries(self, folder: Path) -> list[tuple[Path, dict[str, Any]]]:
-        out = []
-        for p in folder.glob("*.json"):
-            try:
-                out.append((p, json.loads(p.read_text(encoding="utf-8"))))
-            except (OSError, json.JSONDecodeError) as exc:  # a foreign or damaged file: leave it, say so
-                log.error("outbox: cannot read %s: %s", p, exc)
-        out.sort(key=lambda e: (e[1].get("queued_at", 0.0), e[0].name))
-        return out
-
-    def pending(self) -> list[dict[str, Any]]:
-        """Pending events (oldest first)."""
-        return [e["event"] for _, e in self._entries(self.pending_dir)]
-
-    def sent(self) -> list[dict[str, Any]]:
-        """Delivered events (oldest first)."""
-        return [e["event"] for _, e in self._entries(self.sent_dir)]
-
-    def flush(self, sinks: Sequence[Sink]) -> FlushReport:
-        """Try to deliver every pending event to every sink that has not taken it yet.
-
-        Args:
-            sinks: the sinks (matched to earlier deliveries by ``name``).
-
-        Returns:
-            :class:`FlushReport`.
-        """
-        delivered: list[str] = []
-        still: dict[str, dict[str, str]] = {}
-        with self._lock:
-            failed_sinks: set[str] = set()
-            for path, entry in self._entries(self.pending_dir):
-                event = entry["event"]
-                eid = str(event["event_id"])
-                done = set(entry.get("delivered_to", []))
-                errors = dict(entry.get("errors", {}))
-                tried = False
-                for sink in sinks:
-                    if sink.name in done:
-                        continue
-                    if sink.name in failed_sinks:
-                        errors[sink.name] = "skipped: an earlier event to this sink is still pending"
-                        continue
-                    tried = True
-                    try:
-                        sink.send(event)
-                    except Exception as exc:  # any sink failure keeps the event pending
-                        failed_sinks.add(sink.name)
-                        errors[sink.name] = f"{type(exc).__name__}: {exc}"
-                        log.warning("alert event %s not delivered to %s: %s", eid, sink.name, exc)
-                    else:
-                        done.add(sink.name)
-                        errors.pop(sink.name, None)
-                entry["delivered_to"] = sorted(done)
-                entry["errors"] = errors
-                entry["attempts"] = int(entry.get("attempts", 0)) + int(tried)
-                if all(s.name in done for s in sinks):
-                    entry["sent_at"] = time.time()
-                    _atomic_write_json(self.sent_dir / path.name, entry)
-                    path.unlink(missing_ok=True)
-                    delivered.append(eid)
-                else:
-                    _atomic_write_json(path, entry)
-                    still[eid] = errors
-        return FlushReport(tuple(delivered), still)
+    @classmethod
+    def _from_v1(cls, d: Mapping[str, Any]) -> AlertState:
+        """A version-1 state: its one open alert and line-wide counters go to the alert's family group."""
+        active = d.get("active")
+        group = _legacy_family(tuple(active.get("tests", ()))) if active else "latent"
+        st = cls(line=d["line"], n_windows=int(d.get("n_windows", 0)), last_sent=dict(d.get("last_sent", {})),
+                 processed=dict(d.get("processed", {})), history=list(d.get("history", [])))
+        st.counters[group] = {"drift": int(d.get("consecutive_drift", 0)), "clear": int(d.get("consecutive_clear", 0))}
+        if active:
+            st.open[group] = Alert.from_dict(active).to_dict()
+        return st
 
 
 # ------------------------------------------------------------------------------------------------ manager
@@ -602,31 +407,41 @@ class AlertManager:
             return AlertState(line=line)
         return AlertState.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
+    def open_alerts(self, line: str) -> list[Alert]:
+        """The open alerts of a line (one per family group), oldest first."""
+        alerts = [Alert.from_dict(a) for a in self.state(line).open.values()]
+        return sorted(alerts, key=lambda a: (a.created_at, a.id))
+
     def active(self, line: str) -> Alert | None:
-        """The open alert of a line, if any."""
-        a = self.state(line).active
-        return None if a is None else Alert.from_dict(a)
+        """The most recently changed open alert of a line, if any (:meth:`open_alerts` lists them all)."""
+        alerts = self.open_alerts(line)
+        return max(alerts, key=lambda a: (a.updated_at, a.created_at)) if alerts else None
 
     def flush(self) -> FlushReport:
         """Retry delivery of every pending event."""
         return self.outbox.flush(self.sinks)
 
+    def notify_ops(self, kind: str, message: str, *, key: str, **payload: Any) -> dict[str, Any]:
+        """Send an operations event (e.g. a model not promoted) through the outbox and every sink.
+
+        Args:
+            kind: what happened, e.g. ``"model.not_promoted"`` or ``"model.no_candidate"``.
+            message: one line for people.
+            key: what makes the event unique (e.g. the model version): the same kind and key are sent once.
+            **payload: JSON-safe details, sent under ``ops``.
+
+        Returns:
+            The event (``{"event_id", "kind": "ops", "window_id": None, "created_at", "ops": {...}}``).
+        """
+        now_s = _iso(self.clock())
+        ops = {"type": kind, "message": message, **{k: _plain(v) for k, v in payload.items()}}
+        event = {"event_id": _digest("ops", kind, key), "kind": "ops", "window_id": None, "created_at": now_s,
+                 "ops": ops}
+        self.outbox.put(event)
+        self.flush()
+        return event
+
     # ---- policy ------------------------------------------------------------------------------------------
-    def _top_axes(self, attribution: Any) -> list[dict[str, Any]]:
-        return [
-            {
-                "axis": int(a.axis),
-                "effect": _jsonable(float(a.effect)),
-                "p": _jsonable(float(a.p_adjusted if a.p_adjusted == a.p_adjusted else a.p_value)),
-                "description": a.description,
-            }
-            for a in list(getattr(attribution, "axes", ()))[: self.policy.top_n]
-        ]
-
-    def _dedup_key(self, line: str, top_axes: Sequence[Mapping[str, Any]], tests: Sequence[str]) -> str:
-        axes = sorted(int(a["axis"]) for a in top_axes[: self.policy.dedup_axes])
-        return f"{line}|axes={','.join(map(str, axes)) or '-'}|tests={','.join(sorted(tests)) or '-'}"
-
     def _in_cooldown(self, last: Mapping[str, Any] | None, index: int, now: datetime) -> bool:
         if last is None:
             return False
@@ -647,6 +462,7 @@ class AlertManager:
         model_version: str | None = None,
         card_paths: Sequence[str | os.PathLike[str]] = (),
         example_images: Sequence[str | os.PathLike[str]] = (),
+        example_serials: Sequence[str] = (),
         window_start: Any = None,
         window_end: Any = None,
     ) -> list[AlertEvent]:
@@ -662,6 +478,7 @@ class AlertManager:
             model_version: model id / registry version that encoded the window.
             card_paths: axis card files to cite in an alert.
             example_images: example image paths of the window.
+            example_serials: the MES serials of the example images (same order).
             window_start: window start (default: from ``window_id`` when it is a Window).
             window_end: window end.
 
@@ -680,132 +497,165 @@ class AlertManager:
             raise ValueError("drift_result must have a 'detected' flag (pipeline.drift.DriftResult)")
 
         self.flush()  # earlier events first
-        events: list[AlertEvent] = []
-        lock = FileLock(str(self._state_path(line)) + ".lock")
-        with lock:
+        with FileLock(str(self._state_path(line)) + ".lock"):
             st = self.state(line)
             if window_id in st.processed:
                 log.info("alerts: line %s window %s already processed; nothing to do", line, window_id)
                 return []
-            if attribution is None:
+            from pipeline.causes import window_causes
+
+            if attribution is None and bool(drift_result.detected):
                 from pipeline.axes import attribute
 
                 attribution = attribute(drift_result)
             now = self.clock()
-            now_s = _iso(now)
-            index = st.n_windows
+            ctx = _Window(line=line, window_id=window_id, index=st.n_windows, now=now, now_s=_iso(now),
+                          model_version=model_version, bounds={"id": window_id, "start": _jsonable(window_start),
+                                                               "end": _jsonable(window_end)},
+                          card_paths=tuple(str(p) for p in card_paths),
+                          example_images=tuple(str(p) for p in example_images),
+                          example_serials=tuple(str(s) for s in example_serials),
+                          details=str(getattr(attribution, "text", "")))
             st.n_windows += 1
-            detected = bool(drift_result.detected)
-            severity = None
-
-            if detected:
-                st.consecutive_drift += 1
-                st.consecutive_clear = 0
-                tests = tuple(getattr(drift_result, "fired", ()) or ()) or ("drift",)
-                top = self._top_axes(attribution)
-                p_values = list(getattr(drift_result, "family_p", {}).values()) + [a["p"] for a in top]
-                severity = self.policy.severity(top, p_values)
-                key = self._dedup_key(line, top, tests)
-                if st.active is None and st.consecutive_drift >= self.policy.k_consecutive:
-                    alert = Alert(
-                        id=_digest(line, window_id, key),
-                        line=line,
-                        window={
-                            "id": window_id,
-                            "start": _jsonable(window_start),
-                            "end": _jsonable(window_end),
-                        },
-                        model_version=model_version,
-                        tests=tests,
-                        top_axes=tuple(top),
-                        severity=severity,
-                        status="open",
-                        summary=str(getattr(attribution, "text", "")),
-                        card_paths=tuple(str(p) for p in card_paths),
-                        example_images=tuple(str(p) for p in example_images),
-                        dedup_key=key,
-                        created_at=now_s,
-                        updated_at=now_s,
-                        last_window=window_id,
-                    )
-                    if self._in_cooldown(st.last_sent.get(key), index, now):
-                        alert = replace(alert, status="suppressed")
-                        events.append(self._event("suppressed", alert, window_id, now_s))
-                    else:
-                        st.active = alert.to_dict()
-                        st.last_sent[key] = {
-                            "window_index": index,
-                            "at": now_s,
-                            "alert_id": alert.id,
-                            "kind": "opened",
-                        }
-                        events.append(self._event("opened", alert, window_id, now_s))
-                elif st.active is not None:
-                    alert = Alert.from_dict(st.active)
-                    alert = replace(
-                        alert, n_windows=alert.n_windows + 1, last_window=window_id, updated_at=now_s
-                    )
-                    if _RANK[severity] > _RANK[alert.severity]:
-                        alert = replace(
-                            alert,
-                            severity=severity,
-                            top_axes=tuple(top),
-                            tests=tuple(sorted(set(alert.tests) | set(tests))),
-                            summary=str(getattr(attribution, "text", alert.summary)),
-                            card_paths=tuple(str(p) for p in card_paths) or alert.card_paths,
-                            example_images=tuple(str(p) for p in example_images) or alert.example_images,
-                        )
-                        events.append(self._event("escalated", alert, window_id, now_s))
-                    st.active = alert.to_dict()
-            else:
-                st.consecutive_drift = 0
-                st.consecutive_clear += 1
-                if st.active is not None and st.consecutive_clear >= self.policy.resolve_after:
-                    alert = Alert.from_dict(st.active)
-                    alert = replace(
-                        alert, status="resolved", resolved_at=now_s, updated_at=now_s, last_window=window_id
-                    )
-                    st.last_sent[alert.dedup_key] = {
-                        "window_index": index,
-                        "at": now_s,
-                        "alert_id": alert.id,
-                        "kind": "resolved",
-                    }
-                    st.active = None
-                    events.append(self._event("resolved", alert, window_id, now_s))
-
-            st.processed[window_id] = index
-            while len(st.processed) > self.policy.max_processed:
-                st.processed.pop(next(iter(st.processed)))
-            st.history.append(
-                {
-                    "window_id": window_id,
-                    "index": index,
-                    "detected": detected,
-                    "severity": severity,
-                    "events": [e.kind for e in events],
-                    "alert_ids": [e.alert.id for e in events],
-                    "at": now_s,
-                }
-            )
-            del st.history[: max(0, len(st.history) - self.policy.max_history)]
-            # Outbox first, then state: a crash in between re-processes the window and re-creates the same event
-            # ids, which the outbox ignores.
-            for ev in events:
-                if ev.kind in _DELIVERED_KINDS:
-                    self.outbox.put(ev.to_dict())
-                else:
-                    log.info(
-                        "alert suppressed (cooldown) line=%s window=%s key=%s",
-                        line,
-                        window_id,
-                        ev.alert.dedup_key,
-                    )
-            _atomic_write_json(self._state_path(line), st.to_dict())
+            causes = window_causes(drift_result, attribution, top_n=self.policy.top_n)
+            events = self._apply_policy(st, causes, ctx)
+            self._record(st, ctx, bool(drift_result.detected), causes, events)
+            self._persist(st, events)
         if any(e.kind in _DELIVERED_KINDS for e in events):
             self.flush()
         return events
 
+    def _apply_policy(self, st: AlertState, causes: Sequence[Any], ctx: _Window) -> list[AlertEvent]:
+        """Advance every family group's counters by one window and return the events (groups in a fixed order)."""
+        from pipeline.causes import GROUP_ORDER
+
+        fired = {c.family: c for c in causes}
+        groups = set(st.counters) | set(st.open) | set(fired)
+        events: list[AlertEvent] = []
+        for g in sorted(groups, key=lambda g: (GROUP_ORDER.index(g) if g in GROUP_ORDER else len(GROUP_ORDER), g)):
+            counter = st.counters.setdefault(g, {"drift": 0, "clear": 0})
+            cause = fired.get(g)
+            if cause is not None:
+                counter["drift"], counter["clear"] = counter["drift"] + 1, 0
+                events += self._on_drift(st, g, cause, ctx)
+            else:
+                counter["drift"], counter["clear"] = 0, counter["clear"] + 1
+                events += self._on_clear(st, g, ctx)
+            if g not in st.open and counter["drift"] == 0 and counter["clear"] >= self.policy.resolve_after:
+                del st.counters[g]  # quiet and settled: nothing to remember
+        return events
+
+    def _on_drift(self, st: AlertState, group: str, cause: Any, ctx: _Window) -> list[AlertEvent]:
+        """A window in which ``group`` fired: open (after hysteresis), fold into the open alert, or escalate."""
+        severity = self.policy.severity(
+            [{"effect": e} for e in cause.effects], cause.p_values)
+        if group not in st.open:
+            if st.counters[group]["drift"] < self.policy.k_consecutive:
+                return []
+            alert = self._new_alert(cause, severity, ctx)
+            if self._in_cooldown(st.last_sent.get(alert.dedup_key), ctx.index, ctx.now):
+                alert = replace(alert, status="suppressed")
+                return [self._event("suppressed", alert, ctx, f"{cause.key} is in its cooldown")]
+            st.open[group] = alert.to_dict()
+            st.last_sent[alert.dedup_key] = {"window_index": ctx.index, "at": ctx.now_s, "alert_id": alert.id,
+                                             "kind": "opened"}
+            return [self._event("opened", alert, ctx, f"{cause.key}: {cause.summary}")]
+        alert = Alert.from_dict(st.open[group])
+        alert = replace(alert, n_windows=alert.n_windows + 1, last_window=ctx.window_id, updated_at=ctx.now_s,
+                        tests=tuple(dict.fromkeys((*alert.tests, *cause.tests))))
+        changes = []
+        if cause.key not in alert.causes:
+            changes.append(f"new cause {cause.key}: {cause.summary}")
+            alert = replace(alert, causes=(*alert.causes, cause.key), summary=f"{alert.summary}; then {cause.summary}")
+        if _RANK[severity] > _RANK[alert.severity]:
+            changes.append(f"severity {alert.severity} -> {severity}")
+            alert = replace(alert, severity=severity, top_axes=cause.top_axes or alert.top_axes,
+                            card_paths=ctx.card_paths or alert.card_paths)
+        if changes:
+            alert = replace(alert, example_images=ctx.example_images or alert.example_images,
+                            example_serials=ctx.example_serials or alert.example_serials, details=ctx.details)
+        st.open[group] = alert.to_dict()
+        return [self._event("escalated", alert, ctx, "; ".join(changes))] if changes else []
+
+    def _on_clear(self, st: AlertState, group: str, ctx: _Window) -> list[AlertEvent]:
+        """A window in which ``group`` did not fire: resolve its open alert after ``resolve_after`` in a row."""
+        clear = st.counters[group]["clear"]
+        if group not in st.open or clear < self.policy.resolve_after:
+            return []
+        alert = Alert.from_dict(st.open.pop(group))
+        alert = replace(alert, status="resolved", resolved_at=ctx.now_s, updated_at=ctx.now_s,
+                        last_window=ctx.window_id)
+        st.last_sent[alert.dedup_key] = {"window_index": ctx.index, "at": ctx.now_s, "alert_id": alert.id,
+                                         "kind": "resolved"}
+        return [self._event("resolved", alert, ctx, f"{clear} windows in a row without {group} drift")]
+
+    def _new_alert(self, cause: Any, severity: str, ctx: _Window) -> Alert:
+        key = f"{ctx.line}|{cause.key}"
+        return Alert(
+            id=_digest(ctx.line, ctx.window_id, key), line=ctx.line, window=dict(ctx.bounds),
+            model_version=ctx.model_version, tests=cause.tests or (cause.family,), top_axes=cause.top_axes,
+            severity=severity, status="open", summary=cause.summary,
+            card_paths=ctx.card_paths if cause.family == "latent" else (), example_images=ctx.example_images,
+            dedup_key=key, created_at=ctx.now_s, updated_at=ctx.now_s, last_window=ctx.window_id,
+            family=cause.family, cause=cause.key, causes=(cause.key,), example_serials=ctx.example_serials,
+            details=ctx.details,
+        )
+
+    def _record(self, st: AlertState, ctx: _Window, detected: bool, causes: Sequence[Any],
+                events: Sequence[AlertEvent]) -> None:
+        """Remember the window (idempotency) and append it to the bounded history."""
+        st.processed[ctx.window_id] = ctx.index
+        while len(st.processed) > self.policy.max_processed:
+            st.processed.pop(next(iter(st.processed)))
+        st.history.append({
+            "window_id": ctx.window_id, "index": ctx.index, "detected": detected,
+            "causes": [c.key for c in causes], "events": [e.kind for e in events],
+            "alert_ids": [e.alert.id for e in events], "at": ctx.now_s,
+        })
+        del st.history[: max(0, len(st.history) - self.policy.max_history)]
+
+    def _persist(self, st: AlertState, events: Sequence[AlertEvent]) -> None:
+        """Queue the deliverable events, then save the state.
+
+        Outbox first, then state: a crash in between re-processes the window and re-creates the same event ids,
+        which the outbox ignores.
+        """
+        for ev in events:
+            if ev.kind in _DELIVERED_KINDS:
+                self.outbox.put(ev.to_dict())
+            else:
+                log.info("alert suppressed (cooldown) line=%s window=%s key=%s", st.line, ev.window_id,
+                         ev.alert.dedup_key)
+        _atomic_write_json(self._state_path(st.line), st.to_dict())
+
     @staticmethod
-    def _event(kind: str, alert: Alert, window_id: str, now_s: str) -> AlertEvent:
-        return AlertEvent(kind, _digest(alert.id, kind, window_id), window_id, now_s, alert)
+    def _event(kind: str, alert: Alert, ctx: _Window, reason: str = "") -> AlertEvent:
+        return AlertEvent(kind, _digest(alert.id, kind, ctx.window_id), ctx.window_id, ctx.now_s, alert, reason)
+
+
+@dataclass(frozen=True)
+class _Window:
+    """What :meth:`AlertManager.update` knows about the window it processes."""
+
+    line: str
+    window_id: str
+    index: int
+    now: datetime
+    now_s: str
+    model_version: str | None
+    bounds: dict[str, Any]
+    card_paths: tuple[str, ...]
+    example_images: tuple[str, ...]
+    example_serials: tuple[str, ...]
+    details: str
+
+
+def _plain(v: Any) -> Any:
+    """A JSON-safe copy of ``v`` (dataclasses and mappings recursively, timestamps as ISO strings)."""
+    if hasattr(v, "__dataclass_fields__"):
+        v = asdict(v)
+    if isinstance(v, Mapping):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    return _jsonable(v)

@@ -178,7 +178,7 @@ def test_reprocessing_a_window_is_idempotent(tmp_path: Path) -> None:
     assert m.update("L1", "2026-11-27/S1", drift()) == []
     assert m.update("L1", "2026-11-27/S1", clear()) == []
     after = m.state("L1")
-    assert after.n_windows == before.n_windows == 1 and after.active == before.active
+    assert after.n_windows == before.n_windows == 1 and after.open == before.open
     assert len(jsonl(tmp_path)) == 1
 
 
@@ -213,7 +213,7 @@ def test_alert_record_contents(tmp_path: Path) -> None:
         example_images=["/data/img1.png"],
     )
     d = ev.to_dict()
-    assert set(d) == {"event_id", "kind", "window_id", "created_at", "alert"}
+    assert set(d) == {"event_id", "kind", "window_id", "created_at", "reason", "alert"}
     a = d["alert"]
     assert a["line"] == "line-7" and a["model_version"] == "abc123" and a["status"] == "open"
     assert a["window"] == {
@@ -347,5 +347,108 @@ def test_state_file_is_written_atomically(tmp_path: Path) -> None:
     lines = tmp_path / "state" / "lines"
     assert sorted(p.name for p in lines.iterdir() if not p.name.endswith(".lock")) == ["L1.json"]
     st = json.loads((lines / "L1.json").read_text())
-    assert st["version"] == 1 and st["active"]["status"] == "open" and st["processed"] == {"w0": 0}
+    assert st["version"] == 2 and st["open"]["latent"]["status"] == "open" and st["processed"] == {"w0": 0}
     shutil.copy(lines / "L1.json", tmp_path / "copy.json")  # plain JSON, readable by anyone
+
+
+# ------------------------------------------------------------------------------------------------ causes
+
+
+def quality(channel: str = "detail_ratio", effect: float = -1.6, p: float = 1e-3) -> object:
+    """A window whose image-quality family fired on ``channel`` (no latent axis significant)."""
+    from types import SimpleNamespace
+
+    table = pd.DataFrame({"channel": [channel, "noise_level" if channel != "noise_level" else "rotation"],
+                          "ks_stat": [0.5, 0.1], "p_value": [1e-4, 0.5], "effect_size": [effect, 0.1],
+                          "significant": [True, False]})
+    return SimpleNamespace(detected=True, per_axis=clear().per_axis, fired=("quality",),
+                           family_p={"axes": 0.5, "mmd": 0.4, "quality": p}, per_channel=table)
+
+
+def surge(p: float = 1e-3) -> object:
+    """A window whose anomaly-score family fired: more defective-looking cells."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(detected=True, per_axis=clear().per_axis, fired=("scores",),
+                           family_p={"axes": 0.5, "mmd": 0.4, "scores": p}, score_stat=0.68, score_p=p,
+                           score_tail=0.24, score_tail_expected=0.1)
+
+
+def test_window_causes_name_family_and_axis_or_channel() -> None:
+    from types import SimpleNamespace
+
+    from pipeline.causes import window_causes
+
+    assert window_causes(clear()) == []
+    (lat,) = window_causes(drift(axis=4))
+    assert (lat.key, lat.family, lat.tests) == ("axes:z_4", "latent", ("axes",))
+    (q,) = window_causes(quality("noise_level"))
+    assert (q.key, q.family) == ("quality:noise_level", "quality") and "noise" in q.summary
+    (s,) = window_causes(surge())
+    assert s.key == "scores" and "anomaly scores up" in s.summary
+    mmd_only = SimpleNamespace(detected=True, per_axis=clear().per_axis, fired=("mmd",), family_p={"mmd": 1e-3})
+    (m,) = window_causes(mmd_only)
+    assert m.key == "mmd" and m.family == "latent" and "no single axis" in m.summary
+    both = SimpleNamespace(**{**vars(surge()), "fired": ("axes", "scores"), "per_axis": drift(axis=2).per_axis})
+    assert [c.key for c in window_causes(both)] == ["axes:z_2", "scores"]
+
+
+def test_a_defect_surge_during_an_open_alert_is_its_own_notified_alert_and_both_resolve(tmp_path: Path) -> None:
+    """Compression fault (image quality) for 3 days, a defect surge two days after it began, then healthy days."""
+    m = manager(tmp_path)  # the default policy: 2 windows to open, 2 to resolve
+    days = [clear(), quality(), quality(), quality(), surge(), surge(), clear(), clear(), clear()]
+    kinds = run(m, days)
+    assert kinds == [[], [], ["opened"], [], [], ["resolved", "opened"], [], ["resolved"], []]
+    sent = jsonl(tmp_path)
+    assert [(e["kind"], e["alert"]["cause"]) for e in sent] == [
+        ("opened", "quality:detail_ratio"), ("resolved", "quality:detail_ratio"),
+        ("opened", "scores"), ("resolved", "scores")]
+    a_id, b_id = sent[0]["alert"]["id"], sent[2]["alert"]["id"]
+    assert a_id != b_id and sent[1]["alert"]["id"] == a_id and sent[3]["alert"]["id"] == b_id
+    assert "anomaly scores up" in sent[2]["alert"]["summary"] and sent[2]["reason"].startswith("scores")
+    assert m.open_alerts("L1") == [] and m.active("L1") is None
+
+
+def test_a_new_cause_while_its_group_is_open_escalates_with_a_notification(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    m = manager(tmp_path)
+    noisy_surge = SimpleNamespace(**{**vars(surge()), **{k: v for k, v in vars(quality("noise_level")).items()
+                                                          if k in ("per_channel",)},
+                                     "fired": ("quality", "scores"),
+                                     "family_p": {"axes": 0.5, "mmd": 0.4, "quality": 1e-3, "scores": 1e-3}})
+    days = [quality(), quality(), quality("noise_level"), quality("noise_level"), noisy_surge, noisy_surge]
+    kinds = run(m, days)
+    # the surge overlaps the open quality alert: a second alert, opened while the first is still open
+    assert kinds == [[], ["opened"], ["escalated"], [], [], ["opened"]]
+    sent = jsonl(tmp_path)
+    esc = sent[1]
+    assert esc["kind"] == "escalated" and "new cause quality:noise_level" in esc["reason"]
+    assert esc["alert"]["causes"] == ["quality:detail_ratio", "quality:noise_level"]
+    assert {a.cause for a in m.open_alerts("L1")} == {"quality:detail_ratio", "scores"}
+
+
+def test_version_1_state_is_migrated(tmp_path: Path) -> None:
+    m = manager(tmp_path)
+    v1_alert = {"id": "a1", "line": "L1", "window": {"id": "w1", "start": None, "end": None}, "model_version": "1",
+                "tests": ["axes", "mmd"], "top_axes": [], "severity": "warning", "status": "open", "summary": "s",
+                "card_paths": [], "example_images": [], "dedup_key": "L1|axes=3|tests=axes,mmd",
+                "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z", "last_window": "w1",
+                "resolved_at": None, "n_windows": 2}
+    state = {"version": 1, "line": "L1", "n_windows": 2, "consecutive_drift": 2, "consecutive_clear": 0,
+             "active": v1_alert, "last_sent": {}, "processed": {"w0": 0, "w1": 1}, "history": []}
+    (tmp_path / "state" / "lines" / "L1.json").write_text(json.dumps(state))
+    assert m.active("L1").cause == "latent" and m.active("L1").causes == ("latent",)
+    assert run(m, [clear(), clear()], start=2) == [[], ["resolved"]]
+    assert jsonl(tmp_path)[0]["alert"]["id"] == "a1"
+
+
+def test_ops_events_go_through_the_outbox_and_every_sink(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    m = manager(tmp_path, sinks=[AL.LogSink(), AL.JsonlSink(tmp_path / "alerts.jsonl")])
+    with caplog.at_level("WARNING", logger="pipeline.alerts"):
+        ev = m.notify_ops("model.not_promoted", "model v3 not promoted", key="3", version="3")
+        again = m.notify_ops("model.not_promoted", "model v3 not promoted", key="3", version="3")
+    assert ev["event_id"] == again["event_id"]
+    (line,) = jsonl(tmp_path)  # sent once
+    assert line["kind"] == "ops" and line["ops"]["type"] == "model.not_promoted" and line["ops"]["version"] == "3"
+    assert any("OPS model.not_promoted: model v3 not promoted" in r.getMessage() for r in caplog.records)
