@@ -40,7 +40,7 @@ def monitor_task(config: Any) -> dict[str, Any]:
     settings = ensure_dirs(get_settings())
     res = monitor(settings, config)
     for w in res.windows:
-        verdict = f"DRIFT axis {w.top_axis} ({w.description})" if w.detected else "no drift"
+        verdict = f"DRIFT {', '.join(w.causes)} ({w.description})" if w.detected else "no drift"
         print(f"monitor: line {w.line} window {w.window_id}: n={w.n_images}, {w.n_anomalous} anomalous, {verdict}")
     return res.to_dict()
 

@@ -2,7 +2,8 @@
 
 The job itself is :func:`pipeline.retrain.retrain`; this module adds retries with back-off (MLflow unreachable, the
 catalog lock busy, a crash in training: the retry resumes from the candidate's checkpoint), a timeout, and Prefect
-events ``linewatch.model.promoted`` / ``linewatch.model.rejected``.
+events ``linewatch.model.promoted`` / ``linewatch.model.rejected``. Too few healthy images
+(``pipeline.retrain.InsufficientData``) is not retried: it raises at once, the champion stays.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def retrain_task(config: Any) -> dict[str, Any]:
     verdict = "promoted to champion" if res.promoted else "kept as challenger"
     print(
         f"retrain: v{res.version} {verdict} ({res.gate.reason}); parent v{res.parent_version or '-'}, "
-        f"{res.n_train} train / {res.n_calibration} calibration images, excluded {res.excluded}"
+        f"{res.n_train} train / {res.n_calibration} calibration images over {res.lookback_days} days, "
+        f"excluded {res.excluded}"
     )
     return res.to_dict()
 
@@ -59,7 +61,11 @@ def retrain_flow(
     batch_size: int | None = None,
     inject_weight_noise: float = 0.0,
     holdout_share: float = 0.25,
-    min_train_images: int = 16,
+    min_train_images: int = 32,
+    min_calibration_images: int | None = None,
+    max_lookback_days: int = 28,
+    keep_size: bool = True,
+    monitor: dict[str, Any] | None = None,
     gate: dict[str, Any] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -77,7 +83,11 @@ def retrain_flow(
         batch_size: Override the preset's batch size.
         inject_weight_noise: Fault injection (tests, demos): degrade the candidate's weights.
         holdout_share: Calibration share of the window (by image-id hash).
-        min_train_images: Fewer training images after the selection rules is an error.
+        min_train_images: Floor on training images (the window reaches back for healthy ones below it).
+        min_calibration_images: Floor on calibration images (default: what the monitor's drift test needs).
+        max_lookback_days: How far back the window may reach for healthy images.
+        keep_size: Reach back for as many healthy images as the exclusions dropped.
+        monitor: The monitor settings the candidate must serve (``MonitorConfig`` fields); the gate checks them.
         gate: ``GateConfig`` overrides.
         seed: Seed.
 
@@ -90,7 +100,8 @@ def retrain_flow(
         preset=preset, steps=steps, window_days=window_days, end=end, lines=lines, from_scratch=from_scratch,
         exclude_alerts=exclude_alerts, exclude_anomalous=exclude_anomalous, batch_size=batch_size,
         inject_weight_noise=inject_weight_noise, holdout_share=holdout_share, min_train_images=min_train_images,
-        gate=gate, seed=seed,
+        min_calibration_images=min_calibration_images, max_lookback_days=max_lookback_days, keep_size=keep_size,
+        monitor=monitor, gate=gate, seed=seed,
     )
     result = retrain_task(config)
     emit_model_event(result)

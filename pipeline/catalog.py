@@ -374,6 +374,31 @@ def scan_catalog(
     return dataset.to_table(columns=cols)
 
 
+def serial_of(source_path: str | os.PathLike[str] | None) -> str:
+    """The MES serial of a catalogued image: the file name of its source without the extension.
+
+    Ingestion reads ``DROP/<line>/<date>/<serial>.<ext>`` and looks the serial up in the MES export, so the serial is
+    what a person on the line finds on the part; the content hash (``image_id``, ``store_path``) is not.
+    """
+    if source_path is None or (isinstance(source_path, float) and source_path != source_path):
+        return ""
+    name = os.path.basename(str(source_path).replace("\\", "/"))
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def serials_by_sha256(root: str | os.PathLike[str] | None, digests: Iterable[str]) -> dict[str, str]:
+    """``sha256 -> serial`` of the given digests that are registered in the catalog (others are left out)."""
+    wanted = {str(d) for d in digests if d}
+    if not wanted:
+        return {}
+    root = Path(root) if root is not None else default_root()
+    if not (root / CATALOG_DIR).exists():
+        return {}
+    cat = read_catalog(root, columns=[S.SHA256, S.SOURCE_PATH])
+    cat = cat[cat[S.SHA256].isin(wanted)]
+    return {str(r.sha256): serial_of(r.source_path) for r in cat.itertuples(index=False)}
+
+
 def resolve_store_path(root: str | os.PathLike[str], store_path: str) -> Path:
     """Absolute path of an image from its catalog ``store_path`` (relative to the catalog root)."""
     return Path(root) / store_path

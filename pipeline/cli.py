@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from importlib.metadata import entry_points
 
@@ -27,14 +28,62 @@ class CLIError(Exception):
     """A user-facing error: printed without a traceback, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``linewatch <command>: error: ...``), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """Print one line naming the command and the problem, and exit 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+QUIET_LOGGERS = ("httpx", "httpcore", "urllib3", "mlflow", "alembic", "docket", "uvicorn", "prefect.server",
+                 "prefect._internal", "prefect.client", "prefect.events")
+"""Loggers below WARNING unless ``--verbose``: HTTP requests, MLflow's database set-up, Prefect's server internals."""
+
+
+class _QuietFilter(logging.Filter):
+    """Without ``--verbose``: drop Prefect's worker-thread timeout warning and keep Prefect's errors to one line.
+
+    Prefect warns on every run of a task with a timeout in a worker thread (the monitor's tasks have one: the flow's
+    own timeout still applies), and logs the full traceback of a failed run; the command prints the failure itself,
+    in one line.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("prefect"):
+            message = record.getMessage()
+            if "running in a worker thread" in message:
+                return False
+            record.exc_info, record.exc_text = None, None
+            record.msg, record.args = message.split("\n", 1)[0], ()
+        return True
+
+
+def configure_logging(verbose: bool) -> None:
+    """Log to stderr: INFO from linewatch, WARNING from the libraries' internals; everything with ``verbose``."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose:
+        return
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet = _QuietFilter()
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _QuietFilter) for f in handler.filters):
+            handler.addFilter(quiet)
+    logging.getLogger("prefect").addFilter(quiet)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with every registered sub-command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="linewatch",
         description="Manufacturing anomaly and drift monitoring on InfoDiffusion latents.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, HTTP requests and Prefect internals (default: quiet)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     seen: set[str] = set()
     modules = list(_BUILTIN)
@@ -61,10 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``linewatch`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(bool(args.verbose or getattr(args, "verbose_cmd", False)))
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

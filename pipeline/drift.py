@@ -595,6 +595,10 @@ class DriftDetector:
     def __repr__(self) -> str:
         return "DriftDetector(" + ", ".join(f"{k}={v!r}" for k, v in self.get_params().items()) + ")"
 
+    def min_reference(self) -> int:
+        """Fewest reference images :meth:`fit` accepts with these settings (the retrain's floor and gate use it)."""
+        return 2 * self.min_window
+
     # ---- fit -----------------------------------------------------------------------------------------------
     def fit(
         self,
@@ -634,9 +638,9 @@ class DriftDetector:
         """
         Z = as_latent_matrix(Z_ref, "Z_ref")
         n = Z.shape[0]
-        if n < 2 * self.min_window:
+        if n < self.min_reference():
             raise ValueError(
-                f"reference has {n} images; at least {2 * self.min_window} (2 x min_window) are needed"
+                f"reference has {n} images; at least {self.min_reference()} (2 x min_window) are needed"
             )
         scores = None
         if ref_scores is not None:

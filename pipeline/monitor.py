@@ -12,12 +12,15 @@ Plain functions with a frozen config and result; ``flows/monitor.py`` wraps them
    calibration images nearest in z, ``pipeline.detectors.ConditionalResidual``); flags go to
    ``<state>/scores.parquet`` (the retrain's selection drops flagged images).
 3. Images are cut into windows (per plant day by default, in ``settings.timezone``; a window still in progress
-   waits for a later run); each complete window is tested
-   against the reference (lot-aware null by default), attributed to latent axes with their descriptions, and
-   handed to the alert manager, whose persisted state makes reruns idempotent: a window already alerted is not
-   re-sent, an active alert is not forgotten after a restart.
-4. Window verdicts go to ``<state>/windows.parquet`` (the retrain drops windows under an active alert), metrics to
-   an MLflow monitoring run (``drift.axis_XX.effect`` series), and a drift report picture per alerted window.
+   waits for a later run); each complete window is tested against the reference (lot-aware null by default),
+   attributed to latent axes with their descriptions, named by its causes (``pipeline.causes``) and handed to the
+   alert manager (one alert per cause), whose persisted state makes reruns idempotent: a window already processed is
+   not re-alerted (also when a later model tests it again), an open alert is not forgotten after a restart.
+4. Window verdicts are appended to ``<state>/windows.parquet`` (``pipeline.verdicts``: the first verdict of a
+   window is its ``original``; a later model's re-evaluation is stored beside it, never over it; the retrain drops
+   windows any verdict called drifted), metrics go to an MLflow monitoring run (``drift.axis_XX.effect`` series), and
+   each drifted window gets a drift report picture per model version (``drift_<line>_<window>_v<version>.png``),
+   headed by a plain-language paragraph and naming the most unusual cells by their MES serial.
 """
 
 from __future__ import annotations
@@ -32,6 +35,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.monitor_tables import (  # noqa: F401 - re-exported: the monitor's tables
+    _upsert,
+    latents_table_path,
+    pending_residuals,
+    quality_channels,
+    quality_table_path,
+    residual_chunk,
+    residual_parts_dir,
+    residual_table,
+    residuals_table_path,
+    scores_table_path,
+)
 from pipeline.retrain import (
     BUNDLE_DIR,
     CALIBRATION_FILE,
@@ -42,6 +57,7 @@ from pipeline.retrain import (
     detector_calibration,
     state_dir,
 )
+from pipeline.verdicts import record_verdicts, window_verdicts, windows_table_path  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +141,17 @@ class WindowOutcome:
             then "product mix changed: ..." when the window's product shares moved (``pipeline.axes.mix_text``).
         summary: the drift test's one-line summary.
         attribution: the attribution's text.
-        alert_active: an alert is active for the line after this window.
+        alert_active: an alert is open for the line after this window.
         events: alert events this window produced (sent now), as dicts.
-        report: drift report picture, when drawn.
+        report: drift report picture, when drawn (``drift_<line>_<window>_v<model version>.png``).
+        model_version: the model that made this verdict.
+        fired: test families that fired.
+        causes: the drift's causes (``pipeline.causes``: ``axes:z_3``, ``quality:noise_level``, ``scores``, ...).
+        example_serials: MES serials of the window's most unusual images (highest anomaly scores first).
+        explanation: a paragraph in plain language on the verdict (``pipeline.report.plain_summary``), the top of
+            the drift report.
+        original: this is the window's first verdict (made by the champion of that moment); False for a later
+            model's re-evaluation, which is stored beside it and never over it (:func:`record_verdicts`).
     """
 
     line: str
@@ -147,6 +171,12 @@ class WindowOutcome:
     alert_active: bool
     events: tuple[dict[str, Any], ...] = ()
     report: str | None = None
+    model_version: str = ""
+    fired: tuple[str, ...] = ()
+    causes: tuple[str, ...] = ()
+    example_serials: tuple[str, ...] = ()
+    original: bool = True
+    explanation: str = ""
 
 
 @dataclass(frozen=True)
@@ -219,9 +249,7 @@ def load_champion(settings: Any, *, fpr: float = 0.05, seed: int = 0) -> Champio
     Raises:
         ValueError: no champion is registered yet, or the registered folder has no linewatch bundle.
     """
-    from models.checkpoint import load_checkpoint
     from pipeline import tracking
-    from pipeline.encode import z_columns
 
     tracking.configure(settings)
     version = tracking.get_alias_version(CHAMPION, name=settings.model_name)
@@ -232,11 +260,26 @@ def load_champion(settings: Any, *, fpr: float = 0.05, seed: int = 0) -> Champio
         )
     path = tracking.download_model(version, Path(settings.checkpoints_dir) / f"registry-v{version}",
                                    name=settings.model_name)
+    return load_bundle(path, str(version), fpr=fpr, seed=seed)
+
+
+def load_bundle(path: str | Path, version: str, *, fpr: float = 0.05, seed: int = 0) -> Champion:
+    """Load a model folder (checkpoint + ``linewatch/`` bundle) the way the monitor uses it.
+
+    The detector is refitted from the bundle's calibration latents and residuals (same seed and split as the
+    retrain's gate) and the reference's anomaly scores are cross-fitted. The retrain's gate calls this on a candidate
+    before it may become champion, so a bundle the monitor cannot load is never promoted.
+
+    Raises:
+        ValueError: the folder has no linewatch bundle, or its reference is too small for the detector.
+    """
+    from models.checkpoint import load_checkpoint
+    from pipeline.detectors.conditional import residual_columns
+    from pipeline.encode import z_columns
+
     bundle = Path(path) / BUNDLE_DIR
     if not (bundle / CALIBRATION_FILE).exists():
         raise ValueError(f"model v{version} has no {BUNDLE_DIR}/{CALIBRATION_FILE}: register it with the retrain job")
-    from pipeline.detectors.conditional import residual_columns
-
     ckpt = load_checkpoint(path)
     ref = pd.read_parquet(bundle / CALIBRATION_FILE)
     z_ref = ref[z_columns(ref)].to_numpy(np.float64)
@@ -254,6 +297,83 @@ def load_champion(settings: Any, *, fpr: float = 0.05, seed: int = 0) -> Champio
     ref_scores = None if scoring is None else calibration_scores(z_ref, residuals, k=scoring.k, seed=det_seed)
     return Champion(str(version), Path(path), ckpt, str(ckpt.meta.get("model_id", "")), ref, z_ref, det, gate,
                     scoring, ref_scores)
+
+
+def drift_detector(config: MonitorConfig) -> Any:
+    """The (unfitted) ``DriftDetector`` the monitor tests windows with under ``config``."""
+    from pipeline.drift import DriftDetector
+
+    return DriftDetector(alpha=config.alpha, null=config.null, min_window=config.min_window,
+                         n_calibration=config.n_calibration, random_state=config.seed, progress=config.progress)
+
+
+def reference_floor(config: MonitorConfig | None = None) -> int:
+    """Fewest calibration (reference) images a model needs for the monitor to test windows under ``config``.
+
+    Taken from the drift detector itself (:meth:`pipeline.drift.DriftDetector.min_reference`), so the retrain's
+    selection floor and gate can never disagree with what :func:`monitor` checks.
+    """
+    return int(drift_detector(config or MonitorConfig()).min_reference())
+
+
+def build_drift_detector(settings: Any, champ: Champion, config: MonitorConfig,
+                         images: pd.DataFrame | None = None) -> tuple[Any, pd.DataFrame | None]:
+    """Fit the monitor's drift detector on the champion's reference.
+
+    Args:
+        settings: where the image-quality table lives.
+        champ: the loaded model (:func:`load_bundle`).
+        config: the monitor's settings.
+        images: catalog rows (``image_id``, ``store_path``) of the windows to test, measured for the image-quality
+            channels together with the reference (None: the reference only).
+
+    Returns:
+        (the fitted detector, the image-quality table indexed by image id, or None without the quality family).
+    """
+    ref = champ.reference
+    ref_order = pd.to_datetime(ref["captured_at"], utc=True).astype("int64").to_numpy() \
+        if "captured_at" in ref.columns else None
+    # the lot null draws calibration windows with the reference's product mix, when the catalog knows the product
+    ref_strata = None
+    if "product_type" in ref.columns and ref["product_type"].nunique() > 1:
+        ref_strata = ref["product_type"].fillna("unknown").astype(str).to_numpy()
+    quality = q_ref = None
+    if config.quality:
+        todo = ref[["image_id", "store_path"]] if images is None else pd.concat(
+            [ref[["image_id", "store_path"]], images[["image_id", "store_path"]]], ignore_index=True)
+        quality = quality_channels(settings, todo, progress=config.progress)
+        q_ref = quality.loc[ref["image_id"].astype(str).to_numpy()].reset_index(drop=True)
+    drift = drift_detector(config)
+    use_scores = config.scores and champ.ref_scores is not None
+    drift.fit(champ.z_ref, model_id=champ.model_id, ref_order=ref_order, ref_strata=ref_strata, ref_quality=q_ref,
+              ref_scores=champ.ref_scores if use_scores else None)
+    return drift, quality
+
+
+def check_bundle(settings: Any, path: str | Path, config: MonitorConfig | None = None) -> list[str]:
+    """What would stop the monitor from using the model folder at ``path``; ``[]`` when it can.
+
+    Loads the bundle as the monitor does (:func:`load_bundle`), fits its drift detector (:func:`build_drift_detector`)
+    and tests the largest window the monitor would test (reference rows stand in for a window). Every failure is
+    caught and returned as one line, so the retrain's gate can refuse the candidate instead of promoting it.
+    """
+    config = config or MonitorConfig()
+    try:
+        champ = load_bundle(path, "candidate", fpr=config.fpr, seed=config.seed)
+        floor = reference_floor(config)
+        if len(champ.reference) < floor:
+            return [f"reference has {len(champ.reference)} images; the monitor needs at least {floor} "
+                    f"(2 x min_window = {config.min_window})"]
+        drift, quality = build_drift_detector(settings, champ, config)
+        n = drift.max_window or config.min_window
+        keep = np.arange(min(n, len(champ.z_ref)))
+        qw = None if quality is None else quality.loc[champ.reference["image_id"].astype(str).to_numpy()[keep]]
+        sw = None if drift.ref_scores_ is None else champ.ref_scores[keep]
+        drift.test(champ.z_ref[keep], model_id=champ.model_id, cur_quality=qw, cur_scores=sw)
+    except Exception as exc:  # noqa: BLE001 - any failure here is a reason not to promote
+        logger.warning("the monitor could not use the model at %s: %s", path, exc)
+        return [f"{type(exc).__name__}: {exc}"]
+    return []
 
 
 def axis_descriptions(settings: Any, champ: Champion) -> list[Any]:
@@ -300,19 +420,6 @@ def axis_card_paths(settings: Any, champ: Champion, axes: list[int], description
 # --------------------------------------------------------------------------------------------------------------
 # State tables
 # --------------------------------------------------------------------------------------------------------------
-def _upsert(path: Path, new: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Replace rows with the same keys and write atomically."""
-    if path.exists():
-        old = pd.read_parquet(path)
-        merged = pd.concat([old, new], ignore_index=True).drop_duplicates(keys, keep="last")
-    else:
-        merged = new
-    tmp = path.with_name(f".{path.name}.tmp")
-    merged.to_parquet(tmp, index=False)
-    tmp.replace(path)
-    return merged
-
-
 def _family_metrics(res: Any) -> dict[str, float]:
     """Per-window MLflow metrics beyond MMD and the axes: each family's p-value and the image-level statistics.
 
@@ -361,20 +468,69 @@ def monitor(settings: Any, config: MonitorConfig = MonitorConfig(), *, alert_man
         return _monitor_locked(settings, config, alert_manager)
 
 
+@dataclass
+class _Pass:
+    """What every window of one monitor pass is tested with."""
+
+    settings: Any
+    config: MonitorConfig
+    champ: Champion
+    drift: Any
+    quality: pd.DataFrame | None
+    descriptions: list[Any]
+    manager: Any
+
+    @property
+    def use_scores(self) -> bool:
+        return self.drift.ref_scores_ is not None
+
+
 def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) -> MonitorResult:
     import torch
 
-    from pipeline.axes import LATENT_FAMILIES, attribute, image_level_text, mix_text
-    from pipeline.drift import DriftDetector, windows
-    from pipeline.encode import encode_catalog, z_columns
+    from pipeline.drift import windows
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     champ = load_champion(settings, fpr=config.fpr, seed=config.seed)
     rows = _monitored_rows(settings, config)
     if rows.empty:
         return MonitorResult((), (), None, champ.version, champ.model_id, 0)
+    df = _score_images(settings, champ, rows, config)
+    drift, quality = build_drift_detector(settings, champ, config, df)
+    ctx = _Pass(settings, config, champ, drift, quality, axis_descriptions(settings, champ),
+                alert_manager if alert_manager is not None else default_alert_manager(settings))
 
-    # encode (resumable; folds in parts encoded in parallel by encode_chunk) + score ----------------------------
+    results: dict[tuple[str, str], tuple[Any, pd.DataFrame]] = {}
+    outcomes: list[WindowOutcome] = []
+    skipped: list[dict[str, Any]] = []
+    df["captured_local"] = _local(df["captured_at"], settings.timezone)
+    for line, sub in df.groupby("line", sort=True):
+        for w in windows(sub, by=config.window_by, size=config.window_size, time_col="captured_local",
+                         min_size=config.min_window, skipped=skipped):
+            if config.window_by != "count" and pd.Timestamp(w.end) > pd.Timestamp.now(tz="UTC"):
+                # still in progress: the alert manager records a window id once, so test it when it is complete
+                skipped.append({"window_id": w.window_id, "n": len(w.frame), "reason": "window still in progress"})
+                continue
+            outcome, res = _test_window(ctx, str(line), w)
+            outcomes.append(outcome)
+            results[(outcome.line, outcome.window_id)] = (res, w.frame)
+
+    if config.report:
+        outcomes = _draw_reports(settings, champ, outcomes, results)
+    outcomes = record_verdicts(settings, champ.version, outcomes)
+    run_id = _log_run(settings, champ, outcomes, results, config)
+    events = tuple(e for o in outcomes for e in o.events)
+    return MonitorResult(tuple(outcomes), events, run_id, champ.version, champ.model_id, len(df), tuple(skipped))
+
+
+def _score_images(settings: Any, champ: Champion, rows: pd.DataFrame, config: MonitorConfig) -> pd.DataFrame:
+    """Encode (resumable), compute residuals, score and flag every monitored image; the flags go to the scores table.
+
+    Returns:
+        The catalog rows with their ``z_*`` columns, ``score`` and ``is_anomaly``.
+    """
+    from pipeline.encode import encode_catalog, z_columns
+
     latents = encode_catalog(champ.checkpoint, rows, latents_table_path(settings),
                              root=settings.catalog_root, progress=config.progress)
     latents = latents[latents["model_id"] == champ.model_id]
@@ -391,106 +547,85 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
         "score": df["score"].astype(float), "is_anomaly": df["is_anomaly"].astype(bool),
         "threshold": float(det.threshold),
     }), ["image_id", "model_id"])
+    return df
 
-    # drift per window -------------------------------------------------------------------------------------------
-    ref_order = pd.to_datetime(champ.reference["captured_at"], utc=True).astype("int64").to_numpy() \
-        if "captured_at" in champ.reference.columns else None
-    # the lot null draws calibration windows with the reference's product mix, when the catalog knows the product
-    ref_strata = None
-    if "product_type" in champ.reference.columns and champ.reference["product_type"].nunique() > 1:
-        ref_strata = champ.reference["product_type"].fillna("unknown").astype(str).to_numpy()
-    ref_products = champ.reference["product_type"] if "product_type" in champ.reference.columns else None
-    quality = q_ref = None
-    if config.quality:
-        quality = quality_channels(settings, pd.concat([champ.reference[["image_id", "store_path"]],
-                                                        df[["image_id", "store_path"]]], ignore_index=True),
-                                   progress=config.progress)
-        q_ref = quality.loc[champ.reference["image_id"].astype(str).to_numpy()].reset_index(drop=True)
-    drift = DriftDetector(alpha=config.alpha, null=config.null, min_window=config.min_window,
-                          n_calibration=config.n_calibration, random_state=config.seed, progress=config.progress)
-    use_scores = config.scores and champ.ref_scores is not None
-    drift.fit(champ.z_ref, model_id=champ.model_id, ref_order=ref_order, ref_strata=ref_strata, ref_quality=q_ref,
-              ref_scores=champ.ref_scores if use_scores else None)
-    descriptions = axis_descriptions(settings, champ)
-    desc_text = {d.axis: d.text for d in descriptions}
-    manager = alert_manager if alert_manager is not None else default_alert_manager(settings)
 
-    results: dict[tuple[str, str], tuple[Any, pd.DataFrame]] = {}
-    outcomes: list[WindowOutcome] = []
-    all_events: list[dict[str, Any]] = []
-    skipped: list[dict[str, Any]] = []
-    df["captured_local"] = _local(df["captured_at"], settings.timezone)
-    for line, sub in df.groupby("line", sort=True):
-        for w in windows(sub, by=config.window_by, size=config.window_size, time_col="captured_local",
-                         min_size=config.min_window, skipped=skipped):
-            if config.window_by != "count" and pd.Timestamp(w.end) > pd.Timestamp.now(tz="UTC"):
-                # still in progress: the alert manager records a window id once, so test it when it is complete
-                skipped.append({"window_id": w.window_id, "n": len(w.frame), "reason": "window still in progress"})
-                continue
-            frame = w.frame
-            zw = frame[zc].to_numpy(np.float64)
-            qw = None if quality is None else quality.loc[frame["image_id"].astype(str).to_numpy()]
-            sw = frame["score"].to_numpy(np.float64) if use_scores else None
-            # the lot null's guard band needs the window to be at most a third of the reference
-            keep = drift.rows_to_test(len(zw))
-            zw = zw[keep]
-            qw = None if qw is None else qw.iloc[keep]
-            sw = None if sw is None else sw[keep]
-            res = drift.test(zw, model_id=champ.model_id, cur_quality=qw, cur_scores=sw)
-            attr = attribute(res, descriptions)
-            mix = ""
-            if res.detected and ref_products is not None and "product_type" in frame.columns:
-                mix = mix_text(ref_products, frame["product_type"], prefix="; ")
-                attr = replace(attr, text=attr.text + mix)  # the alert's summary says the mix moved
-            top = None
-            # the top significant axis (else the largest shift) when a latent family fired; image-level families
-            # (quality channels, anomaly scores) are described by their own text
-            if res.detected and set(res.fired) & set(LATENT_FAMILIES):
-                top = int(attr.top_axis if attr.top_axis is not None else res.top_axis)
-            effect = 0.0
-            if top is not None:
-                row = res.per_axis.loc[res.per_axis["axis"] == top].iloc[0]
-                effect = float(row["effect_size"])
-            cards: dict[int, str] = {}
-            if res.detected and config.cards and top is not None:
-                try:
-                    cards = axis_card_paths(settings, champ, [a.axis for a in attr.axes[:3]], descriptions,
-                                            progress=config.progress)
-                except Exception:  # noqa: BLE001 - a missing picture must not stop the alert
-                    logger.exception("axis cards failed for model %s", champ.model_id)
-            examples = _example_images(settings, frame)
-            events = manager.update(
-                str(line), w.window_id, res, attr, model_version=champ.version,
-                card_paths=list(cards.values()), example_images=examples,
-                window_start=pd.Timestamp(w.start).isoformat(), window_end=pd.Timestamp(w.end).isoformat(),
-            )
-            ev_dicts = tuple(_event_dict(e) for e in (events or ()))
-            all_events.extend(ev_dicts)
-            active = _is_active(manager, str(line))
-            outcomes.append(WindowOutcome(
-                line=str(line), window_id=w.window_id,
-                start=pd.Timestamp(w.start).tz_convert("UTC").to_pydatetime(),
-                end=pd.Timestamp(w.end).tz_convert("UTC").to_pydatetime(),
-                n_images=len(frame), n_tested=len(zw), n_anomalous=int(frame["is_anomaly"].sum()),
-                detected=bool(res.detected), top_axis=top, top_share=float(res.top_share) if top is not None else 0.0,
-                effect=effect,
-                description=(desc_text.get(top, "") if top is not None else image_level_text(res)) + mix,
-                summary=res.summary(), attribution=attr.text, alert_active=active, events=ev_dicts,
-            ))
-            results[(str(line), w.window_id)] = (res, frame)
+def _drift_of_window(ctx: _Pass, frame: pd.DataFrame) -> tuple[Any, int]:
+    """The drift test of one window (evenly subsampled to what the lot null calibrates) and the rows tested."""
+    from pipeline.encode import z_columns
 
-    _upsert(windows_table_path(settings), pd.DataFrame([{
-        "line": o.line, "window_id": o.window_id, "start": o.start, "end": o.end, "detected": o.detected,
-        "alert_active": o.alert_active, "top_axis": -1 if o.top_axis is None else o.top_axis,
-        "model_version": champ.version, "n_images": o.n_images,
-    } for o in outcomes]) if outcomes else pd.DataFrame(columns=["line", "window_id"]), ["line", "window_id"])
+    zw = frame[z_columns(frame)].to_numpy(np.float64)
+    qw = None if ctx.quality is None else ctx.quality.loc[frame["image_id"].astype(str).to_numpy()]
+    sw = frame["score"].to_numpy(np.float64) if ctx.use_scores else None
+    keep = ctx.drift.rows_to_test(len(zw))  # the lot null's guard band: at most a third of the reference
+    res = ctx.drift.test(zw[keep], model_id=ctx.champ.model_id, cur_quality=None if qw is None else qw.iloc[keep],
+                         cur_scores=None if sw is None else sw[keep])
+    return res, len(keep)
 
-    # reports + MLflow ------------------------------------------------------------------------------------------
-    if config.report:
-        outcomes = _draw_reports(settings, champ, outcomes, results)
-    run_id = _log_run(settings, champ, outcomes, results, config)
-    return MonitorResult(tuple(outcomes), tuple(all_events), run_id, champ.version, champ.model_id, len(df),
-                         tuple(skipped))
+
+def _describe(ctx: _Pass, res: Any, frame: pd.DataFrame) -> tuple[Any, int | None, float, str, str]:
+    """Attribution (with the product-mix phrase), top axis, its effect, the window's description, the mix phrase."""
+    from pipeline.axes import LATENT_FAMILIES, attribute, image_level_text, mix_text
+
+    attr = attribute(res, ctx.descriptions)
+    ref = ctx.champ.reference
+    mix = ""
+    if res.detected and "product_type" in ref.columns and "product_type" in frame.columns:
+        mix = mix_text(ref["product_type"], frame["product_type"], prefix="; ")
+        attr = replace(attr, text=attr.text + mix)  # the alert's summary says the mix moved
+    top = None
+    # the top significant axis (else the largest shift) when a latent family fired; image-level families
+    # (quality channels, anomaly scores) are described by their own text
+    if res.detected and set(res.fired) & set(LATENT_FAMILIES):
+        top = int(attr.top_axis if attr.top_axis is not None else res.top_axis)
+    effect = 0.0
+    if top is not None:
+        effect = float(res.per_axis.loc[res.per_axis["axis"] == top].iloc[0]["effect_size"])
+    desc_text = {d.axis: d.text for d in ctx.descriptions}
+    description = (desc_text.get(top, "") if top is not None else image_level_text(res)) + mix
+    return attr, top, effect, description, mix
+
+
+def _test_window(ctx: _Pass, line: str, w: Any) -> tuple[WindowOutcome, Any]:
+    """Test one window, describe it, hand it to the alert manager; the outcome and the drift result."""
+    from pipeline.causes import window_causes
+    from pipeline.report import plain_summary
+
+    frame = w.frame
+    res, n_tested = _drift_of_window(ctx, frame)
+    attr, top, effect, description, mix = _describe(ctx, res, frame)
+    cards: dict[int, str] = {}
+    if res.detected and ctx.config.cards and top is not None:
+        try:
+            cards = axis_card_paths(ctx.settings, ctx.champ, [a.axis for a in attr.axes[:3]], ctx.descriptions,
+                                    progress=ctx.config.progress)
+        except Exception:  # noqa: BLE001 - a missing picture must not stop the alert
+            logger.exception("axis cards failed for model %s", ctx.champ.model_id)
+    examples, serials = _example_images(ctx.settings, frame)
+    events = ctx.manager.update(
+        line, w.window_id, res, attr, model_version=ctx.champ.version, card_paths=list(cards.values()),
+        example_images=examples, example_serials=serials,
+        window_start=pd.Timestamp(w.start).isoformat(), window_end=pd.Timestamp(w.end).isoformat(),
+    )
+    ev_dicts = tuple(_event_dict(e) for e in (events or ()))
+    causes = window_causes(res, attr)
+    explanation = plain_summary(
+        line=line, window_id=w.window_id, model_version=ctx.champ.version, n_images=len(frame), n_tested=n_tested,
+        n_anomalous=int(frame["is_anomaly"].sum()), detected=bool(res.detected), causes=causes,
+        mix=mix,
+        serials=serials if res.detected else [], events=ev_dicts)
+    outcome = WindowOutcome(
+        line=line, window_id=w.window_id,
+        start=pd.Timestamp(w.start).tz_convert("UTC").to_pydatetime(),
+        end=pd.Timestamp(w.end).tz_convert("UTC").to_pydatetime(),
+        n_images=len(frame), n_tested=n_tested, n_anomalous=int(frame["is_anomaly"].sum()),
+        detected=bool(res.detected), top_axis=top, top_share=float(res.top_share) if top is not None else 0.0,
+        effect=effect, description=description, summary=res.summary(), attribution=attr.text,
+        alert_active=bool(ctx.manager.open_alerts(line)), events=ev_dicts, model_version=ctx.champ.version,
+        fired=tuple(res.fired), causes=tuple(c.key for c in causes), example_serials=tuple(serials),
+        explanation=explanation,
+    )
+    return outcome, res
 
 
 def _monitored_rows(settings: Any, config: MonitorConfig) -> pd.DataFrame:
@@ -505,11 +640,6 @@ def _monitored_rows(settings: Any, config: MonitorConfig) -> pd.DataFrame:
             return newest
         start = (newest["captured_at"].max() - pd.Timedelta(days=config.lookback_days)).to_pydatetime()
     return read_catalog(settings.catalog_root, lines=lines, start=start, end=config.end)
-
-
-def latents_table_path(settings: Any) -> Path:
-    """The resumable latents table of the monitor (every model's latents, one row per image and model)."""
-    return state_dir(settings) / "latents.parquet"
 
 
 def encoding_plan(settings: Any, config: MonitorConfig, chunk_size: int = 1024) -> dict[str, Any]:
@@ -557,157 +687,6 @@ def encode_chunk(settings: Any, checkpoint_dir: str, records: list[dict[str, str
                            root=settings.catalog_root, workers=1))
 
 
-def quality_table_path(settings: Any) -> Path:
-    """Per-image image-quality channels (``image_id`` + ``pipeline.properties.QUALITY_CHANNELS``), model-free."""
-    return state_dir(settings) / "quality.parquet"
-
-
-def quality_channels(settings: Any, rows: pd.DataFrame, progress: bool = False) -> pd.DataFrame:
-    """Image-quality channels of ``rows`` (``image_id``, ``store_path``), indexed by image id.
-
-    Measured at full resolution once per image and kept in :func:`quality_table_path`; only images not measured
-    before are read.
-    """
-    from tqdm.auto import tqdm
-
-    from pipeline.catalog import resolve_store_path
-    from pipeline.images import read_images
-    from pipeline.properties import QUALITY_CHANNELS, measure_each
-
-    channels = list(QUALITY_CHANNELS)
-    path = quality_table_path(settings)
-    have = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["image_id", *channels])
-    if not set(channels) <= set(have.columns):  # another channel set: measure again
-        have = pd.DataFrame(columns=["image_id", *channels])
-    rows = rows.drop_duplicates("image_id")
-    todo = rows[~rows["image_id"].astype(str).isin(set(have["image_id"].astype(str)))]
-    if len(todo):
-        values = []
-        batch = 64
-        for i in tqdm(range(0, len(todo), batch), desc="image quality", unit="batch", disable=not progress):
-            part = todo.iloc[i : i + batch]
-            images = read_images([resolve_store_path(settings.catalog_root, p) for p in part["store_path"]],
-                                 channels=1)
-            values.append(measure_each(images, channels))
-        new = pd.concat(values, ignore_index=True)
-        new.insert(0, "image_id", todo["image_id"].astype(str).to_numpy())
-        have = _upsert(path, new, ["image_id"])
-    table = have.assign(image_id=have["image_id"].astype(str)).set_index("image_id")[channels].astype(np.float64)
-    return table.loc[~table.index.duplicated(keep="last")]
-
-
-def residuals_table_path(settings: Any) -> Path:
-    """Per-image diffusion residuals (``image_id, model_id, r_0 .. r_{m-1}``), computed once per image and model."""
-    return state_dir(settings) / "residuals.parquet"
-
-
-def residual_parts_dir(settings: Any) -> Path:
-    """Where parallel workers drop residual part files (:func:`residual_chunk`) for the monitor pass to fold in."""
-    return state_dir(settings) / "residual_parts"
-
-
-def _residual_frame(settings: Any, model: Any, spec: Any, scoring: ScoringConfig, model_id: str,
-                    rows: pd.DataFrame) -> pd.DataFrame:
-    from pipeline.detectors.conditional import residual_columns
-    from pipeline.retrain import load_images
-
-    R = scoring.residual_detector(model).residuals(load_images(settings, rows, spec))
-    new = pd.DataFrame(R, columns=residual_columns(len(scoring.t_stars)))
-    new.insert(0, "model_id", model_id)
-    new.insert(0, "image_id", rows["image_id"].astype(str).to_numpy())
-    return new
-
-
-def _fold_residual_parts(settings: Any) -> None:
-    """Fold the workers' residual part files into :func:`residuals_table_path` (single writer), then remove them."""
-    parts = sorted(residual_parts_dir(settings).glob("*.parquet"))
-    if not parts:
-        return
-    _upsert(residuals_table_path(settings), pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True),
-            ["image_id", "model_id"])
-    for p in parts:
-        p.unlink(missing_ok=True)
-
-
-def pending_residuals(settings: Any, model_id: str, rows: pd.DataFrame, n_residuals: int) -> pd.DataFrame:
-    """Rows (``image_id``, ``store_path``) whose residuals under ``model_id`` are neither in the table nor in a part."""
-    from pipeline.detectors.conditional import residual_columns
-
-    cols = residual_columns(n_residuals)
-    done: set[str] = set()
-    path = residuals_table_path(settings)
-    for f in [path, *sorted(residual_parts_dir(settings).glob("*.parquet"))]:
-        if f.exists():
-            have = pd.read_parquet(f)
-            if set(cols) <= set(have.columns):
-                done |= set(have.loc[have["model_id"].astype(str) == model_id, "image_id"].astype(str))
-    rows = rows.drop_duplicates("image_id")
-    return rows[~rows["image_id"].astype(str).isin(done)]
-
-
-def residual_table(settings: Any, champ: Champion, rows: pd.DataFrame, progress: bool = False,
-                   chunk: int = 512) -> pd.DataFrame:
-    """Diffusion residuals of ``rows`` (``image_id``, ``store_path``) under the champion, indexed by image id.
-
-    Folds in the part files of parallel workers (:func:`residual_chunk`), then computes, with the bundle's recipe
-    (``ScoringConfig``), the images still missing from :func:`residuals_table_path`, in chunks (a crash keeps the
-    finished chunks). The forward noise is one shared field, so an image's residual does not depend on which other
-    images it was computed with.
-    """
-    from tqdm.auto import tqdm
-
-    from pipeline.detectors.conditional import residual_columns
-
-    if champ.scoring is None:
-        raise ValueError(f"model v{champ.version} has no residual scoring recipe in its bundle")
-    _fold_residual_parts(settings)
-    cols = residual_columns(len(champ.scoring.t_stars))
-    todo = pending_residuals(settings, champ.model_id, rows, len(cols))
-    for i in tqdm(range(0, len(todo), chunk), desc="diffusion residuals", unit="chunk", disable=not progress):
-        new = _residual_frame(settings, champ.checkpoint.model, champ.checkpoint.preprocess, champ.scoring,
-                              champ.model_id, todo.iloc[i : i + chunk])
-        _upsert(residuals_table_path(settings), new, ["image_id", "model_id"])
-    path = residuals_table_path(settings)
-    have = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["image_id", "model_id", *cols])
-    mine = have[have["model_id"].astype(str) == champ.model_id]
-    table = mine.assign(image_id=mine["image_id"].astype(str)).set_index("image_id")[cols].astype(np.float64)
-    return table.loc[~table.index.duplicated(keep="last")]
-
-
-def residual_chunk(settings: Any, checkpoint_dir: str, scoring: dict[str, Any], records: list[dict[str, str]]) -> str:
-    """Compute the residuals of one chunk of :func:`encoding_plan` into a part file; returns its path.
-
-    The part is named by the model id and a digest of the chunk's image ids and written atomically, so a retried
-    chunk rewrites the same file. The monitor pass folds the parts into the residuals table.
-    """
-    import torch
-
-    from models.checkpoint import load_checkpoint
-    from pipeline.encode import part_file, write_parquet_atomic
-
-    torch.set_num_threads(1)  # one core per chunk: the chunks are the parallelism
-    rows = pd.DataFrame(records)
-    if rows.empty:
-        raise ValueError("residual_chunk got an empty chunk")
-    ckpt = load_checkpoint(checkpoint_dir)
-    model_id = str(ckpt.meta.get("model_id", ""))
-    sc = ScoringConfig.from_dict(scoring)
-    if sc is None:
-        raise ValueError("residual_chunk needs the bundle's scoring recipe")
-    df = _residual_frame(settings, ckpt.model, ckpt.preprocess, sc, model_id, rows)
-    return str(write_parquet_atomic(df, part_file(residual_parts_dir(settings), model_id, df["image_id"])))
-
-
-def scores_table_path(settings: Any) -> Path:
-    """Per-image detector scores and flags (``image_id, model_version, model_id, score, is_anomaly``)."""
-    return state_dir(settings) / "scores.parquet"
-
-
-def windows_table_path(settings: Any) -> Path:
-    """Per-window verdicts (``line, window_id, start, end, detected, alert_active, ...``)."""
-    return state_dir(settings) / "windows.parquet"
-
-
 def default_alert_manager(settings: Any, policy: Any = None) -> Any:
     """The alert manager on ``<state>/alerts`` with the default policy.
 
@@ -720,10 +699,6 @@ def default_alert_manager(settings: Any, policy: Any = None) -> Any:
     if getattr(settings, "webhook_url", None):
         sinks.append(WebhookSink(settings.webhook_url, name="webhook"))
     return AlertManager(state_dir(settings) / "alerts", policy or AlertPolicy(), sinks)
-
-
-def _is_active(manager: Any, line: str) -> bool:
-    return manager.active(line) is not None
 
 
 def _event_dict(event: Any) -> dict[str, Any]:
@@ -739,17 +714,25 @@ def _event_dict(event: Any) -> dict[str, Any]:
         return {"event": str(event)}
 
 
-def _example_images(settings: Any, frame: pd.DataFrame, k: int = 4) -> list[str]:
-    from pipeline.catalog import resolve_store_path
+def _example_images(settings: Any, frame: pd.DataFrame, k: int = 4) -> tuple[list[str], list[str]]:
+    """The ``k`` images of a window with the highest anomaly scores: (stored file paths, MES serials)."""
+    from pipeline.catalog import resolve_store_path, serial_of
 
     top = frame.sort_values("score", ascending=False).head(k)
-    return [str(resolve_store_path(settings.catalog_root, p)) for p in top["store_path"]]
+    paths = [str(resolve_store_path(settings.catalog_root, p)) for p in top["store_path"]]
+    serials = [serial_of(p) for p in top["source_path"]] if "source_path" in top.columns else []
+    return paths, serials
+
+
+def report_path(settings: Any, line: str, window_id: str, model_version: str) -> Path:
+    """Where the drift report of a window made by a model version goes (one file per verdict, never replaced)."""
+    safe = window_id.replace("/", "-")
+    return state_dir(settings) / "reports" / f"drift_{line}_{safe}_v{model_version}.png"
 
 
 def _draw_reports(settings: Any, champ: Champion, outcomes: list[WindowOutcome],
                   results: dict[tuple[str, str], tuple[Any, pd.DataFrame]]) -> list[WindowOutcome]:
-    from dataclasses import replace
-
+    """Draw the report of every drifted window; a report already drawn by this model version is kept as it is."""
     from pipeline.report import drift_report
 
     out = []
@@ -758,13 +741,18 @@ def _draw_reports(settings: Any, champ: Champion, outcomes: list[WindowOutcome],
         if not o.detected:
             out.append(o)
             continue
+        path = report_path(settings, o.line, o.window_id, champ.version)
+        if path.exists():
+            out.append(replace(o, report=str(path)))
+            continue
         res, frame = results[(o.line, o.window_id)]
         line_history = [h for h, o2 in zip(history, outcomes, strict=True) if o2.line == o.line]
-        path = state_dir(settings) / "reports" / f"drift_{o.line}_{o.window_id.replace('/', '-')}.png"
+        examples, serials = _example_images(settings, frame)
         try:
             drift_report(res, line_history, axis=o.top_axis, description=o.description,
-                         example_images=_example_images(settings, frame), out_path=path,
-                         title=f"line {o.line}, window {o.window_id}, model v{champ.version}")
+                         example_images=examples, example_labels=serials, out_path=path,
+                         title=f"line {o.line}, window {o.window_id}, model v{champ.version}",
+                         summary=o.explanation)
             out.append(replace(o, report=str(path)))
         except Exception:  # noqa: BLE001 - the picture is a convenience
             logger.exception("drift report failed for %s %s", o.line, o.window_id)

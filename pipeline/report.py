@@ -1,18 +1,23 @@
 """Drift report pictures: what moved, since when, and what the images look like.
 
-One PNG per alerted window with three rows:
+One PNG per drifted window and model version. On top, a paragraph in plain language (:func:`plain_summary`: what
+the window is, which test fired and what that means, the most unusual cells by MES serial, what the alert manager
+did); then three rows:
 
-1. per-axis bar chart of the signed effect (reference standard deviations), significant axes highlighted; next to it,
-   when the window was tested on them, the image-level families: the shift of each full-resolution image-quality
-   channel and the anomaly-score AUC (a drift they alone found shows there, not on the axes);
+1. the test families (−log10 p against each family's level; the ones that fired in red, so the test that fired is
+   always visible, also when only the multivariate MMD fired and no single axis is significant); the per-axis bar
+   chart of the signed effect (reference standard deviations), significant axes highlighted; next to it, when the
+   window was tested on them, the image-level families: the shift of each full-resolution image-quality channel and
+   the anomaly-score AUC (a drift they alone found shows there, not on the axes);
 2. time series of the top axis's KS statistic over the windows, against the decision threshold (the lot-null
    quantile of the max-KS statistic, when the lot null is in force), drifted windows marked;
-3. example images of the window (the highest anomaly scores).
+3. example images of the window (the highest anomaly scores), titled with their MES serials.
 """
 
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +63,71 @@ def _image_level_panel(ax: Any, result: Any) -> None:
     ax.set_title(title, fontsize=9)
 
 
+def _families_panel(ax: Any, result: Any) -> None:
+    """Bars of −log10 p of every test family tested, the family level as a dashed line, fired families in red."""
+    family_p = dict(getattr(result, "family_p", {}) or {})
+    fired = set(getattr(result, "fired", ()) or ())
+    names = list(family_p)
+    vals = [-np.log10(max(float(family_p[k]), 1e-300)) for k in names]
+    ax.barh(np.arange(len(names)), vals, color=["tab:red" if k in fired else "tab:gray" for k in names])
+    level = (getattr(result, "thresholds", None) or {}).get("family_alpha", getattr(result, "family_alpha", None))
+    if level:
+        ax.axvline(-np.log10(float(level)), color="black", ls="--", lw=0.8, label="level")
+    ax.set_yticks(np.arange(len(names)), [_FAMILY_LABELS.get(k, k) for k in names], fontsize=8)
+    ax.set_xlabel("−log10 p")
+    ax.set_title("tests (red: fired)", fontsize=9)
+
+
+_FAMILY_LABELS = {"axes": "per-axis KS", "mmd": "MMD (all axes)", "scores": "anomaly scores", "quality": "image quality"}
+
+
+def plain_summary(
+    *, line: str, window_id: str, model_version: str, n_images: int, n_tested: int, n_anomalous: int,
+    detected: bool, causes: Sequence[Any] = (), mix: str = "", serials: Sequence[str] = (),
+    events: Sequence[dict[str, Any]] = (),
+) -> str:
+    """One paragraph in plain language on a window's verdict (the top of its drift report).
+
+    Args:
+        line: production line.
+        window_id: the window (a plant day, a shift, ...).
+        model_version: the model that made the verdict.
+        n_images: images in the window; ``n_tested`` of them were tested for drift.
+        n_tested: images tested.
+        n_anomalous: images above the per-image detector's threshold.
+        detected: the drift test fired.
+        causes: :class:`pipeline.causes.Cause` objects of the window (their ``key`` and ``summary``).
+        mix: the product-mix phrase, when the mix moved (``pipeline.axes.mix_text``).
+        serials: MES serials of the most unusual cells, most unusual first.
+        events: the alert events of the window (``kind``, ``reason``, ``alert.cause``).
+    """
+    tested = f"{n_images} cells" + (f" ({n_tested} tested for drift)" if n_tested < n_images else "")
+    head = f"Line {line}, {window_id}, model v{model_version}: {tested}. "
+    if detected and causes:
+        what = "; ".join(f"{_CAUSE_WORDS.get(c.family, c.family)}: {c.summary}" for c in causes)
+        head += f"These images differ from the reference more than normal production does. {what[0].upper()}{what[1:]}."
+    elif detected:
+        head += "These images differ from the reference more than normal production does."
+    else:
+        head += "No drift: the images look like the reference."
+    if mix:
+        head += f" Context: {mix.lstrip('; ')} (a change of product mix alone is normal production)."
+    flagged = f" {n_anomalous} cell{'s' if n_anomalous != 1 else ''} flagged as unusual"
+    if serials:
+        flagged += f"; the most unusual: {', '.join(serials)}"
+    head += flagged + "."
+    for e in events:
+        cause = (e.get("alert") or {}).get("cause", "")
+        head += f" Alert {e.get('kind', '')}" + (f" ({cause})" if cause else "") + "."
+    if detected and not events:
+        head += " No new alert (the alert policy waits for drift on consecutive windows, or an alert is already open)."
+    return head
+
+
+_CAUSE_WORDS = {"latent": "the model's picture of the cells moved", "quality": "image quality changed",
+                "scores": "more unusual cells than normal (defect rate up)", "drift": "drift"}
+
+
 def drift_report(
     result: Any,
     history: Sequence[tuple[str, Any]],
@@ -68,6 +138,8 @@ def drift_report(
     out_path: str | os.PathLike[str],
     title: str = "",
     max_examples: int = 4,
+    example_labels: Sequence[str] = (),
+    summary: str = "",
 ) -> Path:
     """Draw the drift report of one window.
 
@@ -81,6 +153,8 @@ def drift_report(
         out_path: PNG to write (parent folders are created).
         title: figure title.
         max_examples: at most this many example images.
+        example_labels: what to call each example (its MES serial); default the file name.
+        summary: a paragraph printed above the panels (:func:`plain_summary`).
 
     Returns:
         The written path.
@@ -105,14 +179,19 @@ def drift_report(
     examples = list(example_images)[:max_examples]
     per_channel = getattr(result, "per_channel", None)
     image_level = (per_channel is not None and len(per_channel) > 0) or getattr(result, "score_stat", None) is not None
-    cols = max(2 if image_level else 1, max_examples)
-    fig = plt.figure(figsize=(11, 8.5), constrained_layout=True)
-    gs = fig.add_gridspec(3, cols, height_ratios=[1.1, 1.0, 1.0])
+    cols = max(4, max_examples)
+    fig = plt.figure(figsize=(12, 9.5 if summary else 8.5), constrained_layout=True)
+    gs = fig.add_gridspec(4, cols, height_ratios=[0.45 if summary else 0.01, 1.1, 1.0, 1.0])
+    if summary:
+        ax0 = fig.add_subplot(gs[0, :])
+        ax0.axis("off")
+        ax0.text(0, 1, textwrap.fill(summary, 170), va="top", ha="left", fontsize=8.5, wrap=True)
 
-    # 1. per-axis effects (and the image-level families beside them)
-    ax1 = fig.add_subplot(gs[0, : cols - 1] if image_level else gs[0, :])
+    # 1. the test families, the per-axis effects (and the image-level families beside them)
+    _families_panel(fig.add_subplot(gs[1, 0]), result)
+    ax1 = fig.add_subplot(gs[1, 1 : cols - 1] if image_level else gs[1, 1:])
     if image_level:
-        _image_level_panel(fig.add_subplot(gs[0, cols - 1]), result)
+        _image_level_panel(fig.add_subplot(gs[1, cols - 1]), result)
     tab = per_axis.sort_values("axis")
     colors = ["tab:red" if bool(s) else "tab:gray" for s in tab["significant"]]
     ax1.bar(tab["axis"].astype(int), tab["effect_size"].astype(float), color=colors)
@@ -120,11 +199,15 @@ def drift_report(
     ax1.set_xlabel("latent axis")
     ax1.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax1.set_ylabel("effect (ref. sd)")
+    note = ""
+    if result.detected and not bool(tab["significant"].astype(bool).any()):
+        fired = [_FAMILY_LABELS.get(f, f) for f in (getattr(result, "fired", ()) or ())]
+        note = f"\nno single axis significant; fired: {', '.join(fired) or 'see tests'}"
     ax1.set_title(f"per-axis shift (red: significant); {'drift' if result.detected else 'no drift'}, "
-                  f"n={result.n_cur}, null={result.null}")
+                  f"n={result.n_cur}, null={result.null}{note}", fontsize=9)
 
     # 2. the axis over time
-    ax2 = fig.add_subplot(gs[1, :])
+    ax2 = fig.add_subplot(gs[2, :])
     ids = [wid for wid, _ in history]
     ks = []
     for _, r in history:
@@ -143,14 +226,15 @@ def drift_report(
     ax2.legend(fontsize=8, loc="upper left")
 
     # 3. examples
+    labels = list(example_labels)
     for i, p in enumerate(examples):
-        ax = fig.add_subplot(gs[2, i])
+        ax = fig.add_subplot(gs[3, i])
         try:
             img = np.asarray(read_image(p, channels=1)).squeeze()
             ax.imshow(img, cmap="gray", vmin=0, vmax=255 if img.dtype == np.uint8 else None)
         except (OSError, ValueError):
             ax.text(0.5, 0.5, "unreadable", ha="center", va="center")
-        ax.set_title(Path(p).name[:28], fontsize=7)
+        ax.set_title(labels[i] if i < len(labels) and labels[i] else Path(p).name[:28], fontsize=8)
         ax.axis("off")
     if title:
         fig.suptitle(title)

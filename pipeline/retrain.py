@@ -2,16 +2,23 @@
 
 Plain functions with frozen configs and results; ``flows/retrain.py`` wraps them in Prefect tasks. The steps:
 
-1. **Select** the training window from the catalog (last ``window_days`` days), minus images in windows that were
-   under an active drift alert and minus images the champion flagged anomalous, so a fault is never learned away.
+1. **Select** the training window from the catalog (last ``window_days`` days), minus images in windows any verdict
+   called drifted or alerted and minus images the monitor flagged anomalous, so a fault is never learned away; when
+   that leaves fewer images than the floors (or than the window held before the exclusions), the window reaches back
+   for older healthy images, at most ``max_lookback_days`` (``pipeline.selection``). Still too few: no candidate
+   (:class:`InsufficientData`), the champion stays and an ops alert says so.
 2. **Split** the selection deterministically (hash of the image id) into a training snapshot and a held-out
    calibration snapshot; both are frozen with ``catalog.snapshot`` and their digests recorded.
 3. **Train** InfoDiffusion, warm-started from the current champion (from scratch on the first night or on request).
 4. **Evaluate** candidate (and champion, on the same calibration images, same noise): denoising loss,
    reconstruction error, latent quality (active axes, MMD to the prior), detector calibration (empirical FPR on a
    held-out half), axis alignment to the champion.
-5. **Register** the version with its lineage and **promote** it to ``champion`` only if every gate check passes;
-   otherwise it is aliased ``challenger`` and an ops alert says which check failed.
+5. **Gate**: the metrics' checks, then the monitor's own: the calibration set (the drift reference) must be at least
+   what the monitor's drift test needs, and the monitor must load the bundle and test a window with it
+   (``pipeline.monitor.check_bundle``), so a candidate that would stop monitoring is never promoted.
+6. **Register** the version with its lineage and **promote** it to ``champion`` only if every gate check passes;
+   otherwise it is aliased ``challenger``, the champion stays, and an ops alert (through the alert outbox, log,
+   ``alerts.jsonl`` and the webhook) says which check failed.
 
 The model directory that is registered holds the checkpoint plus a ``linewatch/`` folder with what the monitor
 needs: the calibration latents (drift reference), the fitted detector and the gate report.
@@ -23,7 +30,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -35,6 +41,29 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+
+from pipeline.evaluation import (  # noqa: F401 - re-exported: the retrain's evaluation helpers
+    _infer_threshold,
+    axis_alignment,
+    calibration_scores,
+    denoising_loss,
+    detector_calibration,
+    encode_tensor,
+    evaluate_model,
+    latent_quality,
+    make_detector,
+    mmd_to_prior,
+    perturb_weights,
+    reconstruction_error,
+)
+from pipeline.selection import (  # noqa: F401 - re-exported: the retrain's data selection
+    DataSelection,
+    alert_windows,
+    anomalous_ids,
+    holdout_mask,
+    scores_path,
+    select_training_data,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +187,18 @@ class RetrainConfig:
         exclude_anomalous: drop images the champion's detectors flagged anomalous.
         from_scratch: ignore the champion and train from initialisation.
         holdout_share: share of the window held out (by image-id hash) as the calibration snapshot.
-        min_train_images: fewer selected training images than this is an error (nothing is registered).
+        min_train_images: floor on training images. When the selection rules leave fewer, the window reaches back
+            for older healthy images (up to ``max_lookback_days``); still fewer is :class:`InsufficientData`
+            (nothing is trained or registered, the champion stays, an ops alert is sent).
+        min_calibration_images: floor on calibration (reference) images, handled like ``min_train_images``; None =
+            what the monitor needs under ``monitor`` (``pipeline.monitor.reference_floor``: 2 x its min_window).
+        max_lookback_days: how far back (days before ``end``) the window may reach for healthy images when
+            exclusions (alerted windows, flagged images) leave it short; at least ``window_days``.
+        keep_size: when exclusions drop images, reach back for as many healthy older ones (up to
+            ``max_lookback_days``), so the training and calibration sets do not shrink night after night.
+        monitor: the monitor settings the candidate must serve (``pipeline.monitor.MonitorConfig`` fields, e.g.
+            ``{"min_window": 30}``); the gate refuses a candidate the monitor could not use with them. None = the
+            monitor's defaults.
         seed: training / evaluation seed.
         device: torch device for training and evaluation.
         inject_weight_noise: fault injection for tests and demos: add N(0, s * std(w)) noise to every weight of the
@@ -178,7 +218,11 @@ class RetrainConfig:
     exclude_anomalous: bool = True
     from_scratch: bool = False
     holdout_share: float = 0.25
-    min_train_images: int = 16
+    min_train_images: int = 32
+    min_calibration_images: int | None = None
+    max_lookback_days: int = 28
+    keep_size: bool = True
+    monitor: dict[str, Any] | None = None
     seed: int = 0
     device: str = "cpu"
     inject_weight_noise: float = 0.0
@@ -195,6 +239,33 @@ class RetrainConfig:
             raise ValueError(f"RetrainConfig.holdout_share must be in (0, 1), got {self.holdout_share}")
         if self.inject_weight_noise < 0:
             raise ValueError(f"RetrainConfig.inject_weight_noise must be >= 0, got {self.inject_weight_noise}")
+        if self.min_train_images < 1 or (self.min_calibration_images is not None and self.min_calibration_images < 9):
+            raise ValueError("RetrainConfig.min_train_images must be >= 1 and min_calibration_images >= 9 "
+                             "(the detector's three-way split)")
+        if self.max_lookback_days < 1:
+            raise ValueError(f"RetrainConfig.max_lookback_days must be >= 1, got {self.max_lookback_days}")
+
+    def monitor_config(self) -> Any:
+        """The ``pipeline.monitor.MonitorConfig`` the candidate must serve (from ``monitor``)."""
+        from pipeline.monitor import monitor_config
+
+        return monitor_config(**(self.monitor or {}))
+
+    def calibration_floor(self) -> int:
+        """``min_calibration_images``, or what the monitor needs (``pipeline.monitor.reference_floor``), >= 9."""
+        if self.min_calibration_images is not None:
+            return int(self.min_calibration_images)
+        from pipeline.monitor import reference_floor
+
+        return max(9, reference_floor(self.monitor_config()))
+
+
+class InsufficientData(ValueError):
+    """Too few healthy images for a candidate, even after reaching back ``max_lookback_days``.
+
+    Nothing is trained or registered; the champion stays. ``linewatch retrain`` / ``nightly`` exit with
+    ``EXIT_NO_CANDIDATE``.
+    """
 
 
 @dataclass(frozen=True)
@@ -210,23 +281,6 @@ class GateResult:
     passed: bool
     checks: dict[str, tuple[float, float, bool]]
     reason: str
-
-
-@dataclass(frozen=True)
-class DataSelection:
-    """Which catalog images a retrain uses.
-
-    Attributes:
-        train: catalog rows of the training snapshot.
-        calibration: catalog rows of the held-out calibration snapshot.
-        excluded: reason -> number of images dropped (``alert_window``, ``anomalous``).
-        window: (start, end) of the training window, UTC.
-    """
-
-    train: pd.DataFrame
-    calibration: pd.DataFrame
-    excluded: dict[str, int]
-    window: tuple[datetime, datetime]
 
 
 @dataclass(frozen=True)
@@ -250,6 +304,7 @@ class RetrainResult:
         run_id: MLflow run id of the training run.
         train_seconds: wall time of the training step.
         alias: alias the version received (``champion`` or ``challenger``).
+        lookback_days: days the training window covered (more than ``window_days`` when it reached back).
     """
 
     version: str
@@ -268,6 +323,7 @@ class RetrainResult:
     run_id: str | None
     train_seconds: float
     alias: str
+    lookback_days: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (paths as strings, gate checks as lists)."""
@@ -302,133 +358,8 @@ def retrain_config(**params: Any) -> RetrainConfig:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Pure helpers
+# The gate
 # --------------------------------------------------------------------------------------------------------------
-def holdout_mask(image_ids: pd.Series | list[str], share: float, salt: str = "calibration") -> np.ndarray:
-    """Deterministic hold-out: True for ids whose salted sha256 falls in the first ``share`` of the hash space.
-
-    The same image is always on the same side, whatever else is in the window, so a model never trains on an
-    image it was calibrated on across nights.
-    """
-    if not 0 < share < 1:
-        raise ValueError(f"share must be in (0, 1), got {share}")
-    out = np.empty(len(image_ids), dtype=bool)
-    for i, image_id in enumerate(image_ids):
-        h = hashlib.sha256(f"{salt}:{image_id}".encode()).digest()
-        out[i] = int.from_bytes(h[:8], "big") / 2**64 < share
-    return out
-
-
-def select_training_data(
-    catalog: pd.DataFrame,
-    *,
-    window_days: int,
-    end: datetime | None = None,
-    alert_windows: pd.DataFrame | None = None,
-    anomalous_ids: set[str] | frozenset[str] = frozenset(),
-    holdout_share: float = 0.25,
-    exclude_alerts: bool = True,
-    exclude_anomalous: bool = True,
-) -> DataSelection:
-    """Apply the data-selection rules to catalog rows.
-
-    Args:
-        catalog: rows with at least ``image_id``, ``captured_at`` (tz-aware UTC) and ``line``.
-        window_days: keep the last N days before ``end``.
-        end: exclusive end of the window; None = 1 us after the newest ``captured_at``.
-        alert_windows: intervals under an active alert: columns ``line`` (None/NaN = every line), ``start``,
-            ``end`` (UTC). Images captured inside one are dropped when ``exclude_alerts``.
-        anomalous_ids: image ids flagged anomalous by the champion; dropped when ``exclude_anomalous``.
-        holdout_share: calibration share (hash of the image id).
-        exclude_alerts: apply the alert-window rule.
-        exclude_anomalous: apply the anomalous-image rule.
-
-    Returns:
-        The selection (train / calibration rows, exclusion counts, the window).
-
-    Raises:
-        ValueError: the catalog lacks required columns or is empty.
-    """
-    missing = {"image_id", "captured_at"} - set(catalog.columns)
-    if missing:
-        raise ValueError(f"catalog rows lack columns {sorted(missing)}; pass rows from pipeline.catalog.read_catalog")
-    if catalog.empty:
-        raise ValueError("the catalog is empty: ingest images first (linewatch ingest / the ingest flow)")
-    ts = pd.to_datetime(catalog["captured_at"], utc=True)
-    end_ts = pd.Timestamp(end).tz_convert("UTC") if end is not None and pd.Timestamp(end).tzinfo else None
-    if end is not None and end_ts is None:
-        end_ts = pd.Timestamp(end).tz_localize("UTC")
-    if end_ts is None:
-        end_ts = ts.max() + pd.Timedelta(microseconds=1)
-    start_ts = end_ts - pd.Timedelta(days=window_days)
-    in_window = (ts >= start_ts) & (ts < end_ts)
-    df = catalog.loc[in_window.to_numpy()].copy()
-    df_ts = ts[in_window]
-    excluded = {"alert_window": 0, "anomalous": 0}
-    if exclude_alerts and alert_windows is not None and len(alert_windows):
-        drop = np.zeros(len(df), dtype=bool)
-        lines = df["line"].astype(str).to_numpy() if "line" in df.columns else np.full(len(df), "", dtype=object)
-        for row in alert_windows.itertuples(index=False):
-            a_start = pd.Timestamp(row.start)
-            a_start = a_start.tz_localize("UTC") if a_start.tzinfo is None else a_start
-            a_end = pd.Timestamp(row.end) if row.end is not None and not pd.isna(row.end) else end_ts
-            a_end = a_end.tz_localize("UTC") if a_end.tzinfo is None else a_end
-            hit = np.array((df_ts >= a_start) & (df_ts < a_end), dtype=bool)
-            line = getattr(row, "line", None)
-            if line is not None and not (isinstance(line, float) and math.isnan(line)):
-                hit = hit & (lines == str(line))
-            drop |= hit
-        excluded["alert_window"] = int(drop.sum())
-        df, df_ts = df.loc[~drop], df_ts[~drop]
-    if exclude_anomalous and anomalous_ids:
-        drop = df["image_id"].isin(anomalous_ids).to_numpy()
-        excluded["anomalous"] = int(drop.sum())
-        df = df.loc[~drop]
-    calib = holdout_mask(df["image_id"].tolist(), holdout_share)
-    return DataSelection(
-        train=df.loc[~calib].reset_index(drop=True),
-        calibration=df.loc[calib].reset_index(drop=True),
-        excluded=excluded,
-        window=(start_ts.to_pydatetime(), end_ts.to_pydatetime()),
-    )
-
-
-def mmd_to_prior(z: np.ndarray, seed: int = 0, max_n: int = 512) -> float:
-    """Squared MMD between latents and as many N(0, I) samples, with the training loss's kernel."""
-    from models.losses import mmd
-
-    if z.ndim != 2 or len(z) < 2:
-        raise ValueError(f"mmd_to_prior needs (N >= 2, d) latents, got shape {z.shape}")
-    rng = np.random.default_rng(seed)
-    if len(z) > max_n:
-        z = z[rng.choice(len(z), max_n, replace=False)]
-    prior = rng.standard_normal(z.shape).astype(np.float32)
-    return float(mmd(torch.as_tensor(z, dtype=torch.float32), torch.as_tensor(prior)))
-
-
-def latent_quality(z: np.ndarray, floor: float, seed: int = 0) -> dict[str, float]:
-    """Latent-collapse indicators: share of axes with std > floor, min/median std, MMD^2 to the prior."""
-    std = z.std(axis=0)
-    return {
-        "active_axes_share": float((std > floor).mean()),
-        "axis_std_min": float(std.min()),
-        "axis_std_median": float(np.median(std)),
-        "mmd_to_prior": mmd_to_prior(z, seed=seed),
-    }
-
-
-def axis_alignment(z_prev: np.ndarray, z_new: np.ndarray) -> tuple[float, dict[str, Any]]:
-    """Match the candidate's axes to the champion's on the same calibration images (``pipeline.axes.align_axes``).
-
-    Returns:
-        (mean |r| of the matched pairs, the alignment as a JSON-safe dict with its one-line ``text``).
-    """
-    from pipeline.axes import align_axes
-
-    al = align_axes(z_prev, z_new)
-    return float(al.mean_abs_corr), al.to_dict()
-
-
 def apply_gate(
     candidate: dict[str, float], reference: dict[str, float] | None, gate: GateConfig, *, baseline: dict[str, float]
 ) -> GateResult:
@@ -460,176 +391,23 @@ def apply_gate(
     check("detector_fpr", candidate["detector_fpr"], gate.fpr_target + gate.fpr_tolerance)
     check("active_axes_share", candidate["active_axes_share"], gate.min_active_share, le=False)
     check("mmd_to_prior", candidate["mmd_to_prior"], gate.max_mmd)
+    return _gate_result(checks)
+
+
+_AT_LEAST = ("alignment", "active_axes_share", "reference_images", "monitor_loads")
+"""Gate checks whose value must reach the threshold (the others must stay at or below it)."""
+
+
+def _gate_result(checks: dict[str, tuple[float, float, bool]], notes: list[str] | None = None) -> GateResult:
+    """A gate result from its checks; the reason names every failed check with value and threshold, then ``notes``."""
     failed = [k for k, (_, _, ok) in checks.items() if not ok]
     if not failed:
-        reason = "all checks passed"
-    else:
-        parts = []
-        for k in failed:
-            v, t, _ = checks[k]
-            op = ">=" if k in ("alignment", "active_axes_share") else "<="
-            parts.append(f"{k}={v:.4g} (needs {op} {t:.4g})")
-        reason = "failed: " + "; ".join(parts)
-    return GateResult(passed=not failed, checks=checks, reason=reason)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Model-level evaluation
-# --------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def encode_tensor(model: Any, x: torch.Tensor, batch_size: int = 64) -> np.ndarray:
-    """Encode a (N, C, H, W) tensor in batches to a float32 (N, d) array (eval mode)."""
-    model.eval()
-    out = [model.encode(x[i : i + batch_size]).detach().cpu().float() for i in range(0, len(x), batch_size)]
-    return torch.cat(out).numpy()
-
-
-@torch.no_grad()
-def denoising_loss(model: Any, x: torch.Tensor, *, seed: int, repeats: int = 2, batch_size: int = 32) -> float:
-    """Mean epsilon-prediction MSE on ``x`` with seeded timesteps and noise (the same for every model compared)."""
-    model.eval()
-    total, n = 0.0, 0
-    for r in range(repeats):
-        for i in range(0, len(x), batch_size):
-            gen = torch.Generator(device=x.device).manual_seed(seed * 1000 + r * 97 + i)
-            xb = x[i : i + batch_size]
-            if len(xb) < 2:  # the MMD term inside the loss needs a batch
-                xb = x[max(0, len(x) - 2) :]
-            out = model.loss(xb, generator=gen)
-            total += float(out.eps_mse) * len(xb)
-            n += len(xb)
-    return total / max(n, 1)
-
-
-@torch.no_grad()
-def reconstruction_error(model: Any, x: torch.Tensor, *, steps: int, seed: int) -> float:
-    """Mean squared error of the deterministic DDIM reconstruction of ``x`` (in model-input units)."""
-    model.eval()
-    torch.manual_seed(seed)
-    rec = model.reconstruct(x, steps=steps)
-    return float(((rec - x) ** 2).mean())
-
-
-def detector_calibration(
-    z_cal: np.ndarray, fpr_target: float, seed: int = 0, *, residuals: np.ndarray | None = None, k: int = 25
-) -> tuple[float, Any]:
-    """Fit and threshold the per-image detector on calibration data, and measure its false-alarm rate.
-
-    The calibration images are split in three (seeded): fit on the first, set the threshold at ``fpr_target`` on
-    the second, measure the empirical FPR on the third. The returned detector is refitted on one half and
-    thresholded on the other (all of it used; deterministic for a given seed).
-
-    Args:
-        z_cal: calibration latents (N, d).
-        fpr_target: false-alarm rate of the threshold.
-        seed: split seed.
-        residuals: the calibration images' diffusion residuals (N, len(t_stars)); the detector is then
-            ``ConditionalResidual`` on ``[z | residuals]``. None (a bundle from before residual scoring): Mahalanobis
-            on z.
-        k: neighbours of ``ConditionalResidual``, capped at a fifth of the fit images (at least 3).
-
-    Returns:
-        (empirical FPR on the held-out third, fitted detector).
-
-    Raises:
-        ValueError: fewer than 9 calibration latents.
-    """
-    if len(z_cal) < 9:
-        raise ValueError(f"detector calibration needs >= 9 calibration images, got {len(z_cal)}")
-    X = z_cal if residuals is None else np.column_stack([z_cal, residuals])
-    n_res = None if residuals is None else int(np.asarray(residuals).reshape(len(z_cal), -1).shape[1])
-    idx = np.random.default_rng(seed).permutation(len(X))
-    a, b, c = np.array_split(idx, 3)
-    det = make_detector(n_res, k=k, n_fit=len(a)).fit(X[a])
-    _infer_threshold(det, X[b], fpr_target)
-    fpr = float((det.score(X[c]) > det.threshold_).mean())
-    half = len(idx) // 2
-    full = make_detector(n_res, k=k, n_fit=half).fit(X[idx[:half]])
-    _infer_threshold(full, X[idx[half:]], fpr_target)
-    return fpr, full
-
-
-def calibration_scores(z_cal: np.ndarray, residuals: np.ndarray, *, k: int = 25, seed: int = 0) -> np.ndarray:
-    """Out-of-sample anomaly scores of every calibration image (the drift reference of the score family).
-
-    Two-fold cross-fitting: the residual detector fitted on one (seeded) half scores the other, and the other way
-    round, so no image is scored by a detector that saw it. Same detector recipe as :func:`detector_calibration`.
-    """
-    X = np.column_stack([z_cal, residuals])
-    idx = np.random.default_rng([seed, 1]).permutation(len(X))
-    a, b = np.array_split(idx, 2)
-    out = np.empty(len(X))
-    n_res = int(np.asarray(residuals).reshape(len(X), -1).shape[1])
-    for fit, score in ((a, b), (b, a)):
-        out[score] = make_detector(n_res, k=k, n_fit=len(fit)).fit(X[fit]).score(X[score])
-    return out
-
-
-def make_detector(n_residuals: int | None = None, *, k: int = 25, n_fit: int | None = None) -> Any:
-    """The per-image detector the monitor scores with.
-
-    ``ConditionalResidual`` (the residual judged against the ``k`` fit images nearest in z; ``k`` capped at
-    ``n_fit // 5``, at least 3) when residuals are available, else Mahalanobis on z (bundles from before residual
-    scoring).
-    """
-    from pipeline.detectors import ConditionalResidual, Mahalanobis
-
-    if n_residuals is None:
-        return Mahalanobis()
-    if n_fit is not None:
-        k = max(3, min(k, n_fit // 5))
-    return ConditionalResidual(n_residuals=n_residuals, k=k)
-
-
-def _infer_threshold(det: Any, z: np.ndarray, fpr: float) -> None:
-    """Threshold ``det`` at ``fpr`` on held-out ``z``.
-
-    With too few images for that rate the largest achievable one is used, so small demo runs still work
-    (recorded in ``det.fpr_``).
-    """
-    try:
-        det.infer_threshold(z, fpr=fpr)
-    except ValueError:
-        det.infer_threshold(z, fpr=min(0.5, 1.0 / (len(z) - 1)))
-
-
-def evaluate_model(
-    model: Any, x_cal: torch.Tensor, gate: GateConfig, *, seed: int, with_detector: bool = True,
-    residuals: np.ndarray | None = None, k: int = 25,
-) -> tuple[dict[str, float], np.ndarray, Any]:
-    """Evaluate one model on calibration images: loss, reconstruction, latent quality, detector calibration.
-
-    Args:
-        model: the model to evaluate.
-        x_cal: calibration images (model input, [-1, 1]).
-        gate: the gate's settings (repeats, reconstruction images and steps, FPR target, axis floor).
-        seed: noise and split seed.
-        with_detector: also fit and calibrate the per-image detector.
-        residuals: the calibration images' diffusion residuals under this model (``ScoringConfig``); the detector is
-            then the residual one (``ConditionalResidual``), else Mahalanobis on z.
-        k: neighbours of the residual detector.
-
-    Returns:
-        (metrics, calibration latents (N, d), fitted detector or None).
-    """
-    metrics: dict[str, float] = {}
-    metrics["eps_mse"] = denoising_loss(model, x_cal, seed=seed, repeats=gate.eval_repeats)
-    metrics["recon_mse"] = reconstruction_error(model, x_cal[: gate.recon_images], steps=gate.recon_steps, seed=seed)
-    z = encode_tensor(model, x_cal)
-    metrics.update(latent_quality(z, gate.axis_std_floor, seed=seed))
-    det = None
-    if with_detector:
-        metrics["detector_fpr"], det = detector_calibration(z, gate.fpr_target, seed=seed, residuals=residuals, k=k)
-    return metrics, z, det
-
-
-def perturb_weights(model: torch.nn.Module, scale: float, seed: int = 0) -> None:
-    """Add N(0, scale * std(w)) noise to every floating parameter in place (a deliberately regressed model)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.is_floating_point() and p.numel() > 1:
-                p.add_(torch.randn(p.shape, generator=g).to(p) * scale * (p.std() + 1e-8))
+        return GateResult(passed=True, checks=checks, reason="all checks passed")
+    parts = []
+    for k in failed:
+        v, t, _ = checks[k]
+        parts.append(f"{k}={v:.4g} (needs {'>=' if k in _AT_LEAST else '<='} {t:.4g})")
+    return GateResult(passed=False, checks=checks, reason="failed: " + "; ".join(parts + list(notes or [])))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -640,36 +418,6 @@ def state_dir(settings: Any) -> Path:
     p = Path(settings.state_dir)
     p.mkdir(parents=True, exist_ok=True)
     return p
-
-
-def scores_path(settings: Any) -> Path:
-    """Parquet table of per-image anomaly flags written by the monitor (read by the retrain's selection)."""
-    return state_dir(settings) / "scores.parquet"
-
-
-def anomalous_ids(settings: Any) -> set[str]:
-    """Image ids the monitor flagged anomalous (any model version)."""
-    path = scores_path(settings)
-    if not path.exists():
-        return set()
-    df = pd.read_parquet(path, columns=["image_id", "is_anomaly"])
-    return set(df.loc[df["is_anomaly"].astype(bool), "image_id"].astype(str))
-
-
-def alert_windows(settings: Any) -> pd.DataFrame:
-    """Windows to keep out of training, from the monitor's window log: drifted, or under an active alert.
-
-    A drifted window counts even before the alert policy's hysteresis opened the alert (the first faulty day).
-
-    Returns:
-        Columns ``line, start, end`` (UTC).
-    """
-    path = state_dir(settings) / "windows.parquet"
-    if not path.exists():
-        return pd.DataFrame(columns=["line", "start", "end"])
-    df = pd.read_parquet(path)
-    df = df.loc[df["alert_active"].astype(bool) | df["detected"].astype(bool)]
-    return df[["line", "start", "end"]].reset_index(drop=True)
 
 
 def load_images(settings: Any, rows: pd.DataFrame, spec: Any) -> torch.Tensor:
@@ -716,17 +464,40 @@ def retrain(
         on_step: forwarded to the trainer.
 
     Returns:
-        The result; ``promoted`` says whether the version is now the champion.
+        The result; ``promoted`` says whether the version is now the champion. A candidate the gate refuses
+        (including one the monitor could not use) is registered as ``challenger`` and an ops alert is sent.
 
     Raises:
-        ValueError: too few images after the selection rules.
+        InsufficientData: too few healthy images even after reaching back (an ops alert is sent; the champion stays).
         pipeline.tracking.TrackingUnavailable: MLflow cannot be reached (nothing is registered then).
     """
     from filelock import FileLock
 
     lock = FileLock(str(state_dir(settings) / "retrain.lock"), timeout=config.lock_timeout_s)
     with lock:
-        return _retrain_locked(settings, config, progress=progress, train_fn=train_fn, on_step=on_step)
+        try:
+            return _retrain_locked(settings, config, progress=progress, train_fn=train_fn, on_step=on_step)
+        except InsufficientData as exc:
+            _ops_alert(settings, f"no model trained: {exc}", kind="model.no_candidate",
+                       key=datetime.now(UTC).strftime("%Y-%m-%dT%H"))
+            raise
+
+
+@dataclass
+class _Candidate:
+    """What the training and evaluation steps produced for one candidate."""
+
+    model: Any
+    step: int
+    train_seconds: float
+    metrics: dict[str, float]
+    ref_metrics: dict[str, float] | None
+    baseline: dict[str, float]
+    z_cal: np.ndarray
+    residuals: np.ndarray
+    alignment: float | None
+    pairs: dict[str, Any]
+    gate: GateResult
 
 
 def _retrain_locked(
@@ -737,20 +508,62 @@ def _retrain_locked(
     train_fn: Callable[..., Any] | None,
     on_step: Callable[[dict[str, float]], bool | None] | None,
 ) -> RetrainResult:
-    from models.checkpoint import load_checkpoint
-    from models.presets import get_preset
     from models.train import train as models_train
     from pipeline import tracking
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    train_fn = train_fn or models_train
-    model_name = settings.model_name
     tracking.configure(settings)
+    sel = _select_data(settings, config)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    data_digest = _snapshot(settings, sel.train, f"train-{stamp}")
+    calib_digest = _snapshot(settings, sel.calibration, f"calibration-{stamp}")
+    logger.info("retrain: %d train / %d calibration images over %d days, excluded %s", len(sel.train),
+                len(sel.calibration), sel.lookback_days, sel.excluded)
+    parent_version, champion_dir, champ = _current_champion(settings, config)
+    spec = champ.preprocess if champ is not None else _preset(config).preprocess
+    x_train, x_cal = load_images(settings, sel.train, spec), load_images(settings, sel.calibration, spec)
+    work_dir = _candidate_dir(settings, config, data_digest, parent_version)
+    with tracking.start_training_run(
+        f"retrain-{stamp}",
+        tags={"lineage.parent_version": parent_version or "none", "warm_start": str(champion_dir is not None).lower(),
+              "preset": config.preset},
+        description=f"Nightly retrain on {len(sel.train)} images ({sel.lookback_days} days), "
+        f"{'warm start from v' + parent_version if parent_version else 'from scratch'}.",
+    ) as run_id:
+        _log_inputs(settings, config, sel, data_digest, calib_digest, parent_version)
+        cand = _train_and_evaluate(config, x_train, x_cal, work_dir / "train", champ, champion_dir,
+                                   train_fn or models_train, progress=progress, on_step=on_step)
+        model_dir, model_id = _save_candidate(settings, config, sel, cand, work_dir / "model", spec,
+                                              parent_version=parent_version, data_digest=data_digest,
+                                              calib_digest=calib_digest)
+        version, alias, metrics = _register(settings, config, cand, model_dir, model_id, parent_version,
+                                            data_digest=data_digest, calib_digest=calib_digest,
+                                            warm=champion_dir is not None)
+    if not cand.gate.passed:
+        _ops_alert(settings, f"model v{version} not promoted, champion v{parent_version or '-'} stays "
+                   f"({cand.gate.reason})", kind="model.not_promoted", key=version, version=version,
+                   champion=parent_version, gate=cand.gate)
+    logger.info("retrain: v%s %s (%s)", version, alias, cand.gate.reason)
+    return RetrainResult(
+        version=version, promoted=cand.gate.passed, gate=cand.gate, parent_version=parent_version,
+        data_digest=data_digest, calibration_digest=calib_digest, alignment=cand.alignment, model_dir=model_dir,
+        model_id=model_id, metrics=metrics, n_train=len(sel.train), n_calibration=len(sel.calibration),
+        excluded=sel.excluded, run_id=run_id, train_seconds=cand.train_seconds, alias=alias,
+        lookback_days=sel.lookback_days,
+    )
 
-    # 1. selection ---------------------------------------------------------------------------------------------
-    catalog = _read_catalog(settings, config.lines)
+
+def _preset(config: RetrainConfig) -> Any:
+    from models.presets import get_preset
+
+    return get_preset(config.preset)
+
+
+def _select_data(settings: Any, config: RetrainConfig) -> DataSelection:
+    """Step 1: the training and calibration images, reaching back for healthy ones; too few is InsufficientData."""
+    min_cal = config.calibration_floor()
     sel = select_training_data(
-        catalog,
+        _read_catalog(settings, config.lines),
         window_days=config.window_days,
         end=config.end,
         alert_windows=alert_windows(settings) if config.exclude_alerts else None,
@@ -758,154 +571,178 @@ def _retrain_locked(
         holdout_share=config.holdout_share,
         exclude_alerts=config.exclude_alerts,
         exclude_anomalous=config.exclude_anomalous,
+        min_train=config.min_train_images,
+        min_calibration=min_cal,
+        max_lookback_days=config.max_lookback_days,
+        keep_size=config.keep_size,
     )
-    if len(sel.train) < config.min_train_images:
-        raise ValueError(
-            f"only {len(sel.train)} training images after the selection rules (window {config.window_days} days, "
-            f"excluded {sel.excluded}); need >= {config.min_train_images}: ingest more or widen window_days"
+    short = sel.shortfall(config.min_train_images, min_cal)
+    if short:
+        raise InsufficientData(
+            f"only {short} after the selection rules, reaching back {sel.lookback_days} days "
+            f"(window {config.window_days} days, max_lookback_days {config.max_lookback_days}, excluded "
+            f"{sel.excluded}); the champion stays: ingest more healthy images or raise max_lookback_days"
         )
-    if len(sel.calibration) < 8:
-        raise ValueError(
-            f"only {len(sel.calibration)} calibration images; need >= 8: raise holdout_share or widen window_days"
-        )
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    data_digest = _snapshot(settings, sel.train, f"train-{stamp}")
-    calib_digest = _snapshot(settings, sel.calibration, f"calibration-{stamp}")
-    logger.info("retrain: %d train / %d calibration images, excluded %s", len(sel.train), len(sel.calibration),
-                sel.excluded)
+    return sel
 
-    # 2. champion ----------------------------------------------------------------------------------------------
-    parent = None if config.from_scratch else tracking.get_alias_version(CHAMPION, name=model_name)
-    parent_version = None if parent is None else str(parent)
-    champion_dir = None
-    if parent is not None:
-        champion_dir = tracking.download_model(parent, Path(settings.checkpoints_dir) / f"registry-v{parent}",
-                                               name=model_name)
-    preset = get_preset(config.preset)
-    if champion_dir is not None:
-        champ = load_checkpoint(champion_dir)
-        spec = champ.preprocess
-    else:
-        champ = None
-        spec = preset.preprocess
 
-    x_train = load_images(settings, sel.train, spec)
-    x_cal = load_images(settings, sel.calibration, spec)
+def _current_champion(settings: Any, config: RetrainConfig) -> tuple[str | None, Path | None, Any]:
+    """Step 2: the champion to warm-start from: (version, downloaded folder, loaded checkpoint), or Nones."""
+    from models.checkpoint import load_checkpoint
+    from pipeline import tracking
 
-    # 3. train -------------------------------------------------------------------------------------------------
-    # The candidate folder is a pure function of what is trained, so a retry after a crash resumes its checkpoint.
+    parent = None if config.from_scratch else tracking.get_alias_version(CHAMPION, name=settings.model_name)
+    if parent is None:
+        return None, None, None
+    champion_dir = tracking.download_model(parent, Path(settings.checkpoints_dir) / f"registry-v{parent}",
+                                           name=settings.model_name)
+    return str(parent), champion_dir, load_checkpoint(champion_dir)
+
+
+def _candidate_dir(settings: Any, config: RetrainConfig, data_digest: str, parent_version: str | None) -> Path:
+    """The candidate's folder: a pure function of what is trained, so a retry after a crash resumes its checkpoint."""
     key = json.dumps([data_digest, parent_version, config.preset, config.steps, config.batch_size, config.seed,
                       config.inject_weight_noise], default=str)
-    work_dir = Path(settings.checkpoints_dir) / f"candidate-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    out_dir = work_dir / "train"  # the trainer's folder (with resume state)
-    model_dir = work_dir / "model"  # what is registered: weights + config + linewatch/ bundle, no pickles
-    kwargs: dict[str, Any] = {
-        "steps": config.steps,
-        "batch_size": config.batch_size or preset.train.batch_size,
-        "resume": True,
-        "device": config.device,
-        "progress": progress,
-        "seed": config.seed,
-    }
-    resuming = (out_dir / "train_state.pt").exists()
-    if champion_dir is not None and not resuming:
+    return Path(settings.checkpoints_dir) / f"candidate-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _log_inputs(settings: Any, config: RetrainConfig, sel: DataSelection, data_digest: str, calib_digest: str,
+                parent_version: str | None) -> None:
+    """Log the parameters and the two snapshots of the training run."""
+    from pipeline import tracking
+
+    tracking.log_params_flat(
+        {"retrain": _plain(dataclasses.asdict(config)), "n_train": len(sel.train), "n_calibration":
+         len(sel.calibration), "excluded": sel.excluded, "parent_version": parent_version or "none",
+         "lookback_days": sel.lookback_days}
+    )
+    snap_cols = [c for c in ("image_id", "sha256", "line", "date") if c in sel.train.columns]
+    for rows, name, digest, context in ((sel.train, "train", data_digest, "training"),
+                                        (sel.calibration, "calibration", calib_digest, "calibration")):
+        tracking.log_dataset(rows[snap_cols], name=name, digest=digest,
+                             source=str(Path(settings.catalog_root) / "snapshots" / f"{digest}.json"), context=context)
+
+
+def _train_and_evaluate(config: RetrainConfig, x_train: torch.Tensor, x_cal: torch.Tensor, out_dir: Path, champ: Any,
+                        champion_dir: Path | None, train_fn: Callable[..., Any], *, progress: bool,
+                        on_step: Callable[[dict[str, float]], bool | None] | None) -> _Candidate:
+    """Steps 3-4: train (warm start from the champion unless resuming) and evaluate against the champion."""
+    from pipeline import tracking
+
+    preset = _preset(config)
+    kwargs: dict[str, Any] = {"steps": config.steps, "batch_size": config.batch_size or preset.train.batch_size,
+                              "resume": True, "device": config.device, "progress": progress, "seed": config.seed}
+    if champion_dir is not None and not (out_dir / "train_state.pt").exists():
         kwargs["init_from"] = champion_dir
     if on_step is not None:
         kwargs["on_step"] = on_step
-    snap_cols = [c for c in ("image_id", "sha256", "line", "date") if c in sel.train.columns]
-    with tracking.start_training_run(
-        f"retrain-{stamp}",
-        tags={"lineage.parent_version": parent_version or "none", "warm_start": str(champion_dir is not None).lower(),
-              "preset": config.preset},
-        description=f"Nightly retrain on {len(sel.train)} images ({config.window_days} days), "
-        f"{'warm start from v' + parent_version if parent_version else 'from scratch'}.",
-    ) as run_id:
-        tracking.log_params_flat(
-            {"retrain": _plain(dataclasses.asdict(config)), "n_train": len(sel.train), "n_calibration":
-             len(sel.calibration), "excluded": sel.excluded, "parent_version": parent_version or "none"}
-        )
-        tracking.log_dataset(sel.train[snap_cols], name="train", digest=data_digest,
-                             source=str(Path(settings.catalog_root) / "snapshots" / f"{data_digest}.json"),
-                             context="training")
-        tracking.log_dataset(sel.calibration[snap_cols], name="calibration", digest=calib_digest,
-                             source=str(Path(settings.catalog_root) / "snapshots" / f"{calib_digest}.json"),
-                             context="calibration")
-        t0 = time.perf_counter()
-        result = train_fn(preset, x_train, out_dir, **kwargs)
-        train_seconds = time.perf_counter() - t0
-        tracking.log_history(result.history)
-        cand = result.model
-        if config.inject_weight_noise > 0:
-            perturb_weights(cand, config.inject_weight_noise, seed=config.seed)
+    t0 = time.perf_counter()
+    result = train_fn(preset, x_train, out_dir, **kwargs)
+    train_seconds = time.perf_counter() - t0
+    tracking.log_history(result.history)
+    cand = result.model
+    if config.inject_weight_noise > 0:
+        perturb_weights(cand, config.inject_weight_noise, seed=config.seed)
+    gate_cfg = config.gate
+    r_cand = config.scoring.residual_detector(cand, progress=progress).residuals(x_cal)
+    metrics, z_cand, _ = evaluate_model(cand, x_cal, gate_cfg, seed=config.seed, residuals=r_cand,
+                                        k=config.scoring.k)
+    ref_metrics, alignment, pairs, baseline = None, None, {}, {}
+    if champ is not None:
+        ref_metrics, z_champ, _ = evaluate_model(champ.model, x_cal, gate_cfg, seed=config.seed, with_detector=False)
+        alignment, pairs = axis_alignment(z_champ, z_cand)
+        metrics["alignment"] = alignment
+    else:
+        from models.infodiffusion import InfoDiffusion
 
-        # 4. evaluate ----------------------------------------------------------------------------------------
-        gate_cfg = config.gate
-        r_cand = config.scoring.residual_detector(cand, progress=progress).residuals(x_cal)
-        cand_metrics, z_cand, detector = evaluate_model(cand, x_cal, gate_cfg, seed=config.seed, residuals=r_cand,
-                                                        k=config.scoring.k)
-        ref_metrics = None
-        alignment = None
-        pairs: dict[str, Any] = {}
-        baseline: dict[str, float] = {}
-        if champ is not None:
-            ref_metrics, z_champ, _ = evaluate_model(champ.model, x_cal, gate_cfg, seed=config.seed,
-                                                     with_detector=False)
-            alignment, pairs = axis_alignment(z_champ, z_cand)
-            cand_metrics["alignment"] = alignment
-        else:
-            from models.infodiffusion import InfoDiffusion
+        torch.manual_seed(config.seed + 1)
+        untrained = InfoDiffusion(preset.model)
+        baseline["eps_mse"] = denoising_loss(untrained, x_cal, seed=config.seed, repeats=gate_cfg.eval_repeats)
+    gate = apply_gate(metrics, ref_metrics, gate_cfg, baseline=baseline)
+    return _Candidate(cand, int(result.step), train_seconds, metrics, ref_metrics, baseline, z_cand, r_cand,
+                      alignment, pairs, gate)
 
-            torch.manual_seed(config.seed + 1)
-            untrained = InfoDiffusion(preset.model)
-            baseline["eps_mse"] = denoising_loss(untrained, x_cal, seed=config.seed, repeats=gate_cfg.eval_repeats)
-        gate = apply_gate(cand_metrics, ref_metrics, gate_cfg, baseline=baseline)
 
-        # 5. bundle + register -------------------------------------------------------------------------------
-        from models.checkpoint import save_checkpoint
+def _save_candidate(settings: Any, config: RetrainConfig, sel: DataSelection, cand: _Candidate, model_dir: Path,
+                    spec: Any, *, parent_version: str | None, data_digest: str, calib_digest: str) -> tuple[Path, str]:
+    """Step 5: write the registered folder (weights + bundle) and let the monitor try it; the gate learns the answer.
 
-        # the registered weights are exactly the evaluated ones (a clean folder: no resume state, no pickles)
-        save_checkpoint(cand, model_dir, preprocess=spec,
-                        meta={"preset": config.preset, "step": int(result.step), "parent_version": parent_version})
-        model_id = str(load_checkpoint(model_dir).meta.get("model_id", ""))
-        write_bundle(model_dir, sel.calibration, z_cand, gate, cand_metrics, ref_metrics, baseline, pairs,
-                     residuals=r_cand, scoring=dataclasses.asdict(config.scoring),
-                     model_id=model_id, parent_version=parent_version, data_digest=data_digest,
-                     calibration_digest=calib_digest, detector_seed=config.seed, fpr_target=gate_cfg.fpr_target)
-        metrics = {f"candidate.{k}": v for k, v in cand_metrics.items()}
-        metrics |= {f"champion.{k}": v for k, v in (ref_metrics or {}).items()}
-        metrics |= {f"untrained.{k}": v for k, v in baseline.items()}
-        tracking.log_metrics(metrics)
-        tracking.log_metrics({f"gate.{k}.ok": float(v[2]) for k, v in gate.checks.items()})
-        info = tracking.log_checkpoint_and_register(
-            model_dir,
-            model_name=model_name,
-            tags=tracking.lineage_tags(
-                data_digest=data_digest,
-                calibration_digest=calib_digest,
-                parent_version=parent,
-                code_version=_code_version(),
-                gates={"passed": gate.passed, "reason": gate.reason[:480],
-                       **{k: f"{v[0]:.4g}/{v[1]:.4g}" for k, v in gate.checks.items()}},
-                **{"model_id": model_id, "warm_start": str(champion_dir is not None).lower(),
-                   "alignment.mean_abs_r": "" if alignment is None else f"{alignment:.4f}"},
-            ),
-            description=f"gate: {gate.reason}",
-        )
-        version = str(info.version)
-        alias = CHAMPION if gate.passed else CHALLENGER
-        why = f"gate passed ({gate.reason})" if gate.passed else f"not promoted: {gate.reason}"
-        tracking.set_alias(alias, info.version, name=model_name, who="linewatch-retrain", why=why,
-                           event="promote" if gate.passed else "set")
+    The registered weights are exactly the evaluated ones (a clean folder: no resume state, no pickles).
+    """
+    from models.checkpoint import load_checkpoint, save_checkpoint
 
-    if not gate.passed:
-        _ops_alert(settings, f"model v{version} not promoted ({gate.reason})", version=version, gate=gate)
-    logger.info("retrain: v%s %s (%s)", version, alias, gate.reason)
-    return RetrainResult(
-        version=version, promoted=gate.passed, gate=gate, parent_version=parent_version, data_digest=data_digest,
-        calibration_digest=calib_digest, alignment=alignment, model_dir=model_dir, model_id=model_id,
-        metrics=metrics, n_train=len(sel.train), n_calibration=len(sel.calibration), excluded=sel.excluded,
-        run_id=run_id, train_seconds=train_seconds, alias=alias,
+    save_checkpoint(cand.model, model_dir, preprocess=spec,
+                    meta={"preset": config.preset, "step": cand.step, "parent_version": parent_version})
+    model_id = str(load_checkpoint(model_dir).meta.get("model_id", ""))
+    meta = {"scoring": dataclasses.asdict(config.scoring), "model_id": model_id, "parent_version": parent_version,
+            "data_digest": data_digest, "calibration_digest": calib_digest, "detector_seed": config.seed,
+            "fpr_target": config.gate.fpr_target}
+    write_bundle(model_dir, sel.calibration, cand.z_cal, cand.gate, cand.metrics, cand.ref_metrics, cand.baseline,
+                 cand.pairs, residuals=cand.residuals, **meta)
+    cand.gate = monitor_gate(settings, model_dir, cand.gate, config)
+    write_bundle(model_dir, sel.calibration, cand.z_cal, cand.gate, cand.metrics, cand.ref_metrics, cand.baseline,
+                 cand.pairs, residuals=cand.residuals, **meta)
+    return model_dir, model_id
+
+
+def monitor_gate(settings: Any, model_dir: Path, gate: GateResult, config: RetrainConfig) -> GateResult:
+    """Add the monitor's own checks to a gate result.
+
+    The reference must be large enough for the monitor's drift test, and the monitor must be able to load the bundle
+    and test a window with it under ``config.monitor`` (``pipeline.monitor.check_bundle``).
+
+    Returns:
+        ``gate`` with the checks ``reference_images`` (calibration images >= the monitor's floor) and
+        ``monitor_loads`` (1 = the monitor used the bundle); a failure of either fails the gate.
+    """
+    from pipeline.monitor import check_bundle, reference_floor
+
+    mon = config.monitor_config()
+    n_ref = len(pd.read_parquet(Path(model_dir) / BUNDLE_DIR / CALIBRATION_FILE, columns=["image_id"]))
+    floor = reference_floor(mon)
+    problems = check_bundle(settings, model_dir, mon) if n_ref >= floor else []
+    checks = dict(gate.checks)
+    checks["reference_images"] = (float(n_ref), float(floor), n_ref >= floor)
+    checks["monitor_loads"] = (0.0 if problems or n_ref < floor else 1.0, 1.0, not problems and n_ref >= floor)
+    return _gate_result(checks, notes=[f"monitor: {p}" for p in problems])
+
+
+def _register(settings: Any, config: RetrainConfig, cand: _Candidate, model_dir: Path, model_id: str,
+              parent_version: str | None, *, data_digest: str, calib_digest: str,
+              warm: bool) -> tuple[str, str, dict[str, float]]:
+    """Step 6: log the metrics, register the version with its lineage, alias it champion or challenger.
+
+    Returns:
+        (version, alias, the logged metrics).
+    """
+    from pipeline import tracking
+
+    gate = cand.gate
+    metrics = {f"candidate.{k}": v for k, v in cand.metrics.items()}
+    metrics |= {f"champion.{k}": v for k, v in (cand.ref_metrics or {}).items()}
+    metrics |= {f"untrained.{k}": v for k, v in cand.baseline.items()}
+    tracking.log_metrics(metrics)
+    tracking.log_metrics({f"gate.{k}.ok": float(v[2]) for k, v in gate.checks.items()})
+    info = tracking.log_checkpoint_and_register(
+        model_dir,
+        model_name=settings.model_name,
+        tags=tracking.lineage_tags(
+            data_digest=data_digest,
+            calibration_digest=calib_digest,
+            parent_version=None if parent_version is None else int(parent_version),
+            code_version=_code_version(),
+            gates={"passed": gate.passed, "reason": gate.reason[:480],
+                   **{k: f"{v[0]:.4g}/{v[1]:.4g}" for k, v in gate.checks.items()}},
+            **{"model_id": model_id, "warm_start": str(warm).lower(),
+               "alignment.mean_abs_r": "" if cand.alignment is None else f"{cand.alignment:.4f}"},
+        ),
+        description=f"gate: {gate.reason}",
     )
+    alias = CHAMPION if gate.passed else CHALLENGER
+    why = f"gate passed ({gate.reason})" if gate.passed else f"not promoted: {gate.reason}"
+    tracking.set_alias(alias, info.version, name=settings.model_name, who="linewatch-retrain", why=why,
+                       event="promote" if gate.passed else "set")
+    return str(info.version), alias, metrics
 
 
 def _code_version() -> str:
@@ -967,21 +804,32 @@ def write_bundle(
     return bundle
 
 
-def _ops_alert(settings: Any, message: str, **payload: Any) -> None:
-    """Record an operations alert (promotion refused) in the alert outbox; never raises."""
-    try:
-        path = state_dir(settings) / "ops_alerts.jsonl"
-        rec = {"at": datetime.now(UTC).isoformat(), "kind": "model.not_promoted", "message": message}
-        rec |= {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in payload.items()}
-        with open(path, "a") as fh:
-            fh.write(json.dumps(rec, default=str) + "\n")
-        logger.warning("ops alert: %s", message)
-    except Exception:  # noqa: BLE001 - an alert failure must not hide the retrain result
-        logger.exception("could not record the ops alert")
+def _ops_alert(settings: Any, message: str, *, kind: str, key: str, **payload: Any) -> None:
+    """Send an operations alert (a model not promoted, no candidate trained); never raises.
 
+    It goes through the same delivery as drift alerts (the alert manager's outbox, log, ``alerts.jsonl`` and the
+    webhook; ``pipeline.alerts.AlertManager.notify_ops``) and is also appended to ``<state>/ops_alerts.jsonl``.
+    """
+    try:
+        rec = {"at": datetime.now(UTC).isoformat(), "kind": kind, "message": message}
+        rec |= {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in payload.items()}
+        with open(state_dir(settings) / "ops_alerts.jsonl", "a") as fh:
+            fh.write(json.dumps(rec, default=str) + "\n")
+        from pipeline.monitor import default_alert_manager
+
+        default_alert_manager(settings).notify_ops(kind, message, key=key, **payload)
+    except Exception:  # noqa: BLE001 - an alert failure must not hide the retrain result
+        logger.exception("could not deliver the ops alert: %s", message)
+
+
+EXIT_REJECTED = 3
+"""Exit status of ``linewatch retrain`` / ``linewatch nightly`` when the gate refused the candidate (champion kept)."""
+EXIT_NO_CANDIDATE = 4
+"""Exit status when too few healthy images were left to train a candidate (:class:`InsufficientData`; champion kept)."""
 
 __all__ = [
     "GateConfig", "RetrainConfig", "ScoringConfig", "GateResult", "DataSelection", "RetrainResult", "retrain", "apply_gate",
     "select_training_data", "holdout_mask", "latent_quality", "mmd_to_prior", "axis_alignment", "evaluate_model",
     "perturb_weights", "write_bundle", "calibration_scores", "detector_calibration", "make_detector",
+    "InsufficientData", "monitor_gate", "EXIT_REJECTED", "EXIT_NO_CANDIDATE",
 ]

@@ -64,6 +64,8 @@ def tiny_retrain_params(**over: object) -> dict:
     params = {
         "preset": "tiny", "steps": 80, "batch_size": 16, "window_days": TRAIN_DAYS, "end": midnight(TRAIN_DAYS + 1),
         "holdout_share": 0.4, "min_train_images": 8, "from_scratch": True,
+        # the monitor this candidate must serve (monitor_params below): the gate checks it can
+        "monitor": {"min_window": 15, "quality": False, "scores": False},
         "gate": {"recon_images": 4, "recon_steps": 4, "eval_repeats": 1, "fpr_tolerance": 0.3, "axis_std_floor": 0.005},
     }
     params.update(over)
