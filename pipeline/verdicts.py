@@ -66,10 +66,13 @@ def record_verdicts(settings: Any, model_version: str, outcomes: list[Any]) -> l
         return outcomes
     path = windows_table_path(settings)
     old = _read_verdicts(path) if path.exists() else pd.DataFrame(columns=[*VERDICT_KEYS, "original"])
-    seen_windows = set(zip(old["line"].astype(str), old["window_id"].astype(str), strict=True))
+    first_by = {(str(r.line), str(r.window_id)): str(r.model_version)
+                for r in old[old["original"].astype(bool)].itertuples(index=False)}
     seen_rows = set(zip(old["line"].astype(str), old["window_id"].astype(str), old["model_version"], strict=True))
-    originals = {(o.line, o.window_id) for o in outcomes} - seen_windows
-    out = [replace(o, original=(o.line, o.window_id) in originals) for o in outcomes]
+    originals = {(o.line, o.window_id) for o in outcomes} - set(first_by)
+    # a rerun by the model that made the original verdict is that verdict again (nothing new is written for it)
+    out = [replace(o, original=(o.line, o.window_id) in originals
+                   or first_by.get((o.line, o.window_id)) == str(model_version)) for o in outcomes]
     new = _verdict_rows([o for o in out if (o.line, o.window_id, str(model_version)) not in seen_rows])
     if len(new):
         new["original"] = [(r.line, r.window_id) in originals for r in new.itertuples(index=False)]

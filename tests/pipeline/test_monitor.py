@@ -80,6 +80,12 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
     assert by_day[faulty[1]].alert_active and by_day[faulty[1]].description
     sent = (settings.state_dir / "alerts.jsonl").read_text().splitlines()
     assert [json.loads(x)["kind"] for x in sent] == ["opened"]
+    # the alert, the report and the verdict name the cells by their MES serial, not by a store hash
+    alert = json.loads(sent[0])["alert"]
+    assert alert["cause"].startswith("axes:z_") and alert["example_serials"][0].startswith("L1-")
+    assert by_day[faulty[1]].example_serials == tuple(alert["example_serials"])
+    assert by_day[faulty[1]].report.endswith(f"drift_L1_{faulty[1]}_v1.png")
+    assert alert["example_serials"][0] in by_day[faulty[1]].explanation
 
     # per-image scores: the diffusion residual judged against the calibration images nearest in z, with the
     # recipe the retrain recorded in the bundle; residuals computed once per image and model
@@ -104,6 +110,7 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
     # the window log and the flags feed the next retrain's selection
     wins = pd.read_parquet(windows_table_path(settings))
     assert set(wins.loc[wins["detected"], "window_id"]) == set(faulty)
+    assert wins["original"].all() and set(wins["model_version"]) == {"1"} and len(wins) == 3
     assert len(pd.read_parquet(scores_table_path(settings))) == res.n_encoded
 
     # MLflow: one point per window of the per-axis effect series
@@ -121,6 +128,8 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
     assert default_alert_manager(settings).active("L1") is not None  # nothing forgotten
     assert (settings.state_dir / "alerts.jsonl").read_text().splitlines() == sent
     assert [w.detected for w in again.windows] == [w.detected for w in res.windows]
+    assert all(w.original for w in again.windows)  # the same model again: the same verdicts, nothing appended
+    assert len(pd.read_parquet(windows_table_path(settings))) == 3
 
     # the image-quality channels: measured once per image at full resolution, cached, tested with every window
     from pipeline import properties as properties_mod
@@ -162,3 +171,59 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
                        alert_manager=AlertManager(tmp_path / "alerts-old"))
     assert len(fallback.windows) == len(res.windows)
     assert not any("scores p=" in w.summary for w in fallback.windows)  # no residual scores: no score family
+
+
+def _outcome(window_id: str, detected: bool, version: str, **kw):
+    from datetime import UTC, datetime, timedelta
+
+    from pipeline.monitor import WindowOutcome
+
+    start = datetime.fromisoformat(window_id).replace(tzinfo=UTC)
+    return WindowOutcome(line="L1", window_id=window_id, start=start, end=start + timedelta(days=1), n_images=40,
+                         n_tested=40, n_anomalous=2, detected=detected, top_axis=None, top_share=0.0, effect=0.0,
+                         description="", summary="", attribution="", alert_active=False, model_version=version, **kw)
+
+
+def test_verdicts_are_append_only_and_readers_take_the_original(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.monitor import record_verdicts, window_verdicts, windows_table_path
+    from pipeline.retrain import alert_windows
+
+    settings = SimpleNamespace(state_dir=tmp_path)
+    first = record_verdicts(settings, "1", [_outcome("2026-01-10", False, "1"), _outcome("2026-01-11", True, "1")])
+    assert [o.original for o in first] == [True, True]
+    # the same model again (a rerun): nothing written over the first rows
+    again = record_verdicts(settings, "1", [_outcome("2026-01-11", False, "1", causes=("scores",))])
+    assert [o.original for o in again] == [True]
+    assert len(pd.read_parquet(windows_table_path(settings))) == 2
+    # a later model re-evaluates day 11 (now calls it healthy) and tests day 12 first
+    later = record_verdicts(settings, "2", [_outcome("2026-01-11", False, "2"), _outcome("2026-01-12", False, "2")])
+    assert [o.original for o in later] == [False, True]
+    table = pd.read_parquet(windows_table_path(settings))
+    assert len(table) == 4 and table.duplicated(["line", "window_id", "model_version"]).sum() == 0
+    orig = window_verdicts(settings).set_index("window_id")
+    assert orig.loc["2026-01-11", "model_version"] == "1" and bool(orig.loc["2026-01-11", "detected"])
+    assert orig.loc["2026-01-11", "causes"] == ""  # as first made, not the rerun's
+    assert window_verdicts(settings, which="latest").set_index("window_id").loc["2026-01-11", "model_version"] == "2"
+    assert len(window_verdicts(settings, which="all")) == 4
+    # the retrain keeps a window out when any verdict called it drifted
+    ex = alert_windows(settings)
+    assert len(ex) == 1 and ex["start"].iloc[0] == pd.Timestamp("2026-01-11", tz="UTC")
+    with pytest.raises(ValueError, match="which"):
+        window_verdicts(settings, which="newest")
+
+
+def test_a_verdict_table_from_before_append_only_reads_as_originals(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.monitor import record_verdicts, window_verdicts, windows_table_path
+
+    settings = SimpleNamespace(state_dir=tmp_path)
+    old = pd.DataFrame({"line": ["L1"], "window_id": ["2026-01-10"], "start": [pd.Timestamp("2026-01-10", tz="UTC")],
+                        "end": [pd.Timestamp("2026-01-11", tz="UTC")], "detected": [True], "alert_active": [True],
+                        "top_axis": [3], "model_version": ["1"], "n_images": [40]})
+    old.to_parquet(windows_table_path(settings), index=False)
+    (o,) = record_verdicts(settings, "2", [_outcome("2026-01-10", False, "2")])
+    assert not o.original
+    assert window_verdicts(settings)["model_version"].tolist() == ["1"]

@@ -277,3 +277,105 @@ def test_two_retrains_at_once_corrupt_nothing(tmp_path, monkeypatch):
     champion = tracking.get_alias_version("champion")
     assert champion in (1, 2)
     pd.testing.assert_frame_equal(before, read_catalog(settings.catalog_root))
+
+
+# ------------------------------------------------------------------------------------------------ floors, reach back
+def test_selection_reaches_back_for_healthy_images_instead_of_shrinking():
+    cat = _catalog(days=12, per_day=20)  # days 0..11
+    alerted = pd.DataFrame({"line": ["L1"], "start": [T0 + timedelta(days=9)], "end": [T0 + timedelta(days=12)]})
+    flagged = {f"img-8-{i}" for i in range(5)}
+    plain = select_training_data(cat, window_days=3, alert_windows=alerted, anomalous_ids=flagged)
+    assert len(plain.train) + len(plain.calibration) == 0 and plain.lookback_days == 3  # the old behaviour: starved
+
+    sel = select_training_data(cat, window_days=3, alert_windows=alerted, anomalous_ids=flagged, keep_size=True,
+                               max_lookback_days=10, holdout_share=0.3)
+    kept = pd.concat([sel.train, sel.calibration])
+    assert sel.target == 60 and len(kept) >= 60  # as many images as the window held before the exclusions
+    # days 8, 7, 6 give 15 + 20 + 20 = 55 healthy images (day 8 lost 5 flagged cells): a fourth day is needed
+    assert sel.lookback_days == 7 and len(kept) == 75
+    assert not kept["image_id"].str.match(r"img-(9|10|11)-").any() and not set(kept["image_id"]) & flagged
+    assert sel.excluded == {"alert_window": 60, "anomalous": 5}
+    assert sel.window[1] - sel.window[0] == timedelta(days=7)
+
+    # floors alone (no keep_size) reach back too, and the reach is bounded
+    floors = select_training_data(cat, window_days=3, alert_windows=alerted, min_train=40, min_calibration=15,
+                                  max_lookback_days=30, holdout_share=0.3)
+    assert len(floors.train) >= 40 and len(floors.calibration) >= 15 and floors.shortfall(40, 15) == ""
+    bounded = select_training_data(cat, window_days=3, alert_windows=alerted, min_train=40, min_calibration=15,
+                                   max_lookback_days=4, holdout_share=0.3)
+    assert bounded.lookback_days == 4 and "training images (floor 40)" in bounded.shortfall(40, 15)
+
+
+def test_floors_come_from_what_the_monitor_needs():
+    from pipeline.drift import DriftDetector
+    from pipeline.monitor import MonitorConfig, reference_floor
+
+    assert reference_floor(MonitorConfig()) == DriftDetector(min_window=30).min_reference() == 60
+    assert RetrainConfig().calibration_floor() == 60
+    assert RetrainConfig(monitor={"min_window": 15}).calibration_floor() == 30
+    assert RetrainConfig(min_calibration_images=100).calibration_floor() == 100
+    with pytest.raises(ValueError, match="at least 60"):
+        DriftDetector(min_window=30).fit(np.zeros((59, 4)))
+    with pytest.raises(ValueError, match="min_calibration_images"):
+        RetrainConfig(min_calibration_images=3)
+    with pytest.raises(ValueError, match="unknown monitor parameters"):
+        RetrainConfig(monitor={"min_windw": 3}).calibration_floor()
+
+
+def test_gate_refuses_a_reference_the_monitor_cannot_use(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.retrain import GateResult, monitor_gate
+
+    bundle = tmp_path / "model" / "linewatch"
+    bundle.mkdir(parents=True)
+    pd.DataFrame({"image_id": [f"i{k}" for k in range(54)]}).to_parquet(bundle / "calibration.parquet")
+    passed = GateResult(True, {"eps_mse": (0.1, 0.2, True)}, "all checks passed")
+    gate = monitor_gate(SimpleNamespace(), tmp_path / "model", passed, RetrainConfig())
+    assert not gate.passed and gate.checks["reference_images"] == (54.0, 60.0, False)
+    assert "reference_images=54 (needs >= 60)" in gate.reason and gate.checks["eps_mse"][2]
+
+
+@pytest.mark.slow
+def test_the_gate_never_promotes_a_model_the_monitor_cannot_use(tmp_path, monkeypatch):
+    """The issue's starvation: a candidate whose reference is too small for the monitor stays challenger."""
+    import json
+    import shutil
+
+    from pipeline import tracking
+    from pipeline.monitor import MonitorConfig, check_bundle
+    from pipeline.retrain import InsufficientData, retrain
+    from tests.flows.world import make_world, tiny_retrain_params
+
+    settings = make_world(tmp_path / "home", monkeypatch)
+    v1 = retrain(settings, retrain_config(**tiny_retrain_params()))
+    assert v1.promoted and v1.gate.checks["monitor_loads"] == (1.0, 1.0, True), v1.gate.reason
+    assert v1.gate.checks["reference_images"][1] == 30  # 2 x the world monitor's min_window of 15
+
+    # the monitor's defaults (min_window 30) need 60 reference images; the floor is lowered by hand here, so only the
+    # gate stands between this candidate and the champion alias
+    small = retrain(settings, retrain_config(**tiny_retrain_params(
+        from_scratch=False, steps=10, monitor={}, min_calibration_images=9)))
+    assert not small.promoted and small.alias == "challenger"
+    assert f"reference_images={small.n_calibration} (needs >= 60)" in small.gate.reason
+    tracking.configure(settings)
+    assert tracking.get_alias_version("champion") == 1
+    events = [json.loads(x) for x in (settings.state_dir / "alerts.jsonl").read_text().splitlines()]
+    assert [(e["kind"], e["ops"]["type"], e["ops"]["version"]) for e in events] == [
+        ("ops", "model.not_promoted", small.version)]  # through the same outbox and sinks as drift alerts
+
+    # with the floor at what the monitor needs, no candidate is trained at all: the champion stays, ops are told
+    with pytest.raises(InsufficientData, match="calibration images \\(floor 60\\)"):
+        retrain(settings, retrain_config(**tiny_retrain_params(from_scratch=False, steps=10, monitor={})))
+    events = [json.loads(x) for x in (settings.state_dir / "alerts.jsonl").read_text().splitlines()]
+    assert events[-1]["ops"]["type"] == "model.no_candidate"
+    assert [v.version for v in tracking.list_versions()] == [1, 2]
+
+    # the monitor's own check on a bundle: usable, too small for the defaults, broken
+    usable = MonitorConfig(min_window=15, quality=False, scores=False)
+    assert check_bundle(settings, v1.model_dir, usable) == []
+    assert "reference has" in check_bundle(settings, v1.model_dir, MonitorConfig(quality=False))[0]
+    broken = tmp_path / "broken"
+    shutil.copytree(v1.model_dir, broken)
+    (broken / "linewatch" / "calibration.parquet").unlink()
+    assert "calibration.parquet" in check_bundle(settings, broken, usable)[0]
