@@ -152,3 +152,112 @@ def test_unreachable_mlflow_retries_then_fails_naming_the_step(tmp_path, monkeyp
         (settings.state_dir / "alerts" / "lines").iterdir())  # no alert state touched
     assert not list(settings.checkpoints_dir.glob("candidate-*/model"))  # nothing prepared for registration
     assert len(before) == 6 * PER_DAY
+
+
+# ------------------------------------------------------------------------------------------------ nightly, CLI
+def _fake_steps(monkeypatch, retrain):
+    """Replace the nightly's sub-flows: ``retrain(params)`` returns or raises; the monitor records its call."""
+    import flows.nightly as N
+
+    calls = {}
+
+    def fake_retrain(**params):
+        calls["retrain"] = params
+        return retrain(params)
+
+    def fake_monitor(**params):
+        calls["monitor"] = params
+        return {"windows": [], "model_version": "1", "n_encoded": 0}
+
+    monkeypatch.setattr(N, "retrain_flow", fake_retrain)
+    monkeypatch.setattr(N, "monitor_flow", fake_monitor)
+    monkeypatch.setattr(N, "with_task_runner", lambda f: f)
+    return calls
+
+
+def _rejected(params):
+    return {"promoted": False, "version": "7", "parent_version": "6", "alias": "challenger",
+            "gate": {"reason": "failed: reference_images=54 (needs >= 60)"}, "n_train": 100, "n_calibration": 54,
+            "excluded": {}, "lookback_days": 7}
+
+
+def test_nightly_keeps_monitoring_with_the_champion_when_the_candidate_is_refused(monkeypatch):
+    from flows.nightly import nightly_flow
+    from pipeline.retrain import InsufficientData
+
+    calls = _fake_steps(monkeypatch, _rejected)
+    out = nightly_flow.fn(ingest=False, retrain={"steps": 5}, monitor={"min_window": 20, "lookback_days": 1.0})
+    assert out["status"] == "rejected" and "monitor" in calls
+    assert calls["retrain"]["monitor"] == {"min_window": 20, "lookback_days": 1.0}  # the gate checks this monitor
+
+    def none_left(params):
+        raise InsufficientData("only 12 calibration images (floor 60)")
+
+    calls = _fake_steps(monkeypatch, none_left)
+    out = nightly_flow.fn(ingest=False, retrain={}, monitor={})
+    assert out["status"] == "no_candidate" and "monitor" in calls and "floor 60" in out["retrain"]["reason"]
+
+    def crash(params):
+        raise RuntimeError("out of memory")
+
+    calls = _fake_steps(monkeypatch, crash)
+    with pytest.raises(StepFailed, match="step 'retrain' failed: RuntimeError: out of memory"):
+        nightly_flow.fn(ingest=False, retrain={}, monitor={})
+    assert "monitor" in calls  # the champion kept watching before the failure was raised
+
+
+@pytest.mark.parametrize(("status", "code"), [("promoted", 0), ("rejected", 3), ("no_candidate", 4)])
+def test_nightly_and_retrain_exit_codes(tmp_path, monkeypatch, capsys, status, code):
+    import flows.nightly as N
+    import flows.retrain as RF
+    from pipeline.cli import main
+    from pipeline.retrain import InsufficientData
+
+    set_env(monkeypatch, tmp_path)
+    res = {**_rejected({}), "promoted": status == "promoted", "status": status, "reason": "too few"}
+    monkeypatch.setattr(N, "nightly_flow", lambda **kw: {"retrain": res, "status": status})
+    assert main(["nightly", "--no-ingest", "--no-monitor"]) == code
+
+    def fake_retrain(**params):
+        if status == "no_candidate":
+            raise InsufficientData("only 12 calibration images (floor 60)")
+        return res
+
+    monkeypatch.setattr(RF, "retrain_flow", fake_retrain)
+    assert main(["retrain"]) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len([x for x in err.splitlines() if x.startswith("linewatch")]) <= 1
+
+
+def test_help_texts_show_every_default_and_the_exit_codes(capsys):
+    import argparse
+
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("nightly", "retrain", "monitor"):
+        p = sub.choices[name]
+        formatter = p._get_formatter()
+        for action in p._actions:
+            if action.option_strings and action.dest != "help":
+                assert "%(default)" in formatter._get_help_string(action), (name, action.option_strings)
+        text = p.format_help()
+        assert "(default: 30)" in text  # --min-window
+    assert "3  the candidate was refused" in sub.choices["nightly"].format_help()
+    assert "4  too few healthy images" in sub.choices["retrain"].format_help()
+
+
+@pytest.mark.parametrize("argv", [["monitor", "--start", "yesterday"], ["retrain", "--preset", "huge"],
+                                  ["nightly", "--window-days", "0"], ["retrain", "--steps", "many"],
+                                  ["monitor", "--window-by", "week"]])
+def test_bad_arguments_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv):
+    from pipeline.cli import main
+
+    set_env(monkeypatch, tmp_path)
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        rc = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("linewatch") and "error" in err[0], err
