@@ -20,11 +20,12 @@ def ingest_task(drop: str | None = None, line: str | None = None) -> dict[str, A
     Returns:
         The run summary (``IngestSummary.to_dict()``).
     """
-    from pipeline.ingest import ingest
+    from pipeline.ingest import IngestConfig, ingest
     from pipeline.settings import ensure_dirs, get_settings
 
     settings = ensure_dirs(get_settings())
-    summary = ingest(drop or settings.drop_dir, settings.catalog_root, line=line, progress=False)
+    summary = ingest(drop or settings.drop_dir, settings.catalog_root, line=line, progress=False,
+                     config=IngestConfig(mes_timezone=settings.timezone))
     out = summary.to_dict()
     print(
         f"ingest: {out['registered']} registered, {out['duplicates']} duplicates, {out['n_quarantined']} quarantined "

@@ -642,12 +642,22 @@ class CatalogStats:
         return asdict(self)
 
 
-def catalog_stats(root: str | os.PathLike[str] | None = None) -> CatalogStats:
-    """Counts per line and day, quarantine counts by reason, and storage used."""
+def catalog_stats(root: str | os.PathLike[str] | None = None, *, timezone: str | None = None) -> CatalogStats:
+    """Counts per line and day, quarantine counts by reason, and storage used.
+
+    Args:
+        root: catalog root (default ``default_root()``).
+        timezone: IANA zone of the days counted (the plant's, ``settings.timezone``, as the monitor's day windows and
+            the alerts use); None = the partitions' UTC dates.
+    """
     root = Path(root) if root is not None else default_root()
-    cat = scan_catalog(root, [S.IMAGE_ID, S.LINE, S.DATE])
+    cat = scan_catalog(root, [S.IMAGE_ID, S.LINE, S.DATE, S.CAPTURED_AT])
     if cat.num_rows and pc.count_distinct(cat[S.IMAGE_ID]).as_py() != cat.num_rows:
         cat = pa.Table.from_pandas(cat.to_pandas().drop_duplicates(S.IMAGE_ID), preserve_index=False)
+    if timezone and cat.num_rows:
+        frame = cat.to_pandas()
+        frame[S.DATE] = pd.to_datetime(frame[S.CAPTURED_AT], utc=True).dt.tz_convert(timezone).dt.strftime("%Y-%m-%d")
+        cat = pa.Table.from_pandas(frame[[S.IMAGE_ID, S.LINE, S.DATE]], preserve_index=False)
     per = (
         cat.group_by([S.LINE, S.DATE])
         .aggregate([([], "count_all")])

@@ -41,11 +41,16 @@ def _human_bytes(n: int) -> str:
 
 
 def _root(args: argparse.Namespace) -> Path:
-    return Path(args.root) if args.root else C.default_root()
+    from pipeline.settings import get_settings
+
+    return Path(args.root) if args.root else get_settings().catalog_root
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
+    from pipeline.settings import get_settings
+
     config = IngestConfig(
+        mes_timezone=get_settings().timezone,
         quarantine_mode=args.quarantine_mode,
         quarantine_dir=args.quarantine_dir,
         delete_source=args.delete_source,
@@ -75,16 +80,19 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    stats = C.catalog_stats(_root(args))
+    from pipeline.settings import get_settings
+
+    tz = get_settings().timezone
+    stats = C.catalog_stats(_root(args), timezone=tz)
     if args.json:
-        print(json.dumps(stats.to_dict(), indent=1))
+        print(json.dumps({**stats.to_dict(), "timezone": tz}, indent=1))
         return 0
     print(
         f"catalog {_root(args)}: {stats.n_images} images, {stats.n_duplicates} duplicates, "
         f"{stats.n_quarantined} quarantined, {stats.n_part_files} part files"
     )
     if stats.per_line_day:
-        print(f"  {'line':<12} {'date':<10} {'images':>8}")
+        print(f"  {'line':<12} {'date':<10} {'images':>8}   (plant days in {tz}, LINEWATCH_TIMEZONE)")
         for row in stats.per_line_day:
             print(f"  {row['line']:<12} {row['date']:<10} {row['images']:>8}")
     if stats.quarantine_by_reason:
@@ -124,7 +132,7 @@ def _cmd_compact(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``ingest`` and ``catalog {stats,snapshot,compact}`` to the ``linewatch`` command."""
     fmt = argparse.RawDescriptionHelpFormatter
-    root_help = "catalog root (default: $LINEWATCH_HOME or ./.linewatch)"
+    root_help = "catalog root (default: $LINEWATCH_CATALOG, else $LINEWATCH_HOME, else ./.linewatch)"
 
     p = subparsers.add_parser(
         "ingest",

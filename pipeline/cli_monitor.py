@@ -126,6 +126,9 @@ examples:
   linewatch score --model ckpt/v1 --images today/ --reference calib_latents.parquet --fpr 0.005 --json
   linewatch score --model ckpt/v1 --images suspicious.png --reference calib/ --detector knn
 
+Images registered in the catalog ($LINEWATCH_CATALOG / $LINEWATCH_HOME) are named by their MES serial (matched by
+content), others by their path.
+
 Detectors: "residual" (the monitor's: the diffusion residual, noised to t* = 100 and 250 and denoised with the image's
 own z, judged against the reference images nearest in z; needs image folders, or latents files with r_* residual
 columns), "mahalanobis", "knn", "iforest" and "ensemble" on z alone. "auto" (default) takes "residual" when both
@@ -185,6 +188,21 @@ def source_residuals(source: LatentSource, ckpt: Any, scoring: Any, *, what: str
     return scoring.residual_detector(ckpt.model, progress=progress).residuals(x)
 
 
+def catalog_serials(frame: pd.DataFrame) -> list[str]:
+    """The MES serial of each row whose bytes are registered in the catalog (``""`` for the others).
+
+    Images are matched by content (``sha256``), so a copy of a registered image anywhere on disk, or the store
+    object itself, is named by the serial a person finds on the line.
+    """
+    from pipeline.catalog import serials_by_sha256
+    from pipeline.settings import get_settings
+
+    if "sha256" not in frame.columns:
+        return [""] * len(frame)
+    known = serials_by_sha256(get_settings().catalog_root, frame["sha256"].astype(str))
+    return [known.get(str(d), "") for d in frame["sha256"]]
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     """Run ``linewatch score``."""
     from pipeline.cli_model import load_model
@@ -217,7 +235,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CLIError(f"{exc} (reference: {len(X_ref)} images, {len(val_idx)} used for the threshold)") from exc
     res = det.predict(X_cur)
-    labels = cur.labels()
+    serials = catalog_serials(cur.frame)
+    labels = [s or label for s, label in zip(serials, cur.labels(), strict=True)]
     model_id = str(ckpt.meta.get("model_id"))
     if args.json:
         doc = {
@@ -234,6 +253,8 @@ def cmd_score(args: argparse.Namespace) -> int:
             "images": [
                 {
                     "image": labels[i],
+                    "serial": serials[i] or None,
+                    "path": cur.labels()[i],
                     "sha256": str(cur.frame["sha256"].iloc[i]) if "sha256" in cur.frame.columns else None,
                     "score": float(res.scores[i]),
                     "p_value": float(res.p_values[i]),

@@ -103,11 +103,12 @@ class LocalRunner:
 
     def ingest(self) -> dict[str, Any]:
         """Ingest the drop folder."""
-        from pipeline.ingest import ingest
+        from pipeline.ingest import IngestConfig, ingest
         from pipeline.settings import ensure_dirs, get_settings
 
         s = ensure_dirs(get_settings())
-        return ingest(s.drop_dir, s.catalog_root, progress=self.progress).to_dict()
+        return ingest(s.drop_dir, s.catalog_root, progress=self.progress,
+                      config=IngestConfig(mes_timezone=s.timezone)).to_dict()
 
     def retrain(self, **params: Any) -> dict[str, Any]:
         """Run a retrain."""

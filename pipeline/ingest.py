@@ -41,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -148,6 +149,8 @@ class IngestConfig:
         delete_source: Remove registered and duplicate files from the drop folder after publishing them.
         lock_timeout: Seconds to wait for a concurrent ingest before failing.
         metadata_filename: Name of the per-folder MES export (``serial,timestamp,line,station,product_type``).
+        mes_timezone: IANA zone of MES timestamps written without an offset (the plant's clock; the commands pass
+            ``settings.timezone``); such rows are flagged ``naive_mes_timestamp``.
         default_line: Line used when neither the MES export nor a folder names one.
         default_station: Station used when the MES export does not name one.
         batch_size: Files per publish; a crash loses at most one batch of work.
@@ -168,6 +171,7 @@ class IngestConfig:
     delete_source: bool = False
     lock_timeout: float = 10.0
     metadata_filename: str = "mes_export.csv"
+    mes_timezone: str = "UTC"
     default_line: str = "unknown"
     default_station: str = "unknown"
     batch_size: int = 2000
@@ -464,10 +468,10 @@ class _MesRow:
     flags: tuple[str, ...]
 
 
-def read_mes_export(path: str | os.PathLike[str]) -> dict[str, _MesRow]:
+def read_mes_export(path: str | os.PathLike[str], timezone: str = "UTC") -> dict[str, _MesRow]:
     """Parse a MES export (``serial, timestamp, line, station, product_type``) into ``serial -> row``.
 
-    Timestamps are ISO 8601; naive ones are taken as UTC and flagged. Rows without a serial are skipped; an
+    Timestamps are ISO 8601; naive ones are taken in ``timezone`` (the plant's clock) and flagged. Rows without a serial are skipped; an
     unparsable timestamp keeps the row's line/station and flags it (the file time is used instead).
     """
     out: dict[str, _MesRow] = {}
@@ -486,7 +490,7 @@ def read_mes_export(path: str | os.PathLike[str]) -> dict[str, _MesRow]:
                 try:
                     ts = dt.datetime.fromisoformat(raw)
                     if ts.tzinfo is None:
-                        ts = ts.replace(tzinfo=dt.UTC)
+                        ts = ts.replace(tzinfo=ZoneInfo(timezone))
                         flags.append("naive_mes_timestamp")
                     ts = ts.astimezone(dt.UTC)
                 except ValueError:
@@ -497,8 +501,9 @@ def read_mes_export(path: str | os.PathLike[str]) -> dict[str, _MesRow]:
 
 
 class _MesCache:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, timezone: str = "UTC") -> None:
         self.name = name
+        self.timezone = timezone
         self._cache: dict[str, dict[str, _MesRow]] = {}
 
     def lookup(self, folder: str, serial: str) -> _MesRow | None:
@@ -507,7 +512,7 @@ class _MesCache:
             table: dict[str, _MesRow] = {}
             if os.path.isfile(path) and not os.path.islink(path):
                 try:
-                    table = read_mes_export(path)
+                    table = read_mes_export(path, self.timezone)
                 except (OSError, ValueError, csv.Error, UnicodeDecodeError) as exc:
                     log.warning("ignoring unreadable MES export %s: %s", path, exc)
             self._cache[folder] = table
@@ -641,7 +646,7 @@ def ingest(
             else:
                 candidates.append(cand)
 
-        mes = _MesCache(config.metadata_filename)
+        mes = _MesCache(config.metadata_filename, config.mes_timezone)
         counts: Counter[str] = Counter()
         quarantined: Counter[str] = Counter()
         ts_sources: Counter[str] = Counter()

@@ -17,7 +17,8 @@ Environment variables (all optional):
 ``LINEWATCH_MODEL_NAME``        registered model name (default ``linewatch-infodiffusion``)
 ``LINEWATCH_TRAINING_EXPERIMENT``    default ``linewatch-training``
 ``LINEWATCH_MONITORING_EXPERIMENT``  default ``linewatch-monitoring``
-``LINEWATCH_TIMEZONE``          IANA zone for schedules and day boundaries (default ``UTC``)
+``LINEWATCH_TIMEZONE``          IANA zone of the plant: schedules, day windows, dates shown (default: this machine's zone,
+                                from ``TZ`` or ``/etc/localtime``; ``UTC`` when it cannot be told)
 ``LINEWATCH_WEBHOOK_URL``       alert webhook (default: none)
 ``LINEWATCH_WORK_POOL``         Prefect work pool (default ``linewatch-process``)
 ``LINEWATCH_MLFLOW_RETRIES``    tries per MLflow server call before giving up (default 3)
@@ -57,7 +58,8 @@ class Settings:
         model_name: Registered model name.
         training_experiment: Experiment of training runs.
         monitoring_experiment: Experiment of monitoring (drift) runs.
-        timezone: IANA time zone of schedules and day boundaries.
+        timezone: IANA time zone of the plant: schedules, day windows, the dates ``catalog stats`` shows and naive
+            MES timestamps (default: this machine's zone, :func:`local_timezone`).
         webhook_url: Alert webhook URL, or None.
         work_pool: Prefect work pool the deployments run on.
         mlflow_retries: Tries per MLflow server call before ``TrackingUnavailable``.
@@ -92,6 +94,43 @@ class Settings:
     def zoneinfo(self) -> ZoneInfo:
         """The configured time zone as a ``ZoneInfo``."""
         return ZoneInfo(self.timezone)
+
+
+def _valid_zone(name: str | None) -> str | None:
+    if not name:
+        return None
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
+    return name
+
+
+def local_timezone(env: Mapping[str, str] | None = None, etc: Path = Path("/etc")) -> str:
+    """This machine's IANA time zone, ``"UTC"`` when it cannot be told.
+
+    In order: ``TZ`` if it names a zone, ``/etc/timezone``, the zone ``/etc/localtime`` links to.
+
+    The MES that stamps the parts runs on plant time, and so usually does the machine linewatch runs on; defaulting
+    to it keeps day windows, schedules and the dates ``catalog stats`` shows on the plant's days. Containers default
+    to UTC: set ``LINEWATCH_TIMEZONE`` there (``.env.example`` does).
+    """
+    env = os.environ if env is None else env
+    tz = _valid_zone((env.get("TZ") or "").lstrip(":"))
+    if tz:
+        return tz
+    try:
+        tz = _valid_zone((etc / "timezone").read_text().strip())
+    except OSError:
+        tz = None
+    if tz:
+        return tz
+    try:
+        target = str((etc / "localtime").resolve())
+    except OSError:
+        target = ""
+    tz = _valid_zone(target.split("zoneinfo/", 1)[1]) if "zoneinfo/" in target else None
+    return tz or "UTC"
 
 
 def _path(env: Mapping[str, str], key: str, default: Path) -> Path:
@@ -134,7 +173,7 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
             f"MLFLOW_TRACKING_URI={tracking!r} is a file store, which MLflow 3 no longer supports; "
             "use sqlite:///<path>/mlflow.db or an http(s):// tracking server"
         )
-    timezone = env.get("LINEWATCH_TIMEZONE") or "UTC"
+    timezone = env.get("LINEWATCH_TIMEZONE") or local_timezone(env)
     try:
         ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError):

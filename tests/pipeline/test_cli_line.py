@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -110,3 +111,30 @@ def test_help_has_examples(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parser().parse_args(["catalog", "--help"])
     assert "catalog stats" in capsys.readouterr().out
+
+
+def test_stats_and_naive_mes_times_use_the_configured_zone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cell made at 00:30 plant time (Berlin) belongs to that plant day, as in the monitor's day windows."""
+    folder = tmp_path / "drop" / "L1" / "2026-11-27"
+    folder.mkdir(parents=True)
+    buf = io.BytesIO()
+    Image.fromarray(np.full((40, 40), 90, np.uint8)).save(buf, "PNG")
+    (folder / "SN-1.png").write_bytes(buf.getvalue())
+    (folder / "mes_export.csv").write_text("serial,timestamp,line,station,product_type\n"
+                                           "SN-1,2026-11-27T00:30:00,L1,S1,mono\n")  # naive: plant time
+    monkeypatch.setenv("LINEWATCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LINEWATCH_TIMEZONE", "Europe/Berlin")
+    assert run(["ingest", str(tmp_path / "drop"), "--no-progress"]) == 0
+    capsys.readouterr()
+    cat = C.read_catalog(tmp_path / "home")
+    assert cat["captured_at"].iloc[0] == pd.Timestamp("2026-11-26T23:30:00Z")  # 00:30 CET
+    assert C.serial_of(cat["source_path"].iloc[0]) == "SN-1"
+    assert run(["catalog", "stats", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["timezone"] == "Europe/Berlin"
+    assert stats["per_line_day"] == [{"line": "L1", "date": "2026-11-27", "images": 1}]  # the plant day, not UTC's
+    assert C.catalog_stats(tmp_path / "home").per_line_day[0]["date"] == "2026-11-26"  # the UTC partition
+    assert run(["catalog", "stats"]) == 0
+    assert "plant days in Europe/Berlin" in capsys.readouterr().out

@@ -172,3 +172,22 @@ def test_drift_quality_channels_see_a_blur_the_tiny_latent_cannot(
     assert main(["drift", "--model", str(tiny_checkpoint), "--reference", str(ref_pq), "--current", str(blurred),
                  "--quality", "--min-window", "10", "--no-progress"]) == 2
     assert "--quality measures the images" in capsys.readouterr().err
+
+
+def test_score_names_catalogued_images_by_their_mes_serial(tmp_path, monkeypatch, png_writer, elpv_small):
+    """``linewatch score`` on the store (hash-named files) or on copies says the serial a person finds on the line."""
+    from pipeline.catalog import read_catalog, resolve_store_path
+    from pipeline.cli_monitor import catalog_serials
+    from pipeline.images import sha256_file
+    from pipeline.ingest import ingest
+
+    drop = tmp_path / "drop" / "L1" / "2026-01-05"
+    paths = png_writer(elpv_small.images[:2], drop, prefix="SN")
+    monkeypatch.setenv("LINEWATCH_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("LINEWATCH_CATALOG", raising=False)
+    ingest(tmp_path / "drop", tmp_path / "home", progress=False)
+    stored = [resolve_store_path(tmp_path / "home", p) for p in read_catalog(tmp_path / "home")["store_path"]]
+    other = png_writer(elpv_small.images[5:6], tmp_path / "elsewhere")[0]
+    frame = pd.DataFrame({"sha256": [sha256_file(p) for p in [*stored, other]]})
+    assert sorted(catalog_serials(frame)[:2]) == sorted(p.stem for p in paths) and catalog_serials(frame)[2] == ""
+    assert catalog_serials(pd.DataFrame({"path": ["x"]})) == [""]

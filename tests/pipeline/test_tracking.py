@@ -70,7 +70,8 @@ def test_settings_defaults_are_local_and_absolute(tmp_path: Path, monkeypatch: p
     assert st.mlflow_is_local
     assert (st.model_name, st.training_experiment, st.monitoring_experiment) == (
         "linewatch-infodiffusion", "linewatch-training", "linewatch-monitoring")
-    assert st.timezone == "UTC" and st.webhook_url is None and st.work_pool == "linewatch-process"
+    assert st.timezone == lw_settings.local_timezone({}) and st.webhook_url is None
+    assert st.work_pool == "linewatch-process"
     lw_settings.ensure_dirs(st)
     assert st.state_dir.is_dir() and st.checkpoints_dir.is_dir() and st.drop_dir.is_dir()
     assert not (tmp_path / "mlruns").exists()
@@ -89,6 +90,21 @@ def test_settings_from_env_and_errors(tmp_path: Path) -> None:
         lw_settings.get_settings({"MLFLOW_TRACKING_URI": "file:///tmp/mlruns"})
     with pytest.raises(ValueError, match="LINEWATCH_MLFLOW_RETRIES"):
         lw_settings.get_settings({"LINEWATCH_MLFLOW_RETRIES": "many"})
+
+
+def test_default_time_zone_is_the_machines(tmp_path: Path) -> None:
+    """The MES stamps parts in plant time; without LINEWATCH_TIMEZONE the machine's zone is used, not UTC."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    assert lw_settings.local_timezone({}, etc=etc) == "UTC"  # nothing says: UTC
+    (etc / "localtime").symlink_to("/usr/share/zoneinfo/Europe/Berlin")
+    assert lw_settings.local_timezone({}, etc=etc) == "Europe/Berlin"
+    (etc / "timezone").write_text("America/Chicago\n")
+    assert lw_settings.local_timezone({}, etc=etc) == "America/Chicago"
+    assert lw_settings.local_timezone({"TZ": ":Asia/Tokyo"}, etc=etc) == "Asia/Tokyo"
+    assert lw_settings.local_timezone({"TZ": "Mars/Olympus"}, etc=etc) == "America/Chicago"
+    assert lw_settings.get_settings({"TZ": "Asia/Tokyo"}).timezone == "Asia/Tokyo"
+    assert lw_settings.get_settings({"TZ": "Asia/Tokyo", "LINEWATCH_TIMEZONE": "UTC"}).timezone == "UTC"
 
 
 def test_code_version_names_a_commit_or_the_package(tmp_path: Path) -> None:
