@@ -115,16 +115,19 @@ def _digest(*parts: Any) -> str:
 class AlertPolicy:
     """When to open, escalate, suppress and resolve alerts.
 
+    Every rule applies per line and family group (``latent``, ``quality``, ``scores``; :mod:`pipeline.causes`).
+
     Attributes:
-        k_consecutive: drifted windows in a row before an alert opens (hysteresis; 1 = alert at once).
-        resolve_after: clear windows in a row before an open alert resolves.
-        cooldown_windows: after an alert for a dedup key opened or resolved, the same key re-appearing within this
+        k_consecutive: windows in a row in which the group fired before its alert opens (hysteresis; 1 = at once).
+        resolve_after: windows in a row without the group's drift before its open alert resolves.
+        cooldown_windows: after an alert for a cause opened or resolved, the same cause re-opening within this
             many windows is suppressed (0 = no cooldown).
         cooldown_minutes: the same in wall-clock minutes (None = off); either cooldown suppresses.
         critical_effect: |effect| (reference sd) of a top axis at or above which the alert is ``critical``.
         critical_p: a test-family p-value (or a top axis's adjusted p) below which the alert is ``critical``.
         top_n: axes listed in an alert.
-        dedup_axes: leading axes that form the dedup key (with the line and the tests fired).
+        dedup_axes: unused since alerts are keyed by cause (``"<line>|<cause>"``, the cause naming the top axis);
+            kept so existing policies still load.
         max_history: windows kept in the state's history.
         max_processed: window ids remembered for idempotency.
     """

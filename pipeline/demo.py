@@ -243,7 +243,8 @@ def run_demo(
     out(f"[demo] 3/6 nightly retrain from scratch on days 1-{config.train_days} ({config.preset} preset, "
         f"{config.steps_first} steps)")
     common = {"preset": config.preset, "batch_size": config.batch_size, "holdout_share": config.holdout_share,
-              "gate": config.gate, "seed": config.seed}
+              "gate": config.gate, "seed": config.seed,
+              "monitor": {"min_window": config.min_window}}  # the gate checks the monitor below can use the model
     v1 = runner.retrain(steps=config.steps_first, window_days=config.train_days, end=end_first, from_scratch=True,
                         **common)
     seconds["retrain v1"] = time.perf_counter() - t

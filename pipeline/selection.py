@@ -136,7 +136,7 @@ def select_training_data(
         use = inside & healthy
         n_cal = int((use & calib).sum())
         enough = int(use.sum()) >= target and int(use.sum()) - n_cal >= min_train and n_cal >= min_calibration
-        if enough or days >= days_max:
+        if enough or days >= days_max or not (age_days > days).any():  # nothing older left to take
             break
         days += 1
     excluded = {"alert_window": int((inside & alert_hit).sum()), "anomalous": int((inside & flagged & ~alert_hit).sum())}

@@ -394,3 +394,17 @@ def test_ui_command_uses_the_local_store(lw_env) -> None:
     assert cmd[-6:] == ["--host", "127.0.0.1", "--port", "5123", "--workers", "1"]
     with pytest.raises(ValueError, match="server"):
         tracking.ui_command(5000, lw_settings.get_settings({"MLFLOW_TRACKING_URI": "http://mlflow:5000"}))
+
+
+def test_every_setting_is_documented_with_its_default() -> None:
+    """README and docs/deployment.md list every variable that pipeline/settings.py and flows/ read, in a table."""
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    code = "".join((root / f).read_text() for f in ("pipeline/settings.py", "flows/runners.py", "flows/__init__.py"))
+    names = set(re.findall(r'"((?:LINEWATCH|MLFLOW)_[A-Z_]+)"', code)) - {"LINEWATCH_TEST_CRASH_AT"}
+    assert {"LINEWATCH_DROP", "LINEWATCH_TIMEZONE", "LINEWATCH_HOME", "LINEWATCH_TASK_RUNNER"} <= names
+    for doc in ("README.md", "docs/deployment.md"):
+        rows = {m.group(1) for m in re.finditer(r"^\| `([A-Z_]+)` \| [^|]+ \| [^|]+ \|$", (root / doc).read_text(),
+                                                re.M)}
+        assert names <= rows, (doc, sorted(names - rows))
