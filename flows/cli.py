@@ -273,6 +273,18 @@ def _monitor_options(p: argparse.ArgumentParser, *, full: bool) -> None:
 
 def register(subparsers: Any) -> None:
     """Add the flow commands to the ``linewatch`` parser."""
+    _register_demo(subparsers)
+    _register_jobs(subparsers)
+    p = subparsers.add_parser("serve", help="serve the scheduled deployments (nightly 02:00, monitor /15 min, "
+                              "ingest /10 min) with flow.serve", formatter_class=_HelpFormatter)
+    p.add_argument("--timezone", default=None, help="schedule time zone (None: LINEWATCH_TIMEZONE)")
+    p.add_argument("--webhook", default=None, help="create the drift-alert automation posting to this URL")
+    p.add_argument("--verbose", action="store_true", dest="verbose_cmd",
+                   help="also show HTTP requests and Prefect internals")
+    p.set_defaults(func=cmd_serve)
+
+
+def _register_demo(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "demo",
         help="the main job end to end: simulate a line with a fault, ingest, retrain, monitor, alert, retrain",
@@ -291,6 +303,8 @@ def register(subparsers: Any) -> None:
                    help="also show HTTP requests and Prefect internals")
     p.set_defaults(func=cmd_demo)
 
+
+def _register_jobs(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "nightly", help="run the nightly flow (ingest -> retrain -> monitor) once now",
         description="Ingest the drop folder, retrain a candidate (promoted only through the gate, which also checks "
@@ -328,11 +342,3 @@ def register(subparsers: Any) -> None:
     _monitor_options(p, full=True)
     _common(p)
     p.set_defaults(func=cmd_monitor)
-
-    p = subparsers.add_parser("serve", help="serve the scheduled deployments (nightly 02:00, monitor /15 min, "
-                              "ingest /10 min) with flow.serve", formatter_class=_HelpFormatter)
-    p.add_argument("--timezone", default=None, help="schedule time zone (None: LINEWATCH_TIMEZONE)")
-    p.add_argument("--webhook", default=None, help="create the drift-alert automation posting to this URL")
-    p.add_argument("--verbose", action="store_true", dest="verbose_cmd",
-                   help="also show HTTP requests and Prefect internals")
-    p.set_defaults(func=cmd_serve)

@@ -102,7 +102,10 @@ def emit_alert_events(result: dict[str, Any]) -> int:
                     "line": w["line"], "window_id": w["window_id"], "top_axis": w["top_axis"],
                     "description": w["description"], "effect": w["effect"], "summary": w["summary"],
                     "attribution": w["attribution"], "model_version": result["model_version"],
-                    "report": w.get("report"),
+                    "report": w.get("report"), "causes": list(w.get("causes", ())),
+                    "example_serials": list(w.get("example_serials", ())),
+                    "events": [f"{e.get('kind')} {e.get('alert', {}).get('cause', '')}".strip()
+                               for e in w["events"]],
                 },
             )
             n += 1

@@ -491,34 +491,22 @@ class AlertManager:
         """
         if not isinstance(line, str) or not line:
             raise ValueError("line must be a non-empty string")
-        if hasattr(window_id, "window_id"):
-            window_start = getattr(window_id, "start", None) if window_start is None else window_start
-            window_end = getattr(window_id, "end", None) if window_end is None else window_end
-            window_id = window_id.window_id
-        window_id = str(window_id)
         if not hasattr(drift_result, "detected"):
             raise ValueError("drift_result must have a 'detected' flag (pipeline.drift.DriftResult)")
-
         self.flush()  # earlier events first
         with FileLock(str(self._state_path(line)) + ".lock"):
             st = self.state(line)
-            if window_id in st.processed:
-                log.info("alerts: line %s window %s already processed; nothing to do", line, window_id)
+            ctx = self._context(st, line, window_id, window_start, window_end, model_version, card_paths,
+                                example_images, example_serials)
+            if ctx.window_id in st.processed:
+                log.info("alerts: line %s window %s already processed; nothing to do", line, ctx.window_id)
                 return []
+            from pipeline.axes import attribute
             from pipeline.causes import window_causes
 
             if attribution is None and bool(drift_result.detected):
-                from pipeline.axes import attribute
-
                 attribution = attribute(drift_result)
-            now = self.clock()
-            ctx = _Window(line=line, window_id=window_id, index=st.n_windows, now=now, now_s=_iso(now),
-                          model_version=model_version, bounds={"id": window_id, "start": _jsonable(window_start),
-                                                               "end": _jsonable(window_end)},
-                          card_paths=tuple(str(p) for p in card_paths),
-                          example_images=tuple(str(p) for p in example_images),
-                          example_serials=tuple(str(s) for s in example_serials),
-                          details=str(getattr(attribution, "text", "")))
+            ctx = replace(ctx, details=str(getattr(attribution, "text", "")))
             st.n_windows += 1
             causes = window_causes(drift_result, attribution, top_n=self.policy.top_n)
             events = self._apply_policy(st, causes, ctx)
@@ -527,6 +515,23 @@ class AlertManager:
         if any(e.kind in _DELIVERED_KINDS for e in events):
             self.flush()
         return events
+
+    def _context(self, st: AlertState, line: str, window_id: Any, window_start: Any, window_end: Any,
+                 model_version: str | None, card_paths: Sequence[Any], example_images: Sequence[Any],
+                 example_serials: Sequence[str]) -> _Window:
+        """What :meth:`update` knows about the window (a ``Window`` object gives its id, start and end)."""
+        if hasattr(window_id, "window_id"):
+            window_start = getattr(window_id, "start", None) if window_start is None else window_start
+            window_end = getattr(window_id, "end", None) if window_end is None else window_end
+            window_id = window_id.window_id
+        window_id = str(window_id)
+        now = self.clock()
+        return _Window(line=line, window_id=window_id, index=st.n_windows, now=now, now_s=_iso(now),
+                       model_version=model_version,
+                       bounds={"id": window_id, "start": _jsonable(window_start), "end": _jsonable(window_end)},
+                       card_paths=tuple(str(p) for p in card_paths),
+                       example_images=tuple(str(p) for p in example_images),
+                       example_serials=tuple(str(s) for s in example_serials), details="")
 
     def _apply_policy(self, st: AlertState, causes: Sequence[Any], ctx: _Window) -> list[AlertEvent]:
         """Advance every family group's counters by one window and return the events (groups in a fixed order)."""

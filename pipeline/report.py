@@ -166,78 +166,93 @@ def drift_report(
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
-    from pipeline.images import read_image
-
-    per_axis = getattr(result, "per_axis", None)
-    if per_axis is None or "effect_size" not in per_axis.columns:
-        raise ValueError("drift_report needs a DriftResult with a per_axis table (pipeline.drift)")
+    image_level = _check_result(result)
     axis = int(result.top_axis if axis is None else axis)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    examples = list(example_images)[:max_examples]
-    per_channel = getattr(result, "per_channel", None)
-    image_level = (per_channel is not None and len(per_channel) > 0) or getattr(result, "score_stat", None) is not None
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     cols = max(4, max_examples)
     fig = plt.figure(figsize=(12, 9.5 if summary else 8.5), constrained_layout=True)
     gs = fig.add_gridspec(4, cols, height_ratios=[0.45 if summary else 0.01, 1.1, 1.0, 1.0])
     if summary:
-        ax0 = fig.add_subplot(gs[0, :])
-        ax0.axis("off")
-        ax0.text(0, 1, textwrap.fill(summary, 170), va="top", ha="left", fontsize=8.5, wrap=True)
-
+        _text_panel(fig.add_subplot(gs[0, :]), summary)
     # 1. the test families, the per-axis effects (and the image-level families beside them)
     _families_panel(fig.add_subplot(gs[1, 0]), result)
-    ax1 = fig.add_subplot(gs[1, 1 : cols - 1] if image_level else gs[1, 1:])
+    _axes_panel(fig.add_subplot(gs[1, 1 : cols - 1] if image_level else gs[1, 1:]), result)
     if image_level:
         _image_level_panel(fig.add_subplot(gs[1, cols - 1]), result)
-    tab = per_axis.sort_values("axis")
-    colors = ["tab:red" if bool(s) else "tab:gray" for s in tab["significant"]]
-    ax1.bar(tab["axis"].astype(int), tab["effect_size"].astype(float), color=colors)
-    ax1.axhline(0, color="black", lw=0.6)
-    ax1.set_xlabel("latent axis")
-    ax1.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax1.set_ylabel("effect (ref. sd)")
+    # 2. the axis over time; 3. examples
+    _history_panel(fig.add_subplot(gs[2, :]), result, history, axis, description)
+    labels = [*example_labels, *[""] * max_examples]
+    for i, path in enumerate(list(example_images)[:max_examples]):
+        _example_panel(fig.add_subplot(gs[3, i]), path, labels[i])
+    fig.suptitle(title)
+    fig.savefig(out_path, dpi=90, bbox_inches="tight")  # the image-level panel's title must not be cut off
+    plt.close(fig)
+    return Path(out_path)
+
+
+def _check_result(result: Any) -> bool:
+    """Raise unless ``result`` has a per-axis table; return whether it carries image-level families."""
+    per_axis = getattr(result, "per_axis", None)
+    if per_axis is None or "effect_size" not in per_axis.columns:
+        raise ValueError("drift_report needs a DriftResult with a per_axis table (pipeline.drift)")
+    per_channel = getattr(result, "per_channel", None)
+    return (per_channel is not None and len(per_channel) > 0) or getattr(result, "score_stat", None) is not None
+
+
+def _text_panel(ax: Any, text: str) -> None:
+    """A paragraph across the top of the figure."""
+    ax.axis("off")
+    ax.text(0, 1, textwrap.fill(text, 170), va="top", ha="left", fontsize=8.5, wrap=True)
+
+
+def _axes_panel(ax: Any, result: Any) -> None:
+    """Bars of every latent axis's signed effect, significant ones red; says so when no single axis is significant."""
+    import matplotlib.ticker
+
+    tab = result.per_axis.sort_values("axis")
+    ax.bar(tab["axis"].astype(int), tab["effect_size"].astype(float),
+           color=["tab:red" if bool(s) else "tab:gray" for s in tab["significant"]])
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xlabel("latent axis")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel("effect (ref. sd)")
     note = ""
     if result.detected and not bool(tab["significant"].astype(bool).any()):
         fired = [_FAMILY_LABELS.get(f, f) for f in (getattr(result, "fired", ()) or ())]
         note = f"\nno single axis significant; fired: {', '.join(fired) or 'see tests'}"
-    ax1.set_title(f"per-axis shift (red: significant); {'drift' if result.detected else 'no drift'}, "
-                  f"n={result.n_cur}, null={result.null}{note}", fontsize=9)
+    ax.set_title(f"per-axis shift (red: significant); {'drift' if result.detected else 'no drift'}, "
+                 f"n={result.n_cur}, null={result.null}{note}", fontsize=9)
 
-    # 2. the axis over time
-    ax2 = fig.add_subplot(gs[2, :])
+
+def _history_panel(ax: Any, result: Any, history: Sequence[tuple[str, Any]], axis: int, description: str) -> None:
+    """The KS statistic of ``axis`` over the windows of ``history``, drifted windows circled, the lot-null threshold."""
     ids = [wid for wid, _ in history]
     ks = []
     for _, r in history:
         row = _axis_row(r.per_axis, axis)
         ks.append(float(row["ks_stat"]) if row is not None else np.nan)
     x = np.arange(len(ids))
-    ax2.plot(x, ks, marker="o", color="tab:blue", label=f"KS of axis {axis}")
+    ax.plot(x, ks, marker="o", color="tab:blue", label=f"KS of axis {axis}")
     det = [bool(r.detected) for _, r in history]
-    ax2.scatter(x[det], np.asarray(ks)[det], s=120, facecolors="none", edgecolors="tab:red", label="drift")
+    ax.scatter(x[det], np.asarray(ks)[det], s=120, facecolors="none", edgecolors="tab:red", label="drift")
     thr = (result.thresholds or {}).get("max_ks")
     if thr is not None and np.isfinite(thr):
-        ax2.axhline(float(thr), color="tab:red", ls="--", lw=1, label="lot-null threshold (max KS)")
-    ax2.set_xticks(x, ids, rotation=20, fontsize=8)
-    ax2.set_ylabel("KS statistic")
-    ax2.set_title(description or f"axis {axis}", fontsize=10)
-    ax2.legend(fontsize=8, loc="upper left")
+        ax.axhline(float(thr), color="tab:red", ls="--", lw=1, label="lot-null threshold (max KS)")
+    ax.set_xticks(x, ids, rotation=20, fontsize=8)
+    ax.set_ylabel("KS statistic")
+    ax.set_title(description or f"axis {axis}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
 
-    # 3. examples
-    labels = list(example_labels)
-    for i, p in enumerate(examples):
-        ax = fig.add_subplot(gs[3, i])
-        try:
-            img = np.asarray(read_image(p, channels=1)).squeeze()
-            ax.imshow(img, cmap="gray", vmin=0, vmax=255 if img.dtype == np.uint8 else None)
-        except (OSError, ValueError):
-            ax.text(0.5, 0.5, "unreadable", ha="center", va="center")
-        ax.set_title(labels[i] if i < len(labels) and labels[i] else Path(p).name[:28], fontsize=8)
-        ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.savefig(out_path, dpi=90, bbox_inches="tight")  # the image-level panel's title must not be cut off
-    plt.close(fig)
-    return out_path
+
+def _example_panel(ax: Any, path: str | os.PathLike[str], label: str) -> None:
+    """One example image, titled with its label (the MES serial) or else its file name."""
+    from pipeline.images import read_image
+
+    try:
+        img = np.asarray(read_image(path, channels=1)).squeeze()
+        ax.imshow(img, cmap="gray", vmin=0, vmax=255 if img.dtype == np.uint8 else None)
+    except (OSError, ValueError):
+        ax.text(0.5, 0.5, "unreadable", ha="center", va="center")
+    ax.set_title(label or Path(path).name[:28], fontsize=8)
+    ax.axis("off")

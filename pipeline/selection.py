@@ -81,64 +81,42 @@ def select_training_data(
     max_lookback_days: int | None = None,
     keep_size: bool = False,
 ) -> DataSelection:
-    """Apply the data-selection rules to catalog rows.
-
-    The window is the last ``window_days`` days before ``end``. Excluded images (alerted windows, flagged images)
-    are never used; when they leave fewer than the floors (``min_train`` / ``min_calibration``) or, with
-    ``keep_size``, fewer than the window held before the exclusions, the window's start moves back one day at a time
-    (whole days, never past ``max_lookback_days`` before ``end``) to take older healthy images instead of shrinking.
+    """Apply the data-selection rules to catalog rows (see the module docstring).
 
     Args:
         catalog: rows with at least ``image_id``, ``captured_at`` (tz-aware UTC) and ``line``.
-        window_days: keep the last N days before ``end``.
-        end: exclusive end of the window; None = 1 us after the newest ``captured_at``.
-        alert_windows: intervals under an active alert: columns ``line`` (None/NaN = every line), ``start``,
-            ``end`` (UTC). Images captured inside one are dropped when ``exclude_alerts``.
-        anomalous_ids: image ids flagged anomalous by the champion; dropped when ``exclude_anomalous``.
+        window_days: keep the last N days before ``end`` (None: 1 us after the newest ``captured_at``).
+        end: exclusive end of the window.
+        alert_windows: ``line`` (None/NaN = every line), ``start``, ``end`` (UTC) of windows to leave out.
+        anomalous_ids: image ids flagged anomalous, left out.
         holdout_share: calibration share (hash of the image id).
         exclude_alerts: apply the alert-window rule.
         exclude_anomalous: apply the anomalous-image rule.
-        min_train: training images to reach (by reaching back) if possible.
-        min_calibration: calibration images to reach (by reaching back) if possible.
-        max_lookback_days: farthest reach back in days before ``end`` (None: ``window_days``, no reaching back).
+        min_train: training images to reach by reaching back, if the catalog has them.
+        min_calibration: calibration images to reach likewise.
+        max_lookback_days: farthest reach in days before ``end`` (None: ``window_days``, no reaching back).
         keep_size: also reach back until the selection is as large as the window before the exclusions.
 
     Returns:
-        The selection (train / calibration rows, exclusion counts, the window, how far it reached back). The floors
-        are targets here; the caller decides what a selection below them means (:func:`retrain` refuses it).
+        The selection. The floors are targets here; :func:`pipeline.retrain.retrain` refuses a selection below them.
 
     Raises:
         ValueError: the catalog lacks required columns or is empty.
     """
-    missing = {"image_id", "captured_at"} - set(catalog.columns)
-    if missing:
-        raise ValueError(f"catalog rows lack columns {sorted(missing)}; pass rows from pipeline.catalog.read_catalog")
-    if catalog.empty:
-        raise ValueError("the catalog is empty: ingest images first (linewatch ingest / the ingest flow)")
-    ts = pd.to_datetime(catalog["captured_at"], utc=True)
-    end_ts = _utc(end) if end is not None else ts.max() + pd.Timedelta(microseconds=1)
     days_max = max(window_days, max_lookback_days or window_days)
-    reach = ((ts >= end_ts - pd.Timedelta(days=days_max)) & (ts < end_ts)).to_numpy()
-    df = catalog.loc[reach].reset_index(drop=True)
-    df_ts = ts[reach].reset_index(drop=True)
+    df, df_ts, end_ts = _rows_in_reach(catalog, end, days_max)
     alert_hit = np.zeros(len(df), dtype=bool)
     if exclude_alerts and alert_windows is not None and len(alert_windows):
         alert_hit = _in_alert_windows(df, df_ts, alert_windows, end_ts)
     flagged = df["image_id"].isin(anomalous_ids).to_numpy() if exclude_anomalous and anomalous_ids else \
         np.zeros(len(df), dtype=bool)
     calib = holdout_mask(df["image_id"].tolist(), holdout_share) if len(df) else np.zeros(0, dtype=bool)
-    healthy = ~alert_hit & ~flagged
     age_days = ((end_ts - df_ts) / pd.Timedelta(days=1)).to_numpy()
     target = int((age_days <= window_days).sum()) if keep_size else 0
-    days = window_days
-    while True:
-        inside = age_days <= days
-        use = inside & healthy
-        n_cal = int((use & calib).sum())
-        enough = int(use.sum()) >= target and int(use.sum()) - n_cal >= min_train and n_cal >= min_calibration
-        if enough or days >= days_max or not (age_days > days).any():  # nothing older left to take
-            break
-        days += 1
+    days = _reach_back(age_days, ~alert_hit & ~flagged, calib, window_days, days_max,
+                       target=target, min_train=min_train, min_calibration=min_calibration)
+    inside = age_days <= days
+    use = inside & ~alert_hit & ~flagged
     excluded = {"alert_window": int((inside & alert_hit).sum()), "anomalous": int((inside & flagged & ~alert_hit).sum())}
     return DataSelection(
         train=df.loc[use & ~calib].reset_index(drop=True),
@@ -148,6 +126,36 @@ def select_training_data(
         lookback_days=days,
         target=target,
     )
+
+
+def _rows_in_reach(catalog: pd.DataFrame, end: datetime | None,
+                   days: int) -> tuple[pd.DataFrame, pd.Series, pd.Timestamp]:
+    """The catalog rows of the ``days`` before ``end`` (default: just after the newest), their times, the end."""
+    missing = {"image_id", "captured_at"} - set(catalog.columns)
+    if missing:
+        raise ValueError(f"catalog rows lack columns {sorted(missing)}; pass rows from pipeline.catalog.read_catalog")
+    if catalog.empty:
+        raise ValueError("the catalog is empty: ingest images first (linewatch ingest / the ingest flow)")
+    ts = pd.to_datetime(catalog["captured_at"], utc=True)
+    end_ts = _utc(end) if end is not None else ts.max() + pd.Timedelta(microseconds=1)
+    reach = ((ts >= end_ts - pd.Timedelta(days=days)) & (ts < end_ts)).to_numpy()
+    return catalog.loc[reach].reset_index(drop=True), ts[reach].reset_index(drop=True), end_ts
+
+
+def _reach_back(age_days: np.ndarray, healthy: np.ndarray, calib: np.ndarray, window_days: int, days_max: int, *,
+                target: int, min_train: int, min_calibration: int) -> int:
+    """Days the window must cover (from ``window_days`` up to ``days_max``, whole days) to meet the target and floors.
+
+    Stops early when nothing older is left in the catalog.
+    """
+    days = window_days
+    while True:
+        use = (age_days <= days) & healthy
+        n, n_cal = int(use.sum()), int((use & calib).sum())
+        if (n >= target and n - n_cal >= min_train and n_cal >= min_calibration) or days >= days_max \
+                or not (age_days > days).any():
+            return days
+        days += 1
 
 
 def _utc(t: Any) -> pd.Timestamp:
