@@ -12,7 +12,7 @@ deployment             schedule              what
 ``retrain``            none (on demand)      retrain only
 =====================  ====================  =====================================================
 
-The time zone is ``LINEWATCH_TIMEZONE`` (default UTC). For work pools (process / docker workers) use the
+The time zone is ``LINEWATCH_TIMEZONE`` (default: the machine's zone, UTC when unknown). For work pools (process / docker workers) use the
 repository's ``prefect.yaml`` and ``prefect deploy``.
 
 Alerts: the monitor flow emits ``linewatch.drift.alert`` events. :func:`drift_alert_automation` defines the

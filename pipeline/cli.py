@@ -73,6 +73,7 @@ def configure_logging(verbose: bool) -> None:
             handler.addFilter(quiet)
     logging.getLogger("prefect").addFilter(quiet)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its loggers' level from it on import
 
 
 def build_parser() -> argparse.ArgumentParser:
