@@ -12,7 +12,7 @@ from tests.flows.world import PER_DAY, make_world, monitor_params, set_env, tiny
 
 
 def test_retry_policy_retries_transient_errors_only(monkeypatch):
-    from pipeline.catalog import CatalogLockedError
+    from pipeline.catalog.tables import CatalogLockedError
     from pipeline.tracking import TrackingUnavailable
 
     assert is_retryable(TrackingUnavailable("down")) and is_retryable(CatalogLockedError("busy"))
@@ -79,8 +79,8 @@ def test_cli_registers_the_flow_commands():
 
 def test_ingest_task_fn_registers_the_drop_folder(tmp_path, monkeypatch):
     from flows.ingest import ingest_task
+    from pipeline.line.simulate import simulate_line
     from pipeline.settings import ensure_dirs, get_settings
-    from pipeline.simulate import simulate_line
 
     set_env(monkeypatch, tmp_path)
     s = ensure_dirs(get_settings())
@@ -127,10 +127,10 @@ def test_unreachable_mlflow_retries_then_fails_naming_the_step(tmp_path, monkeyp
                                                                fast_retries):
     import socket
 
-    import pipeline.retrain as R
+    import pipeline.training.retrain as R
     from flows.nightly import nightly_flow
     from pipeline import tracking
-    from pipeline.catalog import read_catalog
+    from pipeline.catalog.tables import read_catalog
 
     settings = make_world(tmp_path / "home", monkeypatch)
     with socket.socket() as sock:  # a port nobody listens on
