@@ -30,7 +30,7 @@ from pipeline.catalog.ingest import (
 )
 from pipeline.common import schemas as S
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DAY = "2026-11-27"
 
 

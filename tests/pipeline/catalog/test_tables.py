@@ -16,7 +16,7 @@ import pytest
 from pipeline.catalog import tables as C
 from pipeline.common import schemas as S
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def synthetic_rows(

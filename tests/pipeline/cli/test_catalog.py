@@ -83,7 +83,7 @@ def test_lock_busy_exit_code(drop: Path, tmp_path: Path, capsys: pytest.CaptureF
         [sys.executable, "-c", code, str(root)],
         stdout=subprocess.PIPE,
         text=True,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=Path(__file__).resolve().parents[3],
     )
     try:
         assert proc.stdout.readline().strip() == "held"
