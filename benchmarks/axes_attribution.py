@@ -2,14 +2,14 @@
 
 Protocol:
 
-* Data: ELPV lot-level pools (``pipeline.elpv.split_pools(seed=0)``). The model trains on the train pool; the
-  reference is the calibration pool (latents + ``pipeline.properties`` measured on the 300 px originals); windows are
+* Data: ELPV lot-level pools (``pipeline.line.elpv.split_pools(seed=0)``). The model trains on the train pool; the
+  reference is the calibration pool (latents + ``pipeline.latent.properties`` measured on the 300 px originals); windows are
   drawn from the held-out pool (``--window`` cells per window, drawn at random without replacement within a window).
-* Faults (``pipeline.faults.apply_fault``, severity ``--severity``): gain, blur, noise, misalign, vignetting, plus
+* Faults (``pipeline.line.faults.apply_fault``, severity ``--severity``): gain, blur, noise, misalign, vignetting, plus
   a control (no fault). ``--windows`` windows each, i.i.d.-null ``DriftDetector`` (alpha 0.05).
 * Per fault: detection rate; among detected windows, the share naming the modal top axis (target >= 90 %); the modal
   axis's description, and whether its best property is one the fault moves (``FAULT_PROPERTIES``).
-* Also: ``pipeline.properties.measure`` time on 1,000 ELPV images, and ``axis_cards`` time for the named axes.
+* Also: ``pipeline.latent.properties.measure`` time on 1,000 ELPV images, and ``axis_cards`` time for the named axes.
 
 Run: ``.venv/bin/python -m benchmarks.axes_attribution [--preset cpu --steps 400 | --ckpt DIR]``.
 Checkpoints go to ``benchmarks/out/axes_attribution/`` (reused on the next run).
@@ -36,7 +36,7 @@ FAULT_KINDS = ("control", "gain", "blur", "noise", "misalign", "vignetting")
 
 
 def properties_speed(images: np.ndarray) -> float:
-    from pipeline.properties import measure
+    from pipeline.latent.properties import measure
 
     big = np.ascontiguousarray(np.concatenate([images] * (1000 // len(images) + 1))[:1000])
     measure(big[:64])  # warm-up
@@ -96,11 +96,11 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(2)
-    from pipeline.axes import attribute, axis_cards, axis_correlations, describe_axes
-    from pipeline.drift import DriftDetector
-    from pipeline.elpv import load_elpv, split_pools
-    from pipeline.faults import apply_fault
-    from pipeline.properties import FAULT_PROPERTIES, measure
+    from pipeline.analysis.axes import attribute, axis_cards, axis_correlations, describe_axes
+    from pipeline.analysis.drift import DriftDetector
+    from pipeline.latent.properties import FAULT_PROPERTIES, measure
+    from pipeline.line.elpv import load_elpv, split_pools
+    from pipeline.line.faults import apply_fault
 
     data = load_elpv()
     images = data.images
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "Target: same top axis in >= 90 % of detected windows and the card names the fault's property.",
         "",
-        f"`pipeline.properties.measure`, all {len(props_ref.columns)} properties, 1,000 ELPV 300x300 images: "
+        f"`pipeline.latent.properties.measure`, all {len(props_ref.columns)} properties, 1,000 ELPV 300x300 images: "
         f"{t_props:.2f} s.",
         f"`axis_cards`, {len(cards)} axes x 3 images x 5 quantiles, 20 DDIM steps: {t_cards:.1f} s.",
         "",

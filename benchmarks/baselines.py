@@ -380,7 +380,7 @@ def ks_test_1d(ref: np.ndarray, cur: np.ndarray) -> WindowTest:
 
 def ks_bh_test(ref: np.ndarray, cur: np.ndarray) -> WindowTest:
     """Per-feature KS with Benjamini-Hochberg; p = smallest adjusted p (Simes), statistic = -log10 p."""
-    from pipeline.drift import bh_adjust, ks_per_axis
+    from pipeline.analysis.drift import bh_adjust, ks_per_axis
 
     _, p = ks_per_axis(ref, cur)
     q = float(np.min(bh_adjust(p)))
@@ -389,7 +389,7 @@ def ks_bh_test(ref: np.ndarray, cur: np.ndarray) -> WindowTest:
 
 def mmd_test(ref: np.ndarray, cur: np.ndarray, n_permutations: int = 100, seed: int = 0) -> WindowTest:
     """MMD^2 (Gaussian kernel, median heuristic on the pooled sample) with a permutation p; statistic = MMD^2."""
-    from pipeline.drift import mmd_permutation_test
+    from pipeline.analysis.drift import mmd_permutation_test
 
     stat, p = mmd_permutation_test(ref, cur, n_permutations=n_permutations, rng=seed, max_ref=10_000)
     return WindowTest(float(p), float(stat))

@@ -8,12 +8,12 @@ cells (negatives) against held-out p = 1 cells (positives), cells with p = 1/3 a
 Methods:
 
 * linewatch (InfoDiffusion cpu preset, 32 px) and the DiffAE ablation (same preset, lambda = zeta = 0):
-  Mahalanobis and kNN on z, and the diffusion-native residual (``pipeline.detectors.DiffusionResidual`` recipe:
+  Mahalanobis and kNN on z, and the diffusion-native residual (``pipeline.analysis.detectors.DiffusionResidual`` recipe:
   t* = 100, 250, 10 DDIM steps, reductions mse / l1 / q99, standardised on calibration residuals), and the ensemble
-  Mahalanobis(z) + residual(mse) (``pipeline.detectors.Ensemble``, robust z). Latent detectors and standardisers are
+  Mahalanobis(z) + residual(mse) (``pipeline.analysis.detectors.Ensemble``, robust z). Latent detectors and standardisers are
   fit on the calibration-pool functional cells (as the shipped monitor does); the models trained on the train pool.
-  The **shipped** score (``pipeline.retrain.ScoringConfig``: residual mse at t* = 100, 250 averaged over three shared
-  noise fields, judged among the 25 calibration cells nearest in z by ``pipeline.detectors.ConditionalResidual``), the
+  The **shipped** score (``pipeline.training.retrain.ScoringConfig``: residual mse at t* = 100, 250 averaged over three shared
+  noise fields, judged among the 25 calibration cells nearest in z by ``pipeline.analysis.detectors.ConditionalResidual``), the
   same with one noise field, and the residuals standardised per cell type with the product label, to show how much
   of the type effect z recovers.
 * Pixel PCA (64 px, 32 components, fit on training cells): Mahalanobis and reconstruction error.
@@ -126,7 +126,7 @@ def shipped_residuals(ckpt_dir: Any, idx: np.ndarray, tag: str, seeds: tuple[int
     import torch
 
     from models import load_checkpoint, to_model_input
-    from pipeline.retrain import ScoringConfig
+    from pipeline.training.retrain import ScoringConfig
 
     meta = C.checkpoint_meta(ckpt_dir)
     sc = ScoringConfig()
@@ -148,8 +148,8 @@ def shipped_residuals(ckpt_dir: Any, idx: np.ndarray, tag: str, seeds: tuple[int
 # ------------------------------------------------------------------------------------------------ main
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.baselines import ConvAE, PatchCore, PixelPCA, downsample
-    from pipeline.detectors import ConditionalResidual, Ensemble, KNNDistance, Mahalanobis
-    from pipeline.detectors.conditional import stack_latents_residuals
+    from pipeline.analysis.detectors import ConditionalResidual, Ensemble, KNNDistance, Mahalanobis
+    from pipeline.analysis.detectors.conditional import stack_latents_residuals
 
     sp = C.get_splits()
     test = sp.test

@@ -6,7 +6,7 @@ on mono cells but 0.66 on poly cells, where PatchCore at 300 px reaches 0.83. Th
 32 px input) on **tiles**: each training cell resized to 128 px and cut into 4 x 4 tiles of 32 px (15,232 tiles,
 4x the linear resolution of the whole-cell model). Every test cell is scored the same way at tile level (residual at
 t* = 100, 250 with the shared noise field, each tile judged among the k calibration tiles nearest in tile-z, like
-``pipeline.detectors.ConditionalResidual``), and the tile scores are pooled per cell (max, mean of the top 2, mean).
+``pipeline.analysis.detectors.ConditionalResidual``), and the tile scores are pooled per cell (max, mean of the top 2, mean).
 
 Same split and labels as ``bench_anomaly`` (train on train-pool functional cells, calibration-pool functional cells
 as the reference, held-out functional vs p = 1). Not part of the shipped pipeline; kept to record the answer.
@@ -45,8 +45,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from models import load_checkpoint, train
     from models.presets import cpu
-    from pipeline.detectors import ConditionalResidual, DiffusionResidual
-    from pipeline.detectors.conditional import stack_latents_residuals
+    from pipeline.analysis.detectors import ConditionalResidual, DiffusionResidual
+    from pipeline.analysis.detectors.conditional import stack_latents_residuals
 
     torch.set_num_threads(1)
     sp = C.get_splits()

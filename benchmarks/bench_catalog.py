@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline import catalog as C
-from pipeline import schemas as S
+from pipeline.catalog import tables as C
+from pipeline.common import schemas as S
 
 OUT = Path(__file__).parent / "results" / "bench_catalog.md"
 LINES = ("L1", "L2", "L3", "L4")

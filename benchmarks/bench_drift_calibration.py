@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.drift import DriftDetector
+from pipeline.analysis.drift import DriftDetector
 
 ALPHA = 0.05
 SIZES = (50, 100, 200)
@@ -152,7 +152,7 @@ def elpv_rows(n_perm: int, n_cal: int, folds: int = 5, gains: tuple[float, ...] 
     import torch
     import torch.nn.functional as F
 
-    from pipeline.elpv import load_elpv
+    from pipeline.line.elpv import load_elpv
 
     data = load_elpv()
     imgs = torch.from_numpy(np.asarray(data.images, dtype=np.float32) / 255.0)[:, None]

@@ -9,17 +9,17 @@ functional cells (what the shipped monitor uses). Two kinds of windows:
 
 Conditions: no fault (false alarms), gain x0.9, blur sigma = 1 px (at 300 px), noise sigma = 3 % of full range,
 misalignment 2 deg (+6 px shift), product mix 40 % -> 90 % mono, defect rate 0 % -> 25 % p = 1 cells. Image faults are
-applied to every cell of the window with ``pipeline.faults`` (one noise draw per cell, cached). Strata smaller than
+applied to every cell of the window with ``pipeline.line.faults`` (one noise draw per cell, cached). Strata smaller than
 the draw (e.g. 90 % of 200 mono cells from 90 held-out mono cells) are drawn with replacement (i.i.d.) or wrap around
 (lot windows).
 
 Methods (each on the same windows):
 
-* linewatch: ``pipeline.drift.DriftDetector`` on InfoDiffusion z (per-axis KS + BH and MMD permutation test,
+* linewatch: ``pipeline.analysis.drift.DriftDetector`` on InfoDiffusion z (per-axis KS + BH and MMD permutation test,
   Bonferroni across families), with the i.i.d. null and with the lot null (calibrated on consecutive reference
   cells, stratified by cell type with the lots known, as the monitor does with the catalog's product type; windows
   above a third of the reference, ``DriftDetector.max_window``, are evenly subsampled, as the monitor does);
-  "z + quality" adds the full-resolution image-quality family (``pipeline.properties.QUALITY_CHANNELS``); "z + quality + scores" also the per-image anomaly
+  "z + quality" adds the full-resolution image-quality family (``pipeline.latent.properties.QUALITY_CHANNELS``); "z + quality + scores" also the per-image anomaly
   scores (the window's scores against the reference's cross-fitted ones: AUC and tail share,
   ``score_features``): this is the shipped monitor; "anomaly scores (AUC + tail share)" is that family on its own
   under the i.i.d. null (one-sided Mann-Whitney AUC and Fisher test of the share above the reference's 90th
@@ -34,8 +34,8 @@ its own drift statistic is set to 5 % on a separate set of no-fault windows of t
 calibration that none of them has in production; it compares power only). Attribution: for each single-factor fault,
 the share of detected linewatch windows naming the modal top axis (or, when the quality family fired, the top
 image-quality channel, which is what the alert names), and whether that axis's description (from
-``pipeline.axes.describe_axes`` on the calibration cells) or that channel is a property the fault moves
-(``pipeline.properties.FAULT_PROPERTIES``). Equal-FAR statistic of the lot null: the largest family z-score against
+``pipeline.analysis.axes.describe_axes`` on the calibration cells) or that channel is a property the fault moves
+(``pipeline.latent.properties.FAULT_PROPERTIES``). Equal-FAR statistic of the lot null: the largest family z-score against
 its bootstrap (bootstrap p-values tie at their 1 / (B + 1) floor).
 
 Run: ``.venv/bin/python -m benchmarks.bench_drift_faults [--windows 50 --null-windows 100]``.
@@ -178,8 +178,8 @@ def latent_features(sp: C.Splits, ckpt_dir: Any) -> Features:
 
 
 def quality_features(sp: C.Splits) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Full-resolution image-quality channels (``pipeline.properties.QUALITY_CHANNELS``) of reference and pool."""
-    from pipeline.properties import QUALITY_CHANNELS, measure
+    """Full-resolution image-quality channels (``pipeline.latent.properties.QUALITY_CHANNELS``) of reference and pool."""
+    from pipeline.latent.properties import QUALITY_CHANNELS, measure
 
     def comp() -> dict[str, np.ndarray]:
         def q(imgs: np.ndarray) -> np.ndarray:
@@ -198,14 +198,14 @@ def quality_features(sp: C.Splits) -> tuple[np.ndarray, dict[str, np.ndarray]]:
 def score_features(sp: C.Splits, ckpt_dir: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Per-image anomaly scores as the monitor computes them: reference (cross-fitted) and every pool variant.
 
-    Residuals with the shipped recipe (``pipeline.retrain.ScoringConfig``), the detector of
-    ``pipeline.retrain.detector_calibration`` on the calibration cells (fit on one half, as the monitor), the
-    reference's own scores from ``pipeline.retrain.calibration_scores`` (two-fold cross-fitting).
+    Residuals with the shipped recipe (``pipeline.training.retrain.ScoringConfig``), the detector of
+    ``pipeline.training.retrain.detector_calibration`` on the calibration cells (fit on one half, as the monitor), the
+    reference's own scores from ``pipeline.training.retrain.calibration_scores`` (two-fold cross-fitting).
     """
     import torch
 
     from models import load_checkpoint, to_model_input
-    from pipeline.retrain import ScoringConfig, calibration_scores, detector_calibration
+    from pipeline.training.retrain import ScoringConfig, calibration_scores, detector_calibration
 
     mid = C.checkpoint_meta(ckpt_dir)["model_id"]
     sc = ScoringConfig()
@@ -246,7 +246,7 @@ def linewatch_method(
     ``top_channel`` is the index (into ``QUALITY_CHANNELS``) of the image-quality channel the result names when the
     quality family fired, else -1.
     """
-    from pipeline.drift import DriftDetector
+    from pipeline.analysis.drift import DriftDetector
 
     det = DriftDetector(alpha=ALPHA, null=null, n_permutations=n_perm, random_state=seed, lot_block=lot_block)
     det.fit(feats.ref, ref_strata=strata, ref_lots=lots, ref_quality=feats.q_ref if quality else None,
@@ -282,7 +282,7 @@ def baseline_method(kind: str, ref: np.ndarray, n_perm: int, seed: int) -> Calla
     def test(Xw: np.ndarray, _q: Any = None, _s: Any = None) -> tuple:
         if kind == "mw":
             # the score family under the i.i.d. null: AUC (Mann-Whitney) and tail share (Fisher), Bonferroni
-            from pipeline.drift import score_distribution_test, score_tail_test
+            from pipeline.analysis.drift import score_distribution_test, score_tail_test
 
             _, p_auc = score_distribution_test(ref[:, 0], Xw[:, 0])
             _, p_tail = score_tail_test(ref[:, 0], Xw[:, 0])
@@ -302,7 +302,7 @@ def baseline_method(kind: str, ref: np.ndarray, n_perm: int, seed: int) -> Calla
 
 # ------------------------------------------------------------------------------------------------ run
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.axes import mix_text
+    from pipeline.analysis.axes import mix_text
 
     sp = C.get_splits()
     n_ok = len(sp.test_ok)
@@ -418,7 +418,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         names = [f"ch:{int(c)}" if c >= 0 else f"z:{int(t)}" for t, c in a[det][:, 3:5]]
                         row["top_axes"] = Counter(names).most_common()
                         # the monitor adds "product mix changed: ..." to a drifted window's alert when the shares
-                        # moved (pipeline.axes.mix_text); the windows are subsampled before the test, not for this
+                        # moved (pipeline.analysis.axes.mix_text); the windows are subsampled before the test, not for this
                         wins = sets[(cond, "eval")]
                         stated = [bool(mix_text(cal_types, pool_types[w])) for w, d in zip(wins, det, strict=True) if d]
                         row["mix_stated"] = float(np.mean(stated))
@@ -463,8 +463,8 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 def attribution_table(sp: C.Splits, zf: Features | None, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Top-axis consistency per fault and whether the axis description names the fault's property."""
-    from pipeline.axes import MIN_ABS_R, axis_correlations, describe_axes
-    from pipeline.properties import FAULT_PROPERTIES, PROPERTIES, QUALITY_CHANNELS, measure
+    from pipeline.analysis.axes import MIN_ABS_R, axis_correlations, describe_axes
+    from pipeline.latent.properties import FAULT_PROPERTIES, PROPERTIES, QUALITY_CHANNELS, measure
 
     props = C.cached(f"drift/props_cal_{C.key_of(sp.calibration.tolist(), list(PROPERTIES))}",
                      lambda: {c: v.to_numpy() for c, v in measure(C.images()[sp.calibration]).items()})
@@ -546,7 +546,7 @@ def report(res: dict[str, Any], command: str) -> str:
             out.append("\n")
     out.append("## Attribution (linewatch, detected windows)\n\n")
     out.append("`mix stated`: share of the detected windows whose alert also says \"product mix changed: ...\" "
-               "(`pipeline.axes.mix_text`, the catalog's product type; shares moved by 0.15 or more).\n\n")
+               "(`pipeline.analysis.axes.mix_text`, the catalog's product type; shares moved by 0.15 or more).\n\n")
     out.append("| windows | method | n | fault | detected | modal top axis / channel | share naming it | description | "
                "names the fault's property | mix stated |\n|---|---|---|---|---|---|---|---|---|---|\n")
     for a in res["attribution"]:

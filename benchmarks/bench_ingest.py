@@ -26,9 +26,9 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.bench_catalog import synthetic_catalog
-from pipeline import catalog as C
-from pipeline.ingest import IngestConfig, ingest, validate_bytes
-from pipeline.store import ContentStore, sha256_bytes
+from pipeline.catalog import tables as C
+from pipeline.catalog.ingest import IngestConfig, ingest, validate_bytes
+from pipeline.catalog.store import ContentStore, sha256_bytes
 
 OUT = Path(__file__).parent / "results" / "bench_ingest.md"
 PER_DAY = 100

@@ -2,7 +2,7 @@
 
 Protocol (the InfoDiffusion paper's latent-quality protocol, applied to ELPV):
 
-* Data: the deterministic lot-level pools of ``pipeline.elpv.split_pools(seed=0)``. Models train on the
+* Data: the deterministic lot-level pools of ``pipeline.line.elpv.split_pools(seed=0)``. Models train on the
   **train-pool functional cells** (p = 0) only; all probes run on the **calibration + held-out** pools, cells from
   lots the models never saw.
 * Models (same preset, same number of steps, same seed, same data order):
@@ -14,7 +14,7 @@ Protocol (the InfoDiffusion paper's latent-quality protocol, applied to ELPV):
   (AUROC; cells with p = 1/3 are left out). A second, stricter variant groups the folds by lot (no near-duplicate
   neighbour cell across train/test folds).
 * Disentanglement indicator (TAD-like): for each measurable property (mean intensity, contrast, sharpness, dark
-  fraction; ``pipeline.properties``) the largest |Pearson correlation| with a single axis and its gap to the second
+  fraction; ``pipeline.latent.properties``) the largest |Pearson correlation| with a single axis and its gap to the second
   largest; the summed gap is the score (higher = each property lives in one axis).
 
 Run: ``.venv/bin/python -m benchmarks.bench_latent_quality [--steps N]``; checkpoints are kept under
@@ -51,7 +51,7 @@ TARGETS = {"mono_poly_acc": 0.98, "defect_auroc": 0.90}
 # --- data ------------------------------------------------------------------------------------------------------
 def load_pools(seed: int = 0) -> tuple[np.ndarray, pd.DataFrame]:
     """ELPV images (N, 300, 300) uint8 and the pool table (index, prob, type, lot, pool)."""
-    from pipeline.elpv import load_elpv, split_pools
+    from pipeline.line.elpv import load_elpv, split_pools
 
     data = load_elpv()
     pools = split_pools(seed=seed)
@@ -167,8 +167,8 @@ def disentanglement(Z: np.ndarray, props: pd.DataFrame) -> dict[str, tuple[float
 
 
 def measure_properties(images: np.ndarray) -> pd.DataFrame:
-    """The four properties of the indicator (``pipeline.properties.measure``)."""
-    from pipeline.properties import measure
+    """The four properties of the indicator (``pipeline.latent.properties.measure``)."""
+    from pipeline.latent.properties import measure
 
     return measure(images, list(PROPERTIES))
 
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from models import get_preset, load_checkpoint, to_model_input
-    from pipeline.encode import encode_images
+    from pipeline.latent.encode import encode_images
 
     torch.set_num_threads(args.threads)
     images, pools = load_pools(0)

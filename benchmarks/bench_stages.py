@@ -36,7 +36,12 @@ def _time(fn: Callable[[], Any], repeat: int = 3) -> float:
 
 def scoring(n_refs: list[int], n_images: list[int]) -> list[dict[str, Any]]:
     """Fit on n_ref reference latents, then score n images, per detector."""
-    from pipeline.detectors import ConditionalResidual, IsolationForestDetector, KNNDistance, Mahalanobis
+    from pipeline.analysis.detectors import (
+        ConditionalResidual,
+        IsolationForestDetector,
+        KNNDistance,
+        Mahalanobis,
+    )
 
     rng = np.random.default_rng(0)
     rows = []
@@ -64,7 +69,7 @@ def scoring(n_refs: list[int], n_images: list[int]) -> list[dict[str, Any]]:
 
 def drift(ns: list[int], n_ref: int, n_calibration: int) -> list[dict[str, Any]]:
     """One window test per size, i.i.d. null (200 permutations) and lot null (calibration timed separately)."""
-    from pipeline.drift import DriftDetector
+    from pipeline.analysis.drift import DriftDetector
 
     rng = np.random.default_rng(1)
     ref = rng.normal(size=(n_ref, D))
@@ -85,7 +90,7 @@ def drift(ns: list[int], n_ref: int, n_calibration: int) -> list[dict[str, Any]]
 
 def calibration_growth(n_refs: list[int], n: int, n_calibration: int) -> list[dict[str, Any]]:
     """Lot-null calibration time against the reference size (window n, stratified by two product types)."""
-    from pipeline.drift import DriftDetector
+    from pipeline.analysis.drift import DriftDetector
 
     rng = np.random.default_rng(2)
     rows = []
@@ -101,7 +106,7 @@ def calibration_growth(n_refs: list[int], n: int, n_calibration: int) -> list[di
 
 def quality_channels(n: int) -> dict[str, Any]:
     """Image-quality channels (``QUALITY_CHANNELS``) per real 300 x 300 ELPV cell."""
-    from pipeline.properties import QUALITY_CHANNELS, measure
+    from pipeline.latent.properties import QUALITY_CHANNELS, measure
 
     imgs = C.images()[:n]
     s = _time(lambda: measure(imgs, QUALITY_CHANNELS), repeat=2)

@@ -26,8 +26,8 @@ def time_sweep(home: Path, steps: int, threads: int) -> tuple[float, str]:
     import torch
 
     from pipeline import tracking
-    from pipeline.elpv import load_elpv, pool_indices
-    from pipeline.sweep import elpv_probe_set, sweep
+    from pipeline.line.elpv import load_elpv, pool_indices
+    from pipeline.training.sweep import elpv_probe_set, sweep
 
     torch.set_num_threads(threads)
     tracking.reset()

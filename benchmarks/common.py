@@ -1,6 +1,6 @@
 """Shared pieces of the evidence benchmarks: splits, drift faults, disk caches, checkpoints, result files.
 
-Protocol (all benchmarks): ELPV pools of ``pipeline.elpv.split_pools(seed=0)``, assigned by **whole lots** (modules),
+Protocol (all benchmarks): ELPV pools of ``pipeline.line.elpv.split_pools(seed=0)``, assigned by **whole lots** (modules),
 which is stricter than the random splits of the published ELPV results (no near-duplicate neighbour cell of a test
 cell is ever seen in training).
 
@@ -34,14 +34,14 @@ CACHE = OUT / "cache"
 RESULTS = ROOT / "benchmarks" / "results"
 MACHINE = "2-core CPU, 24 GiB, no GPU (shared with other jobs)"
 
-#: The drift faults of the evidence issue, as (function name in ``pipeline.faults``, physical parameter).
+#: The drift faults of the evidence issue, as (function name in ``pipeline.line.faults``, physical parameter).
 DRIFT_FAULTS: dict[str, tuple[str, float]] = {
     "gain x0.9": ("gain", 0.9),
     "blur 1 px": ("blur", 1.0),
     "noise 3%": ("noise", 0.03),
     "misalign 2 deg": ("misalign", 2.0),
 }
-#: Fault kind (``pipeline.faults.FAULTS`` / ``pipeline.properties.FAULT_PROPERTIES`` key) of each drift fault.
+#: Fault kind (``pipeline.line.faults.FAULTS`` / ``pipeline.latent.properties.FAULT_PROPERTIES`` key) of each drift fault.
 FAULT_KIND: dict[str, str] = {
     "gain x0.9": "gain",
     "blur 1 px": "blur",
@@ -83,7 +83,7 @@ class Splits:
 
 def get_splits(seed: int = 0) -> Splits:
     """The benchmark sets of the documented split."""
-    from pipeline.elpv import split_pools
+    from pipeline.line.elpv import split_pools
 
     t = split_pools(seed=seed)
     pool, prob = t["pool"].astype(str).to_numpy(), t["prob"].to_numpy()
@@ -101,14 +101,14 @@ def get_splits(seed: int = 0) -> Splits:
 
 def images() -> np.ndarray:
     """All ELPV images, uint8 (2624, 300, 300), read-only."""
-    from pipeline.elpv import load_elpv
+    from pipeline.line.elpv import load_elpv
 
     return load_elpv().images
 
 
 def apply_drift_fault(img: np.ndarray, name: str, cell: int) -> np.ndarray:
     """Apply drift fault ``name`` (a key of :data:`DRIFT_FAULTS`) to one 300 px image; noise is seeded per cell."""
-    from pipeline import faults
+    from pipeline.line import faults
 
     fn, v = DRIFT_FAULTS[name]
     if fn == "gain":

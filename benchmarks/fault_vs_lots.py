@@ -5,8 +5,8 @@ x0.9 in a window. This measures whether the two can hold together on ELPV, indep
 moves a lot's image statistics less than ordinary lots differ from each other, no per-window test calibrated on
 lot-to-lot variation can see it, whatever the features.
 
-Data: every functional (p = 0) ELPV cell, with its derived lot (module, ``pipeline.elpv``), per product type.
-Statistics: full-resolution image properties (``pipeline.properties``): brightness, contrast, noise level, fine-detail
+Data: every functional (p = 0) ELPV cell, with its derived lot (module, ``pipeline.line.elpv``), per product type.
+Statistics: full-resolution image properties (``pipeline.latent.properties``): brightness, contrast, noise level, fine-detail
 ratio, sharpness, dark-area fraction. For each fault of ``benchmarks.common.DRIFT_FAULTS``:
 
 * **univariate**: the fault's mean effect on each statistic in units of the lot-to-lot sd (sd of the lot means);
@@ -43,7 +43,7 @@ CHANNELS = ("mean_intensity", "contrast", "noise_level", "detail_ratio", "sharpn
 
 def measurements(cells: np.ndarray) -> dict[str, np.ndarray]:
     """Image statistics (n_cells, len(CHANNELS)) of the clean cells and of each drift-fault variant (cached)."""
-    from pipeline.properties import measure
+    from pipeline.latent.properties import measure
 
     def comp() -> dict[str, np.ndarray]:
         out = {}
@@ -140,7 +140,7 @@ def report(rows: list[dict[str, Any]], command: str) -> str:
                     for r in gain)
         + ". A per-window test calibrated on lot-to-lot variation (the lot null) therefore cannot flag a x0.9 gain on "
         "ELPV without also flagging that share of healthy lot changes; it needs evidence accumulated over many lots "
-        "or a lot label to compare within a lot. Lots are derived from ELPV's file order (`pipeline.elpv`), which "
+        "or a lot label to compare within a lot. Lots are derived from ELPV's file order (`pipeline.line.elpv`), which "
         "publishes no module ids.",
     ]
     return "\n".join(lines) + "\n"
@@ -149,7 +149,7 @@ def report(rows: list[dict[str, Any]], command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.parse_args(argv)
-    from pipeline.elpv import load_elpv
+    from pipeline.line.elpv import load_elpv
 
     data = load_elpv()
     cells = np.flatnonzero(np.asarray(data.probs) == 0)

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from benchmarks.bench_latent_quality import evaluate, load_pools, measure_properties
     from models import load_checkpoint
-    from pipeline.encode import encode_images
+    from pipeline.latent.encode import encode_images
 
     torch.set_num_threads(1)
     images, pools = load_pools(0)

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.elpv import POOLS, load_elpv, split_pools
-from pipeline.faults import FaultSpec
-from pipeline.simulate import simulate_line
+from pipeline.line.elpv import POOLS, load_elpv, split_pools
+from pipeline.line.faults import FaultSpec
+from pipeline.line.simulate import simulate_line
 
 OUT = Path(__file__).parent / "results" / "simulate_speed.md"
 CASES = [

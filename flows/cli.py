@@ -108,7 +108,7 @@ def _fail(command: str, exc: BaseException) -> int:
 def _retrain_params(args: argparse.Namespace, monitor: dict[str, Any]) -> dict[str, Any]:
     """Retrain parameters from the command line, validated (a bad one is a one-line error, exit 2)."""
     from pipeline.cli import CLIError
-    from pipeline.retrain import retrain_config
+    from pipeline.training.retrain import retrain_config
 
     params = {"preset": args.preset, "steps": args.steps, "window_days": args.window_days,
               "max_lookback_days": args.max_lookback_days, "from_scratch": args.from_scratch, "monitor": monitor}
@@ -125,7 +125,7 @@ def _retrain_params(args: argparse.Namespace, monitor: dict[str, Any]) -> dict[s
 def _monitor_params(args: argparse.Namespace) -> dict[str, Any]:
     """Monitor settings from the command line, validated."""
     from pipeline.cli import CLIError
-    from pipeline.monitor import monitor_config
+    from pipeline.monitoring.monitor import monitor_config
 
     params = {k: v for k, v in {
         "lookback_days": getattr(args, "lookback_days", None), "window_by": getattr(args, "window_by", None),
@@ -194,7 +194,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     params = _retrain_params(args, _monitor_params(args))
     _prefect_home()
     from flows.retrain import retrain_flow
-    from pipeline.retrain import InsufficientData
+    from pipeline.training.retrain import InsufficientData
 
     try:
         res = retrain_flow(**params)

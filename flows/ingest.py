@@ -20,7 +20,7 @@ def ingest_task(drop: str | None = None, line: str | None = None) -> dict[str, A
     Returns:
         The run summary (``IngestSummary.to_dict()``).
     """
-    from pipeline.ingest import IngestConfig, ingest
+    from pipeline.catalog.ingest import IngestConfig, ingest
     from pipeline.settings import ensure_dirs, get_settings
 
     settings = ensure_dirs(get_settings())

@@ -1,6 +1,6 @@
 """Monitor flow: encode new images with the champion, score, test drift per window, alert, log (every 15 min).
 
-The job is :func:`pipeline.monitor.monitor`. Each new alert is also emitted as the Prefect event
+The job is :func:`pipeline.monitoring.monitor.monitor`. Each new alert is also emitted as the Prefect event
 ``linewatch.drift.alert`` (resource ``linewatch.line.<line>``), which the automation built by
 :func:`flows.deploy.drift_alert_automation` turns into a webhook notification.
 
@@ -29,12 +29,12 @@ ALERT_EVENT = "linewatch.drift.alert"
 
 @task(name="monitor-windows", timeout_seconds=3600, **job_task_options())
 def monitor_task(config: Any) -> dict[str, Any]:
-    """Run one monitor pass (``pipeline.monitor.monitor``) and return its result as a dict.
+    """Run one monitor pass (``pipeline.monitoring.monitor.monitor``) and return its result as a dict.
 
     A retry is safe: encoding resumes from the latents table and the alert manager's persisted state keeps an
     alert from being sent twice.
     """
-    from pipeline.monitor import monitor
+    from pipeline.monitoring.monitor import monitor
     from pipeline.settings import ensure_dirs, get_settings
 
     settings = ensure_dirs(get_settings())
@@ -47,8 +47,8 @@ def monitor_task(config: Any) -> dict[str, Any]:
 
 @task(name="plan-encoding", **job_task_options())
 def plan_encoding_task(config: Any, chunk_size: int) -> dict[str, Any]:
-    """Chunks of monitored images the champion has not encoded yet (``pipeline.monitor.encoding_plan``)."""
-    from pipeline.monitor import encoding_plan
+    """Chunks of monitored images the champion has not encoded yet (``pipeline.monitoring.monitor.encoding_plan``)."""
+    from pipeline.monitoring.monitor import encoding_plan
     from pipeline.settings import ensure_dirs, get_settings
 
     return encoding_plan(ensure_dirs(get_settings()), config, chunk_size)
@@ -56,8 +56,8 @@ def plan_encoding_task(config: Any, chunk_size: int) -> dict[str, Any]:
 
 @task(name="encode-chunk", timeout_seconds=3600, **job_task_options())
 def encode_chunk_task(checkpoint_dir: str, records: list[dict[str, str]]) -> str:
-    """Encode one chunk into a part file (``pipeline.monitor.encode_chunk``); a retry rewrites the same part."""
-    from pipeline.monitor import encode_chunk
+    """Encode one chunk into a part file (``pipeline.monitoring.monitor.encode_chunk``); a retry rewrites the same part."""
+    from pipeline.monitoring.monitor import encode_chunk
     from pipeline.settings import ensure_dirs, get_settings
 
     return encode_chunk(ensure_dirs(get_settings()), checkpoint_dir, records)
@@ -65,8 +65,8 @@ def encode_chunk_task(checkpoint_dir: str, records: list[dict[str, str]]) -> str
 
 @task(name="residual-chunk", timeout_seconds=3600, **job_task_options())
 def residual_chunk_task(checkpoint_dir: str, scoring: dict[str, Any], records: list[dict[str, str]]) -> str:
-    """Diffusion residuals of one chunk into a part file (``pipeline.monitor.residual_chunk``); retry-safe."""
-    from pipeline.monitor import residual_chunk
+    """Diffusion residuals of one chunk into a part file (``pipeline.monitoring.monitor.residual_chunk``); retry-safe."""
+    from pipeline.monitoring.monitor import residual_chunk
     from pipeline.settings import ensure_dirs, get_settings
 
     return residual_chunk(ensure_dirs(get_settings()), checkpoint_dir, scoring, records)
@@ -154,7 +154,7 @@ def monitor_flow(
         ``MonitorResult.to_dict()`` plus ``events_emitted`` and ``encode_chunks`` (encoding and residual chunks run
         in parallel).
     """
-    from pipeline.monitor import monitor_config
+    from pipeline.monitoring.monitor import monitor_config
 
     config = monitor_config(
         lines=lines, start=start, end=end, lookback_days=lookback_days, window_by=window_by,

@@ -42,7 +42,7 @@ def _step(name: str, fn: Any, **kwargs: Any) -> Any:
 
 def monitor_settings(monitor: dict[str, Any]) -> dict[str, Any]:
     """The ``MonitorConfig`` fields among the monitor step's parameters (what the retrain's gate checks)."""
-    from pipeline.monitor import MonitorConfig
+    from pipeline.monitoring.monitor import MonitorConfig
 
     names = {f.name for f in fields(MonitorConfig)}
     return {k: v for k, v in monitor.items() if k in names}
@@ -50,7 +50,7 @@ def monitor_settings(monitor: dict[str, Any]) -> dict[str, Any]:
 
 def _retrain_step(params: dict[str, Any]) -> tuple[dict[str, Any], StepFailed | None]:
     """Run the retrain; a refused candidate, too few images or a failure never stop the monitor step."""
-    from pipeline.retrain import InsufficientData
+    from pipeline.training.retrain import InsufficientData
 
     try:
         res = retrain_flow(**params)

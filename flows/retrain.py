@@ -1,9 +1,9 @@
 """Nightly retrain flow: snapshot -> train (warm start) -> evaluate -> register -> gate -> alias.
 
-The job itself is :func:`pipeline.retrain.retrain`; this module adds retries with back-off (MLflow unreachable, the
+The job itself is :func:`pipeline.training.retrain.retrain`; this module adds retries with back-off (MLflow unreachable, the
 catalog lock busy, a crash in training: the retry resumes from the candidate's checkpoint), a timeout, and Prefect
 events ``linewatch.model.promoted`` / ``linewatch.model.rejected``. Too few healthy images
-(``pipeline.retrain.InsufficientData``) is not retried: it raises at once, the champion stays.
+(``pipeline.training.retrain.InsufficientData``) is not retried: it raises at once, the champion stays.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ from flows import job_task_options
 
 @task(name="retrain-candidate", timeout_seconds=6 * 3600, **job_task_options(retries=2))
 def retrain_task(config: Any) -> dict[str, Any]:
-    """Run one retrain (``pipeline.retrain.retrain``) and return its result as a dict."""
-    from pipeline.retrain import retrain
+    """Run one retrain (``pipeline.training.retrain.retrain``) and return its result as a dict."""
+    from pipeline.monitoring.monitor import monitor_config, retrain_hooks
     from pipeline.settings import ensure_dirs, get_settings
+    from pipeline.training.retrain import retrain
 
     settings = ensure_dirs(get_settings())
-    res = retrain(settings, config)
+    # the monitor's side of the gate: its check of the candidate, its floor, its alert delivery for ops alerts
+    res = retrain(settings, config, hooks=retrain_hooks(settings, monitor_config(**(config.monitor or {}))))
     verdict = "promoted to champion" if res.promoted else "kept as challenger"
     print(
         f"retrain: v{res.version} {verdict} ({res.gate.reason}); parent v{res.parent_version or '-'}, "
@@ -94,7 +96,7 @@ def retrain_flow(
     Returns:
         ``RetrainResult.to_dict()``.
     """
-    from pipeline.retrain import retrain_config
+    from pipeline.training.retrain import retrain_config
 
     config = retrain_config(
         preset=preset, steps=steps, window_days=window_days, end=end, lines=lines, from_scratch=from_scratch,

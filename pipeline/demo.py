@@ -103,7 +103,7 @@ class LocalRunner:
 
     def ingest(self) -> dict[str, Any]:
         """Ingest the drop folder."""
-        from pipeline.ingest import IngestConfig, ingest
+        from pipeline.catalog.ingest import IngestConfig, ingest
         from pipeline.settings import ensure_dirs, get_settings
 
         s = ensure_dirs(get_settings())
@@ -112,14 +112,17 @@ class LocalRunner:
 
     def retrain(self, **params: Any) -> dict[str, Any]:
         """Run a retrain."""
-        from pipeline.retrain import retrain, retrain_config
+        from pipeline.monitoring.monitor import monitor_config, retrain_hooks
         from pipeline.settings import ensure_dirs, get_settings
+        from pipeline.training.retrain import retrain, retrain_config
 
-        return retrain(ensure_dirs(get_settings()), retrain_config(**params), progress=self.progress).to_dict()
+        settings, config = ensure_dirs(get_settings()), retrain_config(**params)
+        hooks = retrain_hooks(settings, monitor_config(**(config.monitor or {})))
+        return retrain(settings, config, progress=self.progress, hooks=hooks).to_dict()
 
     def monitor(self, **params: Any) -> dict[str, Any]:
         """Run a monitor pass."""
-        from pipeline.monitor import monitor, monitor_config
+        from pipeline.monitoring.monitor import monitor, monitor_config
         from pipeline.settings import ensure_dirs, get_settings
 
         return monitor(ensure_dirs(get_settings()), monitor_config(**params)).to_dict()
@@ -155,7 +158,7 @@ class DemoResult:
 
 def _day(config: DemoConfig, k: int) -> dt.date:
     """Date of 1-based simulated day ``k``."""
-    from pipeline.simulate import DEFAULT_START
+    from pipeline.line.simulate import DEFAULT_START
 
     return DEFAULT_START + dt.timedelta(days=k - 1)
 
@@ -204,9 +207,9 @@ def run_demo(
         The checks and the step results.
     """
     from pipeline import tracking
-    from pipeline.faults import FaultSpec
+    from pipeline.line.faults import FaultSpec
+    from pipeline.line.simulate import simulate_line
     from pipeline.settings import ensure_dirs, get_settings
-    from pipeline.simulate import simulate_line
 
     t_all = time.perf_counter()
     seconds: dict[str, float] = {}

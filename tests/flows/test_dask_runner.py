@@ -69,7 +69,7 @@ def test_mapped_tasks_run_on_dask_workers_with_the_default_runners_results(prefe
 
 def test_monitor_flow_submits_its_pass_to_the_dask_runner(tmp_path, monkeypatch, prefect_harness):
     """The real monitor flow through the CLI's code path; the job itself is stubbed (its maths is tested elsewhere)."""
-    import pipeline.monitor as M
+    import pipeline.monitoring.monitor as M
     from flows.cli import FlowRunner
     from tests.flows.world import monitor_params, set_env
 
@@ -95,7 +95,7 @@ def test_monitor_flow_submits_its_pass_to_the_dask_runner(tmp_path, monkeypatch,
 
 def test_monitor_flow_encodes_chunks_on_dask_workers_before_the_pass(tmp_path, monkeypatch, prefect_harness):
     """Chunked encoding: one mapped task per chunk on the Dask workers, then the pass; off on the thread runner."""
-    import pipeline.monitor as M
+    import pipeline.monitoring.monitor as M
     from flows.cli import FlowRunner
     from flows.monitor import default_chunk_size
     from tests.flows.world import monitor_params, set_env

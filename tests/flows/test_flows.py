@@ -12,7 +12,7 @@ from tests.flows.world import PER_DAY, make_world, monitor_params, set_env, tiny
 
 
 def test_retry_policy_retries_transient_errors_only(monkeypatch):
-    from pipeline.catalog import CatalogLockedError
+    from pipeline.catalog.tables import CatalogLockedError
     from pipeline.tracking import TrackingUnavailable
 
     assert is_retryable(TrackingUnavailable("down")) and is_retryable(CatalogLockedError("busy"))
@@ -79,8 +79,8 @@ def test_cli_registers_the_flow_commands():
 
 def test_ingest_task_fn_registers_the_drop_folder(tmp_path, monkeypatch):
     from flows.ingest import ingest_task
+    from pipeline.line.simulate import simulate_line
     from pipeline.settings import ensure_dirs, get_settings
-    from pipeline.simulate import simulate_line
 
     set_env(monkeypatch, tmp_path)
     s = ensure_dirs(get_settings())
@@ -127,10 +127,10 @@ def test_unreachable_mlflow_retries_then_fails_naming_the_step(tmp_path, monkeyp
                                                                fast_retries):
     import socket
 
-    import pipeline.retrain as R
+    import pipeline.training.retrain as R
     from flows.nightly import nightly_flow
     from pipeline import tracking
-    from pipeline.catalog import read_catalog
+    from pipeline.catalog.tables import read_catalog
 
     settings = make_world(tmp_path / "home", monkeypatch)
     with socket.socket() as sock:  # a port nobody listens on
@@ -183,7 +183,7 @@ def _rejected(params):
 
 def test_nightly_keeps_monitoring_with_the_champion_when_the_candidate_is_refused(monkeypatch):
     from flows.nightly import nightly_flow
-    from pipeline.retrain import InsufficientData
+    from pipeline.training.retrain import InsufficientData
 
     calls = _fake_steps(monkeypatch, _rejected)
     out = nightly_flow.fn(ingest=False, retrain={"steps": 5}, monitor={"min_window": 20, "lookback_days": 1.0})
@@ -211,7 +211,7 @@ def test_nightly_and_retrain_exit_codes(tmp_path, monkeypatch, capsys, status, c
     import flows.nightly as N
     import flows.retrain as RF
     from pipeline.cli import main
-    from pipeline.retrain import InsufficientData
+    from pipeline.training.retrain import InsufficientData
 
     set_env(monkeypatch, tmp_path)
     res = {**_rejected({}), "promoted": status == "promoted", "status": status, "reason": "too few"}

@@ -17,7 +17,7 @@ TRAIN_DAYS = 3
 
 def day(k: int) -> dt.date:
     """1-based simulated day."""
-    from pipeline.simulate import DEFAULT_START
+    from pipeline.line.simulate import DEFAULT_START
 
     return DEFAULT_START + dt.timedelta(days=k - 1)
 
@@ -44,10 +44,10 @@ def set_env(monkeypatch: pytest.MonkeyPatch, home: Path, tracking_uri: str | Non
 def make_world(home: Path, monkeypatch: pytest.MonkeyPatch) -> object:
     """Simulate ``DAYS`` x ``PER_DAY`` cells (gain x0.6 from ``FAULT_DAY``), ingest them; return the settings."""
     from pipeline import tracking
-    from pipeline.faults import FaultSpec
-    from pipeline.ingest import ingest
+    from pipeline.catalog.ingest import ingest
+    from pipeline.line.faults import FaultSpec
+    from pipeline.line.simulate import simulate_line
     from pipeline.settings import ensure_dirs, get_settings
-    from pipeline.simulate import simulate_line
 
     set_env(monkeypatch, home)
     tracking.reset()

@@ -249,9 +249,9 @@ def test_nightly_flow_through_the_stack(stack_env, webhook_server, tmp_path: Pat
     from mlflow import MlflowClient
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from pipeline.faults import FaultSpec
+    from pipeline.line.faults import FaultSpec
+    from pipeline.line.simulate import simulate_line
     from pipeline.settings import get_settings
-    from pipeline.simulate import simulate_line
     from tests.flows import world
 
     # A fresh world: simulated line in the drop folder (not yet ingested: the nightly's ingest step does it).
@@ -290,7 +290,7 @@ def test_nightly_flow_through_the_stack(stack_env, webhook_server, tmp_path: Pat
         assert state2 is not None and state2.is_completed(), (state2, run2.id)
 
     # Ingest step: the drop folder reached the catalog, in the worker's flow run (not this process).
-    from pipeline.catalog import read_catalog
+    from pipeline.catalog.tables import read_catalog
 
     assert len(read_catalog(settings.catalog_root)) == world.DAYS * world.PER_DAY
 

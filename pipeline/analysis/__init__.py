@@ -1,0 +1,1 @@
+"""Statistics on latents: per-image detectors, drift tests, axis attribution."""

@@ -1,0 +1,1202 @@
+"""Per-window drift tests of latents against a reference, with an i.i.d. null and a lot-aware null.
+
+A *window* is a batch of images (a count of consecutive images, a shift, a day; see :func:`windows`). Its latents z
+are compared with the reference latents (a calibration split of normal images encoded by the same model) by three
+families of tests:
+
+* **per axis**: two-sample Kolmogorov-Smirnov on every latent axis, corrected for multiplicity with
+  Benjamini-Hochberg (default) or Bonferroni. Reported with the signed effect size in reference standard deviations
+  and the population stability index (PSI, with the conventional bands) of each axis;
+* **multivariate**: the unbiased MMD^2 with a Gaussian RBF kernel (median-heuristic bandwidth) and a permutation test;
+* **anomaly scores** (when given): "are there more unusual cells?", two one-sided statistics combined by their
+  smaller p-value (Bonferroni under the i.i.d. null, the joint bootstrap under the lot null): the AUC
+  ``P(score_cur > score_ref)`` (Mann-Whitney), which sees a shift of the whole score distribution, and the *tail
+  share*, the share of window cells above the reference's ``1 - score_tail`` quantile (Fisher's exact test), which
+  sees a minority of cells turning bad. The tail share is what a quality engineer reads ("23 % of today's cells score
+  above the reference's 90th percentile, 10 % expected"). Under the lot null, where a whole lot scoring a little
+  higher is normal, it finds a minority of bad cells far more often than the AUC (synthetic lots with 25 % bad
+  cells: 0.66 vs 0.11, ``tests/pipeline/test_drift.py``; ELPV lot windows: ``benchmarks/results/
+  bench_drift_faults.md``); the AUC is the stronger one for a shift of every cell and on i.i.d. windows;
+* **image quality** (when given): per-channel mean shift (in reference sd; Welch t-test under the i.i.d. null) of
+  full-resolution image-quality measurements (fine detail, noise level, rotation from :mod:`pipeline.latent.properties`),
+  Bonferroni over channels. A mean shift, not KS: the faults these channels watch move a property's level, while
+  whole lots differ in the *shape* of e.g. the rotation distribution (all cells of one module share it), which KS
+  would count as drift. A latent computed at
+  32-64 px cannot see a 1 px blur or 3 % sensor noise on a 300 px image (downsampling averages them away); these
+  channels can, and the result names the channel that moved.
+
+**Combination rule.** With k families present (2 to 4), each family is tested at ``alpha / k`` and the window is
+flagged when any family fires (Bonferroni across families), so the false-alarm rate on unshifted windows is at most
+``alpha`` under the null in force. The per-axis family's p-value is the smallest corrected p-value: with BH this is
+Simes' global test (valid for independent or positively dependent axes), with Bonferroni it is valid under any
+dependence.
+
+**Nulls.** ``null="iid"`` assumes the window is an i.i.d. sample of the reference distribution: p-values come from the
+KS distribution, the MMD permutations and Mann-Whitney. Images on a line are not i.i.d.: cells of one lot (a module)
+resemble each other, so a window of consecutive images differs from the reference by lot-to-lot variation that
+every i.i.d. two-sample test flags. ``null="lot"`` calibrates instead on windows of *consecutive reference images*
+(a moving-block bootstrap over the reference in its original order): for the window size n it draws
+``n_calibration`` windows made of contiguous blocks (of ``lot_block`` images; default one block of n), computes the
+family statistics (max KS over axes, MMD^2 with the reference bandwidth, score AUC and tail share, max quality
+shift) of each against the rest of the
+reference (leave-window-out, with a guard band of one block on each side, or the whole lots the window touches when
+``ref_lots`` is given, so a window is never compared with the other half of its own lot), and takes empirical
+p-values ``(1 + #{boot >= obs}) / (B + 1)``. A window is then compared with how much whole lots normally differ.
+With ``ref_strata`` (e.g. the product type) each calibration window takes every stratum's share of the reference as
+consecutive images of that stratum and is compared with the rest re-weighted to the reference's shares, so a
+calibration window looks like a monitored window of the usual product mix, not like one product's run.
+Calibrations are cached per window size. The lot null is only as precise as the reference holds independent
+windows (about n_ref / n): calibrated on average, but the false-alarm rate one line sees with its one reference
+varies around alpha (see ``benchmarks/results/bench_drift_calibration.md``).
+
+Pure functions (:func:`ks_per_axis`, :func:`bh_adjust`, :func:`bonferroni`, :func:`effect_size`, :func:`psi`,
+:func:`psi_band`, :func:`mmd_permutation_test`, :func:`score_distribution_test`) hold the statistics;
+:class:`DriftDetector` follows the detector shape (``fit(reference)``, then ``test(window)`` -> :class:`DriftResult`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+from tqdm.auto import tqdm
+
+from pipeline.analysis.detectors.base import NotFittedError
+from pipeline.common.schemas import as_latent_matrix
+
+__all__ = [
+    "DriftDetector",
+    "DriftResult",
+    "Window",
+    "bh_adjust",
+    "bonferroni",
+    "effect_size",
+    "even_subsample",
+    "ks_per_axis",
+    "median_heuristic",
+    "mmd2_unbiased",
+    "mmd_permutation_test",
+    "psi",
+    "psi_band",
+    "score_distribution_test",
+    "score_tail_test",
+    "windows",
+]
+
+log = logging.getLogger(__name__)
+
+PSI_MODERATE = 0.1
+PSI_SIGNIFICANT = 0.25
+DEFAULT_SHIFTS: tuple[tuple[int, int], ...] = ((6, 14), (14, 22), (22, 6))
+"""Three 8-hour shifts (start hour, end hour); a shift that wraps midnight belongs to the date it starts on."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# pure statistics
+# ------------------------------------------------------------------------------------------------------------
+def _pair(ref: Any, cur: Any) -> tuple[np.ndarray, np.ndarray]:
+    ref = as_latent_matrix(ref, "ref")
+    cur = as_latent_matrix(cur, "cur")
+    if ref.shape[1] != cur.shape[1]:
+        raise ValueError(
+            f"ref has {ref.shape[1]} axes but cur has {cur.shape[1]}; encode both with the same model"
+        )
+    return ref, cur
+
+
+def ks_per_axis(ref: Any, cur: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Two-sample Kolmogorov-Smirnov test on every axis.
+
+    Args:
+        ref: reference (n_ref, d).
+        cur: current window (n_cur, d).
+
+    Returns:
+        ``(stat, p)``, each float array (d,); two-sided, exact for small samples (scipy ``ks_2samp``).
+    """
+    ref, cur = _pair(ref, cur)
+    res = stats.ks_2samp(ref, cur, axis=0)
+    return np.atleast_1d(np.asarray(res.statistic, dtype=np.float64)), np.atleast_1d(
+        np.asarray(res.pvalue, dtype=np.float64)
+    )
+
+
+def _check_p(p: Any) -> np.ndarray:
+    p = np.asarray(p, dtype=np.float64)
+    if p.ndim != 1 or p.size == 0:
+        raise ValueError(f"p-values must be a non-empty 1-D array, got shape {p.shape}")
+    if not np.all((p >= 0) & (p <= 1)):
+        raise ValueError("p-values must lie in [0, 1] (NaN is not allowed)")
+    return p
+
+
+def bh_adjust(p: Any) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (step-up, monotone, clipped at 1).
+
+    An axis is significant at FDR q when its adjusted p-value is <= q; the smallest adjusted p-value is Simes'
+    global p-value.
+
+    Args:
+        p: raw p-values (m,).
+
+    Returns:
+        adjusted p-values (m,), in the input order.
+    """
+    p = _check_p(p)
+    m = p.size
+    order = np.argsort(p)
+    ranked = p[order] * m / np.arange(1, m + 1)
+    ranked = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = np.empty(m)
+    out[order] = np.minimum(ranked, 1.0)
+    return out
+
+
+def bonferroni(p: Any) -> np.ndarray:
+    """Bonferroni adjusted p-values ``min(m * p, 1)`` (valid under any dependence)."""
+    p = _check_p(p)
+    return np.minimum(p * p.size, 1.0)
+
+
+def effect_size(ref: Any, cur: Any) -> np.ndarray:
+    """Signed shift of the mean per axis in reference standard deviations: ``(mean_cur - mean_ref) / std_ref``.
+
+    A constant reference axis gets its standard deviation floored at 1e-12 (a huge effect if the mean moved).
+    """
+    ref, cur = _pair(ref, cur)
+    sd = np.maximum(ref.std(axis=0, ddof=1), 1e-12)
+    return (cur.mean(axis=0) - ref.mean(axis=0)) / sd
+
+
+def _psi_edges(ref: np.ndarray, bins: int) -> list[np.ndarray]:
+    qs = np.linspace(0, 1, bins + 1)[1:-1]
+    return [np.unique(np.quantile(ref[:, j], qs)) for j in range(ref.shape[1])]
+
+
+def _psi_from_edges(ref: np.ndarray, cur: np.ndarray, edges: list[np.ndarray], eps: float) -> np.ndarray:
+    out = np.empty(ref.shape[1])
+    for j, e in enumerate(edges):
+        nb = e.size + 1
+        pr = np.bincount(np.searchsorted(e, ref[:, j], side="right"), minlength=nb) / ref.shape[0]
+        pc = np.bincount(np.searchsorted(e, cur[:, j], side="right"), minlength=nb) / cur.shape[0]
+        pr, pc = np.maximum(pr, eps), np.maximum(pc, eps)
+        out[j] = float(np.sum((pc - pr) * np.log(pc / pr)))
+    return out
+
+
+def psi(ref: Any, cur: Any, bins: int = 10, eps: float = 1e-4) -> np.ndarray:
+    """Population stability index per axis.
+
+    ``PSI = sum_b (p_cur,b - p_ref,b) * ln(p_cur,b / p_ref,b)`` over ``bins`` bins at the reference quantiles
+    (equal reference mass per bin); empty-bin proportions are floored at ``eps``.
+
+    PSI is descriptive: on small windows its sampling noise is large (about ``(bins - 1) * (1/n_cur + 1/n_ref)`` on
+    unshifted data, 0.19 at n_cur = 50 with 10 bins), so it is reported with its band but not used to decide drift.
+
+    Args:
+        ref: reference (n_ref, d).
+        cur: current window (n_cur, d).
+        bins: number of quantile bins (fewer when the reference has ties).
+        eps: floor of empty-bin proportions.
+
+    Returns:
+        float array (d,).
+    """
+    ref, cur = _pair(ref, cur)
+    if bins < 2:
+        raise ValueError(f"bins must be >= 2, got {bins}")
+    return _psi_from_edges(ref, cur, _psi_edges(ref, bins), eps)
+
+
+def psi_band(value: float) -> str:
+    """Conventional PSI band: ``"stable"`` (< 0.1), ``"moderate"`` (0.1 to 0.25), ``"significant"`` (> 0.25)."""
+    if not math.isfinite(value):
+        raise ValueError(f"PSI must be finite, got {value}")
+    if value < PSI_MODERATE:
+        return "stable"
+    if value <= PSI_SIGNIFICANT:
+        return "moderate"
+    return "significant"
+
+
+def _sq_dists(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    d2 = (X * X).sum(1)[:, None] + (Y * Y).sum(1)[None, :] - 2.0 * (X @ Y.T)
+    return np.maximum(d2, 0.0)
+
+
+def median_heuristic(X: np.ndarray, max_points: int = 1000, rng: Any = None) -> float:
+    """Median pairwise Euclidean distance of the rows of X (on at most ``max_points`` random rows); 1.0 if zero."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.shape[0] > max_points:
+        X = X[np.random.default_rng(rng).choice(X.shape[0], max_points, replace=False)]
+    d2 = _sq_dists(X, X)[np.triu_indices(X.shape[0], k=1)]
+    med = float(np.sqrt(np.median(d2))) if d2.size else 0.0
+    return med if med > 0 else 1.0
+
+
+def mmd2_unbiased(X: np.ndarray, Y: np.ndarray, sigma: float) -> float:
+    """Unbiased MMD^2 between samples X (m, d) and Y (n, d), kernel ``exp(-||x - y||^2 / (2 sigma^2))``."""
+    m, n = X.shape[0], Y.shape[0]
+    g = -1.0 / (2.0 * sigma * sigma)
+    kxx = np.exp(_sq_dists(X, X) * g)
+    kyy = np.exp(_sq_dists(Y, Y) * g)
+    kxy = np.exp(_sq_dists(X, Y) * g)
+    return float((kxx.sum() - m) / (m * (m - 1)) + (kyy.sum() - n) / (n * (n - 1)) - 2.0 * kxy.mean())
+
+
+def mmd_permutation_test(
+    ref: Any,
+    cur: Any,
+    n_permutations: int = 200,
+    sigma: float | None = None,
+    rng: Any = None,
+    max_ref: int = 500,
+) -> tuple[float, float]:
+    """Multivariate two-sample test: unbiased MMD^2 (Gaussian RBF) with a permutation p-value.
+
+    The pooled kernel matrix is computed once and all permutations are evaluated with one matrix product. The
+    reference is randomly subsampled to ``max_ref`` rows (a random subsample keeps the test exact and bounds the
+    cost at O((max_ref + n_cur)^2 * n_permutations)).
+
+    Args:
+        ref: reference (n_ref, d).
+        cur: current window (n_cur, d); at least 2 rows.
+        n_permutations: number of random label permutations.
+        sigma: kernel bandwidth; None = median heuristic on the pooled sample (label-invariant, so the test stays
+            exact).
+        rng: seed or ``np.random.Generator``.
+        max_ref: reference subsample size.
+
+    Returns:
+        ``(mmd2, p)``, ``p = (1 + #{perm >= observed}) / (1 + n_permutations)``.
+    """
+    ref, cur = _pair(ref, cur)
+    if ref.shape[0] < 2 or cur.shape[0] < 2:
+        raise ValueError("the MMD test needs at least 2 rows in ref and in cur")
+    if n_permutations < 1:
+        raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
+    rng = np.random.default_rng(rng)
+    if ref.shape[0] > max_ref:
+        ref = ref[rng.choice(ref.shape[0], max_ref, replace=False)]
+    m, n = ref.shape[0], cur.shape[0]
+    pooled = np.vstack([ref, cur])
+    N = m + n
+    d2 = _sq_dists(pooled, pooled)
+    if sigma is None:
+        tri = d2[np.triu_indices(N, k=1)]
+        sigma = float(np.sqrt(np.median(tri))) or 1.0
+    K = np.exp(d2 * (-1.0 / (2.0 * sigma * sigma)))
+    row = K.sum(axis=1)
+    total = row.sum()
+    # label matrix: row 0 is the observed split, rows 1.. random permutations; A[p, i] = 1 if i is in "ref"
+    A = np.zeros((n_permutations + 1, N))
+    A[0, :m] = 1.0
+    picks = np.argsort(rng.random((n_permutations, N)), axis=1)[:, :m]
+    np.put_along_axis(A[1:], picks, 1.0, axis=1)
+    KA = K @ A.T  # (N, P+1)
+    sxx = np.einsum("pi,ip->p", A, KA)  # includes the m diagonal ones
+    sx_all = A @ row
+    sxy = sx_all - sxx
+    syy = total - sxx - 2.0 * sxy
+    mmd2 = (sxx - m) / (m * (m - 1)) + (syy - n) / (n * (n - 1)) - 2.0 * sxy / (m * n)
+    obs = float(mmd2[0])
+    p = (1.0 + np.count_nonzero(mmd2[1:] >= obs - 1e-12)) / (1.0 + n_permutations)
+    return obs, float(p)
+
+
+def _score_pair(ref_scores: Any, cur_scores: Any) -> tuple[np.ndarray, np.ndarray]:
+    r = np.asarray(ref_scores, dtype=np.float64).ravel()
+    c = np.asarray(cur_scores, dtype=np.float64).ravel()
+    if r.size == 0 or c.size == 0:
+        raise ValueError("score test needs non-empty ref_scores and cur_scores")
+    if not (np.isfinite(r).all() and np.isfinite(c).all()):
+        raise ValueError("anomaly scores contain NaN or inf")
+    return r, c
+
+
+def score_distribution_test(ref_scores: Any, cur_scores: Any) -> tuple[float, float]:
+    """One-sided test "are the current anomaly scores larger than the reference ones?" (Mann-Whitney U).
+
+    Returns:
+        ``(auc, p)``: ``auc = P(score_cur > score_ref) + 0.5 P(tie)`` (0.5 = no shift) and the one-sided p-value.
+    """
+    r, c = _score_pair(ref_scores, cur_scores)
+    res = stats.mannwhitneyu(c, r, alternative="greater")
+    return float(res.statistic) / (c.size * r.size), float(res.pvalue)
+
+
+def score_tail_test(ref_scores: Any, cur_scores: Any, tail: float = 0.1) -> tuple[float, float]:
+    """One-sided test "is a larger share of the current cells in the reference's upper ``tail``?" (Fisher exact).
+
+    The cut is the reference's ``1 - tail`` quantile; the window's count above it is compared with the reference's
+    (a 2 x 2 table), so the cut's own estimation error is accounted for.
+
+    Returns:
+        ``(share, p)``: the share of current scores above the cut and the one-sided p-value.
+    """
+    if not 0.0 < tail < 1.0:
+        raise ValueError(f"tail must be in (0, 1), got {tail}")
+    r, c = _score_pair(ref_scores, cur_scores)
+    cut = float(np.quantile(r, 1.0 - tail))
+    k_c, k_r = int(np.count_nonzero(c > cut)), int(np.count_nonzero(r > cut))
+    p = stats.fisher_exact([[k_c, c.size - k_c], [k_r, r.size - k_r]], alternative="greater").pvalue
+    return k_c / c.size, float(p)
+
+
+def _weighted_quantile(x: np.ndarray, w: np.ndarray, q: float) -> float:
+    order = np.argsort(x, kind="stable")
+    cw = np.cumsum(w[order])
+    return float(x[order][min(int(np.searchsorted(cw, q * cw[-1], side="left")), x.size - 1)])
+
+
+def _auc(cur: np.ndarray, ref: np.ndarray) -> float:
+    ranks = stats.rankdata(np.concatenate([cur, ref]))
+    m = cur.size
+    return float((ranks[:m].sum() - m * (m + 1) / 2.0) / (m * ref.size))
+
+
+def _as_channels(X: Any, n: int, what: str) -> tuple[np.ndarray | None, tuple[str, ...]]:
+    """(n, k) float matrix and channel names of per-image channels (None passes through)."""
+    if X is None:
+        return None, ()
+    if isinstance(X, pd.DataFrame):
+        names = tuple(str(c) for c in X.columns)
+        M = X.to_numpy(dtype=np.float64)
+    else:
+        M = np.asarray(X, dtype=np.float64)
+        if M.ndim == 1:
+            M = M[:, None]
+        names = tuple(f"q_{i}" for i in range(M.shape[1] if M.ndim == 2 else 0))
+    if M.ndim != 2 or M.shape[0] != n or M.shape[1] == 0:
+        raise ValueError(f"{what} must have shape ({n}, k) with k >= 1, got {M.shape}")
+    if not np.isfinite(M).all():
+        raise ValueError(f"{what} contain NaN or inf")
+    return M, names
+
+
+def _max_weighted_ks(win: np.ndarray, rest: np.ndarray, w: np.ndarray) -> float:
+    """Largest KS distance over columns between a sample and a weighted sample (weights ``w`` sum to 1)."""
+    best = 0.0
+    n = win.shape[0]
+    for j in range(win.shape[1]):
+        o = np.argsort(rest[:, j], kind="stable")
+        xs, cw = rest[o, j], np.cumsum(w[o])
+        pts = np.concatenate([xs, win[:, j]])
+        f_rest = np.r_[0.0, cw][np.searchsorted(xs, pts, side="right")]
+        f_win = np.searchsorted(np.sort(win[:, j]), pts, side="right") / n
+        best = max(best, float(np.max(np.abs(f_rest - f_win))))
+    return best
+
+
+def _weighted_mmd2(R: np.ndarray, w: np.ndarray, X: np.ndarray, sigma: float) -> float:
+    """MMD^2 between a weighted sample R (weights sum to 1, diagonal left out) and X (unbiased within X)."""
+    g = 1.0 / (2.0 * sigma**2)
+    Krr = np.exp(-g * _sq_dists(R, R))
+    np.fill_diagonal(Krr, 0.0)
+    rr = float(w @ Krr @ w) / max(1e-12, 1.0 - float(np.sum(w**2)))
+    m = X.shape[0]
+    Kxx = np.exp(-g * _sq_dists(X, X))
+    xx = (Kxx.sum() - np.trace(Kxx)) / (m * (m - 1))
+    rx = float(w @ np.exp(-g * _sq_dists(R, X)).mean(axis=1))
+    return float(rr + xx - 2.0 * rx)
+
+
+def _weighted_auc(cur: np.ndarray, rest: np.ndarray, w: np.ndarray) -> float:
+    """P(cur > rest) + 0.5 P(tie) with the rest weighted by ``w`` (summing to 1)."""
+    o = np.argsort(rest, kind="stable")
+    xs, cw = rest[o], np.r_[0.0, np.cumsum(w[o])]
+    below = cw[np.searchsorted(xs, cur, side="left")]
+    at_or_below = cw[np.searchsorted(xs, cur, side="right")]
+    return float(np.mean(0.5 * (below + at_or_below)))
+
+
+
+# ------------------------------------------------------------------------------------------------------------
+# detector
+# ------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DriftResult:
+    """Outcome of :meth:`DriftDetector.test` on one window.
+
+    Attributes:
+        detected: the window is flagged (some family fired at ``family_alpha``).
+        fired: names of the families that fired, from ``("axes", "mmd", "scores", "quality")``.
+        family_p: p-value of each family tested (under the null in force).
+        family_alpha: level each family is tested at (``alpha / number of families``).
+        mmd_stat: unbiased MMD^2 of the window against the reference.
+        mmd_p: its p-value (permutation under the i.i.d. null, lot-bootstrap under the lot null).
+        score_stat: AUC of window vs reference anomaly scores (None without scores).
+        score_p: the score family's one-sided p-value, AUC and tail share combined (None without scores).
+        per_axis: one row per axis, sorted by ``rank``: ``axis, ks_stat, p_value, p_adjusted, effect_size, psi,
+            psi_band, significant, rank``. ``p_value``/``p_adjusted`` are the i.i.d. KS values; under the lot null
+            ``significant`` means ``ks_stat`` exceeds the lot-null threshold of the max KS statistic.
+        top_axis: the axis that moved most (largest |effect| among significant axes, else overall).
+        top_share: share of the total |effect| carried by ``top_axis`` (1.0 = one axis explains the shift).
+        n_ref: reference size.
+        n_cur: window size.
+        null: ``"iid"`` or ``"lot"``.
+        thresholds: the decision thresholds used (levels, lot-null quantiles, the expected null PSI).
+        quality_stat: largest |mean shift| of the image-quality channels, in reference sd (None without them).
+        quality_p: p-value of the quality family (Welch t-tests, Bonferroni over channels, under the i.i.d. null;
+            lot bootstrap of the largest |shift| under the lot null; None without channels).
+        per_channel: one row per quality channel, significant first then by |effect|: ``channel, ks_stat, p_value,
+            effect_size, significant`` (``p_value``: Welch t-test; None without channels).
+        score_tail: share of the window's cells above the reference's ``1 - score_tail`` score quantile (None
+            without scores); ``score_tail_expected`` is that share on the reference (``score_tail``, e.g. 0.10).
+        meta: detector name, version, params, model id.
+    """
+
+    detected: bool
+    fired: tuple[str, ...]
+    family_p: dict[str, float]
+    family_alpha: float
+    mmd_stat: float
+    mmd_p: float
+    score_stat: float | None
+    score_p: float | None
+    per_axis: pd.DataFrame
+    top_axis: int
+    top_share: float
+    n_ref: int
+    n_cur: int
+    null: str
+    thresholds: dict[str, float]
+    quality_stat: float | None = None
+    quality_p: float | None = None
+    per_channel: pd.DataFrame | None = None
+    score_tail: float | None = None
+    score_tail_expected: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def top_channel(self) -> str | None:
+        """The image-quality channel that moved most when the quality family fired, else None."""
+        if self.per_channel is None or "quality" not in self.fired:
+            return None
+        return str(self.per_channel.iloc[0]["channel"])
+
+    def summary(self) -> str:
+        """One line for logs and alerts."""
+        head = "drift" if self.detected else "no drift"
+        fams = ", ".join(f"{k} p={v:.3g}" for k, v in self.family_p.items())
+        row = self.per_axis.iloc[0]
+        return (
+            f"{head} ({self.null} null, n={self.n_cur}; {fams}); top axis z_{self.top_axis}: "
+            f"effect {row['effect_size']:+.2f} sd, KS {row['ks_stat']:.2f}, PSI {row['psi']:.2f} "
+            f"({row['psi_band']}), {self.top_share:.0%} of the total shift"
+        ) + (
+            ""
+            if self.top_channel is None
+            else f"; image quality: {self.top_channel} {self.per_channel.iloc[0]['effect_size']:+.2f} sd"
+        )
+
+
+def _too_small(n: int, min_window: int, alpha: float) -> str:
+    return (
+        f"window has {n} images; at least {min_window} are needed for a drift test at alpha={alpha:g}; "
+        "widen the window (per day instead of per shift)"
+    )
+
+
+def _both_or_neither(ref: Any, cur: Any, what: str, fit_arg: str, test_arg: str) -> None:
+    """A family is tested only when the reference and the window both carry its data."""
+    if (cur is None) != (ref is None):
+        raise ValueError(
+            f"{what} must be given for both the reference (fit {fit_arg}) and the window (test {test_arg}), "
+            "or for neither"
+        )
+
+
+class DriftDetector:
+    """Drift tests of windows of latents against a reference (see module docstring).
+
+    Args:
+        alpha: overall false-alarm rate per window (split over the test families).
+        correction: multiplicity correction over axes under the i.i.d. null, ``"bh"`` or ``"bonferroni"``.
+        n_permutations: permutations of the MMD test (i.i.d. null).
+        min_window: smallest window accepted by ``test``.
+        null: ``"iid"`` or ``"lot"``.
+        lot_block: block length (images) of the lot-null bootstrap; None = each calibration window is one run of
+            consecutive reference images (matches windows of consecutive images). Set it to the lot size when a
+            window mixes several non-adjacent lots.
+        n_calibration: bootstrap windows per window size for the lot null (>= k/alpha, default 500).
+        mmd_max_ref: reference subsample size for the MMD statistic.
+        psi_bins: bins of the PSI.
+        score_tail: upper tail of the reference's anomaly scores whose share the score family watches (0.10: the
+            share of cells above the reference's 90th percentile).
+        random_state: seed; every ``test`` call is reproducible given its inputs.
+        progress: show a progress bar while calibrating the lot null.
+    """
+
+    name = "DriftDetector"
+    version = "1"
+
+    def __init__(
+        self,
+        alpha: float = 0.05,
+        correction: str = "bh",
+        n_permutations: int = 200,
+        min_window: int = 30,
+        null: str = "iid",
+        lot_block: int | None = None,
+        n_calibration: int = 500,
+        mmd_max_ref: int = 500,
+        psi_bins: int = 10,
+        score_tail: float = 0.1,
+        random_state: int = 0,
+        progress: bool = False,
+    ) -> None:
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        if correction not in ("bh", "bonferroni"):
+            raise ValueError(f"correction must be 'bh' or 'bonferroni', got {correction!r}")
+        if null not in ("iid", "lot"):
+            raise ValueError(f"null must be 'iid' or 'lot', got {null!r}")
+        if min_window < 2:
+            raise ValueError(f"min_window must be >= 2, got {min_window}")
+        if lot_block is not None and lot_block < 1:
+            raise ValueError(f"lot_block must be >= 1 or None, got {lot_block}")
+        if null == "lot" and (n_calibration + 1) * alpha / 3.0 < 1.0:
+            raise ValueError(
+                f"n_calibration={n_calibration} cannot resolve p-values at alpha/3={alpha / 3:.3g}; "
+                f"use at least {math.ceil(3.0 / alpha)}"
+            )
+        if n_permutations < 1:
+            raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
+        if not 0.0 < score_tail <= 0.5:
+            raise ValueError(f"score_tail must be in (0, 0.5], got {score_tail}")
+        self.alpha = float(alpha)
+        self.correction = correction
+        self.n_permutations = int(n_permutations)
+        self.min_window = int(min_window)
+        self.null = null
+        self.lot_block = lot_block
+        self.n_calibration = int(n_calibration)
+        self.mmd_max_ref = int(mmd_max_ref)
+        self.psi_bins = int(psi_bins)
+        self.score_tail = float(score_tail)
+        self.random_state = int(random_state)
+        self.progress = progress
+
+    def get_params(self) -> dict[str, Any]:
+        """Hyperparameters given to ``__init__``."""
+        keys = (
+            "alpha correction n_permutations min_window null lot_block n_calibration mmd_max_ref psi_bins "
+            "score_tail random_state"
+        ).split()
+        return {k: getattr(self, k) for k in keys}
+
+    def __repr__(self) -> str:
+        return "DriftDetector(" + ", ".join(f"{k}={v!r}" for k, v in self.get_params().items()) + ")"
+
+    def min_reference(self) -> int:
+        """Fewest reference images :meth:`fit` accepts with these settings (the retrain's floor and gate use it)."""
+        return 2 * self.min_window
+
+    # ---- fit -----------------------------------------------------------------------------------------------
+    def fit(
+        self,
+        Z_ref: Any,
+        ref_scores: Any = None,
+        model_id: str | None = None,
+        ref_order: Any = None,
+        ref_lots: Any = None,
+        ref_strata: Any = None,
+        ref_quality: Any = None,
+    ) -> DriftDetector:
+        """Store the reference.
+
+        Args:
+            Z_ref: reference latents (n_ref, d) of normal images (a DataFrame with ``z_*`` columns works too).
+            ref_scores: optional anomaly scores (n_ref,) of the same images; enables the score family.
+            model_id: id of the model that encoded ``Z_ref``; ``test`` refuses windows from another model.
+            ref_order: optional sort key (n_ref,) giving the production order of the reference (capture time, file
+                order); the lot null draws consecutive images in this order. Default: row order.
+            ref_lots: optional lot label (n_ref,) of each reference image. When given, lot-null calibration
+                windows (and blocks) start at lot boundaries: use it when monitoring windows are cut on lot
+                boundaries (a window = whole lots), which differ from the reference more than windows that start
+                mid-lot.
+            ref_strata: optional stratum label (n_ref,) of each reference image, e.g. the product type. When
+                given, every lot-null calibration window takes from each stratum its share of the reference
+                (largest-remainder rounding), as consecutive images *of that stratum*, and is compared with the rest
+                of the reference re-weighted to the same shares. Without it, a calibration window of consecutive
+                images is mostly one product, so the lot null measures product-mix swings and is far too wide for
+                windows that mix products like the reference does.
+            ref_quality: optional image-quality channels (n_ref, k) of the same images (a DataFrame keeps its column
+                names, e.g. ``sharpness``, ``noise_level`` from :mod:`pipeline.latent.properties` at full resolution);
+                enables the ``quality`` family: per-channel two-sample KS, which sees fine-scale faults (blur,
+                sensor noise) that a latent computed at a few dozen pixels cannot.
+
+        Returns:
+            self.
+        """
+        Z = as_latent_matrix(Z_ref, "Z_ref")
+        n = Z.shape[0]
+        if n < self.min_reference():
+            raise ValueError(
+                f"reference has {n} images; at least {self.min_reference()} (2 x min_window) are needed"
+            )
+        scores = None
+        if ref_scores is not None:
+            scores = np.asarray(ref_scores, dtype=np.float64).ravel()
+            if scores.size != n:
+                raise ValueError(f"ref_scores has {scores.size} values for {n} reference images")
+            if not np.isfinite(scores).all():
+                raise ValueError("ref_scores contain NaN or inf")
+        quality, q_names = _as_channels(ref_quality, n, "ref_quality")
+        strata = None
+        if ref_strata is not None:
+            strata = np.asarray(ref_strata)
+            if strata.shape[0] != n:
+                raise ValueError(f"ref_strata has {strata.shape[0]} values for {n} reference images")
+            if pd.isna(strata).any():
+                raise ValueError("ref_strata contain missing values; label every reference image (e.g. 'unknown')")
+        if ref_order is not None:
+            key = np.asarray(ref_order)
+            if key.shape[0] != n:
+                raise ValueError(f"ref_order has {key.shape[0]} values for {n} reference images")
+            order = np.argsort(key, kind="stable")
+            Z = Z[order]
+            scores = None if scores is None else scores[order]
+            quality = None if quality is None else quality[order]
+        else:
+            order = np.arange(n)
+        self._lot_starts = None
+        self._lot_ids = None
+        if ref_lots is not None:
+            lots = np.asarray(ref_lots)
+            if lots.shape[0] != n:
+                raise ValueError(f"ref_lots has {lots.shape[0]} values for {n} reference images")
+            lots = lots[order]
+            self._lot_starts = np.r_[0, np.flatnonzero(lots[1:] != lots[:-1]) + 1]
+            self._lot_ids = np.cumsum(np.r_[0, lots[1:] != lots[:-1]])  # runs of equal labels, in order
+        if strata is None:
+            self._streams = [(np.arange(n), 1.0)]
+            self.strata_ = None
+        else:
+            strata = strata[order]
+            labels, inv = np.unique(strata, return_inverse=True)
+            self._streams = [(np.flatnonzero(inv == i), float(np.mean(inv == i))) for i in range(labels.size)]
+            self.strata_ = {str(lab): share for lab, (_, share) in zip(labels, self._streams, strict=True)}
+        self.ref_ = Z
+        self.ref_scores_ = scores
+        self.ref_quality_ = quality
+        self.quality_names_ = q_names
+        self._q_sd = None if quality is None else np.maximum(quality.std(axis=0), 1e-12)
+        self.model_id_ = model_id
+        self.n_ref_, self.n_features_in_ = Z.shape
+        self.psi_edges_ = _psi_edges(Z, self.psi_bins)
+        self.sigma_ref_ = median_heuristic(Z, rng=self.random_state)
+        self._calibrations: dict[int, dict[str, np.ndarray]] = {}
+        self.is_fitted_ = True
+        return self
+
+    @property
+    def max_window(self) -> int | None:
+        """Largest window the lot null calibrates honestly: a third of the reference (None under the i.i.d. null).
+
+        A lot-null calibration window is compared with the rest of the reference *minus a guard band* around it
+        (:meth:`_block_indices`), so that it is compared with other lots and not with the rest of its own lot. Up to
+        a third of the reference, the window, a guard band and a comparison set as large as the window all fit. A
+        larger window leaves no room for the guard: the calibration windows are then compared with their own lots'
+        neighbours, look more alike than new lots do, and the null is too narrow (measured in ``make demo``: a
+        110-image reference of 5 days, day windows subsampled to half the reference, flagged a healthy day at
+        quality p = 0.002; subsampled to a third, p = 0.34). Windows above ``max_window`` should be subsampled
+        evenly (:func:`even_subsample`) before :meth:`test`, as the monitor does. It is never below ``min_window``
+        (a reference under three minimum windows gets a narrower guard band).
+        """
+        self._check_fitted()
+        return None if self.null == "iid" else max(self.n_ref_ // 3, self.min_window)
+
+    def rows_to_test(self, n: int) -> np.ndarray:
+        """Positions of a window of ``n`` images to give :meth:`test`.
+
+        All of them under the i.i.d. null; under the lot null, evenly subsampled to :attr:`max_window` when larger.
+        """
+        return np.arange(n) if self.max_window is None else even_subsample(n, self.max_window)
+
+    def _check_fitted(self) -> None:
+        if not getattr(self, "is_fitted_", False):
+            raise NotFittedError("DriftDetector has not been fit: call fit(Z_ref) first")
+
+    # ---- lot null ------------------------------------------------------------------------------------------
+    def _allocation(self, n: int) -> list[int]:
+        """Images per stratum in a calibration window of ``n``: the reference shares, largest-remainder rounding."""
+        raw = np.array([share * n for _, share in self._streams])
+        k = np.floor(raw).astype(int)
+        for i in np.argsort(-(raw - k), kind="stable")[: n - int(k.sum())]:
+            k[i] += 1
+        return k.tolist()
+
+    def _block_indices(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of one calibration window, and the rows to leave out of "the rest" for it.
+
+        Per stratum (one stream of all rows without ``ref_strata``), the window takes its share as blocks of
+        consecutive rows of that stratum. Left out of the rest are the window itself plus a guard band of one block
+        length on each side of every block (or, with ``ref_lots``, every lot the window touches): a window that
+        starts or ends inside a lot must not be compared with the other part of that same lot, which would make the
+        calibration windows look more alike than new lots do.
+        """
+        N = self.n_ref_
+        excl = np.zeros(N, dtype=bool)
+        parts = []
+        alloc = self._allocation(n)
+        for (rows, _), k in zip(self._streams, alloc, strict=True):
+            if k == 0:
+                continue
+            n_s = rows.size
+            L = k if self.lot_block is None else min(self.lot_block, k)
+            n_blocks = math.ceil(k / L)
+            cand = None
+            if self._lot_ids is not None:
+                ids = self._lot_ids[rows]
+                first = np.r_[0, np.flatnonzero(ids[1:] != ids[:-1]) + 1]  # lot starts within this stratum
+                cand = first[first <= n_s - L]
+            if cand is not None and cand.size:
+                starts = rng.choice(cand, size=n_blocks)
+            else:
+                starts = rng.integers(0, n_s - L + 1, size=n_blocks)
+            pos = (starts[:, None] + np.arange(L)[None, :]).ravel()[:k]
+            parts.append(rows[pos])
+            if self._lot_ids is None:
+                guard = max(0, min(L, (n_s - 2 * k) // (2 * n_blocks)))  # leave at least k rows of the stratum
+                for s0 in starts:
+                    excl[rows[max(0, s0 - guard) : s0 + L + guard]] = True
+        idx = np.concatenate(parts)
+        if self._lot_ids is not None:
+            excl = np.isin(self._lot_ids, np.unique(self._lot_ids[idx]))
+        excl[idx] = True
+        short = any(
+            k > 0 and int((~excl[rows]).sum()) < max(2, k // 2)
+            for (rows, _), k in zip(self._streams, alloc, strict=True)
+        )
+        if N - int(excl.sum()) < n or short:  # lots larger than the reference allows: leave out the window alone
+            excl[:] = False
+            excl[idx] = True
+        return idx, excl
+
+    def _rest_weights(self, keep: np.ndarray) -> np.ndarray:
+        """Weights (summing to 1) of the kept reference rows that restore the reference's stratum shares."""
+        w = np.zeros(keep.size)
+        for rows, share in self._streams:
+            kept = rows[keep[rows]]
+            if kept.size:
+                w[kept] = share / kept.size
+        w = w[keep]
+        return w / w.sum()
+
+    def _window_stats_vs_rest(
+        self, idx: np.ndarray, excl: np.ndarray, rng: np.random.Generator
+    ) -> tuple[float, float, float, float, float]:
+        """Family statistics of rows ``idx`` against the re-weighted rest.
+
+        Max KS (axes), MMD^2, score AUC, max |mean shift| in sd (quality) and the score tail share.
+        """
+        keep = ~excl
+        rest_idx = np.flatnonzero(keep)
+        w = self._rest_weights(keep)
+        ks = _max_weighted_ks(self.ref_[idx], self.ref_[rest_idx], w)
+        if rest_idx.size > self.mmd_max_ref:  # weighted subsample keeps the stratum shares
+            sub = rng.choice(rest_idx.size, self.mmd_max_ref, replace=False, p=w)
+            mmd = mmd2_unbiased(self.ref_[rest_idx[sub]], self.ref_[idx], self.sigma_ref_)
+        else:
+            mmd = _weighted_mmd2(self.ref_[rest_idx], w, self.ref_[idx], self.sigma_ref_)
+        auc = tail = math.nan
+        if self.ref_scores_ is not None:
+            auc = _weighted_auc(self.ref_scores_[idx], self.ref_scores_[rest_idx], w)
+            cut = _weighted_quantile(self.ref_scores_[rest_idx], w, 1.0 - self.score_tail)
+            tail = float(np.mean(self.ref_scores_[idx] > cut))
+        qstat = math.nan
+        if self.ref_quality_ is not None:
+            shift = self.ref_quality_[idx].mean(axis=0) - w @ self.ref_quality_[rest_idx]
+            qstat = float(np.max(np.abs(shift) / self._q_sd))
+        return ks, mmd, auc, qstat, tail
+
+    def calibrate(self, n: int) -> dict[str, np.ndarray]:
+        """Lot-null bootstrap distributions of the family statistics for windows of ``n`` images (cached).
+
+        Returns:
+            ``{"axes": max-KS (B,), "mmd": MMD^2 (B,), "scores": AUC (B,), "quality": max |shift| (B,),
+            "scores_tail": tail share (B,), "scores_minp": the smaller of the two score p-values (B,)}``, each sorted
+            ascending (NaNs for a family without reference data). ``scores_minp`` is computed per bootstrap window
+            (each against the other windows), so the score family's combined p-value keeps the AUC and the tail
+            share's dependence.
+        """
+        self._check_fitted()
+        if n in self._calibrations:
+            return self._calibrations[n]
+        if self.n_ref_ < 2 * n:
+            raise ValueError(
+                f"the lot null needs a reference at least twice the window: reference {self.n_ref_}, window {n}; "
+                "use a larger reference or smaller windows"
+            )
+        rng = np.random.default_rng([self.random_state, n])
+        out = np.empty((self.n_calibration, 5))
+        it = range(self.n_calibration)
+        for b in tqdm(it, desc=f"lot null n={n}", disable=not self.progress, leave=False):
+            idx, excl = self._block_indices(n, rng)
+            out[b] = self._window_stats_vs_rest(idx, excl, rng)
+        cal = {k: np.sort(out[:, i]) for i, k in enumerate(("axes", "mmd", "scores", "quality", "scores_tail"))}
+        cal["scores_minp"] = np.sort(np.minimum(self._self_p(out[:, 2]), self._self_p(out[:, 4])))
+        self._calibrations[n] = cal
+        return cal
+
+    @staticmethod
+    def _boot_threshold(boot: np.ndarray, level: float) -> float:
+        """Largest bootstrap value a statistic must exceed for its empirical p-value to be <= level."""
+        # the most bootstrap values allowed at or above the statistic (1e-9: float-safe at level * (B + 1) integer)
+        k_max = math.floor(level * (boot.size + 1) - 1 + 1e-9)
+        return float(boot[boot.size - k_max - 1])
+
+    @staticmethod
+    def _self_p(values: np.ndarray) -> np.ndarray:
+        """Empirical upper-tail p-value of each bootstrap value against the other ones: ``(#{others >= v} + 1) / B``."""
+        s = np.sort(values)
+        n_ge = values.size - np.searchsorted(s, values - 1e-12, side="left")  # counts itself
+        return n_ge / values.size
+
+    @staticmethod
+    def _boot_p(boot: np.ndarray, obs: float) -> float:
+        n_ge = boot.size - np.searchsorted(boot, obs - 1e-12, side="left")
+        return float((1.0 + n_ge) / (1.0 + boot.size))
+
+    # ---- test ----------------------------------------------------------------------------------------------
+    def test(
+        self, Z_cur: Any, cur_scores: Any = None, model_id: str | None = None, cur_quality: Any = None
+    ) -> DriftResult:
+        """Test one window against the reference.
+
+        Args:
+            Z_cur: window latents (n_cur, d).
+            cur_scores: anomaly scores (n_cur,) of the window; required iff ``ref_scores`` were given to ``fit``.
+            model_id: id of the model that encoded ``Z_cur``; must equal the reference's when both are known.
+            cur_quality: image-quality channels (n_cur, k) of the window; required iff ``ref_quality`` was given,
+                with the same channels.
+
+        Returns:
+            :class:`DriftResult`.
+
+        Raises:
+            NotFittedError: before ``fit``.
+            ValueError: too-small window, NaNs, model-id or dimension mismatch, scores given on one side only.
+        """
+        self._check_fitted()
+        if model_id is not None and self.model_id_ is not None and model_id != self.model_id_:
+            raise ValueError(
+                f"reference was encoded by model {self.model_id_!r} but the window by model {model_id!r}; "
+                "latents of different models are not comparable: re-encode the reference or the window"
+            )
+        Z = as_latent_matrix(Z_cur, "Z_cur")
+        n = Z.shape[0]
+        if n < self.min_window:
+            raise ValueError(_too_small(n, self.min_window, self.alpha))
+        if Z.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"window has {Z.shape[1]} latent axes but the reference has {self.n_features_in_}; "
+                "were they encoded by different models?"
+            )
+        scores = None
+        _both_or_neither(self.ref_scores_, cur_scores, "anomaly scores", "ref_scores", "cur_scores")
+        if cur_scores is not None:
+            scores = np.asarray(cur_scores, dtype=np.float64).ravel()
+            if scores.size != n:
+                raise ValueError(f"cur_scores has {scores.size} values for {n} window images")
+            if not np.isfinite(scores).all():
+                raise ValueError("cur_scores contain NaN or inf")
+
+        quality = None
+        _both_or_neither(self.ref_quality_, cur_quality, "image-quality channels", "ref_quality", "cur_quality")
+        if cur_quality is not None:
+            quality, names = _as_channels(cur_quality, n, "cur_quality")
+            if quality.shape[1] != self.ref_quality_.shape[1] or (
+                isinstance(cur_quality, pd.DataFrame) and list(names) != list(self.quality_names_)
+            ):
+                raise ValueError(
+                    f"window quality channels {list(names)} do not match the reference's {list(self.quality_names_)}"
+                )
+
+        ref = self.ref_
+        # seeded by the window's content: reproducible for a given window, but a fresh reference subsample and
+        # permutation set for each window, so the false-alarm rate over many windows does not hinge on one
+        # particular MMD reference subsample
+        rng = np.random.default_rng([self.random_state, n, zlib.crc32(Z.tobytes())])
+        ks, p = ks_per_axis(ref, Z)
+        p_adj = bh_adjust(p) if self.correction == "bh" else bonferroni(p)
+        eff = effect_size(ref, Z)
+        psis = _psi_from_edges(ref, Z, self.psi_edges_, 1e-4)
+
+        families = ["axes", "mmd"] + (["scores"] if scores is not None else []) + (
+            ["quality"] if quality is not None else []
+        )
+        fam_alpha = self.alpha / len(families)
+        if self.null == "lot" and (self.n_calibration + 1) * fam_alpha < 1.0:
+            raise ValueError(
+                f"n_calibration={self.n_calibration} cannot resolve p-values at alpha/{len(families)}="
+                f"{fam_alpha:.3g}; use at least {math.ceil(1.0 / fam_alpha)}"
+            )
+        family_p: dict[str, float] = {}
+        thresholds: dict[str, float] = {
+            "alpha": self.alpha,
+            "family_alpha": fam_alpha,
+            "psi_null_expected": (len(self.psi_edges_[0])) * (1.0 / n + 1.0 / self.n_ref_),
+        }
+        score_stat = score_p = quality_stat = quality_p = tail_share = None
+        per_channel = None
+        q_sig = None
+        if quality is not None:
+            q_ks, _ = ks_per_axis(self.ref_quality_, quality)
+            q_eff = effect_size(self.ref_quality_, quality)
+            q_pv = stats.ttest_ind(quality, self.ref_quality_, axis=0, equal_var=False).pvalue
+            q_pv = np.where(np.isfinite(q_pv), q_pv, 1.0)
+            quality_stat = float(np.max(np.abs(q_eff)))
+        if self.null == "iid":
+            family_p["axes"] = float(p_adj.min())
+            significant = p_adj <= fam_alpha
+            mmd_stat, mmd_p = mmd_permutation_test(
+                ref, Z, n_permutations=self.n_permutations, rng=rng, max_ref=self.mmd_max_ref
+            )
+            if scores is not None:
+                score_stat, p_auc = score_distribution_test(self.ref_scores_, scores)
+                tail_share, p_tail = score_tail_test(self.ref_scores_, scores, self.score_tail)
+                score_p = min(1.0, 2.0 * min(p_auc, p_tail))
+            if quality is not None:
+                q_adj = bonferroni(q_pv)
+                quality_p = float(q_adj.min())
+                q_sig = q_adj <= fam_alpha
+            thresholds["p_adjusted"] = fam_alpha
+        else:
+            cal = self.calibrate(n)
+            ks_thr = self._boot_threshold(cal["axes"], fam_alpha)
+            family_p["axes"] = self._boot_p(cal["axes"], float(ks.max()))
+            significant = ks > ks_thr
+            sub = ref
+            if sub.shape[0] > self.mmd_max_ref:
+                sub = sub[rng.choice(sub.shape[0], self.mmd_max_ref, replace=False)]
+            mmd_stat = mmd2_unbiased(sub, Z, self.sigma_ref_)
+            mmd_p = self._boot_p(cal["mmd"], mmd_stat)
+            thresholds.update({"max_ks": ks_thr, "mmd2": self._boot_threshold(cal["mmd"], fam_alpha)})
+            if scores is not None:
+                score_stat = _auc(scores, self.ref_scores_)
+                tail_share = float(np.mean(scores > np.quantile(self.ref_scores_, 1.0 - self.score_tail)))
+                min_p = min(self._boot_p(cal["scores"], score_stat), self._boot_p(cal["scores_tail"], tail_share))
+                n_le = int(np.searchsorted(cal["scores_minp"], min_p + 1e-12, side="right"))
+                score_p = (1.0 + n_le) / (1.0 + cal["scores_minp"].size)
+                thresholds["score_auc"] = self._boot_threshold(cal["scores"], fam_alpha)
+                thresholds["score_tail_share"] = self._boot_threshold(cal["scores_tail"], fam_alpha)
+            if quality is not None:
+                q_thr = self._boot_threshold(cal["quality"], fam_alpha)
+                quality_p = self._boot_p(cal["quality"], quality_stat)
+                q_sig = np.abs(q_eff) > q_thr
+                thresholds["quality_max_shift_sd"] = q_thr
+        family_p["mmd"] = float(mmd_p)
+        if score_p is not None:
+            family_p["scores"] = float(score_p)
+        if quality_p is not None:
+            family_p["quality"] = float(quality_p)
+            per_channel = pd.DataFrame(
+                {"channel": list(self.quality_names_), "ks_stat": q_ks, "p_value": q_pv, "effect_size": q_eff,
+                 "significant": q_sig}
+            ).assign(_abs=np.abs(q_eff)).sort_values(["significant", "_abs"], ascending=False, kind="stable",
+                                                     ignore_index=True).drop(columns="_abs")
+        fired = tuple(k for k in families if family_p[k] <= fam_alpha * (1 + 1e-9))
+
+        # rank: significant axes by |effect| first, then the rest by |effect|
+        abs_eff = np.abs(eff)
+        order = np.lexsort((-abs_eff, ~significant))
+        rank = np.empty(order.size, dtype=int)
+        rank[order] = np.arange(1, order.size + 1)
+        table = pd.DataFrame(
+            {
+                "axis": np.arange(self.n_features_in_),
+                "ks_stat": ks,
+                "p_value": p,
+                "p_adjusted": p_adj,
+                "effect_size": eff,
+                "psi": psis,
+                "psi_band": [psi_band(v) for v in psis],
+                "significant": significant,
+                "rank": rank,
+            }
+        ).sort_values("rank", kind="stable", ignore_index=True)
+        top = int(order[0])
+        total = float(abs_eff.sum())
+        return DriftResult(
+            detected=bool(fired),
+            fired=fired,
+            family_p=family_p,
+            family_alpha=fam_alpha,
+            mmd_stat=float(mmd_stat),
+            mmd_p=float(mmd_p),
+            score_stat=score_stat,
+            score_p=score_p,
+            per_axis=table,
+            top_axis=top,
+            top_share=float(abs_eff[top] / total) if total > 0 else 0.0,
+            n_ref=self.n_ref_,
+            n_cur=n,
+            null=self.null,
+            thresholds=thresholds,
+            quality_stat=quality_stat,
+            quality_p=quality_p,
+            per_channel=per_channel,
+            score_tail=tail_share,
+            score_tail_expected=None if tail_share is None else self.score_tail,
+            meta={
+                "name": self.name,
+                "version": self.version,
+                "params": self.get_params(),
+                "model_id": self.model_id_,
+            },
+        )
+
+
+def even_subsample(n: int, k: int) -> np.ndarray:
+    """``min(n, k)`` row positions spread evenly over ``0 .. n-1`` (first and last included), in order.
+
+    How a window larger than :attr:`DriftDetector.max_window` is cut down: every part of the window (every lot it
+    spans, every hour of the shift) keeps its share.
+    """
+    if n < 0 or k < 1:
+        raise ValueError(f"even_subsample needs n >= 0 and k >= 1, got n={n}, k={k}")
+    if k >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, k).round().astype(int))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# windows
+# ------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Window:
+    """One monitoring window.
+
+    Attributes:
+        window_id: ``"count-00003"``, ``"2026-11-27/S2"`` (shift 2 of that date) or ``"2026-11-27"``.
+        start: first timestamp (count windows: of the first row, or its position without a time column).
+        end: end of the window (shift/day: exclusive boundary; count: last row's timestamp or position).
+        frame: the rows of the window.
+    """
+
+    window_id: str
+    start: Any
+    end: Any
+    frame: pd.DataFrame
+
+
+def _shift_of(ts: pd.Series, shifts: Sequence[tuple[int, int]]) -> tuple[pd.Series, pd.Series]:
+    hours = ts.dt.hour + ts.dt.minute / 60.0 + ts.dt.second / 3600.0
+    day = ts.dt.normalize()
+    idx = pd.Series(-1, index=ts.index)
+    sdate = day.copy()
+    for i, (a, b) in enumerate(shifts):
+        if a < b:
+            hit = (hours >= a) & (hours < b)
+        else:  # wraps midnight: the early hours belong to the previous date's shift
+            late, early = hours >= a, hours < b
+            hit = late | early
+            sdate = sdate.where(~early, day - pd.Timedelta(days=1))
+        idx = idx.where(~hit, i)
+    return idx, sdate
+
+
+def _check_shifts(shifts: Sequence[tuple[int, int]]) -> None:
+    cover = np.zeros(24, dtype=int)
+    for a, b in shifts:
+        if not (0 <= a < 24 and 0 <= b <= 24 and a != b):
+            raise ValueError(
+                f"shift ({a}, {b}) must be (start_hour, end_hour) with hours in 0..24 and start != end"
+            )
+        hrs = np.arange(a, b) if a < b else np.r_[np.arange(a, 24), np.arange(0, b)]
+        cover[hrs] += 1
+    if not (cover == 1).all():
+        raise ValueError(f"shifts {tuple(shifts)} must cover every hour of the day exactly once")
+
+
+def windows(
+    df: pd.DataFrame,
+    by: str = "count",
+    size: int | None = None,
+    time_col: str = "captured_at",
+    shifts: Sequence[tuple[int, int]] = DEFAULT_SHIFTS,
+    min_size: int = 30,
+    on_small: str = "skip",
+    skipped: list[dict[str, Any]] | None = None,
+) -> Iterator[Window]:
+    """Cut a table of images (catalog or latents rows) into monitoring windows.
+
+    Windows smaller than ``min_size`` are not yielded with ``on_small="skip"`` (default): each is logged as a
+    warning and, when a list is passed as ``skipped``, appended to it as ``{"window_id", "n", "reason"}``. With
+    ``on_small="raise"`` the first one raises a ``ValueError``.
+
+    Args:
+        df: rows to window; needs ``time_col`` for ``by="shift"``/``"day"`` (and is then sorted by it).
+        by: ``"count"`` (consecutive chunks of ``size`` rows), ``"shift"`` or ``"day"``.
+        size: rows per count window.
+        time_col: timestamp column.
+        shifts: (start_hour, end_hour) per shift, covering the day exactly once; a shift that wraps midnight
+            belongs to the date it starts on.
+        min_size: smallest usable window (match ``DriftDetector.min_window``).
+        on_small: ``"skip"`` or ``"raise"``.
+        skipped: optional list collecting the skipped windows.
+
+    Yields:
+        :class:`Window`, in time (or row) order.
+    """
+    if by not in ("count", "shift", "day"):
+        raise ValueError(f"by must be 'count', 'shift' or 'day', got {by!r}")
+    if on_small not in ("skip", "raise"):
+        raise ValueError(f"on_small must be 'skip' or 'raise', got {on_small!r}")
+    has_time = time_col in df.columns
+    if by != "count" and not has_time:
+        raise ValueError(f"windows by {by!r} need a {time_col!r} column; columns are {list(df.columns)}")
+    frame = df
+    if has_time:
+        ts = pd.to_datetime(df[time_col])
+        if ts.isna().any():
+            raise ValueError(f"{int(ts.isna().sum())} rows have no {time_col!r}; drop or fill them first")
+        frame = df.assign(**{time_col: ts}).sort_values(time_col, kind="stable")
+
+    groups: list[tuple[str, Any, Any, pd.DataFrame]] = []
+    if by == "count":
+        if size is None or size < 1:
+            raise ValueError(f"windows by count need size >= 1, got {size}")
+        for i, lo in enumerate(range(0, len(frame), size)):
+            sub = frame.iloc[lo : lo + size]
+            if has_time:
+                start, end = sub[time_col].iloc[0], sub[time_col].iloc[-1]
+            else:
+                start, end = lo, lo + len(sub) - 1
+            groups.append((f"count-{i:05d}", start, end, sub))
+    elif by == "day":
+        day = frame[time_col].dt.normalize()
+        for d, sub in frame.groupby(day, sort=True):
+            groups.append((d.date().isoformat(), d, d + pd.Timedelta(days=1), sub))
+    else:
+        _check_shifts(shifts)
+        sidx, sdate = _shift_of(frame[time_col], shifts)
+        for (d, i), sub in frame.groupby([sdate, sidx], sort=True):
+            a, b = shifts[int(i)]
+            start = d + pd.Timedelta(hours=a)
+            end = start + pd.Timedelta(hours=(b - a) % 24 or 24)
+            groups.append((f"{d.date().isoformat()}/S{int(i) + 1}", start, end, sub))
+
+    for wid, start, end, sub in groups:
+        if len(sub) < min_size:
+            reason = (
+                f"window has {len(sub)} images; at least {min_size} are needed for a drift test; "
+                "widen the window (per day instead of per shift)"
+            )
+            if on_small == "raise":
+                raise ValueError(f"window {wid}: {reason}")
+            log.warning("skipping window %s: %s", wid, reason)
+            if skipped is not None:
+                skipped.append({"window_id": wid, "n": len(sub), "reason": reason})
+            continue
+        yield Window(wid, start, end, sub)

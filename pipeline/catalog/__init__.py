@@ -1,0 +1,1 @@
+"""The image catalog: content store, Parquet tables, snapshots, ingestion."""

@@ -1,0 +1,1 @@
+"""The ``linewatch`` command: one module per command group."""

@@ -1,0 +1,455 @@
+"""Monitoring-facing ``linewatch`` sub-commands: ``score`` (per-image anomaly flags) and ``drift`` (window tests).
+
+Both need a **reference**: normal images the model did *not* train on (a calibration split), given as an image folder
+(encoded on the fly) or as a latents Parquet file written by ``linewatch encode`` / the encode stage with the same
+model (latents of another model are refused: they are not comparable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.cli.main import CLIError
+
+DETECTORS = ("auto", "residual", "mahalanobis", "knn", "iforest", "ensemble")
+
+
+@dataclass(frozen=True)
+class LatentSource:
+    """Latents loaded from a folder (encoded now) or a Parquet file.
+
+    Attributes:
+        frame: the latents table (``z_*`` columns, plus ``path``/``image_id``, ``sha256``, ``model_id`` when known).
+        kind: ``"images"`` or ``"parquet"``.
+        origin: the path given on the command line.
+    """
+
+    frame: pd.DataFrame
+    kind: str
+    origin: str
+
+    @property
+    def Z(self) -> np.ndarray:
+        """The (N, d) latent matrix."""
+        from pipeline.common.schemas import latent_matrix
+
+        return latent_matrix(self.frame)
+
+    def labels(self) -> list[str]:
+        """One display label per row: the path, else the image id, else the row number."""
+        for col in ("path", "image_id"):
+            if col in self.frame.columns:
+                return self.frame[col].astype(str).tolist()
+        return [str(i) for i in range(len(self.frame))]
+
+
+def _is_parquet(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in (".parquet", ".pq")
+
+
+def load_latent_source(
+    source: str, ckpt: Any, *, what: str, batch_size: int = 256, progress: bool = False
+) -> LatentSource:
+    """Encode an image folder (or one image) with ``ckpt``, or read a latents Parquet file of the same model.
+
+    Args:
+        source: folder, image file or ``.parquet`` file.
+        ckpt: the loaded checkpoint.
+        what: the option name, for messages (``--reference``).
+        batch_size: encode batch size.
+        progress: progress bar while encoding.
+
+    Raises:
+        CLIError: missing path, or a Parquet file of another model / without latents.
+    """
+    from pipeline.common.images import find_images
+    from pipeline.common.schemas import z_columns
+    from pipeline.latent.encode import encode_paths, model_id_of, read_latents
+
+    path = Path(source)
+    if not path.exists():
+        raise CLIError(f"{what} {source!r} does not exist (give an image folder or a latents .parquet file)")
+    model_id = model_id_of(ckpt)
+    if _is_parquet(path):
+        try:
+            df = read_latents(path, model_id=model_id)
+        except ValueError as exc:
+            raise CLIError(f"{what}: {exc}") from exc
+        d = len(z_columns(df))
+        if d != int(ckpt.config.latent_dim):
+            raise CLIError(f"{what}: {source!r} has {d}-d latents, the model gives {ckpt.config.latent_dim}-d")
+        return LatentSource(df.reset_index(drop=True), "parquet", source)
+    try:
+        paths = find_images(path)
+    except ValueError as exc:
+        raise CLIError(f"{what}: {exc}") from exc
+    df = encode_paths(ckpt, paths, batch_size=batch_size, progress=progress)
+    return LatentSource(df, "images", source)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
+
+
+def _require_reference(args: argparse.Namespace, command: str) -> None:
+    if not args.reference:
+        raise CLIError(
+            f"--reference is required: {command} compares against latents of normal images the model did not "
+            "train on (a calibration split); give an image folder or a latents .parquet file of the same model"
+        )
+
+
+# --- score -------------------------------------------------------------------------------------------------------
+SCORE_EPILOG = """\
+examples:
+  linewatch score --model ckpt/v1 --images today/ --reference calib/
+  linewatch score --model ckpt/v1 --images today/ --reference calib_latents.parquet --fpr 0.005 --json
+  linewatch score --model ckpt/v1 --images suspicious.png --reference calib/ --detector knn
+
+Images registered in the catalog ($LINEWATCH_CATALOG / $LINEWATCH_HOME) are named by their MES serial (matched by
+content), others by their path.
+
+Detectors: "residual" (the monitor's: the diffusion residual, noised to t* = 100 and 250 and denoised with the image's
+own z, judged against the reference images nearest in z; needs image folders, or latents files with r_* residual
+columns), "mahalanobis", "knn", "iforest" and "ensemble" on z alone. "auto" (default) takes "residual" when both
+sources can give residuals, else "mahalanobis", and says which.
+
+The reference (normal images the model did not train on) is split at random into two halves: the detector is fit on
+one, and the flag threshold is the conformal (1 - fpr) quantile of the scores of the other, so the false-alarm rate
+on normal images is at most --fpr. That needs at least 1/fpr - 1 images in the threshold half (99 at 1 %, so about
+200 reference images). Each image gets a score (higher = more unusual), a conformal p-value and a flag.
+"""
+
+
+def make_detector(name: str) -> Any:
+    """Build a latent detector by CLI name (``DETECTORS``)."""
+    from pipeline.analysis.detectors import Ensemble, IsolationForestDetector, KNNDistance, Mahalanobis
+
+    if name == "mahalanobis":
+        return Mahalanobis()
+    if name == "knn":
+        return KNNDistance()
+    if name == "iforest":
+        return IsolationForestDetector()
+    if name == "ensemble":
+        return Ensemble([Mahalanobis(), KNNDistance()])
+    raise CLIError(f"unknown detector {name!r}; choose from {DETECTORS}")
+
+
+def split_reference(n: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random split of ``n`` reference rows into (fit, threshold) index arrays; ``share`` goes to the threshold."""
+    if not 0.0 < share < 1.0:
+        raise CLIError(f"--calibration-share must be in (0, 1), got {share}")
+    n_val = int(round(n * share))
+    if n_val < 1 or n - n_val < 2:
+        raise CLIError(f"reference has {n} images: too few to split into a fit part and a threshold part")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _has_residuals(source: LatentSource, n: int) -> bool:
+    from pipeline.common.schemas import residual_columns
+
+    return source.kind == "images" or set(residual_columns(n)) <= set(source.frame.columns)
+
+
+def source_residuals(source: LatentSource, ckpt: Any, scoring: Any, *, what: str, progress: bool) -> np.ndarray:
+    """Diffusion residuals (N, len(t_stars)) of a source: computed from its images, or its ``r_*`` columns."""
+    from pipeline.common.images import load_batch
+    from pipeline.common.schemas import residual_columns
+
+    cols = residual_columns(len(scoring.t_stars))
+    if not _has_residuals(source, len(cols)):
+        raise CLIError(f"{what}: {source.origin!r} has no residual columns {cols}; the residual detector needs "
+                       "an image folder (or use --detector mahalanobis on latents)")
+    if source.kind != "images":
+        return source.frame[cols].to_numpy(np.float64)
+    x = load_batch(source.frame["path"].tolist(), ckpt.preprocess)
+    return scoring.residual_detector(ckpt.model, progress=progress).residuals(x)
+
+
+def catalog_serials(frame: pd.DataFrame) -> list[str]:
+    """The MES serial of each row whose bytes are registered in the catalog (``""`` for the others).
+
+    Images are matched by content (``sha256``), so a copy of a registered image anywhere on disk, or the store
+    object itself, is named by the serial a person finds on the line.
+    """
+    from pipeline.catalog.tables import serials_by_sha256
+    from pipeline.settings import get_settings
+
+    if "sha256" not in frame.columns:
+        return [""] * len(frame)
+    known = serials_by_sha256(get_settings().catalog_root, frame["sha256"].astype(str))
+    return [known.get(str(d), "") for d in frame["sha256"]]
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """Run ``linewatch score``."""
+    from pipeline.cli.model import load_model
+    from pipeline.training.retrain import ScoringConfig
+    from pipeline.training.retrain import make_detector as residual_detector
+
+    _require_reference(args, "score")
+    if not 0.0 < args.fpr < 1.0:
+        raise CLIError(f"--fpr must be in (0, 1), got {args.fpr}")
+    ckpt = load_model(args.model, args.device)
+    progress = _progress(args)
+    ref = load_latent_source(args.reference, ckpt, what="--reference", batch_size=args.batch_size, progress=progress)
+    cur = load_latent_source(args.images, ckpt, what="--images", batch_size=args.batch_size, progress=progress)
+    fit_idx, val_idx = split_reference(len(ref.frame), args.calibration_share, args.seed)
+    scoring = ScoringConfig()
+    name = args.detector
+    if name == "auto":
+        n = len(scoring.t_stars)
+        name = "residual" if _has_residuals(ref, n) and _has_residuals(cur, n) else "mahalanobis"
+    X_ref, X_cur = ref.Z, cur.Z
+    if name == "residual":
+        X_ref = np.column_stack([X_ref, source_residuals(ref, ckpt, scoring, what="--reference", progress=progress)])
+        X_cur = np.column_stack([X_cur, source_residuals(cur, ckpt, scoring, what="--images", progress=progress)])
+        det = residual_detector(len(scoring.t_stars), k=scoring.k, n_fit=len(fit_idx))
+    else:
+        det = make_detector(name)
+    det.fit(X_ref[fit_idx])
+    try:
+        det.infer_threshold(X_ref[val_idx], fpr=args.fpr)
+    except ValueError as exc:
+        raise CLIError(f"{exc} (reference: {len(X_ref)} images, {len(val_idx)} used for the threshold)") from exc
+    res = det.predict(X_cur)
+    serials = catalog_serials(cur.frame)
+    labels = [s or label for s, label in zip(serials, cur.labels(), strict=True)]
+    model_id = str(ckpt.meta.get("model_id"))
+    if args.json:
+        doc = {
+            "model_id": model_id,
+            "detector": name,
+            "fpr_target": res.fpr_target,
+            "fpr_ci": list(res.fpr_ci),
+            "threshold": res.threshold,
+            "threshold_ci": list(res.threshold_ci),
+            "n_reference_fit": int(len(fit_idx)),
+            "n_reference_threshold": int(len(val_idx)),
+            "n_images": len(labels),
+            "n_flagged": res.n_anomalies,
+            "images": [
+                {
+                    "image": labels[i],
+                    "serial": serials[i] or None,
+                    "path": cur.labels()[i],
+                    "sha256": str(cur.frame["sha256"].iloc[i]) if "sha256" in cur.frame.columns else None,
+                    "score": float(res.scores[i]),
+                    "p_value": float(res.p_values[i]),
+                    "flagged": bool(res.is_anomaly[i]),
+                }
+                for i in range(len(labels))
+            ],
+        }
+        print(json.dumps(_jsonable(doc), indent=2))
+        return 0
+    print(
+        f"model {model_id}, detector {name}: threshold {res.threshold:.4g} "
+        f"(95% CI {res.threshold_ci[0]:.4g}..{res.threshold_ci[1]:.4g}) for fpr {res.fpr_target:g} "
+        f"(true false-alarm rate 95% CI {res.fpr_ci[0]:.2%}..{res.fpr_ci[1]:.2%}); "
+        f"reference {len(fit_idx)} fit + {len(val_idx)} threshold images"
+    )
+    width = min(max(len(s) for s in labels), 80)
+    print(f"{'image':<{width}}  {'score':>10}  {'p_value':>8}  flag")
+    for i, label in enumerate(labels):
+        flag = "ANOMALY" if res.is_anomaly[i] else "ok"
+        print(f"{label:<{width}}  {res.scores[i]:>10.4g}  {res.p_values[i]:>8.4f}  {flag}")
+    print(f"{res.n_anomalies} of {len(labels)} flagged")
+    return 0
+
+
+# --- drift -------------------------------------------------------------------------------------------------------
+DRIFT_EPILOG = """\
+examples:
+  linewatch drift --model ckpt/v1 --reference calib/ --current line1/2024-05-01/
+  linewatch drift --model ckpt/v1 --reference calib_latents.parquet --current today_latents.parquet --json
+  linewatch drift --model ckpt/v1 --reference calib/ --current shift2/ --null lot --alpha 0.01
+  linewatch drift --model ckpt/v1 --reference calib/ --current shift2/ --quality   # blur, sensor noise
+
+Prints whether the current window drifted from the reference: the multivariate MMD^2 statistic and p-value, and for
+every latent axis its KS statistic, p-value (BH-adjusted too), effect size (shift in reference standard deviations),
+PSI and rank (significant axes by |effect| first). --null lot compares against how much windows of consecutive
+reference images (whole lots) normally differ, which avoids false alarms from lot-to-lot variation; it needs the
+reference in production order and at least twice as many reference images as the window.
+"""
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    """Run ``linewatch drift``."""
+    from pipeline.analysis.drift import DriftDetector
+    from pipeline.cli.model import load_model
+
+    _require_reference(args, "drift")
+    ckpt = load_model(args.model, args.device)
+    progress = _progress(args)
+    ref = load_latent_source(args.reference, ckpt, what="--reference", batch_size=args.batch_size, progress=progress)
+    cur = load_latent_source(args.current, ckpt, what="--current", batch_size=args.batch_size, progress=progress)
+    model_id = str(ckpt.meta.get("model_id"))
+    det = DriftDetector(
+        alpha=args.alpha,
+        null=args.null,
+        min_window=args.min_window,
+        n_permutations=args.permutations,
+        random_state=args.seed,
+        progress=progress,
+    )
+    q_ref = q_cur = None
+    if args.quality:
+        q_ref = _quality_of(ref, "--reference", progress)
+        q_cur = _quality_of(cur, "--current", progress)
+    det.fit(ref.Z, model_id=model_id, ref_quality=q_ref)
+    n_given = len(cur.Z)
+    keep = det.rows_to_test(n_given)  # the lot null's guard band: at most a third of the reference
+    res = det.test(cur.Z[keep], model_id=model_id, cur_quality=None if q_cur is None else q_cur.iloc[keep])
+    subsampled = (f"current subsampled evenly from {n_given} to {res.n_cur} images (the lot null tests windows of at "
+                  f"most a third of the reference)") if res.n_cur < n_given else None
+    axes = res.per_axis
+    if args.json:
+        doc = {
+            "model_id": model_id,
+            "detected": res.detected,
+            "fired": list(res.fired),
+            "null": res.null,
+            "alpha": args.alpha,
+            "family_alpha": res.family_alpha,
+            "family_p": res.family_p,
+            "multivariate": {"test": "mmd2", "statistic": res.mmd_stat, "p_value": res.mmd_p},
+            "n_reference": res.n_ref,
+            "n_current": res.n_cur,
+            "n_current_given": n_given,
+            "top_axis": res.top_axis,
+            "top_share": res.top_share,
+            "axes": [
+                {
+                    "axis": int(r.axis),
+                    "statistic": float(r.ks_stat),
+                    "p_value": float(r.p_value),
+                    "p_adjusted": float(r.p_adjusted),
+                    "effect_size": float(r.effect_size),
+                    "psi": float(r.psi),
+                    "psi_band": str(r.psi_band),
+                    "significant": bool(r.significant),
+                    "rank": int(r.rank),
+                }
+                for r in axes.itertuples(index=False)
+            ],
+            "quality": None if res.per_channel is None else {
+                "statistic": res.quality_stat,
+                "p_value": res.quality_p,
+                "channels": [
+                    {"channel": str(r.channel), "statistic": float(r.ks_stat), "p_value": float(r.p_value),
+                     "effect_size": float(r.effect_size), "significant": bool(r.significant)}
+                    for r in res.per_channel.itertuples(index=False)
+                ],
+            },
+            "summary": res.summary(),
+        }
+        print(json.dumps(_jsonable(doc), indent=2))
+        return 0
+    print(f"detected: {res.detected}" + (f" (fired: {', '.join(res.fired)})" if res.fired else ""))
+    print(
+        f"multivariate MMD^2: {res.mmd_stat:.4g}, p = {res.mmd_p:.4g} ({res.null} null, each family at "
+        f"alpha {res.family_alpha:.3g}); reference {res.n_ref} vs current {res.n_cur} images, model {model_id}"
+    )
+    if subsampled:
+        print(subsampled)
+    print(res.summary())
+    print(f"{'rank':>4}  {'axis':>5}  {'KS':>6}  {'p_value':>9}  {'p_adj':>9}  {'effect':>7}  {'PSI':>6}  band  sig")
+    for r in axes.itertuples(index=False):
+        print(
+            f"{r.rank:>4}  z_{r.axis:<3}  {r.ks_stat:>6.3f}  {r.p_value:>9.3g}  {r.p_adjusted:>9.3g}  "
+            f"{r.effect_size:>+7.2f}  {r.psi:>6.3f}  {r.psi_band}  {'*' if r.significant else ''}"
+        )
+    if res.per_channel is not None:
+        print(f"image quality (full resolution): max KS {res.quality_stat:.3f}, p = {res.quality_p:.4g}")
+        for r in res.per_channel.itertuples(index=False):
+            print(f"  {r.channel:<14}  KS {r.ks_stat:.3f}  p {r.p_value:.3g}  effect {r.effect_size:+.2f} sd"
+                  f"  {'*' if r.significant else ''}")
+    return 0
+
+
+def _quality_of(src: LatentSource, what: str, progress: bool) -> Any:
+    """Full-resolution image-quality channels of the images of an image-folder source."""
+    from pipeline.common.images import read_images
+    from pipeline.latent.properties import QUALITY_CHANNELS, measure_each
+
+    if src.kind != "images":
+        raise CLIError(f"--quality measures the images themselves: give {what} as an image folder, not a Parquet file")
+    return measure_each(read_images(list(src.frame["path"]), channels=1), QUALITY_CHANNELS)
+
+
+# --- registration ------------------------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="CKPT_DIR", help="checkpoint folder written by train")
+    p.add_argument(
+        "--reference",
+        default=None,
+        metavar="DIR_OR_PARQUET",
+        help="required: normal images the model did not train on (folder) or their latents (.parquet, same model)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    p.add_argument("--batch-size", type=int, default=256, help="encode batch size (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``score`` and ``drift`` to the ``linewatch`` parser."""
+    p = subparsers.add_parser(
+        "score",
+        help="per-image anomaly scores and flags against a reference",
+        description="Score images with an anomaly detector calibrated on reference images.",
+        epilog=SCORE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(p)
+    p.add_argument("--images", required=True, metavar="DIR", help="images to score (folder, recursive, or one file)")
+    p.add_argument("--detector", default="auto", choices=DETECTORS,
+                   help="default auto: residual with image folders, else mahalanobis (see below)")
+    p.add_argument("--fpr", type=float, default=0.01, help="target false-alarm rate on normal images (default 0.01)")
+    p.add_argument(
+        "--calibration-share", type=float, default=0.5, help="share of the reference used for the threshold (0.5)"
+    )
+    p.set_defaults(func=cmd_score)
+
+    p = subparsers.add_parser(
+        "drift",
+        help="test a window of images for drift against a reference",
+        description="Per-axis and multivariate drift tests of the current latents against the reference latents.",
+        epilog=DRIFT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(p)
+    p.add_argument("--current", required=True, metavar="DIR_OR_PARQUET", help="the window: image folder or latents")
+    p.add_argument("--alpha", type=float, default=0.05, help="false-alarm rate per window (default 0.05)")
+    p.add_argument("--null", choices=("iid", "lot"), default="iid", help="null hypothesis (default iid)")
+    p.add_argument("--min-window", type=int, default=30, help="smallest window accepted (default 30)")
+    p.add_argument("--permutations", type=int, default=200, help="MMD permutations, iid null (default 200)")
+    p.add_argument("--quality", action="store_true",
+                   help="also test full-resolution image-quality channels (fine detail, noise, rotation); needs image "
+                        "folders for --reference and --current")
+    p.set_defaults(func=cmd_drift)

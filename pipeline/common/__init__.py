@@ -1,0 +1,1 @@
+"""Shared building blocks: table schemas, image reading."""

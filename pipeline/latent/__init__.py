@@ -1,0 +1,1 @@
+"""Images to latents: encoding, measurable image properties, latent quality."""

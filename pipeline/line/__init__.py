@@ -1,0 +1,1 @@
+"""The production line: ELPV cells, camera/product faults, the line simulator."""

@@ -1,0 +1,1 @@
+"""The monitor job: scoring, drift per window, alerts, reports."""

@@ -1,0 +1,212 @@
+"""Model-level evaluation for the retrain's gate and the monitor's detector.
+
+Denoising loss and reconstruction error with seeded noise (the same for every model compared), latent quality
+(active axes, MMD to the prior), axis alignment between two models, and the per-image detector's calibration on the
+held-out calibration images. ``pipeline.training.retrain`` re-exports these names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def mmd_to_prior(z: np.ndarray, seed: int = 0, max_n: int = 512) -> float:
+    """Squared MMD between latents and as many N(0, I) samples, with the training loss's kernel."""
+    from models.losses import mmd
+
+    if z.ndim != 2 or len(z) < 2:
+        raise ValueError(f"mmd_to_prior needs (N >= 2, d) latents, got shape {z.shape}")
+    rng = np.random.default_rng(seed)
+    if len(z) > max_n:
+        z = z[rng.choice(len(z), max_n, replace=False)]
+    prior = rng.standard_normal(z.shape).astype(np.float32)
+    return float(mmd(torch.as_tensor(z, dtype=torch.float32), torch.as_tensor(prior)))
+
+
+def latent_quality(z: np.ndarray, floor: float, seed: int = 0) -> dict[str, float]:
+    """Latent-collapse indicators: share of axes with std > floor, min/median std, MMD^2 to the prior."""
+    std = z.std(axis=0)
+    return {
+        "active_axes_share": float((std > floor).mean()),
+        "axis_std_min": float(std.min()),
+        "axis_std_median": float(np.median(std)),
+        "mmd_to_prior": mmd_to_prior(z, seed=seed),
+    }
+
+
+def axis_alignment(z_prev: np.ndarray, z_new: np.ndarray) -> tuple[float, dict[str, Any]]:
+    """Match the candidate's axes to the champion's on the same calibration images (``pipeline.analysis.axes.align_axes``).
+
+    Returns:
+        (mean |r| of the matched pairs, the alignment as a JSON-safe dict with its one-line ``text``).
+    """
+    from pipeline.analysis.axes import align_axes
+
+    al = align_axes(z_prev, z_new)
+    return float(al.mean_abs_corr), al.to_dict()
+
+
+@torch.no_grad()
+def encode_tensor(model: Any, x: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """Encode a (N, C, H, W) tensor in batches to a float32 (N, d) array (eval mode)."""
+    model.eval()
+    out = [model.encode(x[i : i + batch_size]).detach().cpu().float() for i in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def denoising_loss(model: Any, x: torch.Tensor, *, seed: int, repeats: int = 2, batch_size: int = 32) -> float:
+    """Mean epsilon-prediction MSE on ``x`` with seeded timesteps and noise (the same for every model compared)."""
+    model.eval()
+    total, n = 0.0, 0
+    for r in range(repeats):
+        for i in range(0, len(x), batch_size):
+            gen = torch.Generator(device=x.device).manual_seed(seed * 1000 + r * 97 + i)
+            xb = x[i : i + batch_size]
+            if len(xb) < 2:  # the MMD term inside the loss needs a batch
+                xb = x[max(0, len(x) - 2) :]
+            out = model.loss(xb, generator=gen)
+            total += float(out.eps_mse) * len(xb)
+            n += len(xb)
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def reconstruction_error(model: Any, x: torch.Tensor, *, steps: int, seed: int) -> float:
+    """Mean squared error of the deterministic DDIM reconstruction of ``x`` (in model-input units)."""
+    model.eval()
+    torch.manual_seed(seed)
+    rec = model.reconstruct(x, steps=steps)
+    return float(((rec - x) ** 2).mean())
+
+
+def detector_calibration(
+    z_cal: np.ndarray, fpr_target: float, seed: int = 0, *, residuals: np.ndarray | None = None, k: int = 25
+) -> tuple[float, Any]:
+    """Fit and threshold the per-image detector on calibration data, and measure its false-alarm rate.
+
+    The calibration images are split in three (seeded): fit on the first, set the threshold at ``fpr_target`` on
+    the second, measure the empirical FPR on the third. The returned detector is refitted on one half and
+    thresholded on the other (all of it used; deterministic for a given seed).
+
+    Args:
+        z_cal: calibration latents (N, d).
+        fpr_target: false-alarm rate of the threshold.
+        seed: split seed.
+        residuals: the calibration images' diffusion residuals (N, len(t_stars)); the detector is then
+            ``ConditionalResidual`` on ``[z | residuals]``. None (a bundle from before residual scoring): Mahalanobis
+            on z.
+        k: neighbours of ``ConditionalResidual``, capped at a fifth of the fit images (at least 3).
+
+    Returns:
+        (empirical FPR on the held-out third, fitted detector).
+
+    Raises:
+        ValueError: fewer than 9 calibration latents.
+    """
+    if len(z_cal) < 9:
+        raise ValueError(f"detector calibration needs >= 9 calibration images, got {len(z_cal)}")
+    X = z_cal if residuals is None else np.column_stack([z_cal, residuals])
+    n_res = None if residuals is None else int(np.asarray(residuals).reshape(len(z_cal), -1).shape[1])
+    idx = np.random.default_rng(seed).permutation(len(X))
+    a, b, c = np.array_split(idx, 3)
+    det = make_detector(n_res, k=k, n_fit=len(a)).fit(X[a])
+    _infer_threshold(det, X[b], fpr_target)
+    fpr = float((det.score(X[c]) > det.threshold_).mean())
+    half = len(idx) // 2
+    full = make_detector(n_res, k=k, n_fit=half).fit(X[idx[:half]])
+    _infer_threshold(full, X[idx[half:]], fpr_target)
+    return fpr, full
+
+
+def calibration_scores(z_cal: np.ndarray, residuals: np.ndarray, *, k: int = 25, seed: int = 0) -> np.ndarray:
+    """Out-of-sample anomaly scores of every calibration image (the drift reference of the score family).
+
+    Two-fold cross-fitting: the residual detector fitted on one (seeded) half scores the other, and the other way
+    round, so no image is scored by a detector that saw it. Same detector recipe as :func:`detector_calibration`.
+    """
+    X = np.column_stack([z_cal, residuals])
+    idx = np.random.default_rng([seed, 1]).permutation(len(X))
+    a, b = np.array_split(idx, 2)
+    out = np.empty(len(X))
+    n_res = int(np.asarray(residuals).reshape(len(X), -1).shape[1])
+    for fit, score in ((a, b), (b, a)):
+        out[score] = make_detector(n_res, k=k, n_fit=len(fit)).fit(X[fit]).score(X[score])
+    return out
+
+
+def make_detector(n_residuals: int | None = None, *, k: int = 25, n_fit: int | None = None) -> Any:
+    """The per-image detector the monitor scores with.
+
+    ``ConditionalResidual`` (the residual judged against the ``k`` fit images nearest in z; ``k`` capped at
+    ``n_fit // 5``, at least 3) when residuals are available, else Mahalanobis on z (bundles from before residual
+    scoring).
+    """
+    from pipeline.analysis.detectors import ConditionalResidual, Mahalanobis
+
+    if n_residuals is None:
+        return Mahalanobis()
+    if n_fit is not None:
+        k = max(3, min(k, n_fit // 5))
+    return ConditionalResidual(n_residuals=n_residuals, k=k)
+
+
+def _infer_threshold(det: Any, z: np.ndarray, fpr: float) -> None:
+    """Threshold ``det`` at ``fpr`` on held-out ``z``.
+
+    With too few images for that rate the largest achievable one is used, so small demo runs still work
+    (recorded in ``det.fpr_``).
+    """
+    try:
+        det.infer_threshold(z, fpr=fpr)
+    except ValueError:
+        det.infer_threshold(z, fpr=min(0.5, 1.0 / (len(z) - 1)))
+
+
+def evaluate_model(
+    model: Any, x_cal: torch.Tensor, gate: Any, *, seed: int, with_detector: bool = True,
+    residuals: np.ndarray | None = None, k: int = 25,
+) -> tuple[dict[str, float], np.ndarray, Any]:
+    """Evaluate one model on calibration images: loss, reconstruction, latent quality, detector calibration.
+
+    Args:
+        model: the model to evaluate.
+        x_cal: calibration images (model input, [-1, 1]).
+        gate: the gate's settings (repeats, reconstruction images and steps, FPR target, axis floor).
+        seed: noise and split seed.
+        with_detector: also fit and calibrate the per-image detector.
+        residuals: the calibration images' diffusion residuals under this model (``ScoringConfig``); the detector is
+            then the residual one (``ConditionalResidual``), else Mahalanobis on z.
+        k: neighbours of the residual detector.
+
+    Returns:
+        (metrics, calibration latents (N, d), fitted detector or None).
+    """
+    metrics: dict[str, float] = {}
+    metrics["eps_mse"] = denoising_loss(model, x_cal, seed=seed, repeats=gate.eval_repeats)
+    metrics["recon_mse"] = reconstruction_error(model, x_cal[: gate.recon_images], steps=gate.recon_steps, seed=seed)
+    z = encode_tensor(model, x_cal)
+    metrics.update(latent_quality(z, gate.axis_std_floor, seed=seed))
+    det = None
+    if with_detector:
+        metrics["detector_fpr"], det = detector_calibration(z, gate.fpr_target, seed=seed, residuals=residuals, k=k)
+    return metrics, z, det
+
+
+def perturb_weights(model: torch.nn.Module, scale: float, seed: int = 0) -> None:
+    """Add N(0, scale * std(w)) noise to every floating parameter in place (a deliberately regressed model)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.numel() > 1:
+                p.add_(torch.randn(p.shape, generator=g).to(p) * scale * (p.std() + 1e-8))
+
+
+
+__all__ = [
+    "axis_alignment", "calibration_scores", "denoising_loss", "detector_calibration", "encode_tensor",
+    "evaluate_model", "latent_quality", "make_detector", "mmd_to_prior", "perturb_weights", "reconstruction_error",
+]

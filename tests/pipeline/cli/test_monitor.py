@@ -1,0 +1,193 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def ref_parquet(tiny_checkpoint, tmp_path_factory, elpv_small, png_writer):
+    folder = tmp_path_factory.mktemp("ref_images")
+    png_writer(elpv_small.images, folder)
+    out = folder.parent / "ref_latents.parquet"
+    assert main(["encode", "--model", str(tiny_checkpoint), "--images", str(folder), "--out", str(out),
+                 "--no-progress"]) == 0
+    return folder, out
+
+
+@pytest.mark.parametrize("command", ["score", "drift"])
+def test_help_has_examples(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "--reference" in out
+
+
+def _score_json(capsys, *args):
+    capsys.readouterr()
+    assert main(["score", *args, "--json", "--no-progress"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_score_flags_an_odd_image(tiny_checkpoint, ref_parquet, elpv_small, tmp_path, capsys, png_writer):
+    ref_dir, ref_pq = ref_parquet
+    imgs = tmp_path / "today"
+    normal = elpv_small.images[:3]
+    odd = np.zeros((1, 300, 300), np.uint8)  # a black frame: camera off
+    png_writer(np.concatenate([normal, odd]), imgs)
+    doc = _score_json(capsys, "--model", str(tiny_checkpoint), "--images", str(imgs), "--reference", str(ref_dir),
+                      "--fpr", "0.1")
+    assert doc["n_images"] == 4 and len(doc["images"]) == 4
+    assert doc["n_reference_fit"] + doc["n_reference_threshold"] == len(elpv_small.images)
+    scores = [r["score"] for r in doc["images"]]
+    assert int(np.argmax(scores)) == 3
+    assert doc["images"][3]["flagged"] is True
+    assert all(0 < r["p_value"] <= 1 for r in doc["images"])
+    assert len(doc["images"][0]["sha256"]) == 64
+    assert doc["detector"] == "residual"  # auto: image folders give diffusion residuals
+
+    # a latents Parquet reference (no residual columns): auto takes Mahalanobis on z, the same as from the folder
+    doc_pq = _score_json(capsys, "--model", str(tiny_checkpoint), "--images", str(imgs), "--reference",
+                         str(ref_pq), "--fpr", "0.1")
+    doc_maha = _score_json(capsys, "--model", str(tiny_checkpoint), "--images", str(imgs), "--reference",
+                           str(ref_dir), "--fpr", "0.1", "--detector", "mahalanobis")
+    assert doc_pq["detector"] == doc_maha["detector"] == "mahalanobis"
+    np.testing.assert_allclose([r["score"] for r in doc_pq["images"]], [r["score"] for r in doc_maha["images"]],
+                               rtol=1e-6)
+    assert int(np.argmax([r["score"] for r in doc_maha["images"]])) == 3
+
+    # table output
+    assert main(["score", "--model", str(tiny_checkpoint), "--images", str(imgs), "--reference", str(ref_pq),
+                 "--fpr", "0.1", "--detector", "knn"]) == 0
+    text = capsys.readouterr().out
+    assert "ANOMALY" in text and "flagged" in text and "cell_0003.png" in text
+
+
+def test_score_user_errors(tiny_checkpoint, ref_parquet, tmp_path, capsys):
+    ref_dir, ref_pq = ref_parquet
+    other = tmp_path / "other.parquet"
+    pd.read_parquet(ref_pq).assign(model_id="another-model").to_parquet(other)
+    base = ["score", "--model", str(tiny_checkpoint), "--images", str(ref_dir), "--no-progress"]
+    cases = [
+        ([], "--reference is required"),
+        (["--reference", str(other)], "holds no latents of model"),
+        (["--reference", str(tmp_path / "missing")], "does not exist"),
+        (["--reference", str(ref_pq), "--fpr", "0.01"], "calibration"),  # 12 threshold images < 99
+        (["--reference", str(ref_pq), "--fpr", "2"], "--fpr"),
+        (["--reference", str(ref_pq), "--detector", "residual"], "has no residual columns"),
+    ]
+    for extra, msg in cases:
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert msg in err, (extra, err)
+
+
+def _drift_json(capsys, *args):
+    capsys.readouterr()
+    assert main(["drift", *args, "--json", "--no-progress"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_drift_same_vs_shifted(tiny_checkpoint, ref_parquet, elpv_small, tmp_path, capsys, png_writer):
+    ref_dir, ref_pq = ref_parquet
+    common = ["--model", str(tiny_checkpoint), "--reference", str(ref_pq), "--min-window", "10"]
+    same = _drift_json(capsys, *common, "--current", str(ref_dir))
+    assert same["detected"] is False
+    assert same["multivariate"]["p_value"] > 0.05
+    d = len(same["axes"])
+    assert d == json.loads((tiny_checkpoint / "config.json").read_text())["model"]["latent_dim"]
+    assert sorted(a["rank"] for a in same["axes"]) == list(range(1, d + 1))
+    for key in ("statistic", "p_value", "effect_size", "psi", "rank"):
+        assert key in same["axes"][0]
+
+    dark = tmp_path / "dark"
+    png_writer((elpv_small.images * 0.35).astype(np.uint8), dark)  # the camera gain dropped
+    shifted = _drift_json(capsys, *common, "--current", str(dark))
+    assert shifted["detected"] is True
+    assert shifted["multivariate"]["statistic"] > same["multivariate"]["statistic"]
+    assert shifted["axes"][0]["rank"] == 1 and abs(shifted["axes"][0]["effect_size"]) > 1.0
+
+    # table output names the verdict and every axis
+    assert main(["drift", *common, "--current", str(dark), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "detected: True" in text and "MMD^2" in text and text.count("z_") >= d
+
+
+def test_drift_lot_null_and_errors(tiny_checkpoint, ref_parquet, elpv_small, tmp_path, capsys, png_writer):
+    ref_dir, ref_pq = ref_parquet
+    window = tmp_path / "window"
+    png_writer(elpv_small.images[:10], window)
+    doc = _drift_json(capsys, "--model", str(tiny_checkpoint), "--reference", str(ref_dir), "--current",
+                      str(window), "--null", "lot", "--min-window", "5")
+    assert doc["null"] == "lot" and isinstance(doc["detected"], bool)
+    # a window larger than a third of the reference is subsampled evenly for the lot null's guard band, and says so
+    n_ref = len(elpv_small.images)
+    assert doc["n_current_given"] == 10 and doc["n_current"] == min(10, max(n_ref // 3, 5))
+    big = _drift_json(capsys, "--model", str(tiny_checkpoint), "--reference", str(ref_dir), "--current",
+                      str(ref_dir), "--null", "lot", "--min-window", "5")
+    assert big["n_current_given"] == n_ref and big["n_current"] == max(n_ref // 3, 5)
+    assert main(["drift", "--model", str(tiny_checkpoint), "--reference", str(ref_dir), "--current", str(ref_dir),
+                 "--null", "lot", "--min-window", "5", "--no-progress"]) == 0
+    assert f"subsampled evenly from {n_ref} to {big['n_current']} images" in capsys.readouterr().out
+
+    base = ["drift", "--model", str(tiny_checkpoint), "--no-progress"]
+    cases = [
+        (["--current", str(window)], "--reference is required"),
+        (["--reference", str(ref_pq), "--current", str(window), "--min-window", "12"], "window has 10 images"),
+        (["--reference", str(ref_pq), "--current", str(window)], "at least 60"),  # default min window 30
+        (["--reference", str(ref_pq), "--current", str(tmp_path / "nothing")], "does not exist"),
+        (["--reference", str(ref_pq), "--current", str(window), "--alpha", "1.5"], "alpha"),
+    ]
+    for extra, msg in cases:
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert msg in err, (extra, err)
+
+
+def test_drift_quality_channels_see_a_blur_the_tiny_latent_cannot(
+    tiny_checkpoint, ref_parquet, elpv_small, tmp_path, capsys, png_writer
+):
+    from scipy import ndimage
+
+    ref_dir, ref_pq = ref_parquet
+    blurred = tmp_path / "blurred"
+    imgs = ndimage.gaussian_filter(elpv_small.images.astype(np.float32), sigma=(0, 1.0, 1.0))
+    png_writer(np.clip(np.rint(imgs), 0, 255).astype(np.uint8), blurred)  # 1 px defocus at 300 px
+    common = ["--model", str(tiny_checkpoint), "--reference", str(ref_dir), "--min-window", "10", "--quality"]
+    doc = _drift_json(capsys, *common, "--current", str(blurred))
+    assert doc["detected"] is True and "quality" in doc["fired"]
+    chans = {c["channel"]: c for c in doc["quality"]["channels"]}
+    assert set(chans) == {"detail_ratio", "noise_level", "rotation_deg"}
+    assert chans["detail_ratio"]["significant"] and chans["detail_ratio"]["effect_size"] > 1.0
+    same = _drift_json(capsys, *common, "--current", str(ref_dir))
+    assert "quality" not in same["fired"]
+    assert main(["drift", *common, "--current", str(blurred), "--no-progress"]) == 0
+    assert "image quality (full resolution)" in capsys.readouterr().out
+    # the channels are measured on images: a latents file cannot give them
+    assert main(["drift", "--model", str(tiny_checkpoint), "--reference", str(ref_pq), "--current", str(blurred),
+                 "--quality", "--min-window", "10", "--no-progress"]) == 2
+    assert "--quality measures the images" in capsys.readouterr().err
+
+
+def test_score_names_catalogued_images_by_their_mes_serial(tmp_path, monkeypatch, png_writer, elpv_small):
+    """``linewatch score`` on the store (hash-named files) or on copies says the serial a person finds on the line."""
+    from pipeline.catalog.ingest import ingest
+    from pipeline.catalog.tables import read_catalog, resolve_store_path
+    from pipeline.cli.monitor import catalog_serials
+    from pipeline.common.images import sha256_file
+
+    drop = tmp_path / "drop" / "L1" / "2026-01-05"
+    paths = png_writer(elpv_small.images[:2], drop, prefix="SN")
+    monkeypatch.setenv("LINEWATCH_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("LINEWATCH_CATALOG", raising=False)
+    ingest(tmp_path / "drop", tmp_path / "home", progress=False)
+    stored = [resolve_store_path(tmp_path / "home", p) for p in read_catalog(tmp_path / "home")["store_path"]]
+    other = png_writer(elpv_small.images[5:6], tmp_path / "elsewhere")[0]
+    frame = pd.DataFrame({"sha256": [sha256_file(p) for p in [*stored, other]]})
+    assert sorted(catalog_serials(frame)[:2]) == sorted(p.stem for p in paths) and catalog_serials(frame)[2] == ""
+    assert catalog_serials(pd.DataFrame({"path": ["x"]})) == [""]

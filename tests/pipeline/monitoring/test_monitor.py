@@ -1,0 +1,234 @@
+"""Monitor job on a small simulated line with a gain fault: windows, alerts, restart idempotency, MLflow series."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.monitoring.monitor import MonitorConfig, monitor_config
+from tests.flows.world import FAULT_DAY, TRAIN_DAYS, day, make_world, monitor_params, tiny_retrain_params
+
+
+def test_monitor_config_validation():
+    cfg = monitor_config(start="2026-01-08T00:00:00+01:00", lines=["L1"], window_by="shift")
+    assert cfg.lines == ("L1",) and cfg.start.isoformat().startswith("2026-01-08")
+    with pytest.raises(ValueError, match="window_by"):
+        MonitorConfig(window_by="week")
+    with pytest.raises(ValueError, match="window_size"):
+        MonitorConfig(window_by="count")
+    with pytest.raises(ValueError, match="unknown monitor parameters"):
+        monitor_config(alpah=0.1)
+    from pipeline.monitoring.monitor import encoding_plan
+
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        encoding_plan(None, cfg, chunk_size=0)
+
+
+def test_monitor_without_champion_says_what_to_do(tmp_path, monkeypatch):
+    from pipeline import tracking
+    from pipeline.monitoring.monitor import monitor
+    from pipeline.settings import ensure_dirs, get_settings
+    from tests.flows.world import set_env
+
+    set_env(monkeypatch, tmp_path)
+    tracking.reset()
+    with pytest.raises(ValueError, match="no 'champion' model"):
+        monitor(ensure_dirs(get_settings()), MonitorConfig())
+
+
+@pytest.mark.slow
+def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(tmp_path, monkeypatch):
+    from pipeline import tracking
+    from pipeline.monitoring.monitor import (
+        default_alert_manager,
+        monitor,
+        scores_table_path,
+        windows_table_path,
+    )
+    from pipeline.training.retrain import retrain, retrain_config
+
+    settings = make_world(tmp_path / "home", monkeypatch)
+    v1 = retrain(settings, retrain_config(**tiny_retrain_params()))
+    assert v1.promoted, v1.gate.reason
+
+    # parallel workers encode the period in chunks first (as the flow does on Dask); the pass then encodes nothing
+    from pipeline.latent.encode import parts_dir
+    from pipeline.monitoring.monitor import encode_chunk, encoding_plan, latents_table_path
+
+    plan = encoding_plan(settings, monitor_config(**monitor_params()), chunk_size=25)
+    assert plan["model_id"] and sum(len(c) for c in plan["chunks"]) == 3 * 30  # days 4-6, none encoded yet
+    parts = [encode_chunk(settings, plan["checkpoint"], c) for c in plan["chunks"]]
+    assert len(set(parts)) == len(plan["chunks"]) == 4
+    # the costly part of the per-image score, the diffusion residuals, in chunks too
+    from pipeline.monitoring.monitor import residual_chunk, residual_parts_dir
+
+    assert plan["scoring"]["t_stars"] == (100, 250) and sum(len(c) for c in plan["residual_chunks"]) == 90
+    rparts = [residual_chunk(settings, plan["checkpoint"], plan["scoring"], c) for c in plan["residual_chunks"]]
+    assert len(set(rparts)) == 4 and all(pd.read_parquet(p).shape == (len(c), 4)
+                                         for p, c in zip(rparts, plan["residual_chunks"], strict=True))
+    again_plan = encoding_plan(settings, monitor_config(**monitor_params()), chunk_size=25)
+    assert again_plan["chunks"] == [] and again_plan["residual_chunks"] == []
+
+    res = monitor(settings, monitor_config(**monitor_params()))
+    assert not list(parts_dir(latents_table_path(settings)).glob("*.parquet"))  # folded into the table
+    by_day = {w.window_id: w for w in res.windows}
+    healthy, faulty = day(TRAIN_DAYS + 1).isoformat(), [day(k).isoformat() for k in (FAULT_DAY, FAULT_DAY + 1)]
+    assert set(by_day) == {day(k).isoformat() for k in range(TRAIN_DAYS + 1, FAULT_DAY + 2)}
+    assert not by_day[healthy].detected, by_day[healthy].summary
+    assert all(by_day[d].detected for d in faulty), [by_day[d].summary for d in faulty]
+    # the default policy opens after 2 drifted windows in a row: one "opened" event, on the second faulty day
+    opened = [e for e in res.alerts if e["kind"] == "opened"]
+    assert len(opened) == 1 and opened[0]["window_id"] == faulty[1]
+    assert by_day[faulty[1]].alert_active and by_day[faulty[1]].description
+    sent = (settings.state_dir / "alerts.jsonl").read_text().splitlines()
+    assert [json.loads(x)["kind"] for x in sent] == ["opened"]
+    # the alert, the report and the verdict name the cells by their MES serial, not by a store hash
+    alert = json.loads(sent[0])["alert"]
+    assert alert["cause"].startswith("axes:z_") and alert["example_serials"][0].startswith("L1-")
+    assert by_day[faulty[1]].example_serials == tuple(alert["example_serials"])
+    assert by_day[faulty[1]].report.endswith(f"drift_L1_{faulty[1]}_v1.png")
+    assert alert["example_serials"][0] in by_day[faulty[1]].explanation
+
+    # per-image scores: the diffusion residual judged against the calibration images nearest in z, with the
+    # recipe the retrain recorded in the bundle; residuals computed once per image and model
+    from pipeline.analysis.detectors import ConditionalResidual
+    from pipeline.analysis.detectors import diffusion as diffusion_mod
+    from pipeline.monitoring.monitor import load_champion, residuals_table_path
+    from pipeline.training.retrain import ScoringConfig
+
+    champ = load_champion(settings)
+    assert champ.scoring == ScoringConfig() and isinstance(champ.detector, ConditionalResidual)
+    assert {"r_0", "r_1"} <= set(champ.reference.columns) and (champ.reference[["r_0", "r_1"]] > 0).all().all()
+    assert champ.gate["scoring"]["t_stars"] == [100, 250]
+    resid = pd.read_parquet(residuals_table_path(settings))
+    assert len(resid) == res.n_encoded and set(resid["model_id"]) == {champ.model_id}
+    assert not list(residual_parts_dir(settings).glob("*.parquet"))  # the workers' parts were folded in
+
+    def no_residuals(*a, **k):
+        raise AssertionError("diffusion residuals were computed again")
+
+    monkeypatch.setattr(diffusion_mod.DiffusionResidual, "latents_and_residuals", no_residuals)
+
+    # the window log and the flags feed the next retrain's selection
+    wins = pd.read_parquet(windows_table_path(settings))
+    assert set(wins.loc[wins["detected"], "window_id"]) == set(faulty)
+    assert wins["original"].all() and set(wins["model_version"]) == {"1"} and len(wins) == 3
+    assert len(pd.read_parquet(scores_table_path(settings))) == res.n_encoded
+
+    # MLflow: one point per window of the per-axis effect series
+    tracking.configure(settings)
+    axis = by_day[faulty[1]].top_axis
+    hist = tracking.get_metric_history(f"drift.{tracking.axis_key(axis)}.effect", run_id=res.run_id)
+    assert len(hist) == 3
+    # and of every family's p-value, so a quality engineer can chart which test fired on which day
+    p_axes = tracking.get_metric_history("drift.p.axes", run_id=res.run_id)
+    assert len(p_axes) == 3 and all(0 < v <= 1 for _, v in p_axes)
+
+    # restart: a fresh manager on the same state, the same windows again
+    again = monitor(settings, monitor_config(**monitor_params()), alert_manager=default_alert_manager(settings))
+    assert again.alerts == ()  # nothing re-sent
+    assert default_alert_manager(settings).active("L1") is not None  # nothing forgotten
+    assert (settings.state_dir / "alerts.jsonl").read_text().splitlines() == sent
+    assert [w.detected for w in again.windows] == [w.detected for w in res.windows]
+    assert all(w.original for w in again.windows)  # the same model again: the same verdicts, nothing appended
+    assert len(pd.read_parquet(windows_table_path(settings))) == 3
+
+    # the image-quality channels: measured once per image at full resolution, cached, tested with every window
+    from pipeline.latent import properties as properties_mod
+    from pipeline.monitoring.alerts import AlertManager
+    from pipeline.monitoring.monitor import quality_table_path
+
+    qres = monitor(settings, monitor_config(**monitor_params(quality=True)),
+                   alert_manager=AlertManager(tmp_path / "alerts-quality"))
+    assert all("quality p=" in w.summary for w in qres.windows)
+    table = pd.read_parquet(quality_table_path(settings))
+    assert set(table["image_id"]) >= set(pd.read_parquet(scores_table_path(settings))["image_id"])
+    assert table.drop(columns="image_id").notna().all().all()
+
+    def no_measure(*a, **k):
+        raise AssertionError("image properties were measured again")
+
+    monkeypatch.setattr(properties_mod, "measure", no_measure)
+    again_q = monitor(settings, monitor_config(**monitor_params(quality=True)),
+                      alert_manager=AlertManager(tmp_path / "alerts-quality"))
+    assert [w.summary for w in again_q.windows] == [w.summary for w in qres.windows]
+
+    # the anomaly-score family: the windows' scores against the reference's cross-fitted ones
+    sres = monitor(settings, monitor_config(**monitor_params(scores=True)),
+                   alert_manager=AlertManager(tmp_path / "alerts-scores"))
+    assert all("scores p=" in w.summary for w in sres.windows)
+    assert len(champ.ref_scores) == len(champ.reference) and np.isfinite(champ.ref_scores).all()
+    tracking.configure(settings)
+    tail = tracking.get_metric_history("drift.scores.tail_share", run_id=sres.run_id)
+    assert len(tail) == len(sres.windows) and all(0 <= v <= 1 for _, v in tail)
+    assert len(tracking.get_metric_history("drift.p.scores", run_id=sres.run_id)) == len(sres.windows)
+
+    # a bundle from before residual scoring: the monitor falls back to Mahalanobis on z, and says so
+    from pipeline.analysis.detectors import Mahalanobis
+
+    monkeypatch.setattr(ScoringConfig, "from_dict", classmethod(lambda cls, d: None))
+    old = load_champion(settings)
+    assert old.scoring is None and isinstance(old.detector, Mahalanobis)
+    fallback = monitor(settings, monitor_config(**monitor_params(scores=True)),
+                       alert_manager=AlertManager(tmp_path / "alerts-old"))
+    assert len(fallback.windows) == len(res.windows)
+    assert not any("scores p=" in w.summary for w in fallback.windows)  # no residual scores: no score family
+
+
+def _outcome(window_id: str, detected: bool, version: str, **kw):
+    from datetime import UTC, datetime, timedelta
+
+    from pipeline.monitoring.monitor import WindowOutcome
+
+    start = datetime.fromisoformat(window_id).replace(tzinfo=UTC)
+    return WindowOutcome(line="L1", window_id=window_id, start=start, end=start + timedelta(days=1), n_images=40,
+                         n_tested=40, n_anomalous=2, detected=detected, top_axis=None, top_share=0.0, effect=0.0,
+                         description="", summary="", attribution="", alert_active=False, model_version=version, **kw)
+
+
+def test_verdicts_are_append_only_and_readers_take_the_original(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.monitoring.monitor import record_verdicts, window_verdicts, windows_table_path
+    from pipeline.training.retrain import alert_windows
+
+    settings = SimpleNamespace(state_dir=tmp_path)
+    first = record_verdicts(settings, "1", [_outcome("2026-01-10", False, "1"), _outcome("2026-01-11", True, "1")])
+    assert [o.original for o in first] == [True, True]
+    # the same model again (a rerun): nothing written over the first rows
+    again = record_verdicts(settings, "1", [_outcome("2026-01-11", False, "1", causes=("scores",))])
+    assert [o.original for o in again] == [True]
+    assert len(pd.read_parquet(windows_table_path(settings))) == 2
+    # a later model re-evaluates day 11 (now calls it healthy) and tests day 12 first
+    later = record_verdicts(settings, "2", [_outcome("2026-01-11", False, "2"), _outcome("2026-01-12", False, "2")])
+    assert [o.original for o in later] == [False, True]
+    table = pd.read_parquet(windows_table_path(settings))
+    assert len(table) == 4 and table.duplicated(["line", "window_id", "model_version"]).sum() == 0
+    orig = window_verdicts(settings).set_index("window_id")
+    assert orig.loc["2026-01-11", "model_version"] == "1" and bool(orig.loc["2026-01-11", "detected"])
+    assert orig.loc["2026-01-11", "causes"] == ""  # as first made, not the rerun's
+    assert window_verdicts(settings, which="latest").set_index("window_id").loc["2026-01-11", "model_version"] == "2"
+    assert len(window_verdicts(settings, which="all")) == 4
+    # the retrain keeps a window out when any verdict called it drifted
+    ex = alert_windows(settings)
+    assert len(ex) == 1 and ex["start"].iloc[0] == pd.Timestamp("2026-01-11", tz="UTC")
+    with pytest.raises(ValueError, match="which"):
+        window_verdicts(settings, which="newest")
+
+
+def test_a_verdict_table_from_before_append_only_reads_as_originals(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.monitoring.monitor import record_verdicts, window_verdicts, windows_table_path
+
+    settings = SimpleNamespace(state_dir=tmp_path)
+    old = pd.DataFrame({"line": ["L1"], "window_id": ["2026-01-10"], "start": [pd.Timestamp("2026-01-10", tz="UTC")],
+                        "end": [pd.Timestamp("2026-01-11", tz="UTC")], "detected": [True], "alert_active": [True],
+                        "top_axis": [3], "model_version": ["1"], "n_images": [40]})
+    old.to_parquet(windows_table_path(settings), index=False)
+    (o,) = record_verdicts(settings, "2", [_outcome("2026-01-10", False, "2")])
+    assert not o.original
+    assert window_verdicts(settings)["model_version"].tolist() == ["1"]
