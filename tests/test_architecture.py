@@ -42,10 +42,9 @@ THIRD_PARTY_ONLY_IN = {"prefect": ("flows",), "prefect_dask": ("flows",), "mlflo
 KNOWN_LONG_FUNCTIONS: set[str] = {
     "pipeline/catalog/ingest.py ingest", "models/train.py _train", "pipeline/analysis/drift.py test",
     "pipeline/line/simulate.py simulate_line", "pipeline/analysis/axes.py axis_cards",
-    "pipeline/training/sweep.py sweep", "pipeline/demo.py run_demo",
+    "pipeline/demo.py run_demo",
     "pipeline/analysis/drift.py fit", "pipeline/cli/model.py register",
-    "pipeline/cli/monitor.py cmd_drift", "pipeline/latent/encode.py encode_catalog", "pipeline/training/sweep.py _run_point",
-    "pipeline/latent/quality.py linear_probe", "pipeline/analysis/axes.py attribute", "pipeline/cli/sweep.py cmd_sweep",
+    "pipeline/cli/monitor.py cmd_drift", "pipeline/latent/encode.py encode_catalog", "pipeline/analysis/axes.py attribute",
     "models/train.py train", "pipeline/analysis/drift.py windows",
 }
 # Being removed (issue 15): the monitor still imports the bundle format from the retrain job.

@@ -48,8 +48,8 @@ import pyarrow.compute as pc
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from pipeline.catalog.store import ContentStore, sha256_bytes
 from pipeline.catalog import tables as C
+from pipeline.catalog.store import ContentStore, sha256_bytes
 from pipeline.common import schemas as S
 
 log = logging.getLogger(__name__)

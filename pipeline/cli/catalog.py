@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.catalog.ingest import REASONS, IngestConfig, ingest
 from pipeline.catalog import tables as C
+from pipeline.catalog.ingest import REASONS, IngestConfig, ingest
 
 _INGEST_EPILOG = """\
 examples:

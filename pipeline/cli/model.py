@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cli.main import CLIError
+from pipeline.cli import CLIError
 from pipeline.common.figures import TRAVERSE_VALUES, save_grid, to_display
 
 DEFAULT_TRAVERSE_VALUES = TRAVERSE_VALUES

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.cli.main import CLIError
+from pipeline.cli import CLIError
 
 DETECTORS = ("auto", "residual", "mahalanobis", "knn", "iforest", "ensemble")
 

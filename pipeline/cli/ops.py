@@ -47,7 +47,7 @@ def register(subparsers: Any) -> None:
 
 
 def _cli_error(exc: Exception) -> Exception:
-    from pipeline.cli.main import CLIError
+    from pipeline.cli import CLIError
 
     return CLIError(str(exc))
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli.main import CLIError
+from pipeline.cli import CLIError
 
 SWEEP_EPILOG = """\
 examples:
@@ -52,8 +52,6 @@ def _ints(text: str, what: str) -> list[int]:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run ``linewatch sweep``."""
-    import numpy as np
-
     from pipeline.training.sweep import elpv_probe_set, sweep
 
     if args.threads:
@@ -65,9 +63,31 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     lambdas = _floats(args.lambdas, "--lambdas")
     zetas = _floats(args.zetas, "--zetas")
     dims = _ints(args.latent_dims, "--latent-dims")
-    progress = not args.no_progress and sys.stderr.isatty()
+    images = _training_images(args)
+    eval_images, labels = None, None
+    if args.elpv_pool:
+        eval_images, labels, _ = elpv_probe_set(args.elpv_pool, max_images=args.max_images, seed=args.seed)
+        print(f"probes on {len(eval_images)} cells of the ELPV {args.elpv_pool} pool", file=sys.stderr)
+    result = sweep(
+        images, snapshot=args.snapshot, root=args.root, preset=args.preset, lambdas=lambdas, zetas=zetas,
+        latent_dims=dims, steps=args.steps, batch_size=args.batch_size, eval_images=eval_images,
+        probe_labels=labels, out_dir=args.out, run_name=args.run_name, traverse_steps=args.traverse_steps,
+        seed=args.seed, device=None if args.device == "auto" else args.device,
+        max_images=args.max_images if args.snapshot else None,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    _print_result(result, as_json=args.json)
+    failed = int((result.table["status"] != "ok").sum())
+    if failed:
+        print(f"{failed} grid point(s) failed; see the 'error' column in {result.out_dir / 'sweep_table.csv'}",
+              file=sys.stderr)
+    return 1 if failed == len(result.table) else 0
 
-    images: Any = None
+
+def _training_images(args: argparse.Namespace) -> Any:
+    """The images of ``--images`` (seeded subset of ``--max-images``), or ELPV train cells, or None (snapshot)."""
+    import numpy as np
+
     if args.images:
         from pipeline.common.images import find_images, read_images
 
@@ -79,42 +99,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if args.max_images and len(paths) > args.max_images:
             keep = np.sort(np.random.default_rng(args.seed).choice(len(paths), args.max_images, replace=False))
             paths = [paths[i] for i in keep]
-        images = read_images(paths, channels=1)
-    elif not args.snapshot:
-        from pipeline.line.elpv import load_elpv, pool_indices
+        return read_images(paths, channels=1)
+    if args.snapshot:
+        return None
+    from pipeline.line.elpv import load_elpv, pool_indices
 
-        idx = pool_indices("train", functional_only=True)
-        if args.max_images and len(idx) > args.max_images:
-            idx = np.sort(np.random.default_rng(args.seed).choice(idx, args.max_images, replace=False))
-        images = np.asarray(load_elpv().images[idx])
-        print(f"training on {len(idx)} functional cells of the ELPV train pool", file=sys.stderr)
+    idx = pool_indices("train", functional_only=True)
+    if args.max_images and len(idx) > args.max_images:
+        idx = np.sort(np.random.default_rng(args.seed).choice(idx, args.max_images, replace=False))
+    print(f"training on {len(idx)} functional cells of the ELPV train pool", file=sys.stderr)
+    return np.asarray(load_elpv().images[idx])
 
-    eval_images, labels = None, None
-    if args.elpv_pool:
-        eval_images, labels, _ = elpv_probe_set(args.elpv_pool, max_images=args.max_images, seed=args.seed)
-        print(f"probes on {len(eval_images)} cells of the ELPV {args.elpv_pool} pool", file=sys.stderr)
 
-    result = sweep(
-        images,
-        snapshot=args.snapshot,
-        root=args.root,
-        preset=args.preset,
-        lambdas=lambdas,
-        zetas=zetas,
-        latent_dims=dims,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        eval_images=eval_images,
-        probe_labels=labels,
-        out_dir=args.out,
-        run_name=args.run_name,
-        traverse_steps=args.traverse_steps,
-        seed=args.seed,
-        device=None if args.device == "auto" else args.device,
-        max_images=args.max_images if args.snapshot else None,
-        progress=progress,
-    )
-    if args.json:
+def _print_result(result: Any, *, as_json: bool) -> None:
+    import numpy as np
+
+    if as_json:
         table = result.table.replace({np.nan: None})
         print(json.dumps({
             "parent_run_id": result.parent_run_id,
@@ -123,16 +123,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             "seconds": result.seconds,
             "table": table.to_dict(orient="records"),
         }, indent=1, default=str))
-    else:
-        print(result.markdown())
-        print(f"parent run:  {result.parent_run_id}")
-        print(f"outputs:     {result.out_dir}")
-        print(f"time:        {result.seconds:.0f} s")
-    failed = int((result.table["status"] != "ok").sum())
-    if failed:
-        print(f"{failed} grid point(s) failed; see the 'error' column in {result.out_dir / 'sweep_table.csv'}",
-              file=sys.stderr)
-    return 1 if failed == len(result.table) else 0
+        return
+    print(result.markdown())
+    print(f"parent run:  {result.parent_run_id}")
+    print(f"outputs:     {result.out_dir}")
+    print(f"time:        {result.seconds:.0f} s")
 
 
 def register(subparsers: Any) -> None:

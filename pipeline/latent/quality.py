@@ -125,50 +125,16 @@ def linear_probe(
     Raises:
         ValueError: mismatched lengths, a single class, or a class with fewer than 2 samples.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, roc_auc_score
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     X = as_latent_matrix(Z, "Z")
     labels = np.asarray(y)
-    if labels.ndim != 1 or labels.shape[0] != X.shape[0]:
-        raise ValueError(f"y must be 1-D with one label per row of Z ({X.shape[0]}), got shape {labels.shape}")
-    if n_splits < 2:
-        raise ValueError(f"n_splits must be >= 2, got {n_splits}")
-    classes, counts = np.unique(labels, return_counts=True)
-    if len(classes) < 2:
-        raise ValueError(f"y has a single class {classes.tolist()}; a probe needs at least two classes")
-    if counts.min() < 2:
-        rare = classes[counts < 2].tolist()
-        raise ValueError(f"classes {rare} have fewer than 2 samples; drop them or collect more labelled images")
-    k = int(min(n_splits, counts.min()))
-    if groups is None:
-        splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(X, labels)
-    else:
-        g = np.asarray(groups)
-        if g.shape[0] != X.shape[0]:
-            raise ValueError(f"groups has {g.shape[0]} values for {X.shape[0]} rows of Z")
-        k = min(k, len(np.unique(g)))
-        if k < 2:
-            raise ValueError("groups: need at least 2 distinct groups for a grouped probe")
-        splits = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(X, labels, g)
+    classes = _check_probe_labels(labels, X.shape[0], n_splits)
     accs, aucs = [], []
-    for tr, te in splits:
+    for tr, te in _probe_folds(X, labels, n_splits, seed, groups):
         if len(np.unique(labels[tr])) < len(classes):
             continue  # a grouped fold that lost a class cannot be fit consistently
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
-        clf.fit(X[tr], labels[tr])
-        proba = clf.predict_proba(X[te])
-        accs.append(float(accuracy_score(labels[te], clf.classes_[np.argmax(proba, axis=1)])))
-        present = np.unique(labels[te])
-        if len(present) < 2:
-            aucs.append(float("nan"))
-        elif len(classes) == 2:
-            aucs.append(float(roc_auc_score(labels[te] == clf.classes_[1], proba[:, 1])))
-        else:
-            aucs.append(float(roc_auc_score(labels[te], proba, multi_class="ovr", labels=clf.classes_)))
+        acc, auc = _probe_fold(X, labels, tr, te, n_classes=len(classes), max_iter=max_iter)
+        accs.append(acc)
+        aucs.append(auc)
     if not accs:
         raise ValueError("no usable fold: every training fold lost a class (too few groups per class)")
     acc, auc = np.asarray(accs), np.asarray(aucs)
@@ -183,6 +149,56 @@ def linear_probe(
         fold_accuracy=tuple(accs),
         fold_auroc=tuple(aucs),
     )
+
+
+def _check_probe_labels(labels: np.ndarray, n: int, n_splits: int) -> np.ndarray:
+    """The classes of ``labels`` after checking the probe can be run on them."""
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise ValueError(f"y must be 1-D with one label per row of Z ({n}), got shape {labels.shape}")
+    if n_splits < 2:
+        raise ValueError(f"n_splits must be >= 2, got {n_splits}")
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) < 2:
+        raise ValueError(f"y has a single class {classes.tolist()}; a probe needs at least two classes")
+    if counts.min() < 2:
+        rare = classes[counts < 2].tolist()
+        raise ValueError(f"classes {rare} have fewer than 2 samples; drop them or collect more labelled images")
+    return classes
+
+
+def _probe_folds(X: np.ndarray, labels: np.ndarray, n_splits: int, seed: int, groups: Any) -> Any:
+    """Stratified folds (grouped when ``groups`` is given), at most as many as the smallest class has members."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    k = int(min(n_splits, np.unique(labels, return_counts=True)[1].min()))
+    if groups is None:
+        return StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(X, labels)
+    g = np.asarray(groups)
+    if g.shape[0] != X.shape[0]:
+        raise ValueError(f"groups has {g.shape[0]} values for {X.shape[0]} rows of Z")
+    k = min(k, len(np.unique(g)))
+    if k < 2:
+        raise ValueError("groups: need at least 2 distinct groups for a grouped probe")
+    return StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(X, labels, g)
+
+
+def _probe_fold(X: np.ndarray, labels: np.ndarray, tr: np.ndarray, te: np.ndarray, *, n_classes: int,
+                max_iter: int) -> tuple[float, float]:
+    """Fit scaler + logistic regression on ``tr``; accuracy and AUROC (NaN with one class present) on ``te``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
+    clf.fit(X[tr], labels[tr])
+    proba = clf.predict_proba(X[te])
+    acc = float(accuracy_score(labels[te], clf.classes_[np.argmax(proba, axis=1)]))
+    if len(np.unique(labels[te])) < 2:
+        return acc, float("nan")
+    if n_classes == 2:
+        return acc, float(roc_auc_score(labels[te] == clf.classes_[1], proba[:, 1]))
+    return acc, float(roc_auc_score(labels[te], proba, multi_class="ovr", labels=clf.classes_))
 
 
 # ------------------------------------------------------------------------------------------------ disentanglement

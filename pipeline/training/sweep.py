@@ -371,8 +371,7 @@ def sweep(
         steps: optimiser steps per model (default: the preset's).
         batch_size: images per step (default: the preset's).
         eval_images: images the metrics are measured on (default: the training images).
-        probe_labels: labels of the evaluation images for linear probes: ``{"mono_poly": [...], ...}`` or one
-            array (named ``label``).
+        probe_labels: linear-probe labels of the evaluation images: ``{"mono_poly": [...]}`` or one array (``label``).
         properties: image properties of the disentanglement indicator.
         out_dir: where checkpoints and figures go (default ``$LINEWATCH_HOME/sweeps/<run name>``).
         run_name: parent run name (default ``sweep-<UTC stamp>``).
@@ -389,21 +388,85 @@ def sweep(
     Raises:
         ValueError: bad grid, too few images, mismatched labels, both or neither of ``images`` / ``snapshot``.
     """
-    from tqdm.auto import tqdm
-
-    from models import get_preset, to_model_input, train
+    from models import get_preset
     from pipeline import tracking
-    from pipeline.latent.encode import encode_images
 
     t_start = time.perf_counter()
     base = get_preset(preset) if isinstance(preset, str) else preset
     points = grid(lambdas, zetas, latent_dims)
+    data = _sweep_data(images, snapshot, root, eval_images, probe_labels, properties, max_images=max_images,
+                       seed=seed)
+    for name, value in (("steps", steps or 1), ("traverse_steps", traverse_steps)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    run_name = run_name or f"sweep-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}"
+    out = Path(out_dir) if out_dir is not None else default_out_dir(run_name)
+    out.mkdir(parents=True, exist_ok=True)
+    job = _PointJob(base=base, data=data, properties=tuple(properties), out=out, run_name=run_name,
+                    n_steps=steps or base.train.steps, batch_size=batch_size, seed=seed, device=device,
+                    traverse_steps=traverse_steps, progress=progress)
+    parent_tags = {"linewatch.sweep": "parent", "sweep.points": len(points), **(tags or {}),
+                   **({"data.train.snapshot": snapshot} if snapshot is not None else {})}
+    with tracking.start_training_run(run_name, tags=parent_tags,
+                                     description=f"linewatch sweep over {len(points)} grid points") as parent_id:
+        _log_sweep_params(job, lambdas, zetas, latent_dims, parent_id)
+        rows, child_ids = _run_grid(points, job, parent_id)
+        table = _publish_table(_make_table(rows), out, parent_id)
+        tracking.set_tags({"sweep.children": ",".join(child_ids)}, run_id=parent_id)
+    return SweepResult(table=table, parent_run_id=parent_id, child_run_ids=tuple(child_ids), out_dir=out,
+                       seconds=time.perf_counter() - t_start)
+
+
+def _run_grid(points: list[GridPoint], job: _PointJob, parent_id: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every grid point in turn, with a progress bar: the table rows and the child run ids."""
+    from tqdm.auto import tqdm
+
+    rows, child_ids = [], []
+    bar = tqdm(points, desc="sweep", unit="model", disable=not job.progress or not sys.stderr.isatty())
+    for point in bar:
+        bar.set_postfix_str(point.name)
+        row, child_id = _run_point(point, job, parent_id)
+        rows.append(row)
+        child_ids.append(child_id)
+    bar.close()
+    return rows, child_ids
+
+
+@dataclass(frozen=True)
+class _SweepData:
+    """The images a sweep trains and evaluates on, with the evaluation images' properties and probe labels."""
+
+    train: list[np.ndarray]
+    eval: list[np.ndarray]
+    props: pd.DataFrame
+    labels: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class _PointJob:
+    """What every grid point of one sweep shares."""
+
+    base: Any
+    data: _SweepData
+    properties: tuple[str, ...]
+    out: Path
+    run_name: str
+    n_steps: int
+    batch_size: int | None
+    seed: int
+    device: str | None
+    traverse_steps: int
+    progress: bool
+
+
+def _sweep_data(images: Any, snapshot: str | None, root: str | Path | None, eval_images: Any, probe_labels: Any,
+                properties: Sequence[str], *, max_images: int | None, seed: int) -> _SweepData:
+    """Load and check the training and evaluation images (from ``images`` or a catalog snapshot)."""
     if (images is None) == (snapshot is None):
         raise ValueError("give either images or snapshot (a catalog snapshot digest), not both and not neither")
-    snap_rows = None
     if snapshot is not None:
-        train_list, snap_rows = load_snapshot_images(snapshot, root, max_images=max_images, seed=seed)
-        train_list = _as_image_list(train_list, f"snapshot {snapshot}")
+        train_list = _as_image_list(load_snapshot_images(snapshot, root, max_images=max_images, seed=seed)[0],
+                                    f"snapshot {snapshot}")
     else:
         train_list = _as_image_list(images, "images")
         if max_images is not None and len(train_list) > max_images:
@@ -413,65 +476,43 @@ def sweep(
     if len(eval_list) < 3:
         raise ValueError(f"need at least 3 evaluation images for the correlations, got {len(eval_list)}")
     labels = _labels_dict(probe_labels, len(eval_list))
-    if steps is not None and steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if traverse_steps < 1:
-        raise ValueError(f"traverse_steps must be >= 1, got {traverse_steps}")
+    return _SweepData(train_list, eval_list, _measure_properties(eval_list, properties), labels)
 
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    run_name = run_name or f"sweep-{stamp}"
-    out = Path(out_dir) if out_dir is not None else default_out_dir(run_name)
-    out.mkdir(parents=True, exist_ok=True)
-    props = _measure_properties(eval_list, properties)
-    n_steps = steps or base.train.steps
 
-    rows: list[dict[str, Any]] = []
-    child_ids: list[str] = []
-    parent_tags = {"linewatch.sweep": "parent", "sweep.points": len(points), **(tags or {})}
-    if snapshot is not None:
-        parent_tags["data.train.snapshot"] = snapshot
-    with tracking.start_training_run(run_name, tags=parent_tags,
-                                     description=f"linewatch sweep over {len(points)} grid points") as parent_id:
-        tracking.log_params_flat({
-            "preset": base.name,
-            "lambdas": [p for p in dict.fromkeys(float(x) for x in lambdas)],
-            "zetas": [p for p in dict.fromkeys(float(x) for x in zetas)],
-            "latent_dims": [p for p in dict.fromkeys(int(x) for x in latent_dims)],
-            "steps": n_steps,
-            "batch_size": batch_size or base.train.batch_size,
-            "seed": seed,
-            "n_train": len(train_list),
-            "n_eval": len(eval_list),
-            "probes": sorted(labels),
-            "properties": list(properties),
-        }, prefix="sweep.", run_id=parent_id)
-        bar = tqdm(points, desc="sweep", unit="model", disable=not progress or not sys.stderr.isatty())
-        for point in bar:
-            bar.set_postfix_str(point.name)
-            row, child_id = _run_point(
-                point, base, train_list, eval_list, props, labels, properties, out, parent_id, run_name,
-                n_steps=n_steps, batch_size=batch_size, seed=seed, device=device,
-                traverse_steps=traverse_steps, progress=progress, train_fn=train, encode_fn=encode_images,
-                to_input=to_model_input,
-            )
-            rows.append(row)
-            child_ids.append(child_id)
-        bar.close()
-        table = _make_table(rows)
-        table.to_csv(out / "sweep_table.csv", index=False)
-        (out / "sweep_table.md").write_text(table_markdown(table))
-        fig = summary_figure(table)
-        fig.savefig(out / "sweep_summary.png", dpi=110, bbox_inches="tight")
-        with tempfile.TemporaryDirectory() as tmp:
-            for name in ("sweep_table.csv", "sweep_table.md", "sweep_summary.png"):
-                (Path(tmp) / name).write_bytes((out / name).read_bytes())
-            tracking.log_artifacts(tmp, "sweep", run_id=parent_id)
-        ok = table[table["status"] == "ok"]
-        tracking.log_metrics({"sweep.points_ok": len(ok), "sweep.points_failed": len(table) - len(ok)},
-                             run_id=parent_id)
-        tracking.set_tags({"sweep.children": ",".join(child_ids)}, run_id=parent_id)
-    return SweepResult(table=table, parent_run_id=parent_id, child_run_ids=tuple(child_ids), out_dir=out,
-                       seconds=time.perf_counter() - t_start)
+def _log_sweep_params(job: _PointJob, lambdas: Sequence[float], zetas: Sequence[float],
+                      latent_dims: Sequence[int], parent_id: str) -> None:
+    from pipeline import tracking
+
+    tracking.log_params_flat({
+        "preset": job.base.name,
+        "lambdas": list(dict.fromkeys(float(x) for x in lambdas)),
+        "zetas": list(dict.fromkeys(float(x) for x in zetas)),
+        "latent_dims": list(dict.fromkeys(int(x) for x in latent_dims)),
+        "steps": job.n_steps,
+        "batch_size": job.batch_size or job.base.train.batch_size,
+        "seed": job.seed,
+        "n_train": len(job.data.train),
+        "n_eval": len(job.data.eval),
+        "probes": sorted(job.data.labels),
+        "properties": list(job.properties),
+    }, prefix="sweep.", run_id=parent_id)
+
+
+def _publish_table(table: pd.DataFrame, out: Path, parent_id: str) -> pd.DataFrame:
+    """Write the comparison table (CSV, markdown) and figure, log them and the point counts to the parent run."""
+    from pipeline import tracking
+
+    table.to_csv(out / "sweep_table.csv", index=False)
+    (out / "sweep_table.md").write_text(table_markdown(table))
+    summary_figure(table).savefig(out / "sweep_summary.png", dpi=110, bbox_inches="tight")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("sweep_table.csv", "sweep_table.md", "sweep_summary.png"):
+            (Path(tmp) / name).write_bytes((out / name).read_bytes())
+        tracking.log_artifacts(tmp, "sweep", run_id=parent_id)
+    ok = table[table["status"] == "ok"]
+    tracking.log_metrics({"sweep.points_ok": len(ok), "sweep.points_failed": len(table) - len(ok)},
+                         run_id=parent_id)
+    return table
 
 
 def _make_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -480,93 +521,96 @@ def _make_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame([{c: r.get(c, np.nan) for c in cols} for r in rows], columns=cols)
 
 
-def _run_point(
-    point: GridPoint,
-    base: Any,
-    train_list: list[np.ndarray],
-    eval_list: list[np.ndarray],
-    props: pd.DataFrame,
-    labels: Mapping[str, np.ndarray],
-    properties: Sequence[str],
-    out: Path,
-    parent_id: str,
-    run_name: str,
-    *,
-    n_steps: int,
-    batch_size: int | None,
-    seed: int,
-    device: str | None,
-    traverse_steps: int,
-    progress: bool,
-    train_fn: Any,
-    encode_fn: Any,
-    to_input: Any,
-) -> tuple[dict[str, Any], str]:
+def _run_point(point: GridPoint, job: _PointJob, parent_id: str) -> tuple[dict[str, Any], str]:
     """Train, evaluate and log one grid point as a child run; a failure gives a ``failed`` row."""
     from pipeline import tracking
 
-    preset = preset_for(base, point)
     t0 = time.perf_counter()
     row: dict[str, Any] = {"point": point.name, "lambda_mmd": point.lambda_mmd, "zeta": point.zeta,
                            "latent_dim": point.latent_dim, "status": "failed", "error": ""}
     child_id = ""
-    ckpt_dir = out / point.name / "checkpoint"
     try:
         with tracking.start_training_run(
-            f"{run_name}/{point.name}",
+            f"{job.run_name}/{point.name}",
             tags={"mlflow.parentRunId": parent_id, "linewatch.sweep": "child", "sweep.parent": parent_id,
                   "sweep.point": point.name},
         ) as child_id:
             row["run_id"] = child_id
-            tracking.log_params_flat({"lambda_mmd": point.lambda_mmd, "zeta": point.zeta,
-                                      "latent_dim": point.latent_dim, "preset": preset.name}, run_id=child_id)
-            tracking.log_params_flat(preset.model, prefix="model.", run_id=child_id)
-            tracking.log_params_flat(preset.train.replace(steps=n_steps, seed=seed,
-                                                          batch_size=batch_size or preset.train.batch_size),
-                                     prefix="train.", run_id=child_id)
-            data = to_input(train_list, preset.preprocess)
-            result = train_fn(preset, data, ckpt_dir, steps=n_steps, batch_size=batch_size, seed=seed,
-                              device=device, progress=progress)
-            tracking.log_history(result.history, run_id=child_id)
-            last = result.history[-1] if result.history else {}
-            final = {f"final.{k}": float(last[k]) for k in ("loss", "eps_mse", "mmd", "kl") if k in last}
-            model = result.model.eval()
-            Z = encode_fn(model, preset.preprocess, eval_list)
-            metrics, dis_table = _evaluate(Z, props, labels, properties, seed)
-            tracking.log_metrics({**final, **metrics, "train.images_per_s": result.images_per_s},
-                                 step=int(result.step), run_id=child_id)
-            point_dir = out / point.name
-            dis_table.to_csv(point_dir / "disentanglement.csv", index=False)
-            x0 = to_input([eval_list[0]], preset.preprocess).to(next(model.parameters()).device)
-            png = traversal_grid(model, x0, point_dir / "traversal.png", steps=traverse_steps,
-                                 title=f"{point.name}: traversal of evaluation image 0, {traverse_steps} DDIM steps")
-            with tempfile.TemporaryDirectory() as tmp:
-                for p in (png, point_dir / "disentanglement.csv"):
-                    (Path(tmp) / p.name).write_bytes(p.read_bytes())
-                tracking.log_artifacts(tmp, "sweep", run_id=child_id)
-            tracking.set_tags({"sweep.checkpoint": str(ckpt_dir.resolve())}, run_id=child_id)
-            row.update({
-                "status": "ok",
-                "final_loss": final.get("final.loss", np.nan),
-                "final_eps_mse": final.get("final.eps_mse", np.nan),
-                "mmd_to_prior": metrics["quality.mmd_to_prior"],
-                "active_axes": int(metrics["quality.active_axes"]),
-                "disentanglement": metrics["disentanglement.total"],
-                "checkpoint": str(ckpt_dir),
-                **{k: v for k, v in metrics.items() if k.startswith("probe.")},
-            })
+            row.update(_train_and_log_point(point, job, child_id))
     except tracking.TrackingUnavailable:
         raise  # MLflow is down: stop rather than mark every point failed
     except (RuntimeError, ValueError) as exc:  # a diverged or invalid point must not sink the sweep
         log.warning("sweep point %s failed: %s", point.name, exc)
         row["error"] = str(exc)[:500]
-        if child_id:
-            try:
-                tracking.set_tags({"sweep.error": str(exc)[:5000]}, run_id=child_id)
-            except tracking.TrackingUnavailable:
-                log.exception("could not tag failed child run %s", child_id)
+        _tag_failure(child_id, exc)
     row["seconds"] = time.perf_counter() - t0
     return row, child_id
+
+
+def _train_and_log_point(point: GridPoint, job: _PointJob, child_id: str) -> dict[str, Any]:
+    """Train one grid point's model in the open child run, evaluate its codes, log all; the table row's values."""
+    from models import to_model_input, train
+    from pipeline import tracking
+    from pipeline.latent.encode import encode_images
+
+    preset = preset_for(job.base, point)
+    tracking.log_params_flat({"lambda_mmd": point.lambda_mmd, "zeta": point.zeta, "latent_dim": point.latent_dim,
+                              "preset": preset.name}, run_id=child_id)
+    tracking.log_params_flat(preset.model, prefix="model.", run_id=child_id)
+    tracking.log_params_flat(preset.train.replace(steps=job.n_steps, seed=job.seed,
+                                                  batch_size=job.batch_size or preset.train.batch_size),
+                             prefix="train.", run_id=child_id)
+    ckpt_dir = job.out / point.name / "checkpoint"
+    result = train(preset, to_model_input(job.data.train, preset.preprocess), ckpt_dir, steps=job.n_steps,
+                   batch_size=job.batch_size, seed=job.seed, device=job.device, progress=job.progress)
+    tracking.log_history(result.history, run_id=child_id)
+    last = result.history[-1] if result.history else {}
+    final = {f"final.{k}": float(last[k]) for k in ("loss", "eps_mse", "mmd", "kl") if k in last}
+    model = result.model.eval()
+    Z = encode_images(model, preset.preprocess, job.data.eval)
+    metrics, dis_table = _evaluate(Z, job.data.props, job.data.labels, job.properties, job.seed)
+    tracking.log_metrics({**final, **metrics, "train.images_per_s": result.images_per_s}, step=int(result.step),
+                         run_id=child_id)
+    _log_point_figures(point, job, model, preset, dis_table, child_id)
+    tracking.set_tags({"sweep.checkpoint": str(ckpt_dir.resolve())}, run_id=child_id)
+    return {
+        "status": "ok",
+        "final_loss": final.get("final.loss", np.nan),
+        "final_eps_mse": final.get("final.eps_mse", np.nan),
+        "mmd_to_prior": metrics["quality.mmd_to_prior"],
+        "active_axes": int(metrics["quality.active_axes"]),
+        "disentanglement": metrics["disentanglement.total"],
+        "checkpoint": str(ckpt_dir),
+        **{k: v for k, v in metrics.items() if k.startswith("probe.")},
+    }
+
+
+def _log_point_figures(point: GridPoint, job: _PointJob, model: Any, preset: Any, dis_table: pd.DataFrame,
+                       child_id: str) -> None:
+    """The traversal grid of evaluation image 0 and the disentanglement table, written and logged."""
+    from models import to_model_input
+    from pipeline import tracking
+
+    point_dir = job.out / point.name
+    dis_table.to_csv(point_dir / "disentanglement.csv", index=False)
+    x0 = to_model_input([job.data.eval[0]], preset.preprocess).to(next(model.parameters()).device)
+    png = traversal_grid(model, x0, point_dir / "traversal.png", steps=job.traverse_steps,
+                         title=f"{point.name}: traversal of evaluation image 0, {job.traverse_steps} DDIM steps")
+    with tempfile.TemporaryDirectory() as tmp:
+        for p in (png, point_dir / "disentanglement.csv"):
+            (Path(tmp) / p.name).write_bytes(p.read_bytes())
+        tracking.log_artifacts(tmp, "sweep", run_id=child_id)
+
+
+def _tag_failure(child_id: str, exc: Exception) -> None:
+    from pipeline import tracking
+
+    if not child_id:
+        return
+    try:
+        tracking.set_tags({"sweep.error": str(exc)[:5000]}, run_id=child_id)
+    except tracking.TrackingUnavailable:
+        log.exception("could not tag failed child run %s", child_id)
 
 
 def default_out_dir(run_name: str) -> Path:

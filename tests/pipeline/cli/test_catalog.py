@@ -96,7 +96,7 @@ def test_lock_busy_exit_code(drop: Path, tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_through_main_user_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from pipeline.cli.main import main
+    from pipeline.cli import main
 
     assert main(["ingest", str(tmp_path / "missing"), "--root", str(tmp_path / "r")]) == 2
     assert "does not exist" in capsys.readouterr().err

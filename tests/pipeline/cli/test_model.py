@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.cli.main import main
+from pipeline.cli import main
 from pipeline.common.schemas import latent_matrix
 
 COMMANDS = ["train", "encode", "traverse", "reconstruct", "sample"]

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.cli.main import main
+from pipeline.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""`linewatch promote / rollback / models / ui` through pipeline.cli.main on a local SQLite store."""
+"""`linewatch promote / rollback / models / ui` through pipeline.cli on a local SQLite store."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import tracking
-from pipeline.cli.main import main
+from pipeline.cli import main
 
 
 @pytest.fixture

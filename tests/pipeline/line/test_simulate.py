@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.cli.main import main
+from pipeline.cli import main
 from pipeline.line.elpv import load_elpv, pool_indices
 from pipeline.line.simulate import (
     BREAK_MIN,

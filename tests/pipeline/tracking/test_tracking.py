@@ -400,7 +400,7 @@ def test_every_setting_is_documented_with_its_default() -> None:
     """README and docs/deployment.md list every variable that pipeline/settings.py and flows/ read, in a table."""
     import re
 
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     code = "".join((root / f).read_text() for f in ("pipeline/settings.py", "flows/runners.py", "flows/__init__.py"))
     names = set(re.findall(r'"((?:LINEWATCH|MLFLOW)_[A-Z_]+)"', code)) - {"LINEWATCH_TEST_CRASH_AT"}
     assert {"LINEWATCH_DROP", "LINEWATCH_TIMEZONE", "LINEWATCH_HOME", "LINEWATCH_TASK_RUNNER"} <= names

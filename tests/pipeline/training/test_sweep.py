@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from pipeline import settings as lw_settings
 from pipeline import tracking
-from pipeline.cli.main import CLIError
+from pipeline.cli import CLIError
 from pipeline.training.sweep import GridPoint, grid, preset_for, sweep, table_markdown
 
 
