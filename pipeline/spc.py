@@ -318,7 +318,7 @@ class SpcConfig:
     n_windows: int = 40_000
     n_segments: int = 40
     block: int = 60
-    pattern_share: float = 0.5
+    pattern_share: float = 0.8
     refit_covariance: bool = False
     attribution_sd: float = 2.0
     history: int = 500
