@@ -276,7 +276,7 @@ def run_matrix(F: dict[str, np.ndarray], run: FaultRun) -> np.ndarray:
     out = np.empty((len(run.pos), next(iter(F.values())).shape[1]))
     for w, v in enumerate(run.variants):
         sl = slice(w * WINDOW, (w + 1) * WINDOW)
-        out[sl] = F[v][run.pos[sl]]
+        out[sl] = F[C.slug(v)][run.pos[sl]]
     return out
 
 

@@ -156,8 +156,8 @@ class FamilyShift:
     Attributes:
         family: statistic name, or ``"z"``.
         label: what the alert calls it ("brightness", "latent z_07").
-        shift: the mean change (per cent for log-scale statistics, else in ``unit``).
-        unit: ``"%"``, ``"deg"`` or ``"latent units"``.
+        shift: the mean change (per cent for log-scale statistics, else in ``unit``; z: in re-imaging sd).
+        unit: ``"%"``, ``"deg"`` or ``"sd"``.
         t: the t statistic (for z: of the axis that moved most).
         p: the family's p-value (z: Bonferroni over axes).
         cells: cells that entered the test.
@@ -178,6 +178,8 @@ class FamilyShift:
         """E.g. ``"brightness -10 %"`` or ``"rotation +2.0 deg"``."""
         if self.unit == "%":
             return f"{self.label} {self.shift:+.0f} %" if abs(self.shift) >= 1 else f"{self.label} {self.shift:+.1f} %"
+        if self.unit == "sd":
+            return f"{self.label} {self.shift:+.1f} sd"
         return f"{self.label} {self.shift:+.2f} {self.unit}"
 
 
@@ -364,7 +366,8 @@ class GoldenCheck:
                 best = (d, t, p, a)
         d, t, p, a = best  # type: ignore[misc]
         p_fam = min(1.0, p * dim)
-        return FamilyShift("z", f"latent z_{a:02d}", d, "latent units", t, p_fam, len(use), p_fam <= alpha_f)
+        sd, _ = pooled_sd([b[:, a] for b in zb.values()], Z_RESOLUTION)
+        return FamilyShift("z", f"latent z_{a:02d}", d / sd, "sd", t, p_fam, len(use), p_fam <= alpha_f)
 
     def test(self, shift_id: str, captures: Sequence[GoldenCapture]) -> GoldenResult:
         """Compare one shift's golden captures with the cells' baselines (the state is not changed).

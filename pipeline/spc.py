@@ -65,6 +65,8 @@ __all__ = [
 ]
 
 STATE_KIND = "linewatch-spc-chart"
+MIN_PATTERN_SIZE = 0.25
+"""Smallest shift along a fault pattern (in units of the pattern) for an alarm to say it matches that pattern."""
 STATE_VERSION = 1
 
 
@@ -264,15 +266,17 @@ def calibrate_limit(segments: Sequence[tuple[np.ndarray, Callable[[np.ndarray], 
     return hi, arl(hi)
 
 
-def change_point(V: np.ndarray, P: np.ndarray, min_len: int = 1) -> int:
-    """Most likely start of a step change in the mean of the last rows of ``V`` (maximum likelihood).
+def change_point(V: np.ndarray, direction: np.ndarray, min_len: int = 1) -> int:
+    """Most likely start of a step change of the window deviations along ``direction`` (maximum likelihood).
 
-    For every candidate start ``tau``, the step's likelihood ratio is ``m' P m * (T - tau)`` with ``m`` the mean of
-    ``V[tau:]`` (in-control mean 0, precision ``P``); the best ``tau`` is returned.
+    The deviations are projected on the direction the chart moved in (``y_t = V_t . direction``); for every
+    candidate start ``tau`` the likelihood ratio of a step of unknown size in the sign of ``direction`` is
+    ``max(0, sum(y[tau:]))**2 / (T - tau)`` (in-control mean 0). Projecting first keeps the noise of the
+    statistics that did not move out of the estimate.
 
     Args:
         V: (T, K) window deviations, oldest first.
-        P: (K, K) precision of one window.
+        direction: (K,) the direction of the shift (e.g. ``S^-1 E`` of the EWMA ``E``).
         min_len: shortest step considered.
 
     Returns:
@@ -281,9 +285,9 @@ def change_point(V: np.ndarray, P: np.ndarray, min_len: int = 1) -> int:
     T = len(V)
     if T == 0:
         raise ValueError("no windows to locate a change in")
-    tail = np.cumsum(np.asarray(V, float)[::-1], axis=0)[::-1]  # tail[tau] = sum V[tau:]
-    n = (T - np.arange(T)).astype(float)
-    lr = np.einsum("ti,ij,tj->t", tail, P, tail) / n
+    y = np.asarray(V, float) @ np.asarray(direction, float)
+    tail = np.maximum(np.cumsum(y[::-1])[::-1], 0.0)  # tail[tau] = sum y[tau:], steps along the direction only
+    lr = tail**2 / (T - np.arange(T))
     lr[T - min_len + 1 :] = -np.inf
     return int(np.argmax(lr))
 
@@ -654,6 +658,8 @@ class SpcChart:
     def pattern_match(self, delta: np.ndarray | None = None) -> tuple[str | None, float | None]:
         """The fault pattern whose chart is beyond its limit, most strongly, and the size of ``delta`` along it.
 
+        A pattern is named only when the shift is at least :data:`MIN_PATTERN_SIZE` of it.
+
         Args:
             delta: the shift estimate (default: the EWMA); its size is in units of the pattern.
         """
@@ -665,7 +671,8 @@ class SpcChart:
             return None, None
         w = self.pattern_weights[f]
         d = self.ewma_state if delta is None else np.asarray(delta, float)
-        return self.pattern_names[f], float(w @ d / (w @ self.patterns[f]))
+        size = float(w @ d / (w @ self.patterns[f]))
+        return (self.pattern_names[f], size) if abs(size) >= MIN_PATTERN_SIZE else (None, None)
 
     def change(self) -> tuple[str | None, np.ndarray]:
         """The most likely step change since the chart last started.
@@ -678,7 +685,7 @@ class SpcChart:
         if not since:
             return None, self.ewma_state
         V = np.array([h["v"] for h in since])
-        tau = change_point(V, self.precision)
+        tau = change_point(V, self.precision @ self.ewma_state)
         return str(since[tau]["window_id"]), V[tau:].mean(axis=0)
 
     def reset(self) -> None:

@@ -117,10 +117,13 @@ def test_change_point_finds_the_step():
     rng = np.random.default_rng(5)
     errors = []
     for _ in range(40):
-        V = rng.normal(size=(60, 2))
+        V = rng.normal(size=(60, 8))
         V[35:, 0] += 1.5
-        errors.append(abs(change_point(V, np.eye(2)) - 35))
+        errors.append(abs(change_point(V, np.eye(8)[0]) - 35))
     assert np.median(errors) <= 2 and np.mean(np.array(errors) <= 5) >= 0.8
+    V = np.zeros((20, 2))
+    V[12:, 0] = -1.0  # a step against the direction is not a step along it
+    assert change_point(V, np.array([-1.0, 0.0])) == 12 and change_point(V, np.array([1.0, 0.0])) == 0
 
 
 def test_stat_labels():
