@@ -183,6 +183,7 @@ class Data:
     types: np.ndarray
     defective: np.ndarray
     model: dict[str, Any]
+    notes: tuple[str, ...] = ()
 
     def cells(self, variant: str, tail_threshold: float) -> np.ndarray:
         """The chart's per-image statistics (2624, 10 + d + 1): image statistics, z, above-tail indicator."""
@@ -206,8 +207,9 @@ def load_data(steps: int, no_train: bool) -> Data:
         raise SystemExit("no InfoDiffusion checkpoint under benchmarks/out/ (run without --no-train to train one)")
     zr = latents_and_scores(ckpt)
     lots = np.asarray(data.lot)
+    notes = (f"z and residuals: {zr['source']}.",) if "source" in zr else ()
     return Data(image_stats(), {C.slug(v): zr[f"z_{C.slug(v)}"] for v in VARIANTS}, anomaly_scores(zr, lots), lots,
-                np.asarray(data.types).astype(str), np.asarray(data.probs) >= 1.0 - 1e-9, C.checkpoint_meta(ckpt))
+                np.asarray(data.types).astype(str), np.asarray(data.probs) >= 1.0 - 1e-9, C.checkpoint_meta(ckpt), notes)
 
 
 # ------------------------------------------------------------------------------------------------ streams
@@ -590,7 +592,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     peers = run_peers(peer_files, args.onset, C.OUT / "spc_peers" / "peers.json", args.lsdd) if peer_files else {}
     ckpt = C.find_checkpoint("InfoDiffusion")
     golden = golden_streams(golden_bank(ckpt), data.model["model_id"], args.golden_streams)
-    return {"args": vars(args), "model": data.model, "labels": labels, "reps": reps, "ablation": ablation,
+    return {"args": vars(args), "model": data.model, "feature_notes": list(data.notes), "labels": labels, "reps": reps, "ablation": ablation,
             "window_test": window_test, "peers": peers, "golden": golden, "names": data.names}
 
 
@@ -765,6 +767,7 @@ def _notes(res: dict[str, Any]) -> list[str]:
         "- Product mix: each cell is compared with its product type's in-control mean, so a mix change alone is not a "
         "process shift for the chart (by design; the per-window test and `mix_text` report it).",
     ]
+    out += [f"- {n}" for n in res.get("feature_notes", [])]
     if "skipped" in p:
         out.append(f"- alibi-detect peers not run: {p['skipped']}.")
     for kind, v in p.items():
