@@ -1,15 +1,15 @@
 """Persistent small shifts: control charts across windows and a golden-sample camera check, on lot-ordered ELPV
 streams, against peer online detectors at the same in-control average run length (ARL0).
 
-**Streams.** All 2,624 ELPV cells with their derived lots (``pipeline.elpv``: 44 modules). A stream is whole lots
+**Streams.** All 2,624 ELPV cells with their derived lots (``pipeline.line.elpv``: 44 modules). A stream is whole lots
 drawn with replacement (cells in file order, as the simulator replays them), cut into windows of 100 cells: each
 window carries real module-to-module variation. Every capture carries the simulator's 1-grey-level read noise.
-Faults (``pipeline.faults``, as the simulator applies them) start at a window boundary after 20 in-control windows:
+Faults (``pipeline.line.faults``, as the simulator applies them) start at a window boundary after 20 in-control windows:
 gain x0.95 and x0.9, blur 1 px, noise 3 %, misalignment 2 deg, vignetting 0.2; and the two population faults, the
 defect rate (severity 1: the share of p = 1 cells from the lots' own 27 % to 57 %, drawn as the simulator draws
 them) and the product mix (mono lots 41 % -> 81 %).
 
-**linewatch chart** (``pipeline.spc``): per-window means of the image statistics of ``pipeline.properties`` (10
+**linewatch chart** (``pipeline.analysis.spc``): per-window means of the image statistics of ``pipeline.latent.properties`` (10
 channels), the 32 latent axes of a cpu-preset model, and the share of cells above the Phase I's 90th anomaly-score
 percentile; multivariate EWMA plus fault-pattern charts, each cell centred on its product type's in-control mean.
 **Phase I / Phase II**: every replicate fits the chart on its own first ``--phase1`` in-control windows (limits from
@@ -18,12 +18,12 @@ fresh windows of the same stream. The fault patterns are measured on the Phase I
 to them (the same functions the faults come from: the pattern charts are matched to these faults; the MEWMA is not).
 
 **Peers** on the same windows and Phase I, at the same ARL0: the monitor's per-window drift test
-(``pipeline.drift.DriftDetector``, lot null, z + quality channels + anomaly scores, alpha = 1 / ARL0);
+(``pipeline.analysis.drift.DriftDetector``, lot null, z + quality channels + anomaly scores, alpha = 1 / ARL0);
 alibi-detect's ``CVMDriftOnline`` (and ``LSDDDriftOnline``) on the same per-window statistic vectors, with the
 Phase I windows as reference and ERT = ARL0, run in their own virtualenv (``make peers``; alibi-detect needs
 numpy < 2 and is BSL-licensed, so it is never a dependency of linewatch).
 
-**Golden samples** (``pipeline.golden``): 5 functional cells per stream, re-imaged at the start of every shift
+**Golden samples** (``pipeline.analysis.golden``): 5 functional cells per stream, re-imaged at the start of every shift
 through the current camera state, with re-imaging jitter (excitation 1 % sd, placement 0.1 deg and 0.5 px sd, read
 noise 1 grey level): false alarms per shift, and the share of streams whose first shift after a fault's onset
 raises "camera/optics changed: ..." naming the fault's statistic.
@@ -52,7 +52,7 @@ ARL0 = 200.0
 WINDOW = 100
 STATS: tuple[str, ...] = ("mean_intensity", "contrast", "sharpness", "noise_level", "detail_ratio", "dark_fraction",
                           "rotation_deg", "offset_x", "offset_y", "vignetting")
-#: Image faults: label -> (``pipeline.faults`` function, parameter).
+#: Image faults: label -> (``pipeline.line.faults`` function, parameter).
 IMAGE_FAULTS: dict[str, tuple[str, float]] = {
     "gain x0.95": ("gain", 0.95),
     "gain x0.9": ("gain", 0.9),
@@ -80,7 +80,7 @@ def capture(img: np.ndarray, variant: str, cell: int) -> np.ndarray:
     """One capture of ELPV cell ``cell`` through a camera with ``variant`` (a key of :data:`IMAGE_FAULTS` or
     ``"clean"``): the fault, then the simulator's read noise. The noise draws depend on the cell only, so the clean
     and faulty captures of a cell share them (paired)."""
-    from pipeline import faults
+    from pipeline.line import faults
 
     rng = np.random.default_rng([7, int(cell)])
     out = img
@@ -104,7 +104,7 @@ def variant_stack(cells: np.ndarray, variant: str) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ features
 def image_stats() -> dict[str, np.ndarray]:
     """The :data:`STATS` of every ELPV cell under every variant, {variant slug: (2624, len(STATS))} (cached)."""
-    from pipeline.properties import measure
+    from pipeline.latent.properties import measure
 
     def comp() -> dict[str, np.ndarray]:
         cells = np.arange(len(C.images()))
@@ -121,13 +121,13 @@ def image_stats() -> dict[str, np.ndarray]:
 def latents_and_scores(ckpt_dir: Path) -> dict[str, np.ndarray]:
     """z (2624, d) and diffusion residuals of every cell and variant under one model (cached per model id).
 
-    Residuals with the shipped recipe (``pipeline.retrain.ScoringConfig``) but one noise field (a third of the
+    Residuals with the shipped recipe (``pipeline.training.retrain.ScoringConfig``) but one noise field (a third of the
     cost): ``{"z_<variant>": ..., "r_<variant>": ...}``.
     """
     import torch
 
     from models import load_checkpoint, to_model_input
-    from pipeline.retrain import ScoringConfig
+    from pipeline.training.retrain import ScoringConfig
 
     sc = ScoringConfig(seeds=(0,))
     mid = C.checkpoint_meta(ckpt_dir)["model_id"]
@@ -157,7 +157,7 @@ def anomaly_scores(zr: dict[str, np.ndarray], lots: np.ndarray, k: int = 25) -> 
     The ``ConditionalResidual`` fitted on the clean captures of one half of the lots (seeded) scores every variant
     of the other half's cells, so no cell is scored by a detector that saw it.
     """
-    from pipeline.retrain import make_detector
+    from pipeline.training.retrain import make_detector
 
     ids = np.unique(lots)
     half = np.isin(lots, np.random.default_rng(20261204).permutation(ids)[: len(ids) // 2])
@@ -198,7 +198,7 @@ class Data:
 
 def load_data(steps: int, no_train: bool) -> Data:
     """Every feature the benchmark needs (computed once, cached)."""
-    from pipeline.elpv import load_elpv
+    from pipeline.line.elpv import load_elpv
 
     data = load_elpv()
     ckpt = C.find_checkpoint("InfoDiffusion") if no_train else C.get_checkpoint("InfoDiffusion", C.get_splits(),
@@ -259,7 +259,7 @@ class FaultRun:
 def fault_run(label: str, data: Data, runs: list[np.ndarray], run_types: np.ndarray, onset: int, n: int,
               rng: np.random.Generator) -> FaultRun:
     """A stream of ``n`` windows, in control for ``onset`` windows, then under fault ``label`` (or none)."""
-    from pipeline.spc import resample_stream
+    from pipeline.analysis.spc import resample_stream
 
     head = onset * WINDOW
     if label.startswith("product mix"):
@@ -298,7 +298,7 @@ class Rep:
 
 def make_rep(data: Data, index: int, phase1: int) -> Rep:
     """Phase I: ``phase1`` in-control windows of a fresh stream; fit the chart on them, with the fault patterns."""
-    from pipeline.spc import SpcChart, SpcConfig, lot_runs, resample_stream
+    from pipeline.analysis.spc import SpcChart, SpcConfig, lot_runs, resample_stream
 
     rng = np.random.default_rng([20261204, index])
     runs = lot_runs(len(data.lots), data.lots)
@@ -315,7 +315,7 @@ def make_rep(data: Data, index: int, phase1: int) -> Rep:
 
 def deviations(chart: Any, X: np.ndarray, types: np.ndarray) -> np.ndarray:
     """Window deviation vectors (T, K) of consecutive windows of per-image rows, as the chart computes them."""
-    from pipeline.spc import window_means
+    from pipeline.analysis.spc import window_means
 
     code = {s: i for i, s in enumerate(chart.strata)}
     g = np.array([code[t] for t in types])
@@ -324,7 +324,7 @@ def deviations(chart: Any, X: np.ndarray, types: np.ndarray) -> np.ndarray:
 
 def in_control(rep: Rep, data: Data, n_windows: int) -> dict[str, Any]:
     """Run lengths of the chart on ``n_windows`` fresh in-control windows (restarted after every alarm)."""
-    from pipeline.spc import ewma, resample_stream, run_alarms
+    from pipeline.analysis.spc import ewma, resample_stream, run_alarms
 
     rng = np.random.default_rng([20261204, rep.index, 1])
     pos = resample_stream(rep.runs, n_windows * WINDOW, rng)
@@ -364,9 +364,9 @@ def window_test_rep(rep: Rep, data: Data, runs: dict[str, list[FaultRun]], onset
     Reference: the first ``ref_cells`` Phase I cells, with their lots, product types, quality channels and
     cross-fitted anomaly scores, as the monitor's reference has them.
     """
-    from pipeline.drift import DriftDetector
-    from pipeline.properties import QUALITY_CHANNELS
-    from pipeline.spc import resample_stream
+    from pipeline.analysis.drift import DriftDetector
+    from pipeline.analysis.spc import resample_stream
+    from pipeline.latent.properties import QUALITY_CHANNELS
 
     q = [STATS.index(c) for c in QUALITY_CHANNELS]
     ref = rep.p1[:ref_cells]
@@ -429,7 +429,7 @@ GOLDEN_EXPECTED = {"gain": "mean_intensity", "blur": "detail_ratio", "noise": "n
 def golden_capture(img: np.ndarray, variant: str, rng: np.random.Generator) -> np.ndarray:
     """One re-imaging of a golden cell: placement jitter (and a misalignment fault) in one move, excitation jitter
     and camera fault, then read noise."""
-    from pipeline import faults
+    from pipeline.line import faults
 
     j = GOLDEN_JITTER
     fn, v = IMAGE_FAULTS.get(variant, ("none", 0.0))
@@ -452,9 +452,9 @@ def golden_bank(ckpt_dir: Path) -> dict[str, np.ndarray]:
     import torch
 
     from models import load_checkpoint
-    from pipeline.elpv import load_elpv
-    from pipeline.golden import GOLDEN_STATISTICS
-    from pipeline.properties import measure
+    from pipeline.analysis.golden import GOLDEN_STATISTICS
+    from pipeline.latent.properties import measure
+    from pipeline.line.elpv import load_elpv
 
     names = [s.name for s in GOLDEN_STATISTICS]
     data = load_elpv()
@@ -486,7 +486,7 @@ def golden_streams(bank: dict[str, np.ndarray], model_id: str, n_streams: int) -
     image fault is tried as the first shift after its onset (``GoldenCheck.test``, which leaves the baselines as
     they are), so detection is measured at every baseline length the line goes through.
     """
-    from pipeline.golden import GoldenCapture, GoldenCheck
+    from pipeline.analysis.golden import GoldenCapture, GoldenCheck
 
     rng = np.random.default_rng(20261206)
     names = [f"G{int(c)}" for c in bank["cells"]]
@@ -551,7 +551,7 @@ def chart_rep_result(rep: Rep, data: Data, runs: dict[str, list[FaultRun]], onse
 
 def ablation_rep(rep: Rep, data: Data, runs: dict[str, list[FaultRun]], onset: int, n_ic: int) -> dict[str, Any]:
     """The same replicate with the MEWMA alone (no fault patterns): what the chart finds without knowing them."""
-    from pipeline.spc import SpcChart, SpcConfig
+    from pipeline.analysis.spc import SpcChart, SpcConfig
 
     chart = SpcChart("bench", data.model["model_id"], SpcConfig(arl0=ARL0, window=WINDOW, seed=rep.index)).fit(
         rep.F["clean"][rep.p1], names=data.names, strata=data.types[rep.p1], lots=data.lots[rep.p1])
@@ -656,7 +656,7 @@ def _attribution(reps: list[dict[str, Any]], label: str) -> tuple[str, float, st
 
 def report(res: dict[str, Any], command: str) -> str:
     """The results page."""
-    from pipeline.spc import stat_label
+    from pipeline.analysis.spc import stat_label
 
     s, a, gs = res["summary"], res["args"], res["golden_summary"]
     lines = [C.header(NAME, command).rstrip(), "", __doc__.split("\n\n")[1], "", *_setup_lines(res), ""]

@@ -38,7 +38,7 @@ def test_data_columns_and_tail_indicator():
 
 
 def test_mix_stream_draws_lots_of_the_asked_type():
-    from pipeline.spc import lot_runs
+    from pipeline.analysis.spc import lot_runs
 
     d = synthetic(np.random.default_rng(1))
     runs = lot_runs(len(d.lots), d.lots)
@@ -48,7 +48,7 @@ def test_mix_stream_draws_lots_of_the_asked_type():
 
 
 def test_defect_stream_raises_the_defect_share_within_lots():
-    from pipeline.spc import lot_runs, resample_stream
+    from pipeline.analysis.spc import lot_runs, resample_stream
 
     d = synthetic(np.random.default_rng(3))
     runs = lot_runs(len(d.lots), d.lots)
@@ -61,7 +61,7 @@ def test_defect_stream_raises_the_defect_share_within_lots():
 
 
 def test_fault_runs_switch_at_the_onset():
-    from pipeline.spc import lot_runs
+    from pipeline.analysis.spc import lot_runs
 
     d = synthetic(np.random.default_rng(6))
     runs = lot_runs(len(d.lots), d.lots)
@@ -77,7 +77,7 @@ def test_fault_runs_switch_at_the_onset():
 
 
 def test_replay_finds_a_gain_drop_and_names_brightness():
-    from pipeline.spc import SpcChart, SpcConfig, lot_runs, resample_stream
+    from pipeline.analysis.spc import SpcChart, SpcConfig, lot_runs, resample_stream
 
     d = synthetic(np.random.default_rng(8), n_lots=30)
     runs = lot_runs(len(d.lots), d.lots)

@@ -79,7 +79,7 @@ class GoldenStat:
     """A per-capture statistic compared on the golden cells.
 
     Attributes:
-        name: column name (a :data:`pipeline.properties.PROPERTIES` key).
+        name: column name (a :data:`pipeline.latent.properties.PROPERTIES` key).
         label: what the alert calls it.
         log_scale: compare on a log scale and report the change in per cent (else in ``unit``).
         unit: the unit of an absolute change.

@@ -6,7 +6,7 @@ fault_vs_lots.md``), so no single window can show it; a *persistent* shift can s
 evidence of many windows, which is what a control chart does.
 
 **Statistics.** Each window (``window`` consecutive cells of one line, 100 by default) is summarised by the means of
-a few per-image statistics: brightness and the other image properties of :mod:`pipeline.properties`, every latent
+a few per-image statistics: brightness and the other image properties of :mod:`pipeline.latent.properties`, every latent
 axis z, and the share of cells whose anomaly score is above the reference's 90th percentile (any subset; see
 :data:`STATISTICS` for the labels). Each cell's value is taken relative to the in-control mean of its stratum (the
 product type), so a change of product mix does not read as a shift of the process.
@@ -480,7 +480,7 @@ class SpcChart:
             strata: stratum label per row (e.g. the product type); None: one stratum.
             lots: lot label per row; None: bootstrap blocks of ``config.block`` consecutive rows.
             signatures: optional fault patterns, name -> (K,) mean change of each statistic under that fault
-                (e.g. ``"camera gain x0.9"``: measured by applying :func:`pipeline.faults.gain` to in-control
+                (e.g. ``"camera gain x0.9"``: measured by applying :func:`pipeline.line.faults.gain` to in-control
                 images). Each gets a two-sided EWMA along its most sensitive direction ``S^-1 delta`` beside the
                 MEWMA, which watches every direction; the two share the ARL0.
 

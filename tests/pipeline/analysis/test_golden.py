@@ -1,4 +1,4 @@
-"""Tests for pipeline.golden: paired statistics on re-imaged golden cells, bad input, persisted state."""
+"""Tests for pipeline.analysis.golden: paired statistics on re-imaged golden cells, bad input, persisted state."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from pipeline.golden import (
+from pipeline.analysis.golden import (
     GoldenCapture,
     GoldenCheck,
     GoldenConfig,

@@ -1,4 +1,4 @@
-"""Tests for pipeline.spc: the lot bootstrap, EWMA run lengths, limits calibrated to an ARL0, the chart and its state."""
+"""Tests for pipeline.analysis.spc: the lot bootstrap, EWMA run lengths, limits calibrated to an ARL0, the chart and its state."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.spc import (
+from pipeline.analysis.spc import (
     ChartStateMismatch,
     SpcChart,
     SpcConfig,
