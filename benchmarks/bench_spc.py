@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,7 @@ PATTERNS: dict[str, str] = {
     "fixture misalignment 2 deg": "misalign 2 deg",
     "vignetting 0.2": "vignetting 0.2",
 }
+RAW = C.OUT / "bench_spc_raw.json"
 PEERS_PY = Path(os.environ.get("LINEWATCH_PEERS_PYTHON", str(C.ROOT / ".venv-peers" / "bin" / "python")))
 
 
@@ -455,7 +457,7 @@ def report(res: dict[str, Any], command: str) -> str:
     lines += ["## What the chart's alarm says", "",
               "| fault | top statistic (share of alarms) | pattern matched (share) | example alarm |", "|---|---|---|---|"]
     for lab in res["labels"][1:]:
-        top, st, pat, sp, ex = _attribution(res["reps"], lab)
+        top, st, pat, sp, ex = res["attribution"][lab]
         name = stat_label(top).label if top != "-" else "-"
         lines.append(f"| {lab} | {name} ({st:.2f}) | {pat} ({sp:.2f}) | {ex} |")
     lines += ["", "## Golden samples (5 cells re-imaged at the start of every shift)", "",
@@ -587,11 +589,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--golden-streams", type=int, default=300)
     ap.add_argument("--steps", type=int, default=3000, help="training steps if no checkpoint can be reused")
     ap.add_argument("--no-train", action="store_true", help="only reuse a checkpoint found under benchmarks/out/")
+    ap.add_argument("--report-only", metavar="RAW_JSON",
+                    help="rebuild the results from a raw file of an earlier run (benchmarks/out/bench_spc_raw.json)")
     args = ap.parse_args(argv)
-    res = run(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if args.report_only:
+        res = json.loads(Path(args.report_only).read_text())
+        rest = [a for i, a in enumerate(argv)
+                if not a.startswith("--report-only") and (i == 0 or argv[i - 1] != "--report-only")]
+        res.setdefault("command", C.command_line(NAME, rest))
+    else:
+        res = run(args)
+        res["command"] = C.command_line(NAME, argv)
+        RAW.parent.mkdir(parents=True, exist_ok=True)
+        RAW.write_text(json.dumps(res, default=C._json_default))
     res["summary"] = summarise(res)
+    res["attribution"] = {lab: _attribution(res["reps"], lab) for lab in res["labels"][1:]}
     res["golden_summary"] = golden_summary(res["golden"])
-    C.write_results(NAME, report(res, C.command_line(NAME, argv)), res)
+    raw = ("reps", "ablation", "window_test", "golden")  # per-stream records: the summaries are kept
+    C.write_results(NAME, report(res, res["command"]), {k: v for k, v in res.items() if k not in raw})
     return 0
 
 
