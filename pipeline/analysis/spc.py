@@ -188,10 +188,17 @@ def resample_stream(runs: Sequence[np.ndarray], n_rows: int, rng: np.random.Gene
     return np.concatenate([runs[i] for i in picks])[:n_rows]
 
 
-def window_means(D: np.ndarray, pos: np.ndarray, window: int) -> np.ndarray:
-    """Means of ``D[pos]`` over consecutive windows of ``window`` rows (a trailing part window is dropped)."""
+def window_means(D: np.ndarray, pos: np.ndarray, window: int, chunk: int = 1000) -> np.ndarray:
+    """Means of ``D[pos]`` over consecutive windows of ``window`` rows (a trailing part window is dropped).
+
+    The rows are gathered ``chunk`` windows at a time, so a long bootstrap stream never sits in memory whole.
+    """
     t = len(pos) // window
-    return D[pos[: t * window]].reshape(t, window, D.shape[1]).mean(axis=1)
+    out = np.empty((t, D.shape[1]))
+    for a in range(0, t, chunk):
+        b = min(t, a + chunk)
+        out[a:b] = D[pos[a * window : b * window]].reshape(b - a, window, D.shape[1]).mean(axis=1)
+    return out
 
 
 def ewma(V: np.ndarray, lam: float) -> np.ndarray:
@@ -441,7 +448,7 @@ def _estimate(X: np.ndarray, g: np.ndarray, runs: Sequence[np.ndarray], patterns
     centers = _lot_resample_center(X, g, len(fallback), runs, None)
     centers = np.where(np.isfinite(centers), centers, fallback)
     pos = resample_stream(runs, n_windows * cfg.window, rng)
-    V = window_means(X[pos] - centers[g[pos]], np.arange(len(pos)), cfg.window)
+    V = window_means(X - centers[g], pos, cfg.window)
     S = np.atleast_2d(np.cov(V.T))
     d = np.maximum(np.diag(S), 1e-24)
     precision = np.linalg.pinv((1.0 - cfg.shrinkage) * S + cfg.shrinkage * np.diag(d), hermitian=True)
@@ -539,7 +546,7 @@ class SpcChart:
                 c = _lot_resample_center(X, g, len(self.strata), resample, None)
                 est = replace(self.estimate, centers=np.where(np.isfinite(c), c, self.centers))
             pos = resample_stream(runs, per * cfg.window, rng)
-            V = window_means(X[pos] - est.centers[g[pos]], np.arange(len(pos)), cfg.window)
+            V = window_means(X - est.centers[g], pos, cfg.window)
             out.append((ewma(V, cfg.lam), est))
         return out
 
