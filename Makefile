@@ -4,9 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+PEERS_VENV ?= .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed-stamp
 export MPLBACKEND := Agg
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install peers demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +17,14 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# alibi-detect needs numpy<2 and is BSL-licensed: it lives in its own venv and only bench_spc calls it, in a subprocess
+$(PEERS_STAMP):
+	@test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q -c constraints.txt "alibi-detect==0.13.0" torch
+	@touch $(PEERS_STAMP)
+
+peers: $(PEERS_STAMP)  ## the peer online drift detectors of bench_spc (alibi-detect), in .venv-peers
 
 demo: install  ## the main job end to end on embedded defaults (local SQLite MLflow, local Prefect)
 	$(VENV)/bin/linewatch demo
@@ -30,9 +40,9 @@ test: install lint  ## the whole suite (CI runs this)
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not slow and not stack" $(PYTEST_ARGS)
 
-bench: install  ## regenerate benchmarks/results/*.md and docs/results.md (long: tens of minutes on 2 cores)
+bench: install peers  ## regenerate benchmarks/results/*.md and docs/results.md (long: tens of minutes on 2 cores)
 	$(PY) -m pip install -q -c constraints.txt -e '.[test,bench]'
 	$(PY) -m benchmarks.run_all
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache .ruff_cache build *.egg-info

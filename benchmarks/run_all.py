@@ -37,6 +37,7 @@ BENCHMARKS: list[tuple[str, int, list[str]]] = [
     ("bench_anomaly_tiles", 3600, []),
     ("bench_drift_faults", 5400, []),
     ("fault_vs_lots", 900, []),
+    ("bench_spc", 5400, []),
     ("stack_timing", 1200, []),
 ]
 DOC = ROOT / "docs" / "results.md"
@@ -49,6 +50,9 @@ SECTIONS: list[tuple[str, list[str], str]] = [
                                                          "fault_vs_lots"],
      "Detection rate against window size for each fault, with false-alarm rates, for linewatch and each baseline; "
      "and how large each fault is against ordinary lot-to-lot variation (what a lot-aware monitor can see at all)."),
+    ("2b. Persistent small shifts: control charts and golden samples", ["bench_spc"],
+     "In-control run lengths and detection delays of the control chart across windows, against the per-window test "
+     "and alibi-detect's online detectors at the same ARL0; golden-sample camera checks per shift."),
     ("3. Attribution", ["axes_attribution"],
      "Attribution consistency per fault (also in the attribution table of section 2)."),
     ("4. Speed", ["bench_model_speed", "bench_stages", "simulate_speed", "bench_ingest", "bench_catalog",

@@ -1,0 +1,800 @@
+"""Statistical process control across windows: a multivariate EWMA chart with lot-aware limits and a stated ARL0.
+
+A per-window drift test compares one window with the reference. A camera gain that drops by 10 % moves a window's
+brightness by less than ordinary module-to-module (lot-to-lot) variation does (``benchmarks/results/
+fault_vs_lots.md``), so no single window can show it; a *persistent* shift can still be found by accumulating the
+evidence of many windows, which is what a control chart does.
+
+**Statistics.** Each window (``window`` consecutive cells of one line, 100 by default) is summarised by the means of
+a few per-image statistics: brightness and the other image properties of :mod:`pipeline.latent.properties`, every latent
+axis z, and the share of cells whose anomaly score is above the reference's 90th percentile (any subset; see
+:data:`STATISTICS` for the labels). Each cell's value is taken relative to the in-control mean of its stratum (the
+product type), so a change of product mix does not read as a shift of the process.
+
+**Chart.** A multivariate EWMA (Lowry et al. 1992): ``E_t = (1 - lam) E_(t-1) + lam v_t`` over the window vectors
+``v_t``, and the statistic ``T2_t = E_t' S_E^-1 E_t`` with ``S_E = lam / (2 - lam) S``, where ``S`` is the
+between-window covariance (shrunk towards its diagonal, so that a few dozen lots can estimate it). One chart on a
+combined statistic controls the overall false-alarm rate, whatever the number of statistics; the alarm still says
+which statistics moved and in which direction: every statistic whose own EWMA is beyond ``attribution_sd`` of its
+in-control spread, in its physical unit ("brightness -10 %").
+
+**Limits from between-lot variation.** Cells of one lot resemble each other, so the spread of a window's mean is
+set by how many lots it spans and how much lots differ, not by the within-lot spread (the I-MR-R/S argument: within
+understates between). The limits therefore come from a *lot bootstrap* of the in-control history (Phase I): whole
+lots (or, without lot labels, blocks of consecutive images) are drawn with replacement and concatenated into
+in-control streams, cut into windows like the monitored ones. The covariance ``S`` is estimated from those windows,
+and the limit ``h`` is the value whose in-control average run length (ARL0, in windows) on them equals the target,
+counted with a reset after every alarm. The centre the chart uses is itself estimated from a finite number of
+lots; each segment of the bootstrap re-estimates it from a resample of the lots, so the limit allows for that
+error too (a Phase I of a few dozen lots gets a wider limit than one of a few hundred).
+
+**State.** :class:`SpcChart` holds the fitted limits and the running EWMA, serialises to JSON with the model id and
+line it belongs to, and refuses a state of another model or line (:class:`ChartStateMismatch`). :meth:`SpcChart.reset`
+restarts the EWMA after an alert is resolved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.signal import lfilter
+
+__all__ = [
+    "STATISTICS",
+    "ChartPoint",
+    "ChartStateMismatch",
+    "Shift",
+    "SpcChart",
+    "SpcConfig",
+    "resample_stream",
+    "calibrate_limit",
+    "change_point",
+    "ewma",
+    "lot_runs",
+    "run_alarms",
+    "stat_label",
+    "window_means",
+]
+
+STATE_KIND = "linewatch-spc-chart"
+MIN_PATTERN_SIZE = 0.25
+"""Smallest shift along a fault pattern (in units of the pattern) for an alarm to say it matches that pattern."""
+STATE_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+@dataclass(frozen=True)
+class StatInfo:
+    """How a chart statistic is named and reported.
+
+    Attributes:
+        label: what an alert calls it.
+        unit: ``"%"`` (a change relative to the in-control mean), ``"pp"`` (percentage points of a share), or an
+            absolute unit ("deg", "px"); latent axes are reported in in-control sd (``"sd"``).
+    """
+
+    label: str
+    unit: str
+
+
+STATISTICS: dict[str, StatInfo] = {
+    "mean_intensity": StatInfo("brightness", "%"),
+    "contrast": StatInfo("contrast", "%"),
+    "sharpness": StatInfo("sharpness", "%"),
+    "noise_level": StatInfo("noise level", "%"),
+    "detail_ratio": StatInfo("fine detail", "%"),
+    "dark_fraction": StatInfo("dark area", "pp"),
+    "rotation_deg": StatInfo("rotation", "deg"),
+    "offset_x": StatInfo("horizontal offset", "px"),
+    "offset_y": StatInfo("vertical offset", "px"),
+    "vignetting": StatInfo("corner/centre brightness", "%"),
+    "score_tail": StatInfo("share of unusual cells", "pp"),
+}
+"""Known chart statistics (per-image columns); ``z_NN`` latent axes are known too (:func:`stat_label`)."""
+
+_Z = re.compile(r"^z_?(\d+)$")
+
+
+def stat_label(name: str) -> StatInfo:
+    """The label and unit of a statistic; latent axes ``z_7`` / ``z_07`` read ``latent z_07`` in sd."""
+    if name in STATISTICS:
+        return STATISTICS[name]
+    m = _Z.match(name)
+    if m:
+        return StatInfo(f"latent z_{int(m.group(1)):02d}", "sd")
+    return StatInfo(name, "sd")
+
+
+@dataclass(frozen=True)
+class Shift:
+    """The estimated shift of one statistic at a chart point.
+
+    Attributes:
+        name: statistic (column) name.
+        label: what an alert calls it.
+        delta: the EWMA of the window deviations (the estimated shift, in the statistic's own unit).
+        z: ``delta`` over its in-control EWMA sd.
+        value: the shift as reported (per cent, percentage points, sd or the absolute unit).
+        unit: the reported unit.
+    """
+
+    name: str
+    label: str
+    delta: float
+    z: float
+    value: float
+    unit: str
+
+    @property
+    def text(self) -> str:
+        """E.g. ``"brightness -10 %"``, ``"rotation +1.95 deg"``, ``"latent z_03 +2.1 sd"``."""
+        if self.unit == "%":
+            v = f"{self.value:+.0f}" if abs(self.value) >= 1 else f"{self.value:+.1f}"
+            return f"{self.label} {v} %"
+        if self.unit in ("pp", "sd"):
+            return f"{self.label} {self.value:+.1f} {self.unit}"
+        return f"{self.label} {self.value:+.2f} {self.unit}"
+
+
+def _report(name: str, delta: float, center: float, sd_window: float) -> tuple[float, str]:
+    unit = stat_label(name).unit
+    if unit == "%":
+        return (100.0 * delta / center if abs(center) > 1e-12 else float("nan")), unit
+    if unit == "pp":
+        return 100.0 * delta, unit
+    if unit == "sd":
+        return delta / max(sd_window, 1e-12), unit
+    return delta, unit
+
+
+# ------------------------------------------------------------------------------------------------ pure maths
+def lot_runs(n: int, lots: Any = None, block: int = 60) -> list[np.ndarray]:
+    """Row positions of the bootstrap units of an in-control history of ``n`` rows in production order.
+
+    Args:
+        n: rows.
+        lots: lot label per row; a unit is a run of equal consecutive labels. None: blocks of ``block`` rows.
+        block: block length without lots.
+
+    Returns:
+        One int array of consecutive positions per unit, in order.
+    """
+    if lots is None:
+        if block < 1:
+            raise ValueError(f"block must be >= 1, got {block}")
+        return [np.arange(s, min(s + block, n)) for s in range(0, n, block)]
+    lots = np.asarray(lots)
+    if lots.shape[0] != n:
+        raise ValueError(f"lots has {lots.shape[0]} labels for {n} rows")
+    starts = np.r_[0, np.flatnonzero(lots[1:] != lots[:-1]) + 1, n]
+    return [np.arange(a, b) for a, b in zip(starts[:-1], starts[1:], strict=True) if b > a]
+
+
+def resample_stream(runs: Sequence[np.ndarray], n_rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions of a stream of ``n_rows`` rows made of whole units drawn with replacement."""
+    sizes = np.array([len(r) for r in runs])
+    k = int(math.ceil(n_rows / max(1.0, sizes.mean()) * 1.2)) + 2
+    picks = rng.integers(len(runs), size=k)
+    while sizes[picks].sum() < n_rows:
+        picks = np.r_[picks, rng.integers(len(runs), size=k)]
+    return np.concatenate([runs[i] for i in picks])[:n_rows]
+
+
+def window_means(D: np.ndarray, pos: np.ndarray, window: int, chunk: int = 1000) -> np.ndarray:
+    """Means of ``D[pos]`` over consecutive windows of ``window`` rows (a trailing part window is dropped).
+
+    The rows are gathered ``chunk`` windows at a time, so a long bootstrap stream never sits in memory whole.
+    """
+    t = len(pos) // window
+    out = np.empty((t, D.shape[1]))
+    for a in range(0, t, chunk):
+        b = min(t, a + chunk)
+        out[a:b] = D[pos[a * window : b * window]].reshape(b - a, window, D.shape[1]).mean(axis=1)
+    return out
+
+
+def ewma(V: np.ndarray, lam: float) -> np.ndarray:
+    """EWMA ``E_t = (1 - lam) E_(t-1) + lam V_t`` down the rows of ``V``, started at 0."""
+    return lfilter([lam], [1.0, -(1.0 - lam)], np.asarray(V, float), axis=0)
+
+
+def run_alarms(E: np.ndarray, statistic: Callable[[np.ndarray], np.ndarray], h: float, lam: float,
+               chunk: int = 2048) -> list[int]:
+    """Alarm positions of an EWMA chart that restarts at 0 after every alarm.
+
+    ``E`` is the EWMA without restarts (:func:`ewma`). After a restart at ``t0`` the chart is
+    ``E_t - (1 - lam)**(t - t0) E_t0``, so every run is found with vector operations.
+
+    Args:
+        E: (T, K) EWMA of the window vectors, never restarted.
+        statistic: maps (n, K) EWMA vectors to (n,) chart statistics.
+        h: the limit (alarm when the statistic exceeds it).
+        lam: the EWMA weight.
+        chunk: windows examined per vector step.
+
+    Returns:
+        The positions (0-based) of the windows that raised an alarm.
+    """
+    T = len(E)
+    alarms: list[int] = []
+    start, base, age = 0, np.zeros(E.shape[1]), 0
+    while start < T:
+        L = min(chunk, T - start)
+        decay = (1.0 - lam) ** (age + np.arange(1, L + 1))
+        seg = E[start : start + L] - decay[:, None] * base[None, :]
+        hit = np.flatnonzero(statistic(seg) > h)
+        if hit.size == 0:
+            start, age = start + L, age + L
+            continue
+        t = start + int(hit[0])
+        alarms.append(t)
+        start, base, age = t + 1, E[t].copy(), 0
+    return alarms
+
+
+def calibrate_limit(segments: Sequence[tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]], lam: float,
+                    arl0: float, iters: int = 40) -> tuple[float, float]:
+    """The limit whose average run length on in-control EWMA segments is ``arl0`` (bisection).
+
+    Args:
+        segments: ``(E, statistic)`` pairs: in-control EWMA sequences (each (T_i, K), from :func:`ewma`, each
+            starting a fresh chart) with the chart statistic that watches it (charts fitted on different Phase I
+            resamples differ).
+        lam: EWMA weight.
+        arl0: target average run length, in windows.
+        iters: bisection steps.
+
+    Returns:
+        ``(limit, achieved ARL)``: the ARL is total windows / alarms (restarting after each).
+    """
+    total = sum(len(E) for E, _ in segments)
+    if total < 5 * arl0:
+        raise ValueError(f"{total} in-control windows cannot calibrate an ARL0 of {arl0}: use at least {5 * arl0:.0f}")
+
+    def arl(h: float) -> float:
+        n = sum(len(run_alarms(E, stat, h, lam)) for E, stat in segments)
+        return total / max(n, 1)
+
+    lo = 0.0
+    hi = max(float(stat(E).max()) for E, stat in segments) * 1.01 + 1e-12
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if arl(mid) < arl0 else (lo, mid)
+        if hi - lo < 1e-4 * hi:
+            break
+    return hi, arl(hi)
+
+
+def change_point(V: np.ndarray, direction: np.ndarray, min_len: int = 1) -> int:
+    """Most likely start of a step change of the window deviations along ``direction`` (maximum likelihood).
+
+    The deviations are projected on the direction the chart moved in (``y_t = V_t . direction``); for every
+    candidate start ``tau`` the likelihood ratio of a step of unknown size in the sign of ``direction`` is
+    ``max(0, sum(y[tau:]))**2 / (T - tau)`` (in-control mean 0). Projecting first keeps the noise of the
+    statistics that did not move out of the estimate.
+
+    Args:
+        V: (T, K) window deviations, oldest first.
+        direction: (K,) the direction of the shift (e.g. ``S^-1 E`` of the EWMA ``E``).
+        min_len: shortest step considered.
+
+    Returns:
+        The position in ``V`` of the first window after the change.
+    """
+    T = len(V)
+    if T == 0:
+        raise ValueError("no windows to locate a change in")
+    y = np.asarray(V, float) @ np.asarray(direction, float)
+    tail = np.maximum(np.cumsum(y[::-1])[::-1], 0.0)  # tail[tau] = sum y[tau:], steps along the direction only
+    lr = tail**2 / (T - np.arange(T))
+    lr[T - min_len + 1 :] = -np.inf
+    return int(np.argmax(lr))
+
+
+# ------------------------------------------------------------------------------------------------ the chart
+@dataclass(frozen=True)
+class SpcConfig:
+    """How a chart is fitted and decides.
+
+    Attributes:
+        arl0: in-control average run length, in windows: one false alarm every ``arl0`` windows on average
+            (with 100-cell windows and 3,000 cells a day, 200 windows is about one false alarm in 7 days).
+        lam: EWMA weight of the newest window (smaller: more memory, smaller shifts found, later).
+        window: cells per chart window.
+        shrinkage: weight of the diagonal in the between-window covariance (0: the sample covariance).
+        n_windows: in-control bootstrap windows the limit is calibrated on.
+        n_segments: bootstrap segments, each with its own re-estimated centre (the Phase I error).
+        block: bootstrap block length (rows) when the history has no lot labels.
+        pattern_share: share of the false alarms allotted to the fault-pattern charts (the MEWMA gets the rest);
+            used only when the chart has patterns.
+        refit_covariance: each bootstrap segment's chart also re-estimates the covariance from its lot resample
+            (not only the centre); with few lots this overstates the error and widens the limit a lot.
+        attribution_sd: a statistic is named in an alarm when its EWMA is this many in-control sd from 0.
+        history: chart points kept in the state (for pictures and change points).
+        seed: bootstrap seed.
+    """
+
+    arl0: float = 200.0
+    lam: float = 0.2
+    window: int = 100
+    shrinkage: float = 0.2
+    n_windows: int = 40_000
+    n_segments: int = 40
+    block: int = 60
+    pattern_share: float = 0.8
+    refit_covariance: bool = False
+    attribution_sd: float = 2.0
+    history: int = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.arl0 >= 2:
+            raise ValueError(f"SpcConfig.arl0 must be >= 2 windows, got {self.arl0}")
+        if not 0.0 < self.lam <= 1.0:
+            raise ValueError(f"SpcConfig.lam must be in (0, 1], got {self.lam}")
+        if self.window < 1:
+            raise ValueError(f"SpcConfig.window must be >= 1 cell, got {self.window}")
+        if not 0.0 < self.pattern_share < 1.0:
+            raise ValueError(f"SpcConfig.pattern_share must be in (0, 1), got {self.pattern_share}")
+        if not 0.0 <= self.shrinkage <= 1.0:
+            raise ValueError(f"SpcConfig.shrinkage must be in [0, 1], got {self.shrinkage}")
+        if self.n_segments < 1 or self.n_windows < 5 * self.arl0:
+            raise ValueError(f"SpcConfig.n_windows ({self.n_windows}) must be >= 5 x arl0 ({5 * self.arl0:.0f}) "
+                             f"and n_segments ({self.n_segments}) >= 1")
+
+
+@dataclass(frozen=True)
+class ChartPoint:
+    """One window on the chart.
+
+    Attributes:
+        window_id: the window.
+        n_cells: cells in the window.
+        value: the chart statistic (the MEWMA and the pattern charts, each over its own limit; see
+            :meth:`SpcChart.statistic`).
+        limit: the limit ``value`` is compared with (near 1).
+        alarm: ``value > limit``.
+        t2: the MEWMA statistic alone.
+        shifts: statistics beyond ``attribution_sd``, largest first (on an alarm: at least the largest one), sized
+            by the mean deviation since ``change_window`` on an alarm, by the EWMA otherwise.
+        since_reset: windows since the chart last started.
+        pattern: the fault pattern the shift matches (its chart beyond its limit), or None.
+        pattern_size: the shift along that pattern, in units of the pattern (1.0 = the fault as measured).
+        change_window: on an alarm, the first window of the most likely step change.
+        messages: problems met (unknown stratum, missing statistic).
+    """
+
+    window_id: str
+    n_cells: int
+    value: float
+    limit: float
+    alarm: bool
+    t2: float
+    shifts: tuple[Shift, ...]
+    since_reset: int
+    pattern: str | None = None
+    pattern_size: float | None = None
+    change_window: str | None = None
+    messages: tuple[str, ...] = ()
+
+    @property
+    def top(self) -> Shift | None:
+        """The statistic that moved most."""
+        return self.shifts[0] if self.shifts else None
+
+    @property
+    def text(self) -> str:
+        """The alarm sentence, e.g. ``"persistent shift: brightness -10 % (EWMA over 6 windows); matches ..."``."""
+        if not self.alarm:
+            return f"in control (chart {self.value:.2f}, limit {self.limit:.2f})"
+        since = f" since window {self.change_window}" if self.change_window else ""
+        out = (f"persistent shift{since}: " + ", ".join(s.text for s in self.shifts[:4])
+               + f" (EWMA over {self.since_reset} windows)")
+        if self.pattern is not None and self.pattern_size is not None:
+            out += f"; matches {self.pattern} (size {self.pattern_size:.1f})"
+        return out
+
+
+class ChartStateMismatch(ValueError):
+    """A chart state belongs to another model or line, or is not a chart state."""
+
+
+def _lot_resample_center(X: np.ndarray, g: np.ndarray, n_g: int, runs: Sequence[np.ndarray],
+                         rng: np.random.Generator | None) -> np.ndarray:
+    """Per-stratum means (n_g, K) of the rows of ``runs`` (resampled with replacement when ``rng`` is given)."""
+    pick = runs if rng is None else [runs[i] for i in rng.integers(len(runs), size=len(runs))]
+    pos = np.concatenate(pick)
+    out = np.full((n_g, X.shape[1]), np.nan)
+    for s in range(n_g):
+        rows = pos[g[pos] == s]
+        if rows.size:
+            out[s] = X[rows].mean(axis=0)
+    return out
+
+
+@dataclass(frozen=True)
+class _Estimate:
+    """What one Phase I estimates: centres, window covariance, the pattern directions and the EWMA scales."""
+
+    centers: np.ndarray
+    precision: np.ndarray
+    window_sd: np.ndarray
+    ewma_sd: np.ndarray
+    weights: np.ndarray
+    pattern_sd: np.ndarray
+    lam: float
+
+    def t2(self, E: np.ndarray) -> np.ndarray:
+        """MEWMA statistic ``E' S_E^-1 E`` with ``S_E = lam / (2 - lam) S``."""
+        scale = (2.0 - self.lam) / self.lam
+        return scale * np.einsum("...i,ij,...j->...", np.asarray(E, float), self.precision, np.asarray(E, float))
+
+    def patterns(self, E: np.ndarray) -> np.ndarray:
+        """EWMA along each pattern's direction ``S^-1 delta``, in in-control sd."""
+        return (np.asarray(E, float) @ self.weights.T) / self.pattern_sd
+
+
+def _estimate(X: np.ndarray, g: np.ndarray, runs: Sequence[np.ndarray], patterns: np.ndarray, fallback: np.ndarray,
+              n_windows: int, cfg: SpcConfig, rng: np.random.Generator) -> _Estimate:
+    """Fit centres, shrunk covariance and pattern scales on in-control units ``runs`` (a lot bootstrap)."""
+    centers = _lot_resample_center(X, g, len(fallback), runs, None)
+    centers = np.where(np.isfinite(centers), centers, fallback)
+    pos = resample_stream(runs, n_windows * cfg.window, rng)
+    V = window_means(X - centers[g], pos, cfg.window)
+    S = np.atleast_2d(np.cov(V.T))
+    d = np.maximum(np.diag(S), 1e-24)
+    precision = np.linalg.pinv((1.0 - cfg.shrinkage) * S + cfg.shrinkage * np.diag(d), hermitian=True)
+    E = ewma(V, cfg.lam)[min(len(V) - 1, int(5 / cfg.lam)) :]  # steady state
+    weights = patterns @ precision
+    return _Estimate(centers, precision, np.sqrt(d), np.maximum(E.std(axis=0), 1e-24), weights,
+                     np.maximum((E @ weights.T).std(axis=0), 1e-24), cfg.lam)
+
+
+class SpcChart:
+    """A multivariate EWMA chart of one line under one model (see the module docstring).
+
+    Args:
+        line: the production line.
+        model_id: the model whose latents the statistics include (None when they are model-free).
+        config: fitting and decision settings.
+    """
+
+    def __init__(self, line: str, model_id: str | None = None, config: SpcConfig = SpcConfig()) -> None:
+        if not isinstance(line, str) or not line:
+            raise ValueError("line must be a non-empty string")
+        self.line = line
+        self.model_id = model_id
+        self.config = config
+        self.is_fitted = False
+
+    # ---- fit (Phase I) -------------------------------------------------------------------------------------
+    def fit(self, X: Any, *, names: Sequence[str] | None = None, strata: Any = None, lots: Any = None,
+            signatures: Mapping[str, Any] | None = None) -> SpcChart:
+        """Fit centre, covariance and limit on the line's in-control history (rows in production order).
+
+        Args:
+            X: per-image statistics (n, K): a DataFrame (its columns name the statistics) or an array with
+                ``names``.
+            names: statistic names for an array ``X``.
+            strata: stratum label per row (e.g. the product type); None: one stratum.
+            lots: lot label per row; None: bootstrap blocks of ``config.block`` consecutive rows.
+            signatures: optional fault patterns, name -> (K,) mean change of each statistic under that fault
+                (e.g. ``"camera gain x0.9"``: measured by applying :func:`pipeline.line.faults.gain` to in-control
+                images). Each gets a two-sided EWMA along its most sensitive direction ``S^-1 delta`` beside the
+                MEWMA, which watches every direction; the two share the ARL0.
+
+        Returns:
+            self.
+        """
+        X, names = _as_matrix(X, names)
+        keep = np.isfinite(X).all(axis=1)
+        if keep.sum() < 2 * self.config.window:
+            raise ValueError(f"the in-control history has {int(keep.sum())} complete rows; a chart of "
+                             f"{self.config.window}-cell windows needs at least {2 * self.config.window}")
+        X = X[keep]
+        labels, g = _strata_codes(strata, len(keep))
+        g = g[keep]
+        runs = lot_runs(len(X), None if lots is None else np.asarray(lots)[keep], self.config.block)
+        self.names = tuple(names)
+        self.strata = tuple(labels)
+        self.center_all = X.mean(axis=0)
+        self.pattern_names = tuple(signatures or ())
+        self.patterns = np.array([np.asarray(signatures[k], float) for k in self.pattern_names]).reshape(
+            len(self.pattern_names), len(self.names)) if signatures else np.zeros((0, len(self.names)))
+        rng = np.random.default_rng([self.config.seed, 0x5BC])
+        fallback = np.broadcast_to(self.center_all, (len(labels), len(names)))
+        self._use(_estimate(X, g, runs, self.patterns, fallback, self.config.n_windows // 4, self.config, rng))
+        self._set_limits(self._segments(X, g, runs, rng))
+        self.fit_info = {"rows": int(len(X)), "rows_dropped": int((~keep).sum()), "units": len(runs),
+                         "lots": lots is not None, "strata": {lab: int((g == i).sum()) for i, lab in enumerate(labels)}}
+        self.reset()
+        self.n_windows = 0
+        self.history: list[dict[str, Any]] = []
+        self.is_fitted = True
+        return self
+
+    def _use(self, est: _Estimate) -> None:
+        self.estimate = est
+        self.centers, self.precision = est.centers, est.precision
+        self.window_sd, self.ewma_sd = est.window_sd, est.ewma_sd
+        self.pattern_weights, self.pattern_sd = est.weights, est.pattern_sd
+
+    def _segments(self, X: np.ndarray, g: np.ndarray, runs: Sequence[np.ndarray],
+                  rng: np.random.Generator) -> list[tuple[np.ndarray, _Estimate]]:
+        """In-control EWMA segments, each watched by a chart fitted on a lot resample of the Phase I.
+
+        Every segment's windows come from the Phase I's own lots (the in-control process as far as it is known);
+        the chart that watches them is fitted on a resample of those lots with replacement, so its centre and
+        covariance are off by as much as a real Phase I's are, and the limit calibrated on them allows for it.
+        """
+        cfg = self.config
+        per = int(math.ceil(cfg.n_windows / cfg.n_segments))
+        out = []
+        for _ in range(cfg.n_segments):
+            resample = [runs[i] for i in rng.integers(len(runs), size=len(runs))]
+            if cfg.refit_covariance:
+                est = _estimate(X, g, resample, self.patterns, self.centers, max(per // 2, 200), cfg, rng)
+            else:
+                c = _lot_resample_center(X, g, len(self.strata), resample, None)
+                est = replace(self.estimate, centers=np.where(np.isfinite(c), c, self.centers))
+            pos = resample_stream(runs, per * cfg.window, rng)
+            V = window_means(X - est.centers[g], pos, cfg.window)
+            out.append((ewma(V, cfg.lam), est))
+        return out
+
+    def _set_limits(self, segments: Sequence[tuple[np.ndarray, _Estimate]]) -> None:
+        """Limits of the MEWMA and the pattern charts (false alarms split by ``pattern_share``), then of both."""
+        cfg, lam = self.config, self.config.lam
+        share = cfg.pattern_share if len(self.pattern_names) else 0.0
+        self.t2_limit = calibrate_limit([(E, est.t2) for E, est in segments], lam, cfg.arl0 / (1.0 - share))[0]
+        self.pattern_limit = 1.0
+        if share:
+            self.pattern_limit = calibrate_limit(
+                [(E, lambda x, est=est: np.abs(est.patterns(x)).max(axis=-1)) for E, est in segments],
+                lam, cfg.arl0 / share)[0]
+        self.limit, self.arl0_fit = calibrate_limit(
+            [(E, lambda x, est=est: self._combined(est, x)) for E, est in segments], lam, cfg.arl0)
+
+    def _combined(self, est: _Estimate, E: np.ndarray) -> np.ndarray:
+        out = est.t2(E) / self.t2_limit
+        if len(self.pattern_names):
+            out = np.maximum(out, np.abs(est.patterns(E)).max(axis=-1) / self.pattern_limit)
+        return out
+
+    def t2(self, E: np.ndarray) -> np.ndarray:
+        """The MEWMA statistic ``E' S_E^-1 E`` of EWMA vectors (n, K) (or one (K,) vector)."""
+        return self.estimate.t2(E)
+
+    def pattern_scores(self, E: np.ndarray) -> np.ndarray:
+        """Each fault pattern's EWMA along its direction ``S^-1 delta``, in in-control sd (n, F) or (F,)."""
+        return self.estimate.patterns(E)
+
+    def statistic(self, E: np.ndarray) -> np.ndarray:
+        """The chart statistic: the larger of the MEWMA and the pattern charts, each over its own limit."""
+        return self._combined(self.estimate, E)
+
+    # ---- Phase II ------------------------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not self.is_fitted:
+            raise RuntimeError("the chart is not fitted: call fit() on the line's in-control history first")
+
+    def deviation(self, X: Any, strata: Any = None) -> tuple[np.ndarray, int, list[str]]:
+        """A window's mean deviation from the in-control centres (K,), its cell count, and what it lacked."""
+        self._check_fitted()
+        X, _ = _as_matrix(X, self.names)
+        messages: list[str] = []
+        known = {s: i for i, s in enumerate(self.strata)}
+        if strata is None:
+            centers = self.centers[np.zeros(len(X), int)] if len(self.strata) == 1 else self.center_all[None, :]
+        else:
+            lab = np.asarray(strata, dtype=object).astype(str)
+            unknown = sorted(set(lab) - set(known))
+            if unknown:
+                messages.append(f"stratum {', '.join(unknown)} not in the chart's in-control history: compared "
+                                "with the overall centre")
+            centers = np.stack([self.centers[known[s]] if s in known else self.center_all for s in lab])
+        D = X - centers
+        v = np.zeros(len(self.names))
+        for j, name in enumerate(self.names):
+            col = D[:, j][np.isfinite(D[:, j])]
+            if col.size:
+                v[j] = col.mean()
+            else:
+                messages.append(f"{stat_label(name).label} missing in every cell of the window: held at its "
+                                "in-control mean")
+        return v, len(X), messages
+
+    def update(self, window_id: str, X: Any, strata: Any = None) -> ChartPoint:
+        """Add one window (its per-image statistics) to the chart.
+
+        On an alarm the reported shifts are the mean deviations since the most likely change point
+        (:func:`change_point`), which estimate the size of a step better than the EWMA does. A window id already on
+        the chart is not added again: its recorded point is returned.
+        """
+        self._check_fitted()
+        window_id = str(window_id)
+        for h in self.history:
+            if h["window_id"] == window_id:
+                return _point_from_dict(h["point"])
+        v, n_cells, messages = self.deviation(X, strata)
+        lam = self.config.lam
+        self.ewma_state = (1.0 - lam) * self.ewma_state + lam * v
+        self.since_reset += 1
+        self.n_windows += 1
+        entry: dict[str, Any] = {"window_id": window_id, "v": v.tolist(), "reset": self.since_reset == 1}
+        self.history.append(entry)
+        del self.history[: max(0, len(self.history) - self.config.history)]
+        value = float(self.statistic(self.ewma_state))
+        alarm = value > self.limit
+        start, delta = self.change() if alarm else (None, self.ewma_state)
+        pattern, size = self.pattern_match(delta) if alarm else (None, None)
+        point = ChartPoint(window_id, n_cells, value, float(self.limit), bool(alarm),
+                           float(self.t2(self.ewma_state)), self.shifts(alarm, delta), self.since_reset, pattern,
+                           size, start, tuple(messages))
+        entry["point"] = _point_to_dict(point)
+        return point
+
+    def shifts(self, alarm: bool = False, delta: np.ndarray | None = None) -> tuple[Shift, ...]:
+        """The statistics whose EWMA is beyond ``attribution_sd`` (at least the largest one on an alarm).
+
+        Args:
+            alarm: name at least the largest statistic.
+            delta: the shift estimate to report (default: the EWMA).
+        """
+        delta = self.ewma_state if delta is None else np.asarray(delta, float)
+        z = self.ewma_state / self.ewma_sd
+        order = np.argsort(-np.abs(z))
+        chosen = [j for j in order if abs(z[j]) >= self.config.attribution_sd]
+        if alarm and not chosen:
+            chosen = [int(order[0])]
+        out = []
+        for j in chosen:
+            value, unit = _report(self.names[j], float(delta[j]), float(self.center_all[j]), float(self.window_sd[j]))
+            out.append(Shift(self.names[j], stat_label(self.names[j]).label, float(delta[j]), float(z[j]), value,
+                             unit))
+        return tuple(out)
+
+    def pattern_match(self, delta: np.ndarray | None = None) -> tuple[str | None, float | None]:
+        """The fault pattern whose chart is beyond its limit, most strongly, and the size of ``delta`` along it.
+
+        A pattern is named only when the shift is at least :data:`MIN_PATTERN_SIZE` of it.
+
+        Args:
+            delta: the shift estimate (default: the EWMA); its size is in units of the pattern.
+        """
+        if not len(self.pattern_names):
+            return None, None
+        u = np.abs(self.pattern_scores(self.ewma_state))
+        f = int(np.argmax(u))
+        if u[f] <= self.pattern_limit:
+            return None, None
+        w = self.pattern_weights[f]
+        d = self.ewma_state if delta is None else np.asarray(delta, float)
+        size = float(w @ d / (w @ self.patterns[f]))
+        return (self.pattern_names[f], size) if abs(size) >= MIN_PATTERN_SIZE else (None, None)
+
+    def change(self) -> tuple[str | None, np.ndarray]:
+        """The most likely step change since the chart last started.
+
+        Returns:
+            The step's first window and the mean deviation of the windows from there on (its estimated size);
+            ``(None, EWMA)`` before any window.
+        """
+        since = self.history[-min(self.since_reset, len(self.history)) :] if self.since_reset else []
+        if not since:
+            return None, self.ewma_state
+        V = np.array([h["v"] for h in since])
+        tau = change_point(V, self.precision @ self.ewma_state)
+        return str(since[tau]["window_id"]), V[tau:].mean(axis=0)
+
+    def reset(self) -> None:
+        """Restart the EWMA at the in-control centre (after an alert is resolved)."""
+        self.ewma_state = np.zeros(len(self.names))
+        self.since_reset = 0
+
+    # ---- state ---------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready state (fitted limits, running EWMA, recent history)."""
+        self._check_fitted()
+        return {
+            "kind": STATE_KIND, "version": STATE_VERSION, "line": self.line, "model_id": self.model_id,
+            "config": asdict(self.config), "names": list(self.names), "strata": list(self.strata),
+            "centers": self.centers.tolist(), "center_all": self.center_all.tolist(),
+            "window_sd": self.window_sd.tolist(), "ewma_sd": self.ewma_sd.tolist(),
+            "precision": self.precision.tolist(), "limit": self.limit, "arl0_fit": self.arl0_fit,
+            "t2_limit": self.t2_limit, "pattern_limit": self.pattern_limit, "pattern_names": list(self.pattern_names),
+            "patterns": self.patterns.tolist(), "pattern_weights": self.pattern_weights.tolist(),
+            "pattern_sd": self.pattern_sd.tolist(),
+            "fit_info": self.fit_info, "ewma_state": self.ewma_state.tolist(), "since_reset": self.since_reset,
+            "n_windows": self.n_windows, "history": self.history,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, line: str, model_id: str | None) -> SpcChart:
+        """Rebuild a chart from :meth:`to_dict`, refusing a state of another line or model."""
+        if not isinstance(d, Mapping) or d.get("kind") != STATE_KIND:
+            raise ChartStateMismatch(f"not a control-chart state (kind {d.get('kind') if isinstance(d, Mapping) else None!r})")
+        if d.get("line") != line or d.get("model_id") != model_id:
+            raise ChartStateMismatch(
+                f"control-chart state of line {d.get('line')!r} and model {d.get('model_id')!r} cannot serve line "
+                f"{line!r} and model {model_id!r}: fit a new chart (Phase I) for this line and model")
+        if int(d.get("version", 0)) != STATE_VERSION:
+            raise ChartStateMismatch(f"control-chart state version {d.get('version')} (expected {STATE_VERSION}): "
+                                     "fit a new chart")
+        out = cls(line, model_id, SpcConfig(**d["config"]))
+        out.names, out.strata = tuple(d["names"]), tuple(d["strata"])
+        for key in ("centers", "center_all", "window_sd", "ewma_sd", "precision", "ewma_state", "pattern_sd"):
+            setattr(out, key, np.asarray(d[key], float))
+        k = len(out.names)
+        out.patterns = np.asarray(d["patterns"], float).reshape(-1, k)
+        out.pattern_weights = np.asarray(d["pattern_weights"], float).reshape(-1, k)
+        out.pattern_names = tuple(d["pattern_names"])
+        out.limit, out.arl0_fit = float(d["limit"]), float(d["arl0_fit"])
+        out.t2_limit, out.pattern_limit = float(d["t2_limit"]), float(d["pattern_limit"])
+        out.estimate = _Estimate(out.centers, out.precision, out.window_sd, out.ewma_sd, out.pattern_weights,
+                                 out.pattern_sd, out.config.lam)
+        out.fit_info, out.history = dict(d["fit_info"]), list(d["history"])
+        out.since_reset, out.n_windows = int(d["since_reset"]), int(d["n_windows"])
+        out.is_fitted = True
+        return out
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the state as JSON, atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.part")
+        tmp.write_text(json.dumps(self.to_dict()), encoding="utf-8")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, line: str, model_id: str | None) -> SpcChart:
+        """Read a state written by :meth:`save` (see :meth:`from_dict`)."""
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ChartStateMismatch(f"control-chart state {path} is not valid JSON ({e.msg}): fit a new chart") from None
+        return cls.from_dict(d, line=line, model_id=model_id)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _as_matrix(X: Any, names: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
+    """(n, K) float matrix and its statistic names; a DataFrame is reordered to ``names`` when given."""
+    if hasattr(X, "columns"):
+        cols = list(map(str, X.columns)) if names is None else list(names)
+        missing = [c for c in cols if c not in X.columns]
+        if missing:
+            raise ValueError(f"statistics {missing} missing from the window's columns")
+        return X[cols].to_numpy(np.float64), cols
+    A = np.atleast_2d(np.asarray(X, dtype=np.float64))
+    if names is None or len(names) != A.shape[1]:
+        raise ValueError(f"give one name per column: {A.shape[1]} columns, names {None if names is None else list(names)}")
+    return A, list(names)
+
+
+def _strata_codes(strata: Any, n: int) -> tuple[list[str], np.ndarray]:
+    if strata is None:
+        return [""], np.zeros(n, int)
+    lab = np.asarray(strata, dtype=object)
+    if lab.shape[0] != n:
+        raise ValueError(f"strata has {lab.shape[0]} labels for {n} rows")
+    labels, g = np.unique(lab.astype(str), return_inverse=True)
+    return [str(x) for x in labels], g
+
+
+def _point_to_dict(p: ChartPoint) -> dict[str, Any]:
+    d = asdict(p)
+    d["shifts"] = [asdict(s) for s in p.shifts]
+    return d
+
+
+def _point_from_dict(d: Mapping[str, Any]) -> ChartPoint:
+    return ChartPoint(**{**d, "shifts": tuple(Shift(**s) for s in d["shifts"]),
+                         "messages": tuple(d.get("messages", ()))})
