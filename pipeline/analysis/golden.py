@@ -8,11 +8,9 @@ sensor noise). A change seen on the golden cells therefore says *camera/optics c
 
 **Test.** For every golden cell captured in a shift and every statistic, the paired difference between the capture
 and the mean of that cell's baseline captures (on a log scale for brightness, fine detail and noise level, so the
-shift reads in per cent; in degrees for rotation; in latent units per axis for z). The re-imaging jitter is the
-pooled within-cell standard deviation of the baselines, so the mean difference over the ``k`` cells of the shift
-is a t statistic with ``sum(n_i - 1)`` degrees of freedom:
-
-    t = mean_i(d_i) / (s * sqrt(sum_i(1 + 1 / n_i)) / k)
+shift reads in per cent; in degrees for rotation; in latent units per axis for z). The re-imaging jitter is each
+cell's own standard deviation over its baseline captures, and the mean difference over the ``k`` cells of the shift
+is judged with a Welch t-test (``paired_welch``).
 
 Each family (brightness, fine detail, noise level, rotation, and z with Bonferroni over its axes) is tested at
 ``alpha / n_families``, so one shift raises a false alarm with probability at most ``alpha`` (1 in 500 shifts by
@@ -48,6 +46,7 @@ __all__ = [
     "GoldenResult",
     "GoldenStat",
     "GoldenStateMismatch",
+    "paired_welch",
     "parse_sample_kind",
 ]
 
@@ -238,38 +237,34 @@ class _Baseline:
     z: list[list[float]] = field(default_factory=list)
 
 
-def pooled_sd(baselines: Sequence[np.ndarray], resolution: float) -> tuple[float, int]:
-    """Pooled within-cell standard deviation of baselines (each (n_i,), n_i >= 2) and its degrees of freedom.
+def paired_welch(baselines: Sequence[np.ndarray], current: np.ndarray,
+                 resolution: float) -> tuple[float, float, float, float]:
+    """Mean paired difference of current captures from their cells' baseline means, with a Welch t-test.
+
+    Cell ``i`` has ``n_i >= 2`` baseline values with sample variance ``s_i**2`` (floored at ``resolution**2``);
+    under no change ``current_i - mean_i`` has variance ``v_i = s_i**2 * (1 + 1 / n_i)``, so the mean difference
+    over the ``k`` cells divided by ``sqrt(sum(v_i)) / k`` is approximately t-distributed with the
+    Welch-Satterthwaite degrees of freedom ``sum(v_i)**2 / sum(v_i**2 / (n_i - 1))``. Each cell keeps its own
+    re-imaging spread: cells differ in it (a cell with strong busbars holds its rotation better), and pooling
+    them makes the test's far tail, which the Bonferroni levels reach, too light.
 
     Args:
-        baselines: one array of repeated values per cell, on the compared scale.
-        resolution: floor of the returned sd.
+        baselines: per cell, its baseline values (n_i,), on the compared scale.
+        current: per cell, the current value.
+        resolution: floor of each cell's sd.
 
     Returns:
-        ``(sd, df)`` with ``df = sum(n_i - 1)``.
+        ``(mean difference, t, two-sided p, root mean re-imaging variance)``.
     """
-    ss = sum(float(((b - b.mean()) ** 2).sum()) for b in baselines)
-    df = int(sum(len(b) - 1 for b in baselines))
-    if df < 1:
-        raise ValueError("a pooled sd needs at least one cell with two captures")
-    return max(math.sqrt(ss / df), resolution), df
-
-
-def paired_t(means: np.ndarray, counts: np.ndarray, current: np.ndarray, sd: float, df: int) -> tuple[float, float, float]:
-    """Mean paired difference of current captures from their cells' baseline means, its t statistic and p-value.
-
-    Under no change, ``current_i - means_i`` has variance ``sd**2 * (1 + 1 / counts_i)``, independently over cells,
-    so the mean difference over the ``k`` cells divided by ``sd * sqrt(sum(1 + 1 / counts)) / k`` is t-distributed
-    with ``df`` degrees of freedom (the pooled sd's).
-
-    Returns:
-        ``(mean difference, t, two-sided p)``.
-    """
-    k = len(current)
-    d = np.asarray(current, float) - np.asarray(means, float)
-    se = sd * math.sqrt(float(np.sum(1.0 + 1.0 / np.asarray(counts, float)))) / k
-    t = float(d.mean() / se)
-    return float(d.mean()), t, float(2.0 * stats.t.sf(abs(t), df))
+    n = np.array([len(b) for b in baselines], float)
+    if (n < 2).any():
+        raise ValueError("every cell needs at least two baseline captures")
+    var = np.maximum(np.array([np.var(b, ddof=1) for b in baselines]), resolution**2)
+    v = var * (1.0 + 1.0 / n)
+    d = float(np.mean(np.asarray(current, float) - np.array([b.mean() for b in baselines])))
+    t = d / (math.sqrt(v.sum()) / len(n))
+    df = v.sum() ** 2 / np.sum(v**2 / (n - 1.0))
+    return d, float(t), float(2.0 * stats.t.sf(abs(t), df)), float(math.sqrt(var.mean()))
 
 
 def _scaled(values: np.ndarray, log_scale: bool) -> np.ndarray:
@@ -331,21 +326,17 @@ class GoldenCheck:
 
     def _stat_family(self, stat: GoldenStat, j: int, ready: list[str], by_cell: Mapping[str, GoldenCapture],
                      alpha_f: float, messages: list[str]) -> FamilyShift | None:
-        base = {c: _scaled(np.array([row[j] for row in self._base[c].values]), stat.log_scale) for c in self._base}
-        pool = [b[np.isfinite(b)] for b in base.values()]
-        pool = [b for b in pool if len(b) >= 2]
+        base = {c: _scaled(np.array([row[j] for row in self._base[c].values]), stat.log_scale) for c in ready}
         cur = {c: float(_scaled(np.array([by_cell[c].stats.get(stat.name, np.nan)]), stat.log_scale)[0])
                for c in ready}
         bad = [c for c, v in cur.items() if not math.isfinite(v)]
         if bad:
             messages.append(f"{stat.label} not measured on golden cell(s) {', '.join(bad)}: left out of that test")
         use = [c for c in ready if c not in bad and np.isfinite(base[c]).sum() >= 2]
-        if len(use) < self.config.min_cells or not pool:
+        if len(use) < self.config.min_cells:
             return None
-        sd, df = pooled_sd(pool, stat.resolution)
-        means = np.array([np.nanmean(base[c]) for c in use])
-        counts = np.array([np.isfinite(base[c]).sum() for c in use])
-        d, t, p = paired_t(means, counts, np.array([cur[c] for c in use]), sd, df)
+        d, t, p, _ = paired_welch([base[c][np.isfinite(base[c])] for c in use], np.array([cur[c] for c in use]),
+                                  stat.resolution)
         shift = 100.0 * math.expm1(d) if stat.log_scale else d
         return FamilyShift(stat.name, stat.label, shift, stat.unit, t, p, len(use), p <= alpha_f)
 
@@ -353,20 +344,12 @@ class GoldenCheck:
         use = [c for c in ready if by_cell[c].z is not None and len(self._base[c].z) >= 2]
         if len(use) < self.config.min_cells:
             return None
-        zb = {c: np.asarray(self._base[c].z, float) for c in self._base if len(self._base[c].z) >= 2}
+        zb = [np.asarray(self._base[c].z, float) for c in use]
         cur = np.array([np.asarray(by_cell[c].z, float) for c in use])
-        dim = cur.shape[1]
-        best: tuple[float, float, float, int] | None = None
-        for a in range(dim):
-            sd, df = pooled_sd([b[:, a] for b in zb.values()], Z_RESOLUTION)
-            means = np.array([zb[c][:, a].mean() for c in use])
-            counts = np.array([len(zb[c]) for c in use])
-            d, t, p = paired_t(means, counts, cur[:, a], sd, df)
-            if best is None or p < best[2]:
-                best = (d, t, p, a)
-        d, t, p, a = best  # type: ignore[misc]
-        p_fam = min(1.0, p * dim)
-        sd, _ = pooled_sd([b[:, a] for b in zb.values()], Z_RESOLUTION)
+        axes = [paired_welch([b[:, a] for b in zb], cur[:, a], Z_RESOLUTION) for a in range(cur.shape[1])]
+        a = int(np.argmin([x[2] for x in axes]))
+        d, t, p, sd = axes[a]
+        p_fam = min(1.0, p * cur.shape[1])
         return FamilyShift("z", f"latent z_{a:02d}", d / sd, "sd", t, p_fam, len(use), p_fam <= alpha_f)
 
     def test(self, shift_id: str, captures: Sequence[GoldenCapture]) -> GoldenResult:
