@@ -45,7 +45,8 @@ def output_columns(latent_dim: int) -> list[tuple[str, str]]:
     """The output table's columns as ``(name, MLflow type)``: ``z_0 .. z_{d-1}``, score, flag, threshold."""
     from pipeline.common.schemas import latent_columns
 
-    return [(c, "float") for c in latent_columns(latent_dim)] + [
+    z = latent_columns(latent_dim) if latent_dim > 0 else []  # 0: unknown (a checkpoint without a model config)
+    return [(c, "float") for c in z] + [
         (SCORE_COLUMN, "double"), (FLAG_COLUMN, "boolean"), (THRESHOLD_COLUMN, "double")]
 
 
