@@ -147,7 +147,7 @@ class BundleScorer:
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Score an input table (``image`` bytes or ``path`` per row); the ``python_function`` flavour's predict."""
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        if frame.empty:
+        if len(frame) == 0 and ({IMAGE_COLUMN, PATH_COLUMN} & set(frame.columns)):
             return pd.DataFrame({c: pd.Series(dtype="float64") for c, _ in output_columns(self.latent_dim)})
         return self.score_arrays(read_inputs(frame, channels=1))
 

@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -164,16 +164,29 @@ def _upload(model_id: str, folder: Path, files: list[Path]) -> None:
                                   "nothing was registered")
 
 
-def _registry_lookup_uri() -> contextlib.AbstractContextManager[None]:
-    """Point MLflow's global tracking URI at our local store for one registry call.
+@contextlib.contextmanager
+def _registry_lookup_uri() -> Iterator[None]:
+    """Make MLflow's default tracking URI our local store for one registry call (environment restored after).
 
-    MLflow's SQL registry resolves a ``models:/<model_id>`` source with a client on the *global* tracking URI (a
-    TODO in mlflow's store); a server resolves it itself.
+    MLflow's SQL registry resolves a ``models:/<model_id>`` source with a client on the *default* tracking URI (a
+    TODO in mlflow's store); a server resolves it itself. ``mlflow.set_tracking_uri`` is not used: restoring it
+    would unset ``MLFLOW_TRACKING_URI`` for the whole process.
     """
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    import mlflow
 
-    st = settings()
-    return _use_tracking_uri(st.mlflow_tracking_uri) if st.mlflow_is_local else contextlib.nullcontext()
+    uri = settings().mlflow_tracking_uri
+    if not settings().mlflow_is_local or mlflow.get_tracking_uri() == uri:
+        yield
+        return
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
 
 
 def _register(name: str, run_id: str, model_id: str, tags: dict[str, str], description: str) -> Any:
