@@ -17,7 +17,9 @@ Plain functions with a frozen config and result; ``flows/monitor.py`` wraps them
    handed to the alert manager, whose persisted state makes reruns idempotent: a window already alerted is not
    re-sent, an active alert is not forgotten after a restart.
 4. Window verdicts go to ``<state>/windows.parquet`` (the retrain drops windows under an active alert), metrics to
-   an MLflow monitoring run (``drift.axis_XX.effect`` series), and a drift report picture per alerted window.
+   one MLflow monitoring run per line (``pipeline.tracking.monitoring``: ``axis_03/effect`` series, the per-window
+   table, the alert as the run description, links to the model version and the monitored images), and a drift
+   report picture per alerted window.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ from pipeline.training.retrain import (
 )
 
 logger = logging.getLogger(__name__)
+
+CARD_SPAN_SD = 3.0
+"""Axis cards span +-3 reference sd of the axis, wide enough to see what it does (benchmarks/results/axis_cards.md)."""
 
 
 @dataclass(frozen=True)
@@ -293,7 +298,7 @@ def axis_card_paths(settings: Any, champ: Champion, axes: list[int], description
         x = load_batch(paths, champ.checkpoint.preprocess)
         props = measure(np.stack([np.asarray(im).squeeze() for im in read_images(paths, channels=1)]))
         axis_cards(champ.checkpoint.model, x, champ.z_ref[: len(rows)], props, out_dir, axes=todo, steps=10,
-                   model_id=champ.model_id, progress=progress)
+                   span_sd=CARD_SPAN_SD, model_id=champ.model_id, progress=progress)
     return {a: str(out_dir / f"axis_{a:02d}.png") for a in axes if (out_dir / f"axis_{a:02d}.png").exists()}
 
 
@@ -311,25 +316,6 @@ def _upsert(path: Path, new: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     merged.to_parquet(tmp, index=False)
     tmp.replace(path)
     return merged
-
-
-def _family_metrics(res: Any) -> dict[str, float]:
-    """Per-window MLflow metrics beyond MMD and the axes: each family's p-value and the image-level statistics.
-
-    ``p.<family>`` for every family tested, ``scores.auc`` / ``scores.tail_share`` (share of cells above the
-    reference's 90th percentile score) and ``quality.max_shift_sd`` / ``quality.<channel>.effect`` when present.
-    """
-    out = {f"p.{k}": float(v) for k, v in res.family_p.items()}
-    if res.score_stat is not None:
-        out["scores.auc"] = float(res.score_stat)
-    if getattr(res, "score_tail", None) is not None:
-        out["scores.tail_share"] = float(res.score_tail)
-    if res.quality_stat is not None:
-        out["quality.max_shift_sd"] = float(res.quality_stat)
-    if res.per_channel is not None:
-        for r in res.per_channel.itertuples(index=False):
-            out[f"quality.{r.channel}.effect"] = float(r.effect_size)
-    return out
 
 
 def _local(ts: pd.Series, tz: str) -> pd.Series:
@@ -747,6 +733,11 @@ def _example_images(settings: Any, frame: pd.DataFrame, k: int = 4) -> list[str]
     return [str(resolve_store_path(settings.catalog_root, p)) for p in top["store_path"]]
 
 
+def _card_path(settings: Any, champ: Champion, axis: int | None) -> Path | None:
+    """The cached card of ``axis`` under the champion (rendered with the alert), or None."""
+    return None if axis is None else state_dir(settings) / "axes" / champ.model_id / f"axis_{axis:02d}.png"
+
+
 def _draw_reports(settings: Any, champ: Champion, outcomes: list[WindowOutcome],
                   results: dict[tuple[str, str], tuple[Any, pd.DataFrame]]) -> list[WindowOutcome]:
     from dataclasses import replace
@@ -765,7 +756,8 @@ def _draw_reports(settings: Any, champ: Champion, outcomes: list[WindowOutcome],
         try:
             drift_report(res, line_history, axis=o.top_axis, description=o.description,
                          example_images=_example_images(settings, frame), out_path=path,
-                         title=f"line {o.line}, window {o.window_id}, model v{champ.version}")
+                         title=f"line {o.line}, window {o.window_id}, model v{champ.version}",
+                         axis_card=_card_path(settings, champ, o.top_axis))
             out.append(replace(o, report=str(path)))
         except Exception:  # noqa: BLE001 - the picture is a convenience
             logger.exception("drift report failed for %s %s", o.line, o.window_id)
@@ -773,37 +765,50 @@ def _draw_reports(settings: Any, champ: Champion, outcomes: list[WindowOutcome],
     return out
 
 
+def _axis_labels(settings: Any, champ: Champion) -> dict[int, str]:
+    """What each axis of the champion means (``{3: "brightness (r = 0.94)"}``), from the cached descriptions."""
+    try:
+        return {d.axis: d.text.split(": ", 1)[-1] for d in axis_descriptions(settings, champ)}
+    except Exception:  # noqa: BLE001 - labels are a convenience of the logged table
+        logger.exception("axis descriptions unavailable for model %s", champ.model_id)
+        return {}
+
+
 def _log_run(settings: Any, champ: Champion, outcomes: list[WindowOutcome],
              results: dict[tuple[str, str], tuple[Any, pd.DataFrame]], config: MonitorConfig) -> str | None:
-    from pipeline import tracking
-
+    """One MLflow monitoring run per line (``pipeline.tracking.monitoring``); returns the first line's run id."""
     if not outcomes:
         return None
-    first, last = outcomes[0].window_id, outcomes[-1].window_id
+    labels = _axis_labels(settings, champ)
+    runs = [_log_line_run(settings, champ, [o for o in outcomes if o.line == line], results, config, labels)
+            for line in dict.fromkeys(o.line for o in outcomes)]
+    return runs[0]
+
+
+def _log_line_run(settings: Any, champ: Champion, outcomes: list[WindowOutcome],
+                  results: dict[tuple[str, str], tuple[Any, pd.DataFrame]], config: MonitorConfig,
+                  labels: dict[int, str]) -> str:
+    from pipeline import tracking
+
+    line, first, last = outcomes[0].line, outcomes[0].window_id, outcomes[-1].window_id
+    span = first if first == last else f"{first}..{last}"
     with tracking.start_monitoring_run(
-        f"monitor-{first}..{last}",
-        tags={"model_version": champ.version, "model_id": champ.model_id, "null": config.null,
+        f"monitor {line} {span}",
+        tags={"line": line, "model_version": champ.version, "model_id": champ.model_id, "null": config.null,
               "window_by": config.window_by},
     ) as run_id:
         tracking.log_params_flat({"monitor": {k: (str(v) if v is not None else "none") for k, v in
                                               asdict(config).items()}, "model_version": champ.version})
-        for step, o in enumerate(outcomes):
-            res, _ = results[(o.line, o.window_id)]
-            axes = {}
-            for row in res.per_axis.itertuples(index=False):
-                axes[int(row.axis)] = {"effect": float(row.effect_size), "ks": float(row.ks_stat),
-                                       "p": float(row.p_value), "psi": float(row.psi)}
-            tracking.log_drift_window(step, tracking.DriftWindowMetrics(
-                detected=o.detected, mmd_stat=float(res.mmd_stat), mmd_p=float(res.mmd_p), axes=axes,
-                extra={"n_images": float(o.n_images), "anomalous_share": o.n_anomalous / max(o.n_images, 1),
-                       **_family_metrics(res)},
-            ), timestamp=o.start)
-            tracking.log_alert_state(active=o.alert_active, step=step, level="drift" if o.detected else "",
-                                     moved_axes=[o.top_axis] if o.top_axis is not None else [],
-                                     message=o.attribution if o.detected else "")
-        reports = [o.report for o in outcomes if o.report]
-        for r in reports:
-            tracking.log_artifact(r, "reports")
+        tracking.link_model_version(settings.model_name, champ.version)
+        tracking.log_monitored_images(pd.concat([results[(o.line, o.window_id)][1] for o in outcomes]),
+                                      name=f"{line} {span}")
+        windows = [tracking.drift_window(
+            results[(o.line, o.window_id)][0], line=o.line, window_id=o.window_id, start=o.start,
+            alert_active=o.alert_active, top_axis=o.top_axis, top_effect=o.effect if o.top_axis is not None else None,
+            labels=labels, n_images=o.n_images, n_anomalous=o.n_anomalous, summary=o.attribution if o.detected else "",
+        ) for o in outcomes]
+        tracking.log_monitoring_windows(windows, model_name=settings.model_name, model_version=champ.version,
+                                        reports={o.window_id: o.report for o in outcomes if o.report})
         cards = state_dir(settings) / "axes" / champ.model_id
         if cards.is_dir():
             tracking.log_artifacts(cards, "axis_cards")

@@ -7,7 +7,9 @@ One PNG per alerted window with three rows:
    channel and the anomaly-score AUC (a drift they alone found shows there, not on the axes);
 2. time series of the top axis's KS statistic over the windows, against the decision threshold (the lot-null
    quantile of the max-KS statistic, when the lot null is in force), drifted windows marked;
-3. example images of the window (the highest anomaly scores).
+3. example images of the window (the highest anomaly scores);
+4. when given, the moved axis's card: reference images decoded with that axis moved from -3 to +3 reference sd, so
+   the picture shows what the axis means.
 """
 
 from __future__ import annotations
@@ -58,6 +60,15 @@ def _image_level_panel(ax: Any, result: Any) -> None:
     ax.set_title(title, fontsize=9)
 
 
+def _card_panel(ax: Any, card: Path, axis: int) -> None:
+    """The axis card (a PNG strip) as one panel."""
+    import matplotlib.image
+
+    ax.imshow(matplotlib.image.imread(card))
+    ax.set_title(f"axis {axis} card: reference images decoded with this axis moved across its range", fontsize=10)
+    ax.axis("off")
+
+
 def drift_report(
     result: Any,
     history: Sequence[tuple[str, Any]],
@@ -68,6 +79,7 @@ def drift_report(
     out_path: str | os.PathLike[str],
     title: str = "",
     max_examples: int = 4,
+    axis_card: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Draw the drift report of one window.
 
@@ -81,6 +93,8 @@ def drift_report(
         out_path: PNG to write (parent folders are created).
         title: figure title.
         max_examples: at most this many example images.
+        axis_card: the moved axis's card (``axis_XX.png``, ``pipeline.analysis.axes.axis_cards``), shown as a last
+            row; skipped when missing.
 
     Returns:
         The written path.
@@ -106,8 +120,9 @@ def drift_report(
     per_channel = getattr(result, "per_channel", None)
     image_level = (per_channel is not None and len(per_channel) > 0) or getattr(result, "score_stat", None) is not None
     cols = max(2 if image_level else 1, max_examples)
-    fig = plt.figure(figsize=(11, 8.5), constrained_layout=True)
-    gs = fig.add_gridspec(3, cols, height_ratios=[1.1, 1.0, 1.0])
+    card = Path(axis_card) if axis_card is not None and Path(axis_card).is_file() else None
+    fig = plt.figure(figsize=(11, 8.5 + (3.2 if card else 0.0)), constrained_layout=True)
+    gs = fig.add_gridspec(3 + bool(card), cols, height_ratios=[1.1, 1.0, 1.0] + ([1.4] if card else []))
 
     # 1. per-axis effects (and the image-level families beside them)
     ax1 = fig.add_subplot(gs[0, : cols - 1] if image_level else gs[0, :])
@@ -152,6 +167,8 @@ def drift_report(
             ax.text(0.5, 0.5, "unreadable", ha="center", va="center")
         ax.set_title(Path(p).name[:28], fontsize=7)
         ax.axis("off")
+    if card is not None:
+        _card_panel(fig.add_subplot(gs[3, :]), card, axis)
     if title:
         fig.suptitle(title)
     fig.savefig(out_path, dpi=90, bbox_inches="tight")  # the image-level panel's title must not be cut off
