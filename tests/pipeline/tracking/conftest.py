@@ -3,10 +3,12 @@ a registered-model name per test, fake and real checkpoints."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -51,3 +53,31 @@ def register(tmp_path: Path, tag: str, **tags) -> tracking.ModelVersionInfo:
     ckpt = fake_checkpoint(tmp_path / f"ckpt-{tag}", payload=tag.encode())
     with tracking.start_training_run(f"train-{tag}"):
         return tracking.log_checkpoint_and_register(ckpt, tags=tracking.lineage_tags(data_digest="d" * 64, **tags))
+
+
+DAY = dt.datetime(2026, 1, 11, 23, 0, tzinfo=dt.UTC)  # plant midnight in Europe/Berlin
+
+
+@pytest.fixture(scope="module")
+def two_windows() -> list:
+    """Real drift results: a healthy window, then one whose axis 2 moved by +1.5 sd."""
+    rng = np.random.default_rng(0)
+    from pipeline.analysis.drift import DriftDetector
+
+    det = DriftDetector(alpha=0.01, null="iid", n_permutations=50, min_window=20).fit(rng.normal(size=(300, 4)))
+    healthy = det.test(rng.normal(size=(60, 4)))
+    moved = rng.normal(size=(60, 4))
+    moved[:, 2] += 1.5
+    return [healthy, det.test(moved)]
+
+
+def windows_of(results: list) -> list[tracking.DriftWindowMetrics]:
+    labels = {0: "mean intensity (r = 0.91)", 2: "sharpness (r = -0.62)"}
+    out = []
+    for i, res in enumerate(results):
+        top = 2 if res.detected else None
+        out.append(tracking.drift_window(
+            res, line="L1", window_id=f"2026-01-{12 + i}", start=DAY + dt.timedelta(days=i),
+            alert_active=bool(res.detected), top_axis=top, labels=labels, n_images=60, n_anomalous=3 * i,
+            summary="axis 2 (sharpness, r = -0.62) moved by +1.5 σ; 80% of the drift" if top is not None else ""))
+    return out
