@@ -182,7 +182,7 @@ def test_drift_event_triggers_the_webhook_automation(stack_env, webhook_server) 
 # project's prefect.yaml with `prefect deploy --all` (cwd = repo root, PREFECT_API_URL=stack.prefect_api_url),
 # trigger `linewatch-nightly/nightly` with `run_deployment(..., timeout=...)`, then assert with pipeline.tracking:
 # registry versions, aliases (champion / challenger), lineage tags (data.train_digest, lineage.parent_version,
-# lineage.code_version, gate.*), drift metrics (drift.axis_NN.effect series) and a POST on webhook_server.
+# lineage.code_version, gate.*), drift metrics (axis_NN/effect series) and a POST on webhook_server.
 
 
 def _deploy_project(stack) -> None:
