@@ -107,6 +107,23 @@ class Browser:
             if (!el) return false;
             el.scrollIntoView({{block: 'center'}}); el.click(); return true; }})()"""))
 
+    def click(self, selector: str | None = None, *, text: str | None = None) -> bool:
+        """Click like a user: mouse events at the centre of ``selector``'s element, or of the last element with ``text``.
+
+        Menus that open on pointer events (Radix) need this rather than ``element.click()``.
+        """
+        find = (f"document.querySelector({json.dumps(selector)})" if selector else
+                f"""[...document.querySelectorAll('*')].filter(e => e.offsetParent !== null && e.innerText
+                    && e.innerText.trim() === {json.dumps(text)}).pop()""")
+        box = self.js(f"""(() => {{ const e = {find}; if (!e) return null; e.scrollIntoView({{block: 'center'}});
+            const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; }})()""")
+        if not box:
+            return False
+        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+        time.sleep(1.0)
+        return True
+
     def screenshot(self, path: str | Path, *, full_height: int | None = None) -> Path:
         """Capture the viewport (or ``full_height`` CSS pixels from the top) as a PNG."""
         params: dict[str, Any] = {"format": "png"}

@@ -126,6 +126,9 @@ def shoot(b: Browser, base: str, s: Story, out: Path) -> list[Path]:
     shots.append(b.screenshot(out / "3-run-overview.png"))
     b.goto(f"{run}/model-metrics?{ML}", wait_text="drift")
     _close_assistant(b)
+    if b.click('button[aria-label="Configure charts"]'):  # x axis: the windows' dates, not their index
+        b.click(text="Time (wall)")
+        b.js("document.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape', bubbles: true}))")
     if s.axis is not None:
         _type_search(b, "Search", f"axis_{s.axis:02d}/")
     shots.append(b.screenshot(out / "4-run-charts.png"))
