@@ -81,7 +81,13 @@ class Browser:
         return res.get("result", {}).get("value")
 
     def goto(self, url: str, *, wait_text: str | None = None, timeout_s: float = 90) -> None:
-        """Open ``url`` and wait until the page shows ``wait_text`` (and the network is quiet for a moment)."""
+        """Load ``url`` afresh and wait until the page shows ``wait_text`` (and a moment more for late requests).
+
+        A single-page app may not re-render when only the ``#`` part of its URL changes, so each page is loaded from a
+        blank one.
+        """
+        self.call("Page.navigate", url="about:blank")
+        time.sleep(0.3)
         self.call("Page.navigate", url=url)
         if wait_text:
             self.wait_text(wait_text, timeout_s)

@@ -35,7 +35,7 @@ class Story:
     run_name: str
     model_name: str
     model_version: str
-    previous_version: str | None
+    champion: str | None
     report: str | None
     axis: int | None
 
@@ -89,11 +89,13 @@ def find_story(base: str) -> Story:
     rid = run["info"]["run_id"]
     reports = [f["path"] for f in _api(base, "artifacts/list", run_id=rid, path="reports").get("files", [])]
     name, version = t["linewatch.model_name"], t["linewatch.model_version"]
-    mv = _api(base, "model-versions/get", name=name, version=version)["model_version"]
-    previous = {x["key"]: x["value"] for x in mv.get("tags", [])}.get("champion.previous_version")
+    try:
+        champion = _api(base, "registered-models/alias", name=name, alias="champion")["model_version"]["version"]
+    except requests.HTTPError:
+        champion = None
     moved = t.get("alert.moved_axes", "-")
     axis = int(moved.split(",")[0].removeprefix("axis_")) if moved.startswith("axis_") else None
-    return Story(mon, rid, run["info"].get("run_name", rid), name, version, previous,
+    return Story(mon, rid, run["info"].get("run_name", rid), name, version, champion,
                  reports[-1] if reports else None, axis)
 
 
@@ -123,6 +125,7 @@ def shoot(b: Browser, base: str, s: Story, out: Path) -> list[Path]:
     shots.append(b.screenshot(out / "2-monitoring-runs.png"))
     b.goto(f"{run}?{ML}", wait_text="Description")
     _close_assistant(b)
+    b.click(text="Show more")
     shots.append(b.screenshot(out / "3-run-overview.png"))
     b.goto(f"{run}/model-metrics?{ML}", wait_text="drift")
     _close_assistant(b)
@@ -144,10 +147,10 @@ def shoot(b: Browser, base: str, s: Story, out: Path) -> list[Path]:
     b.goto(f"{base}/#/models/{s.model_name}/versions/{s.model_version}?{ML}", wait_text="Description")
     _close_assistant(b)
     shots.append(b.screenshot(out / "7-model-version.png"))
-    if s.previous_version:
-        b.goto(f"{base}/#/models/{s.model_name}/versions/{s.previous_version}?{ML}", wait_text="No longer")
+    if s.champion and s.champion != s.model_version:  # the run's model was replaced since: today's champion
+        b.goto(f"{base}/#/models/{s.model_name}/versions/{s.champion}?{ML}", wait_text="Parent")
         _close_assistant(b)
-        shots.append(b.screenshot(out / "8-demoted-version.png"))
+        shots.append(b.screenshot(out / "8-champion-version.png"))
     return shots
 
 
@@ -170,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     browser = None
     try:
         story = find_story(base)
-        print(f"run {story.run_name} ({story.run_id}), model {story.model_name} v{story.model_version}, "
-              f"axis {story.axis}, report {story.report}")
+        print(f"run {story.run_name} ({story.run_id}), model {story.model_name} v{story.model_version} "
+              f"(champion now v{story.champion}), axis {story.axis}, report {story.report}")
         browser = Browser(args.chromium, width=args.width, height=args.height, port=_free_port())
         for path in shoot(browser, base, story, Path(args.out)):
             print(f"  {path}")

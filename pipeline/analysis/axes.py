@@ -571,12 +571,13 @@ def _save_strip_png(
 
 
 def _column_values(
-    Z: np.ndarray, axes: Sequence[int], quantiles: tuple[float, ...], span_sd: float | None
+    Z: np.ndarray, axes: Sequence[int], quantiles: tuple[float, ...], span_sd: float | None, sd_floor: float = 0.0
 ) -> tuple[dict[int, tuple[float, ...]], dict[int, tuple[float, ...]], dict[int, list[str]]]:
     """Each axis's column values, their reference quantile levels and the column titles of its strip.
 
-    With ``span_sd`` the columns are ``mean + k * sd`` for ``len(quantiles)`` values of k evenly spaced in
-    ``[-span_sd, +span_sd]``; otherwise the reference quantiles.
+    With ``span_sd`` the columns are ``mean + k * max(sd, sd_floor)`` for ``len(quantiles)`` values of k evenly
+    spaced in ``[-span_sd, +span_sd]``, titled with z and its distance from the mean in reference sd; otherwise the
+    reference quantiles.
     """
     values, levels, titles = {}, {}, {}
     for a in axes:
@@ -586,10 +587,11 @@ def _column_values(
             levels[a] = quantiles
             titles[a] = [f"q{lv:.2f}\nz={v:+.2f}" for lv, v in zip(levels[a], values[a], strict=True)]
             continue
-        ks = np.linspace(-span_sd, span_sd, len(quantiles))
-        values[a] = tuple(float(col.mean() + k * col.std()) for k in ks)
+        mean, sd = float(col.mean()), float(col.std())
+        unit = max(sd, sd_floor)
+        values[a] = tuple(mean + k * unit for k in np.linspace(-span_sd, span_sd, len(quantiles)))
         levels[a] = tuple(float((col <= v).mean()) for v in values[a])
-        titles[a] = [f"{k:+.1f} sd\nz={v:+.2f}" for k, v in zip(ks, values[a], strict=True)]
+        titles[a] = [f"z={v:+.2f}\n{(v - mean) / sd if sd > 0 else 0.0:+.1f} ref. sd" for v in values[a]]
     return values, levels, titles
 
 
@@ -605,6 +607,7 @@ def axis_cards(
     image_indices: Sequence[int] | None = None,
     quantiles: Sequence[float] = (0.02, 0.16, 0.5, 0.84, 0.98),
     span_sd: float | None = None,
+    sd_floor: float = 0.0,
     steps: int = 20,
     batch_size: int = 32,
     model_id: str | None = None,
@@ -629,6 +632,9 @@ def axis_cards(
         span_sd: instead of quantiles, as many columns evenly spaced from ``mean - span_sd * sd`` to
             ``mean + span_sd * sd`` of the axis on the reference (e.g. 3.0: -3, -1.5, 0, +1.5, +3 sd), a range wide
             enough to see what the axis does; the JSON's ``quantiles`` are then those values' reference levels.
+        sd_floor: with ``span_sd``, the unit of the span is at least this: ``1.0`` spans at least +-3 in the units of
+            the model's N(0, I) prior, for a model whose latents are narrower than its prior (the columns then lie
+            beyond the reference, and their titles say by how many reference sd).
         steps: DDIM steps for inversion and decoding.
         batch_size: images per decoder call.
         model_id: recorded in the JSON (default: ``model.model_id`` when it exists).
@@ -674,7 +680,7 @@ def axis_cards(
 
     corr = axis_correlations(Z, props_df)
     descs = {x.axis: x for x in describe_axes(corr, min_abs_r=min_abs_r, axes=axes_list)}
-    values, levels, titles = _column_values(Z, axes_list, q, span_sd)
+    values, levels, titles = _column_values(Z, axes_list, q, span_sd, sd_floor)
     if model_id is None:
         model_id = getattr(model, "model_id", None)
     out = Path(out_dir)
@@ -725,6 +731,8 @@ def axis_cards(
                     },
                     "quantiles": list(levels[a]),
                     "span_sd": span_sd,
+                    "sd_floor": sd_floor,
+                    "reference_sd": float(Z[:, a].std()),
                     "values": list(values[a]),
                     "image_indices": idx,
                     "steps": steps,
@@ -742,6 +750,7 @@ def axis_cards(
         "n_ref": len(Z),
         "quantiles": list(q),
         "span_sd": span_sd,
+        "sd_floor": sd_floor,
         "steps": steps,
         "image_indices": idx,
         "axes": [

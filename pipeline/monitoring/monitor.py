@@ -48,7 +48,9 @@ from pipeline.training.retrain import (
 logger = logging.getLogger(__name__)
 
 CARD_SPAN_SD = 3.0
-"""Axis cards span +-3 reference sd of the axis, wide enough to see what it does (benchmarks/results/axis_cards.md)."""
+CARD_SD_FLOOR = 1.0
+"""Axis cards span +-3 sd of the axis on the reference, and at least +-3 in the units of the model's N(0, I) prior:
+wide enough to see what the axis does (``benchmarks/results/axis_card_range.md``)."""
 
 
 @dataclass(frozen=True)
@@ -298,7 +300,7 @@ def axis_card_paths(settings: Any, champ: Champion, axes: list[int], description
         x = load_batch(paths, champ.checkpoint.preprocess)
         props = measure(np.stack([np.asarray(im).squeeze() for im in read_images(paths, channels=1)]))
         axis_cards(champ.checkpoint.model, x, champ.z_ref[: len(rows)], props, out_dir, axes=todo, steps=10,
-                   span_sd=CARD_SPAN_SD, model_id=champ.model_id, progress=progress)
+                   span_sd=CARD_SPAN_SD, sd_floor=CARD_SD_FLOOR, model_id=champ.model_id, progress=progress)
     return {a: str(out_dir / f"axis_{a:02d}.png") for a in axes if (out_dir / f"axis_{a:02d}.png").exists()}
 
 

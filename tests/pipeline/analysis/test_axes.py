@@ -266,6 +266,12 @@ def test_axis_cards_span_the_reference_sd_and_are_group_readable(tmp_path) -> No
     assert doc["span_sd"] == 3.0 and doc["quantiles"][0] == 0.0 and doc["quantiles"][-1] == 1.0
     for f in (card.png_path, card.json_path, tmp_path / "axes.json"):
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+    # a latent narrower than the N(0, I) prior: sd_floor=1 spans at least +-3 prior units
+    assert col.std() < 1
+    (wide,) = A.axis_cards(model, X, Z, props, tmp_path / "wide", axes=[1], n_images=1, steps=2, span_sd=3.0,
+                           sd_floor=1.0, progress=False)
+    np.testing.assert_allclose(wide.values, col.mean() + np.array([-3, -1.5, 0, 1.5, 3]), rtol=1e-5)
+    assert json.loads(wide.json_path.read_text())["reference_sd"] == pytest.approx(col.std(), rel=1e-5)
     with pytest.raises(ValueError, match="span_sd"):
         A.axis_cards(model, X, Z, props, tmp_path, axes=[1], span_sd=0.0, progress=False)
 
