@@ -130,6 +130,11 @@ class Browser:
         time.sleep(1.0)
         return True
 
+    def resize(self, width: int, height: int) -> None:
+        """Set the viewport (CSS pixels)."""
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+        time.sleep(1.0)
+
     def screenshot(self, path: str | Path, *, full_height: int | None = None) -> Path:
         """Capture the viewport (or ``full_height`` CSS pixels from the top) as a PNG."""
         params: dict[str, Any] = {"format": "png"}

@@ -135,11 +135,14 @@ def shoot(b: Browser, base: str, s: Story, out: Path) -> list[Path]:
     if s.axis is not None:
         _type_search(b, "Search", f"axis_{s.axis:02d}/")
     shots.append(b.screenshot(out / "4-run-charts.png"))
-    if s.report:
+    if s.report:  # a taller window: the report ends with the axis card
+        width, height = b.js("[window.innerWidth, window.innerHeight]")
+        b.resize(width, int(height * 1.75))
         b.goto(f"{run}/artifacts/{s.report}?{ML}", wait_text=Path(s.report).name)
         _close_assistant(b)
         time.sleep(3)
         shots.append(b.screenshot(out / "5-drift-report.png"))
+        b.resize(width, height)
     b.goto(f"{run}/artifacts/drift/windows.json?{ML}", wait_text="windows.json")
     _close_assistant(b)
     time.sleep(3)

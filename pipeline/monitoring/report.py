@@ -121,8 +121,8 @@ def drift_report(
     image_level = (per_channel is not None and len(per_channel) > 0) or getattr(result, "score_stat", None) is not None
     cols = max(2 if image_level else 1, max_examples)
     card = Path(axis_card) if axis_card is not None and Path(axis_card).is_file() else None
-    fig = plt.figure(figsize=(11, 8.5 + (3.2 if card else 0.0)), constrained_layout=True)
-    gs = fig.add_gridspec(3 + bool(card), cols, height_ratios=[1.1, 1.0, 1.0] + ([1.4] if card else []))
+    fig = plt.figure(figsize=(11, 8.5 + (5.5 if card else 0.0)), constrained_layout=True)
+    gs = fig.add_gridspec(3 + bool(card), cols, height_ratios=[1.1, 1.0, 1.0] + ([2.4] if card else []))
 
     # 1. per-axis effects (and the image-level families beside them)
     ax1 = fig.add_subplot(gs[0, : cols - 1] if image_level else gs[0, :])
