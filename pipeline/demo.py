@@ -342,6 +342,12 @@ def demo_checks(config: DemoConfig, v1: dict[str, Any], mon: dict[str, Any],
     return checks
 
 
+def _ui_link() -> str:
+    from pipeline.tracking.ui import ui_url
+
+    return ui_url()
+
+
 def summary_text(result: DemoResult) -> str:
     """The printed summary: checks, model lineage, timings, and how to look at it in MLflow."""
     lines = ["", "  check                                              result", "  " + "-" * 70]
@@ -363,5 +369,6 @@ def summary_text(result: DemoResult) -> str:
               "  open the MLflow UI on the local SQLite store with:",
               f"    LINEWATCH_HOME={result.home} linewatch ui",
               f"  or: {result.ui_command}",
+              f"  then open {_ui_link()} (docs/mlflow.md: where to click)",
               "", "  demo " + ("PASSED" if result.ok else "FAILED: see the checks above")]
     return "\n".join(lines)

@@ -117,3 +117,38 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, elpv_small: ElpvSm
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+def build_bundle(ckpt_dir: Path, images: np.ndarray, out_dir: Path) -> Path:
+    """A registered-model folder as the retrain writes it: the checkpoint plus a ``linewatch/`` bundle whose
+    calibration rows are ``images`` (latents, diffusion residuals of a cheap scoring recipe, gate report)."""
+    import shutil
+
+    import pandas as pd
+
+    from models import load_checkpoint, to_model_input
+    from pipeline.handoff.bundle import ScoringConfig
+    from pipeline.latent.encode import encode_images
+    from pipeline.training.retrain import GateResult, write_bundle
+
+    out_dir.mkdir(parents=True)
+    for name in ("weights.safetensors", "config.json"):
+        shutil.copy2(ckpt_dir / name, out_dir / name)
+    ckpt = load_checkpoint(out_dir)
+    scoring = ScoringConfig(t_stars=(100,), steps=2, seeds=(0,), k=3)
+    z = encode_images(ckpt.model, ckpt.preprocess, list(images))
+    residuals = scoring.residual_detector(ckpt.model).residuals(to_model_input(list(images), ckpt.preprocess))
+    calib = pd.DataFrame({"image_id": [f"img{i:03d}" for i in range(len(images))],
+                          "captured_at": pd.date_range("2026-01-05", periods=len(images), freq="h", tz="UTC")})
+    gate = GateResult(True, {"eps_mse": (0.1, 0.2, True)}, "all checks passed")
+    write_bundle(out_dir, calib, z, gate, {"eps_mse": 0.1}, None, {}, {}, residuals=residuals,
+                 scoring={"t_stars": [100], "steps": 2, "seeds": [0], "k": 3}, detector_seed=0, fpr_target=0.1,
+                 model_id=str(ckpt.meta.get("model_id", "")))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, elpv_small: ElpvSmall) -> Path:
+    """``tiny_checkpoint`` as a registered-model folder: the checkpoint plus a ``linewatch/`` bundle calibrated on
+    the ``elpv_small`` cells (what ``pipeline.handoff.serving`` and the pyfunc model load)."""
+    return build_bundle(tiny_checkpoint, elpv_small.images, tmp_path_factory.mktemp("bundle") / "model")

@@ -59,6 +59,8 @@ __all__ = [
 
 #: Below this |r| no property is said to explain an axis.
 MIN_ABS_R = 0.3
+#: Axis-card files are readable by the group and others (a team server may run as another user).
+CARD_FILE_MODE = 0o644
 #: A window's product mix is mentioned when some product's share differs from the reference's by at least this much.
 MIX_CHANGE = 0.15
 
@@ -516,6 +518,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        os.chmod(tmp, CARD_FILE_MODE)  # mkstemp makes 0600; cards are read by the team's servers
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -525,12 +528,11 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def _save_strip_png(
     path: Path,
     strip: np.ndarray,
-    quantiles: Sequence[float],
-    values: Sequence[float],
+    col_titles: Sequence[str],
     title: str,
     row_labels: Sequence[str],
 ) -> None:
-    """Render an (R, V, C, H, W) strip in [-1, 1] as a labelled grid (rows = images, columns = quantiles)."""
+    """Render an (R, V, C, H, W) strip in [-1, 1] as a labelled grid (rows = images, columns = axis values)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -551,7 +553,7 @@ def _save_strip_png(
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_title(f"q{quantiles[j]:.2f}\nz={values[j]:+.2f}", fontsize=7)
+                ax.set_title(col_titles[j], fontsize=7)
             if j == 0:
                 ax.set_ylabel(row_labels[i], fontsize=7)
     fig.suptitle(title, fontsize=8)
@@ -561,10 +563,36 @@ def _save_strip_png(
     os.close(fd)
     try:
         fig.savefig(tmp, format="png")
+        os.chmod(tmp, CARD_FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _column_values(
+    Z: np.ndarray, axes: Sequence[int], quantiles: tuple[float, ...], span_sd: float | None, sd_floor: float = 0.0
+) -> tuple[dict[int, tuple[float, ...]], dict[int, tuple[float, ...]], dict[int, list[str]]]:
+    """Each axis's column values, their reference quantile levels and the column titles of its strip.
+
+    With ``span_sd`` the columns are ``mean + k * max(sd, sd_floor)`` for ``len(quantiles)`` values of k evenly
+    spaced in ``[-span_sd, +span_sd]``, titled with z and its distance from the mean in reference sd; otherwise the
+    reference quantiles.
+    """
+    values, levels, titles = {}, {}, {}
+    for a in axes:
+        col = Z[:, a]
+        if span_sd is None:
+            values[a] = tuple(float(v) for v in np.quantile(col, quantiles))
+            levels[a] = quantiles
+            titles[a] = [f"q{lv:.2f}\nz={v:+.2f}" for lv, v in zip(levels[a], values[a], strict=True)]
+            continue
+        mean, sd = float(col.mean()), float(col.std())
+        unit = max(sd, sd_floor)
+        values[a] = tuple(mean + k * unit for k in np.linspace(-span_sd, span_sd, len(quantiles)))
+        levels[a] = tuple(float((col <= v).mean()) for v in values[a])
+        titles[a] = [f"z={v:+.2f}\n{(v - mean) / sd if sd > 0 else 0.0:+.1f} ref. sd" for v in values[a]]
+    return values, levels, titles
 
 
 def axis_cards(
@@ -578,6 +606,8 @@ def axis_cards(
     n_images: int = 3,
     image_indices: Sequence[int] | None = None,
     quantiles: Sequence[float] = (0.02, 0.16, 0.5, 0.84, 0.98),
+    span_sd: float | None = None,
+    sd_floor: float = 0.0,
     steps: int = 20,
     batch_size: int = 32,
     model_id: str | None = None,
@@ -599,6 +629,12 @@ def axis_cards(
         n_images: rows of each strip (ignored when ``image_indices`` is given).
         image_indices: which rows of ``ref_images`` to show (default: the first ``n_images``).
         quantiles: reference quantile levels, the strip's columns.
+        span_sd: instead of quantiles, as many columns evenly spaced from ``mean - span_sd * sd`` to
+            ``mean + span_sd * sd`` of the axis on the reference (e.g. 3.0: -3, -1.5, 0, +1.5, +3 sd), a range wide
+            enough to see what the axis does; the JSON's ``quantiles`` are then those values' reference levels.
+        sd_floor: with ``span_sd``, the unit of the span is at least this: ``1.0`` spans at least +-3 in the units of
+            the model's N(0, I) prior, for a model whose latents are narrower than its prior (the columns then lie
+            beyond the reference, and their titles say by how many reference sd).
         steps: DDIM steps for inversion and decoding.
         batch_size: images per decoder call.
         model_id: recorded in the JSON (default: ``model.model_id`` when it exists).
@@ -619,6 +655,8 @@ def axis_cards(
     q = tuple(float(v) for v in quantiles)
     if not q or any(not 0.0 <= v <= 1.0 for v in q):
         raise ValueError(f"quantiles must be a non-empty list of levels in [0, 1], got {quantiles}")
+    if span_sd is not None and not span_sd > 0:
+        raise ValueError(f"span_sd must be > 0, got {span_sd}")
     axes_list = list(range(d)) if axes is None else [int(a) for a in axes]
     bad = [a for a in axes_list if not 0 <= a < d]
     if bad or not axes_list:
@@ -642,7 +680,7 @@ def axis_cards(
 
     corr = axis_correlations(Z, props_df)
     descs = {x.axis: x for x in describe_axes(corr, min_abs_r=min_abs_r, axes=axes_list)}
-    values = {a: tuple(float(v) for v in np.quantile(Z[:, a], q)) for a in axes_list}
+    values, levels, titles = _column_values(Z, axes_list, q, span_sd, sd_floor)
     if model_id is None:
         model_id = getattr(model, "model_id", None)
     out = Path(out_dir)
@@ -674,7 +712,7 @@ def axis_cards(
                 desc = descs[a]
                 png = out / f"axis_{a:02d}.png"
                 jpath = out / f"axis_{a:02d}.json"
-                _save_strip_png(png, strip, q, values[a], desc.text, [f"ref #{i}" for i in idx])
+                _save_strip_png(png, strip, titles[a], desc.text, [f"ref #{i}" for i in idx])
                 rows = corr[corr["axis"] == a]
                 card_json = {
                     "axis": a,
@@ -691,7 +729,10 @@ def axis_cards(
                         }
                         for r in rows.itertuples()
                     },
-                    "quantiles": list(q),
+                    "quantiles": list(levels[a]),
+                    "span_sd": span_sd,
+                    "sd_floor": sd_floor,
+                    "reference_sd": float(Z[:, a].std()),
                     "values": list(values[a]),
                     "image_indices": idx,
                     "steps": steps,
@@ -700,7 +741,7 @@ def axis_cards(
                     "png": png.name,
                 }
                 _atomic_write_text(jpath, json.dumps(card_json, indent=2))
-                cards.append(AxisCard(a, desc, q, values[a], png, jpath, strip))
+                cards.append(AxisCard(a, desc, levels[a], values[a], png, jpath, strip))
     finally:
         if was_training and hasattr(model, "train"):
             model.train(True)
@@ -708,6 +749,8 @@ def axis_cards(
         "model_id": model_id,
         "n_ref": len(Z),
         "quantiles": list(q),
+        "span_sd": span_sd,
+        "sd_floor": sd_floor,
         "steps": steps,
         "image_indices": idx,
         "axes": [

@@ -3,7 +3,8 @@
 ``linewatch promote --version 3`` points the ``champion`` alias at version 3 and records who (``$USER``), when and
 why as tags of that version; ``linewatch rollback`` returns ``champion`` to the version that held it before.
 ``linewatch models`` lists the registered versions with aliases and lineage tags. ``linewatch ui`` opens the MLflow
-UI on the local SQLite store (``--print-command`` prints the command instead of running it).
+UI on the local SQLite store (``--print-command`` prints the command instead of running it) and prints the link that
+opens its model-training layout.
 
 MLflow is imported lazily (through ``pipeline.tracking``) so other sub-commands stay fast.
 """
@@ -62,6 +63,8 @@ def _promote(args: argparse.Namespace) -> int:
         raise _cli_error(exc) from exc
     before = f"v{ch.previous}" if ch.previous is not None else "(unset)"
     print(f"{ch.name}@{ch.alias}: {before} -> v{ch.version}  by {ch.who} at {ch.at}  reason: {ch.why or '-'}")
+    if ch.previous is not None and ch.previous != ch.version:
+        print(f"  v{ch.previous} is tagged {ch.alias}.event=demoted (replaced by v{ch.version})")
     return 0
 
 
@@ -108,6 +111,11 @@ def _models(args: argparse.Namespace) -> int:
             by, at, why = (v.tags.get(f"{alias}.{k}") for k in ("set_by", "set_at", "reason"))
             if by:
                 print(f"{'':>6}{alias}: set by {by} at {at}, reason: {why}")
+        for alias in ("champion", "challenger"):
+            if alias not in v.aliases and v.tags.get(f"{alias}.replaced_by"):
+                print(f"{'':>6}{alias} until {v.tags.get(f'{alias}.demoted_at', '?')}: "
+                      f"{v.tags.get(f'{alias}.event', 'demoted')}, replaced by v{v.tags[f'{alias}.replaced_by']} "
+                      f"({v.tags.get(f'{alias}.demoted_reason', '-')})")
     return 0
 
 
@@ -117,14 +125,14 @@ def _ui(args: argparse.Namespace) -> int:
 
     st = lw_settings.get_settings()
     if not st.mlflow_is_local:
-        print(f"MLflow runs as a server: open {st.mlflow_tracking_uri} in a browser")
+        print(f"MLflow runs as a server: open {tracking.ui_url(settings=st)} in a browser")
         return 0
     text = tracking.ui_command_text(args.port, st)
     if args.print_command:
         print(text)
         return 0
     lw_settings.ensure_dirs(st)
-    print(f"MLflow UI on {st.mlflow_tracking_uri}: http://127.0.0.1:{args.port}  (Ctrl-C to stop)")
+    print(f"MLflow UI on {st.mlflow_tracking_uri}: {tracking.ui_url(port=args.port, settings=st)}  (Ctrl-C to stop)")
     print(f"  {text}")
     try:
         return subprocess.call(tracking.ui_command(args.port, st))

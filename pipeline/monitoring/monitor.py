@@ -18,9 +18,11 @@ Plain functions with a frozen config and result; ``flows/monitor.py`` wraps them
    not re-alerted (also when a later model tests it again), an open alert is not forgotten after a restart.
 4. Window verdicts are appended to ``<state>/windows.parquet`` (``pipeline.monitoring.verdicts``: the first verdict of a
    window is its ``original``; a later model's re-evaluation is stored beside it, never over it; the retrain drops
-   windows any verdict called drifted), metrics go to an MLflow monitoring run (``drift.axis_XX.effect`` series), and
-   each drifted window gets a drift report picture per model version (``drift_<line>_<window>_v<version>.png``),
-   headed by a plain-language paragraph and naming the most unusual cells by their MES serial.
+   windows any verdict called drifted); metrics go to one MLflow monitoring run per line
+   (``pipeline.tracking.monitoring``: ``axis_03/effect`` series, the per-window table, the alert as the run
+   description, links to the model version and the monitored images); each drifted window gets a drift report
+   picture per model version (``drift_<line>_<window>_v<version>.png``), headed by a plain-language paragraph,
+   naming the most unusual cells by their MES serial and showing the moved axis's card.
 """
 
 from __future__ import annotations
@@ -394,25 +396,6 @@ def retrain_hooks(settings: Any, config: MonitorConfig | None = None) -> Monitor
 # --------------------------------------------------------------------------------------------------------------
 # State tables
 # --------------------------------------------------------------------------------------------------------------
-def _family_metrics(res: Any) -> dict[str, float]:
-    """Per-window MLflow metrics beyond MMD and the axes: each family's p-value and the image-level statistics.
-
-    ``p.<family>`` for every family tested, ``scores.auc`` / ``scores.tail_share`` (share of cells above the
-    reference's 90th percentile score) and ``quality.max_shift_sd`` / ``quality.<channel>.effect`` when present.
-    """
-    out = {f"p.{k}": float(v) for k, v in res.family_p.items()}
-    if res.score_stat is not None:
-        out["scores.auc"] = float(res.score_stat)
-    if getattr(res, "score_tail", None) is not None:
-        out["scores.tail_share"] = float(res.score_tail)
-    if res.quality_stat is not None:
-        out["quality.max_shift_sd"] = float(res.quality_stat)
-    if res.per_channel is not None:
-        for r in res.per_channel.itertuples(index=False):
-            out[f"quality.{r.channel}.effect"] = float(r.effect_size)
-    return out
-
-
 def _local(ts: pd.Series, tz: str) -> pd.Series:
     return pd.to_datetime(ts, utc=True).dt.tz_convert(tz)
 
@@ -728,6 +711,11 @@ def report_path(settings: Any, line: str, window_id: str, model_version: str) ->
     return state_dir(settings) / "reports" / f"drift_{line}_{safe}_v{model_version}.png"
 
 
+def _card_path(settings: Any, champ: Champion, axis: int | None) -> Path | None:
+    """The cached card of ``axis`` under the champion (rendered with the alert), or None."""
+    return None if axis is None else state_dir(settings) / "axes" / champ.model_id / f"axis_{axis:02d}.png"
+
+
 def _draw_reports(settings: Any, champ: Champion, outcomes: list[WindowOutcome],
                   results: dict[tuple[str, str], tuple[Any, pd.DataFrame]]) -> list[WindowOutcome]:
     """Draw the report of every drifted window; a report already drawn by this model version is kept as it is."""
@@ -750,7 +738,7 @@ def _draw_reports(settings: Any, champ: Champion, outcomes: list[WindowOutcome],
             drift_report(res, line_history, axis=o.top_axis, description=o.description,
                          example_images=examples, example_labels=serials, out_path=path,
                          title=f"line {o.line}, window {o.window_id}, model v{champ.version}",
-                         summary=o.explanation)
+                         summary=o.explanation, axis_card=_card_path(settings, champ, o.top_axis))
             out.append(replace(o, report=str(path)))
         except Exception:  # noqa: BLE001 - the picture is a convenience
             logger.exception("drift report failed for %s %s", o.line, o.window_id)
@@ -758,37 +746,50 @@ def _draw_reports(settings: Any, champ: Champion, outcomes: list[WindowOutcome],
     return out
 
 
+def _axis_labels(settings: Any, champ: Champion) -> dict[int, str]:
+    """What each axis of the champion means (``{3: "brightness (r = 0.94)"}``), from the cached descriptions."""
+    try:
+        return {d.axis: d.text.split(": ", 1)[-1] for d in axis_descriptions(settings, champ)}
+    except Exception:  # noqa: BLE001 - labels are a convenience of the logged table
+        logger.exception("axis descriptions unavailable for model %s", champ.model_id)
+        return {}
+
+
 def _log_run(settings: Any, champ: Champion, outcomes: list[WindowOutcome],
              results: dict[tuple[str, str], tuple[Any, pd.DataFrame]], config: MonitorConfig) -> str | None:
-    from pipeline import tracking
-
+    """One MLflow monitoring run per line (``pipeline.tracking.monitoring``); returns the first line's run id."""
     if not outcomes:
         return None
-    first, last = outcomes[0].window_id, outcomes[-1].window_id
+    labels = _axis_labels(settings, champ)
+    runs = [_log_line_run(settings, champ, [o for o in outcomes if o.line == line], results, config, labels)
+            for line in dict.fromkeys(o.line for o in outcomes)]
+    return runs[0]
+
+
+def _log_line_run(settings: Any, champ: Champion, outcomes: list[WindowOutcome],
+                  results: dict[tuple[str, str], tuple[Any, pd.DataFrame]], config: MonitorConfig,
+                  labels: dict[int, str]) -> str:
+    from pipeline import tracking
+
+    line, first, last = outcomes[0].line, outcomes[0].window_id, outcomes[-1].window_id
+    span = first if first == last else f"{first}..{last}"
     with tracking.start_monitoring_run(
-        f"monitor-{first}..{last}",
-        tags={"model_version": champ.version, "model_id": champ.model_id, "null": config.null,
+        f"monitor {line} {span}",
+        tags={"line": line, "model_version": champ.version, "model_id": champ.model_id, "null": config.null,
               "window_by": config.window_by},
     ) as run_id:
         tracking.log_params_flat({"monitor": {k: (str(v) if v is not None else "none") for k, v in
                                               asdict(config).items()}, "model_version": champ.version})
-        for step, o in enumerate(outcomes):
-            res, _ = results[(o.line, o.window_id)]
-            axes = {}
-            for row in res.per_axis.itertuples(index=False):
-                axes[int(row.axis)] = {"effect": float(row.effect_size), "ks": float(row.ks_stat),
-                                       "p": float(row.p_value), "psi": float(row.psi)}
-            tracking.log_drift_window(step, tracking.DriftWindowMetrics(
-                detected=o.detected, mmd_stat=float(res.mmd_stat), mmd_p=float(res.mmd_p), axes=axes,
-                extra={"n_images": float(o.n_images), "anomalous_share": o.n_anomalous / max(o.n_images, 1),
-                       **_family_metrics(res)},
-            ), timestamp=o.start)
-            tracking.log_alert_state(active=o.alert_active, step=step, level="drift" if o.detected else "",
-                                     moved_axes=[o.top_axis] if o.top_axis is not None else [],
-                                     message=o.attribution if o.detected else "")
-        reports = [o.report for o in outcomes if o.report]
-        for r in reports:
-            tracking.log_artifact(r, "reports")
+        tracking.link_model_version(settings.model_name, champ.version)
+        tracking.log_monitored_images(pd.concat([results[(o.line, o.window_id)][1] for o in outcomes]),
+                                      name=f"{line} {span}")
+        windows = [tracking.drift_window(
+            results[(o.line, o.window_id)][0], line=o.line, window_id=o.window_id, start=o.start,
+            alert_active=o.alert_active, top_axis=o.top_axis, top_effect=o.effect if o.top_axis is not None else None,
+            labels=labels, n_images=o.n_images, n_anomalous=o.n_anomalous, summary=o.attribution if o.detected else "",
+        ) for o in outcomes]
+        tracking.log_monitoring_windows(windows, model_name=settings.model_name, model_version=champ.version,
+                                        reports={o.window_id: o.report for o in outcomes if o.report})
         cards = state_dir(settings) / "axes" / champ.model_id
         if cards.is_dir():
             tracking.log_artifacts(cards, "axis_cards")

@@ -11,7 +11,9 @@ did); then three rows:
    the anomaly-score AUC (a drift they alone found shows there, not on the axes);
 2. time series of the top axis's KS statistic over the windows, against the decision threshold (the lot-null
    quantile of the max-KS statistic, when the lot null is in force), drifted windows marked;
-3. example images of the window (the highest anomaly scores), titled with their MES serials.
+3. example images of the window (the highest anomaly scores), titled with their MES serials;
+4. when given, the moved axis's card: reference images decoded with that axis moved from -3 to +3 reference sd, so
+   the picture shows what the axis means.
 """
 
 from __future__ import annotations
@@ -140,6 +142,7 @@ def drift_report(
     max_examples: int = 4,
     example_labels: Sequence[str] = (),
     summary: str = "",
+    axis_card: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Draw the drift report of one window.
 
@@ -155,6 +158,8 @@ def drift_report(
         max_examples: at most this many example images.
         example_labels: what to call each example (its MES serial); default the file name.
         summary: a paragraph printed above the panels (:func:`plain_summary`).
+        axis_card: the moved axis's card (``axis_XX.png``, ``pipeline.analysis.axes.axis_cards``), shown as a last
+            row; skipped when missing.
 
     Returns:
         The written path.
@@ -171,8 +176,10 @@ def drift_report(
     axis = int(result.top_axis if axis is None else axis)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     cols = max(4, max_examples)
-    fig = plt.figure(figsize=(12, 9.5 if summary else 8.5), constrained_layout=True)
-    gs = fig.add_gridspec(4, cols, height_ratios=[0.45 if summary else 0.01, 1.1, 1.0, 1.0])
+    card = Path(axis_card) if axis_card is not None and Path(axis_card).is_file() else None
+    fig = plt.figure(figsize=(12, (9.5 if summary else 8.5) + (5.5 if card else 0.0)), constrained_layout=True)
+    gs = fig.add_gridspec(4 + bool(card), cols,
+                          height_ratios=[0.45 if summary else 0.01, 1.1, 1.0, 1.0] + ([2.4] if card else []))
     if summary:
         _text_panel(fig.add_subplot(gs[0, :]), summary)
     # 1. the test families, the per-axis effects (and the image-level families beside them)
@@ -185,10 +192,21 @@ def drift_report(
     labels = [*example_labels, *[""] * max_examples]
     for i, path in enumerate(list(example_images)[:max_examples]):
         _example_panel(fig.add_subplot(gs[3, i]), path, labels[i])
+    if card is not None:
+        _card_panel(fig.add_subplot(gs[4, :]), card, axis)
     fig.suptitle(title)
     fig.savefig(out_path, dpi=90, bbox_inches="tight")  # the image-level panel's title must not be cut off
     plt.close(fig)
     return Path(out_path)
+
+
+def _card_panel(ax: Any, card: Path, axis: int) -> None:
+    """The axis card (a PNG strip) as one panel."""
+    import matplotlib.image
+
+    ax.imshow(matplotlib.image.imread(card))
+    ax.set_title(f"axis {axis} card: reference images decoded with this axis moved across its range", fontsize=10)
+    ax.axis("off")
 
 
 def _check_result(result: Any) -> bool:

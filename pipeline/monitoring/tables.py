@@ -55,6 +55,12 @@ def axis_descriptions(settings: Any, champ: Any) -> list[Any]:
     return desc
 
 
+CARD_SPAN_SD = 3.0
+CARD_SD_FLOOR = 1.0
+"""Axis cards span +-3 sd of the axis on the reference, and at least +-3 in the units of the model's N(0, I) prior:
+wide enough to see what the axis does (``benchmarks/results/axis_card_range.md``)."""
+
+
 def axis_card_paths(settings: Any, champ: Any, axes: list[int], descriptions: list[Any],
                     progress: bool = False) -> dict[int, str]:
     """Axis-card strips (PNG) for ``axes``, rendered once per model and cached under the state folder."""
@@ -71,7 +77,7 @@ def axis_card_paths(settings: Any, champ: Any, axes: list[int], descriptions: li
         x = load_batch(paths, champ.checkpoint.preprocess)
         props = measure(np.stack([np.asarray(im).squeeze() for im in read_images(paths, channels=1)]))
         axis_cards(champ.checkpoint.model, x, champ.z_ref[: len(rows)], props, out_dir, axes=todo, steps=10,
-                   model_id=champ.model_id, progress=progress)
+                   span_sd=CARD_SPAN_SD, sd_floor=CARD_SD_FLOOR, model_id=champ.model_id, progress=progress)
     return {a: str(out_dir / f"axis_{a:02d}.png") for a in axes if (out_dir / f"axis_{a:02d}.png").exists()}
 
 

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.handoff.bundle import detector_calibration, make_detector
+
 
 def mmd_to_prior(z: np.ndarray, seed: int = 0, max_n: int = 512) -> float:
     """Squared MMD between latents and as many N(0, I) samples, with the training loss's kernel."""
@@ -83,43 +85,6 @@ def reconstruction_error(model: Any, x: torch.Tensor, *, steps: int, seed: int) 
     return float(((rec - x) ** 2).mean())
 
 
-def detector_calibration(
-    z_cal: np.ndarray, fpr_target: float, seed: int = 0, *, residuals: np.ndarray | None = None, k: int = 25
-) -> tuple[float, Any]:
-    """Fit and threshold the per-image detector on calibration data, and measure its false-alarm rate.
-
-    The calibration images are split in three (seeded): fit on the first, set the threshold at ``fpr_target`` on
-    the second, measure the empirical FPR on the third. The returned detector is refitted on one half and
-    thresholded on the other (all of it used; deterministic for a given seed).
-
-    Args:
-        z_cal: calibration latents (N, d).
-        fpr_target: false-alarm rate of the threshold.
-        seed: split seed.
-        residuals: the calibration images' diffusion residuals (N, len(t_stars)); the detector is then
-            ``ConditionalResidual`` on ``[z | residuals]``. None (a bundle from before residual scoring): Mahalanobis
-            on z.
-        k: neighbours of ``ConditionalResidual``, capped at a fifth of the fit images (at least 3).
-
-    Returns:
-        (empirical FPR on the held-out third, fitted detector).
-
-    Raises:
-        ValueError: fewer than 9 calibration latents.
-    """
-    if len(z_cal) < 9:
-        raise ValueError(f"detector calibration needs >= 9 calibration images, got {len(z_cal)}")
-    X = z_cal if residuals is None else np.column_stack([z_cal, residuals])
-    n_res = None if residuals is None else int(np.asarray(residuals).reshape(len(z_cal), -1).shape[1])
-    idx = np.random.default_rng(seed).permutation(len(X))
-    a, b, c = np.array_split(idx, 3)
-    det = make_detector(n_res, k=k, n_fit=len(a)).fit(X[a])
-    _infer_threshold(det, X[b], fpr_target)
-    fpr = float((det.score(X[c]) > det.threshold_).mean())
-    half = len(idx) // 2
-    full = make_detector(n_res, k=k, n_fit=half).fit(X[idx[:half]])
-    _infer_threshold(full, X[idx[half:]], fpr_target)
-    return fpr, full
 
 
 def calibration_scores(z_cal: np.ndarray, residuals: np.ndarray, *, k: int = 25, seed: int = 0) -> np.ndarray:
@@ -138,32 +103,8 @@ def calibration_scores(z_cal: np.ndarray, residuals: np.ndarray, *, k: int = 25,
     return out
 
 
-def make_detector(n_residuals: int | None = None, *, k: int = 25, n_fit: int | None = None) -> Any:
-    """The per-image detector the monitor scores with.
-
-    ``ConditionalResidual`` (the residual judged against the ``k`` fit images nearest in z; ``k`` capped at
-    ``n_fit // 5``, at least 3) when residuals are available, else Mahalanobis on z (bundles from before residual
-    scoring).
-    """
-    from pipeline.analysis.detectors import ConditionalResidual, Mahalanobis
-
-    if n_residuals is None:
-        return Mahalanobis()
-    if n_fit is not None:
-        k = max(3, min(k, n_fit // 5))
-    return ConditionalResidual(n_residuals=n_residuals, k=k)
 
 
-def _infer_threshold(det: Any, z: np.ndarray, fpr: float) -> None:
-    """Threshold ``det`` at ``fpr`` on held-out ``z``.
-
-    With too few images for that rate the largest achievable one is used, so small demo runs still work
-    (recorded in ``det.fpr_``).
-    """
-    try:
-        det.infer_threshold(z, fpr=fpr)
-    except ValueError:
-        det.infer_threshold(z, fpr=min(0.5, 1.0 / (len(z) - 1)))
 
 
 def evaluate_model(

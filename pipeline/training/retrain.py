@@ -43,16 +43,22 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.training.evaluation import (  # noqa: F401 - re-exported: the retrain's evaluation helpers
+from pipeline.handoff.bundle import (  # noqa: F401 - re-exported: the bundle format and the scoring recipe
+    BUNDLE_DIR,
+    CALIBRATION_FILE,
+    GATE_FILE,
+    ScoringConfig,
     _infer_threshold,
+    detector_calibration,
+    make_detector,
+)
+from pipeline.training.evaluation import (  # noqa: F401 - re-exported: the retrain's evaluation helpers
     axis_alignment,
     calibration_scores,
     denoising_loss,
-    detector_calibration,
     encode_tensor,
     evaluate_model,
     latent_quality,
-    make_detector,
     mmd_to_prior,
     perturb_weights,
     reconstruction_error,
@@ -70,10 +76,6 @@ from pipeline.training.selection import (  # noqa: F401 - re-exported: the retra
 
 logger = logging.getLogger(__name__)
 
-BUNDLE_DIR = "linewatch"
-"""Sub-folder of a registered model directory holding the monitor's reference data."""
-CALIBRATION_FILE = "calibration.parquet"
-GATE_FILE = "gate.json"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 
@@ -81,53 +83,6 @@ CHALLENGER = "challenger"
 # --------------------------------------------------------------------------------------------------------------
 # Configs and results
 # --------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ScoringConfig:
-    """How the monitor scores each image for anomalies; recorded in the model bundle so it travels with the model.
-
-    The per-image score is the diffusion residual (``pipeline.analysis.detectors.DiffusionResidual``: noise to t*, denoise
-    with the image's own z, mean squared residual) judged against the ``k`` calibration images nearest in z
-    (``pipeline.analysis.detectors.ConditionalResidual``). On the ELPV benchmark's lot-level split, with the 10,000-step cpu
-    model, this ranks p = 1 cells above functional ones at AUROC 0.82 with three noise fields (0.81 with one; 0.78
-    with one and the 3000-step model), where Mahalanobis on z (the previous default) was at 0.38-0.40: z describes
-    the module, not the crack.
-
-    Attributes:
-        t_stars: noise levels of the residual.
-        steps: DDIM steps from t* back to 0.
-        seeds: seeds of the shared forward-noise fields; the residual is averaged over them. Each costs one pass
-            (about 24 ms per image on one core at the cpu preset); three cut the score's noise (AUROC 0.807 -> 0.823
-            on the benchmark, 0.766 -> 0.777 for the DiffAE ablation).
-        k: neighbours in z (capped at a fifth of the detector's fit images, at least 3).
-    """
-
-    t_stars: tuple[int, ...] = (100, 250)
-    steps: int = 10
-    seeds: tuple[int, ...] = (0, 1, 2)
-    k: int = 25
-
-    def __post_init__(self) -> None:
-        if not self.t_stars or not self.seeds or self.steps < 1 or self.k < 3:
-            raise ValueError(f"ScoringConfig needs t_stars, seeds, steps >= 1 and k >= 3, got {self}")
-
-    def residual_detector(self, model: Any, *, progress: bool = False) -> Any:
-        """The ``DiffusionResidual`` that computes this recipe's residuals with ``model``."""
-        from pipeline.analysis.detectors import DiffusionResidual
-
-        return DiffusionResidual(model, t_stars=self.t_stars, steps=self.steps, seeds=self.seeds, reduce="mse",
-                                 context="z", k=self.k, batch_size=64, progress=progress)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> ScoringConfig | None:
-        """From the bundle's ``gate.json`` entry (None when the bundle predates residual scoring).
-
-        A bundle written with a single ``seed`` (before ``seeds``) reads as ``seeds=(seed,)``.
-        """
-        if not d:
-            return None
-        seeds = d["seeds"] if "seeds" in d else [d["seed"]]
-        return cls(t_stars=tuple(int(t) for t in d["t_stars"]), steps=int(d["steps"]),
-                   seeds=tuple(int(x) for x in seeds), k=int(d["k"]))
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ def test_registry_lineage_and_drift_metrics_on_the_server(stack_env, tmp_path: P
                 tags=tracking.lineage_tags(data_digest=f"{i}" * 64, parent_version=i or None,
                                            code_version="git:stack", gates={"passed": True})))
     assert [v.version for v in versions] == [1, 2]
-    assert versions[1].source == f"runs:/{versions[1].run_id}/model"
+    assert versions[1].source == f"models:/{versions[1].model_id}"  # an MLflow 3 logged model
     s = tracking.run_summary(versions[1].run_id)
     assert s.artifact_uri.startswith("mlflow-artifacts:/")  # proxied through the server, not a client path
     assert s.params["model.unet.base_channels"] == "32" and s.datasets[0].digest == "1" * 64
@@ -61,6 +61,7 @@ def test_registry_lineage_and_drift_metrics_on_the_server(stack_env, tmp_path: P
     info = tracking.get_model_version(2)
     assert info.tags["lineage.parent_version"] == "1" and info.tags["data.train_digest"] == "1" * 64
     assert info.tags["champion.rolled_back_by"] == "ci" and "challenger" in info.aliases
+    assert info.tags["champion.event"] == "rolled back" and "No longer champion" in info.description
     got = tracking.download_model("champion", tmp_path / "dl")
     assert (got / "weights.safetensors").read_bytes() == bytes([0]) * 64
 
@@ -69,7 +70,7 @@ def test_registry_lineage_and_drift_metrics_on_the_server(stack_env, tmp_path: P
             tracking.log_drift_window(w, tracking.DriftWindowMetrics(
                 detected=w == 2, mmd_stat=0.1 * w, mmd_p=0.5, axes={3: {"effect": 0.2 * w, "p": 0.01}}))
         tracking.log_alert_state(active=True, step=2, level="drift", moved_axes=[3])
-    series = tracking.get_metric_history("drift.axis_03.effect", run_id=mid)
+    series = tracking.get_metric_history("axis_03/effect", run_id=mid)
     assert [st for st, _ in series] == [0, 1, 2] and series[-1][1] == pytest.approx(0.4)
     assert tracking.run_summary(mid).tags["alert.moved_axes"] == "axis_03"
 
@@ -181,7 +182,7 @@ def test_drift_event_triggers_the_webhook_automation(stack_env, webhook_server) 
 # project's prefect.yaml with `prefect deploy --all` (cwd = repo root, PREFECT_API_URL=stack.prefect_api_url),
 # trigger `linewatch-nightly/nightly` with `run_deployment(..., timeout=...)`, then assert with pipeline.tracking:
 # registry versions, aliases (champion / challenger), lineage tags (data.train_digest, lineage.parent_version,
-# lineage.code_version, gate.*), drift metrics (drift.axis_NN.effect series) and a POST on webhook_server.
+# lineage.code_version, gate.*), drift metrics (axis_NN/effect series) and a POST on webhook_server.
 
 
 def _deploy_project(stack) -> None:
@@ -301,7 +302,7 @@ def test_nightly_flow_through_the_stack(stack_env, webhook_server, tmp_path: Pat
     v1, v2 = tracking.get_model_version(1), tracking.get_model_version(2)
     assert tracking.get_alias_version("champion") == 1 and "champion" in v1.aliases
     assert tracking.get_alias_version("challenger") == 2 and "challenger" in v2.aliases
-    assert v1.source == f"runs:/{v1.run_id}/model"
+    assert v1.source == f"models:/{v1.model_id}"
     assert v1.tags["lineage.parent_version"] == "none" and v2.tags["lineage.parent_version"] == "1"
     assert v2.tags["warm_start"] == "true"
     for v in (v1, v2):
@@ -322,11 +323,11 @@ def test_nightly_flow_through_the_stack(stack_env, webhook_server, tmp_path: Pat
     assert len(runs) == 1
     mid = runs[0].info.run_id
     assert runs[0].data.tags["model_version"] == "1"
-    effect_keys = sorted(k for k in runs[0].data.metrics if k.startswith("drift.axis_") and k.endswith(".effect"))
+    effect_keys = sorted(k for k in runs[0].data.metrics if k.startswith("axis_") and k.endswith("/effect"))
     assert effect_keys
     series = tracking.get_metric_history(effect_keys[0], run_id=mid)
     assert [step for step, _ in series] == [0, 1, 2]
-    detected = tracking.get_metric_history("drift.detected", run_id=mid)
+    detected = tracking.get_metric_history("drift/detected", run_id=mid)
     assert [step for step, _ in detected] == [0, 1, 2] and detected[0][1] == 0.0 and detected[-1][1] == 1.0
     assert tracking.run_summary(mid).tags["alert.moved_axes"].startswith("axis_")
 

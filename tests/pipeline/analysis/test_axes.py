@@ -244,6 +244,38 @@ def test_axis_cards_write_png_and_json(tmp_path) -> None:
         A.axis_cards(model, X, Z, props, tmp_path, axes=[99], progress=False)
 
 
+def test_axis_cards_span_the_reference_sd_and_are_group_readable(tmp_path) -> None:
+    """span_sd: columns at mean + k sd (k from -3 to +3), whatever the quantiles; files 0644 (mkstemp makes 0600)."""
+    import stat
+
+    torch = pytest.importorskip("torch")
+    from models import InfoDiffusion, get_preset, to_model_input
+
+    imgs = np.clip(np.random.default_rng(1).normal(120, 30, (12, 32, 32)), 0, 255).astype(np.uint8)
+    preset = get_preset("tiny")
+    torch.manual_seed(0)
+    model = InfoDiffusion(preset.model)
+    X = to_model_input(imgs, preset.preprocess)
+    Z = model.encode(X).detach().numpy()
+    props = pd.DataFrame({"mean_intensity": imgs.mean(axis=(1, 2))})
+    (card,) = A.axis_cards(model, X, Z, props, tmp_path, axes=[1], n_images=1, steps=2, span_sd=3.0,
+                           progress=False)
+    doc = json.loads(card.json_path.read_text())
+    col = Z[:, 1].astype(np.float64)
+    np.testing.assert_allclose(doc["values"], col.mean() + np.array([-3, -1.5, 0, 1.5, 3]) * col.std(), rtol=1e-5)
+    assert doc["span_sd"] == 3.0 and doc["quantiles"][0] == 0.0 and doc["quantiles"][-1] == 1.0
+    for f in (card.png_path, card.json_path, tmp_path / "axes.json"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+    # a latent narrower than the N(0, I) prior: sd_floor=1 spans at least +-3 prior units
+    assert col.std() < 1
+    (wide,) = A.axis_cards(model, X, Z, props, tmp_path / "wide", axes=[1], n_images=1, steps=2, span_sd=3.0,
+                           sd_floor=1.0, progress=False)
+    np.testing.assert_allclose(wide.values, col.mean() + np.array([-3, -1.5, 0, 1.5, 3]), rtol=1e-5)
+    assert json.loads(wide.json_path.read_text())["reference_sd"] == pytest.approx(col.std(), rel=1e-5)
+    with pytest.raises(ValueError, match="span_sd"):
+        A.axis_cards(model, X, Z, props, tmp_path, axes=[1], span_sd=0.0, progress=False)
+
+
 def test_image_level_families_are_described_in_words() -> None:
     from types import SimpleNamespace
 

@@ -44,13 +44,15 @@ def test_promote_rollback_models(lw_env, tmp_path: Path, capsys: pytest.CaptureF
     assert main(["promote", "--version", "1", "--reason", "first"]) == 0
     assert "linewatch-infodiffusion@champion: (unset) -> v1  by alice" in capsys.readouterr().out
     assert main(["promote", "--version", "2", "--reason", "better"]) == 0
-    assert "v1 -> v2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "v1 -> v2" in out and "v1 is tagged champion.event=demoted" in out
     assert main(["promote", "--version", "2", "--alias", "challenger"]) == 0
     capsys.readouterr()
 
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "challenger,champion" in out and "champion: set by alice" in out and "reason: better" in out
+    assert "champion until" in out and "demoted, replaced by v2 (better)" in out
     assert main(["models", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["version"] for r in rows] == [1, 2]
@@ -76,7 +78,7 @@ def test_clear_errors(lw_env, tmp_path: Path, capsys: pytest.CaptureFixture[str]
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
-    monkeypatch.setattr(tracking, "_sleep", lambda s: None)
+    monkeypatch.setattr(tracking.client, "_sleep", lambda s: None)
     tracking.reset()
     assert main(["promote", "--version", "1"]) == 2
     assert f"MLflow at http://127.0.0.1:{port} is unreachable after 3 tries" in capsys.readouterr().err
@@ -99,6 +101,6 @@ def test_ui_print_command_and_run(lw_env, capsys: pytest.CaptureFixture[str], mo
     seen = []
     monkeypatch.setattr(subprocess, "call", lambda cmd: seen.append(cmd) or 0)
     assert main(["ui", "--port", "5002"]) == 0
-    assert "http://127.0.0.1:5002" in capsys.readouterr().out
+    assert "http://127.0.0.1:5002/#/experiments?workflowType=machine_learning" in capsys.readouterr().out
     assert seen[0][1:4] == ["-m", "mlflow", "ui"] and seen[0][-3] == "5002"
     assert (lw_env / "mlartifacts").is_dir()

@@ -121,11 +121,18 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
     # MLflow: one point per window of the per-axis effect series
     tracking.configure(settings)
     axis = by_day[faulty[1]].top_axis
-    hist = tracking.get_metric_history(f"drift.{tracking.axis_key(axis)}.effect", run_id=res.run_id)
+    hist = tracking.get_metric_history(f"{tracking.axis_key(axis)}/effect", run_id=res.run_id)
     assert len(hist) == 3
     # and of every family's p-value, so a quality engineer can chart which test fired on which day
-    p_axes = tracking.get_metric_history("drift.p.axes", run_id=res.run_id)
+    p_axes = tracking.get_metric_history("axes/p", run_id=res.run_id)
     assert len(p_axes) == 3 and all(0 < v <= 1 for _, v in p_axes)
+    # stamped with the window's start, the alert in the run description, the model and the images linked
+    stamped = tracking.get_metric_history("drift/detected", run_id=res.run_id, with_timestamps=True)
+    assert [t for _, t, _ in stamped] == [int(w.start.timestamp() * 1000) for w in res.windows]
+    run = tracking.run_summary(res.run_id)
+    assert run.tags["mlflow.note.content"].startswith(f"Drift on line L1, window {faulty[-1]}")
+    assert run.tags["linewatch.model_uri"] == f"models:/{settings.model_name}/{v1.version}"
+    assert [d.context for d in run.datasets] == ["monitoring"] and len(run.model_inputs) == 1
 
     # restart: a fresh manager on the same state, the same windows again
     again = monitor(settings, monitor_config(**monitor_params()), alert_manager=default_alert_manager(settings))
@@ -162,9 +169,9 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
     assert all("scores p=" in w.summary for w in sres.windows)
     assert len(champ.ref_scores) == len(champ.reference) and np.isfinite(champ.ref_scores).all()
     tracking.configure(settings)
-    tail = tracking.get_metric_history("drift.scores.tail_share", run_id=sres.run_id)
+    tail = tracking.get_metric_history("scores/tail_share", run_id=sres.run_id)
     assert len(tail) == len(sres.windows) and all(0 <= v <= 1 for _, v in tail)
-    assert len(tracking.get_metric_history("drift.p.scores", run_id=sres.run_id)) == len(sres.windows)
+    assert len(tracking.get_metric_history("scores/p", run_id=sres.run_id)) == len(sres.windows)
 
     # a bundle from before residual scoring: the monitor falls back to Mahalanobis on z, and says so
     from pipeline.analysis.detectors import Mahalanobis

@@ -82,3 +82,23 @@ def test_plain_summary_says_what_fired_and_names_serials():
     quiet = plain_summary(line="L1", window_id="d", model_version="3", n_images=10, n_tested=10, n_anomalous=0,
                           detected=False)
     assert "No drift" in quiet and "0 cells flagged" in quiet
+
+
+def test_report_embeds_the_moved_axis_card(tmp_path):
+    """The card of the moved axis is a last row of the picture: taller, and its pixels are in it."""
+    res = _result(True, ("axes",), False)
+    card = tmp_path / "axis_01.png"
+    strip = np.zeros((60, 400, 3), np.uint8)
+    strip[:, :, 0] = np.linspace(0, 255, 400, dtype=np.uint8)  # a red ramp no other panel draws
+    Image.fromarray(strip).save(card)
+    plain = drift_report(res, [("2026-01-11", res)], axis=1, out_path=tmp_path / "plain.png")
+    with_card = drift_report(res, [("2026-01-11", res)], axis=1, out_path=tmp_path / "card.png", axis_card=card)
+    with Image.open(plain) as a, Image.open(with_card) as b:
+        assert b.size[1] > a.size[1] + 150
+        pixels = np.asarray(b.convert("RGB"))[a.size[1] - 50:]
+        ramp = (pixels[..., 0] > 200) & (pixels[..., 1] < 30) & (pixels[..., 2] < 30)
+        assert ramp.sum() > 500  # the card's bright red end is drawn in the added row
+    missing = drift_report(res, [("2026-01-11", res)], axis=1, out_path=tmp_path / "m.png",
+                           axis_card=tmp_path / "nope.png")
+    with Image.open(missing) as m, Image.open(plain) as a:
+        assert m.size == a.size

@@ -3,7 +3,6 @@ schema takes seconds; every test gets its own registered-model name)."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -15,46 +14,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline import settings as lw_settings
 from pipeline import tracking
-
-
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("lwhome")
-
-
-@pytest.fixture
-def lw_env(store_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest):
-    monkeypatch.setenv("LINEWATCH_HOME", str(store_dir))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store_dir / 'mlflow.db'}")
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    monkeypatch.setenv("LINEWATCH_MODEL_NAME", "lw-" + re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)[:60])
-    monkeypatch.setenv("LINEWATCH_MLFLOW_BACKOFF_S", "0")
-    monkeypatch.chdir(tmp_path)  # anything written relative to cwd (./mlruns) would land here
-    tracking.reset()
-    yield lw_settings.get_settings()
-    tracking.reset()
-    assert not (tmp_path / "mlruns").exists(), "MLflow wrote ./mlruns"
-
-
-def fake_checkpoint(path: Path, payload: bytes = b"weights") -> Path:
-    path.mkdir(parents=True)
-    (path / "weights.safetensors").write_bytes(payload)
-    (path / "config.json").write_text(json.dumps({"format_version": 1}))
-    (path / "train_state.pt").write_bytes(b"pickled resume state")  # must not be registered
-    (path / "bundle").mkdir()
-    (path / "bundle" / "gate.json").write_text('{"passed": true}')  # subfolders travel with the model
-    return path
-
-
-def client(st: lw_settings.Settings) -> MlflowClient:
-    return MlflowClient(tracking_uri=st.mlflow_tracking_uri, registry_uri=st.mlflow_registry_uri)
-
-
-def register(tmp_path: Path, tag: str, **tags) -> tracking.ModelVersionInfo:
-    ckpt = fake_checkpoint(tmp_path / f"ckpt-{tag}", payload=tag.encode())
-    with tracking.start_training_run(f"train-{tag}"):
-        return tracking.log_checkpoint_and_register(ckpt, tags=tracking.lineage_tags(data_digest="d" * 64, **tags))
-
+from tests.pipeline.tracking.conftest import client, fake_checkpoint, register
 
 # ---------------------------------------------------------------------------------------------------------------
 # settings
@@ -199,7 +159,8 @@ def test_checkpoint_is_registered_pickle_free_and_loads(lw_env, tmp_path: Path) 
         mv = tracking.log_checkpoint_and_register(
             ckpt, tags=tracking.lineage_tags(data_digest="d" * 64, calibration_digest="c" * 64, parent_version=None,
                                              code_version="git:abc", gates={"auroc": 0.8, "passed": True}))
-    assert (mv.version, mv.run_id, mv.source) == (1, rid, f"runs:/{rid}/model")
+    assert (mv.version, mv.run_id, mv.source) == (1, rid, f"models:/{mv.model_id}")  # an MLflow 3 logged model
+    assert tracking.run_summary(rid).model_outputs == (mv.model_id,)  # the training run produced it
     assert mv.tags["data.train_digest"] == "d" * 64 and mv.tags["lineage.parent_version"] == "none"
     assert mv.tags["gate.passed"] == "True" and mv.tags["lineage.code_version"] == "git:abc"
     assert mv.aliases == ()  # registering never moves an alias
@@ -209,6 +170,7 @@ def test_checkpoint_is_registered_pickle_free_and_loads(lw_env, tmp_path: Path) 
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
     assert tracking.run_summary(rid).tags["linewatch.registered_version"] == "1"
+    assert tracking.run_summary(rid).tags["linewatch.model_uri"] == f"models:/{lw_env.model_name}/1"
 
 
 def test_not_a_checkpoint_is_refused(lw_env, tmp_path: Path) -> None:
@@ -277,26 +239,33 @@ def test_download_by_alias_verifies_digest(lw_env, tmp_path: Path) -> None:
 # monitoring
 
 
-def test_drift_metrics_are_named_per_axis_with_window_steps(lw_env, tmp_path: Path) -> None:
+def test_drift_metrics_are_named_test_or_axis_first_with_window_steps(lw_env, tmp_path: Path) -> None:
+    import datetime as dt
+
+    day = dt.datetime(2026, 1, 11, tzinfo=dt.UTC)
     with tracking.start_monitoring_run("monitor-L1") as rid:
         for w in range(3):
             window = tracking.DriftWindowMetrics(
-                detected=w == 2, mmd_stat=0.01 * w, mmd_p=0.5 / (w + 1),
+                detected=w == 2, mmd_stat=0.01 * w, mmd_p=0.5 / (w + 1), start=day + dt.timedelta(days=w),
                 axes={3: {"effect": 0.1 * w, "ks": 0.2, "p": 0.04, "psi": 0.3}, 12: {"effect": 0.0}},
             )
             logged = tracking.log_drift_window(w, window)
         tracking.log_drift_window(3, {"detected": False, "axes": {3: {"effect": 0.05}}})  # mapping form
         tracking.log_alert_state(active=True, step=3, level="drift", moved_axes=[3], message="axis 3 moved",
-                                 state={"open": ["axis_03"]})
-        series = tracking.get_metric_history("drift.axis_03.effect")
+                                 state={"open": ["axis_03"]}, timestamp=day + dt.timedelta(days=3))
+        series = tracking.get_metric_history("axis_03/effect")
         assert [s for s, _ in series] == [0, 1, 2, 3]
         assert [v for _, v in series] == pytest.approx([0.0, 0.1, 0.2, 0.05])
-        assert tracking.get_metric_history("drift.detected") == [(0, 0.0), (1, 0.0), (2, 1.0), (3, 0.0)]
-    assert set(logged) == {"drift.detected", "drift.mmd.stat", "drift.mmd.p", "drift.axis_03.effect",
-                           "drift.axis_03.ks", "drift.axis_03.p", "drift.axis_03.psi", "drift.axis_12.effect"}
+        assert tracking.get_metric_history("drift/detected") == [(0, 0.0), (1, 0.0), (2, 1.0), (3, 0.0)]
+        stamped = tracking.get_metric_history("mmd/p", with_timestamps=True)
+        assert [t for _, t, _ in stamped] == [int((day + dt.timedelta(days=w)).timestamp() * 1000) for w in range(3)]
+        alert = tracking.get_metric_history("alert/active", with_timestamps=True)
+        assert alert == [(3, int((day + dt.timedelta(days=3)).timestamp() * 1000), 1.0)]
+    assert set(logged) == {"drift/detected", "drift/moved_axes", "mmd/stat", "mmd/p", "axis_03/effect",
+                           "axis_03/ks", "axis_03/p", "axis_03/psi", "axis_12/effect"}
     s = tracking.run_summary(rid)
     assert s.experiment == "linewatch-monitoring" and s.tags["linewatch.kind"] == "monitoring"
-    assert s.tags["alert.moved_axes"] == "axis_03" and s.metrics["alert.active"] == 1.0
+    assert s.tags["alert.moved_axes"] == "axis_03" and s.metrics["alert/active"] == 1.0
     assert tracking.axis_key(7) == "axis_07"
 
 
@@ -334,7 +303,7 @@ def test_unreachable_server_fails_after_bounded_retries(lw_env, monkeypatch: pyt
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     monkeypatch.delenv("LINEWATCH_MLFLOW_BACKOFF_S")
     sleeps: list[float] = []
-    monkeypatch.setattr(tracking, "_sleep", sleeps.append)
+    monkeypatch.setattr(tracking.client, "_sleep", sleeps.append)
     tracking.reset()
     with pytest.raises(tracking.TrackingUnavailable, match=rf"http://127.0.0.1:{port} is unreachable after 3 tries"):
         with tracking.start_training_run("never"):
@@ -362,7 +331,7 @@ def test_failure_during_registration_leaves_nothing_half_registered(
     assert [v.version for v in tracking.list_versions()] == [1]
     assert tracking.get_alias_version("champion") == 1
     assert tracking.run_summary(rid).status == "FAILED"
-    monkeypatch.setattr(MlflowClient, "log_artifacts", down)  # upload fails: registration is never attempted
+    monkeypatch.setattr(MlflowClient, "log_model_artifacts", down)  # upload fails: registration is never attempted
     monkeypatch.setattr(MlflowClient, "create_model_version", lambda *a, **k: pytest.fail("registered"))
     with pytest.raises(tracking.TrackingUnavailable), tracking.start_training_run("half2"):
         tracking.log_checkpoint_and_register(ckpt)

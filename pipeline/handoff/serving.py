@@ -1,0 +1,161 @@
+"""Score images with a registered model folder: z, anomaly score and flag, the way the monitor scores them.
+
+:class:`BundleScorer` loads a model folder (checkpoint + ``linewatch/`` bundle, :func:`pipeline.handoff.bundle.load_bundle`)
+and scores a table of images: each image is encoded to z (``pipeline.latent.encode.encode_images``), its diffusion
+residuals are computed with the bundle's recipe (``ScoringConfig``) and the detector calibrated on the bundle's
+calibration images judges ``[z | residuals]``. The same image gets the same score here and in the monitor.
+
+MLflow loads this module as the ``loader_module`` of the ``python_function`` flavour (no pickle: the model is the
+checkpoint folder plus this importable code)::
+
+    model = mlflow.pyfunc.load_model("models:/linewatch-infodiffusion@champion")
+    model.predict(pd.DataFrame({"image": [png_bytes]}))     # or {"path": ["/data/cell.png"]}
+    #   z_0 ... z_{d-1}, anomaly_score, is_anomaly, threshold
+
+``mlflow models serve -m models:/linewatch-infodiffusion@champion --env-manager local`` answers the same on
+``/invocations`` (binary columns as base64 in JSON).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+IMAGE_COLUMN = "image"
+"""Input column holding encoded image bytes (PNG, TIFF, JPEG ...)."""
+PATH_COLUMN = "path"
+"""Input column holding image file paths readable where the model runs."""
+SCORE_COLUMN = "anomaly_score"
+FLAG_COLUMN = "is_anomaly"
+THRESHOLD_COLUMN = "threshold"
+
+
+def input_columns() -> list[tuple[str, str]]:
+    """The input table's columns as ``(name, MLflow type)``; each row needs one of them."""
+    return [(IMAGE_COLUMN, "binary"), (PATH_COLUMN, "string")]
+
+
+def output_columns(latent_dim: int) -> list[tuple[str, str]]:
+    """The output table's columns as ``(name, MLflow type)``: ``z_0 .. z_{d-1}``, score, flag, threshold."""
+    from pipeline.common.schemas import latent_columns
+
+    z = latent_columns(latent_dim) if latent_dim > 0 else []  # 0: unknown (a checkpoint without a model config)
+    return [(c, "float") for c in z] + [
+        (SCORE_COLUMN, "double"), (FLAG_COLUMN, "boolean"), (THRESHOLD_COLUMN, "double")]
+
+
+def _cell(row: pd.Series, name: str) -> Any:
+    value = row.get(name) if name in row.index else None
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return value
+
+
+def _decode(data: bytes, where: str) -> np.ndarray:
+    """Decode image bytes with the same reader (and the same checks) as catalogued files."""
+    from pipeline.common.images import read_image
+
+    fd, tmp = tempfile.mkstemp(suffix=".img")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        return read_image(tmp, channels=1)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {str(exc).replace(repr(tmp), 'the image bytes')}") from exc
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def read_inputs(frame: pd.DataFrame, channels: int = 1) -> list[np.ndarray]:
+    """The images of an input table, in row order (``image`` bytes, else ``path``).
+
+    Raises:
+        ValueError: the table has neither column, or a row has neither value or an undecodable image.
+    """
+    from pipeline.common.images import read_image
+
+    if not isinstance(frame, pd.DataFrame):
+        frame = pd.DataFrame(frame)
+    if IMAGE_COLUMN not in frame.columns and PATH_COLUMN not in frame.columns:
+        raise ValueError(f"input needs a column {IMAGE_COLUMN!r} (image bytes) or {PATH_COLUMN!r} (image file), "
+                         f"got {list(frame.columns)}")
+    out = []
+    for i, (_, row) in enumerate(frame.iterrows()):
+        data, path = _cell(row, IMAGE_COLUMN), _cell(row, PATH_COLUMN)
+        if data is not None:
+            out.append(_decode(bytes(data), f"row {i}"))
+        elif path is not None:
+            out.append(read_image(str(path), channels=channels))
+        else:
+            raise ValueError(f"row {i} has neither {IMAGE_COLUMN!r} nor {PATH_COLUMN!r}")
+    return out
+
+
+class BundleScorer:
+    """A registered model folder, ready to score images (see the module docstring).
+
+    Args:
+        model_dir: folder with the checkpoint and its ``linewatch/`` bundle.
+        batch_size: images per model call.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike[str], *, batch_size: int = 64) -> None:
+        from pipeline.handoff.bundle import load_bundle
+
+        self.bundle = load_bundle(model_dir)
+        self.batch_size = int(batch_size)
+
+    @property
+    def latent_dim(self) -> int:
+        """Number of latent axes."""
+        return int(self.bundle.z_ref.shape[1])
+
+    def score_arrays(self, arrays: Sequence[np.ndarray]) -> pd.DataFrame:
+        """Score decoded images (uint8 / uint16, gray or RGB, any size): ``z_*``, score, flag, threshold."""
+        from pipeline.common.schemas import latent_columns
+        from pipeline.latent.encode import encode_images
+
+        ckpt = self.bundle.checkpoint
+        z = encode_images(ckpt.model, ckpt.preprocess, arrays, batch_size=self.batch_size)
+        features = z.astype(np.float64)
+        if self.bundle.scoring is not None:
+            features = np.column_stack([features, self._residuals(arrays)])
+        det = self.bundle.detector.predict(features)
+        out = pd.DataFrame(z.astype(np.float32), columns=latent_columns(z.shape[1]))
+        out[SCORE_COLUMN] = np.asarray(det.scores, dtype=np.float64)
+        out[FLAG_COLUMN] = np.asarray(det.is_anomaly, dtype=bool)
+        out[THRESHOLD_COLUMN] = float(det.threshold)
+        return out
+
+    def _residuals(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        import torch
+
+        from models import to_model_input
+
+        ckpt = self.bundle.checkpoint
+        assert self.bundle.scoring is not None
+        x = to_model_input(list(arrays), ckpt.preprocess)
+        with torch.inference_mode():
+            return np.asarray(self.bundle.scoring.residual_detector(ckpt.model).residuals(x), dtype=np.float64)
+
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Score an input table (``image`` bytes or ``path`` per row); the ``python_function`` flavour's predict."""
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if len(frame) == 0 and ({IMAGE_COLUMN, PATH_COLUMN} & set(frame.columns)):
+            return pd.DataFrame({c: pd.Series(dtype="float64") for c, _ in output_columns(self.latent_dim)})
+        return self.score_arrays(read_inputs(frame, channels=1))
+
+
+def _load_pyfunc(data_path: str) -> BundleScorer:
+    """Entry point of MLflow's ``python_function`` flavour (``loader_module``): the model folder's scorer."""
+    return BundleScorer(data_path)
+
+
+__all__ = ["FLAG_COLUMN", "IMAGE_COLUMN", "PATH_COLUMN", "SCORE_COLUMN", "THRESHOLD_COLUMN", "BundleScorer",
+           "input_columns", "output_columns", "read_inputs"]
