@@ -25,6 +25,27 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=1, default=str))
 
 
+def _tracking_down(command: str) -> bool:
+    """Print one line and return True when MLflow cannot be reached (checked before any flow starts)."""
+    from pipeline import tracking
+
+    try:
+        tracking.check_reachable()
+    except tracking.TrackingUnavailable as exc:
+        print(f"linewatch {command}: {exc} Nothing ran.", file=sys.stderr)
+        return True
+    return False
+
+
+def _run_flow(command: str, fn: Any, **kwargs: Any) -> Any:
+    """Run a flow; a failure is one line on stderr (Prefect's run log keeps the details), never a traceback."""
+    try:
+        return fn(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - the CLI boundary: report, exit 1
+        print(f"linewatch {command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+
+
 # ------------------------------------------------------------------------------------------------ demo
 class FlowRunner:
     """Runs the demo's steps as Prefect flows (ephemeral local API when no server is configured)."""
@@ -80,36 +101,50 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ flows once
 def cmd_nightly(args: argparse.Namespace) -> int:
     """Run the nightly flow once now."""
+    if _tracking_down("nightly"):
+        return 1
     _prefect_home()
     from flows.nightly import nightly_flow
 
     retrain = {"preset": args.preset, "steps": args.steps, "window_days": args.window_days,
                "from_scratch": args.from_scratch}
-    _print_json(nightly_flow(ingest=not args.no_ingest, retrain=retrain,
-                             monitor={"skip": True} if args.no_monitor else {}))
+    res = _run_flow("nightly", nightly_flow, ingest=not args.no_ingest, retrain=retrain,
+                    monitor={"skip": True} if args.no_monitor else {})
+    if res is None:
+        return 1
+    _print_json(res)
     return 0
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
     """Run the retrain flow once now."""
+    if _tracking_down("retrain"):
+        return 1
     _prefect_home()
     from flows.retrain import retrain_flow
 
-    res = retrain_flow(preset=args.preset, steps=args.steps, window_days=args.window_days,
-                       from_scratch=args.from_scratch)
+    res = _run_flow("retrain", retrain_flow, preset=args.preset, steps=args.steps, window_days=args.window_days,
+                    from_scratch=args.from_scratch)
+    if res is None:
+        return 1
     _print_json(res)
     return 0 if res["promoted"] else 3
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
     """Run the monitor flow once now."""
+    if _tracking_down("monitor"):
+        return 1
     _prefect_home()
     from flows.monitor import monitor_flow
     from flows.runners import with_task_runner
 
-    _print_json(with_task_runner(monitor_flow)(lookback_days=args.lookback_days, window_by=args.window_by, start=args.start,
-                             end=args.end, quality=not args.no_quality, scores=not args.no_scores,
-                             encode_chunk_size=args.encode_chunk_size))
+    res = _run_flow("monitor", with_task_runner(monitor_flow), lookback_days=args.lookback_days,
+                    window_by=args.window_by, start=args.start, end=args.end, quality=not args.no_quality,
+                    scores=not args.no_scores, encode_chunk_size=args.encode_chunk_size)
+    if res is None:
+        return 1
+    _print_json(res)
     return 0
 
 

@@ -65,10 +65,23 @@ def load_model(path: str | os.PathLike[str], device: str | None = None) -> Any:
         raise CLIError(f"checkpoint {str(p)!r} is not a folder (pass the folder `linewatch train --out` wrote)")
     try:
         ckpt = load_checkpoint(p)
-    except (FileNotFoundError, ValueError, KeyError, OSError, RuntimeError) as exc:
-        raise CLIError(f"{str(p)!r} is not a usable linewatch checkpoint: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - any damage (safetensors, JSON, types, digest) is one user-facing line
+        raise CLIError(f"{str(p)!r} is not a usable linewatch checkpoint: {_one_line(exc)}") from exc
     ckpt.model.to(_device(device)).eval()
     return ckpt
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:300] + " ..."
+
+
+def output_png(out: str | os.PathLike[str], default_name: str) -> Path:
+    """Where a figure goes: ``out`` itself, ``out/<default_name>`` for an existing folder, ``.png`` added if no suffix."""
+    path = Path(out)
+    if path.is_dir():
+        return path / default_name
+    return path if path.suffix else path.with_name(path.name + ".png")
 
 
 def _seed(seed: int | None) -> None:
@@ -109,7 +122,12 @@ def save_grid(
     title: str | None = None,
     cell_inches: float = 1.1,
 ) -> Path:
-    """Save a labelled image grid (rows × columns of display images; None leaves a cell blank) as PNG."""
+    """Save a labelled image grid (rows × columns of display images; None leaves a cell blank) as PNG.
+
+    Returns:
+        The file written (``out``, or ``out/grid.png`` when ``out`` is a folder, ``.png`` added when it has no
+        suffix).
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -125,7 +143,7 @@ def save_grid(
             _show(axes[i][j], img, ct, rl)
     if title:
         fig.suptitle(title, fontsize=9)
-    out = Path(out)
+    out = output_png(out, "grid.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100, bbox_inches="tight")
     return out
@@ -326,7 +344,7 @@ def cmd_traverse(args: argparse.Namespace) -> int:
     row_labels = [f"z_{a}\n(own {float(z[a]):+.2f})" for a in axes]
     out = save_grid(
         cells,
-        args.out,
+        output_png(args.out, f"traverse-{Path(args.image).stem}.png"),
         col_titles=col_titles,
         row_labels=row_labels,
         title=f"{Path(args.image).name}: traversal, model {ckpt.meta.get('model_id')}, {args.steps} DDIM steps",

@@ -211,7 +211,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         det = residual_detector(len(scoring.t_stars), k=scoring.k, n_fit=len(fit_idx))
     else:
         det = make_detector(name)
-    det.fit(X_ref[fit_idx])
+    _fit_reference(det, X_ref[fit_idx], name, len(X_ref), args.calibration_share)
     try:
         det.infer_threshold(X_ref[val_idx], fpr=args.fpr)
     except ValueError as exc:
@@ -257,6 +257,18 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(f"{label:<{width}}  {res.scores[i]:>10.4g}  {res.p_values[i]:>8.4f}  {flag}")
     print(f"{res.n_anomalies} of {len(labels)} flagged")
     return 0
+
+
+def _fit_reference(det: Any, X_fit: np.ndarray, name: str, n_ref: int, share: float) -> None:
+    """Fit the detector on the fit half of the reference; too few images is a message about reference images."""
+    need = int(getattr(det, "_min_fit_samples", 1) or 1)
+    if len(X_fit) < need:
+        total = math.ceil(need / (1.0 - share))
+        raise CLIError(
+            f"--reference has {n_ref} reference images: the {name} detector is fit on {len(X_fit)} of them (the "
+            f"rest set the threshold) and needs at least {need}; give at least {total} reference images"
+        )
+    det.fit(X_fit)
 
 
 # --- drift -------------------------------------------------------------------------------------------------------

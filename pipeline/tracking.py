@@ -91,6 +91,7 @@ __all__ = [
     "RunSummary",
     "TrackingUnavailable",
     "axis_key",
+    "check_reachable",
     "configure",
     "current_run_id",
     "download_model",
@@ -344,7 +345,9 @@ def _is_transient(exc: BaseException) -> bool:
     return any(t in str(exc) for t in ("database is locked",)) or isinstance(exc, TimeoutError)
 
 
-def _retry(what: str, fn: Callable[[], T], *, before_retry: Callable[[], T | None] | None = None) -> T:
+def _retry(
+    what: str, fn: Callable[[], T], *, before_retry: Callable[[], T | None] | None = None, quiet: bool = False
+) -> T:
     """Call ``fn`` up to ``settings.mlflow_retries`` times, backing off 1, 2, 4 ... s on transient errors.
 
     Args:
@@ -352,6 +355,7 @@ def _retry(what: str, fn: Callable[[], T], *, before_retry: Callable[[], T | Non
         fn: The call.
         before_retry: Called before each retry; a non-None return value is taken as the result (idempotency check
             for non-idempotent calls such as creating a model version).
+        quiet: Log the retries at DEBUG instead of WARNING (a reachability check reports once, by raising).
 
     Raises:
         TrackingUnavailable: Every try failed with a transient error.
@@ -377,13 +381,25 @@ def _retry(what: str, fn: Callable[[], T], *, before_retry: Callable[[], T | Non
             last = exc
             if attempt + 1 < tries:
                 delay = st.mlflow_backoff_s * 2**attempt
-                log.warning("MLflow %s failed (try %d/%d), retrying in %.1f s: %s", what, attempt + 1, tries,
-                            delay, _short(exc))
+                log.log(logging.DEBUG if quiet else logging.WARNING,
+                        "MLflow %s failed (try %d/%d), retrying in %.1f s: %s", what, attempt + 1, tries, delay,
+                        _short(exc))
                 _sleep(delay)
     raise TrackingUnavailable(
         f"MLflow at {st.mlflow_tracking_uri} is unreachable after {tries} tries ({what}): {_short(last)}. "
         "Check that the tracking server is running and MLFLOW_TRACKING_URI is right; nothing was registered."
     ) from last
+
+
+def check_reachable() -> None:
+    """Raise ``TrackingUnavailable`` when the tracking server cannot be reached (after the bounded retries).
+
+    One cheap request, retried like every other call but without logging each try, so a command can answer "MLflow
+    is down" with one message before it starts any work. A local (SQLite) store is not contacted.
+    """
+    if _settings().mlflow_is_local:
+        return
+    _retry("reach the tracking server", lambda: _client().search_experiments(max_results=1), quiet=True)
 
 
 def _short(exc: BaseException | None) -> str:

@@ -15,11 +15,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import pipeline.ingest as I
 from pipeline import catalog as C
 from pipeline import schemas as S
 from pipeline.cli import main
 from pipeline.images import read_image
-import pipeline.ingest as I
 from pipeline.ingest import IngestConfig, ingest, read_mes_export
 from tests.pipeline import hostile as H
 
@@ -203,11 +203,12 @@ def test_4_remeta_rereads_a_fixed_export_and_moves_rows_to_their_day(
                                    for i in range(2)])
     assert main(["catalog", "remeta", str(drop), "--root", str(root), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["checked"] == 3 and out["updated"] == 2
+    assert out["checked"] == 3 and out["updated"] == 3  # S00002 keeps its file time but loses the export flag
     cat = by_name(root)
     assert len(cat) == 3 and cat[S.IMAGE_ID].is_unique
     assert cat.loc["S00000.png", S.DATE] == "2026-10-01" and cat.loc["S00001.png", S.STATION] == "ST1"
     assert cat.loc["S00002.png", S.TIMESTAMP_SOURCE] == "file_mtime"
+    assert list(cat.loc["S00002.png", S.FLAGS]) == [] and C.read_catalog(root)[S.FLAGS].map(len).sum() == 0
     assert len(C.read_catalog(root, start="2026-10-01", end="2026-10-03")) == 2
     assert C.catalog_stats(root).n_images == 3 and old_dates  # stats agree after the move
     again = I.refresh_metadata(drop, root)
