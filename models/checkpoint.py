@@ -134,14 +134,7 @@ def save_checkpoint(
         (tmp / CONFIG_NAME).write_text(json.dumps(doc, indent=2, sort_keys=True))
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE_NAME)
-        if out_dir.exists():  # keep companion files and folders (a latent DDPM, a monitoring bundle, ...)
-            for f in out_dir.iterdir():
-                if f.name in (WEIGHTS_NAME, CONFIG_NAME, TRAIN_STATE_NAME):
-                    continue
-                if f.is_dir():
-                    shutil.copytree(f, tmp / f.name, symlinks=True)
-                else:
-                    shutil.copy2(f, tmp / f.name, follow_symlinks=False)
+        _carry_companions(out_dir, tmp)
         old = out_dir.with_name(f".{out_dir.name}.old")
         if old.exists():
             shutil.rmtree(old)
@@ -154,6 +147,19 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _carry_companions(out_dir: Path, tmp: Path) -> None:
+    """Copy the files and folders next to a checkpoint (a latent DDPM, a monitoring bundle, ...) into its new copy."""
+    if not out_dir.exists():
+        return
+    for f in out_dir.iterdir():
+        if f.name in (WEIGHTS_NAME, CONFIG_NAME, TRAIN_STATE_NAME):
+            continue
+        if f.is_dir():
+            shutil.copytree(f, tmp / f.name, symlinks=True)
+        else:
+            shutil.copy2(f, tmp / f.name, follow_symlinks=False)
 
 
 def _resolve_dir(path: str | Path) -> Path:

@@ -79,5 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     return int(rc or 0)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # `python -m pipeline.cli`: run the imported module's main, so the sub-commands' CLIError
+    from pipeline.cli import main as _main  # (pipeline.cli.CLIError, not __main__.CLIError) is caught
+
+    raise SystemExit(_main())

@@ -219,7 +219,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cmd_ingest)
+    _register_catalog(subparsers, root_help)
 
+
+def _register_catalog(subparsers: argparse._SubParsersAction, root_help: str) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
     cat = subparsers.add_parser(
         "catalog",
         help="inspect and maintain the image catalog",
@@ -244,7 +248,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sn.add_argument("--root", help=root_help)
     sn.add_argument("--json", action="store_true", help="print as JSON")
     sn.set_defaults(func=_cmd_snapshot)
+    _register_maintenance(csub, root_help)
 
+    def _catalog_help(_args: argparse.Namespace) -> int:
+        cat.print_help()
+        return 0
+
+    cat.set_defaults(func=_catalog_help)
+
+
+def _register_maintenance(csub: argparse._SubParsersAction, root_help: str) -> None:
     cp = csub.add_parser("compact", help="merge each partition's part files into one")
     cp.add_argument("--root", help=root_help)
     cp.add_argument("--lock-timeout", type=float, default=10.0, help="seconds to wait for the writer lock")
@@ -263,9 +276,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ct.add_argument("--min-age", type=float, default=600.0, metavar="S",
                     help="only files older than S seconds (default 600: a writer may be in flight)")
     ct.set_defaults(func=_cmd_clean_tmp)
-
-    def _catalog_help(_args: argparse.Namespace) -> int:
-        cat.print_help()
-        return 0
-
-    cat.set_defaults(func=_catalog_help)

@@ -35,13 +35,12 @@ import datetime as dt
 import json
 import logging
 import os
-import re
 import shutil
 import stat
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,10 +52,18 @@ from tqdm.auto import tqdm
 
 from pipeline import catalog as C
 from pipeline import schemas as S
+from pipeline.catalog_rewrite import rewrite_rows
+from pipeline.dropfolder import (
+    Candidate,
+    OverlapError,
+    Paths,
+    quarantine_dest,
+    resolve_paths,
+    scan,
+)
 from pipeline.mes import EARLIEST, MesCache, read_mes_export, refresh_rows, row_metadata
 from pipeline.store import sha256_bytes
 from pipeline.validation import (
-    EXT_CANON,
     FILE_TOO_LARGE,
     NOT_A_FILE,
     REASONS,
@@ -82,8 +89,6 @@ CRASH_ENV = "LINEWATCH_TEST_CRASH_AT"
 REMOVALS_SUFFIX = ".removals.jsonl"
 """Intent log of a run's pending drop-folder removals (``runs/<run_id>.removals.jsonl``), deleted when done."""
 
-OWN_DIRS = (C.CATALOG_DIR, C.TABLES_DIR, C.STORE_DIR, C.QUARANTINE_DIR, C.SNAPSHOTS_DIR, C.RUNS_DIR)
-"""The catalog root's own folders: a drop folder may never be (inside) one of them."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,34 +260,6 @@ class RefreshSummary:
         return asdict(self)
 
 
-class OverlapError(ValueError):
-    """The drop folder and the catalog root (or the quarantine folder) overlap."""
-
-
-@dataclass(frozen=True)
-class _Candidate:
-    path: str  # absolute under the resolved drop folder, as the OS gives it (may hold surrogate escapes)
-    rel: tuple[str, ...]  # parts relative to the drop folder
-    size: int
-    mtime_ns: int
-    is_link: bool
-    is_regular: bool = True
-
-    @property
-    def shown(self) -> str:
-        r"""The path as stored in the tables (bytes that are not UTF-8 as ``\xNN`` escapes)."""
-        return printable(self.path)
-
-    @property
-    def key(self) -> tuple[str, int, int]:
-        return self.shown, self.size, self.mtime_ns
-
-    @property
-    def ext(self) -> str:
-        ext = self.rel[-1].rsplit(".", 1)[-1].lower() if "." in self.rel[-1] else ""
-        return EXT_CANON.get(ext, ext)
-
-
 @dataclass(frozen=True)
 class _Removal:
     """A drop-folder file to remove once its row is published: the store (``sha``) or quarantine (``dest``) copy."""
@@ -303,119 +280,6 @@ class _Removal:
         d = json.loads(line)
         return cls(os.fsdecode(bytes.fromhex(d["raw"])), int(d["size"]), int(d["mtime_ns"]), d["sha"], d["dest"],
                    d["ext"])
-
-
-@dataclass(frozen=True)
-class _Paths:
-    drop: Path  # resolved
-    scan_root: Path
-    root: Path
-    qdir: Path
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# paths
-
-
-def _inside(child: str, parent: str) -> bool:
-    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
-
-
-def check_overlap(drop: str | os.PathLike[str], root: str | os.PathLike[str], qdir: str | os.PathLike[str]) -> None:
-    """Refuse a drop folder that overlaps the catalog root's data or the quarantine folder (symlinks resolved).
-
-    Allowed: the drop folder as a plain sub-folder of the root (``$LINEWATCH_HOME/drop`` with the root at
-    ``$LINEWATCH_HOME``, the default layout). Refused: drop = root; the drop inside one of the root's own folders
-    (``catalog``, ``tables``, ``store``, ``quarantine``, ``snapshots``, ``runs``) or the quarantine folder; the
-    root or the quarantine folder inside the drop folder. Ingest would otherwise read its own files and, with
-    ``--delete-source`` or ``move``, remove them.
-
-    Raises:
-        OverlapError: The message names both paths and why.
-    """
-    d, r, q = (os.path.realpath(p) for p in (drop, root, qdir))
-    why = None
-    if d == r:
-        why = "they are the same folder"
-    elif _inside(r, d):
-        why = "the catalog root is inside the drop folder"
-    elif _inside(q, d):
-        why = f"the quarantine folder {q} is inside the drop folder"
-    elif _inside(d, q):
-        why = f"the drop folder is inside the quarantine folder {q}"
-    elif _inside(d, r) and Path(d).relative_to(r).parts[0] in OWN_DIRS:
-        why = f"the drop folder is inside the catalog's own folder {Path(d).relative_to(r).parts[0]!r}"
-    if why:
-        raise OverlapError(
-            f"drop folder {d} and catalog root {r} overlap: {why}. Ingest would read its own files and could remove "
-            "them; use separate folders (a plain sub-folder such as ROOT/drop is fine)"
-        )
-
-
-def _resolve_paths(drop: str | os.PathLike[str], root: Path, line: str | None, config: IngestConfig) -> _Paths:
-    drop_path = Path(drop)
-    if not drop_path.is_dir():
-        raise ValueError(f"drop folder {drop_path} does not exist or is not a folder")
-    drop_real = Path(os.path.realpath(drop_path))
-    qdir = Path(config.quarantine_dir) if config.quarantine_dir else root / C.QUARANTINE_DIR
-    check_overlap(drop_real, root, qdir)
-    scan_root = drop_real
-    if line is not None:
-        if not SAFE_PART.match(line):
-            raise ValueError(f"line {line!r} must match {SAFE_PART.pattern}")
-        scan_root = drop_real / line
-        if scan_root.is_symlink():
-            raise ValueError(f"{scan_root} is a symbolic link; links are not followed, give the real folder")
-        if not scan_root.is_dir():
-            raise ValueError(f"no folder for line {line!r}: {scan_root} does not exist")
-    return _Paths(drop_real, scan_root, root, qdir)
-
-
-def _scan(scan_root: Path, drop: Path, skip_dirs: set[str], metadata_name: str) -> Iterator[_Candidate]:
-    """Yield every entry to consider, sorted, without following links."""
-    for dirpath, dirnames, filenames in os.walk(scan_root, followlinks=False):
-        dirnames.sort()
-        keep = []
-        for d in dirnames:
-            full = os.path.join(dirpath, d)
-            if os.path.islink(full):
-                st = os.lstat(full)
-                rel = Path(full).relative_to(drop).parts
-                yield _Candidate(full, rel, st.st_size, st.st_mtime_ns, is_link=True, is_regular=False)
-            elif d.startswith(".") or os.path.realpath(full) in skip_dirs:
-                continue  # hidden folders (ours, editors', OS metadata) and the catalog root if nested
-            else:
-                keep.append(d)
-        dirnames[:] = keep
-        for name in sorted(filenames):
-            if name == metadata_name:
-                continue
-            full = os.path.join(dirpath, name)
-            try:
-                st = os.lstat(full)
-            except FileNotFoundError:
-                continue
-            rel = Path(full).relative_to(drop).parts
-            yield _Candidate(full, rel, st.st_size, st.st_mtime_ns, is_link=stat.S_ISLNK(st.st_mode),
-                             is_regular=stat.S_ISREG(st.st_mode))
-
-
-def _quarantine_dest(qdir: Path, run_id: str, rel: tuple[str, ...]) -> Path:
-    """A free path under ``<qdir>/<run_id>/`` for a reject: safe characters, parts cut to 100, extension kept."""
-    safe = []
-    for i, part in enumerate(rel):
-        s = re.sub(r"[^A-Za-z0-9._-]", "_", printable(part)).lstrip(".-") or "_"
-        stem, dot, ext = s.rpartition(".")
-        if len(s) > 100:
-            keep_ext = i == len(rel) - 1 and dot and stem and 0 < len(ext) <= 10
-            s = f"{stem[: 99 - len(ext)]}.{ext}" if keep_ext else s[:100]
-        safe.append(s)
-    dest = qdir / run_id / Path(*safe)
-    n = 1
-    while dest.exists() or dest.is_symlink():
-        dest = dest.with_name(f"{dest.stem}~{n}{dest.suffix}")
-        n += 1
-    return dest
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -472,7 +336,7 @@ class _KnownState:
 # rows
 
 
-def _catalog_row(cand: _Candidate, acc: Accepted, meta: dict[str, Any], run_id: str) -> dict[str, Any]:
+def _catalog_row(cand: Candidate, acc: Accepted, meta: dict[str, Any], run_id: str) -> dict[str, Any]:
     flags = [*meta[S.FLAGS], *acc.flags] + (["converted_from_rgb"] if acc.converted_from_rgb else [])
     return {
         **meta,
@@ -497,7 +361,7 @@ def _catalog_row(cand: _Candidate, acc: Accepted, meta: dict[str, Any], run_id: 
 class _IngestRun:
     """One ingest run as named steps; ``ingest`` calls them in order under the catalog lock."""
 
-    def __init__(self, paths: _Paths, config: IngestConfig, *, progress: bool, hook: Callable[[str], None]) -> None:
+    def __init__(self, paths: Paths, config: IngestConfig, *, progress: bool, hook: Callable[[str], None]) -> None:
         self.paths, self.config, self.progress, self.hook = paths, config, progress, hook
         self.run_id = C.new_run_id()
         self.store = C.content_store(paths.root, fsync=config.fsync)
@@ -516,11 +380,11 @@ class _IngestRun:
         self.removals_log.parent.mkdir(parents=True, exist_ok=True)
 
     # -- scan ---------------------------------------------------------------------------------------------------
-    def scan(self) -> list[_Candidate]:
+    def scan(self) -> list[Candidate]:
         """List the drop folder; skip what earlier runs handled, queueing the removals a crashed run missed."""
         p = self.paths
         skip_dirs = {os.path.realpath(p.root), os.path.realpath(p.qdir)}
-        scanned = list(_scan(p.scan_root, p.drop, skip_dirs, self.config.metadata_filename))
+        scanned = list(scan(p.scan_root, p.drop, skip_dirs, self.config.metadata_filename))
         self.known = known = _KnownState(p.root, [c.shown for c in scanned])
         self._finish_crashed_removals({c.path for c in scanned})
         todo = []
@@ -564,12 +428,12 @@ class _IngestRun:
         log.warning("not removing %s: the store has no intact copy of its bytes", printable(item.path))
         return False
 
-    def _remove_later(self, cand: _Candidate, sha: str | None = None, dest: Path | None = None) -> None:
+    def _remove_later(self, cand: Candidate, sha: str | None = None, dest: Path | None = None) -> None:
         self.to_remove.append(_Removal(cand.path, cand.size, cand.mtime_ns, sha, str(dest) if dest else None,
                                        cand.ext))
 
     # -- settle -------------------------------------------------------------------------------------------------
-    def settle(self, candidates: list[_Candidate]) -> list[_Candidate]:
+    def settle(self, candidates: list[Candidate]) -> list[Candidate]:
         """Wait until every file is ``settle_s`` old (at most ``settle_s``), then look again; drop changed files."""
         regular = [c for c in candidates if c.is_regular]
         if not regular or self.config.settle_s <= 0:
@@ -592,7 +456,7 @@ class _IngestRun:
         return out
 
     # -- check --------------------------------------------------------------------------------------------------
-    def check(self, cand: _Candidate) -> Rejection | Accepted | Unsettled:
+    def check(self, cand: Candidate) -> Rejection | Accepted | Unsettled:
         """Validate one candidate (decoded fully once) and store it if valid."""
         if cand.is_link:
             return check_link(cand.path, str(self.paths.drop))
@@ -603,7 +467,7 @@ class _IngestRun:
             return Rejection(NOT_A_FILE, "not a regular file (FIFO, socket or device)")
         return inspect_file(cand.path, cand.rel, self.config, self.store, expect=(cand.size, cand.mtime_ns))
 
-    def check_all(self, candidates: list[_Candidate]) -> None:
+    def check_all(self, candidates: list[Candidate]) -> None:
         """Check the candidates batch by batch (threads), handle and publish each batch."""
         bar = tqdm(total=len(candidates), unit="file", desc="ingest",
                    disable=not self.progress or not sys.stderr.isatty())
@@ -622,11 +486,11 @@ class _IngestRun:
                 pool.shutdown(wait=True, cancel_futures=True)
 
     # -- handle -------------------------------------------------------------------------------------------------
-    def _has_mes(self, cand: _Candidate) -> bool:
+    def _has_mes(self, cand: Candidate) -> bool:
         folder, name = os.path.split(cand.path)
         return self.mes.lookup(folder, name.rsplit(".", 1)[0])[0] is not None
 
-    def handle(self, batch: list[_Candidate], results: list[Rejection | Accepted | Unsettled]) -> None:
+    def handle(self, batch: list[Candidate], results: list[Rejection | Accepted | Unsettled]) -> None:
         """Register, record as duplicate, or reject each result; a name with MES data registers first."""
         assert self.known is not None
         registered = self.known.lookup([r.sha256 for r in results if isinstance(r, Accepted)])
@@ -646,7 +510,7 @@ class _IngestRun:
                 else:
                     self.duplicate(cand, res, image_id)
 
-    def register(self, cand: _Candidate, acc: Accepted) -> None:
+    def register(self, cand: Candidate, acc: Accepted) -> None:
         """A new image: one catalog row."""
         assert self.known is not None
         meta = row_metadata(cand.path, cand.rel, cand.mtime_ns, self.mes, self.config)
@@ -659,7 +523,7 @@ class _IngestRun:
         if self.config.delete_source:
             self._remove_later(cand, sha=acc.sha256)
 
-    def duplicate(self, cand: _Candidate, acc: Accepted, image_id: str) -> None:
+    def duplicate(self, cand: Candidate, acc: Accepted, image_id: str) -> None:
         """Bytes already registered: a duplicate row (or nothing, for a touched file already recorded)."""
         assert self.known is not None
         if (cand.shown, acc.sha256) in self.known.catalog_path_sha:
@@ -678,7 +542,7 @@ class _IngestRun:
         if self._has_mes(cand):
             self.upgrades.add(image_id)
 
-    def reject(self, cand: _Candidate, rej: Rejection) -> None:
+    def reject(self, cand: Candidate, rej: Rejection) -> None:
         """Quarantine: a copy (never of more than ``max_file_bytes``) and a row; a touched reject is skipped."""
         assert self.known is not None
         sig = (cand.shown, rej.code, rej.sha256 or "")
@@ -699,8 +563,8 @@ class _IngestRun:
                             S.INGEST_RUN_ID: self.run_id})
         self.quarantined[rej.code] += 1
 
-    def _copy_to_quarantine(self, cand: _Candidate) -> Path | None:
-        dest = _quarantine_dest(self.paths.qdir, self.run_id, cand.rel)
+    def _copy_to_quarantine(self, cand: Candidate) -> Path | None:
+        dest = quarantine_dest(self.paths.qdir, self.run_id, cand.rel)
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             shutil.copy2(cand.path, dest, follow_symlinks=False)
@@ -743,7 +607,7 @@ class _IngestRun:
         _checked, updated = refresh_rows(self.paths.root, self.paths.drop, self.upgrades, self.config,
                                          self.config.mes_cache())
         if updated:
-            C.rewrite_rows(self.paths.root, pa.Table.from_pylist(updated, schema=S.CATALOG_SCHEMA))
+            rewrite_rows(self.paths.root, pa.Table.from_pylist(updated, schema=S.CATALOG_SCHEMA))
         self.counts["refreshed"] += len(updated)
 
     # -- summary ------------------------------------------------------------------------------------------------
@@ -798,7 +662,7 @@ def ingest(
     """
     t_start = time.perf_counter()
     root = Path(root) if root is not None else C.default_root()
-    paths = _resolve_paths(drop, root, line, config)
+    paths = resolve_paths(drop, root, line, config)
     run = _IngestRun(paths, config, progress=progress, hook=crash_hook or _default_crash_hook)
     with C.catalog_lock(root, timeout=config.lock_timeout, purpose=f"ingest {run.run_id}"):
         candidates = run.settle(run.scan())
@@ -835,13 +699,13 @@ def refresh_metadata(
     """
     t0 = time.perf_counter()
     root = Path(root) if root is not None else C.default_root()
-    paths = _resolve_paths(drop, root, None, config)
+    paths = resolve_paths(drop, root, None, config)
     mes = config.mes_cache()
     run_id = C.new_run_id("remeta-")
     with C.catalog_lock(root, timeout=config.lock_timeout, purpose=f"remeta {run_id}"):
         checked, updated = refresh_rows(root, paths.drop, None, config, mes)
         table = pa.Table.from_pylist(updated, schema=S.CATALOG_SCHEMA)
-        n_parts = C.rewrite_rows(root, table, run_id=run_id) if updated else 0
+        n_parts = rewrite_rows(root, table, run_id=run_id) if updated else 0
         summary = RefreshSummary(run_id, checked, len(updated), n_parts, round(time.perf_counter() - t0, 4),
                                  dict(sorted(mes.flag_counts.items())), list(mes.problems))
         C.write_run_record(root, run_id, {"kind": "remeta", "drop": str(paths.drop), **summary.to_dict()})

@@ -360,9 +360,11 @@ def test_rewrite_rows_moves_rows_between_partitions_and_a_crash_is_finished_late
     def crash(path):  # noqa: ANN001
         raise RuntimeError("killed between publish and removal")
 
-    monkeypatch.setattr(C, "_remove_replaced", crash)
+    from pipeline import catalog_rewrite as R
+
+    monkeypatch.setattr(R, "_remove_replaced", crash)
     with pytest.raises(RuntimeError):
-        C.rewrite_rows(root, moved)
+        R.rewrite_rows(root, moved)
     monkeypatch.undo()
     assert list((root / "runs").glob("*.pending.json"))
     with C.catalog_lock(root):  # the next writer finishes the journal
