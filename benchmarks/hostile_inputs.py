@@ -493,6 +493,40 @@ def _reader_compact(ctx: Ctx) -> tuple[bool, int, str]:
     return ok, 0, answer
 
 
+@scenario("readers while compaction runs again and again (15 s)", "12")
+def _reader_stress(ctx: Ctx) -> tuple[bool, int, str]:
+    from pipeline import catalog as C
+
+    drop, root = ctx.sub("stress/drop"), ctx.tmp / "stress/root"
+    ctx.H.good_drop(drop, n=4)
+    _ingest(drop, root)
+    import pyarrow as pa
+
+    from pipeline import schemas as S
+
+    rows = C.scan_catalog(root, [c for c in S.CATALOG_SCHEMA.names if c != S.SPLIT])
+    rows = rows.append_column(S.SPLIT, pa.nulls(rows.num_rows, pa.string()))
+    stop, writes = time.monotonic() + 15, [0]
+
+    def writer() -> None:  # new parts of the same rows (as a crashed compaction leaves), then compact them away
+        while time.monotonic() < stop:
+            C.write_catalog_rows(root, rows, f"part-stress-{writes[0]:05d}")
+            C.compact(root)
+            writes[0] += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    reads = failures = 0
+    while time.monotonic() < stop:
+        try:
+            reads += 1
+            assert len(C.read_catalog(root)) == 4
+        except FileNotFoundError:
+            failures += 1
+    t.join()
+    return failures == 0, 0, f"{failures} of {reads} reads failed during {writes[0]} compactions"
+
+
 def _rerun(ctx: Ctx, name: str, change: Callable[[Path, Path], Path]) -> tuple[bool, int, str]:
     drop, root = ctx.sub(f"{name}/drop"), ctx.tmp / f"{name}/root"
     goods = ctx.H.good_drop(drop, n=2)

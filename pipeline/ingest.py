@@ -286,11 +286,16 @@ class _Removal:
 # what earlier runs did
 
 
+def reject_signature(path: str, code: str, sha256: str | None, size: int) -> tuple[str, str, str]:
+    """What makes a reject "the same one again": path, reason and bytes (the size when it was never read)."""
+    return path, code, sha256 if sha256 else f"size:{size}"
+
+
 class _KnownState:
     """What earlier runs did, restricted to the paths found in this drop folder scan.
 
     Keys are ``(path, size, mtime_ns)``; ``*_path_sha`` remember ``(path, sha256)`` so a touched file (new mtime,
-    same bytes) is recognised; ``quarantine_sig`` remembers ``(path, reason_code, sha256)`` of rejects. Registered
+    same bytes) is recognised; ``quarantine_sig`` remembers ``reject_signature`` of rejects. Registered
     digests are looked up per batch with ``index_in`` against the Arrow column, so start-up stays cheap on a
     catalog of millions of rows.
     """
@@ -315,11 +320,11 @@ class _KnownState:
                                                       S.REASON_CODE, S.QUARANTINED_TO])
         q = q[q[S.PATH].isin(wanted)]
         self.quarantined: dict[tuple[str, int, int], str | None] = {}
-        self.quarantine_sig: dict[tuple[str, str, str], str | None] = {}
+        self.quarantine_sig: dict[tuple[str, str, str], str | None] = {}  # reject_signature -> copy
         for p, size, mtime, sha, code, dest in q.itertuples(index=False):
             dest = dest if isinstance(dest, str) else None
             self.quarantined[(p, int(size), int(mtime))] = dest
-            self.quarantine_sig[(p, code, sha if isinstance(sha, str) else "")] = dest
+            self.quarantine_sig[reject_signature(p, code, sha if isinstance(sha, str) else None, int(size))] = dest
 
     def lookup(self, shas: list[str]) -> dict[str, str]:
         """``sha256 -> image_id`` for the digests already registered (earlier runs or this one)."""
@@ -545,7 +550,7 @@ class _IngestRun:
     def reject(self, cand: Candidate, rej: Rejection) -> None:
         """Quarantine: a copy (never of more than ``max_file_bytes``) and a row; a touched reject is skipped."""
         assert self.known is not None
-        sig = (cand.shown, rej.code, rej.sha256 or "")
+        sig = reject_signature(cand.shown, rej.code, rej.sha256, cand.size)
         if sig in self.known.quarantine_sig:
             self.counts["skip_seen"] += 1  # the same reject, touched: recorded and copied before
             return
