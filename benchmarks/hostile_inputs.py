@@ -179,8 +179,7 @@ def _growing(ctx: Ctx) -> tuple[bool, int, str]:
     full = ctx.H.image_bytes(ctx.H.gray(7, (64, 64)))
     cam = ctx.H.GrowingFile(drop / "L1" / ctx.H.DAY / "S09999.png", full, first=200)
     cam.start()
-    writer = threading.Timer(0.4, cam.finish)
-    writer.start()
+    writer = cam.write_slowly(3.0)  # the camera keeps writing (one open handle) while ingest runs
     try:
         _ingest(drop, root, quarantine_mode="move")
     finally:
@@ -293,7 +292,12 @@ def _mes_time(ctx: Ctx, key: str) -> tuple[bool, int, str]:
     def build(drop: Path) -> None:
         ctx.H.mes_export(drop / "L1" / ctx.H.DAY, [("S00000", ctx.H.EXTREME_TIMESTAMPS[key], "L1", "ST1", "mono")])
 
-    return _poison(ctx, f"time-{key}", build, lambda s: s.registered == 3)
+    ok, lost, answer = _poison(ctx, f"time-{key}", build, lambda s: s.registered == 3)
+    if ok:  # the implausible time must not be the capture time (the file time is used)
+        cat = _catalog(ctx.tmp / f"time-{key}/root")
+        src = cat.loc[cat["source_path"].str.endswith("S00000.png"), "timestamp_source"].iloc[0]
+        ok, answer = src != "mes", f"{answer}; capture time from {src}"
+    return ok, lost, answer
 
 
 for _key, _label in (("year1_east", "year 1, +05:00"), ("year9999_west", "year 9999, -05:00"),
@@ -479,7 +483,8 @@ def _reader_compact(ctx: Ctx) -> tuple[bool, int, str]:
     def list_then_compact(*a: Any, **kw: Any) -> Any:
         files = real(*a, **kw)
         if not fired:
-            fired.append(C.compact(root))
+            fired.append(1)  # before compacting: compact lists the parts itself
+            C.compact(root)
         return files
 
     C._partition_files = list_then_compact

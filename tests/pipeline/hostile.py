@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 import os
 import struct
+import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -143,19 +145,47 @@ def long_name(folder: Path, length: int = 200, ext: str = ".png", data: bytes | 
 
 
 class GrowingFile:
-    """A file a camera is still writing: ``start()`` writes the first part, ``finish()`` the rest."""
+    """A file a camera is still writing, through one open handle, a chunk at a time.
+
+    ``start()`` writes the first ``first`` bytes and keeps the file open; ``write_slowly(seconds)`` (a thread) writes
+    the rest in chunks spread over ``seconds``. If the file is removed or moved meanwhile, the writer goes on writing
+    into the unlinked file, exactly as a camera would: the complete image then exists nowhere.
+    """
 
     def __init__(self, path: Path, data: bytes, first: int) -> None:
         self.path, self.data, self.first = path, data, first
+        self._fh: io.BufferedWriter | None = None
 
     def start(self) -> Path:
-        """Write the first ``first`` bytes (mtime = now)."""
-        return write(self.path, self.data[: self.first])
+        """Create the file with its first ``first`` bytes (mtime = now), and keep it open."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "wb")  # noqa: SIM115 - held open across calls on purpose
+        self._fh.write(self.data[: self.first])
+        self._fh.flush()
+        return self.path
+
+    def write_slowly(self, seconds: float, chunks: int = 8) -> threading.Thread:
+        """Write the rest in ``chunks`` pieces over ``seconds`` in a thread (started), then close the file."""
+
+        def run() -> None:
+            assert self._fh is not None
+            rest = self.data[self.first :]
+            step = -(-len(rest) // chunks)
+            for i in range(0, len(rest), step):
+                time.sleep(seconds / chunks)
+                self._fh.write(rest[i : i + step])
+                self._fh.flush()
+            self._fh.close()
+
+        t = threading.Thread(target=run)
+        t.start()
+        return t
 
     def finish(self) -> Path:
-        """Append the rest, as the writer would."""
-        with open(self.path, "ab") as fh:
-            fh.write(self.data[self.first :])
+        """Write the rest at once and close the file."""
+        assert self._fh is not None
+        self._fh.write(self.data[self.first :])
+        self._fh.close()
         return self.path
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -45,8 +44,7 @@ def test_1_file_still_being_written_is_left_for_the_next_run_even_in_move_mode(t
     full = H.image_bytes(H.gray(7, (64, 64)))
     cam = H.GrowingFile(drop / "L1" / DAY / "S09999.png", full, first=200)
     cam.start()
-    writer = threading.Timer(0.4, cam.finish)  # the camera finishes while ingest looks at the file
-    writer.start()
+    writer = cam.write_slowly(3.0)  # the camera keeps writing while ingest looks at the file
     try:
         s1 = ingest(drop, root, progress=False, config=IngestConfig(quarantine_mode="move"))
     finally:
