@@ -9,7 +9,7 @@ empty catalog with 1 and with 2 validation threads. Reported: files/s for the wh
 validation, store writes, publishing, run record), and the idempotent re-run time. The files are back-dated an hour
 (a drop written before the run), so no run waits for the settle time (``IngestConfig.settle_s``, 2 s at most per
 run, only when files younger than that are present). A per-image profile splits the
-work into read + sha256, Pillow verify + full decode, and the store write.
+work into read + sha256, validation (``decode_image``: header, PNG stream check, verify, full decode), and the store write.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def main() -> None:
             "",
             f"Per-image profile ({prof['n']} cells, {prof['bytes'] / 1024:.0f} KiB each, one thread, wall time under the "
             f"load above): read "
-            f"{prof['read']:.2f} ms, sha256 {prof['sha256']:.2f} ms, Pillow verify + full decode "
+            f"{prof['read']:.2f} ms, sha256 {prof['sha256']:.2f} ms, validation (decode_image: verify, PNG stream check, full decode) "
             f"{prof['validate']:.2f} ms, store write (temp + rename) {prof['store']:.2f} ms; sum {total:.2f} ms "
             f"= {1e3 / total:.0f} images/s before catalog bookkeeping.",
         ]

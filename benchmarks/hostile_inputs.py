@@ -1,10 +1,10 @@
 """Hostile inputs: how many bad inputs linewatch survives, and how much data it loses on them.
 
-Run: ``.venv/bin/python -m benchmarks.hostile_inputs`` (this tree; ~1-2 min, plus ~30 s for the MLflow-down
-commands); ``--code /path/to/other/checkout --label main`` runs the same scenarios against another checkout's
-``pipeline`` (e.g. the code before issue 14; its MLflow-down commands take ~3 min each). Each run writes
-``benchmarks/results/hostile_inputs_<label>.json``; ``benchmarks/results/hostile_inputs.md`` is rebuilt from every
-such file present.
+Run: ``.venv/bin/python -m benchmarks.hostile_inputs`` (this tree; ~2-3 min on the shared machine);
+``--code DIR --label NAME --note TEXT`` runs the same scenarios against another checkout's ``pipeline``/``models``/
+``flows``, e.g. the code before issue 14 (``git archive 11ef705 pipeline models flows | tar -x -C /tmp/base``; its
+MLflow-down commands take ~3 min each). Each run writes ``benchmarks/results/hostile_inputs_<label>.json``;
+``benchmarks/results/hostile_inputs.md`` is rebuilt from every such file present.
 
 Every scenario makes its bad input with ``tests/pipeline/hostile.py`` (nothing stored), next to good, settled
 images, and runs what a user would run (the ingest API, or the ``linewatch`` command in a subprocess). A scenario
@@ -651,7 +651,7 @@ def render() -> str:
         lines.append(f"| {label} | {doc['date']} | {len(res)} | {sum(r['survived'] for r in res)} | "
                      f"{sum(r['lost'] for r in res)} |")
     for label, doc in runs.items():
-        lines += [f"\n## {label}: {doc['code']}\n", "| item | bad input | survived | lost | answer | s |",
+        lines += [f"\n## {label}: {doc.get('note') or doc['code']}\n", "| item | bad input | survived | lost | answer | s |",
                   "|---|---|---|---|---|---|"]
         for r in doc["outcomes"]:
             answer = r["answer"].replace("|", "/").replace("\n", " ")
@@ -665,6 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--code", default=str(ROOT), help="checkout whose pipeline/ and models/ are tested")
     ap.add_argument("--label", default="this-tree", help="name of the run in the results (default this-tree)")
     ap.add_argument("--only", default=None, help="run only scenarios whose name contains this text")
+    ap.add_argument("--note", default=None, help="what the code under test is, for the results page")
     args = ap.parse_args(argv)
     code = Path(args.code).resolve()
     sys.path.insert(0, str(code))
@@ -672,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = run(code, args.only)
     if args.only is None:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        doc = {"code": str(code), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        doc = {"code": str(code), "note": args.note, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "outcomes": [asdict(o) for o in outcomes]}
         (RESULTS / f"hostile_inputs_{args.label}.json").write_text(json.dumps(doc, indent=1))
         (RESULTS / "hostile_inputs.md").write_text(render())

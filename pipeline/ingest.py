@@ -119,9 +119,9 @@ class IngestConfig:
         batch_size: Files per publish; a crash loses at most one batch of work.
         workers: Threads validating and hashing in parallel (decoders and hashing release the GIL).
         fsync: fsync store objects before publishing (power-loss safety; slower).
-        settle_s: A file is taken only once it is at least this old and its size and mtime did not change between
-            two looks this far apart; younger files make the run wait (at most this long), changed ones are left
-            for the next run. Applies in every mode.
+        settle_s: A file is taken only once it has not changed for this long: its mtime is at least this old and
+            its size and mtime are the same at a second look; younger files make the run wait (at most this long)
+            before that look, changed ones are left for the next run. Applies in every mode.
         mes_earliest: Earliest plausible capture time (ISO 8601 date or time, UTC).
         mes_max_future_s: How far after now a capture time may lie (camera or MES clock skew).
     """
