@@ -407,7 +407,8 @@ class _IngestRun:
         assert self.known is not None
         for log_path in sorted((self.paths.root / C.RUNS_DIR).glob(f"*{REMOVALS_SUFFIX}")):
             items = [_Removal.from_json(ln) for ln in log_path.read_text().splitlines() if ln.strip()]
-            later = [it for it in items if it.path not in present]  # outside this scan (--line): keep for later
+            # outside this scan (--line) but still there: keep for later; gone: nothing left to do
+            later = [it for it in items if it.path not in present and os.path.lexists(it.path)]
             for it in (it for it in items if it.path in present):
                 key = (printable(it.path), it.size, it.mtime_ns)
                 published = key in self.known.registered or key in self.known.duplicates

@@ -406,3 +406,12 @@ def test_14_clean_tmp_command_removes_leftovers(tmp_path: Path, capsys: pytest.C
     os.utime(fresh, ns=(0, 0))
     assert main(["catalog", "clean-tmp", "--root", str(root), "--min-age", "0"]) == 0
     assert not fresh.exists()
+
+
+def test_14_intent_log_of_files_already_gone_is_dropped(tmp_path: Path) -> None:
+    drop, root = tmp_path / "drop", tmp_path / "root"
+    H.good_drop(drop, n=1)
+    gone = I._Removal(str(drop / "L1" / DAY / "S77777.png"), 10, 0, sha="0" * 64, ext="png")
+    H.write(root / "runs" / f"crashed{I.REMOVALS_SUFFIX}", (gone.to_json() + "\n").encode())
+    ingest(drop, root, progress=False, config=IngestConfig(delete_source=True))
+    assert not list((root / "runs").glob(f"*{I.REMOVALS_SUFFIX}"))
