@@ -25,6 +25,18 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=1, default=str))
 
 
+def _tracking_down(command: str) -> bool:
+    """Print one line and return True when MLflow cannot be reached (checked before any flow starts)."""
+    from pipeline import tracking
+
+    try:
+        tracking.check_reachable()
+    except tracking.TrackingUnavailable as exc:
+        print(f"linewatch {command}: {exc} Nothing ran.", file=sys.stderr)
+        return True
+    return False
+
+
 # ------------------------------------------------------------------------------------------------ demo
 class FlowRunner:
     """Runs the demo's steps as Prefect flows (ephemeral local API when no server is configured)."""
@@ -168,6 +180,8 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     """Run the nightly flow once now."""
     monitor = _monitor_params(args)
     retrain = _retrain_params(args, monitor)
+    if _tracking_down("nightly"):
+        return EXIT_FAILED
     _prefect_home()
     from flows import StepFailed
     from flows.nightly import nightly_flow
@@ -192,6 +206,8 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 def cmd_retrain(args: argparse.Namespace) -> int:
     """Run the retrain flow once now."""
     params = _retrain_params(args, _monitor_params(args))
+    if _tracking_down("retrain"):
+        return EXIT_FAILED
     _prefect_home()
     from flows.retrain import retrain_flow
     from pipeline.training.retrain import InsufficientData
@@ -210,6 +226,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 def cmd_monitor(args: argparse.Namespace) -> int:
     """Run the monitor flow once now."""
     params = _monitor_params(args)
+    if _tracking_down("monitor"):
+        return EXIT_FAILED
     _prefect_home()
     from flows.monitor import monitor_flow
     from flows.runners import with_task_runner

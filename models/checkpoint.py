@@ -7,7 +7,9 @@ Layout of a checkpoint directory::
     train_state.pt         optional: raw weights, optimizer state, step, RNG states (loaded with weights_only=True)
 
 Loading never unpickles a model object: the model is rebuilt from ``config.json`` and the tensors are loaded into it
-with strict key and shape checks.
+with strict key and shape checks, after the weights file is checked against the digest recorded when it was saved
+(``meta.weights_sha256``, or the 16-hex ``model_id`` of older checkpoints): flipped bytes never load silently under
+the original model id.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "load_checkpoint",
     "load_train_state",
     "file_digest",
+    "verify_weights",
 ]
 
 FORMAT_VERSION = 1
@@ -53,7 +56,8 @@ class Checkpoint:
         model: the rebuilt model in eval mode.
         config: its config.
         preprocess: how raw images must be converted for it.
-        meta: free-form metadata; ``meta["model_id"]`` = first 16 hex chars of sha256(weights.safetensors).
+        meta: free-form metadata; ``meta["weights_sha256"]`` = sha256(weights.safetensors), checked on every load,
+            and ``meta["model_id"]`` = its first 16 hex characters.
         path: the checkpoint directory.
     """
 
@@ -118,7 +122,9 @@ def save_checkpoint(
             metadata={"format_version": str(FORMAT_VERSION)},
         )
         meta = dict(meta or {})
-        meta["model_id"] = file_digest(tmp / WEIGHTS_NAME)[:16]
+        digest = file_digest(tmp / WEIGHTS_NAME)
+        meta["model_id"] = digest[:16]
+        meta["weights_sha256"] = digest
         doc = {
             "format_version": FORMAT_VERSION,
             "model": cfg.to_dict(),
@@ -128,14 +134,7 @@ def save_checkpoint(
         (tmp / CONFIG_NAME).write_text(json.dumps(doc, indent=2, sort_keys=True))
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE_NAME)
-        if out_dir.exists():  # keep companion files and folders (a latent DDPM, a monitoring bundle, ...)
-            for f in out_dir.iterdir():
-                if f.name in (WEIGHTS_NAME, CONFIG_NAME, TRAIN_STATE_NAME):
-                    continue
-                if f.is_dir():
-                    shutil.copytree(f, tmp / f.name, symlinks=True)
-                else:
-                    shutil.copy2(f, tmp / f.name, follow_symlinks=False)
+        _carry_companions(out_dir, tmp)
         old = out_dir.with_name(f".{out_dir.name}.old")
         if old.exists():
             shutil.rmtree(old)
@@ -148,6 +147,19 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _carry_companions(out_dir: Path, tmp: Path) -> None:
+    """Copy the files and folders next to a checkpoint (a latent DDPM, a monitoring bundle, ...) into its new copy."""
+    if not out_dir.exists():
+        return
+    for f in out_dir.iterdir():
+        if f.name in (WEIGHTS_NAME, CONFIG_NAME, TRAIN_STATE_NAME):
+            continue
+        if f.is_dir():
+            shutil.copytree(f, tmp / f.name, symlinks=True)
+        else:
+            shutil.copy2(f, tmp / f.name, follow_symlinks=False)
 
 
 def _resolve_dir(path: str | Path) -> Path:
@@ -169,18 +181,24 @@ def read_config(path: str | Path) -> tuple[InfoDiffusionConfig, PreprocessSpec, 
     cfg_path = d / CONFIG_NAME
     if not cfg_path.exists():
         raise FileNotFoundError(f"checkpoint {d} has no {CONFIG_NAME}")
-    doc = json.loads(cfg_path.read_text())
+    try:
+        doc = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"checkpoint {d}: {CONFIG_NAME} is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ValueError(f"checkpoint {d}: {CONFIG_NAME} must hold a JSON object")
     version = doc.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"checkpoint {d}: format_version {version!r}, this code reads {FORMAT_VERSION}")
     for key in ("model", "preprocess"):
         if key not in doc:
             raise ValueError(f"checkpoint {d}: {CONFIG_NAME} lacks the {key!r} section")
-    return (
-        InfoDiffusionConfig.from_dict(doc["model"]),
-        PreprocessSpec.from_dict(doc["preprocess"]),
-        doc.get("meta", {}),
-    )
+    try:
+        cfg, spec = InfoDiffusionConfig.from_dict(doc["model"]), PreprocessSpec.from_dict(doc["preprocess"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"checkpoint {d}: invalid {CONFIG_NAME}: {exc}") from exc
+    meta = doc.get("meta", {})
+    return cfg, spec, meta if isinstance(meta, dict) else {}
 
 
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -202,6 +220,24 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
     model.load_state_dict(state, strict=True)
 
 
+def verify_weights(d: Path, meta: dict[str, Any]) -> str:
+    """Check ``weights.safetensors`` against the digest in ``meta``; return its sha256.
+
+    Raises:
+        ValueError: The file does not hash to the recorded digest (damaged or changed after saving).
+    """
+    digest = file_digest(d / WEIGHTS_NAME)
+    expected = meta.get("weights_sha256") or meta.get("model_id")
+    if not isinstance(expected, str) or not expected:
+        raise ValueError(f"checkpoint {d}: {CONFIG_NAME} records no weights digest (meta.weights_sha256/model_id)")
+    if not digest.startswith(expected):
+        raise ValueError(
+            f"checkpoint {d}: {WEIGHTS_NAME} does not match its recorded digest (expected {expected[:16]}..., "
+            f"the file hashes to {digest[:16]}...): it was damaged or changed after saving; restore it or retrain"
+        )
+    return digest
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Load a checkpoint directory written by ``save_checkpoint``.
 
@@ -214,15 +250,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
     Raises:
         FileNotFoundError: missing directory or file.
-        ValueError: config invalid, or weights that do not fit the config (the message names the key).
+        ValueError: config invalid, weights that do not match their digest, an unreadable weights file, or weights
+            that do not fit the config (the message names the key).
     """
     d = _resolve_dir(path)
     cfg, spec, meta = read_config(d)
     w_path = d / WEIGHTS_NAME
     if not w_path.exists():
         raise FileNotFoundError(f"checkpoint {d} has no {WEIGHTS_NAME}")
+    verify_weights(d, meta)
     model = InfoDiffusion(cfg)
-    load_state_strict(model, load_file(str(w_path), device="cpu"), str(d))
+    try:
+        state = load_file(str(w_path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error type on a damaged header
+        raise ValueError(f"checkpoint {d}: {WEIGHTS_NAME} cannot be read: {exc}") from exc
+    load_state_strict(model, state, str(d))
     model.to(map_location).eval()
     return Checkpoint(model=model, config=cfg, preprocess=spec, meta=meta, path=d)
 

@@ -25,8 +25,26 @@ __all__ = [
 ]
 
 
+def _scalar(value: Any, hint: type, where: str) -> Any:
+    """Check a JSON scalar against ``int`` / ``float`` / ``bool`` / ``str`` (a bool is never a number)."""
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ValueError(f"{where}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
 def _convert(value: Any, hint: Any, where: str) -> Any:
-    """Convert a JSON value back to the annotated field type (tuples and nested configs)."""
+    """Convert a JSON value back to the annotated field type (tuples, nested configs), checking scalar types."""
+    if hint in (int, float, bool, str):
+        return _scalar(value, hint, where)
     origin = typing.get_origin(hint)
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
@@ -37,6 +55,9 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ValueError(f"{where}: expected a list, got {type(value).__name__}")
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         return tuple(value)
     if origin in (typing.Union, types.UnionType):
         return value

@@ -456,9 +456,14 @@ def mix_text(ref_products: Any, window_products: Any, min_change: float = MIX_CH
         window_products: product label of every window image.
         min_change: smallest absolute change of a share that is mentioned.
         prefix: prepended to a non-empty phrase (e.g. ``"; "``).
+
+    Labels are passed through ``pipeline.catalog.mes.safe_label`` (no control characters or newlines, no leading formula
+    character, at most 64 characters): this text reaches alert logs, webhooks and reports.
     """
-    ref = pd.Series(ref_products, dtype=object).fillna("unknown").astype(str)
-    win = pd.Series(window_products, dtype=object).fillna("unknown").astype(str)
+    from pipeline.catalog.mes import safe_label
+
+    ref = pd.Series(ref_products, dtype=object).fillna("unknown").map(safe_label)
+    win = pd.Series(window_products, dtype=object).fillna("unknown").map(safe_label)
     if ref.empty or win.empty:
         return ""
     r, w = ref.value_counts(normalize=True), win.value_counts(normalize=True)

@@ -1,7 +1,8 @@
 """Content-addressed image store.
 
 Images are kept by the sha256 of their bytes under ``<store>/<ab>/<cd>/<sha256>.<ext>``, so later stages never
-depend on the drop folder still existing, and writing the same bytes twice is a no-op. Writes go to a temporary
+depend on the drop folder still existing, and writing the same bytes twice is a no-op (after checking that the
+object there still hashes to its name; a damaged object is replaced by the good bytes). Writes go to a temporary
 file in the target directory and are published with ``os.replace`` (atomic on POSIX), so a reader or a crashed
 writer never sees a half-written object under its final name.
 """
@@ -20,6 +21,14 @@ _HEX = frozenset("0123456789abcdef")
 def sha256_bytes(data: bytes) -> str:
     """Hex sha256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _check_sha(sha256: str) -> str:
@@ -44,12 +53,15 @@ class StoredObject:
         relpath: Path relative to the store directory, ``ab/cd/<sha256>.<ext>``.
         path: Absolute path of the object.
         written: False when the object was already present (same bytes stored before).
+        repaired: True when an object was present under this digest but its bytes no longer hashed to it (bit rot,
+            a truncated copy) and this call replaced it with the good bytes.
     """
 
     sha256: str
     relpath: str
     path: Path
     written: bool
+    repaired: bool = False
 
 
 class ContentStore:
@@ -79,7 +91,10 @@ class ContentStore:
         return self.path(sha256, ext).is_file()
 
     def put(self, data: bytes, ext: str, *, sha256: str | None = None) -> StoredObject:
-        """Store ``data`` under its digest; a no-op when the same object is already present.
+        """Store ``data`` under its digest; a no-op when the same, intact object is already present.
+
+        An existing object is trusted only after its bytes hash to its digest: a damaged one (same size or not) is
+        replaced atomically by ``data``, so a re-sent good copy repairs the store before anything removes it.
 
         Args:
             data: The bytes to keep.
@@ -92,9 +107,11 @@ class ContentStore:
         digest = sha256 if sha256 is not None else sha256_bytes(data)
         rel = self.relpath(digest, ext)
         final = self.directory / rel
+        repaired = False
         try:
-            if os.stat(final).st_size == len(data):
+            if os.stat(final).st_size == len(data) and _file_sha256(final) == digest:
                 return StoredObject(digest, rel, final, written=False)
+            repaired = True
         except FileNotFoundError:
             pass
         tmp = str(final.parent / f".tmp-{uuid.uuid4().hex}")
@@ -118,7 +135,7 @@ class ContentStore:
             except FileNotFoundError:
                 pass
             raise
-        return StoredObject(digest, rel, final, written=True)
+        return StoredObject(digest, rel, final, written=True, repaired=repaired)
 
     def read(self, relpath: str) -> bytes:
         """Bytes of a stored object, by its relative path."""
@@ -129,7 +146,7 @@ class ContentStore:
         name = Path(relpath).name
         expected = name.split(".", 1)[0]
         try:
-            return sha256_bytes(self.read(relpath)) == expected
+            return _file_sha256(self.directory / relpath) == expected
         except FileNotFoundError:
             return False
 

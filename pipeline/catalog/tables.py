@@ -25,11 +25,12 @@ import hashlib
 import json
 import os
 import socket
+import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 import pyarrow as pa
@@ -52,6 +53,8 @@ LOCK_OWNER_FILE = ".lock.owner"
 TMP_PREFIX = ".tmp-"
 
 TimeLike = str | dt.datetime | dt.date | pd.Timestamp
+T = TypeVar("T")
+READ_TRIES = 6
 
 
 def default_root() -> Path:
@@ -123,13 +126,62 @@ def catalog_lock(
             "since": utcnow().isoformat(),
         }
         _atomic_write_text(root / LOCK_OWNER_FILE, json.dumps(info))
+        finish_pending(root)
         yield
     finally:
         lock.release()
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the journal of row rewrites (``pipeline.catalog.rewrite``), settled by every lock holder
+
+PENDING_SUFFIX = ".pending.json"
+
+
+def _journal_path(root: Path, run_id: str) -> Path:
+    return root / RUNS_DIR / f"{run_id}{PENDING_SUFFIX}"
+
+
+def _remove_replaced(files: Iterable[str]) -> None:
+    for f in files:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f)
+
+
+def finish_pending(root: str | os.PathLike[str]) -> int:
+    """Complete (or undo) a ``rewrite_rows`` that a crash interrupted. Called by every lock holder.
+
+    A journal names the new parts and the old parts they replace. When every new part was published the old ones
+    are removed (redo); otherwise the new ones that exist are removed (undo), which restores the old state.
+
+    Returns:
+        How many journals were settled.
+    """
+    folder = Path(root) / RUNS_DIR
+    n = 0
+    for journal in sorted(folder.glob(f"*{PENDING_SUFFIX}")) if folder.is_dir() else []:
+        try:
+            doc = json.loads(journal.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # half-written journal: written before any new part, nothing to do but drop it
+        else:
+            if all(os.path.exists(f) for f in doc["new"]):
+                _remove_replaced(doc["old"])
+            else:
+                _remove_replaced(doc["new"])
+        journal.unlink()
+        n += 1
+    return n
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # atomic publishing
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace a small text file atomically (temporary file in the same folder, then ``os.replace``)."""
+    _atomic_write_text(path, text)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -210,11 +262,31 @@ def read_table(root: str | os.PathLike[str], name: str, columns: Sequence[str] |
         raise ValueError(f"unknown side table {name!r}; expected duplicates, quarantine or splits")
     schema = S.TABLE_SCHEMAS[name]
     folder = Path(root) / TABLES_DIR / name
-    files = sorted(str(folder / n) for n in os.listdir(folder) if _is_part(n)) if folder.is_dir() else []
     cols = list(columns) if columns is not None else schema.names
-    if not files:
-        return schema.empty_table().select(cols).to_pandas()
-    return ds.dataset(files, schema=schema, format="parquet").to_table(columns=cols).to_pandas()
+
+    def read() -> pd.DataFrame:
+        files = sorted(str(folder / n) for n in os.listdir(folder) if _is_part(n)) if folder.is_dir() else []
+        if not files:
+            return schema.empty_table().select(cols).to_pandas()
+        return ds.dataset(files, schema=schema, format="parquet").to_table(columns=cols).to_pandas()
+
+    return _consistent(read)
+
+
+def _consistent(read: Callable[[], T]) -> T:
+    """Run ``read`` (a listing of part files and a read of them) again when a listed file vanished.
+
+    ``compact`` and ``rewrite_rows`` publish the new parts before they remove the old ones, so a fresh listing
+    always holds every row: a reader sees either the old or the new parts, never an error.
+    """
+    for attempt in range(READ_TRIES):
+        try:
+            return read()
+        except FileNotFoundError:
+            if attempt + 1 == READ_TRIES:
+                raise
+            time.sleep(0.005 * 2**attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -227,8 +299,13 @@ def _to_utc(value: TimeLike) -> pd.Timestamp:
 
 
 def _partition_files(
-    root: Path, lines: set[str] | None, first_date: str | None, last_date: str | None
+    root: Path,
+    lines: set[str] | None,
+    first_date: str | None,
+    last_date: str | None,
+    pairs: set[tuple[str, str]] | None = None,
 ) -> list[str]:
+    """The part files of the partitions a line set, a date range or explicit ``(line, date)`` pairs select."""
     base = root / CATALOG_DIR
     if not base.is_dir():
         return []
@@ -243,6 +320,8 @@ def _partition_files(
         for ddir in date_dirs:
             day = ddir[len("date=") :]
             if (first_date is not None and day < first_date) or (last_date is not None and day > last_date):
+                continue
+            if pairs is not None and (ldir[len("line=") :], day) not in pairs:
                 continue
             folder = base / ldir / ddir
             files.extend(str(folder / n) for n in sorted(os.listdir(folder)) if _is_part(n))
@@ -298,7 +377,6 @@ def read_catalog(
     first_date = t0.strftime("%Y-%m-%d") if t0 is not None else None
     last_date = (t1 - pd.Timedelta(microseconds=1)).strftime("%Y-%m-%d") if t1 is not None else None
 
-    files = _partition_files(root, lines_s, first_date, last_date)
     conds = []
     if t0 is not None:
         conds.append(
@@ -312,7 +390,9 @@ def read_catalog(
         conds.append(ds.field(S.STATION).isin(sorted(stations_s)))
     if ids_s is not None:
         conds.append(ds.field(S.IMAGE_ID).isin(sorted(ids_s)))
-    return _frame_from_files(root, files, cols, conds, split_s)
+    return _consistent(
+        lambda: _frame_from_files(root, _partition_files(root, lines_s, first_date, last_date), cols, conds, split_s)
+    )
 
 
 def _frame_from_files(
@@ -322,13 +402,7 @@ def _frame_from_files(
     if not files:
         return S.CATALOG_SCHEMA.empty_table().select(cols).to_pandas()
     need = list(dict.fromkeys([*cols, S.IMAGE_ID, S.CAPTURED_AT]))
-    dataset = ds.dataset(
-        files,
-        schema=S.CATALOG_SCHEMA,
-        format="parquet",
-        partitioning=ds.partitioning(S.PARTITION_SCHEMA, flavor="hive"),
-        partition_base_dir=str(root / CATALOG_DIR),
-    )
+    dataset = _dataset(root, files)
     expr = None
     for cond in conds:
         expr = cond if expr is None else (expr & cond)
@@ -361,17 +435,25 @@ def scan_catalog(
     unknown = [c for c in cols if c not in S.CATALOG_SCHEMA.names or c == S.SPLIT]
     if unknown:
         raise ValueError(f"scan_catalog cannot read columns {unknown}")
-    files = _partition_files(Path(root), None if lines is None else set(lines), None, None)
-    if not files:
-        return S.CATALOG_SCHEMA.empty_table().select(cols)
-    dataset = ds.dataset(
+    lines_s = None if lines is None else set(lines)
+
+    def read() -> pa.Table:
+        files = _partition_files(Path(root), lines_s, None, None)
+        if not files:
+            return S.CATALOG_SCHEMA.empty_table().select(cols)
+        return _dataset(Path(root), files).to_table(columns=cols)
+
+    return _consistent(read)
+
+
+def _dataset(root: Path, files: list[str]) -> ds.Dataset:
+    return ds.dataset(
         files,
         schema=S.CATALOG_SCHEMA,
         format="parquet",
         partitioning=ds.partitioning(S.PARTITION_SCHEMA, flavor="hive"),
-        partition_base_dir=str(Path(root) / CATALOG_DIR),
+        partition_base_dir=str(root / CATALOG_DIR),
     )
-    return dataset.to_table(columns=cols)
 
 
 def serial_of(source_path: str | os.PathLike[str] | None) -> str:
@@ -582,15 +664,16 @@ def load_snapshot(
     cols = list(columns) if columns is not None else list(S.CATALOG_SCHEMA.names)
     need = list(dict.fromkeys([*cols, S.IMAGE_ID, S.SHA256]))
     id_cond = [ds.field(S.IMAGE_ID).isin(ids[S.IMAGE_ID].tolist())]
-    if S.LINE in ids and S.DATE in ids:  # read only the partitions the snapshot's images live in
-        files = []
-        for line, date in sorted(set(zip(ids[S.LINE], ids[S.DATE], strict=True))):
-            folder = partition_dir(root, line, date)
-            if folder.is_dir():
-                files.extend(str(folder / n) for n in sorted(os.listdir(folder)) if _is_part(n))
-        df = _frame_from_files(root, files, need, id_cond, None)
-    else:
-        df = _frame_from_files(root, _partition_files(root, None, None, None), need, id_cond, None)
+    # read only the partitions the snapshot's images live in (all of them for old id lists without line/date)
+    pairs = set(zip(ids[S.LINE], ids[S.DATE], strict=True)) if S.LINE in ids and S.DATE in ids else None
+    df = _consistent(
+        lambda: _frame_from_files(root, _partition_files(root, None, None, None, pairs), need, id_cond, None)
+    )
+    moved = sorted(set(ids[S.IMAGE_ID]) - set(df[S.IMAGE_ID]))
+    if moved and pairs is not None:  # re-read metadata moved them to another day or line (rewrite_rows)
+        cond = [ds.field(S.IMAGE_ID).isin(moved)]
+        more = _consistent(lambda: _frame_from_files(root, _partition_files(root, None, None, None), need, cond, None))
+        df = pd.concat([df, more], ignore_index=True)
     merged = ids[[S.IMAGE_ID, S.SHA256]].merge(df, on=[S.IMAGE_ID, S.SHA256], how="left", indicator=True)
     lost = merged.loc[merged["_merge"] != "both", S.IMAGE_ID]
     if len(lost):
@@ -721,17 +804,25 @@ def compact(
     return n
 
 
-def clean_temporary(root: str | os.PathLike[str] | None = None, *, lock_timeout: float = 10.0) -> int:
-    """Remove ``.tmp-*`` files a crashed writer left behind (under the writer lock). Returns how many."""
+def clean_temporary(
+    root: str | os.PathLike[str] | None = None, *, lock_timeout: float = 10.0, min_age_s: float = 600.0
+) -> int:
+    """Remove ``.tmp-*`` files a crashed writer left behind, under the writer lock. Returns how many.
+
+    Only files older than ``min_age_s`` go: a snapshot or run record (written without the lock) may be in flight.
+    """
     root = Path(root) if root is not None else default_root()
     n = 0
+    cutoff = time.time() - min_age_s
     with catalog_lock(root, timeout=lock_timeout, purpose="clean"):
         for sub in (CATALOG_DIR, TABLES_DIR, STORE_DIR, SNAPSHOTS_DIR, RUNS_DIR):
             for dirpath, _dirs, files in os.walk(root / sub):
                 for name in files:
-                    if name.startswith(TMP_PREFIX):
-                        os.unlink(os.path.join(dirpath, name))
-                        n += 1
+                    path = os.path.join(dirpath, name)
+                    with contextlib.suppress(FileNotFoundError):
+                        if name.startswith(TMP_PREFIX) and os.lstat(path).st_mtime <= cutoff:
+                            os.unlink(path)
+                            n += 1
     return n
 
 

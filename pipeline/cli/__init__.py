@@ -125,6 +125,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return int(rc or 0)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.catalog import tables as C
-from pipeline.catalog.ingest import REASONS, IngestConfig, ingest
+from pipeline.catalog.ingest import REASONS, IngestConfig, ingest, refresh_metadata
 
 _INGEST_EPILOG = """\
 examples:
@@ -19,7 +19,9 @@ examples:
 
 The drop folder layout is DROP/<line>/<YYYY-MM-DD>/<serial>.png with an optional mes_export.csv
 (serial,timestamp,line,station,product_type) per folder. Re-running is safe: files already handled are skipped.
-Exit status: 0 ok, 2 bad arguments, 3 another ingest holds the catalog lock.
+Files younger than --settle-time seconds, or still changing, are left for the next run. The drop folder may not
+overlap the catalog root's own folders (a plain sub-folder such as ROOT/drop is fine).
+Exit status: 0 ok, 2 bad arguments (overlapping folders included), 3 another ingest holds the catalog lock.
 """
 
 _CATALOG_EPILOG = """\
@@ -28,6 +30,10 @@ examples:
   linewatch catalog stats --json
   linewatch catalog snapshot --name train-2026-11 --line L1 --start 2026-11-01 --end 2026-11-28
   linewatch catalog compact                        # merge small part files
+  linewatch catalog remeta /data/drop              # re-read fixed MES exports for registered images
+  linewatch catalog clean-tmp                      # remove .tmp-* files a crashed writer left (older than 10 min)
+
+Exit status: 0 ok, 2 bad arguments, 3 another writer holds the catalog lock.
 """
 
 
@@ -46,6 +52,11 @@ def _root(args: argparse.Namespace) -> Path:
     return Path(args.root) if args.root else get_settings().catalog_root
 
 
+def _busy(command: str, exc: Exception) -> int:
+    print(f"linewatch {command}: busy: {exc}", file=sys.stderr)
+    return 3
+
+
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from pipeline.settings import get_settings
 
@@ -56,16 +67,21 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         delete_source=args.delete_source,
         lock_timeout=args.lock_timeout,
         workers=args.workers,
+        settle_s=args.settle_time,
     )
     try:
         summary = ingest(args.drop, _root(args), line=args.line, config=config, progress=not args.no_progress)
     except C.CatalogLockedError as exc:
-        print(f"linewatch ingest: busy: {exc}", file=sys.stderr)
-        return 3
+        return _busy("ingest", exc)
     if args.json:
         print(json.dumps(summary.to_dict(), indent=1))
         return 0
-    print(f"ingest run {summary.run_id} into {_root(args)}")
+    _print_summary(summary, _root(args))
+    return 0
+
+
+def _print_summary(summary: Any, root: Path) -> None:
+    print(f"ingest run {summary.run_id} into {root}")
     print(f"  registered  {summary.registered}")
     print(f"  duplicates  {summary.duplicates}")
     print(
@@ -75,8 +91,21 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     print(f"  quarantined {summary.n_quarantined}")
     for code, n in summary.quarantined.items():
         print(f"    {code:<20} {n:>6}  {REASONS.get(code, '')}")
+    extra = {
+        "left for the next run (younger than the settle time or still changing)": summary.left_unsettled,
+        "removed from the drop folder": summary.removed,
+        "kept: changed after being read": summary.kept_changed,
+        "store objects repaired from a good copy": summary.store_repaired,
+        "metadata filled in from a duplicate's MES data": summary.metadata_refreshed,
+    }
+    for what, n in extra.items():
+        if n:
+            print(f"  {n:>6}  {what}")
+    if summary.mes_flags:
+        print("  MES problems: " + ", ".join(f"{k} {v}" for k, v in summary.mes_flags.items()))
+        for msg in summary.mes_problems[:5]:
+            print(f"    {msg}")
     print(f"  time        {summary.seconds:.2f} s ({summary.images_per_s:.0f} files/s)")
-    return 0
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
@@ -124,13 +153,40 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def _cmd_compact(args: argparse.Namespace) -> int:
-    n = C.compact(_root(args), lock_timeout=args.lock_timeout)
+    try:
+        n = C.compact(_root(args), lock_timeout=args.lock_timeout)
+    except C.CatalogLockedError as exc:
+        return _busy("catalog compact", exc)
     print(f"compacted {n} partitions")
     return 0
 
 
+def _cmd_clean_tmp(args: argparse.Namespace) -> int:
+    try:
+        n = C.clean_temporary(_root(args), lock_timeout=args.lock_timeout, min_age_s=args.min_age)
+    except C.CatalogLockedError as exc:
+        return _busy("catalog clean-tmp", exc)
+    print(f"removed {n} temporary files older than {args.min_age:g} s under {_root(args)}")
+    return 0
+
+
+def _cmd_remeta(args: argparse.Namespace) -> int:
+    try:
+        res = refresh_metadata(args.drop, _root(args), config=IngestConfig(lock_timeout=args.lock_timeout))
+    except C.CatalogLockedError as exc:
+        return _busy("catalog remeta", exc)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=1))
+        return 0
+    print(f"re-read MES metadata of {res.checked} registered images from {args.drop}: {res.updated} updated "
+          f"({res.partitions_rewritten} partitions rewritten)")
+    for msg in res.mes_problems[:10]:
+        print(f"  {msg}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``ingest`` and ``catalog {stats,snapshot,compact}`` to the ``linewatch`` command."""
+    """Add ``ingest`` and ``catalog {stats,snapshot,compact,remeta,clean-tmp}`` to the ``linewatch`` command."""
     fmt = argparse.RawDescriptionHelpFormatter
     root_help = "catalog root (default: $LINEWATCH_CATALOG, else $LINEWATCH_HOME, else ./.linewatch)"
 
@@ -160,10 +216,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--lock-timeout", type=float, default=10.0, help="seconds to wait for another ingest (default 10)"
     )
     p.add_argument("--workers", type=int, default=2, help="validation threads (default 2)")
+    p.add_argument(
+        "--settle-time",
+        type=float,
+        default=IngestConfig.settle_s,
+        metavar="S",
+        help="take a file only when it is S seconds old and did not change between two looks S apart "
+        f"(default {IngestConfig.settle_s:g})",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cmd_ingest)
+    _register_catalog(subparsers, root_help)
 
+
+def _register_catalog(subparsers: argparse._SubParsersAction, root_help: str) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
     cat = subparsers.add_parser(
         "catalog",
         help="inspect and maintain the image catalog",
@@ -188,14 +256,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sn.add_argument("--root", help=root_help)
     sn.add_argument("--json", action="store_true", help="print as JSON")
     sn.set_defaults(func=_cmd_snapshot)
-
-    cp = csub.add_parser("compact", help="merge each partition's part files into one")
-    cp.add_argument("--root", help=root_help)
-    cp.add_argument("--lock-timeout", type=float, default=10.0, help="seconds to wait for the writer lock")
-    cp.set_defaults(func=_cmd_compact)
+    _register_maintenance(csub, root_help)
 
     def _catalog_help(_args: argparse.Namespace) -> int:
         cat.print_help()
         return 0
 
     cat.set_defaults(func=_catalog_help)
+
+
+def _register_maintenance(csub: argparse._SubParsersAction, root_help: str) -> None:
+    cp = csub.add_parser("compact", help="merge each partition's part files into one")
+    cp.add_argument("--root", help=root_help)
+    cp.add_argument("--lock-timeout", type=float, default=10.0, help="seconds to wait for the writer lock")
+    cp.set_defaults(func=_cmd_compact)
+
+    rm = csub.add_parser("remeta", help="re-read the MES exports of a drop folder for registered images")
+    rm.add_argument("drop", metavar="DROP", help="the drop folder the images were ingested from")
+    rm.add_argument("--root", help=root_help)
+    rm.add_argument("--lock-timeout", type=float, default=10.0, help="seconds to wait for the writer lock")
+    rm.add_argument("--json", action="store_true", help="print the summary as JSON")
+    rm.set_defaults(func=_cmd_remeta)
+
+    ct = csub.add_parser("clean-tmp", help="remove .tmp-* files left by crashed writers")
+    ct.add_argument("--root", help=root_help)
+    ct.add_argument("--lock-timeout", type=float, default=10.0, help="seconds to wait for the writer lock")
+    ct.add_argument("--min-age", type=float, default=600.0, metavar="S",
+                    help="only files older than S seconds (default 600: a writer may be in flight)")
+    ct.set_defaults(func=_cmd_clean_tmp)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cli import CLIError
-from pipeline.common.figures import TRAVERSE_VALUES, save_grid, to_display
+from pipeline.common.figures import TRAVERSE_VALUES, output_png, save_grid, to_display
 
 DEFAULT_TRAVERSE_VALUES = TRAVERSE_VALUES
 MAX_DEFAULT_AXES = 8
@@ -66,10 +66,15 @@ def load_model(path: str | os.PathLike[str], device: str | None = None) -> Any:
         raise CLIError(f"checkpoint {str(p)!r} is not a folder (pass the folder `linewatch train --out` wrote)")
     try:
         ckpt = load_checkpoint(p)
-    except (FileNotFoundError, ValueError, KeyError, OSError, RuntimeError) as exc:
-        raise CLIError(f"{str(p)!r} is not a usable linewatch checkpoint: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - any damage (safetensors, JSON, types, digest) is one user-facing line
+        raise CLIError(f"{str(p)!r} is not a usable linewatch checkpoint: {_one_line(exc)}") from exc
     ckpt.model.to(_device(device)).eval()
     return ckpt
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:300] + " ..."
 
 
 def _seed(seed: int | None) -> None:
@@ -275,7 +280,7 @@ def cmd_traverse(args: argparse.Namespace) -> int:
     row_labels = [f"z_{a}\n(own {float(z[a]):+.2f})" for a in axes]
     out = save_grid(
         cells,
-        args.out,
+        output_png(args.out, f"traverse-{Path(args.image).stem}.png"),
         col_titles=col_titles,
         row_labels=row_labels,
         title=f"{Path(args.image).name}: traversal, model {ckpt.meta.get('model_id')}, {args.steps} DDIM steps",

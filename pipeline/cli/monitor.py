@@ -225,11 +225,13 @@ def cmd_score(args: argparse.Namespace) -> int:
         name = "residual" if _has_residuals(ref, n) and _has_residuals(cur, n) else "mahalanobis"
     X_ref, X_cur = ref.Z, cur.Z
     if name == "residual":
+        det = residual_detector(len(scoring.t_stars), k=scoring.k, n_fit=len(fit_idx))
+        _check_reference_size(det, len(fit_idx), name, len(X_ref), args.calibration_share)  # before the costly part
         X_ref = np.column_stack([X_ref, source_residuals(ref, ckpt, scoring, what="--reference", progress=progress)])
         X_cur = np.column_stack([X_cur, source_residuals(cur, ckpt, scoring, what="--images", progress=progress)])
-        det = residual_detector(len(scoring.t_stars), k=scoring.k, n_fit=len(fit_idx))
     else:
         det = make_detector(name)
+        _check_reference_size(det, len(fit_idx), name, len(X_ref), args.calibration_share)
     det.fit(X_ref[fit_idx])
     try:
         det.infer_threshold(X_ref[val_idx], fpr=args.fpr)
@@ -279,6 +281,17 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(f"{label:<{width}}  {res.scores[i]:>10.4g}  {res.p_values[i]:>8.4f}  {flag}")
     print(f"{res.n_anomalies} of {len(labels)} flagged")
     return 0
+
+
+def _check_reference_size(det: Any, n_fit: int, name: str, n_ref: int, share: float) -> None:
+    """Too few reference images for the detector's fit half: a message about reference images, not internals."""
+    need = int(getattr(det, "_min_fit_samples", 1) or 1)
+    if n_fit < need:
+        total = math.ceil(need / (1.0 - share))
+        raise CLIError(
+            f"--reference has {n_ref} reference images: the {name} detector is fit on {n_fit} of them (the rest "
+            f"set the threshold) and needs at least {need}; give at least {total} reference images"
+        )
 
 
 # --- drift -------------------------------------------------------------------------------------------------------

@@ -39,6 +39,14 @@ def _show(ax: Any, img: np.ndarray | None, title: str | None = None, ylabel: str
         ax.set_ylabel(ylabel, fontsize=8)
 
 
+def output_png(out: str | os.PathLike[str], default_name: str) -> Path:
+    """Where a figure goes: ``out`` itself, ``out/<default_name>`` for an existing folder, ``.png`` added if no suffix."""
+    path = Path(out)
+    if path.is_dir():
+        return path / default_name
+    return path if path.suffix else path.with_name(path.name + ".png")
+
+
 def save_grid(
     cells: Sequence[Sequence[np.ndarray | None]],
     out: str | os.PathLike[str],
@@ -64,7 +72,7 @@ def save_grid(
             _show(axes[i][j], img, ct, rl)
     if title:
         fig.suptitle(title, fontsize=9)
-    out = Path(out)
+    out = output_png(out, "grid.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100, bbox_inches="tight")
     return out

@@ -60,8 +60,9 @@ AT = "at"
 ASSIGNED_AT = "assigned_at"
 MODEL_ID = "model_id"
 
-TIMESTAMP_SOURCES = ("mes", "file_mtime")
-"""Allowed values of ``timestamp_source``: the MES export listed the serial, or the file's mtime was used."""
+TIMESTAMP_SOURCES = ("mes", "file_mtime", "ingest_time")
+"""Allowed values of ``timestamp_source``: the MES export listed the serial, or the file's mtime was used, or (when
+neither time is plausible) the time the image was ingested."""
 
 PARTITION_COLUMNS = (LINE, DATE)
 

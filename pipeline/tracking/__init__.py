@@ -60,6 +60,7 @@ from pipeline.tracking.client import (
     EXPERIMENT_KIND_TAG,
     RegistryError,
     TrackingUnavailable,
+    check_reachable,
     configure,
     reset,
 )
@@ -135,7 +136,7 @@ from pipeline.tracking.ui import (
 __all__ = [
     "ALIASES", "CHECKPOINT_DATA", "CHECKPOINT_FILES", "EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG", "LOADER_MODULE",
     "TABLE_COLUMNS", "WINDOW_TABLE", "AliasChange", "DatasetRef", "DriftWindowMetrics", "ModelVersionInfo",
-    "RegistryError", "RunSummary", "TrackingUnavailable", "alert_sentence", "axis_key", "build_model_folder",
+    "RegistryError", "RunSummary", "TrackingUnavailable", "alert_sentence", "check_reachable", "axis_key", "build_model_folder",
     "configure", "current_run_id", "describe_monitoring_run", "download_model", "drift_window", "experiment_page",
     "flatten_params", "get_alias_version", "get_metric_history", "get_model_version", "lineage_tags",
     "link_model_version", "list_versions", "log_alert_state", "log_artifact", "log_artifacts",

@@ -156,7 +156,9 @@ def _checked(before_retry: Callable[[], T | None]) -> T | None:
         return None
 
 
-def retry(what: str, fn: Callable[[], T], *, before_retry: Callable[[], T | None] | None = None) -> T:
+def retry(
+    what: str, fn: Callable[[], T], *, before_retry: Callable[[], T | None] | None = None, quiet: bool = False
+) -> T:
     """Call ``fn`` up to ``settings.mlflow_retries`` times, backing off 1, 2, 4 ... s on transient errors.
 
     Args:
@@ -164,6 +166,7 @@ def retry(what: str, fn: Callable[[], T], *, before_retry: Callable[[], T | None
         fn: The call.
         before_retry: Called before each retry; a non-None return value is taken as the result (idempotency check
             for non-idempotent calls such as creating a model version).
+        quiet: Log the retries at DEBUG instead of WARNING (a reachability check reports once, by raising).
 
     Raises:
         TrackingUnavailable: Every try failed with a transient error.
@@ -182,13 +185,25 @@ def retry(what: str, fn: Callable[[], T], *, before_retry: Callable[[], T | None
             last = exc
             if attempt + 1 < tries:
                 delay = st.mlflow_backoff_s * 2**attempt
-                log.warning("MLflow %s failed (try %d/%d), retrying in %.1f s: %s", what, attempt + 1, tries,
-                            delay, short(exc))
+                log.log(logging.DEBUG if quiet else logging.WARNING,
+                        "MLflow %s failed (try %d/%d), retrying in %.1f s: %s", what, attempt + 1, tries, delay,
+                        short(exc))
                 _sleep(delay)
     raise TrackingUnavailable(
         f"MLflow at {st.mlflow_tracking_uri} is unreachable after {tries} tries ({what}): {short(last)}. "
         "Check that the tracking server is running and MLFLOW_TRACKING_URI is right; nothing was registered."
     ) from last
+
+
+def check_reachable() -> None:
+    """Raise ``TrackingUnavailable`` when the tracking server cannot be reached (after the bounded retries).
+
+    One cheap request, retried like every other call but without logging each try, so a command can answer "MLflow
+    is down" with one message before it starts any work. A local (SQLite) store is not contacted.
+    """
+    if settings().mlflow_is_local:
+        return
+    retry("reach the tracking server", lambda: client().search_experiments(max_results=1), quiet=True)
 
 
 def short(exc: BaseException | None) -> str:

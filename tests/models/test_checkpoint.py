@@ -90,3 +90,29 @@ def test_preprocess_must_match_model(tmp_path):
     p = get_preset("tiny")
     with pytest.raises(ValueError, match="does not match"):
         save_checkpoint(InfoDiffusion(p.model), tmp_path / "c", preprocess=get_preset("cpu").preprocess)
+
+
+def test_flipped_weight_bytes_are_refused_on_load(tmp_path):
+    """Issue 14, item 9: a local checkpoint whose weights no longer hash to their recorded digest is not loaded."""
+    p = get_preset("tiny")
+    out = save_checkpoint(InfoDiffusion(p.model), tmp_path / "c", preprocess=p.preprocess)
+    w = out / WEIGHTS_NAME
+    data = bytearray(w.read_bytes())
+    data[len(data) - 100] ^= 0xFF  # a tensor byte, the header stays valid
+    w.chmod(0o644)
+    w.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="digest"):
+        load_checkpoint(out)
+    meta = json.loads((out / CONFIG_NAME).read_text())["meta"]
+    assert len(meta["weights_sha256"]) == 64 and meta["model_id"] == meta["weights_sha256"][:16]
+
+
+def test_wrong_types_in_config_are_refused(tmp_path):
+    p = get_preset("tiny")
+    out = save_checkpoint(InfoDiffusion(p.model), tmp_path / "c", preprocess=p.preprocess)
+    doc = json.loads((out / CONFIG_NAME).read_text())
+    for value in ("eight", True, 8.5):
+        doc["model"]["latent_dim"] = value
+        (out / CONFIG_NAME).write_text(json.dumps(doc))
+        with pytest.raises(ValueError, match="latent_dim"):
+            load_checkpoint(out)

@@ -310,3 +310,14 @@ def test_mix_text_names_a_product_mix_change_only() -> None:
     text = A.mix_text(ref, ["mono"] * 40 + ["poly"] * 40 + [None] * 20, prefix="; ")
     assert text == "; product mix changed: mono 40% (reference 40%), poly 40% (reference 60%), unknown 20% (reference 0%)"
     assert A.mix_text([], ["mono"]) == "" and A.mix_text(ref, []) == ""
+
+
+def test_mix_text_escapes_hostile_product_labels() -> None:
+    """Issue 14, item 10: MES text from an old catalog never reaches alert text as it is."""
+    from tests.pipeline.catalog.hostile import HOSTILE_MES_FIELDS
+
+    for label in HOSTILE_MES_FIELDS.values():
+        text = A.mix_text(["mono"] * 100, [label] * 100)
+        assert text.startswith("product mix changed: ")
+        assert text.isprintable() and "\n" not in text and ", =" not in text and ": =" not in text
+        assert len(text) < 200

@@ -350,7 +350,7 @@ def test_default_run_never_changes_the_drop_folder(tmp_path: Path) -> None:
 
 def test_validate_bytes_direct() -> None:
     cfg = IngestConfig()
-    assert validate_bytes(png_bytes(gray(1)), "png", cfg) == (48, 48, "L", 8)
+    assert validate_bytes(png_bytes(gray(1)), "png", cfg) == (48, 48, "L", 8, ())
     assert validate_bytes(bomb_png(), "png", cfg).code == "decompression_bomb"
     assert (
         validate_bytes(png_bytes(gray(1)), "png", IngestConfig(max_pixels=100)).code == "decompression_bomb"

@@ -51,3 +51,16 @@ def test_bad_keys_raise(tmp_path: Path) -> None:
 def test_objects_are_read_only(tmp_path: Path) -> None:
     obj = ContentStore(tmp_path / "store").put(b"data", "png")
     assert obj.path.stat().st_mode & 0o222 == 0
+
+
+def test_put_repairs_a_damaged_object_of_the_same_size(tmp_path: Path) -> None:
+    store = ContentStore(tmp_path / "store")
+    obj = store.put(b"good bytes", "png")
+    obj.path.chmod(0o644)
+    obj.path.write_bytes(b"bad! bytes")  # same size, wrong content
+    again = store.put(b"good bytes", "png")
+    assert again.written and again.repaired
+    assert obj.path.read_bytes() == b"good bytes" and store.verify(obj.relpath)
+    assert obj.path.stat().st_mode & 0o222 == 0
+    assert not store.put(b"good bytes", "png").repaired
+

@@ -138,3 +138,16 @@ def test_stats_and_naive_mes_times_use_the_configured_zone(
     assert C.catalog_stats(tmp_path / "home").per_line_day[0]["date"] == "2026-11-26"  # the UTC partition
     assert run(["catalog", "stats"]) == 0
     assert "plant days in Europe/Berlin" in capsys.readouterr().out
+
+
+def test_python_dash_m_answers_a_bad_argument_with_one_line(tmp_path: Path) -> None:
+    """``python -m pipeline.cli`` catches the sub-commands' CLIError like the console script does."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[3]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "encode", "--model", str(tmp_path / "none"),
+                           "--images", str(tmp_path), "--out", str(tmp_path / "z.csv")],
+                          cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and ".parquet" in proc.stderr

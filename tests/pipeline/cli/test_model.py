@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,6 +11,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.common.schemas import latent_matrix
+from tests.pipeline.catalog import hostile as H
 
 COMMANDS = ["train", "encode", "traverse", "reconstruct", "sample"]
 
@@ -156,3 +158,76 @@ def test_traverse_and_sample_errors(tiny_checkpoint, image_dir, tmp_path, capsys
         rc = main([args[0], "--model", str(tiny_checkpoint), "--out", str(tmp_path / "o.png"), *args[1:]])
         assert rc == 2, args
         assert msg in capsys.readouterr().err, args
+
+
+# ------------------------------------------------------------------------------------------------ issue 14, item 11
+
+
+@pytest.fixture(scope="module")
+def fresh_checkpoint(tmp_path_factory):
+    """An untrained tiny checkpoint (cheap): only its files matter here."""
+    import torch
+
+    from models import InfoDiffusion, get_preset, save_checkpoint
+
+    p = get_preset("tiny")
+    torch.manual_seed(0)
+    return save_checkpoint(InfoDiffusion(p.model), tmp_path_factory.mktemp("fresh") / "ckpt", preprocess=p.preprocess)
+
+
+BROKEN_CHECKPOINTS = {
+    "flipped_weight_bytes": lambda c: H.corrupt_safetensors(c),
+    "truncated_safetensors": lambda c: H.truncated_safetensors(c),
+    "garbage_safetensors": lambda c: H.garbage_safetensors(c),
+    "latent_dim_string": lambda c: H.wrong_type_config(c, "latent_dim", "eight"),
+    "latent_dim_bool": lambda c: H.wrong_type_config(c, "latent_dim", True),
+    "image_size_float": lambda c: H.wrong_type_config(c, "image_size", 32.5),
+}
+
+
+def one_error_line(capsys, command):
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith(f"linewatch {command}: error:"), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_CHECKPOINTS))
+@pytest.mark.parametrize("command", ["encode", "traverse"])
+def test_11_broken_checkpoint_one_line_exit_2(fresh_checkpoint, image_dir, tmp_path, capsys, case, command):
+    ckpt = H.copy_checkpoint(fresh_checkpoint, tmp_path / "broken")
+    BROKEN_CHECKPOINTS[case](ckpt)
+    args = {"encode": ["--images", str(image_dir), "--out", str(tmp_path / "z.parquet"), "--no-progress"],
+            "traverse": ["--image", str(image_dir / "cell_0000.png"), "--out", str(tmp_path / "g.png")]}[command]
+    assert main([command, "--model", str(ckpt), *args]) == 2
+    line = one_error_line(capsys, command)
+    assert "broken" in line
+    if case == "flipped_weight_bytes":
+        assert "digest" in line
+
+
+@pytest.mark.parametrize("command", ["encode", "traverse"])
+def test_11_decompression_bomb_image_one_line_exit_2(fresh_checkpoint, image_dir, tmp_path, capsys, command):
+    bombs = tmp_path / "bombs"
+    shutil.copytree(image_dir, bombs)
+    H.write(bombs / "zz_bomb.png", H.bomb_png())
+    args = {"encode": ["--images", str(bombs), "--out", str(tmp_path / "z.parquet"), "--no-progress"],
+            "traverse": ["--image", str(bombs / "zz_bomb.png"), "--out", str(tmp_path / "g.png")]}[command]
+    assert main([command, "--model", str(fresh_checkpoint), *args]) == 2
+    line = one_error_line(capsys, command)
+    assert "zz_bomb.png" in line and "pixels" in line
+
+
+def test_14_traverse_out_folder_prints_the_file_it_wrote(fresh_checkpoint, image_dir, tmp_path, capsys):
+    out_dir = tmp_path / "grids"
+    out_dir.mkdir()
+    assert main(["traverse", "--model", str(fresh_checkpoint), "--image", str(image_dir / "cell_0000.png"),
+                 "--out", str(out_dir), "--axes", "0", "--values", "0", "--steps", "1"]) == 0
+    printed = capsys.readouterr().out.strip().rsplit("-> ", 1)[-1]
+    assert Path(printed).is_file() and Path(printed).parent == out_dir
+    assert list(out_dir.iterdir()) == [Path(printed)]
+    assert main(["traverse", "--model", str(fresh_checkpoint), "--image", str(image_dir / "cell_0000.png"),
+                 "--out", str(tmp_path / "noext"), "--axes", "0", "--values", "0", "--steps", "1"]) == 0
+    printed = capsys.readouterr().out.strip().rsplit("-> ", 1)[-1]
+    assert Path(printed).is_file() and Path(printed).suffix == ".png"

@@ -191,3 +191,65 @@ def test_score_names_catalogued_images_by_their_mes_serial(tmp_path, monkeypatch
     frame = pd.DataFrame({"sha256": [sha256_file(p) for p in [*stored, other]]})
     assert sorted(catalog_serials(frame)[:2]) == sorted(p.stem for p in paths) and catalog_serials(frame)[2] == ""
     assert catalog_serials(pd.DataFrame({"path": ["x"]})) == [""]
+
+
+# ------------------------------------------------------------------------------------------------ issue 14
+
+
+@pytest.fixture(scope="module")
+def fresh_checkpoint(tmp_path_factory):
+    """An untrained tiny checkpoint (cheap): only its files matter here."""
+    import torch
+
+    from models import InfoDiffusion, get_preset, save_checkpoint
+
+    p = get_preset("tiny")
+    torch.manual_seed(0)
+    return save_checkpoint(InfoDiffusion(p.model), tmp_path_factory.mktemp("fresh") / "ckpt", preprocess=p.preprocess)
+
+
+def _one_error_line(capsys, command):
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith(f"linewatch {command}: error:"), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", ["flipped", "truncated", "wrong_type"])
+@pytest.mark.parametrize("command", ["score", "drift"])
+def test_11_broken_checkpoint_one_line_exit_2(fresh_checkpoint, image_dir, tmp_path, capsys, case, command):
+    from tests.pipeline.catalog import hostile as H
+
+    ckpt = H.copy_checkpoint(fresh_checkpoint, tmp_path / "broken")
+    {"flipped": H.corrupt_safetensors, "truncated": H.truncated_safetensors,
+     "wrong_type": lambda c: H.wrong_type_config(c, "latent_dim", "eight")}[case](ckpt)
+    where = "--images" if command == "score" else "--current"
+    assert main([command, "--model", str(ckpt), "--reference", str(image_dir), where, str(image_dir),
+                 "--no-progress"]) == 2
+    assert "broken" in _one_error_line(capsys, command)  # the checkpoint is named, not a later symptom
+
+
+@pytest.mark.parametrize("command", ["score", "drift"])
+def test_11_decompression_bomb_image_one_line_exit_2(fresh_checkpoint, image_dir, tmp_path, capsys, command):
+    import shutil
+
+    from tests.pipeline.catalog import hostile as H
+
+    bombs = tmp_path / "bombs"
+    shutil.copytree(image_dir, bombs)
+    H.write(bombs / "zz_bomb.png", H.bomb_png())
+    where = "--images" if command == "score" else "--current"
+    assert main([command, "--model", str(fresh_checkpoint), "--reference", str(image_dir), where, str(bombs),
+                 "--no-progress", "--min-window", "10"][: None if command == "drift" else -2]) == 2
+    assert "zz_bomb.png" in _one_error_line(capsys, command)
+
+
+def test_14_too_small_reference_message_speaks_of_reference_images(fresh_checkpoint, image_dir, tmp_path, capsys,
+                                                                     elpv_small, png_writer):
+    few = tmp_path / "few"
+    png_writer(elpv_small.images[:6], few)
+    assert main(["score", "--model", str(fresh_checkpoint), "--images", str(few), "--reference", str(few),
+                 "--no-progress"]) == 2
+    line = _one_error_line(capsys, "score")
+    assert "ConditionalResidual" not in line and "6 reference images" in line and "at least" in line

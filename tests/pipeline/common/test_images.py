@@ -159,3 +159,29 @@ def test_load_batch_fixed_range_scaling(tmp_path):
     np.testing.assert_allclose(load_batch([pdim], spec).numpy(), 2 * 16384 / 65535 - 1, atol=1e-4)
     with pytest.raises(ValueError, match="empty"):
         load_batch([], spec)
+
+
+# ------------------------------------------------------------------------------------------------ issue 14, items 7/11
+
+
+def test_short_png_stream_is_refused_not_filled_with_black(tmp_path):
+    from tests.pipeline.catalog import hostile as H
+
+    p = H.write(tmp_path / "short.png", H.short_idat_png())
+    with pytest.raises(ValueError, match="short.png.*ends early"):
+        read_image(p)
+
+
+def test_decompression_bomb_is_a_value_error_naming_the_file(tmp_path):
+    from tests.pipeline.catalog import hostile as H
+
+    p = H.write(tmp_path / "bomb.png", H.bomb_png())
+    with pytest.raises(ValueError, match="bomb.png.*pixels"):
+        read_image(p)
+
+
+def test_png_with_bytes_after_iend_reads_like_the_image(tmp_path):
+    from tests.pipeline.catalog import hostile as H
+
+    p = H.write(tmp_path / "trailer.png", H.png_with_trailer(seed=3))
+    np.testing.assert_array_equal(read_image(p), H.gray(3))
