@@ -179,11 +179,14 @@ def _psi_edges(ref: np.ndarray, bins: int) -> list[np.ndarray]:
     return [np.unique(np.quantile(ref[:, j], qs)) for j in range(ref.shape[1])]
 
 
-def _psi_from_edges(ref: np.ndarray, cur: np.ndarray, edges: list[np.ndarray], eps: float) -> np.ndarray:
+def _psi_from_edges(ref: np.ndarray, cur: np.ndarray, edges: list[np.ndarray], eps: float,
+                    ref_weights: np.ndarray | None = None) -> np.ndarray:
     out = np.empty(ref.shape[1])
     for j, e in enumerate(edges):
         nb = e.size + 1
-        pr = np.bincount(np.searchsorted(e, ref[:, j], side="right"), minlength=nb) / ref.shape[0]
+        bins = np.searchsorted(e, ref[:, j], side="right")
+        pr = np.bincount(bins, minlength=nb) / ref.shape[0] if ref_weights is None else \
+            np.bincount(bins, weights=ref_weights, minlength=nb) / ref_weights.sum()
         pc = np.bincount(np.searchsorted(e, cur[:, j], side="right"), minlength=nb) / cur.shape[0]
         pr, pc = np.maximum(pr, eps), np.maximum(pc, eps)
         out[j] = float(np.sum((pc - pr) * np.log(pc / pr)))
@@ -380,9 +383,9 @@ def _as_channels(X: Any, n: int, what: str) -> tuple[np.ndarray | None, tuple[st
     return M, names
 
 
-def _max_weighted_ks(win: np.ndarray, rest: np.ndarray, w: np.ndarray) -> float:
-    """Largest KS distance over columns between a sample and a weighted sample (weights ``w`` sum to 1)."""
-    best = 0.0
+def _weighted_ks(win: np.ndarray, rest: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """KS distance per column between a sample and a weighted sample (weights ``w`` sum to 1)."""
+    out = np.empty(win.shape[1])
     n = win.shape[0]
     for j in range(win.shape[1]):
         o = np.argsort(rest[:, j], kind="stable")
@@ -390,8 +393,13 @@ def _max_weighted_ks(win: np.ndarray, rest: np.ndarray, w: np.ndarray) -> float:
         pts = np.concatenate([xs, win[:, j]])
         f_rest = np.r_[0.0, cw][np.searchsorted(xs, pts, side="right")]
         f_win = np.searchsorted(np.sort(win[:, j]), pts, side="right") / n
-        best = max(best, float(np.max(np.abs(f_rest - f_win))))
-    return best
+        out[j] = float(np.max(np.abs(f_rest - f_win)))
+    return out
+
+
+def _max_weighted_ks(win: np.ndarray, rest: np.ndarray, w: np.ndarray) -> float:
+    """Largest KS distance over columns between a sample and a weighted sample (weights ``w`` sum to 1)."""
+    return float(_weighted_ks(win, rest, w).max())
 
 
 def _weighted_mmd2(R: np.ndarray, w: np.ndarray, X: np.ndarray, sigma: float) -> float:
@@ -449,6 +457,8 @@ class DriftResult:
             effect_size, significant`` (``p_value``: Welch t-test; None without channels).
         score_tail: share of the window's cells above the reference's ``1 - score_tail`` score quantile (None
             without scores); ``score_tail_expected`` is that share on the reference (``score_tail``, e.g. 0.10).
+        mix: the window's product mix against the reference's (:class:`pipeline.strata.MixSignal`; None without
+            ``cur_strata``): context, not a test. Its ``explains`` says whether it can explain the verdict.
         meta: detector name, version, params, model id.
     """
 
@@ -472,6 +482,7 @@ class DriftResult:
     per_channel: pd.DataFrame | None = None
     score_tail: float | None = None
     score_tail_expected: float | None = None
+    mix: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -675,11 +686,13 @@ class DriftDetector:
         if strata is None:
             self._streams = [(np.arange(n), 1.0)]
             self.strata_ = None
+            self.ref_strata_ = None
         else:
-            strata = strata[order]
+            strata = np.asarray(strata, dtype=str)[order]
             labels, inv = np.unique(strata, return_inverse=True)
             self._streams = [(np.flatnonzero(inv == i), float(np.mean(inv == i))) for i in range(labels.size)]
             self.strata_ = {str(lab): share for lab, (_, share) in zip(labels, self._streams, strict=True)}
+            self.ref_strata_ = strata
         self.ref_ = Z
         self.ref_scores_ = scores
         self.ref_quality_ = quality
@@ -689,7 +702,7 @@ class DriftDetector:
         self.n_ref_, self.n_features_in_ = Z.shape
         self.psi_edges_ = _psi_edges(Z, self.psi_bins)
         self.sigma_ref_ = median_heuristic(Z, rng=self.random_state)
-        self._calibrations: dict[int, dict[str, np.ndarray]] = {}
+        self._calibrations: dict[Any, dict[str, np.ndarray]] = {}
         self.is_fitted_ = True
         return self
 
@@ -722,15 +735,23 @@ class DriftDetector:
             raise NotFittedError("DriftDetector has not been fit: call fit(Z_ref) first")
 
     # ---- lot null ------------------------------------------------------------------------------------------
-    def _allocation(self, n: int) -> list[int]:
-        """Images per stratum in a calibration window of ``n``: the reference shares, largest-remainder rounding."""
-        raw = np.array([share * n for _, share in self._streams])
+    def _shares(self, shares: dict[str, float] | None) -> list[float]:
+        """Share of each stratum (stream order) in a calibration window: ``shares``, else the reference's."""
+        if shares is None or self.strata_ is None:
+            return [share for _, share in self._streams]
+        raw = np.array([max(0.0, float(shares.get(lab, 0.0))) for lab in self.strata_])
+        return (raw / raw.sum()).tolist() if raw.sum() > 0 else [share for _, share in self._streams]
+
+    def _allocation(self, n: int, shares: dict[str, float] | None = None) -> list[int]:
+        """Images per stratum in a calibration window of ``n`` (``shares``, else the reference's mix)."""
+        raw = np.array([share * n for share in self._shares(shares)])
         k = np.floor(raw).astype(int)
         for i in np.argsort(-(raw - k), kind="stable")[: n - int(k.sum())]:
             k[i] += 1
         return k.tolist()
 
-    def _block_indices(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def _block_indices(self, n: int, rng: np.random.Generator, shares: dict[str, float] | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
         """Rows of one calibration window, and the rows to leave out of "the rest" for it.
 
         Per stratum (one stream of all rows without ``ref_strata``), the window takes its share as blocks of
@@ -742,7 +763,7 @@ class DriftDetector:
         N = self.n_ref_
         excl = np.zeros(N, dtype=bool)
         parts = []
-        alloc = self._allocation(n)
+        alloc = self._allocation(n, shares)
         for (rows, _), k in zip(self._streams, alloc, strict=True):
             if k == 0:
                 continue
@@ -777,10 +798,10 @@ class DriftDetector:
             excl[idx] = True
         return idx, excl
 
-    def _rest_weights(self, keep: np.ndarray) -> np.ndarray:
-        """Weights (summing to 1) of the kept reference rows that restore the reference's stratum shares."""
+    def _rest_weights(self, keep: np.ndarray, shares: dict[str, float] | None = None) -> np.ndarray:
+        """Weights (summing to 1) of the kept reference rows that give them the calibration window's shares."""
         w = np.zeros(keep.size)
-        for rows, share in self._streams:
+        for (rows, _), share in zip(self._streams, self._shares(shares), strict=True):
             kept = rows[keep[rows]]
             if kept.size:
                 w[kept] = share / kept.size
@@ -788,7 +809,7 @@ class DriftDetector:
         return w / w.sum()
 
     def _window_stats_vs_rest(
-        self, idx: np.ndarray, excl: np.ndarray, rng: np.random.Generator
+        self, idx: np.ndarray, excl: np.ndarray, rng: np.random.Generator, shares: dict[str, float] | None = None
     ) -> tuple[float, float, float, float, float]:
         """Family statistics of rows ``idx`` against the re-weighted rest.
 
@@ -796,7 +817,7 @@ class DriftDetector:
         """
         keep = ~excl
         rest_idx = np.flatnonzero(keep)
-        w = self._rest_weights(keep)
+        w = self._rest_weights(keep, shares)
         ks = _max_weighted_ks(self.ref_[idx], self.ref_[rest_idx], w)
         if rest_idx.size > self.mmd_max_ref:  # weighted subsample keeps the stratum shares
             sub = rng.choice(rest_idx.size, self.mmd_max_ref, replace=False, p=w)
@@ -814,8 +835,12 @@ class DriftDetector:
             qstat = float(np.max(np.abs(shift) / self._q_sd))
         return ks, mmd, auc, qstat, tail
 
-    def calibrate(self, n: int) -> dict[str, np.ndarray]:
+    def calibrate(self, n: int, shares: dict[str, float] | None = None) -> dict[str, np.ndarray]:
         """Lot-null bootstrap distributions of the family statistics for windows of ``n`` images (cached).
+
+        With ``shares`` (product -> share, with ``ref_strata``), calibration windows have that product mix and are
+        compared with the rest re-weighted to it (the mix of a window tested with ``cur_strata``); default: the
+        reference's own mix.
 
         Returns:
             ``{"axes": max-KS (B,), "mmd": MMD^2 (B,), "scores": AUC (B,), "quality": max |shift| (B,),
@@ -825,8 +850,9 @@ class DriftDetector:
             share's dependence.
         """
         self._check_fitted()
-        if n in self._calibrations:
-            return self._calibrations[n]
+        key: Any = n if shares is None or self.strata_ is None else (n, tuple(np.round(self._shares(shares), 4)))
+        if key in self._calibrations:
+            return self._calibrations[key]
         if self.n_ref_ < 2 * n:
             raise ValueError(
                 f"the lot null needs a reference at least twice the window: reference {self.n_ref_}, window {n}; "
@@ -836,11 +862,11 @@ class DriftDetector:
         out = np.empty((self.n_calibration, 5))
         it = range(self.n_calibration)
         for b in tqdm(it, desc=f"lot null n={n}", disable=not self.progress, leave=False):
-            idx, excl = self._block_indices(n, rng)
-            out[b] = self._window_stats_vs_rest(idx, excl, rng)
+            idx, excl = self._block_indices(n, rng, shares)
+            out[b] = self._window_stats_vs_rest(idx, excl, rng, shares)
         cal = {k: np.sort(out[:, i]) for i, k in enumerate(("axes", "mmd", "scores", "quality", "scores_tail"))}
         cal["scores_minp"] = np.sort(np.minimum(self._self_p(out[:, 2]), self._self_p(out[:, 4])))
-        self._calibrations[n] = cal
+        self._calibrations[key] = cal
         return cal
 
     @staticmethod
@@ -864,7 +890,8 @@ class DriftDetector:
 
     # ---- test ----------------------------------------------------------------------------------------------
     def test(
-        self, Z_cur: Any, cur_scores: Any = None, model_id: str | None = None, cur_quality: Any = None
+        self, Z_cur: Any, cur_scores: Any = None, model_id: str | None = None, cur_quality: Any = None,
+        cur_strata: Any = None,
     ) -> DriftResult:
         """Test one window against the reference.
 
@@ -874,6 +901,11 @@ class DriftDetector:
             model_id: id of the model that encoded ``Z_cur``; must equal the reference's when both are known.
             cur_quality: image-quality channels (n_cur, k) of the window; required iff ``ref_quality`` was given,
                 with the same channels.
+            cur_strata: product label (n_cur,) of every window image. With ``ref_strata`` given to ``fit``, every
+                family compares the window with the reference **re-weighted to the window's product shares**
+                (:mod:`pipeline.strata`): each product with its own kind, so a swing of the product mix is not
+                drift; the lot null is calibrated at the window's mix. The mix itself is reported in
+                ``DriftResult.mix``.
 
         Returns:
             :class:`DriftResult`.
@@ -882,6 +914,34 @@ class DriftDetector:
             NotFittedError: before ``fit``.
             ValueError: too-small window, NaNs, model-id or dimension mismatch, scores given on one side only.
         """
+        win = self._window(Z_cur, cur_scores, model_id, cur_quality, cur_strata)
+        families = ["axes", "mmd"] + (["scores"] if win.scores is not None else []) + (
+            ["quality"] if win.quality is not None else []
+        )
+        fam_alpha = self.alpha / len(families)
+        if self.null == "lot" and (self.n_calibration + 1) * fam_alpha < 1.0:
+            raise ValueError(
+                f"n_calibration={self.n_calibration} cannot resolve p-values at alpha/{len(families)}="
+                f"{fam_alpha:.3g}; use at least {math.ceil(1.0 / fam_alpha)}"
+            )
+        # seeded by the window's content: reproducible for a given window, but a fresh reference subsample and
+        # permutation set for each window, so the false-alarm rate over many windows does not hinge on one
+        # particular MMD reference subsample
+        rng = np.random.default_rng([self.random_state, win.n, zlib.crc32(win.Z.tobytes())])
+        stats_ = _FamilyStats(family_p={}, thresholds={
+            "alpha": self.alpha, "family_alpha": fam_alpha,
+            "psi_null_expected": (len(self.psi_edges_[0])) * (1.0 / win.n + 1.0 / self.n_ref_),
+        })
+        self._describe(win, stats_, rng)
+        if self.null == "iid":
+            self._iid_families(win, stats_, fam_alpha, rng)
+        else:
+            self._lot_families(win, stats_, fam_alpha, rng)
+        return self._result(win, stats_, families, fam_alpha)
+
+    def _window(self, Z_cur: Any, cur_scores: Any, model_id: str | None, cur_quality: Any, cur_strata: Any
+                ) -> _WindowData:
+        """Validate a window and work out the reference weights that match its product mix."""
         self._check_fitted()
         if model_id is not None and self.model_id_ is not None and model_id != self.model_id_:
             raise ValueError(
@@ -897,17 +957,16 @@ class DriftDetector:
                 f"window has {Z.shape[1]} latent axes but the reference has {self.n_features_in_}; "
                 "were they encoded by different models?"
             )
-        scores = None
         _both_or_neither(self.ref_scores_, cur_scores, "anomaly scores", "ref_scores", "cur_scores")
+        scores = None
         if cur_scores is not None:
             scores = np.asarray(cur_scores, dtype=np.float64).ravel()
             if scores.size != n:
                 raise ValueError(f"cur_scores has {scores.size} values for {n} window images")
             if not np.isfinite(scores).all():
                 raise ValueError("cur_scores contain NaN or inf")
-
-        quality = None
         _both_or_neither(self.ref_quality_, cur_quality, "image-quality channels", "ref_quality", "cur_quality")
+        quality = None
         if cur_quality is not None:
             quality, names = _as_channels(cur_quality, n, "cur_quality")
             if quality.shape[1] != self.ref_quality_.shape[1] or (
@@ -916,140 +975,203 @@ class DriftDetector:
                 raise ValueError(
                     f"window quality channels {list(names)} do not match the reference's {list(self.quality_names_)}"
                 )
+        return _WindowData(Z, scores, quality, n, *self._mix_weights(cur_strata, n))
 
+    def _mix_weights(self, cur_strata: Any, n: int
+                     ) -> tuple[np.ndarray | None, Any, dict[str, float] | None, np.ndarray | None]:
+        """(reference weights for the window's mix or None, the mix signal, calibration shares, window labels)."""
+        from pipeline import strata as S
+
+        if cur_strata is None:
+            return None, None, None, None
+        cur = S.labels(cur_strata)
+        if cur.size != n:
+            raise ValueError(f"cur_strata has {cur.size} values for {n} window images")
+        if self.ref_strata_ is None:  # nothing to condition on: the mix is context only
+            return None, S.mix_signal(np.full(self.n_ref_, "unknown"), cur, conditioned=False), None, cur
+        w = S.reference_weights(self.ref_strata_, cur)
+        # the lot null's calibration mix: the weights' share of each product (rounded: calibrations are cached)
+        cal = {lab: round(float(w[self.ref_strata_ == lab].sum()) * 20) / 20 for lab in self.strata_}
+        return w, S.mix_signal(self.ref_strata_, cur), cal, cur
+
+    def _matched_reference(self, win: _WindowData, rng: np.random.Generator) -> np.ndarray:
+        """Reference rows with the window's product mix (all rows when the window is not conditioned)."""
+        from pipeline import strata as S
+
+        if win.weights is None:
+            return np.arange(self.n_ref_)
+        return S.matched_rows(self.ref_strata_, win.strata, rng)
+
+    def _describe(self, win: _WindowData, st: _FamilyStats, rng: np.random.Generator) -> None:
+        """Per-axis KS (i.i.d. p-values), effect sizes and PSI, and the quality channels' shifts."""
         ref = self.ref_
-        # seeded by the window's content: reproducible for a given window, but a fresh reference subsample and
-        # permutation set for each window, so the false-alarm rate over many windows does not hinge on one
-        # particular MMD reference subsample
-        rng = np.random.default_rng([self.random_state, n, zlib.crc32(Z.tobytes())])
-        ks, p = ks_per_axis(ref, Z)
-        p_adj = bh_adjust(p) if self.correction == "bh" else bonferroni(p)
-        eff = effect_size(ref, Z)
-        psis = _psi_from_edges(ref, Z, self.psi_edges_, 1e-4)
-
-        families = ["axes", "mmd"] + (["scores"] if scores is not None else []) + (
-            ["quality"] if quality is not None else []
-        )
-        fam_alpha = self.alpha / len(families)
-        if self.null == "lot" and (self.n_calibration + 1) * fam_alpha < 1.0:
-            raise ValueError(
-                f"n_calibration={self.n_calibration} cannot resolve p-values at alpha/{len(families)}="
-                f"{fam_alpha:.3g}; use at least {math.ceil(1.0 / fam_alpha)}"
-            )
-        family_p: dict[str, float] = {}
-        thresholds: dict[str, float] = {
-            "alpha": self.alpha,
-            "family_alpha": fam_alpha,
-            "psi_null_expected": (len(self.psi_edges_[0])) * (1.0 / n + 1.0 / self.n_ref_),
-        }
-        score_stat = score_p = quality_stat = quality_p = tail_share = None
-        per_channel = None
-        q_sig = None
-        if quality is not None:
-            q_ks, _ = ks_per_axis(self.ref_quality_, quality)
-            q_eff = effect_size(self.ref_quality_, quality)
-            q_pv = stats.ttest_ind(quality, self.ref_quality_, axis=0, equal_var=False).pvalue
-            q_pv = np.where(np.isfinite(q_pv), q_pv, 1.0)
-            quality_stat = float(np.max(np.abs(q_eff)))
-        if self.null == "iid":
-            family_p["axes"] = float(p_adj.min())
-            significant = p_adj <= fam_alpha
-            mmd_stat, mmd_p = mmd_permutation_test(
-                ref, Z, n_permutations=self.n_permutations, rng=rng, max_ref=self.mmd_max_ref
-            )
-            if scores is not None:
-                score_stat, p_auc = score_distribution_test(self.ref_scores_, scores)
-                tail_share, p_tail = score_tail_test(self.ref_scores_, scores, self.score_tail)
-                score_p = min(1.0, 2.0 * min(p_auc, p_tail))
-            if quality is not None:
-                q_adj = bonferroni(q_pv)
-                quality_p = float(q_adj.min())
-                q_sig = q_adj <= fam_alpha
-            thresholds["p_adjusted"] = fam_alpha
+        rows = self._matched_reference(win, rng)
+        st.ks, st.p = ks_per_axis(ref[rows], win.Z)
+        st.p_adj = bh_adjust(st.p) if self.correction == "bh" else bonferroni(st.p)
+        w = win.weights
+        if w is None:
+            st.eff = effect_size(ref, win.Z)
+            st.psis = _psi_from_edges(ref, win.Z, self.psi_edges_, 1e-4)
         else:
-            cal = self.calibrate(n)
-            ks_thr = self._boot_threshold(cal["axes"], fam_alpha)
-            family_p["axes"] = self._boot_p(cal["axes"], float(ks.max()))
-            significant = ks > ks_thr
-            sub = ref
-            if sub.shape[0] > self.mmd_max_ref:
-                sub = sub[rng.choice(sub.shape[0], self.mmd_max_ref, replace=False)]
-            mmd_stat = mmd2_unbiased(sub, Z, self.sigma_ref_)
-            mmd_p = self._boot_p(cal["mmd"], mmd_stat)
-            thresholds.update({"max_ks": ks_thr, "mmd2": self._boot_threshold(cal["mmd"], fam_alpha)})
-            if scores is not None:
-                score_stat = _auc(scores, self.ref_scores_)
-                tail_share = float(np.mean(scores > np.quantile(self.ref_scores_, 1.0 - self.score_tail)))
-                min_p = min(self._boot_p(cal["scores"], score_stat), self._boot_p(cal["scores_tail"], tail_share))
-                n_le = int(np.searchsorted(cal["scores_minp"], min_p + 1e-12, side="right"))
-                score_p = (1.0 + n_le) / (1.0 + cal["scores_minp"].size)
-                thresholds["score_auc"] = self._boot_threshold(cal["scores"], fam_alpha)
-                thresholds["score_tail_share"] = self._boot_threshold(cal["scores_tail"], fam_alpha)
-            if quality is not None:
-                q_thr = self._boot_threshold(cal["quality"], fam_alpha)
-                quality_p = self._boot_p(cal["quality"], quality_stat)
-                q_sig = np.abs(q_eff) > q_thr
-                thresholds["quality_max_shift_sd"] = q_thr
-        family_p["mmd"] = float(mmd_p)
-        if score_p is not None:
-            family_p["scores"] = float(score_p)
-        if quality_p is not None:
-            family_p["quality"] = float(quality_p)
-            per_channel = pd.DataFrame(
-                {"channel": list(self.quality_names_), "ks_stat": q_ks, "p_value": q_pv, "effect_size": q_eff,
-                 "significant": q_sig}
-            ).assign(_abs=np.abs(q_eff)).sort_values(["significant", "_abs"], ascending=False, kind="stable",
-                                                     ignore_index=True).drop(columns="_abs")
-        fired = tuple(k for k in families if family_p[k] <= fam_alpha * (1 + 1e-9))
+            st.eff = (win.Z.mean(axis=0) - w @ ref) / np.maximum(ref.std(axis=0, ddof=1), 1e-12)
+            st.psis = _psi_from_edges(ref, win.Z, self.psi_edges_, 1e-4, ref_weights=w)
+            st.ks = _weighted_ks(win.Z, ref, w)
+        st.ref_rows = rows
+        if win.quality is not None:
+            q_ref = self.ref_quality_
+            st.q_ks, _ = ks_per_axis(q_ref[rows], win.quality)
+            if w is None:
+                st.q_eff = effect_size(q_ref, win.quality)
+            else:
+                st.q_eff = (win.quality.mean(axis=0) - w @ q_ref) / np.maximum(q_ref.std(axis=0, ddof=1), 1e-12)
+            q_pv = stats.ttest_ind(win.quality, q_ref[rows], axis=0, equal_var=False).pvalue
+            st.q_pv = np.where(np.isfinite(q_pv), q_pv, 1.0)
+            st.quality_stat = float(np.max(np.abs(st.q_eff)))
 
+    def _iid_families(self, win: _WindowData, st: _FamilyStats, fam_alpha: float, rng: np.random.Generator
+                      ) -> None:
+        """Family p-values under the i.i.d. null (the reference matched to the window's mix)."""
+        ref = self.ref_[st.ref_rows]
+        st.family_p["axes"] = float(st.p_adj.min())
+        st.significant = st.p_adj <= fam_alpha
+        st.mmd_stat, st.mmd_p = mmd_permutation_test(
+            ref, win.Z, n_permutations=self.n_permutations, rng=rng, max_ref=self.mmd_max_ref
+        )
+        if win.scores is not None:
+            r_scores = self.ref_scores_[st.ref_rows]
+            st.score_stat, p_auc = score_distribution_test(r_scores, win.scores)
+            st.tail_share, p_tail = score_tail_test(r_scores, win.scores, self.score_tail)
+            st.score_p = min(1.0, 2.0 * min(p_auc, p_tail))
+        if win.quality is not None:
+            q_adj = bonferroni(st.q_pv)
+            st.quality_p = float(q_adj.min())
+            st.q_sig = q_adj <= fam_alpha
+        st.thresholds["p_adjusted"] = fam_alpha
+
+    def _lot_mmd(self, win: _WindowData, rng: np.random.Generator) -> float:
+        """MMD^2 of the window against the (mix-weighted) reference, with the reference bandwidth."""
+        ref, w = self.ref_, win.weights
+        if w is None:
+            sub = ref if ref.shape[0] <= self.mmd_max_ref else ref[rng.choice(ref.shape[0], self.mmd_max_ref,
+                                                                              replace=False)]
+            return mmd2_unbiased(sub, win.Z, self.sigma_ref_)
+        if ref.shape[0] > self.mmd_max_ref:
+            keep = np.flatnonzero(w > 0)
+            sub = rng.choice(keep, min(self.mmd_max_ref, keep.size), replace=False, p=w[keep] / w[keep].sum())
+            return mmd2_unbiased(ref[sub], win.Z, self.sigma_ref_)
+        return _weighted_mmd2(ref, w, win.Z, self.sigma_ref_)
+
+    def _lot_scores(self, win: _WindowData) -> tuple[float, float]:
+        """Score AUC and tail share of the window against the (mix-weighted) reference."""
+        if win.weights is None:
+            cut = np.quantile(self.ref_scores_, 1.0 - self.score_tail)
+            return _auc(win.scores, self.ref_scores_), float(np.mean(win.scores > cut))
+        cut = _weighted_quantile(self.ref_scores_, win.weights, 1.0 - self.score_tail)
+        return _weighted_auc(win.scores, self.ref_scores_, win.weights), float(np.mean(win.scores > cut))
+
+    def _lot_families(self, win: _WindowData, st: _FamilyStats, fam_alpha: float, rng: np.random.Generator
+                      ) -> None:
+        """Family p-values under the lot null, calibrated at the window's size and product mix."""
+        cal = self.calibrate(win.n, shares=win.cal_shares)
+        ks_thr = self._boot_threshold(cal["axes"], fam_alpha)
+        st.family_p["axes"] = self._boot_p(cal["axes"], float(st.ks.max()))
+        st.significant = st.ks > ks_thr
+        st.mmd_stat = self._lot_mmd(win, rng)
+        st.mmd_p = self._boot_p(cal["mmd"], st.mmd_stat)
+        st.thresholds.update({"max_ks": ks_thr, "mmd2": self._boot_threshold(cal["mmd"], fam_alpha)})
+        if win.scores is not None:
+            st.score_stat, st.tail_share = self._lot_scores(win)
+            min_p = min(self._boot_p(cal["scores"], st.score_stat), self._boot_p(cal["scores_tail"], st.tail_share))
+            n_le = int(np.searchsorted(cal["scores_minp"], min_p + 1e-12, side="right"))
+            st.score_p = (1.0 + n_le) / (1.0 + cal["scores_minp"].size)
+            st.thresholds["score_auc"] = self._boot_threshold(cal["scores"], fam_alpha)
+            st.thresholds["score_tail_share"] = self._boot_threshold(cal["scores_tail"], fam_alpha)
+        if win.quality is not None:
+            q_thr = self._boot_threshold(cal["quality"], fam_alpha)
+            st.quality_p = self._boot_p(cal["quality"], st.quality_stat)
+            st.q_sig = np.abs(st.q_eff) > q_thr
+            st.thresholds["quality_max_shift_sd"] = q_thr
+
+    def _result(self, win: _WindowData, st: _FamilyStats, families: list[str], fam_alpha: float) -> DriftResult:
+        """Assemble the :class:`DriftResult` (families fired, ranked axes, channels, mix)."""
+        st.family_p["mmd"] = float(st.mmd_p)
+        if st.score_p is not None:
+            st.family_p["scores"] = float(st.score_p)
+        per_channel = None
+        if st.quality_p is not None:
+            st.family_p["quality"] = float(st.quality_p)
+            per_channel = pd.DataFrame(
+                {"channel": list(self.quality_names_), "ks_stat": st.q_ks, "p_value": st.q_pv,
+                 "effect_size": st.q_eff, "significant": st.q_sig}
+            ).assign(_abs=np.abs(st.q_eff)).sort_values(["significant", "_abs"], ascending=False, kind="stable",
+                                                        ignore_index=True).drop(columns="_abs")
+        fired = tuple(k for k in families if st.family_p[k] <= fam_alpha * (1 + 1e-9))
         # rank: significant axes by |effect| first, then the rest by |effect|
-        abs_eff = np.abs(eff)
-        order = np.lexsort((-abs_eff, ~significant))
+        abs_eff = np.abs(st.eff)
+        order = np.lexsort((-abs_eff, ~st.significant))
         rank = np.empty(order.size, dtype=int)
         rank[order] = np.arange(1, order.size + 1)
-        table = pd.DataFrame(
-            {
-                "axis": np.arange(self.n_features_in_),
-                "ks_stat": ks,
-                "p_value": p,
-                "p_adjusted": p_adj,
-                "effect_size": eff,
-                "psi": psis,
-                "psi_band": [psi_band(v) for v in psis],
-                "significant": significant,
-                "rank": rank,
-            }
-        ).sort_values("rank", kind="stable", ignore_index=True)
+        table = pd.DataFrame({
+            "axis": np.arange(self.n_features_in_), "ks_stat": st.ks, "p_value": st.p, "p_adjusted": st.p_adj,
+            "effect_size": st.eff, "psi": st.psis, "psi_band": [psi_band(v) for v in st.psis],
+            "significant": st.significant, "rank": rank,
+        }).sort_values("rank", kind="stable", ignore_index=True)
         top = int(order[0])
         total = float(abs_eff.sum())
         return DriftResult(
-            detected=bool(fired),
-            fired=fired,
-            family_p=family_p,
-            family_alpha=fam_alpha,
-            mmd_stat=float(mmd_stat),
-            mmd_p=float(mmd_p),
-            score_stat=score_stat,
-            score_p=score_p,
-            per_axis=table,
-            top_axis=top,
-            top_share=float(abs_eff[top] / total) if total > 0 else 0.0,
-            n_ref=self.n_ref_,
-            n_cur=n,
-            null=self.null,
-            thresholds=thresholds,
-            quality_stat=quality_stat,
-            quality_p=quality_p,
-            per_channel=per_channel,
-            score_tail=tail_share,
-            score_tail_expected=None if tail_share is None else self.score_tail,
-            meta={
-                "name": self.name,
-                "version": self.version,
-                "params": self.get_params(),
-                "model_id": self.model_id_,
-            },
+            detected=bool(fired), fired=fired, family_p=st.family_p, family_alpha=fam_alpha,
+            mmd_stat=float(st.mmd_stat), mmd_p=float(st.mmd_p), score_stat=st.score_stat, score_p=st.score_p,
+            per_axis=table, top_axis=top, top_share=float(abs_eff[top] / total) if total > 0 else 0.0,
+            n_ref=self.n_ref_, n_cur=win.n, null=self.null, thresholds=st.thresholds,
+            quality_stat=st.quality_stat, quality_p=st.quality_p, per_channel=per_channel,
+            score_tail=st.tail_share, score_tail_expected=None if st.tail_share is None else self.score_tail,
+            mix=win.mix,
+            meta={"name": self.name, "version": self.version, "params": self.get_params(), "model_id": self.model_id_},
         )
+
+
+@dataclass
+class _WindowData:
+    """A validated window: latents, scores, quality channels, and how the reference is matched to its mix."""
+
+    Z: np.ndarray
+    scores: np.ndarray | None
+    quality: np.ndarray | None
+    n: int
+    weights: np.ndarray | None
+    """Reference weights giving the reference the window's product mix (None: unconditioned, uniform)."""
+    mix: Any = None
+    """The window's :class:`pipeline.strata.MixSignal` (None without ``cur_strata``)."""
+    cal_shares: dict[str, float] | None = None
+    """Product shares the lot null is calibrated at (None: the reference's own)."""
+    strata: np.ndarray | None = None
+    """Product label of every window image (None without ``cur_strata``)."""
+
+
+@dataclass
+class _FamilyStats:
+    """Statistics of one window's test as they are worked out, step by step."""
+
+    family_p: dict[str, float]
+    thresholds: dict[str, float]
+    ks: np.ndarray = field(default_factory=lambda: np.empty(0))
+    p: np.ndarray = field(default_factory=lambda: np.empty(0))
+    p_adj: np.ndarray = field(default_factory=lambda: np.empty(0))
+    eff: np.ndarray = field(default_factory=lambda: np.empty(0))
+    psis: np.ndarray = field(default_factory=lambda: np.empty(0))
+    significant: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
+    ref_rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=int))
+    mmd_stat: float = math.nan
+    mmd_p: float = math.nan
+    score_stat: float | None = None
+    score_p: float | None = None
+    tail_share: float | None = None
+    q_ks: np.ndarray | None = None
+    q_pv: np.ndarray | None = None
+    q_eff: np.ndarray | None = None
+    q_sig: np.ndarray | None = None
+    quality_stat: float | None = None
+    quality_p: float | None = None
 
 
 def even_subsample(n: int, k: int) -> np.ndarray:

@@ -122,7 +122,7 @@ class WindowOutcome:
         top_share: its share of the total shift.
         effect: its signed effect (reference standard deviations).
         description: what the top axis means (from the axis descriptions), or the image-level families' phrase,
-            then "product mix changed: ..." when the window's product shares moved (``pipeline.axes.mix_text``).
+            then the product mix when it explains the verdict (``pipeline.axes.mix_note``).
         summary: the drift test's one-line summary.
         attribution: the attribution's text.
         alert_active: an alert is active for the line after this window.
@@ -364,7 +364,7 @@ def monitor(settings: Any, config: MonitorConfig = MonitorConfig(), *, alert_man
 def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) -> MonitorResult:
     import torch
 
-    from pipeline.axes import LATENT_FAMILIES, attribute, image_level_text, mix_text
+    from pipeline.axes import LATENT_FAMILIES, attribute, image_level_text, mix_note
     from pipeline.drift import DriftDetector, windows
     from pipeline.encode import encode_catalog, z_columns
 
@@ -399,7 +399,6 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
     ref_strata = None
     if "product_type" in champ.reference.columns and champ.reference["product_type"].nunique() > 1:
         ref_strata = champ.reference["product_type"].fillna("unknown").astype(str).to_numpy()
-    ref_products = champ.reference["product_type"] if "product_type" in champ.reference.columns else None
     quality = q_ref = None
     if config.quality:
         quality = quality_channels(settings, pd.concat([champ.reference[["image_id", "store_path"]],
@@ -436,12 +435,10 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
             zw = zw[keep]
             qw = None if qw is None else qw.iloc[keep]
             sw = None if sw is None else sw[keep]
-            res = drift.test(zw, model_id=champ.model_id, cur_quality=qw, cur_scores=sw)
-            attr = attribute(res, descriptions)
-            mix = ""
-            if res.detected and ref_products is not None and "product_type" in frame.columns:
-                mix = mix_text(ref_products, frame["product_type"], prefix="; ")
-                attr = replace(attr, text=attr.text + mix)  # the alert's summary says the mix moved
+            # each product is compared with its own kind (pipeline.strata): a mix swing is context, not drift
+            strata = frame["product_type"].to_numpy()[keep] if "product_type" in frame.columns else None
+            res = drift.test(zw, model_id=champ.model_id, cur_quality=qw, cur_scores=sw, cur_strata=strata)
+            attr = attribute(res, descriptions)  # its text names the mix when the mix explains the verdict
             top = None
             # the top significant axis (else the largest shift) when a latent family fired; image-level families
             # (quality channels, anomaly scores) are described by their own text
@@ -474,7 +471,8 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
                 n_images=len(frame), n_tested=len(zw), n_anomalous=int(frame["is_anomaly"].sum()),
                 detected=bool(res.detected), top_axis=top, top_share=float(res.top_share) if top is not None else 0.0,
                 effect=effect,
-                description=(desc_text.get(top, "") if top is not None else image_level_text(res)) + mix,
+                description=(desc_text.get(top, "") + mix_note(res, prefix="; ") if top is not None
+                             else image_level_text(res)),
                 summary=res.summary(), attribution=attr.text, alert_active=active, events=ev_dicts,
             ))
             results[(str(line), w.window_id)] = (res, frame)
@@ -748,7 +746,6 @@ def _example_images(settings: Any, frame: pd.DataFrame, k: int = 4) -> list[str]
 
 def _draw_reports(settings: Any, champ: Champion, outcomes: list[WindowOutcome],
                   results: dict[tuple[str, str], tuple[Any, pd.DataFrame]]) -> list[WindowOutcome]:
-    from dataclasses import replace
 
     from pipeline.report import drift_report
 

@@ -127,7 +127,8 @@ def test_vignetting_on_real_cells(cells):
 
 
 def test_registry_mapping_and_stories():
-    assert set(FAULTS) == {"gain", "blur", "noise", "misalign", "vignetting", "product_mix", "defect_rate"}
+    assert set(FAULTS) == {"gain", "blur", "noise", "misalign", "vignetting", "illumination", "product_mix",
+                           "defect_rate"}
     assert set(POPULATION_FAULTS) == {"product_mix", "defect_rate"}
     for kind, info in FAULTS.items():
         assert info.kind == kind and info.parameter and info.unit and len(info.story) > 20
