@@ -219,7 +219,8 @@ class DataSelection:
     Attributes:
         train: catalog rows of the training snapshot.
         calibration: catalog rows of the held-out calibration snapshot.
-        excluded: reason -> number of images dropped (``alert_window``, ``anomalous``).
+        excluded: reason -> number of images dropped (``alert_window``; ``anomalous``: flagged images kept out of
+            the training part).
         window: (start, end) of the training window, UTC.
     """
 
@@ -338,7 +339,8 @@ def select_training_data(
         end: exclusive end of the window; None = 1 us after the newest ``captured_at``.
         alert_windows: intervals under an active alert: columns ``line`` (None/NaN = every line), ``start``,
             ``end`` (UTC). Images captured inside one are dropped when ``exclude_alerts``.
-        anomalous_ids: image ids flagged anomalous by the champion; dropped when ``exclude_anomalous``.
+        anomalous_ids: image ids flagged anomalous by the champion; dropped from the training part when
+            ``exclude_anomalous`` (the calibration part keeps them: it stands for normal production).
         holdout_share: calibration share (hash of the image id).
         exclude_alerts: apply the alert-window rule.
         exclude_anomalous: apply the anomalous-image rule.
@@ -380,13 +382,15 @@ def select_training_data(
             drop |= hit
         excluded["alert_window"] = int(drop.sum())
         df, df_ts = df.loc[~drop], df_ts[~drop]
-    if exclude_anomalous and anomalous_ids:
-        drop = df["image_id"].isin(anomalous_ids).to_numpy()
-        excluded["anomalous"] = int(drop.sum())
-        df = df.loc[~drop]
     calib = holdout_mask(df["image_id"].tolist(), holdout_share)
+    # flagged images never train a model (a defect must not be learned away), but the calibration snapshot keeps
+    # them: it is the monitor's picture of normal production, defective cells at their usual share included, and a
+    # reference without its top-scoring cells would set the per-image threshold and the score test too low
+    flagged = df["image_id"].isin(anomalous_ids).to_numpy() if exclude_anomalous and anomalous_ids else \
+        np.zeros(len(df), dtype=bool)
+    excluded["anomalous"] = int((flagged & ~calib).sum())
     return DataSelection(
-        train=df.loc[~calib].reset_index(drop=True),
+        train=df.loc[~calib & ~flagged].reset_index(drop=True),
         calibration=df.loc[calib].reset_index(drop=True),
         excluded=excluded,
         window=(start_ts.to_pydatetime(), end_ts.to_pydatetime()),
@@ -582,15 +586,15 @@ def make_detector(n_residuals: int | None = None, *, k: int = 25, n_fit: int | N
 
 
 def _infer_threshold(det: Any, z: np.ndarray, fpr: float) -> None:
-    """Threshold ``det`` at ``fpr`` on held-out ``z``.
+    """Threshold ``det`` at ``fpr`` on held-out ``z`` (``pipeline.thresholds.set_flag_threshold``).
 
+    Far-out scores (defective cells of normal production) are left out, so ``fpr`` is the rate on healthy cells.
     With too few images for that rate the largest achievable one is used, so small demo runs still work
     (recorded in ``det.fpr_``).
     """
-    try:
-        det.infer_threshold(z, fpr=fpr)
-    except ValueError:
-        det.infer_threshold(z, fpr=min(0.5, 1.0 / (len(z) - 1)))
+    from pipeline.thresholds import set_flag_threshold
+
+    set_flag_threshold(det, z, fpr)
 
 
 def evaluate_model(
@@ -759,6 +763,13 @@ def _retrain_locked(
         exclude_alerts=config.exclude_alerts,
         exclude_anomalous=config.exclude_anomalous,
     )
+    # the calibration snapshot is the monitor's drift reference: grown to three day windows so whole windows are
+    # tested (pipeline.reference)
+    from pipeline.reference import extend_calibration, needed_for
+
+    sel = extend_calibration(sel, catalog, need=needed_for(catalog, sel.window, settings.timezone),
+                             holdout_share=config.holdout_share,
+                             alert_windows=alert_windows(settings) if config.exclude_alerts else None)
     if len(sel.train) < config.min_train_images:
         raise ValueError(
             f"only {len(sel.train)} training images after the selection rules (window {config.window_days} days, "

@@ -63,11 +63,14 @@ def test_selection_drops_alert_windows_and_anomalous_images():
     alerts = pd.DataFrame({"line": ["L1"], "start": [T0 + timedelta(days=5)], "end": [T0 + timedelta(days=6)]})
     other_line = pd.DataFrame({"line": ["L2"], "start": [T0], "end": [T0 + timedelta(days=6)]})
     sel = select_training_data(cat, window_days=6, alert_windows=pd.concat([alerts, other_line]),
-                               anomalous_ids={"img-0-0", "img-1-3"})
+                               anomalous_ids={"img-0-0", "img-0-3"})
     kept = set(sel.train["image_id"]) | set(sel.calibration["image_id"])
     assert not any(i.startswith("img-5-") for i in kept)  # the alerted day is gone, whole
-    assert "img-0-0" not in kept and "img-1-3" not in kept
-    assert sel.excluded == {"alert_window": 20, "anomalous": 2}  # L2's alert does not touch L1
+    assert "img-0-0" not in kept  # flagged, on the training side: dropped
+    # flagged images never train, but one on the calibration side stays there: it is normal production
+    assert holdout_mask(["img-0-3"], 0.25)[0] and "img-0-3" in set(sel.calibration["image_id"])
+    assert "img-0-3" not in set(sel.train["image_id"])
+    assert sel.excluded == {"alert_window": 20, "anomalous": 1}  # L2's alert does not touch L1
     off = select_training_data(cat, window_days=6, alert_windows=alerts, anomalous_ids={"img-0-0"},
                                exclude_alerts=False, exclude_anomalous=False)
     assert len(off.train) + len(off.calibration) == 120
