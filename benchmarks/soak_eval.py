@@ -130,7 +130,7 @@ def named_families(text: str, tests: Iterable[str] = ()) -> list[str]:
         if pos:
             found.append((min(pos), fam))
     tests = set(tests)
-    if tests & {"axes", "mmd"} or "axis " in low:
+    if tests & {"axes", "mmd"}:
         pos = low.find("axis ")
         found.append((pos if pos >= 0 else len(low), "latent"))
     if "scores" in tests and not any(f == "defect rate" for _, f in found):
@@ -188,7 +188,7 @@ def fault_outcome(config: Any, fault: Any, verdicts: pd.DataFrame, alerts: pd.Da
                            "severity": fault.severity, "drift_days": drift_days,
                            "verdict_text": on_line["description"].tolist()}
     if fault.kind == "product_mix":
-        ev = _events(alerts, line, range(fault.start_day, end + RECOVERY_DAYS))
+        ev = _events(alerts, line, range(fault.start_day, end + 1))
         out.update({"alerts": len(ev), "ok": ev.empty and not drift_days,
                     "alert_text": ev["text"].tolist()[:2]})
         return out

@@ -987,8 +987,8 @@ class DriftDetector:
         cur = S.labels(cur_strata)
         if cur.size != n:
             raise ValueError(f"cur_strata has {cur.size} values for {n} window images")
-        if self.ref_strata_ is None:  # nothing to condition on: the mix is context only
-            return None, S.mix_signal(np.full(self.n_ref_, "unknown"), cur, conditioned=False), None, cur
+        if self.ref_strata_ is None:  # the reference's products are unknown: nothing to condition on or compare
+            return None, None, None, cur
         w = S.reference_weights(self.ref_strata_, cur)
         # the lot null's calibration mix: the weights' share of each product (rounded: calibrations are cached)
         cal = {lab: round(float(w[self.ref_strata_ == lab].sum()) * 20) / 20 for lab in self.strata_}

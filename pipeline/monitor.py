@@ -396,8 +396,8 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
     ref_order = pd.to_datetime(champ.reference["captured_at"], utc=True).astype("int64").to_numpy() \
         if "captured_at" in champ.reference.columns else None
     # the lot null draws calibration windows with the reference's product mix, when the catalog knows the product
-    ref_strata = None
-    if "product_type" in champ.reference.columns and champ.reference["product_type"].nunique() > 1:
+    ref_strata = None  # also with one product: a window of another product is then named as what explains it
+    if "product_type" in champ.reference.columns:
         ref_strata = champ.reference["product_type"].fillna("unknown").astype(str).to_numpy()
     quality = q_ref = None
     if config.quality:

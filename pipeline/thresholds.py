@@ -40,6 +40,10 @@ taken for a defective cell of normal production (Tukey's far-out fence); None / 
 every score."""
 
 
+MIN_TRIM = 40
+"""Fewest calibration scores for the fence to be used (quartiles and medcouple of fewer are too rough)."""
+
+
 def medcouple(x: Any, max_n: int = 2000, seed: int = 0) -> float:
     """The medcouple (Brys, Hubert & Struyf 2004): a robust skewness in [-1, 1], 0 for a symmetric distribution.
 
@@ -70,7 +74,7 @@ def healthy_mask(scores: Any, fence: float | None = TRIM_FENCE) -> np.ndarray:
     s = np.asarray(scores, dtype=np.float64).ravel()
     if s.size == 0 or not np.isfinite(s).all():
         raise ValueError("healthy_mask needs finite, non-empty scores")
-    if not fence or s.size < 8:
+    if not fence or s.size < MIN_TRIM:
         return np.ones(s.size, dtype=bool)
     q1, q3 = np.quantile(s, [0.25, 0.75])
     mc = medcouple(s)
