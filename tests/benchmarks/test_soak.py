@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 
-import pandas as pd
 import pytest
 
 from benchmarks.soak import SoakConfig, config_from_args, environment, fast_config, parse_json_answer
