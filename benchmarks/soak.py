@@ -219,15 +219,20 @@ class CliDriver:
         self.env = environment(config)
 
     def _run(self, args: list[str], timeout: float = 3600.0) -> dict[str, Any]:
+        import resource
+
         t0 = time.perf_counter()
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         try:
             proc = subprocess.run([sys.executable, "-c", _ENTRY, *args], env=self.env, cwd=self.config.home,
                                   capture_output=True, text=True, timeout=timeout)
             rc, out, err = proc.returncode, proc.stdout, proc.stderr
         except subprocess.TimeoutExpired as exc:
             rc, out, err = 124, str(exc.stdout or ""), f"timed out after {timeout:.0f} s"
-        return {"rc": rc, "seconds": round(time.perf_counter() - t0, 2), "result": parse_json_answer(out),
-                "stderr_tail": err[-1500:], "stderr_lines": err.count("\n")}
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+        return {"rc": rc, "seconds": round(time.perf_counter() - t0, 2), "cpu_s": round(cpu, 2),
+                "result": parse_json_answer(out), "stderr_tail": err[-1500:], "stderr_lines": err.count("\n")}
 
     def ingest(self) -> dict[str, Any]:
         """``linewatch ingest <drop> --json``."""
@@ -263,13 +268,13 @@ class LocalDriver:
 
     @staticmethod
     def _timed(fn: Any) -> dict[str, Any]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             result, rc, err = fn(), 0, ""
         except Exception as exc:  # noqa: BLE001 - the soak records a failed step and goes on, as a scheduler does
             result, rc, err = None, 1, f"{type(exc).__name__}: {exc}"
-        return {"rc": rc, "seconds": round(time.perf_counter() - t0, 2), "result": result, "stderr_tail": err,
-                "stderr_lines": 0}
+        return {"rc": rc, "seconds": round(time.perf_counter() - t0, 2),
+                "cpu_s": round(time.process_time() - c0, 2), "result": result, "stderr_tail": err, "stderr_lines": 0}
 
     def _settings(self) -> Any:
         from pipeline.settings import ensure_dirs, get_settings

@@ -285,11 +285,12 @@ def flag_metrics(flags: pd.DataFrame, days: pd.DataFrame, fpr: float) -> dict[st
             "healthy_days": _flag_stats(clean_days), "configured_fpr": fpr}
 
 
-def cycle_times(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Wall time of each day's cycle (ingest + monitor + nightly) and of each command."""
+def cycle_times(records: list[dict[str, Any]], key: str = "seconds") -> dict[str, Any]:
+    """Wall time (``key="seconds"``) or CPU time (``"cpu_s"``) of each day's cycle and of each command."""
     by_day: dict[int, dict[str, float]] = {}
     for rec in records:
-        by_day.setdefault(rec["day"], {})[rec["command"]] = float(rec["seconds"])
+        if key in rec:
+            by_day.setdefault(rec["day"], {})[rec["command"]] = float(rec[key])
     totals = [sum(v.values()) for v in by_day.values() if len(v) == 3]
     per_cmd = {c: [v[c] for v in by_day.values() if c in v] for c in ("ingest", "monitor", "nightly")}
 
@@ -341,6 +342,7 @@ def evaluate(config: Any) -> dict[str, Any]:
         "false_drift": false_drift(verdicts, days),
         "flags": flag_metrics(flags, days, config.fpr),
         "cycle": cycle_times(records),
+        "cycle_cpu": cycle_times(records, "cpu_s"),
         "models": model_history(records),
         "failures": command_failures(records),
         "verdicts": first_verdicts(verdicts).merge(days, on=["line", "day"]).to_dict("records"),
@@ -360,6 +362,14 @@ def _fmt(v: Any, nd: int = 2) -> str:
     return str(v)
 
 
+def _stats(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {_fmt(v, 0)}" for k, v in d.items())
+
+
+def _per_cmd(c: dict[str, Any]) -> str:
+    return "; ".join(f"{k}: {_stats(v)}" for k, v in c["per_command_s"].items())
+
+
 def target_rows(s: dict[str, Any]) -> list[str]:
     """The issue's targets, measured, with met / not met."""
     faults = [f for f in s["faults"] if f["kind"] != "product_mix"]
@@ -367,6 +377,7 @@ def target_rows(s: dict[str, Any]) -> list[str]:
     fl = s["flags"].get("healthy_days") or {}
     cfg_fpr = s["flags"]["configured_fpr"]
     cyc = s["cycle"]["day_cycle_s"]["max"]
+    cpu = (s.get("cycle_cpu") or {}).get("day_cycle_s", {}).get("max")
     rows = [
         ("verdict for every monitored line-day (uptime 100 %)", f"{s['uptime']['uptime']:.1%} "
          f"({s['uptime']['with_verdict']}/{s['uptime']['line_days']})", s["uptime"]["uptime"] >= 1.0),
@@ -381,8 +392,9 @@ def target_rows(s: dict[str, Any]) -> list[str]:
         (f"false-flag rate on healthy cells within 1 point of {cfg_fpr:.0%}",
          _fmt(fl.get("flag_rate_healthy"), 3),
          fl.get("flag_rate_healthy") is not None and abs(fl["flag_rate_healthy"] - cfg_fpr) <= 0.01),
-        ("one day's cycle (ingest + monitor + nightly) <= 5 min", f"max {_fmt(cyc, 0)} s, median "
-         f"{_fmt(s['cycle']['day_cycle_s']['median'], 0)} s", cyc is not None and cyc <= TARGETS["cycle_s"]),
+        ("one day's cycle (ingest + monitor + nightly) <= 5 min", f"wall max {_fmt(cyc, 0)} s, median "
+         f"{_fmt(s['cycle']['day_cycle_s']['median'], 0)} s; CPU max {_fmt(cpu, 0)} s",
+         cyc is not None and cyc <= TARGETS["cycle_s"]),
     ]
     return [f"| {a} | {b} | {'met' if ok else '**not met**'} |" for a, b, ok in rows]
 
@@ -448,8 +460,11 @@ def write_results(config: Any, s: dict[str, Any]) -> Path:
           for k, v in agg], "",
         f"Configured false-flag rate: {fl['configured_fpr']:.0%}.\n",
         "## Cycle wall time\n",
-        f"Day cycle (both lines: ingest + monitor + nightly): {json.dumps(s['cycle']['day_cycle_s'])}; per command: "
-        f"{json.dumps(s['cycle']['per_command_s'])}.\n",
+        f"Day cycle (both lines: ingest + monitor + nightly), wall seconds: {_stats(s['cycle']['day_cycle_s'])}; per "
+        f"command: {_per_cmd(s['cycle'])}.\n",
+        f"CPU seconds the commands used (one torch thread each; about the wall time on a core of their own): day "
+        f"cycle {_stats(s['cycle_cpu']['day_cycle_s'])}; per command: {_per_cmd(s['cycle_cpu'])}. The machine was "
+        "shared with other jobs, so the wall times are pessimistic.\n",
         "## Nightly retrains\n", "| day | exit | version | promoted | train | calibration | excluded | gate / error |",
         "|---|---|---|---|---|---|---|---|",
         *[f"| {m['day']} | {m['rc']} | {_fmt(m['version'])} | {_fmt(m['promoted'])} | {_fmt(m['n_train'])} | "

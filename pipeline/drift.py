@@ -1126,7 +1126,8 @@ class DriftDetector:
             quality_stat=st.quality_stat, quality_p=st.quality_p, per_channel=per_channel,
             score_tail=st.tail_share, score_tail_expected=None if st.tail_share is None else self.score_tail,
             mix=win.mix,
-            meta={"name": self.name, "version": self.version, "params": self.get_params(), "model_id": self.model_id_},
+            meta={"name": self.name, "version": self.version, "params": self.get_params(), "model_id": self.model_id_,
+                  "calibration_shares": win.cal_shares},
         )
 
 

@@ -585,22 +585,31 @@ def simulate_line(
                capture_noise_dn=capture_noise_dn, tz=tz, pool_of=split_pools()["pool"].astype(str).to_numpy())
     dates = tuple(start + dt.timedelta(days=d) for d in range(days))
     old_truth = _old_truth(truth_path, lines, dates)
+    rows, paths, meta_files = _simulate_lines(run, data, idx, lines, days, order, progress)
+    _write_truth(truth_path, rows, old_truth)
+    return SimulationResult(out=out, paths=tuple(paths), metadata_files=tuple(meta_files), truth_path=truth_path,
+                            n_images=len(paths), dates=dates, lines=lines)
+
+
+def _simulate_lines(run: _Run, data: Any, idx: np.ndarray, lines: tuple[str, ...], days: int, order: str,
+                    progress: bool) -> tuple[list[dict[str, Any]], list[Path], list[Path]]:
+    """Every line-day, line by line (each line with its own cell source): truth rows, image paths, MES files."""
     rows: list[dict[str, Any]] = []
     paths: list[Path] = []
     meta_files: list[Path] = []
-    total = days * len(lines) * (per_day if isinstance(per_day, int | np.integer) else int(np.mean(per_day)))
-    bar = tqdm(total=total, desc="simulate", unit="img", disable=not progress or not sys.stderr.isatty())
+    per_day = run.per_day if isinstance(run.per_day, int | np.integer) else int(np.mean(run.per_day))
+    bar = tqdm(total=days * len(lines) * per_day, desc="simulate", unit="img",
+               disable=not progress or not sys.stderr.isatty())
     for line in lines:
-        source = _CellSource(idx, order, np.random.default_rng([seed, _stable_id(line), start.toordinal(), 1]))
+        seed = [run.seed, _stable_id(line), run.start.toordinal(), 1]
+        source = _CellSource(idx, order, np.random.default_rng(seed))
         for d in range(days):
             r, p, m = _simulate_day(run, data, source, line, d, bar)
             rows += r
             paths += p
             meta_files.append(m)
     bar.close()
-    _write_truth(truth_path, rows, old_truth)
-    return SimulationResult(out=out, paths=tuple(paths), metadata_files=tuple(meta_files), truth_path=truth_path,
-                            n_images=len(paths), dates=dates, lines=lines)
+    return rows, paths, meta_files
 
 
 def _day_defect_rate_mean(defect_rate: DefectRate) -> float | None:
