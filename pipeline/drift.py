@@ -616,6 +616,8 @@ class DriftDetector:
         ref_lots: Any = None,
         ref_strata: Any = None,
         ref_quality: Any = None,
+        ref_streams: Any = None,
+        ref_periods: Any = None,
     ) -> DriftDetector:
         """Store the reference.
 
@@ -639,6 +641,14 @@ class DriftDetector:
                 names, e.g. ``sharpness``, ``noise_level`` from :mod:`pipeline.properties` at full resolution);
                 enables the ``quality`` family: per-channel two-sample KS, which sees fine-scale faults (blur,
                 sensor noise) that a latent computed at a few dozen pixels cannot.
+            ref_streams: optional production stream (the line) of each reference image, with ``ref_periods``.
+            ref_periods: optional production period (e.g. the plant day's ordinal) of each reference image. With
+                both, the lot null calibrates on **production blocks** (:mod:`pipeline.blocks`): a calibration
+                window is one (stream, period) of the reference resampled to the window's size, so it has the lots of
+                one real line-day, and windows of any size are tested whole. Give them when a monitored window is one
+                line's production over one period and the reference is a sample of many such periods (the
+                monitor's calibration snapshot); with fewer than ``pipeline.blocks.MIN_BLOCKS`` usable blocks the
+                runs of consecutive images are used.
 
         Returns:
             self.
@@ -693,6 +703,20 @@ class DriftDetector:
             self._streams = [(np.flatnonzero(inv == i), float(np.mean(inv == i))) for i in range(labels.size)]
             self.strata_ = {str(lab): share for lab, (_, share) in zip(labels, self._streams, strict=True)}
             self.ref_strata_ = strata
+        self._blocks = None
+        if (ref_streams is None) != (ref_periods is None):
+            raise ValueError("give ref_streams and ref_periods together (the production block of each image)")
+        if ref_streams is not None:
+            from pipeline.blocks import ProductionBlocks
+
+            for name, v in (("ref_streams", ref_streams), ("ref_periods", ref_periods)):
+                if np.asarray(v).shape[0] != n:
+                    raise ValueError(f"{name} has {np.asarray(v).shape[0]} values for {n} reference images")
+            blocks = ProductionBlocks.from_labels(np.asarray(ref_streams)[order], np.asarray(ref_periods)[order])
+            self._blocks = blocks if blocks.usable else None
+            if self._blocks is None:
+                log.warning("only %d production blocks in the reference: the lot null calibrates on runs of "
+                            "consecutive images instead", len(blocks.rows))
         self.ref_ = Z
         self.ref_scores_ = scores
         self.ref_quality_ = quality
@@ -708,7 +732,9 @@ class DriftDetector:
 
     @property
     def max_window(self) -> int | None:
-        """Largest window the lot null calibrates honestly: a third of the reference (None under the i.i.d. null).
+        """Largest window the lot null calibrates honestly: a third of the reference (None: any size).
+
+        Any size under the i.i.d. null and with production blocks (``ref_streams`` / ``ref_periods``).
 
         A lot-null calibration window is compared with the rest of the reference *minus a guard band* around it
         (:meth:`_block_indices`), so that it is compared with other lots and not with the rest of its own lot. Up to
@@ -721,7 +747,9 @@ class DriftDetector:
         (a reference under three minimum windows gets a narrower guard band).
         """
         self._check_fitted()
-        return None if self.null == "iid" else max(self.n_ref_ // 3, self.min_window)
+        if self.null == "iid" or self._blocks is not None:  # production blocks calibrate any window size
+            return None
+        return max(self.n_ref_ // 3, self.min_window)
 
     def rows_to_test(self, n: int) -> np.ndarray:
         """Positions of a window of ``n`` images to give :meth:`test`.
@@ -808,20 +836,39 @@ class DriftDetector:
         w = w[keep]
         return w / w.sum()
 
-    def _window_stats_vs_rest(
-        self, idx: np.ndarray, excl: np.ndarray, rng: np.random.Generator, shares: dict[str, float] | None = None
-    ) -> tuple[float, float, float, float, float]:
-        """Family statistics of rows ``idx`` against the re-weighted rest.
+    def _block_weights(self, idx: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """Weights of the kept rows giving them the product mix of a production-block window.
 
-        Max KS (axes), MMD^2, score AUC, max |mean shift| in sd (quality) and the score tail share.
+        The calibration window is compared with its own kinds, as a tested window is (uniform without strata).
+        """
+        from pipeline import strata as S
+
+        rest = np.flatnonzero(keep)
+        if self.ref_strata_ is None:
+            return np.full(rest.size, 1.0 / rest.size)
+        return S.reference_weights(self.ref_strata_[rest], self.ref_strata_[idx])
+
+    def _window_stats_vs_rest(
+        self, idx: np.ndarray, excl: np.ndarray, rng: np.random.Generator, shares: dict[str, float] | None = None,
+        weights: np.ndarray | None = None,
+    ) -> tuple[float, float, float, float, float]:
+        """Family statistics of rows ``idx`` (repeats allowed) against the re-weighted rest.
+
+        Max KS (axes), MMD^2, score AUC, max |mean shift| in sd (quality) and the score tail share. ``weights`` (of
+        the kept rows) replace the stratum re-weighting to ``shares``.
         """
         keep = ~excl
         rest_idx = np.flatnonzero(keep)
-        w = self._rest_weights(keep, shares)
+        w = self._rest_weights(keep, shares) if weights is None else weights
         ks = _max_weighted_ks(self.ref_[idx], self.ref_[rest_idx], w)
-        if rest_idx.size > self.mmd_max_ref:  # weighted subsample keeps the stratum shares
-            sub = rng.choice(rest_idx.size, self.mmd_max_ref, replace=False, p=w)
-            mmd = mmd2_unbiased(self.ref_[rest_idx[sub]], self.ref_[idx], self.sigma_ref_)
+        repeats = np.unique(idx).size < idx.size
+        if repeats or rest_idx.size > self.mmd_max_ref:  # a weighted subsample keeps the stratum shares
+            from pipeline.blocks import mmd2_multiset
+
+            pos = np.flatnonzero(w > 0)
+            sub = rng.choice(pos, min(self.mmd_max_ref, pos.size), replace=False, p=w[pos] / w[pos].sum())
+            mmd = mmd2_multiset(self.ref_[rest_idx[sub]], self.ref_[idx], idx, self.sigma_ref_) if repeats else \
+                mmd2_unbiased(self.ref_[rest_idx[sub]], self.ref_[idx], self.sigma_ref_)
         else:
             mmd = _weighted_mmd2(self.ref_[rest_idx], w, self.ref_[idx], self.sigma_ref_)
         auc = tail = math.nan
@@ -850,6 +897,8 @@ class DriftDetector:
             share's dependence.
         """
         self._check_fitted()
+        if self._blocks is not None:
+            return self._calibrate_blocks(n)
         key: Any = n if shares is None or self.strata_ is None else (n, tuple(np.round(self._shares(shares), 4)))
         if key in self._calibrations:
             return self._calibrations[key]
@@ -864,9 +913,27 @@ class DriftDetector:
         for b in tqdm(it, desc=f"lot null n={n}", disable=not self.progress, leave=False):
             idx, excl = self._block_indices(n, rng, shares)
             out[b] = self._window_stats_vs_rest(idx, excl, rng, shares)
+        self._calibrations[key] = self._calibration_table(out)
+        return self._calibrations[key]
+
+    def _calibrate_blocks(self, n: int) -> dict[str, np.ndarray]:
+        """:meth:`calibrate` on production blocks (``pipeline.blocks``): any window size, any product mix."""
+        from pipeline.blocks import draw_block_window
+
+        key = ("blocks", n)
+        if key not in self._calibrations:
+            rng = np.random.default_rng([self.random_state, n, 1])
+            out = np.empty((self.n_calibration, 5))
+            it = range(self.n_calibration)
+            for b in tqdm(it, desc=f"lot null n={n} (blocks)", disable=not self.progress, leave=False):
+                idx, excl = draw_block_window(self._blocks, self.n_ref_, n, rng)
+                out[b] = self._window_stats_vs_rest(idx, excl, rng, weights=self._block_weights(idx, ~excl))
+            self._calibrations[key] = self._calibration_table(out)
+        return self._calibrations[key]
+
+    def _calibration_table(self, out: np.ndarray) -> dict[str, np.ndarray]:
         cal = {k: np.sort(out[:, i]) for i, k in enumerate(("axes", "mmd", "scores", "quality", "scores_tail"))}
         cal["scores_minp"] = np.sort(np.minimum(self._self_p(out[:, 2]), self._self_p(out[:, 4])))
-        self._calibrations[key] = cal
         return cal
 
     @staticmethod

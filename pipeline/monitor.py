@@ -408,8 +408,12 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
     drift = DriftDetector(alpha=config.alpha, null=config.null, min_window=config.min_window,
                           n_calibration=config.n_calibration, random_state=config.seed, progress=config.progress)
     use_scores = config.scores and champ.ref_scores is not None
+    # the lot null's calibration windows are the reference's own line-days (pipeline.blocks): whole windows tested
+    from pipeline.blocks import reference_blocks
+
+    streams, periods = reference_blocks(champ.reference, settings.timezone, config.window_by)
     drift.fit(champ.z_ref, model_id=champ.model_id, ref_order=ref_order, ref_strata=ref_strata, ref_quality=q_ref,
-              ref_scores=champ.ref_scores if use_scores else None)
+              ref_scores=champ.ref_scores if use_scores else None, ref_streams=streams, ref_periods=periods)
     descriptions = axis_descriptions(settings, champ)
     desc_text = {d.axis: d.text for d in descriptions}
     manager = alert_manager if alert_manager is not None else default_alert_manager(settings)
