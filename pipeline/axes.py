@@ -448,13 +448,14 @@ def scores_text(drift_result: Any, prefix: str = "") -> str:
 
 
 def mix_note(drift_result: Any, prefix: str = "") -> str:
-    """The product-mix phrase of a drifted window whose mix explains the verdict (``pipeline.strata.MixSignal``).
+    """The product-mix phrase of a window whose mix explains its verdict (``pipeline.strata.MixSignal``).
 
-    Empty for a window without drift, without a mix signal, or whose cells were each compared with their own
-    product: a swing of the product mix is normal production and is not mentioned then.
+    Said when some of the window's cells were of a product the reference does not know (they were not tested); empty
+    for a window without a mix signal or whose cells were each compared with their own product: a swing of the
+    product mix is normal production and is not mentioned then.
     """
     mix = getattr(drift_result, "mix", None)
-    if mix is None or not bool(getattr(drift_result, "detected", False)) or not mix.explains:
+    if mix is None or not mix.explains:
         return ""
     return prefix + mix.note()
 

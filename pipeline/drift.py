@@ -56,6 +56,7 @@ Pure functions (:func:`ks_per_axis`, :func:`bh_adjust`, :func:`bonferroni`, :fun
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import zlib
@@ -459,6 +460,8 @@ class DriftResult:
             without scores); ``score_tail_expected`` is that share on the reference (``score_tail``, e.g. 0.10).
         mix: the window's product mix against the reference's (:class:`pipeline.strata.MixSignal`; None without
             ``cur_strata``): context, not a test. Its ``explains`` says whether it can explain the verdict.
+        n_untested: window images of a product the reference does not know, left out of the test (all of them,
+            ``n_cur`` = 0 and nothing fired, when fewer than ``min_window`` known cells were left).
         meta: detector name, version, params, model id.
     """
 
@@ -483,6 +486,7 @@ class DriftResult:
     score_tail: float | None = None
     score_tail_expected: float | None = None
     mix: Any = None
+    n_untested: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -985,6 +989,8 @@ class DriftDetector:
         families = ["axes", "mmd"] + (["scores"] if win.scores is not None else []) + (
             ["quality"] if win.quality is not None else []
         )
+        if not win.comparable:
+            return self._not_comparable(win, families)
         fam_alpha = self.alpha / len(families)
         if self.null == "lot" and (self.n_calibration + 1) * fam_alpha < 1.0:
             raise ValueError(
@@ -1042,7 +1048,46 @@ class DriftDetector:
                 raise ValueError(
                     f"window quality channels {list(names)} do not match the reference's {list(self.quality_names_)}"
                 )
-        return _WindowData(Z, scores, quality, n, *self._mix_weights(cur_strata, n))
+        win = _WindowData(Z, scores, quality, n, *self._mix_weights(cur_strata, n))
+        return self._supported_part(win)
+
+    def _supported_part(self, win: _WindowData) -> _WindowData:
+        """The window's cells of products the reference knows; cells of another product are not tested.
+
+        A product the reference holds (almost) no images of cannot be compared with its own kind: testing it against
+        the other products would call every such day drift, keep it out of the next training, and so never let the
+        model learn it. Its cells are left out of the test (``DriftResult.n_untested``) and the mix names them; with
+        fewer than ``min_window`` cells left the window is not comparable (:meth:`_not_comparable`).
+        """
+        from pipeline import strata as S
+
+        if win.mix is None or not win.mix.unsupported:
+            return win
+        keep = ~np.isin(win.strata, list(win.mix.unsupported))
+        if keep.sum() < self.min_window:
+            return dataclasses.replace(win, n_untested=win.n, comparable=False)
+        sub = dataclasses.replace(
+            win, Z=win.Z[keep], n=int(keep.sum()), strata=win.strata[keep], n_untested=int((~keep).sum()),
+            scores=None if win.scores is None else win.scores[keep],
+            quality=None if win.quality is None else win.quality[keep])
+        w = S.reference_weights(self.ref_strata_, sub.strata)
+        cal = {lab: round(float(w[self.ref_strata_ == lab].sum()) * 20) / 20 for lab in self.strata_}
+        return dataclasses.replace(sub, weights=w, cal_shares=cal)
+
+    def _not_comparable(self, win: _WindowData, families: list[str]) -> DriftResult:
+        """The result for a window with too few cells of known products to test: no drift, nothing fired."""
+        d = self.n_features_in_
+        table = pd.DataFrame({
+            "axis": np.arange(d), "ks_stat": 0.0, "p_value": 1.0, "p_adjusted": 1.0, "effect_size": 0.0, "psi": 0.0,
+            "psi_band": "stable", "significant": False, "rank": np.arange(1, d + 1)})
+        return DriftResult(
+            detected=False, fired=(), family_p=dict.fromkeys(families, 1.0), family_alpha=self.alpha / len(families),
+            mmd_stat=0.0, mmd_p=1.0, score_stat=None, score_p=None, per_axis=table, top_axis=0, top_share=0.0,
+            n_ref=self.n_ref_, n_cur=0, null=self.null, thresholds={"alpha": self.alpha}, mix=win.mix,
+            n_untested=win.n_untested,
+            meta={"name": self.name, "version": self.version, "params": self.get_params(), "model_id": self.model_id_,
+                  "comparable": False},
+        )
 
     def _mix_weights(self, cur_strata: Any, n: int
                      ) -> tuple[np.ndarray | None, Any, dict[str, float] | None, np.ndarray | None]:
@@ -1192,7 +1237,7 @@ class DriftDetector:
             n_ref=self.n_ref_, n_cur=win.n, null=self.null, thresholds=st.thresholds,
             quality_stat=st.quality_stat, quality_p=st.quality_p, per_channel=per_channel,
             score_tail=st.tail_share, score_tail_expected=None if st.tail_share is None else self.score_tail,
-            mix=win.mix,
+            mix=win.mix, n_untested=win.n_untested,
             meta={"name": self.name, "version": self.version, "params": self.get_params(), "model_id": self.model_id_,
                   "calibration_shares": win.cal_shares},
         )
@@ -1214,6 +1259,10 @@ class _WindowData:
     """Product shares the lot null is calibrated at (None: the reference's own)."""
     strata: np.ndarray | None = None
     """Product label of every window image (None without ``cur_strata``)."""
+    n_untested: int = 0
+    """Window images of products the reference does not know, left out of the test."""
+    comparable: bool = True
+    """False when too few cells of known products are left to test."""
 
 
 @dataclass

@@ -7,9 +7,10 @@ latent axis and several image channels although nothing is wrong. The drift test
 the reference is **re-weighted to the window's product shares** (each reference image of product ``s`` weighs
 ``share_window(s) / n_reference(s)``), so the window's mono cells meet the reference's mono cells and its poly cells
 the reference's poly cells, in the window's proportions. The mix itself is a separate, informational signal
-(:class:`MixSignal`): it is reported with every verdict and named in an alert only when it explains the verdict,
-i.e. when the window holds a product the reference has (almost) none of, so its cells could not be compared with
-their own kind.
+(:class:`MixSignal`): it is reported with every verdict and named only when it explains the verdict, i.e. when the
+window holds a product the reference has (almost) none of: those cells cannot be compared with their own kind, so
+they are not tested (``pipeline.drift.DriftResult.n_untested``) rather than called drift, which would keep the
+product out of the next training and never let the model learn it.
 
 Pure functions on label arrays; :class:`pipeline.drift.DriftDetector` uses them when it was fitted with
 ``ref_strata`` and is given ``cur_strata``.
@@ -27,8 +28,8 @@ import pandas as pd
 __all__ = ["MIN_STRATUM", "MIX_CHANGE", "MixSignal", "labels", "matched_rows", "mix_signal", "reference_weights", "shares"]
 
 MIN_STRATUM = 10
-"""Fewest reference images of a product for its window cells to be compared with their own kind; a product with
-fewer is compared with the whole reference, and the mix is then named in the verdict."""
+"""Fewest reference images of a product for its window cells to be compared with their own kind; cells of a product
+with fewer are not tested, and the mix is then named in the verdict."""
 MIX_CHANGE = 0.15
 """Smallest change of a product's share that can explain a verdict of tests that did not condition on the product."""
 
@@ -144,7 +145,8 @@ class MixSignal:
         if not self.unsupported:
             return f"{self.text()} (the tests did not compare each product with its own kind)"
         new = ", ".join(f"{k} ({v:.0%} of the window)" for k, v in self.unsupported.items())
-        return f"{self.text()}; the reference has (almost) no {new}: those cells were compared with all products"
+        return (f"{self.text()}; the reference has (almost) no {new}: those cells were not tested (the next "
+                "nightly retrain learns them)")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""

@@ -583,21 +583,22 @@ def test_conditioning_on_the_product_makes_a_mix_swing_no_drift(null):
     assert np.mean(found) >= 0.75
 
 
-def test_a_product_the_reference_lacks_is_named_as_the_explanation():
+def test_cells_of_a_product_the_reference_lacks_are_not_tested_and_the_mix_says_so():
     rng = np.random.default_rng(43)
     ref, types, lots = _typed_line(rng, 24, 30, run=4)
     det = DriftDetector(null="lot", n_calibration=200, mmd_max_ref=300).fit(ref, ref_strata=types, ref_lots=lots)
-    z = rng.normal(size=(60, D)) + np.r_[0, 6.0, 0, 0, 0, 0]  # a new product: far from both known ones
-    res = det.test(z, cur_strata=np.array(["hjt"] * 60))
-    assert res.detected and res.mix.explains and res.mix.unsupported == {"hjt": 1.0}
     from pipeline.axes import attribute, mix_note
 
-    assert "hjt" in mix_note(res) and "hjt" in attribute(res).text
-    # a reference of one product: a window of another one is compared with it, and the mix explains the verdict
-    one = DriftDetector(null="lot", n_calibration=200, mmd_max_ref=300).fit(ref[types == "poly"],
-                                                                             ref_strata=types[types == "poly"])
-    res2 = one.test(_mixed_window(rng, 60, 1.0, 30), cur_strata=np.array(["mono"] * 60))
-    assert res2.detected and res2.mix.unsupported == {"mono": 1.0} and "mono" in attribute(res2).text
+    new = rng.normal(size=(60, D)) + np.r_[0, 6.0, 0, 0, 0, 0]  # a new product: far from both known ones
+    res = det.test(new, cur_strata=np.array(["hjt"] * 60))
+    assert not res.detected and res.fired == () and res.n_cur == 0 and res.n_untested == 60  # not comparable
+    assert res.mix.explains and res.mix.unsupported == {"hjt": 1.0}
+    assert "hjt" in mix_note(res) and "not tested" in attribute(res).text
+    # a share of new-product cells: the known ones are tested, the others left out and named
+    known = _mixed_window(rng, 90, 0.33, 30)
+    res2 = det.test(np.vstack([known, new[:30]]), cur_strata=np.array(["mono"] * 30 + ["poly"] * 60 + ["hjt"] * 30))
+    assert res2.n_cur == 90 and res2.n_untested == 30 and not res2.detected
+    assert res2.mix.unsupported == {"hjt": 0.25} and "hjt (25% of the window)" in mix_note(res2)
     # without the reference's products there is nothing to say about the mix
     plain = DriftDetector(null="lot", n_calibration=200, mmd_max_ref=300).fit(ref)
     assert plain.test(_mixed_window(rng, 90, 0.4, 30), cur_strata=np.array(["mono"] * 36 + ["poly"] * 54)).mix is None
