@@ -385,7 +385,12 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
         R = residual_table(settings, champ, df, progress=config.progress).loc[df["image_id"].astype(str)]
         Z = np.column_stack([Z, R.to_numpy(np.float64)])
     det = champ.detector.predict(Z)
-    df["score"], df["is_anomaly"] = det.scores, det.is_anomaly
+    # a cell of a product the calibration snapshot does not know is not judged (pipeline.thresholds.judged)
+    from pipeline.thresholds import judged
+
+    known = judged(champ.reference["product_type"], df["product_type"]) if {"product_type"} <= \
+        set(champ.reference.columns) & set(df.columns) else np.ones(len(df), dtype=bool)
+    df["score"], df["is_anomaly"] = det.scores, det.is_anomaly & known
     _upsert(scores_table_path(settings), pd.DataFrame({
         "image_id": df["image_id"].astype(str), "model_version": champ.version, "model_id": champ.model_id,
         "score": df["score"].astype(float), "is_anomaly": df["is_anomaly"].astype(bool),

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
-__all__ = ["TRIM_FENCE", "FlagCalibration", "healthy_mask", "medcouple", "set_flag_threshold"]
+__all__ = ["TRIM_FENCE", "FlagCalibration", "healthy_mask", "judged", "medcouple", "set_flag_threshold"]
 
 TRIM_FENCE = 3.0
 """Multiple of the (skew-adjusted) interquartile range above the third quartile beyond which a calibration score is
@@ -130,3 +131,20 @@ def set_flag_threshold(detector: Any, X_val: Any, fpr: float, fence: float | Non
     thr = float(detector.threshold_)
     return FlagCalibration(threshold=thr, fpr_target=float(fpr), n_calibration=int(scores.size),
                            n_trimmed=int((~keep).sum()), flag_rate_all=float(np.mean(scores > thr)))
+
+
+def judged(ref_products: Any, products: Any) -> np.ndarray:
+    """True for images of a product the calibration snapshot knows (``pipeline.strata.MIN_STRATUM`` images or more).
+
+    The threshold's rate holds for the snapshot's population; a cell of a product it has (almost) none of is judged
+    against other products' neighbours, so it is not flagged (and stays in the next training, which learns the
+    product) until the snapshot holds its kind. Everything is judged when the products are unknown (None).
+    """
+    from pipeline.strata import MIN_STRATUM, labels
+
+    if products is None:
+        return np.ones(0, dtype=bool)
+    if ref_products is None:
+        return np.ones(len(products), dtype=bool)
+    counts = pd.Series(labels(ref_products)).value_counts()
+    return np.array([counts.get(p, 0) >= MIN_STRATUM for p in labels(products)], dtype=bool)

@@ -62,3 +62,11 @@ def test_a_truncated_snapshot_overflags():
     set_flag_threshold(det, truncated, 0.05)
     new, _ = _line(rng, 20000, 0.0)
     assert det.predict(new).is_anomaly.mean() == pytest.approx(0.0975, abs=0.012)
+
+
+def test_cells_of_a_product_the_snapshot_lacks_are_not_judged():
+    from pipeline.thresholds import judged
+
+    ref = ["mono"] * 40 + ["poly"] * 5
+    assert judged(ref, ["mono", "poly", "hjt", None]).tolist() == [True, False, False, False]
+    assert judged(None, ["mono", "poly"]).all() and judged(ref, None).size == 0
