@@ -419,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
         run_soak(config, resume=args.resume)
     summary = evaluate(config)
     summary["soak_wall_s"] = round(time.perf_counter() - t0, 1) if not args.report_only else None
+    argv_ = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
+    summary["command"] = ".venv/bin/python -m benchmarks.soak " + " ".join(argv_)
+
     md = write_results(config, summary)
     print(md.read_text())
     return 0

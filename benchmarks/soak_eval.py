@@ -299,7 +299,15 @@ def cycle_times(records: list[dict[str, Any]], key: str = "seconds") -> dict[str
                 "mean": float(np.mean(x)) if x else None}
 
     return {"day_cycle_s": stats(totals), "per_command_s": {c: stats(v) for c, v in per_cmd.items()},
+            "total_s": float(sum(sum(v.values()) for v in by_day.values())),
             "per_day": {int(d): v for d, v in sorted(by_day.items())}}
+
+
+def error_line(stderr: str) -> str:
+    """The line of a command's stderr that says what went wrong (the last naming an error), else its last line."""
+    lines = [x.strip() for x in (stderr or "").splitlines() if x.strip()]
+    named = [x for x in lines if "Error" in x or "error:" in x or "failed" in x]
+    return (named or lines or [""])[-1][:240]
 
 
 def model_history(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -312,15 +320,13 @@ def model_history(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({"day": rec["day"], "rc": rec["rc"], "version": r.get("version"), "promoted": r.get("promoted"),
                     "n_train": r.get("n_train"), "n_calibration": r.get("n_calibration"),
                     "excluded": r.get("excluded"), "gate": ((r.get("gate") or {}).get("reason") or "")[:160],
-                    "error": "" if rec["rc"] == 0 else rec.get("stderr_tail", "").strip().splitlines()[-1:]})
+                    "error": "" if rec["rc"] == 0 else error_line(rec.get("stderr_tail", ""))})
     return out
 
 
 def command_failures(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Commands that exited non-zero, with the last line they wrote to stderr."""
-    return [{"day": r["day"], "command": r["command"], "rc": r["rc"],
-             "message": (r.get("stderr_tail") or "").strip().splitlines()[-1:][0][:200]
-             if (r.get("stderr_tail") or "").strip() else ""}
+    return [{"day": r["day"], "command": r["command"], "rc": r["rc"], "message": error_line(r.get("stderr_tail", ""))}
             for r in records if r["rc"] != 0]
 
 
@@ -435,11 +441,12 @@ def write_results(config: Any, s: dict[str, Any]) -> Path:
     fl = s["flags"]
     agg = [(k, fl.get(k)) for k in ("overall", "no_image_fault", "healthy_days") if fl.get(k)]
     code = f" --code-dir {config.code_dir}" if config.code_dir else ""
+    cmd = s.get("command") or f".venv/bin/python -m benchmarks.soak --name {config.name}{code}"
     md = [
         f"# {config.name}: the closed loop on a running line\n",
-        f"- command: `.venv/bin/python -m benchmarks.soak --name {config.name}{code}` (see the module docstring)",
+        f"- command: `{cmd}` (see the module docstring)",
         f"- machine: {MACHINE} ({platform.machine()}); date {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; "
-        f"soak wall time {_fmt(s.get('soak_wall_s'), 0)} s",
+        f"commands' wall time summed {_fmt(s['cycle'].get('total_s'), 0)} s over {len(s['cycle']['per_day'])} days",
         f"- line: {config.days} days, lines {', '.join(config.lines)}, {config.per_day} cells per line-day, "
         f"defect share {config.defect_share:.0%} +- {config.defect_jitter:.1%} per day, ELPV pool "
         f"'{config.pool}' in {config.order} order; driver {config.driver}; retrain {config.retrain or 'defaults'}; "
