@@ -14,6 +14,14 @@ Scenarios (alpha = 0.05 per window, window sizes n = 50, 100, 200):
    axes fitted on the reference. 5 folds over the 44 derived lots (modules); for each fold the other lots are the
    reference (in file order), windows are non-overlapping runs of consecutive cells of the fold's lots. Power: the
    window's images scaled by a gain of 0.95 (a 5 % dimmer EL image), projected with the same PCA.
+4. **ELPV line-days with the monitor's reference**: the simulated line of the soak in miniature (two lines, 150
+   cells a day in lot order, 5 % defective cells, 40 days; ``pipeline.line.simulate``), 8-axis pixel PCA + the
+   image-quality channels (``pipeline.latent.properties.QUALITY_CHANNELS``), each cell's product type. The reference is what
+   the monitor gets: the hash-held-out quarter (``pipeline.training.retrain.holdout_mask``) of 7 days of both lines, in
+   capture order; the window is the next day of one line, tested whole and conditioned on its product mix. Nulls:
+   runs of consecutive reference images (the window subsampled to a third of the reference, as before) and
+   production blocks (``ref_streams`` / ``ref_periods``, ``pipeline.analysis.blocks``). Power: the next day of L1 with the
+   simulator's image faults (gain x0.75, blur 1.5 px, noise 3 %, illumination 30 %), with the channel named.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -201,6 +210,81 @@ def elpv_rows(n_perm: int, n_cal: int, folds: int = 5, gains: tuple[float, ...] 
     return rows
 
 
+LINE_FAULTS = {"gain x0.75": ("gain", 0.75), "blur 1.5 px": ("blur", 1.5), "noise 3%": ("noise", 0.03),
+               "illumination 30%": ("illumination", 0.3)}
+LINE_CHANNEL = {"blur 1.5 px": "detail_ratio", "noise 3%": "noise_level", "illumination 30%": "illumination"}
+
+
+def _line_features() -> tuple[Any, np.ndarray, np.ndarray, Any]:
+    """The simulated two-line month (cached under benchmarks/out), per-cell pixel PCA, quality channels, projector."""
+    import pandas as pd
+
+    from pipeline.latent.properties import QUALITY_CHANNELS, measure
+    from pipeline.line.elpv import load_elpv
+    from pipeline.line.simulate import simulate_line
+    from pipeline.training.retrain import holdout_mask
+
+    root = Path(__file__).parent / "out" / "drift_calibration_line"
+    truth = root / "truth.parquet"
+    if not truth.exists():
+        simulate_line(root / "drop", days=40, per_day=150, lines=("L1", "L2"), seed=3, defect_rate=0.05, pool="all",
+                      order="lot", truth=truth, capture_noise_dn=0, progress=False)
+    t = pd.read_parquet(truth).sort_values("timestamp").reset_index(drop=True)
+    t["held_out"] = holdout_mask(t["serial"].tolist(), 0.25)
+    images = load_elpv().images
+    small = images[:, ::10, ::10].reshape(len(images), -1).astype(np.float64)
+    mean = small.mean(axis=0)
+    _, sv, vt = np.linalg.svd((small - mean)[::3], full_matrices=False)
+
+    def proj(x: np.ndarray) -> np.ndarray:
+        return (x[:, ::10, ::10].reshape(len(x), -1).astype(np.float64) - mean) @ vt[:8].T / sv[:8]
+
+    Q = measure(images, list(QUALITY_CHANNELS)).to_numpy()
+    return t, proj(images), Q, proj
+
+
+def line_day_rows(n_cal: int) -> list[dict]:
+    """Scenario 4: healthy next days and faulty ones against the monitor's kind of reference, runs vs blocks."""
+    from pipeline.latent.properties import QUALITY_CHANNELS, measure
+    from pipeline.line import faults as F
+    from pipeline.line.elpv import load_elpv
+
+    t, P, Q, proj = _line_features()
+    images = load_elpv().images
+    rng = np.random.default_rng(0)
+    rec: dict[str, dict[str, list[bool]]] = {"runs": {"null": []}, "blocks": {"null": []}}
+    for start in range(0, 33, 2):
+        ref = t[(t["day"] >= start) & (t["day"] < start + 7) & t["held_out"]]
+        order = ref["timestamp"].to_numpy()
+        dets = {"runs": DriftDetector(alpha=ALPHA, null="lot", n_calibration=n_cal),
+                "blocks": DriftDetector(alpha=ALPHA, null="lot", n_calibration=n_cal)}
+        dets["runs"].fit(P[ref["elpv_index"]], ref_order=order, ref_strata=ref["type"].to_numpy(),
+                         ref_quality=Q[ref["elpv_index"]])
+        dets["blocks"].fit(P[ref["elpv_index"]], ref_order=order, ref_strata=ref["type"].to_numpy(),
+                           ref_quality=Q[ref["elpv_index"]], ref_streams=ref["line"].to_numpy(),
+                           ref_periods=ref["day"].to_numpy())
+        for line in ("L1", "L2"):
+            w = t[(t["day"] == start + 7) & (t["line"] == line)]
+            for name, det in dets.items():
+                keep = det.rows_to_test(len(w))
+                rec[name]["null"].append(det.test(P[w["elpv_index"]][keep], cur_quality=Q[w["elpv_index"]][keep],
+                                                  cur_strata=w["type"].to_numpy()[keep]).detected)
+        if start % 6 == 0:
+            w = t[(t["day"] == start + 7) & (t["line"] == "L1")]
+            imgs = images[w["elpv_index"].to_numpy()]
+            for fault, (fn, v) in LINE_FAULTS.items():
+                fi = np.stack([F.noise(im, v, rng) if fn == "noise" else getattr(F, fn)(im, v) for im in imgs])
+                res = dets["blocks"].test(proj(fi), cur_quality=measure(fi, list(QUALITY_CHANNELS)).to_numpy(),
+                                          cur_strata=w["type"].to_numpy())
+                rec["blocks"].setdefault(fault, []).append(res.detected)
+                rec["blocks"].setdefault(fault + " named", []).append(
+                    res.detected and (fault not in LINE_CHANNEL or res.top_channel == LINE_CHANNEL[fault]))
+    return [{"data": "ELPV line-days, monitor's reference", "null": f"lot ({name})", "n": 150,
+             "windows": len(r["null"]), "far": fmt(r["null"]), "spread": "",
+             "power": "; ".join(f"{k}: {fmt(v)}" for k, v in r.items() if k != "null") or "-",
+             "s_per_window": math.nan} for name, r in rec.items()]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=200, help="synthetic windows per (null, n)")
@@ -210,11 +294,13 @@ def main(argv: list[str] | None = None) -> None:
         "--refs", type=int, default=5, help="independent synthetic references (windows split over them)"
     )
     ap.add_argument("--no-elpv", action="store_true")
+    ap.add_argument("--no-line", action="store_true", help="skip scenario 4 (the simulated two-line month)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 20 windows, 50 permutations, no ELPV")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     if args.quick:
         args.windows, args.permutations, args.calibration, args.refs, args.no_elpv = 20, 50, 100, 2, True
+        args.no_line = True
     try:
         import torch
 
@@ -229,6 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_elpv:
         print("running ELPV", file=sys.stderr, flush=True)
         rows += elpv_rows(args.permutations, args.calibration)
+    if not args.no_line:
+        print("running ELPV line-days", file=sys.stderr, flush=True)
+        rows += line_day_rows(args.calibration)
     total = time.perf_counter() - t0
 
     cmd = "python -m benchmarks.bench_drift_calibration " + " ".join(
@@ -264,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
         "Synthetic windows are split over independent references (`--refs`); 'FAR per reference' shows how much the "
         "false-alarm rate a line actually experiences varies with its one reference (and its one lot-null "
         "calibration), around the pooled rate. ELPV: per fold (5 references).",
+        "ELPV line-days: 34 healthy next days (17 references x 2 lines); power on 6 days of L1 per fault, "
+        "`named` = detected with the fault's image-quality channel on top (gain: detected).",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")

@@ -64,6 +64,7 @@ CONDITIONS: dict[str, dict[str, Any]] = {
     "blur 1 px": {"variant": "blur 1 px", "mono": 0.4, "defect": 0.0},
     "noise 3%": {"variant": "noise 3%", "mono": 0.4, "defect": 0.0},
     "misalign 2 deg": {"variant": "misalign 2 deg", "mono": 0.4, "defect": 0.0},
+    "illumination 30%": {"variant": "illumination 30%", "mono": 0.4, "defect": 0.0},
     "product mix 40->90% mono": {"variant": "clean", "mono": 0.9, "defect": 0.0},
     "defect rate 0->25% p=1": {"variant": "clean", "mono": 0.4, "defect": 0.25},
 }
@@ -252,19 +253,22 @@ def linewatch_method(
     det.fit(feats.ref, ref_strata=strata, ref_lots=lots, ref_quality=feats.q_ref if quality else None,
             ref_scores=feats.s_ref if scores else None)
 
-    def test(Zw: np.ndarray, Qw: np.ndarray | None = None, Sw: np.ndarray | None = None) -> tuple:
+    def test(Zw: np.ndarray, Qw: np.ndarray | None = None, Sw: np.ndarray | None = None,
+             Tw: np.ndarray | None = None) -> tuple:
         keep = det.rows_to_test(len(Zw))  # as the monitor does
         Zw = Zw[keep]
         Qw = None if Qw is None else Qw[keep]
         Sw = None if Sw is None else Sw[keep]
-        r = det.test(Zw, cur_quality=Qw if quality else None, cur_scores=Sw if scores else None)
+        # as the monitor does: each product compared with its own kind (the window's product mix is context)
+        Tw = None if Tw is None or strata is None else Tw[keep]
+        r = det.test(Zw, cur_quality=Qw if quality else None, cur_scores=Sw if scores else None, cur_strata=Tw)
         # one continuous statistic: how far the most significant family is below its level
         ratio = min(p / r.family_alpha for p in r.family_p.values())
         stat = float(-np.log10(max(ratio, 1e-300)))
         if null == "lot":
             # bootstrap p-values floor at 1 / (B + 1), so many windows tie at the top: use each family's statistic
             # as a z-score against its lot-null bootstrap, the largest over the families
-            cal = det.calibrate(len(Zw))
+            cal = det.calibrate(len(Zw), shares=r.meta.get("calibration_shares"))
             obs = {"axes": float(r.per_axis["ks_stat"].max()), "mmd": r.mmd_stat, "quality": r.quality_stat,
                    "scores": r.score_stat, "scores_tail": r.score_tail}
             fams = [*r.family_p, *(["scores_tail"] if "scores" in r.family_p else [])]
@@ -279,7 +283,7 @@ def baseline_method(kind: str, ref: np.ndarray, n_perm: int, seed: int) -> Calla
     """KS-1d / KS-BH / MMD window tests of :mod:`benchmarks.baselines`."""
     from benchmarks.baselines import ks_bh_test, ks_test_1d, mmd_test
 
-    def test(Xw: np.ndarray, _q: Any = None, _s: Any = None) -> tuple:
+    def test(Xw: np.ndarray, _q: Any = None, _s: Any = None, _t: Any = None) -> tuple:
         if kind == "mw":
             # the score family under the i.i.d. null: AUC (Mann-Whitney) and tail share (Fisher), Bonferroni
             from pipeline.analysis.drift import score_distribution_test, score_tail_test
@@ -302,7 +306,7 @@ def baseline_method(kind: str, ref: np.ndarray, n_perm: int, seed: int) -> Calla
 
 # ------------------------------------------------------------------------------------------------ run
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.analysis.axes import mix_text
+    from pipeline.analysis.strata import mix_signal
 
     sp = C.get_splits()
     n_ok = len(sp.test_ok)
@@ -401,7 +405,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     S = None if feats[fk].s_pool is None else feats[fk].s_pool[v]
                     t0 = time.perf_counter()
                     out[(cond, role)] = np.array(
-                        [tester(X[w], None if Q is None else Q[w], None if S is None else S[w]) for w in wins],
+                        [tester(X[w], None if Q is None else Q[w], None if S is None else S[w], pool_types[w])
+                         for w in wins],
                         dtype=float)
                     t_method[label] += time.perf_counter() - t0
                     n_method[label] += len(wins)
@@ -417,10 +422,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         # what the alert names: the quality channel when that family fired, else the top axis
                         names = [f"ch:{int(c)}" if c >= 0 else f"z:{int(t)}" for t, c in a[det][:, 3:5]]
                         row["top_axes"] = Counter(names).most_common()
-                        # the monitor adds "product mix changed: ..." to a drifted window's alert when the shares
-                        # moved (pipeline.analysis.axes.mix_text); the windows are subsampled before the test, not for this
+                        # the monitor names the product mix in a drifted window's alert only when it explains the
+                        # verdict (a product the reference lacks; pipeline.analysis.strata.MixSignal.explains)
                         wins = sets[(cond, "eval")]
-                        stated = [bool(mix_text(cal_types, pool_types[w])) for w, d in zip(wins, det, strict=True) if d]
+                        stated = [mix_signal(cal_types, pool_types[w]).explains
+                                  for w, d in zip(wins, det, strict=True) if d]
                         row["mix_stated"] = float(np.mean(stated))
                     results.append(row)
                 raw[f"{kind}|{n}|{label}"] = {f"{c}|{r}": v[:, :3].tolist() for (c, r), v in out.items()}
@@ -545,8 +551,9 @@ def report(res: dict[str, Any], command: str) -> str:
                     out.append(f"| {m} | {n} | " + " | ".join(vals) + " |\n")
             out.append("\n")
     out.append("## Attribution (linewatch, detected windows)\n\n")
-    out.append("`mix stated`: share of the detected windows whose alert also says \"product mix changed: ...\" "
-               "(`pipeline.analysis.axes.mix_text`, the catalog's product type; shares moved by 0.15 or more).\n\n")
+    out.append("`mix stated`: share of the detected windows whose alert also names the product mix, which the monitor "
+               "does only when the mix explains the verdict (a product the reference lacks; "
+               "`pipeline.analysis.strata.MixSignal.explains`); the tests compare each product with its own kind.\n\n")
     out.append("| windows | method | n | fault | detected | modal top axis / channel | share naming it | description | "
                "names the fault's property | mix stated |\n|---|---|---|---|---|---|---|---|---|---|\n")
     for a in res["attribution"]:

@@ -40,6 +40,7 @@ DRIFT_FAULTS: dict[str, tuple[str, float]] = {
     "blur 1 px": ("blur", 1.0),
     "noise 3%": ("noise", 0.03),
     "misalign 2 deg": ("misalign", 2.0),
+    "illumination 30%": ("illumination", 0.3),
 }
 #: Fault kind (``pipeline.line.faults.FAULTS`` / ``pipeline.latent.properties.FAULT_PROPERTIES`` key) of each drift fault.
 FAULT_KIND: dict[str, str] = {
@@ -47,6 +48,7 @@ FAULT_KIND: dict[str, str] = {
     "blur 1 px": "blur",
     "noise 3%": "noise",
     "misalign 2 deg": "misalign",
+    "illumination 30%": "illumination",
     "product mix 40->90% mono": "product_mix",
     "defect rate 0->25% p=1": "defect_rate",
 }
@@ -119,6 +121,8 @@ def apply_drift_fault(img: np.ndarray, name: str, cell: int) -> np.ndarray:
         return faults.noise(img, v, np.random.default_rng([20261127, int(cell)]))
     if fn == "misalign":
         return faults.misalign(img, v, faults.MISALIGN_OFFSET_PX_PER_DEGREE * v)
+    if fn == "illumination":
+        return faults.illumination(img, v)
     raise ValueError(f"unknown drift fault {name!r}: choose from {list(DRIFT_FAULTS)}")
 
 

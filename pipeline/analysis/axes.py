@@ -52,6 +52,7 @@ __all__ = [
     "axis_correlations",
     "describe_axes",
     "image_level_text",
+    "mix_note",
     "mix_text",
     "quality_text",
     "scores_text",
@@ -437,9 +438,22 @@ def scores_text(drift_result: Any, prefix: str = "") -> str:
             f"(p = {p:.2g})")
 
 
+def mix_note(drift_result: Any, prefix: str = "") -> str:
+    """The product-mix phrase of a window whose mix explains its verdict (``pipeline.analysis.strata.MixSignal``).
+
+    Said when some of the window's cells were of a product the reference does not know (they were not tested); empty
+    for a window without a mix signal or whose cells were each compared with their own product: a swing of the
+    product mix is normal production and is not mentioned then.
+    """
+    mix = getattr(drift_result, "mix", None)
+    if mix is None or not mix.explains:
+        return ""
+    return prefix + mix.note()
+
+
 def image_level_text(drift_result: Any, prefix: str = "") -> str:
-    """The phrases of the families that are not latent axes (image quality, anomaly scores), joined."""
-    parts = [t for t in (quality_text(drift_result), scores_text(drift_result)) if t]
+    """Phrases of the image-level families (image quality, anomaly scores) and the explaining product mix."""
+    parts = [t for t in (quality_text(drift_result), scores_text(drift_result), mix_note(drift_result)) if t]
     return prefix + "; ".join(parts) if parts else ""
 
 

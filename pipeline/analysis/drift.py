@@ -56,10 +56,10 @@ Pure functions (:func:`ks_per_axis`, :func:`bh_adjust`, :func:`bonferroni`, :fun
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import zlib
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from pipeline.analysis.detectors.base import NotFittedError
+from pipeline.analysis.windows import DEFAULT_SHIFTS, Window, windows  # noqa: F401 - re-exported
 from pipeline.common.schemas import as_latent_matrix
 
 __all__ = [
@@ -94,8 +95,6 @@ log = logging.getLogger(__name__)
 
 PSI_MODERATE = 0.1
 PSI_SIGNIFICANT = 0.25
-DEFAULT_SHIFTS: tuple[tuple[int, int], ...] = ((6, 14), (14, 22), (22, 6))
-"""Three 8-hour shifts (start hour, end hour); a shift that wraps midnight belongs to the date it starts on."""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -180,11 +179,14 @@ def _psi_edges(ref: np.ndarray, bins: int) -> list[np.ndarray]:
     return [np.unique(np.quantile(ref[:, j], qs)) for j in range(ref.shape[1])]
 
 
-def _psi_from_edges(ref: np.ndarray, cur: np.ndarray, edges: list[np.ndarray], eps: float) -> np.ndarray:
+def _psi_from_edges(ref: np.ndarray, cur: np.ndarray, edges: list[np.ndarray], eps: float,
+                    ref_weights: np.ndarray | None = None) -> np.ndarray:
     out = np.empty(ref.shape[1])
     for j, e in enumerate(edges):
         nb = e.size + 1
-        pr = np.bincount(np.searchsorted(e, ref[:, j], side="right"), minlength=nb) / ref.shape[0]
+        bins = np.searchsorted(e, ref[:, j], side="right")
+        pr = np.bincount(bins, minlength=nb) / ref.shape[0] if ref_weights is None else \
+            np.bincount(bins, weights=ref_weights, minlength=nb) / ref_weights.sum()
         pc = np.bincount(np.searchsorted(e, cur[:, j], side="right"), minlength=nb) / cur.shape[0]
         pr, pc = np.maximum(pr, eps), np.maximum(pc, eps)
         out[j] = float(np.sum((pc - pr) * np.log(pc / pr)))
@@ -381,9 +383,9 @@ def _as_channels(X: Any, n: int, what: str) -> tuple[np.ndarray | None, tuple[st
     return M, names
 
 
-def _max_weighted_ks(win: np.ndarray, rest: np.ndarray, w: np.ndarray) -> float:
-    """Largest KS distance over columns between a sample and a weighted sample (weights ``w`` sum to 1)."""
-    best = 0.0
+def _weighted_ks(win: np.ndarray, rest: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """KS distance per column between a sample and a weighted sample (weights ``w`` sum to 1)."""
+    out = np.empty(win.shape[1])
     n = win.shape[0]
     for j in range(win.shape[1]):
         o = np.argsort(rest[:, j], kind="stable")
@@ -391,8 +393,13 @@ def _max_weighted_ks(win: np.ndarray, rest: np.ndarray, w: np.ndarray) -> float:
         pts = np.concatenate([xs, win[:, j]])
         f_rest = np.r_[0.0, cw][np.searchsorted(xs, pts, side="right")]
         f_win = np.searchsorted(np.sort(win[:, j]), pts, side="right") / n
-        best = max(best, float(np.max(np.abs(f_rest - f_win))))
-    return best
+        out[j] = float(np.max(np.abs(f_rest - f_win)))
+    return out
+
+
+def _max_weighted_ks(win: np.ndarray, rest: np.ndarray, w: np.ndarray) -> float:
+    """Largest KS distance over columns between a sample and a weighted sample (weights ``w`` sum to 1)."""
+    return float(_weighted_ks(win, rest, w).max())
 
 
 def _weighted_mmd2(R: np.ndarray, w: np.ndarray, X: np.ndarray, sigma: float) -> float:
@@ -450,6 +457,10 @@ class DriftResult:
             effect_size, significant`` (``p_value``: Welch t-test; None without channels).
         score_tail: share of the window's cells above the reference's ``1 - score_tail`` score quantile (None
             without scores); ``score_tail_expected`` is that share on the reference (``score_tail``, e.g. 0.10).
+        mix: the window's product mix against the reference's (:class:`pipeline.analysis.strata.MixSignal`; None without
+            ``cur_strata``): context, not a test. Its ``explains`` says whether it can explain the verdict.
+        n_untested: window images of a product the reference does not know, left out of the test (all of them,
+            ``n_cur`` = 0 and nothing fired, when fewer than ``min_window`` known cells were left).
         meta: detector name, version, params, model id.
     """
 
@@ -473,6 +484,8 @@ class DriftResult:
     per_channel: pd.DataFrame | None = None
     score_tail: float | None = None
     score_tail_expected: float | None = None
+    mix: Any = None
+    n_untested: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -610,6 +623,8 @@ class DriftDetector:
         ref_lots: Any = None,
         ref_strata: Any = None,
         ref_quality: Any = None,
+        ref_streams: Any = None,
+        ref_periods: Any = None,
     ) -> DriftDetector:
         """Store the reference.
 
@@ -633,6 +648,14 @@ class DriftDetector:
                 names, e.g. ``sharpness``, ``noise_level`` from :mod:`pipeline.latent.properties` at full resolution);
                 enables the ``quality`` family: per-channel two-sample KS, which sees fine-scale faults (blur,
                 sensor noise) that a latent computed at a few dozen pixels cannot.
+            ref_streams: optional production stream (the line) of each reference image, with ``ref_periods``.
+            ref_periods: optional production period (e.g. the plant day's ordinal) of each reference image. With
+                both, the lot null calibrates on **production blocks** (:mod:`pipeline.analysis.blocks`): a calibration
+                window is one (stream, period) of the reference resampled to the window's size, so it has the lots of
+                one real line-day, and windows of any size are tested whole. Give them when a monitored window is one
+                line's production over one period and the reference is a sample of many such periods (the
+                monitor's calibration snapshot); with fewer than ``pipeline.analysis.blocks.MIN_BLOCKS`` usable blocks the
+                runs of consecutive images are used.
 
         Returns:
             self.
@@ -680,11 +703,27 @@ class DriftDetector:
         if strata is None:
             self._streams = [(np.arange(n), 1.0)]
             self.strata_ = None
+            self.ref_strata_ = None
         else:
-            strata = strata[order]
+            strata = np.asarray(strata, dtype=str)[order]
             labels, inv = np.unique(strata, return_inverse=True)
             self._streams = [(np.flatnonzero(inv == i), float(np.mean(inv == i))) for i in range(labels.size)]
             self.strata_ = {str(lab): share for lab, (_, share) in zip(labels, self._streams, strict=True)}
+            self.ref_strata_ = strata
+        self._blocks = None
+        if (ref_streams is None) != (ref_periods is None):
+            raise ValueError("give ref_streams and ref_periods together (the production block of each image)")
+        if ref_streams is not None:
+            from pipeline.analysis.blocks import ProductionBlocks
+
+            for name, v in (("ref_streams", ref_streams), ("ref_periods", ref_periods)):
+                if np.asarray(v).shape[0] != n:
+                    raise ValueError(f"{name} has {np.asarray(v).shape[0]} values for {n} reference images")
+            blocks = ProductionBlocks.from_labels(np.asarray(ref_streams)[order], np.asarray(ref_periods)[order])
+            self._blocks = blocks if blocks.usable else None
+            if self._blocks is None:
+                log.warning("only %d production blocks in the reference: the lot null calibrates on runs of "
+                            "consecutive images instead", len(blocks.rows))
         self.ref_ = Z
         self.ref_scores_ = scores
         self.ref_quality_ = quality
@@ -694,13 +733,15 @@ class DriftDetector:
         self.n_ref_, self.n_features_in_ = Z.shape
         self.psi_edges_ = _psi_edges(Z, self.psi_bins)
         self.sigma_ref_ = median_heuristic(Z, rng=self.random_state)
-        self._calibrations: dict[int, dict[str, np.ndarray]] = {}
+        self._calibrations: dict[Any, dict[str, np.ndarray]] = {}
         self.is_fitted_ = True
         return self
 
     @property
     def max_window(self) -> int | None:
-        """Largest window the lot null calibrates honestly: a third of the reference (None under the i.i.d. null).
+        """Largest window the lot null calibrates honestly: a third of the reference (None: any size).
+
+        Any size under the i.i.d. null and with production blocks (``ref_streams`` / ``ref_periods``).
 
         A lot-null calibration window is compared with the rest of the reference *minus a guard band* around it
         (:meth:`_block_indices`), so that it is compared with other lots and not with the rest of its own lot. Up to
@@ -713,7 +754,9 @@ class DriftDetector:
         (a reference under three minimum windows gets a narrower guard band).
         """
         self._check_fitted()
-        return None if self.null == "iid" else max(self.n_ref_ // 3, self.min_window)
+        if self.null == "iid" or self._blocks is not None:  # production blocks calibrate any window size
+            return None
+        return max(self.n_ref_ // 3, self.min_window)
 
     def rows_to_test(self, n: int) -> np.ndarray:
         """Positions of a window of ``n`` images to give :meth:`test`.
@@ -727,15 +770,23 @@ class DriftDetector:
             raise NotFittedError("DriftDetector has not been fit: call fit(Z_ref) first")
 
     # ---- lot null ------------------------------------------------------------------------------------------
-    def _allocation(self, n: int) -> list[int]:
-        """Images per stratum in a calibration window of ``n``: the reference shares, largest-remainder rounding."""
-        raw = np.array([share * n for _, share in self._streams])
+    def _shares(self, shares: dict[str, float] | None) -> list[float]:
+        """Share of each stratum (stream order) in a calibration window: ``shares``, else the reference's."""
+        if shares is None or self.strata_ is None:
+            return [share for _, share in self._streams]
+        raw = np.array([max(0.0, float(shares.get(lab, 0.0))) for lab in self.strata_])
+        return (raw / raw.sum()).tolist() if raw.sum() > 0 else [share for _, share in self._streams]
+
+    def _allocation(self, n: int, shares: dict[str, float] | None = None) -> list[int]:
+        """Images per stratum in a calibration window of ``n`` (``shares``, else the reference's mix)."""
+        raw = np.array([share * n for share in self._shares(shares)])
         k = np.floor(raw).astype(int)
         for i in np.argsort(-(raw - k), kind="stable")[: n - int(k.sum())]:
             k[i] += 1
         return k.tolist()
 
-    def _block_indices(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def _block_indices(self, n: int, rng: np.random.Generator, shares: dict[str, float] | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
         """Rows of one calibration window, and the rows to leave out of "the rest" for it.
 
         Per stratum (one stream of all rows without ``ref_strata``), the window takes its share as blocks of
@@ -747,7 +798,7 @@ class DriftDetector:
         N = self.n_ref_
         excl = np.zeros(N, dtype=bool)
         parts = []
-        alloc = self._allocation(n)
+        alloc = self._allocation(n, shares)
         for (rows, _), k in zip(self._streams, alloc, strict=True):
             if k == 0:
                 continue
@@ -782,30 +833,49 @@ class DriftDetector:
             excl[idx] = True
         return idx, excl
 
-    def _rest_weights(self, keep: np.ndarray) -> np.ndarray:
-        """Weights (summing to 1) of the kept reference rows that restore the reference's stratum shares."""
+    def _rest_weights(self, keep: np.ndarray, shares: dict[str, float] | None = None) -> np.ndarray:
+        """Weights (summing to 1) of the kept reference rows that give them the calibration window's shares."""
         w = np.zeros(keep.size)
-        for rows, share in self._streams:
+        for (rows, _), share in zip(self._streams, self._shares(shares), strict=True):
             kept = rows[keep[rows]]
             if kept.size:
                 w[kept] = share / kept.size
         w = w[keep]
         return w / w.sum()
 
-    def _window_stats_vs_rest(
-        self, idx: np.ndarray, excl: np.ndarray, rng: np.random.Generator
-    ) -> tuple[float, float, float, float, float]:
-        """Family statistics of rows ``idx`` against the re-weighted rest.
+    def _block_weights(self, idx: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """Weights of the kept rows giving them the product mix of a production-block window.
 
-        Max KS (axes), MMD^2, score AUC, max |mean shift| in sd (quality) and the score tail share.
+        The calibration window is compared with its own kinds, as a tested window is (uniform without strata).
+        """
+        from pipeline.analysis import strata as S
+
+        rest = np.flatnonzero(keep)
+        if self.ref_strata_ is None:
+            return np.full(rest.size, 1.0 / rest.size)
+        return S.reference_weights(self.ref_strata_[rest], self.ref_strata_[idx])
+
+    def _window_stats_vs_rest(
+        self, idx: np.ndarray, excl: np.ndarray, rng: np.random.Generator, shares: dict[str, float] | None = None,
+        weights: np.ndarray | None = None,
+    ) -> tuple[float, float, float, float, float]:
+        """Family statistics of rows ``idx`` (repeats allowed) against the re-weighted rest.
+
+        Max KS (axes), MMD^2, score AUC, max |mean shift| in sd (quality) and the score tail share. ``weights`` (of
+        the kept rows) replace the stratum re-weighting to ``shares``.
         """
         keep = ~excl
         rest_idx = np.flatnonzero(keep)
-        w = self._rest_weights(keep)
+        w = self._rest_weights(keep, shares) if weights is None else weights
         ks = _max_weighted_ks(self.ref_[idx], self.ref_[rest_idx], w)
-        if rest_idx.size > self.mmd_max_ref:  # weighted subsample keeps the stratum shares
-            sub = rng.choice(rest_idx.size, self.mmd_max_ref, replace=False, p=w)
-            mmd = mmd2_unbiased(self.ref_[rest_idx[sub]], self.ref_[idx], self.sigma_ref_)
+        repeats = np.unique(idx).size < idx.size
+        if repeats or rest_idx.size > self.mmd_max_ref:  # a weighted subsample keeps the stratum shares
+            from pipeline.analysis.blocks import mmd2_multiset
+
+            pos = np.flatnonzero(w > 0)
+            sub = rng.choice(pos, min(self.mmd_max_ref, pos.size), replace=False, p=w[pos] / w[pos].sum())
+            mmd = mmd2_multiset(self.ref_[rest_idx[sub]], self.ref_[idx], idx, self.sigma_ref_) if repeats else \
+                mmd2_unbiased(self.ref_[rest_idx[sub]], self.ref_[idx], self.sigma_ref_)
         else:
             mmd = _weighted_mmd2(self.ref_[rest_idx], w, self.ref_[idx], self.sigma_ref_)
         auc = tail = math.nan
@@ -819,8 +889,12 @@ class DriftDetector:
             qstat = float(np.max(np.abs(shift) / self._q_sd))
         return ks, mmd, auc, qstat, tail
 
-    def calibrate(self, n: int) -> dict[str, np.ndarray]:
+    def calibrate(self, n: int, shares: dict[str, float] | None = None) -> dict[str, np.ndarray]:
         """Lot-null bootstrap distributions of the family statistics for windows of ``n`` images (cached).
+
+        With ``shares`` (product -> share, with ``ref_strata``), calibration windows have that product mix and are
+        compared with the rest re-weighted to it (the mix of a window tested with ``cur_strata``); default: the
+        reference's own mix.
 
         Returns:
             ``{"axes": max-KS (B,), "mmd": MMD^2 (B,), "scores": AUC (B,), "quality": max |shift| (B,),
@@ -830,8 +904,11 @@ class DriftDetector:
             share's dependence.
         """
         self._check_fitted()
-        if n in self._calibrations:
-            return self._calibrations[n]
+        if self._blocks is not None:
+            return self._calibrate_blocks(n)
+        key: Any = n if shares is None or self.strata_ is None else (n, tuple(np.round(self._shares(shares), 4)))
+        if key in self._calibrations:
+            return self._calibrations[key]
         if self.n_ref_ < 2 * n:
             raise ValueError(
                 f"the lot null needs a reference at least twice the window: reference {self.n_ref_}, window {n}; "
@@ -841,11 +918,29 @@ class DriftDetector:
         out = np.empty((self.n_calibration, 5))
         it = range(self.n_calibration)
         for b in tqdm(it, desc=f"lot null n={n}", disable=not self.progress, leave=False):
-            idx, excl = self._block_indices(n, rng)
-            out[b] = self._window_stats_vs_rest(idx, excl, rng)
+            idx, excl = self._block_indices(n, rng, shares)
+            out[b] = self._window_stats_vs_rest(idx, excl, rng, shares)
+        self._calibrations[key] = self._calibration_table(out)
+        return self._calibrations[key]
+
+    def _calibrate_blocks(self, n: int) -> dict[str, np.ndarray]:
+        """:meth:`calibrate` on production blocks (``pipeline.analysis.blocks``): any window size, any product mix."""
+        from pipeline.analysis.blocks import draw_block_window
+
+        key = ("blocks", n)
+        if key not in self._calibrations:
+            rng = np.random.default_rng([self.random_state, n, 1])
+            out = np.empty((self.n_calibration, 5))
+            it = range(self.n_calibration)
+            for b in tqdm(it, desc=f"lot null n={n} (blocks)", disable=not self.progress, leave=False):
+                idx, excl = draw_block_window(self._blocks, self.n_ref_, n, rng)
+                out[b] = self._window_stats_vs_rest(idx, excl, rng, weights=self._block_weights(idx, ~excl))
+            self._calibrations[key] = self._calibration_table(out)
+        return self._calibrations[key]
+
+    def _calibration_table(self, out: np.ndarray) -> dict[str, np.ndarray]:
         cal = {k: np.sort(out[:, i]) for i, k in enumerate(("axes", "mmd", "scores", "quality", "scores_tail"))}
         cal["scores_minp"] = np.sort(np.minimum(self._self_p(out[:, 2]), self._self_p(out[:, 4])))
-        self._calibrations[n] = cal
         return cal
 
     @staticmethod
@@ -869,7 +964,8 @@ class DriftDetector:
 
     # ---- test ----------------------------------------------------------------------------------------------
     def test(
-        self, Z_cur: Any, cur_scores: Any = None, model_id: str | None = None, cur_quality: Any = None
+        self, Z_cur: Any, cur_scores: Any = None, model_id: str | None = None, cur_quality: Any = None,
+        cur_strata: Any = None,
     ) -> DriftResult:
         """Test one window against the reference.
 
@@ -879,6 +975,11 @@ class DriftDetector:
             model_id: id of the model that encoded ``Z_cur``; must equal the reference's when both are known.
             cur_quality: image-quality channels (n_cur, k) of the window; required iff ``ref_quality`` was given,
                 with the same channels.
+            cur_strata: product label (n_cur,) of every window image. With ``ref_strata`` given to ``fit``, every
+                family compares the window with the reference **re-weighted to the window's product shares**
+                (:mod:`pipeline.analysis.strata`): each product with its own kind, so a swing of the product mix is not
+                drift; the lot null is calibrated at the window's mix. The mix itself is reported in
+                ``DriftResult.mix``.
 
         Returns:
             :class:`DriftResult`.
@@ -887,6 +988,36 @@ class DriftDetector:
             NotFittedError: before ``fit``.
             ValueError: too-small window, NaNs, model-id or dimension mismatch, scores given on one side only.
         """
+        win = self._window(Z_cur, cur_scores, model_id, cur_quality, cur_strata)
+        families = ["axes", "mmd"] + (["scores"] if win.scores is not None else []) + (
+            ["quality"] if win.quality is not None else []
+        )
+        if not win.comparable:
+            return self._not_comparable(win, families)
+        fam_alpha = self.alpha / len(families)
+        if self.null == "lot" and (self.n_calibration + 1) * fam_alpha < 1.0:
+            raise ValueError(
+                f"n_calibration={self.n_calibration} cannot resolve p-values at alpha/{len(families)}="
+                f"{fam_alpha:.3g}; use at least {math.ceil(1.0 / fam_alpha)}"
+            )
+        # seeded by the window's content: reproducible for a given window, but a fresh reference subsample and
+        # permutation set for each window, so the false-alarm rate over many windows does not hinge on one
+        # particular MMD reference subsample
+        rng = np.random.default_rng([self.random_state, win.n, zlib.crc32(win.Z.tobytes())])
+        stats_ = _FamilyStats(family_p={}, thresholds={
+            "alpha": self.alpha, "family_alpha": fam_alpha,
+            "psi_null_expected": (len(self.psi_edges_[0])) * (1.0 / win.n + 1.0 / self.n_ref_),
+        })
+        self._describe(win, stats_, rng)
+        if self.null == "iid":
+            self._iid_families(win, stats_, fam_alpha, rng)
+        else:
+            self._lot_families(win, stats_, fam_alpha, rng)
+        return self._result(win, stats_, families, fam_alpha)
+
+    def _window(self, Z_cur: Any, cur_scores: Any, model_id: str | None, cur_quality: Any, cur_strata: Any
+                ) -> _WindowData:
+        """Validate a window and work out the reference weights that match its product mix."""
         self._check_fitted()
         if model_id is not None and self.model_id_ is not None and model_id != self.model_id_:
             raise ValueError(
@@ -902,17 +1033,16 @@ class DriftDetector:
                 f"window has {Z.shape[1]} latent axes but the reference has {self.n_features_in_}; "
                 "were they encoded by different models?"
             )
-        scores = None
         _both_or_neither(self.ref_scores_, cur_scores, "anomaly scores", "ref_scores", "cur_scores")
+        scores = None
         if cur_scores is not None:
             scores = np.asarray(cur_scores, dtype=np.float64).ravel()
             if scores.size != n:
                 raise ValueError(f"cur_scores has {scores.size} values for {n} window images")
             if not np.isfinite(scores).all():
                 raise ValueError("cur_scores contain NaN or inf")
-
-        quality = None
         _both_or_neither(self.ref_quality_, cur_quality, "image-quality channels", "ref_quality", "cur_quality")
+        quality = None
         if cur_quality is not None:
             quality, names = _as_channels(cur_quality, n, "cur_quality")
             if quality.shape[1] != self.ref_quality_.shape[1] or (
@@ -921,140 +1051,247 @@ class DriftDetector:
                 raise ValueError(
                     f"window quality channels {list(names)} do not match the reference's {list(self.quality_names_)}"
                 )
+        win = _WindowData(Z, scores, quality, n, *self._mix_weights(cur_strata, n))
+        return self._supported_part(win)
 
-        ref = self.ref_
-        # seeded by the window's content: reproducible for a given window, but a fresh reference subsample and
-        # permutation set for each window, so the false-alarm rate over many windows does not hinge on one
-        # particular MMD reference subsample
-        rng = np.random.default_rng([self.random_state, n, zlib.crc32(Z.tobytes())])
-        ks, p = ks_per_axis(ref, Z)
-        p_adj = bh_adjust(p) if self.correction == "bh" else bonferroni(p)
-        eff = effect_size(ref, Z)
-        psis = _psi_from_edges(ref, Z, self.psi_edges_, 1e-4)
+    def _supported_part(self, win: _WindowData) -> _WindowData:
+        """The window's cells of products the reference knows; cells of another product are not tested.
 
-        families = ["axes", "mmd"] + (["scores"] if scores is not None else []) + (
-            ["quality"] if quality is not None else []
+        A product the reference holds (almost) no images of cannot be compared with its own kind: testing it against
+        the other products would call every such day drift, keep it out of the next training, and so never let the
+        model learn it. Its cells are left out of the test (``DriftResult.n_untested``) and the mix names them; with
+        fewer than ``min_window`` cells left the window is not comparable (:meth:`_not_comparable`).
+        """
+        from pipeline.analysis import strata as S
+
+        if win.mix is None or not win.mix.unsupported:
+            return win
+        keep = ~np.isin(win.strata, list(win.mix.unsupported))
+        if keep.sum() < self.min_window:
+            return dataclasses.replace(win, n_untested=win.n, comparable=False)
+        sub = dataclasses.replace(
+            win, Z=win.Z[keep], n=int(keep.sum()), strata=win.strata[keep], n_untested=int((~keep).sum()),
+            scores=None if win.scores is None else win.scores[keep],
+            quality=None if win.quality is None else win.quality[keep])
+        w = S.reference_weights(self.ref_strata_, sub.strata)
+        cal = {lab: round(float(w[self.ref_strata_ == lab].sum()) * 20) / 20 for lab in self.strata_}
+        return dataclasses.replace(sub, weights=w, cal_shares=cal)
+
+    def _not_comparable(self, win: _WindowData, families: list[str]) -> DriftResult:
+        """The result for a window with too few cells of known products to test: no drift, nothing fired."""
+        d = self.n_features_in_
+        table = pd.DataFrame({
+            "axis": np.arange(d), "ks_stat": 0.0, "p_value": 1.0, "p_adjusted": 1.0, "effect_size": 0.0, "psi": 0.0,
+            "psi_band": "stable", "significant": False, "rank": np.arange(1, d + 1)})
+        return DriftResult(
+            detected=False, fired=(), family_p=dict.fromkeys(families, 1.0), family_alpha=self.alpha / len(families),
+            mmd_stat=0.0, mmd_p=1.0, score_stat=None, score_p=None, per_axis=table, top_axis=0, top_share=0.0,
+            n_ref=self.n_ref_, n_cur=0, null=self.null, thresholds={"alpha": self.alpha}, mix=win.mix,
+            n_untested=win.n_untested,
+            meta={"name": self.name, "version": self.version, "params": self.get_params(), "model_id": self.model_id_,
+                  "comparable": False},
         )
-        fam_alpha = self.alpha / len(families)
-        if self.null == "lot" and (self.n_calibration + 1) * fam_alpha < 1.0:
-            raise ValueError(
-                f"n_calibration={self.n_calibration} cannot resolve p-values at alpha/{len(families)}="
-                f"{fam_alpha:.3g}; use at least {math.ceil(1.0 / fam_alpha)}"
-            )
-        family_p: dict[str, float] = {}
-        thresholds: dict[str, float] = {
-            "alpha": self.alpha,
-            "family_alpha": fam_alpha,
-            "psi_null_expected": (len(self.psi_edges_[0])) * (1.0 / n + 1.0 / self.n_ref_),
-        }
-        score_stat = score_p = quality_stat = quality_p = tail_share = None
-        per_channel = None
-        q_sig = None
-        if quality is not None:
-            q_ks, _ = ks_per_axis(self.ref_quality_, quality)
-            q_eff = effect_size(self.ref_quality_, quality)
-            q_pv = stats.ttest_ind(quality, self.ref_quality_, axis=0, equal_var=False).pvalue
-            q_pv = np.where(np.isfinite(q_pv), q_pv, 1.0)
-            quality_stat = float(np.max(np.abs(q_eff)))
-        if self.null == "iid":
-            family_p["axes"] = float(p_adj.min())
-            significant = p_adj <= fam_alpha
-            mmd_stat, mmd_p = mmd_permutation_test(
-                ref, Z, n_permutations=self.n_permutations, rng=rng, max_ref=self.mmd_max_ref
-            )
-            if scores is not None:
-                score_stat, p_auc = score_distribution_test(self.ref_scores_, scores)
-                tail_share, p_tail = score_tail_test(self.ref_scores_, scores, self.score_tail)
-                score_p = min(1.0, 2.0 * min(p_auc, p_tail))
-            if quality is not None:
-                q_adj = bonferroni(q_pv)
-                quality_p = float(q_adj.min())
-                q_sig = q_adj <= fam_alpha
-            thresholds["p_adjusted"] = fam_alpha
-        else:
-            cal = self.calibrate(n)
-            ks_thr = self._boot_threshold(cal["axes"], fam_alpha)
-            family_p["axes"] = self._boot_p(cal["axes"], float(ks.max()))
-            significant = ks > ks_thr
-            sub = ref
-            if sub.shape[0] > self.mmd_max_ref:
-                sub = sub[rng.choice(sub.shape[0], self.mmd_max_ref, replace=False)]
-            mmd_stat = mmd2_unbiased(sub, Z, self.sigma_ref_)
-            mmd_p = self._boot_p(cal["mmd"], mmd_stat)
-            thresholds.update({"max_ks": ks_thr, "mmd2": self._boot_threshold(cal["mmd"], fam_alpha)})
-            if scores is not None:
-                score_stat = _auc(scores, self.ref_scores_)
-                tail_share = float(np.mean(scores > np.quantile(self.ref_scores_, 1.0 - self.score_tail)))
-                min_p = min(self._boot_p(cal["scores"], score_stat), self._boot_p(cal["scores_tail"], tail_share))
-                n_le = int(np.searchsorted(cal["scores_minp"], min_p + 1e-12, side="right"))
-                score_p = (1.0 + n_le) / (1.0 + cal["scores_minp"].size)
-                thresholds["score_auc"] = self._boot_threshold(cal["scores"], fam_alpha)
-                thresholds["score_tail_share"] = self._boot_threshold(cal["scores_tail"], fam_alpha)
-            if quality is not None:
-                q_thr = self._boot_threshold(cal["quality"], fam_alpha)
-                quality_p = self._boot_p(cal["quality"], quality_stat)
-                q_sig = np.abs(q_eff) > q_thr
-                thresholds["quality_max_shift_sd"] = q_thr
-        family_p["mmd"] = float(mmd_p)
-        if score_p is not None:
-            family_p["scores"] = float(score_p)
-        if quality_p is not None:
-            family_p["quality"] = float(quality_p)
-            per_channel = pd.DataFrame(
-                {"channel": list(self.quality_names_), "ks_stat": q_ks, "p_value": q_pv, "effect_size": q_eff,
-                 "significant": q_sig}
-            ).assign(_abs=np.abs(q_eff)).sort_values(["significant", "_abs"], ascending=False, kind="stable",
-                                                     ignore_index=True).drop(columns="_abs")
-        fired = tuple(k for k in families if family_p[k] <= fam_alpha * (1 + 1e-9))
 
+    def _mix_weights(self, cur_strata: Any, n: int
+                     ) -> tuple[np.ndarray | None, Any, dict[str, float] | None, np.ndarray | None]:
+        """(reference weights for the window's mix or None, the mix signal, calibration shares, window labels)."""
+        from pipeline.analysis import strata as S
+
+        if cur_strata is None:
+            return None, None, None, None
+        cur = S.labels(cur_strata)
+        if cur.size != n:
+            raise ValueError(f"cur_strata has {cur.size} values for {n} window images")
+        if self.ref_strata_ is None:  # the reference's products are unknown: nothing to condition on or compare
+            return None, None, None, cur
+        w = S.reference_weights(self.ref_strata_, cur)
+        # the lot null's calibration mix: the weights' share of each product (rounded: calibrations are cached)
+        cal = {lab: round(float(w[self.ref_strata_ == lab].sum()) * 20) / 20 for lab in self.strata_}
+        return w, S.mix_signal(self.ref_strata_, cur), cal, cur
+
+    def _matched_reference(self, win: _WindowData, rng: np.random.Generator) -> np.ndarray:
+        """Reference rows with the window's product mix (all rows when the window is not conditioned)."""
+        from pipeline.analysis import strata as S
+
+        if win.weights is None:
+            return np.arange(self.n_ref_)
+        return S.matched_rows(self.ref_strata_, win.strata, rng)
+
+    def _describe(self, win: _WindowData, st: _FamilyStats, rng: np.random.Generator) -> None:
+        """Per-axis KS (i.i.d. p-values), effect sizes and PSI, and the quality channels' shifts."""
+        ref = self.ref_
+        rows = self._matched_reference(win, rng)
+        st.ks, st.p = ks_per_axis(ref[rows], win.Z)
+        st.p_adj = bh_adjust(st.p) if self.correction == "bh" else bonferroni(st.p)
+        w = win.weights
+        if w is None:
+            st.eff = effect_size(ref, win.Z)
+            st.psis = _psi_from_edges(ref, win.Z, self.psi_edges_, 1e-4)
+        else:
+            st.eff = (win.Z.mean(axis=0) - w @ ref) / np.maximum(ref.std(axis=0, ddof=1), 1e-12)
+            st.psis = _psi_from_edges(ref, win.Z, self.psi_edges_, 1e-4, ref_weights=w)
+            st.ks = _weighted_ks(win.Z, ref, w)
+        st.ref_rows = rows
+        if win.quality is not None:
+            q_ref = self.ref_quality_
+            st.q_ks, _ = ks_per_axis(q_ref[rows], win.quality)
+            if w is None:
+                st.q_eff = effect_size(q_ref, win.quality)
+            else:
+                st.q_eff = (win.quality.mean(axis=0) - w @ q_ref) / np.maximum(q_ref.std(axis=0, ddof=1), 1e-12)
+            q_pv = stats.ttest_ind(win.quality, q_ref[rows], axis=0, equal_var=False).pvalue
+            st.q_pv = np.where(np.isfinite(q_pv), q_pv, 1.0)
+            st.quality_stat = float(np.max(np.abs(st.q_eff)))
+
+    def _iid_families(self, win: _WindowData, st: _FamilyStats, fam_alpha: float, rng: np.random.Generator
+                      ) -> None:
+        """Family p-values under the i.i.d. null (the reference matched to the window's mix)."""
+        ref = self.ref_[st.ref_rows]
+        st.family_p["axes"] = float(st.p_adj.min())
+        st.significant = st.p_adj <= fam_alpha
+        st.mmd_stat, st.mmd_p = mmd_permutation_test(
+            ref, win.Z, n_permutations=self.n_permutations, rng=rng, max_ref=self.mmd_max_ref
+        )
+        if win.scores is not None:
+            r_scores = self.ref_scores_[st.ref_rows]
+            st.score_stat, p_auc = score_distribution_test(r_scores, win.scores)
+            st.tail_share, p_tail = score_tail_test(r_scores, win.scores, self.score_tail)
+            st.score_p = min(1.0, 2.0 * min(p_auc, p_tail))
+        if win.quality is not None:
+            q_adj = bonferroni(st.q_pv)
+            st.quality_p = float(q_adj.min())
+            st.q_sig = q_adj <= fam_alpha
+        st.thresholds["p_adjusted"] = fam_alpha
+
+    def _lot_mmd(self, win: _WindowData, rng: np.random.Generator) -> float:
+        """MMD^2 of the window against the (mix-weighted) reference, with the reference bandwidth."""
+        ref, w = self.ref_, win.weights
+        if w is None:
+            sub = ref if ref.shape[0] <= self.mmd_max_ref else ref[rng.choice(ref.shape[0], self.mmd_max_ref,
+                                                                              replace=False)]
+            return mmd2_unbiased(sub, win.Z, self.sigma_ref_)
+        if ref.shape[0] > self.mmd_max_ref:
+            keep = np.flatnonzero(w > 0)
+            sub = rng.choice(keep, min(self.mmd_max_ref, keep.size), replace=False, p=w[keep] / w[keep].sum())
+            return mmd2_unbiased(ref[sub], win.Z, self.sigma_ref_)
+        return _weighted_mmd2(ref, w, win.Z, self.sigma_ref_)
+
+    def _lot_scores(self, win: _WindowData) -> tuple[float, float]:
+        """Score AUC and tail share of the window against the (mix-weighted) reference."""
+        if win.weights is None:
+            cut = np.quantile(self.ref_scores_, 1.0 - self.score_tail)
+            return _auc(win.scores, self.ref_scores_), float(np.mean(win.scores > cut))
+        cut = _weighted_quantile(self.ref_scores_, win.weights, 1.0 - self.score_tail)
+        return _weighted_auc(win.scores, self.ref_scores_, win.weights), float(np.mean(win.scores > cut))
+
+    def _lot_families(self, win: _WindowData, st: _FamilyStats, fam_alpha: float, rng: np.random.Generator
+                      ) -> None:
+        """Family p-values under the lot null, calibrated at the window's size and product mix."""
+        cal = self.calibrate(win.n, shares=win.cal_shares)
+        ks_thr = self._boot_threshold(cal["axes"], fam_alpha)
+        st.family_p["axes"] = self._boot_p(cal["axes"], float(st.ks.max()))
+        st.significant = st.ks > ks_thr
+        st.mmd_stat = self._lot_mmd(win, rng)
+        st.mmd_p = self._boot_p(cal["mmd"], st.mmd_stat)
+        st.thresholds.update({"max_ks": ks_thr, "mmd2": self._boot_threshold(cal["mmd"], fam_alpha)})
+        if win.scores is not None:
+            st.score_stat, st.tail_share = self._lot_scores(win)
+            min_p = min(self._boot_p(cal["scores"], st.score_stat), self._boot_p(cal["scores_tail"], st.tail_share))
+            n_le = int(np.searchsorted(cal["scores_minp"], min_p + 1e-12, side="right"))
+            st.score_p = (1.0 + n_le) / (1.0 + cal["scores_minp"].size)
+            st.thresholds["score_auc"] = self._boot_threshold(cal["scores"], fam_alpha)
+            st.thresholds["score_tail_share"] = self._boot_threshold(cal["scores_tail"], fam_alpha)
+        if win.quality is not None:
+            q_thr = self._boot_threshold(cal["quality"], fam_alpha)
+            st.quality_p = self._boot_p(cal["quality"], st.quality_stat)
+            st.q_sig = np.abs(st.q_eff) > q_thr
+            st.thresholds["quality_max_shift_sd"] = q_thr
+
+    def _result(self, win: _WindowData, st: _FamilyStats, families: list[str], fam_alpha: float) -> DriftResult:
+        """Assemble the :class:`DriftResult` (families fired, ranked axes, channels, mix)."""
+        st.family_p["mmd"] = float(st.mmd_p)
+        if st.score_p is not None:
+            st.family_p["scores"] = float(st.score_p)
+        per_channel = None
+        if st.quality_p is not None:
+            st.family_p["quality"] = float(st.quality_p)
+            per_channel = pd.DataFrame(
+                {"channel": list(self.quality_names_), "ks_stat": st.q_ks, "p_value": st.q_pv,
+                 "effect_size": st.q_eff, "significant": st.q_sig}
+            ).assign(_abs=np.abs(st.q_eff)).sort_values(["significant", "_abs"], ascending=False, kind="stable",
+                                                        ignore_index=True).drop(columns="_abs")
+        fired = tuple(k for k in families if st.family_p[k] <= fam_alpha * (1 + 1e-9))
         # rank: significant axes by |effect| first, then the rest by |effect|
-        abs_eff = np.abs(eff)
-        order = np.lexsort((-abs_eff, ~significant))
+        abs_eff = np.abs(st.eff)
+        order = np.lexsort((-abs_eff, ~st.significant))
         rank = np.empty(order.size, dtype=int)
         rank[order] = np.arange(1, order.size + 1)
-        table = pd.DataFrame(
-            {
-                "axis": np.arange(self.n_features_in_),
-                "ks_stat": ks,
-                "p_value": p,
-                "p_adjusted": p_adj,
-                "effect_size": eff,
-                "psi": psis,
-                "psi_band": [psi_band(v) for v in psis],
-                "significant": significant,
-                "rank": rank,
-            }
-        ).sort_values("rank", kind="stable", ignore_index=True)
+        table = pd.DataFrame({
+            "axis": np.arange(self.n_features_in_), "ks_stat": st.ks, "p_value": st.p, "p_adjusted": st.p_adj,
+            "effect_size": st.eff, "psi": st.psis, "psi_band": [psi_band(v) for v in st.psis],
+            "significant": st.significant, "rank": rank,
+        }).sort_values("rank", kind="stable", ignore_index=True)
         top = int(order[0])
         total = float(abs_eff.sum())
         return DriftResult(
-            detected=bool(fired),
-            fired=fired,
-            family_p=family_p,
-            family_alpha=fam_alpha,
-            mmd_stat=float(mmd_stat),
-            mmd_p=float(mmd_p),
-            score_stat=score_stat,
-            score_p=score_p,
-            per_axis=table,
-            top_axis=top,
-            top_share=float(abs_eff[top] / total) if total > 0 else 0.0,
-            n_ref=self.n_ref_,
-            n_cur=n,
-            null=self.null,
-            thresholds=thresholds,
-            quality_stat=quality_stat,
-            quality_p=quality_p,
-            per_channel=per_channel,
-            score_tail=tail_share,
-            score_tail_expected=None if tail_share is None else self.score_tail,
-            meta={
-                "name": self.name,
-                "version": self.version,
-                "params": self.get_params(),
-                "model_id": self.model_id_,
-            },
+            detected=bool(fired), fired=fired, family_p=st.family_p, family_alpha=fam_alpha,
+            mmd_stat=float(st.mmd_stat), mmd_p=float(st.mmd_p), score_stat=st.score_stat, score_p=st.score_p,
+            per_axis=table, top_axis=top, top_share=float(abs_eff[top] / total) if total > 0 else 0.0,
+            n_ref=self.n_ref_, n_cur=win.n, null=self.null, thresholds=st.thresholds,
+            quality_stat=st.quality_stat, quality_p=st.quality_p, per_channel=per_channel,
+            score_tail=st.tail_share, score_tail_expected=None if st.tail_share is None else self.score_tail,
+            mix=win.mix, n_untested=win.n_untested,
+            meta={"name": self.name, "version": self.version, "params": self.get_params(), "model_id": self.model_id_,
+                  "calibration_shares": win.cal_shares},
         )
+
+
+@dataclass
+class _WindowData:
+    """A validated window: latents, scores, quality channels, and how the reference is matched to its mix."""
+
+    Z: np.ndarray
+    scores: np.ndarray | None
+    quality: np.ndarray | None
+    n: int
+    weights: np.ndarray | None
+    """Reference weights giving the reference the window's product mix (None: unconditioned, uniform)."""
+    mix: Any = None
+    """The window's :class:`pipeline.analysis.strata.MixSignal` (None without ``cur_strata``)."""
+    cal_shares: dict[str, float] | None = None
+    """Product shares the lot null is calibrated at (None: the reference's own)."""
+    strata: np.ndarray | None = None
+    """Product label of every window image (None without ``cur_strata``)."""
+    n_untested: int = 0
+    """Window images of products the reference does not know, left out of the test."""
+    comparable: bool = True
+    """False when too few cells of known products are left to test."""
+
+
+@dataclass
+class _FamilyStats:
+    """Statistics of one window's test as they are worked out, step by step."""
+
+    family_p: dict[str, float]
+    thresholds: dict[str, float]
+    ks: np.ndarray = field(default_factory=lambda: np.empty(0))
+    p: np.ndarray = field(default_factory=lambda: np.empty(0))
+    p_adj: np.ndarray = field(default_factory=lambda: np.empty(0))
+    eff: np.ndarray = field(default_factory=lambda: np.empty(0))
+    psis: np.ndarray = field(default_factory=lambda: np.empty(0))
+    significant: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
+    ref_rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=int))
+    mmd_stat: float = math.nan
+    mmd_p: float = math.nan
+    score_stat: float | None = None
+    score_p: float | None = None
+    tail_share: float | None = None
+    q_ks: np.ndarray | None = None
+    q_pv: np.ndarray | None = None
+    q_eff: np.ndarray | None = None
+    q_sig: np.ndarray | None = None
+    quality_stat: float | None = None
+    quality_p: float | None = None
 
 
 def even_subsample(n: int, k: int) -> np.ndarray:
@@ -1068,135 +1305,3 @@ def even_subsample(n: int, k: int) -> np.ndarray:
     if k >= n:
         return np.arange(n)
     return np.unique(np.linspace(0, n - 1, k).round().astype(int))
-
-
-# ------------------------------------------------------------------------------------------------------------
-# windows
-# ------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Window:
-    """One monitoring window.
-
-    Attributes:
-        window_id: ``"count-00003"``, ``"2026-11-27/S2"`` (shift 2 of that date) or ``"2026-11-27"``.
-        start: first timestamp (count windows: of the first row, or its position without a time column).
-        end: end of the window (shift/day: exclusive boundary; count: last row's timestamp or position).
-        frame: the rows of the window.
-    """
-
-    window_id: str
-    start: Any
-    end: Any
-    frame: pd.DataFrame
-
-
-def _shift_of(ts: pd.Series, shifts: Sequence[tuple[int, int]]) -> tuple[pd.Series, pd.Series]:
-    hours = ts.dt.hour + ts.dt.minute / 60.0 + ts.dt.second / 3600.0
-    day = ts.dt.normalize()
-    idx = pd.Series(-1, index=ts.index)
-    sdate = day.copy()
-    for i, (a, b) in enumerate(shifts):
-        if a < b:
-            hit = (hours >= a) & (hours < b)
-        else:  # wraps midnight: the early hours belong to the previous date's shift
-            late, early = hours >= a, hours < b
-            hit = late | early
-            sdate = sdate.where(~early, day - pd.Timedelta(days=1))
-        idx = idx.where(~hit, i)
-    return idx, sdate
-
-
-def _check_shifts(shifts: Sequence[tuple[int, int]]) -> None:
-    cover = np.zeros(24, dtype=int)
-    for a, b in shifts:
-        if not (0 <= a < 24 and 0 <= b <= 24 and a != b):
-            raise ValueError(
-                f"shift ({a}, {b}) must be (start_hour, end_hour) with hours in 0..24 and start != end"
-            )
-        hrs = np.arange(a, b) if a < b else np.r_[np.arange(a, 24), np.arange(0, b)]
-        cover[hrs] += 1
-    if not (cover == 1).all():
-        raise ValueError(f"shifts {tuple(shifts)} must cover every hour of the day exactly once")
-
-
-def windows(
-    df: pd.DataFrame,
-    by: str = "count",
-    size: int | None = None,
-    time_col: str = "captured_at",
-    shifts: Sequence[tuple[int, int]] = DEFAULT_SHIFTS,
-    min_size: int = 30,
-    on_small: str = "skip",
-    skipped: list[dict[str, Any]] | None = None,
-) -> Iterator[Window]:
-    """Cut a table of images (catalog or latents rows) into monitoring windows.
-
-    Windows smaller than ``min_size`` are not yielded with ``on_small="skip"`` (default): each is logged as a
-    warning and, when a list is passed as ``skipped``, appended to it as ``{"window_id", "n", "reason"}``. With
-    ``on_small="raise"`` the first one raises a ``ValueError``.
-
-    Args:
-        df: rows to window; needs ``time_col`` for ``by="shift"``/``"day"`` (and is then sorted by it).
-        by: ``"count"`` (consecutive chunks of ``size`` rows), ``"shift"`` or ``"day"``.
-        size: rows per count window.
-        time_col: timestamp column.
-        shifts: (start_hour, end_hour) per shift, covering the day exactly once; a shift that wraps midnight
-            belongs to the date it starts on.
-        min_size: smallest usable window (match ``DriftDetector.min_window``).
-        on_small: ``"skip"`` or ``"raise"``.
-        skipped: optional list collecting the skipped windows.
-
-    Yields:
-        :class:`Window`, in time (or row) order.
-    """
-    if by not in ("count", "shift", "day"):
-        raise ValueError(f"by must be 'count', 'shift' or 'day', got {by!r}")
-    if on_small not in ("skip", "raise"):
-        raise ValueError(f"on_small must be 'skip' or 'raise', got {on_small!r}")
-    has_time = time_col in df.columns
-    if by != "count" and not has_time:
-        raise ValueError(f"windows by {by!r} need a {time_col!r} column; columns are {list(df.columns)}")
-    frame = df
-    if has_time:
-        ts = pd.to_datetime(df[time_col])
-        if ts.isna().any():
-            raise ValueError(f"{int(ts.isna().sum())} rows have no {time_col!r}; drop or fill them first")
-        frame = df.assign(**{time_col: ts}).sort_values(time_col, kind="stable")
-
-    groups: list[tuple[str, Any, Any, pd.DataFrame]] = []
-    if by == "count":
-        if size is None or size < 1:
-            raise ValueError(f"windows by count need size >= 1, got {size}")
-        for i, lo in enumerate(range(0, len(frame), size)):
-            sub = frame.iloc[lo : lo + size]
-            if has_time:
-                start, end = sub[time_col].iloc[0], sub[time_col].iloc[-1]
-            else:
-                start, end = lo, lo + len(sub) - 1
-            groups.append((f"count-{i:05d}", start, end, sub))
-    elif by == "day":
-        day = frame[time_col].dt.normalize()
-        for d, sub in frame.groupby(day, sort=True):
-            groups.append((d.date().isoformat(), d, d + pd.Timedelta(days=1), sub))
-    else:
-        _check_shifts(shifts)
-        sidx, sdate = _shift_of(frame[time_col], shifts)
-        for (d, i), sub in frame.groupby([sdate, sidx], sort=True):
-            a, b = shifts[int(i)]
-            start = d + pd.Timedelta(hours=a)
-            end = start + pd.Timedelta(hours=(b - a) % 24 or 24)
-            groups.append((f"{d.date().isoformat()}/S{int(i) + 1}", start, end, sub))
-
-    for wid, start, end, sub in groups:
-        if len(sub) < min_size:
-            reason = (
-                f"window has {len(sub)} images; at least {min_size} are needed for a drift test; "
-                "widen the window (per day instead of per shift)"
-            )
-            if on_small == "raise":
-                raise ValueError(f"window {wid}: {reason}")
-            log.warning("skipping window %s: %s", wid, reason)
-            if skipped is not None:
-                skipped.append({"window_id": wid, "n": len(sub), "reason": reason})
-            continue
-        yield Window(wid, start, end, sub)

@@ -26,6 +26,14 @@ examples:
   linewatch simulate --out data/ref --days 2 --per-day 200 --pool calibration --order shuffled \\
       --defect-rate 0.1 --json
 
+  # a blur fault that is repaired after 3 days
+  linewatch simulate --out data/drop --days 8 --per-day 100 --fault blur --fault-start 2 --fault-days 3
+
+  # two lines, 100-200 cells per line-day, 5 % defective cells, a schedule of faults from a CSV file
+  # (columns kind,start,days,severity[,ramp_days,lines]; lines separated by '|'; start = day index or date)
+  linewatch simulate --out data/drop --days 30 --per-day 100-200 --lines L1,L2 --pool all \\
+      --defect-rate 0.05 --schedule faults.csv
+
 files: DROP/<line>/<YYYY-MM-DD>/<serial>.png and DROP/<line>/<YYYY-MM-DD>/mes_export.csv
 (serial, timestamp, line, station, product_type); ground truth for evaluation only goes to
 --truth (default: <DROP>_truth.parquet beside DROP, never inside it).
@@ -55,47 +63,128 @@ def _fault_start(text: str, start: dt.date) -> int:
     raise ValueError(f"bad --fault-start {text!r}: give a day index (0 = first day) or a date YYYY-MM-DD")
 
 
+def _check_start_day(day: int, text: str, start: dt.date, days: int, flag: str) -> int:
+    if not 0 <= day < days:
+        last = start + dt.timedelta(days=days - 1)
+        raise ValueError(
+            f"{flag} {text} is outside the simulated days 0..{days - 1} ({start.isoformat()}..{last.isoformat()})"
+        )
+    return day
+
+
+def _single_fault(args: argparse.Namespace, start: dt.date) -> FaultSpec | None:
+    """The fault of ``--fault`` and its flags, or None."""
+    if args.fault is None:
+        given = [
+            flag
+            for flag, v in (("--fault-start", args.fault_start), ("--severity", args.severity),
+                            ("--ramp-days", args.ramp_days), ("--fault-days", args.fault_days))
+            if v is not None
+        ]
+        if given:
+            raise ValueError(f"{', '.join(given)} given without --fault KIND (one of {', '.join(FAULTS)})")
+        return None
+    if args.fault not in FAULTS:
+        raise ValueError(f"unknown fault {args.fault!r}: choose from {', '.join(FAULTS)}")
+    start_day = 0
+    if args.fault_start is not None:
+        start_day = _check_start_day(_fault_start(args.fault_start, start), args.fault_start, start, args.days,
+                                     "--fault-start")
+    return FaultSpec(
+        kind=args.fault,
+        start_day=start_day,
+        severity=1.0 if args.severity is None else args.severity,
+        ramp_days=0.0 if args.ramp_days is None else args.ramp_days,
+        duration_days=args.fault_days,
+    )
+
+
+def _schedule_row(row: dict[str, object], start: dt.date, days: int, where: str) -> FaultSpec:
+    """One fault of a schedule file: ``kind, start, days, severity`` and optional ``ramp_days, lines``."""
+    def get(key: str) -> str | None:
+        v = row.get(key)
+        return None if v is None or (isinstance(v, float) and v != v) or str(v).strip() == "" else str(v).strip()
+
+    kind = get("kind")
+    if kind not in FAULTS:
+        raise ValueError(f"{where}: unknown fault {kind!r}: choose from {', '.join(FAULTS)}")
+    first = get("start")
+    if first is None:
+        raise ValueError(f"{where}: every fault needs a start (day index or YYYY-MM-DD)")
+    lines = get("lines")
+    try:
+        return FaultSpec(
+            kind=kind,
+            start_day=_check_start_day(_fault_start(first, start), first, start, days, f"{where}: start"),
+            severity=float(get("severity") or 1.0),
+            ramp_days=float(get("ramp_days") or 0.0),
+            duration_days=float(d) if (d := get("days")) is not None else None,
+            lines=tuple(x.strip() for x in lines.split("|") if x.strip()) if lines else None,
+        )
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def read_schedule(path: str | Path, start: dt.date, days: int) -> tuple[FaultSpec, ...]:
+    """A fault schedule from a CSV or JSON file (a list of objects with the CSV's columns)."""
+    import pandas as pd
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--schedule {path!r} is not a file (a CSV with columns kind,start,days,severity)")
+    try:
+        rows = json.loads(p.read_text()) if p.suffix.lower() == ".json" else \
+            pd.read_csv(p, dtype=str).to_dict("records")
+    except (json.JSONDecodeError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--schedule {path}: cannot read it ({exc})") from None
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"--schedule {path}: no faults in it")
+    return tuple(_schedule_row(dict(r), start, days, f"--schedule {p.name} row {i + 1}") for i, r in enumerate(rows))
+
+
+def _per_day(text: str) -> int | tuple[int, int]:
+    """``K`` or ``LOW-HIGH``."""
+    parts = text.split("-")
+    try:
+        values = [int(x) for x in parts]
+    except ValueError:
+        raise ValueError(f"bad --per-day {text!r}: give a count (100) or a range (100-200)") from None
+    if len(values) == 1:
+        return values[0]
+    if len(values) == 2:
+        return values[0], values[1]
+    raise ValueError(f"bad --per-day {text!r}: give a count (100) or a range (100-200)")
+
+
+def _defect_rate(text: str | None) -> float | tuple[float, ...] | None:
+    """``R`` or ``R1,R2,...`` (one share per day)."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"bad --defect-rate {text!r}: give a share (0.05) or one per day (0.04,0.06,...)") from None
+    return values[0] if len(values) == 1 else values
+
+
 def run_simulate(args: argparse.Namespace) -> int:
     """Run ``linewatch simulate`` from parsed arguments; returns the exit status."""
     from pipeline.line.simulate import DEFAULT_START, simulate_line
 
     start = _parse_date(args.start) if args.start else DEFAULT_START
-    fault = None
-    if args.fault is None:
-        given = [
-            flag
-            for flag, v in (("--fault-start", args.fault_start), ("--severity", args.severity),
-                            ("--ramp-days", args.ramp_days))
-            if v is not None
-        ]
-        if given:
-            raise ValueError(f"{', '.join(given)} given without --fault KIND (one of {', '.join(FAULTS)})")
-    else:
-        if args.fault not in FAULTS:
-            raise ValueError(f"unknown fault {args.fault!r}: choose from {', '.join(FAULTS)}")
-        start_day = _fault_start(args.fault_start, start) if args.fault_start is not None else 0
-        if not 0 <= start_day < args.days:
-            last = start + dt.timedelta(days=args.days - 1)
-            raise ValueError(
-                f"--fault-start {args.fault_start} is outside the simulated days 0..{args.days - 1} "
-                f"({start.isoformat()}..{last.isoformat()})"
-            )
-        fault = FaultSpec(
-            kind=args.fault,
-            start_day=start_day,
-            severity=1.0 if args.severity is None else args.severity,
-            ramp_days=0.0 if args.ramp_days is None else args.ramp_days,
-        )
+    fault = _single_fault(args, start)
+    faults = read_schedule(args.schedule, start, args.days) if args.schedule else ()
     lines = tuple(x.strip() for x in args.lines.split(",") if x.strip())
     result = simulate_line(
         Path(args.out),
         days=args.days,
-        per_day=args.per_day,
+        per_day=_per_day(args.per_day),
         lines=lines,
         start=start,
         seed=args.seed,
-        defect_rate=args.defect_rate,
+        defect_rate=_defect_rate(args.defect_rate),
         fault=fault,
+        faults=faults,
         pool=args.pool,
         order=args.order,
         truth=Path(args.truth) if args.truth else None,
@@ -125,13 +214,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, metavar="DROP", help="drop folder to write into")
     p.add_argument("--days", type=int, required=True, metavar="N", help="number of production days")
-    p.add_argument("--per-day", type=int, required=True, metavar="K", help="captures per line and day")
+    p.add_argument("--per-day", required=True, metavar="K",
+                   help="captures per line and day, or a range LOW-HIGH drawn per line-day (e.g. 100-200)")
     p.add_argument("--lines", default="L1", metavar="L1,L2", help="comma-separated line names (default: L1)")
     p.add_argument("--start", default=None, metavar="YYYY-MM-DD", help="first production day (default: 2026-01-05)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: 0)")
     p.add_argument(
-        "--defect-rate", type=float, default=None, metavar="R",
-        help="imposed share of defective (p=1) cells (default: the pool's own share)",
+        "--defect-rate", default=None, metavar="R",
+        help="imposed share of defective (p=1) cells, or one share per day R1,R2,... (default: the pool's own share)",
     )
     p.add_argument("--fault", default=None, metavar="KIND", help=f"inject a fault: {', '.join(FAULTS)}")
     p.add_argument(
@@ -142,6 +232,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--ramp-days", type=float, default=None, metavar="D",
         help="days of linear ramp to full severity (default: 0 = sudden)",
+    )
+    p.add_argument(
+        "--fault-days", type=float, default=None, metavar="D",
+        help="days the --fault lasts before it is repaired (default: to the end)",
+    )
+    p.add_argument(
+        "--schedule", default=None, metavar="FILE",
+        help="a schedule of faults (CSV or JSON; columns kind,start,days,severity[,ramp_days,lines]), "
+        "in addition to --fault",
     )
     p.add_argument(
         "--pool", default="heldout", metavar="POOL",

@@ -133,15 +133,15 @@ def make_detector(n_residuals: int | None = None, *, k: int = 25, n_fit: int | N
 
 
 def _infer_threshold(det: Any, z: np.ndarray, fpr: float) -> None:
-    """Threshold ``det`` at ``fpr`` on held-out ``z``.
+    """Threshold ``det`` at ``fpr`` on held-out ``z`` (``pipeline.analysis.thresholds.set_flag_threshold``).
 
+    Far-out scores (defective cells of normal production) are left out, so ``fpr`` is the rate on healthy cells.
     With too few images for that rate the largest achievable one is used, so small demo runs still work
     (recorded in ``det.fpr_``).
     """
-    try:
-        det.infer_threshold(z, fpr=fpr)
-    except ValueError:
-        det.infer_threshold(z, fpr=min(0.5, 1.0 / (len(z) - 1)))
+    from pipeline.analysis.thresholds import set_flag_threshold
+
+    set_flag_threshold(det, z, fpr)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ __all__ = [
     "apply_fault",
     "blur",
     "gain",
+    "illumination",
     "misalign",
     "noise",
     "severity_at",
@@ -177,6 +178,35 @@ def vignetting(img: np.ndarray, strength: float) -> np.ndarray:
     return _to_dtype(img.astype(np.float32) * (1.0 - np.float32(strength) * r2), img.dtype, top)
 
 
+def illumination(img: np.ndarray, strength: float) -> np.ndarray:
+    """Illumination non-uniformity: the cell's edges and corners darker than its centre.
+
+    Physical story: the EL signal follows the current injected through the contact probes and the light collected
+    by the optics; a worn or mis-seated contact bar, an ageing lamp of a combined PL/EL station, or a dirty or
+    decentred lens leave the border of the cell less bright than its middle. Intensity is multiplied by
+    ``1 - strength * rho**2`` with ``rho = max(|x| / half_width, |y| / half_height)`` (the square "distance" from
+    the centre): the centre is unchanged and the whole border, edges and corners alike, loses ``strength`` of its
+    intensity (unlike :func:`vignetting`, whose radial law darkens the corners twice as much as the edge middles).
+
+    Args:
+        img: (H, W) uint8/uint16 image.
+        strength: relative darkening at the border, in [0, 1).
+
+    Returns:
+        The darkened image, same dtype.
+    """
+    top = _check_image(img)
+    if not (math.isfinite(strength) and 0 <= strength < 1):
+        raise ValueError(f"illumination strength must be in [0, 1), got {strength}")
+    if strength == 0:
+        return img.copy()
+    h, w = img.shape
+    yy = np.abs(np.arange(h, dtype=np.float32) - (h - 1) / 2.0)[:, None] / ((h - 1) / 2.0)
+    xx = np.abs(np.arange(w, dtype=np.float32) - (w - 1) / 2.0)[None, :] / ((w - 1) / 2.0)
+    rho2 = np.maximum(yy, xx) ** 2
+    return _to_dtype(img.astype(np.float32) * (1.0 - np.float32(strength) * rho2), img.dtype, top)
+
+
 @dataclass(frozen=True)
 class FaultInfo:
     """One fault kind: its physical parameter and the severity -> parameter mapping.
@@ -228,6 +258,8 @@ FAULTS: dict[str, FaultInfo] = {
                   "worn fixture or drifting conveyor stop: cell rotated and off centre, dark background shows"),
         FaultInfo("vignetting", "strength", "corner darkening fraction", 0.0, 0.4, False, False,
                   "illumination and optics age: light falls off towards the corners"),
+        FaultInfo("illumination", "strength", "edge darkening fraction", 0.0, 0.3, False, False,
+                  "a worn contact bar, ageing lamp or dirty lens: the cell's border is darker than its centre"),
         FaultInfo("product_mix", "mono_share", "share of mono cells", 0.41, 0.4, True, True,
                   "production planning changes the mono/poly mix (more monocrystalline lots)"),
         FaultInfo("defect_rate", "defect_rate", "share of p=1 cells", 0.27, 0.3, True, True,
@@ -284,32 +316,37 @@ def apply_fault(img: np.ndarray, kind: str, severity: float, rng: np.random.Gene
         return noise(img, v, rng)
     if kind == "misalign":
         return misalign(img, v, MISALIGN_OFFSET_PX_PER_DEGREE * v)
-    if kind == "vignetting":
+    if kind in ("vignetting", "illumination"):
         if v >= 1:
-            raise ValueError(f"vignetting severity {severity} gives a strength {v} >= 1: use a severity < 2.5")
-        return vignetting(img, v)
+            limit = 1.0 / FAULTS[kind].per_severity
+            raise ValueError(f"{kind} severity {severity} gives a strength {v} >= 1: use a severity < {limit:g}")
+        return vignetting(img, v) if kind == "vignetting" else illumination(img, v)
     raise AssertionError(f"no image function for fault {kind!r}")  # pragma: no cover
 
 
-def severity_at(day: float, fault_start: float, ramp_days: float, severity: float) -> float:
+def severity_at(
+    day: float, fault_start: float, ramp_days: float, severity: float, duration_days: float | None = None
+) -> float:
     """Severity of a fault on a (fractional) day of the simulation.
 
     Day ``d + f`` is fraction ``f`` of day index ``d`` (0 = first simulated day). Before ``fault_start`` the
     severity is 0. A sudden fault (``ramp_days == 0``) is at full ``severity`` from ``fault_start`` on; a gradual
     one grows linearly from 0 at ``fault_start`` to ``severity`` at ``fault_start + ramp_days`` and stays there.
+    With ``duration_days`` the fault is repaired at ``fault_start + duration_days``: 0 from then on.
 
     Args:
         day: time in days since the start of the simulation.
         fault_start: onset, in days.
         ramp_days: ramp duration in days, >= 0.
         severity: final severity.
+        duration_days: days the fault lasts (None: to the end of the simulation).
 
     Returns:
         The severity at ``day``.
     """
     if ramp_days < 0:
         raise ValueError(f"ramp_days must be >= 0, got {ramp_days}")
-    if day < fault_start:
+    if day < fault_start or (duration_days is not None and day >= fault_start + duration_days):
         return 0.0
     if ramp_days == 0:
         return float(severity)
@@ -326,6 +363,8 @@ class FaultSpec:
         severity: final severity (see :data:`FAULTS`).
         ramp_days: days of linear ramp to full severity (0 = sudden).
         lines: lines affected (None = every simulated line).
+        duration_days: days the fault lasts from ``start_day`` (None: to the end of the simulation); after it the
+            line is healthy again (the fault was repaired).
     """
 
     kind: str
@@ -333,6 +372,7 @@ class FaultSpec:
     severity: float = 1.0
     ramp_days: float = 0.0
     lines: tuple[str, ...] | None = None
+    duration_days: float | None = None
 
     def __post_init__(self) -> None:
         info = get_fault(self.kind)
@@ -343,9 +383,27 @@ class FaultSpec:
             raise ValueError(f"fault ramp days must be >= 0, got {self.ramp_days}")
         if info.kind == "gain" and info.value(self.severity) <= 0:
             raise ValueError(f"gain severity {self.severity} gives a factor <= 0: use a severity < 4")
-        if info.kind == "vignetting" and info.value(self.severity) >= 1:
-            raise ValueError(f"vignetting severity {self.severity} gives a strength >= 1: use a severity < 2.5")
+        if info.kind in ("vignetting", "illumination") and info.value(self.severity) >= 1:
+            raise ValueError(f"{info.kind} severity {self.severity} gives a strength >= 1: use a severity < "
+                             f"{1.0 / info.per_severity:g}")
+        if self.duration_days is not None and not (math.isfinite(self.duration_days) and self.duration_days > 0):
+            raise ValueError(f"fault duration must be > 0 days (or None), got {self.duration_days}")
+        if self.lines is not None and not isinstance(self.lines, tuple):
+            object.__setattr__(self, "lines", tuple(self.lines))
+
+    @property
+    def end_day(self) -> float | None:
+        """First day on which the fault is gone (``start_day + duration_days``), None when it lasts to the end."""
+        return None if self.duration_days is None else self.start_day + self.duration_days
 
     def severity_at(self, day: float) -> float:
         """Severity on (fractional) day ``day``; see :func:`severity_at`."""
-        return severity_at(day, self.start_day, self.ramp_days, self.severity)
+        return severity_at(day, self.start_day, self.ramp_days, self.severity, self.duration_days)
+
+    def overlaps(self, other: FaultSpec) -> bool:
+        """True when the two faults are active on a common line at a common time."""
+        if self.lines is not None and other.lines is not None and not set(self.lines) & set(other.lines):
+            return False
+        end_a = math.inf if self.end_day is None else self.end_day
+        end_b = math.inf if other.end_day is None else other.end_day
+        return self.start_day < end_b and other.start_day < end_a

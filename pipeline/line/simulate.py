@@ -261,34 +261,36 @@ class _CellSource:
         return int(self._group(self.lot_type[self.cur_lot], d).next())
 
 
-def _check_args(
-    out: Path,
-    days: int,
-    per_day: int,
-    lines: Sequence[str],
-    start: dt.date,
-    defect_rate: float | None,
-    fault: FaultSpec | None,
-    order: str,
-    truth: Path,
-    capture_noise_dn: float,
-) -> None:
-    if isinstance(days, bool) or not isinstance(days, int | np.integer) or days <= 0:
-        raise ValueError(f"days must be a positive integer, got {days!r}")
+PerDay = int | tuple[int, int]
+"""Captures per line and day: a number, or ``(low, high)`` for a count drawn uniformly per line-day (inclusive)."""
+DefectRate = float | Sequence[float] | None
+"""Imposed share of p = 1 cells: one share, one share per simulated day, or None (the pool's own share)."""
+
+
+def _check_per_day(per_day: Any) -> None:
+    if isinstance(per_day, tuple | list) and len(per_day) == 2:
+        lo, hi = per_day
+        ok = all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in (lo, hi))
+        if not ok or not 0 < lo <= hi:
+            raise ValueError(f"per_day range must be two integers 0 < low <= high, got {tuple(per_day)!r}")
+        return
     if isinstance(per_day, bool) or not isinstance(per_day, int | np.integer) or per_day <= 0:
-        raise ValueError(f"per_day must be a positive integer, got {per_day!r}")
-    if not lines:
-        raise ValueError("give at least one line name (e.g. lines=('L1',))")
-    for name in lines:
-        if not _LINE_RE.match(name):
-            raise ValueError(f"bad line name {name!r}: use letters, digits and '_' (e.g. L1)")
-    if len(set(lines)) != len(lines):
-        raise ValueError(f"duplicate line names in {list(lines)}")
-    if not isinstance(start, dt.date) or isinstance(start, dt.datetime):
-        raise ValueError(f"start must be a datetime.date, got {start!r}")
-    if defect_rate is not None and not (0.0 <= defect_rate <= 1.0):
-        raise ValueError(f"defect rate must be a share in [0, 1], got {defect_rate}")
-    if fault is not None:
+        raise ValueError(f"per_day must be a positive integer (or a (low, high) range), got {per_day!r}")
+
+
+def _check_defect_rate(defect_rate: DefectRate, days: int) -> None:
+    if defect_rate is None:
+        return
+    rates = [defect_rate] if np.isscalar(defect_rate) else list(defect_rate)  # type: ignore[arg-type]
+    if not np.isscalar(defect_rate) and len(rates) != days:
+        raise ValueError(f"a per-day defect rate needs one share per day ({days}), got {len(rates)}")
+    for r in rates:
+        if not (isinstance(r, int | float | np.floating) and 0.0 <= float(r) <= 1.0):
+            raise ValueError(f"defect rate must be a share in [0, 1], got {r}")
+
+
+def _check_schedule(schedule: tuple[FaultSpec, ...], days: int, start: dt.date, lines: Sequence[str]) -> None:
+    for fault in schedule:
         if not isinstance(fault, FaultSpec):
             raise ValueError(f"fault must be a FaultSpec, got {type(fault).__name__}")
         if fault.start_day >= days:
@@ -298,6 +300,41 @@ def _check_args(
             )
         if fault.lines is not None and not set(fault.lines) <= set(lines):
             raise ValueError(f"fault lines {list(fault.lines)} are not all among the simulated lines {list(lines)}")
+    for i, a in enumerate(schedule):
+        for b in schedule[i + 1 :]:
+            if a.kind == b.kind and FAULTS[a.kind].population and a.overlaps(b):
+                raise ValueError(
+                    f"two {a.kind} faults overlap on a line (days {a.start_day} and {b.start_day}): a line has one "
+                    "product mix and one defect rate at a time"
+                )
+
+
+def _check_args(
+    out: Path,
+    days: int,
+    per_day: PerDay,
+    lines: Sequence[str],
+    start: dt.date,
+    defect_rate: DefectRate,
+    schedule: tuple[FaultSpec, ...],
+    order: str,
+    truth: Path,
+    capture_noise_dn: float,
+) -> None:
+    if isinstance(days, bool) or not isinstance(days, int | np.integer) or days <= 0:
+        raise ValueError(f"days must be a positive integer, got {days!r}")
+    _check_per_day(per_day)
+    if not lines:
+        raise ValueError("give at least one line name (e.g. lines=('L1',))")
+    for name in lines:
+        if not _LINE_RE.match(name):
+            raise ValueError(f"bad line name {name!r}: use letters, digits and '_' (e.g. L1)")
+    if len(set(lines)) != len(lines):
+        raise ValueError(f"duplicate line names in {list(lines)}")
+    if not isinstance(start, dt.date) or isinstance(start, dt.datetime):
+        raise ValueError(f"start must be a datetime.date, got {start!r}")
+    _check_defect_rate(defect_rate, days)
+    _check_schedule(schedule, days, start, lines)
     if order not in ORDERS:
         raise ValueError(f"unknown order {order!r}: choose from {ORDERS}")
     if not (math.isfinite(capture_noise_dn) and capture_noise_dn >= 0):
@@ -325,16 +362,181 @@ def _write_png(path: Path, img: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What every line-day of one :func:`simulate_line` call shares."""
+
+    out: Path
+    seed: int
+    start: dt.date
+    per_day: PerDay
+    defect_rate: DefectRate
+    schedule: tuple[FaultSpec, ...]
+    base_mono: float
+    base_defect: float
+    capture_noise_dn: float
+    tz: dt.tzinfo
+    pool_of: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Capture:
+    """The state of a line at one capture: the active faults and the population it draws from."""
+
+    active: tuple[tuple[FaultSpec, float, float], ...]  # (fault, severity, parameter value)
+    mono_share: float | None
+    defect_rate: float | None
+
+
+def _day_count(run: _Run, line_id: int, day: dt.date) -> int:
+    """Captures of one line-day: ``per_day``, or a seeded uniform draw from its ``(low, high)`` range."""
+    if isinstance(run.per_day, tuple | list):
+        lo, hi = run.per_day
+        return int(np.random.default_rng([run.seed, line_id, day.toordinal(), 3]).integers(lo, hi + 1))
+    return int(run.per_day)
+
+
+def _day_defect_rate(run: _Run, d: int) -> float | None:
+    """The imposed defect share on day index ``d`` (None: the pool's own composition)."""
+    if run.defect_rate is None:
+        return None
+    return float(run.defect_rate) if np.isscalar(run.defect_rate) else float(run.defect_rate[d])  # type: ignore[index]
+
+
+def _capture_state(run: _Run, faults: tuple[FaultSpec, ...], t_day: float, day_rate: float | None) -> _Capture:
+    """Active faults at fractional day ``t_day`` and the cell population they imply."""
+    active = []
+    mono_share: float | None = None
+    rate = day_rate
+    for fault in faults:
+        sev = fault.severity_at(t_day)
+        if sev == 0:
+            continue
+        info = FAULTS[fault.kind]
+        if info.kind == "product_mix":
+            value = info.value(sev, baseline=run.base_mono)
+            mono_share = value
+        elif info.kind == "defect_rate":
+            value = info.value(sev, baseline=run.base_defect if day_rate is None else day_rate)
+            rate = value
+        else:
+            value = info.value(sev)
+        active.append((fault, sev, value))
+    return _Capture(tuple(active), mono_share, rate)
+
+
+def _truth_fault_columns(run: _Run, state: _Capture, line_faults: tuple[FaultSpec, ...]) -> dict[str, Any]:
+    """Ground-truth fault columns of one capture.
+
+    With faults active: their kinds and parameters joined by ``+``, the first one's severity and value. With none
+    active on a line that has scheduled faults: the line's first fault at severity 0 (its healthy parameter value),
+    as with a single fault before its onset; ``"none"`` on a line without faults.
+    """
+    if state.active:
+        first, sev, value = state.active[0]
+        return {
+            "fault_kind": "+".join(f.kind for f, _, _ in state.active),
+            "fault_param": "+".join(FAULTS[f.kind].parameter for f, _, _ in state.active),
+            "fault_severity": float(sev), "fault_value": float(value), "fault_active": True,
+        }
+    if not line_faults:
+        return {"fault_kind": "none", "fault_param": "", "fault_severity": 0.0, "fault_value": float("nan"),
+                "fault_active": False}
+    info = FAULTS[line_faults[0].kind]
+    baseline = {"product_mix": run.base_mono, "defect_rate": run.base_defect}.get(info.kind)
+    return {"fault_kind": info.kind, "fault_param": info.parameter, "fault_severity": 0.0,
+            "fault_value": info.value(0.0, baseline=baseline), "fault_active": False}
+
+
+def _capture_image(run: _Run, data: Any, cell: int, state: _Capture, rng: np.random.Generator) -> np.ndarray:
+    """The captured picture of one cell: its image faults in schedule order, then the sensor read noise."""
+    img = data.images[cell]
+    for fault, sev, _ in state.active:
+        if not FAULTS[fault.kind].population:
+            img = apply_fault(img, fault.kind, sev, rng)
+    if run.capture_noise_dn > 0:
+        img = noise(img, run.capture_noise_dn / 255.0, rng)
+    return np.ascontiguousarray(img, dtype=np.uint8)
+
+
+def _simulate_day(
+    run: _Run, data: Any, source: _CellSource, line: str, d: int, bar: Any
+) -> tuple[list[dict[str, Any]], list[Path], Path]:
+    """Write one line-day (images, then its MES export); returns its truth rows, image paths and MES file."""
+    line_id = _stable_id(line)
+    day = run.start + dt.timedelta(days=d)
+    faults = tuple(f for f in run.schedule if f.lines is None or line in f.lines)
+    n = _day_count(run, line_id, day)
+    rng = np.random.default_rng([run.seed, line_id, day.toordinal(), 2])
+    secs = capture_times(n, rng)
+    stations = rng.integers(1, STATIONS_PER_LINE + 1, size=n)
+    folder = run.out / line / day.isoformat()
+    folder.mkdir(parents=True, exist_ok=True)
+    midnight = dt.datetime.combine(day, dt.time(0, 0), tzinfo=run.tz)
+    day_rate = _day_defect_rate(run, d)
+    rows: list[dict[str, Any]] = []
+    paths: list[Path] = []
+    mes: list[dict[str, str]] = []
+    for k in range(n):
+        state = _capture_state(run, faults, d + secs[k] / 86400.0, day_rate)
+        cell = source.draw(state.mono_share, state.defect_rate)
+        serial = f"{line}-{day:%Y%m%d}-{k + 1:06d}"
+        path = folder / f"{serial}.png"
+        _write_png(path, _capture_image(run, data, cell, state, rng))
+        paths.append(path)
+        stamp = (midnight + dt.timedelta(seconds=float(secs[k]))).isoformat(timespec="milliseconds")
+        station, ptype = f"{line}-EL{int(stations[k])}", str(data.types[cell])
+        mes.append({"serial": serial, "timestamp": stamp, "line": line, "station": station, "product_type": ptype})
+        rows.append({
+            "serial": serial, "line": line, "station": station, "day": d, "date": day.isoformat(),
+            "timestamp": stamp, "path": path.relative_to(run.out).as_posix(), "elpv_index": int(cell),
+            "prob": float(data.probs[cell]), "type": ptype, "lot": int(data.lot[cell]),
+            "pool": str(run.pool_of[cell]), **_truth_fault_columns(run, state, faults),
+        })
+        bar.update(1)
+    meta = folder / MES_FILENAME
+    tmp = meta.with_name(f".{meta.name}.part")
+    pd.DataFrame(mes, columns=list(MES_COLUMNS)).to_csv(tmp, index=False)
+    os.replace(tmp, meta)
+    return rows, paths, meta
+
+
+def _old_truth(truth_path: Path, lines: Sequence[str], dates: Sequence[dt.date]) -> pd.DataFrame | None:
+    """The existing ground-truth file, refusing one that already describes these lines and dates."""
+    if not truth_path.exists():
+        return None
+    old = pd.read_parquet(truth_path)
+    planned = {f"{line}-{day:%Y%m%d}-" for line in lines for day in dates}
+    clash = sorted(s for s in old["serial"] if s[: s.rfind("-") + 1] in planned)
+    if clash:
+        raise ValueError(
+            f"the ground-truth file {truth_path} already describes a simulation of these lines and dates "
+            f"(e.g. {clash[0]}); choose another --start date, --out folder or --truth file"
+        )
+    return old
+
+
+def _write_truth(truth_path: Path, rows: list[dict[str, Any]], old: pd.DataFrame | None) -> None:
+    truth_df = pd.DataFrame(rows)
+    if old is not None:
+        truth_df = pd.concat([old, truth_df], ignore_index=True)
+    truth_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_truth = truth_path.with_name(f".{truth_path.name}.part")
+    truth_df.to_parquet(tmp_truth, index=False)
+    os.replace(tmp_truth, truth_path)
+
+
 def simulate_line(
     out: Path | str,
     *,
     days: int,
-    per_day: int,
+    per_day: PerDay,
     lines: Sequence[str] = ("L1",),
     start: dt.date = DEFAULT_START,
     seed: int = 0,
-    defect_rate: float | None = None,
+    defect_rate: DefectRate = None,
     fault: FaultSpec | None = None,
+    faults: Sequence[FaultSpec] = (),
     pool: str | Iterable[str] = "heldout",
     order: str = "lot",
     truth: Path | str | None = None,
@@ -347,12 +549,16 @@ def simulate_line(
     Args:
         out: the drop folder (created if needed). Days already simulated there for a line raise ``ValueError``.
         days: number of production days, >= 1.
-        per_day: captures per line and day, >= 1.
+        per_day: captures per line and day, >= 1; or ``(low, high)``: a count drawn uniformly per line-day.
         lines: line names (letters, digits, '_').
         start: first production day.
         seed: random seed; the same arguments and seed give byte-identical files.
-        defect_rate: imposed share of p=1 cells (None = the pool's own share, ~0.18-0.27).
-        fault: the injected fault, or None for a healthy line.
+        defect_rate: imposed share of p=1 cells, one for the run or one per day (None = the pool's own share,
+            ~0.18-0.27).
+        fault: one injected fault (kept for the single-fault form; joins ``faults``).
+        faults: a fault schedule: faults of any kinds, lines, onsets and durations (``FaultSpec.duration_days``).
+            Image faults active together are applied in schedule order; two population faults of one kind may
+            not overlap on a line.
         pool: ELPV pool(s) to replay: ``"heldout"`` (default: cells no model trains on), ``"calibration"``,
             ``"train"``, ``"all"``, or several names.
         order: ``"lot"`` (whole lots in file order: realistic lot-to-lot variation) or ``"shuffled"``.
@@ -368,120 +574,46 @@ def simulate_line(
     out = Path(out)
     truth_path = Path(truth) if truth is not None else default_truth_path(out)
     lines = tuple(lines)
-    _check_args(out, days, per_day, lines, start, defect_rate, fault, order, truth_path, capture_noise_dn)
-    pools = resolve_pools(pool)
-    idx = pool_indices(pools)
+    schedule = ((fault,) if fault is not None else ()) + tuple(faults)
+    _check_args(out, days, per_day, lines, start, defect_rate, schedule, order, truth_path, capture_noise_dn)
+    idx = pool_indices(resolve_pools(pool))
     data = load_elpv()
-    pool_of = split_pools()["pool"].astype(str).to_numpy()
-    base_mono = float(np.mean(data.types[idx] == "mono"))
-    base_defect = float(np.mean(data.probs[idx] >= 1.0 - 1e-9)) if defect_rate is None else float(defect_rate)
-    info = FAULTS[fault.kind] if fault is not None else None
+    imposed = _day_defect_rate_mean(defect_rate)
+    run = _Run(out=out, seed=seed, start=start, per_day=per_day, defect_rate=defect_rate, schedule=schedule,
+               base_mono=float(np.mean(data.types[idx] == "mono")),
+               base_defect=float(np.mean(data.probs[idx] >= 1.0 - 1e-9)) if imposed is None else imposed,
+               capture_noise_dn=capture_noise_dn, tz=tz, pool_of=split_pools()["pool"].astype(str).to_numpy())
     dates = tuple(start + dt.timedelta(days=d) for d in range(days))
-    old_truth = None
-    if truth_path.exists():
-        old_truth = pd.read_parquet(truth_path)
-        planned = {f"{line}-{day:%Y%m%d}-" for line in lines for day in dates}
-        clash = sorted(s for s in old_truth["serial"] if s[: s.rfind("-") + 1] in planned)
-        if clash:
-            raise ValueError(
-                f"the ground-truth file {truth_path} already describes a simulation of these lines and dates "
-                f"(e.g. {clash[0]}); choose another --start date, --out folder or --truth file"
-            )
+    old_truth = _old_truth(truth_path, lines, dates)
+    rows, paths, meta_files = _simulate_lines(run, data, idx, lines, days, order, progress)
+    _write_truth(truth_path, rows, old_truth)
+    return SimulationResult(out=out, paths=tuple(paths), metadata_files=tuple(meta_files), truth_path=truth_path,
+                            n_images=len(paths), dates=dates, lines=lines)
 
+
+def _simulate_lines(run: _Run, data: Any, idx: np.ndarray, lines: tuple[str, ...], days: int, order: str,
+                    progress: bool) -> tuple[list[dict[str, Any]], list[Path], list[Path]]:
+    """Every line-day, line by line (each line with its own cell source): truth rows, image paths, MES files."""
     rows: list[dict[str, Any]] = []
     paths: list[Path] = []
     meta_files: list[Path] = []
-    bar = tqdm(
-        total=days * per_day * len(lines),
-        desc="simulate",
-        unit="img",
-        disable=not progress or not sys.stderr.isatty(),
-    )
+    per_day = run.per_day if isinstance(run.per_day, int | np.integer) else int(np.mean(run.per_day))
+    bar = tqdm(total=days * len(lines) * per_day, desc="simulate", unit="img",
+               disable=not progress or not sys.stderr.isatty())
     for line in lines:
-        line_id = _stable_id(line)
-        source = _CellSource(idx, order, np.random.default_rng([seed, line_id, start.toordinal(), 1]))
-        faulty_line = fault is not None and (fault.lines is None or line in fault.lines)
-        for d, day in enumerate(dates):
-            rng = np.random.default_rng([seed, line_id, day.toordinal(), 2])
-            secs = capture_times(per_day, rng)
-            stations = rng.integers(1, STATIONS_PER_LINE + 1, size=per_day)
-            folder = out / line / day.isoformat()
-            folder.mkdir(parents=True, exist_ok=True)
-            midnight = dt.datetime.combine(day, dt.time(0, 0), tzinfo=tz)
-            mes: list[dict[str, str]] = []
-            for k in range(per_day):
-                t_day = d + secs[k] / 86400.0
-                sev = fault.severity_at(t_day) if (faulty_line and fault is not None) else 0.0
-                mono_share: float | None = None
-                rate: float | None = None if defect_rate is None else base_defect
-                value = float("nan")
-                if info is not None and faulty_line:
-                    if info.kind == "product_mix":
-                        value = info.value(sev, baseline=base_mono)
-                        mono_share = value if sev != 0 else None
-                    elif info.kind == "defect_rate":
-                        value = info.value(sev, baseline=base_defect)
-                        rate = value if (sev != 0 or defect_rate is not None) else None
-                    else:
-                        value = info.value(sev)
-                cell = source.draw(mono_share, rate)
-                img = data.images[cell]
-                if faulty_line and fault is not None and sev != 0 and not info.population:  # type: ignore[union-attr]
-                    img = apply_fault(img, fault.kind, sev, rng)
-                if capture_noise_dn > 0:
-                    img = noise(img, capture_noise_dn / 255.0, rng)
-                serial = f"{line}-{day:%Y%m%d}-{k + 1:06d}"
-                path = folder / f"{serial}.png"
-                _write_png(path, np.ascontiguousarray(img, dtype=np.uint8))
-                paths.append(path)
-                stamp = (midnight + dt.timedelta(seconds=float(secs[k]))).isoformat(timespec="milliseconds")
-                station = f"{line}-EL{int(stations[k])}"
-                ptype = str(data.types[cell])
-                mes.append(
-                    {"serial": serial, "timestamp": stamp, "line": line, "station": station, "product_type": ptype}
-                )
-                rows.append(
-                    {
-                        "serial": serial,
-                        "line": line,
-                        "station": station,
-                        "day": d,
-                        "date": day.isoformat(),
-                        "timestamp": stamp,
-                        "path": path.relative_to(out).as_posix(),
-                        "elpv_index": int(cell),
-                        "prob": float(data.probs[cell]),
-                        "type": ptype,
-                        "lot": int(data.lot[cell]),
-                        "pool": str(pool_of[cell]),
-                        "fault_kind": fault.kind if faulty_line and fault is not None else "none",
-                        "fault_param": info.parameter if faulty_line and info is not None else "",
-                        "fault_severity": float(sev),
-                        "fault_value": value,
-                        "fault_active": bool(sev != 0),
-                    }
-                )
-                bar.update(1)
-            meta = folder / MES_FILENAME
-            tmp = meta.with_name(f".{meta.name}.part")
-            pd.DataFrame(mes, columns=list(MES_COLUMNS)).to_csv(tmp, index=False)
-            os.replace(tmp, meta)
-            meta_files.append(meta)
+        seed = [run.seed, _stable_id(line), run.start.toordinal(), 1]
+        source = _CellSource(idx, order, np.random.default_rng(seed))
+        for d in range(days):
+            r, p, m = _simulate_day(run, data, source, line, d, bar)
+            rows += r
+            paths += p
+            meta_files.append(m)
     bar.close()
+    return rows, paths, meta_files
 
-    truth_df = pd.DataFrame(rows)
-    if old_truth is not None:
-        truth_df = pd.concat([old_truth, truth_df], ignore_index=True)
-    truth_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_truth = truth_path.with_name(f".{truth_path.name}.part")
-    truth_df.to_parquet(tmp_truth, index=False)
-    os.replace(tmp_truth, truth_path)
-    return SimulationResult(
-        out=out,
-        paths=tuple(paths),
-        metadata_files=tuple(meta_files),
-        truth_path=truth_path,
-        n_images=len(paths),
-        dates=dates,
-        lines=lines,
-    )
+
+def _day_defect_rate_mean(defect_rate: DefectRate) -> float | None:
+    """The run's mean imposed defect share (the baseline a ``defect_rate`` fault adds to), None when not imposed."""
+    if defect_rate is None:
+        return None
+    return float(defect_rate) if np.isscalar(defect_rate) else float(np.mean(list(defect_rate)))  # type: ignore[arg-type]

@@ -143,7 +143,7 @@ class WindowOutcome:
         top_share: its share of the total shift.
         effect: its signed effect (reference standard deviations).
         description: what the top axis means (from the axis descriptions), or the image-level families' phrase,
-            then "product mix changed: ..." when the window's product shares moved (``pipeline.analysis.axes.mix_text``).
+            then the product mix when it explains the verdict (``pipeline.analysis.axes.mix_note``).
         summary: the drift test's one-line summary.
         attribution: the attribution's text.
         alert_active: an alert is open for the line after this window.
@@ -339,8 +339,8 @@ def build_drift_detector(settings: Any, champ: Champion, config: MonitorConfig,
     ref_order = pd.to_datetime(ref["captured_at"], utc=True).astype("int64").to_numpy() \
         if "captured_at" in ref.columns else None
     # the lot null draws calibration windows with the reference's product mix, when the catalog knows the product
-    ref_strata = None
-    if "product_type" in ref.columns and ref["product_type"].nunique() > 1:
+    ref_strata = None  # also with one product: a window of another product is then named as what explains it
+    if "product_type" in ref.columns:
         ref_strata = ref["product_type"].fillna("unknown").astype(str).to_numpy()
     quality = q_ref = None
     if config.quality:
@@ -350,8 +350,12 @@ def build_drift_detector(settings: Any, champ: Champion, config: MonitorConfig,
         q_ref = quality.loc[ref["image_id"].astype(str).to_numpy()].reset_index(drop=True)
     drift = drift_detector(config)
     use_scores = config.scores and champ.ref_scores is not None
+    # the lot null's calibration windows are the reference's own line-days (pipeline.analysis.blocks)
+    from pipeline.analysis.blocks import reference_blocks
+
+    streams, periods = reference_blocks(ref, settings.timezone, config.window_by)
     drift.fit(champ.z_ref, model_id=champ.model_id, ref_order=ref_order, ref_strata=ref_strata, ref_quality=q_ref,
-              ref_scores=champ.ref_scores if use_scores else None)
+              ref_scores=champ.ref_scores if use_scores else None, ref_streams=streams, ref_periods=periods)
     return drift, quality
 
 
@@ -498,7 +502,12 @@ def _score_images(settings: Any, champ: Champion, rows: pd.DataFrame, config: Mo
         R = residual_table(settings, champ, df, progress=config.progress).loc[df["image_id"].astype(str)]
         Z = np.column_stack([Z, R.to_numpy(np.float64)])
     det = champ.detector.predict(Z)
-    df["score"], df["is_anomaly"] = det.scores, det.is_anomaly
+    # a cell of a product the calibration snapshot does not know is not judged (pipeline.analysis.thresholds.judged)
+    from pipeline.analysis.thresholds import judged
+
+    known = judged(champ.reference["product_type"], df["product_type"]) if {"product_type"} <= \
+        set(champ.reference.columns) & set(df.columns) else np.ones(len(df), dtype=bool)
+    df["score"], df["is_anomaly"] = det.scores, det.is_anomaly & known
     _upsert(scores_table_path(settings), pd.DataFrame({
         "image_id": df["image_id"].astype(str), "model_version": champ.version, "model_id": champ.model_id,
         "score": df["score"].astype(float), "is_anomaly": df["is_anomaly"].astype(bool),
@@ -515,21 +524,19 @@ def _drift_of_window(ctx: _Pass, frame: pd.DataFrame) -> tuple[Any, int]:
     qw = None if ctx.quality is None else ctx.quality.loc[frame["image_id"].astype(str).to_numpy()]
     sw = frame["score"].to_numpy(np.float64) if ctx.use_scores else None
     keep = ctx.drift.rows_to_test(len(zw))  # the lot null's guard band: at most a third of the reference
+    # each product is compared with its own kind (pipeline.analysis.strata): a mix swing is context, not drift
+    strata = frame["product_type"].to_numpy()[keep] if "product_type" in frame.columns else None
     res = ctx.drift.test(zw[keep], model_id=ctx.champ.model_id, cur_quality=None if qw is None else qw.iloc[keep],
-                         cur_scores=None if sw is None else sw[keep])
+                         cur_scores=None if sw is None else sw[keep], cur_strata=strata)
     return res, len(keep)
 
 
 def _describe(ctx: _Pass, res: Any, frame: pd.DataFrame) -> tuple[Any, int | None, float, str, str]:
-    """Attribution (with the product-mix phrase), top axis, its effect, the window's description, the mix phrase."""
-    from pipeline.analysis.axes import LATENT_FAMILIES, attribute, image_level_text, mix_text
+    """Attribution, top axis, its effect, the window's description, and the product mix when it explains the verdict."""
+    from pipeline.analysis.axes import LATENT_FAMILIES, attribute, image_level_text, mix_note
 
-    attr = attribute(res, ctx.descriptions)
-    ref = ctx.champ.reference
-    mix = ""
-    if res.detected and "product_type" in ref.columns and "product_type" in frame.columns:
-        mix = mix_text(ref["product_type"], frame["product_type"], prefix="; ")
-        attr = replace(attr, text=attr.text + mix)  # the alert's summary says the mix moved
+    attr = attribute(res, ctx.descriptions)  # its text names the mix when the mix explains the verdict
+    mix = mix_note(res, prefix="; ")
     top = None
     # the top significant axis (else the largest shift) when a latent family fired; image-level families
     # (quality channels, anomaly scores) are described by their own text
@@ -539,7 +546,7 @@ def _describe(ctx: _Pass, res: Any, frame: pd.DataFrame) -> tuple[Any, int | Non
     if top is not None:
         effect = float(res.per_axis.loc[res.per_axis["axis"] == top].iloc[0]["effect_size"])
     desc_text = {d.axis: d.text for d in ctx.descriptions}
-    description = (desc_text.get(top, "") if top is not None else image_level_text(res)) + mix
+    description = desc_text.get(top, "") + mix if top is not None else image_level_text(res)
     return attr, top, effect, description, mix
 
 

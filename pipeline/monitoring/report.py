@@ -99,7 +99,7 @@ def plain_summary(
         n_anomalous: images above the per-image detector's threshold.
         detected: the drift test fired.
         causes: :class:`pipeline.monitoring.causes.Cause` objects of the window (their ``key`` and ``summary``).
-        mix: the product-mix phrase, when the mix moved (``pipeline.analysis.axes.mix_text``).
+        mix: the product-mix phrase, when the mix explains the verdict (``pipeline.analysis.axes.mix_note``).
         serials: MES serials of the most unusual cells, most unusual first.
         events: the alert events of the window (``kind``, ``reason``, ``alert.cause``).
     """

@@ -65,6 +65,7 @@ from pipeline.training.evaluation import (  # noqa: F401 - re-exported: the retr
 )
 from pipeline.training.gate import GateConfig, GateResult, apply_gate  # noqa: F401 - re-exported
 from pipeline.training.gate import gate_result as _gate_result
+from pipeline.training.reference import extend_calibration, needed_for
 from pipeline.training.selection import (  # noqa: F401 - re-exported: the retrain's data selection
     DataSelection,
     alert_windows,
@@ -437,8 +438,9 @@ def _preset(config: RetrainConfig) -> Any:
 def _select_data(settings: Any, config: RetrainConfig, hooks: MonitorHooks) -> DataSelection:
     """Step 1: the training and calibration images, reaching back for healthy ones; too few is InsufficientData."""
     min_cal = config.calibration_floor(hooks)
+    catalog = _read_catalog(settings, config.lines)
     sel = select_training_data(
-        _read_catalog(settings, config.lines),
+        catalog,
         window_days=config.window_days,
         end=config.end,
         alert_windows=alert_windows(settings) if config.exclude_alerts else None,
@@ -451,6 +453,11 @@ def _select_data(settings: Any, config: RetrainConfig, hooks: MonitorHooks) -> D
         max_lookback_days=config.max_lookback_days,
         keep_size=config.keep_size,
     )
+    # the calibration snapshot is the monitor's drift reference: grown to three day windows so whole windows are
+    # tested (pipeline.training.reference)
+    sel = extend_calibration(sel, catalog, need=needed_for(catalog, sel.window, settings.timezone),
+                             holdout_share=config.holdout_share,
+                             alert_windows=alert_windows(settings) if config.exclude_alerts else None)
     short = sel.shortfall(config.min_train_images, min_cal)
     if short:
         raise InsufficientData(

@@ -27,7 +27,8 @@ class DataSelection:
     Attributes:
         train: catalog rows of the training snapshot.
         calibration: catalog rows of the held-out calibration snapshot.
-        excluded: reason -> number of images dropped (``alert_window``, ``anomalous``).
+        excluded: reason -> number of images dropped (``alert_window``; ``anomalous``: flagged images kept out of
+            the training part; ``reference_added``: older held-out images added to the calibration snapshot).
         window: (start, end) of the training window, UTC (the start reaches back past ``window_days`` when the
             floors or ``keep_size`` asked for older healthy images).
         lookback_days: days the window finally covers (``window_days`` when nothing was reached back for).
@@ -88,7 +89,8 @@ def select_training_data(
         window_days: keep the last N days before ``end`` (None: 1 us after the newest ``captured_at``).
         end: exclusive end of the window.
         alert_windows: ``line`` (None/NaN = every line), ``start``, ``end`` (UTC) of windows to leave out.
-        anomalous_ids: image ids flagged anomalous, left out.
+        anomalous_ids: image ids flagged anomalous by the champion; dropped from the training part when
+            ``exclude_anomalous`` (the calibration part keeps them: it stands for normal production).
         holdout_share: calibration share (hash of the image id).
         exclude_alerts: apply the alert-window rule.
         exclude_anomalous: apply the anomalous-image rule.
@@ -116,11 +118,15 @@ def select_training_data(
     days = _reach_back(age_days, ~alert_hit & ~flagged, calib, window_days, days_max,
                        target=target, min_train=min_train, min_calibration=min_calibration)
     inside = age_days <= days
-    use = inside & ~alert_hit & ~flagged
-    excluded = {"alert_window": int((inside & alert_hit).sum()), "anomalous": int((inside & flagged & ~alert_hit).sum())}
+    normal = inside & ~alert_hit
+    # flagged images never train a model (a defect must not be learned away), but the calibration snapshot keeps
+    # them: it is the monitor's picture of normal production, defective cells at their usual share included, and a
+    # reference without its top-scoring cells would set the per-image threshold and the score test too low
+    excluded = {"alert_window": int((inside & alert_hit).sum()),
+                "anomalous": int((normal & flagged & ~calib).sum())}
     return DataSelection(
-        train=df.loc[use & ~calib].reset_index(drop=True),
-        calibration=df.loc[use & calib].reset_index(drop=True),
+        train=df.loc[normal & ~flagged & ~calib].reset_index(drop=True),
+        calibration=df.loc[normal & calib].reset_index(drop=True),
         excluded=excluded,
         window=((end_ts - pd.Timedelta(days=days)).to_pydatetime(), end_ts.to_pydatetime()),
         lookback_days=days,

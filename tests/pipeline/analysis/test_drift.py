@@ -534,3 +534,82 @@ def test_quality_family_sees_a_channel_the_latents_miss(null):
         det.test(rng.normal(size=(80, D)), cur_quality=q_ok[["noise_level", "sharpness"]])
     with pytest.raises(ValueError, match="NaN"):
         det.test(rng.normal(size=(80, D)), cur_quality=q_ok.assign(sharpness=np.nan))
+
+
+# ---- product mix as context ------------------------------------------------------------------------------------
+def _iid_typed(rng, n, mono_share, shift=None):
+    """i.i.d. cells of two products (mono moves axis 0 by 4 sd), no lots."""
+    k = int(round(n * mono_share))
+    Z = rng.normal(size=(n, D))
+    Z[:k, 0] += 4.0
+    return (Z if shift is None else Z + shift), np.array(["mono"] * k + ["poly"] * (n - k))
+
+
+@pytest.mark.parametrize("null", ["lot", "iid"])
+def test_conditioning_on_the_product_makes_a_mix_swing_no_drift(null):
+    """A window of another product mix, nothing else changed: drift without conditioning, none with it."""
+    rng = np.random.default_rng(42)
+    if null == "lot":
+        ref, types, lots = _typed_line(rng, 36, 30, run=4)  # a third mono
+
+        def window(share, shift=None):
+            k = int(round(90 * share))
+            return _mixed_window(rng, 90, share, 30, shift=shift), np.array(["mono"] * k + ["poly"] * (90 - k))
+    else:
+        ref, types = _iid_typed(rng, 1080, 1 / 3)
+        lots = None
+
+        def window(share, shift=None):
+            return _iid_typed(rng, 90, share, shift)
+    det = DriftDetector(null=null, n_calibration=200, mmd_max_ref=300, alpha=0.05).fit(
+        ref, ref_strata=types, ref_lots=lots)
+    plain, conditioned = [], []
+    for i in range(16):
+        share = (0.9, 0.1)[i % 2]  # mostly mono one day, mostly poly the next
+        z, labels = window(share)
+        plain.append(det.test(z).detected)
+        res = det.test(z, cur_strata=labels)
+        conditioned.append(res.detected)
+        assert res.mix.window["mono"] == pytest.approx(np.mean(labels == "mono"))
+        assert res.mix.conditioned and not res.mix.explains
+    assert np.mean(plain[::2]) >= 0.9  # the unconditioned test calls a 90 % mono day (reference: a third) drift
+    assert np.mean(conditioned) <= 0.15
+    # a real shift within both products is still found in an extreme-mix window, on the right axis
+    found = []
+    for _ in range(8):
+        z, labels = window(0.9, shift=np.r_[0, 0, 1.5, 0, 0, 0])
+        res = det.test(z, cur_strata=labels)
+        found.append(res.detected and res.top_axis == 2)
+    assert np.mean(found) >= 0.75
+
+
+def test_cells_of_a_product_the_reference_lacks_are_not_tested_and_the_mix_says_so():
+    rng = np.random.default_rng(43)
+    ref, types, lots = _typed_line(rng, 24, 30, run=4)
+    det = DriftDetector(null="lot", n_calibration=200, mmd_max_ref=300).fit(ref, ref_strata=types, ref_lots=lots)
+    from pipeline.analysis.axes import attribute, mix_note
+
+    new = rng.normal(size=(60, D)) + np.r_[0, 6.0, 0, 0, 0, 0]  # a new product: far from both known ones
+    res = det.test(new, cur_strata=np.array(["hjt"] * 60))
+    assert not res.detected and res.fired == () and res.n_cur == 0 and res.n_untested == 60  # not comparable
+    assert res.mix.explains and res.mix.unsupported == {"hjt": 1.0}
+    assert "hjt" in mix_note(res) and "not tested" in attribute(res).text
+    # a share of new-product cells: the known ones are tested, the others left out and named
+    known = _mixed_window(rng, 90, 0.33, 30)
+    res2 = det.test(np.vstack([known, new[:30]]), cur_strata=np.array(["mono"] * 30 + ["poly"] * 60 + ["hjt"] * 30))
+    assert res2.n_cur == 90 and res2.n_untested == 30 and not res2.detected
+    assert res2.mix.unsupported == {"hjt": 0.25} and "hjt (25% of the window)" in mix_note(res2)
+    # without the reference's products there is nothing to say about the mix
+    plain = DriftDetector(null="lot", n_calibration=200, mmd_max_ref=300).fit(ref)
+    assert plain.test(_mixed_window(rng, 90, 0.4, 30), cur_strata=np.array(["mono"] * 36 + ["poly"] * 54)).mix is None
+
+
+def test_lot_null_is_calibrated_at_the_window_mix():
+    rng = np.random.default_rng(44)
+    ref, types, lots = _typed_line(rng, 36, 30, run=4)
+    det = DriftDetector(null="lot", n_calibration=100, mmd_max_ref=300).fit(ref, ref_strata=types, ref_lots=lots)
+    idx, _ = det._block_indices(60, np.random.default_rng(0), shares={"mono": 0.8, "poly": 0.2})
+    assert np.sum(types[idx] == "mono") == 48
+    a = det.calibrate(60, shares={"mono": 0.8, "poly": 0.2})
+    assert det.calibrate(60, shares={"mono": 0.8, "poly": 0.2}) is a  # cached per mix
+    assert det.calibrate(60) is not a

@@ -162,3 +162,27 @@ def test_detail_ratio_sees_a_one_pixel_blur_and_noise(cells: np.ndarray) -> None
     assert np.all(P.detail_ratio(noisy) > 1.5 * base)
     assert P.detail_ratio(cells[0]) == pytest.approx(base[0])  # one image gives a float
     assert "detail_ratio" in P.QUALITY_CHANNELS and set(P.QUALITY_CHANNELS) <= set(P.PROPERTIES)
+
+
+def test_illumination_channel_sees_a_darker_border_and_nothing_else(cells: np.ndarray) -> None:
+    from pipeline.line.faults import blur, gain, illumination, noise, vignetting
+
+    base = P.illumination(cells)
+    assert np.all((base > 0.6) & (base < 1.5))
+    dark = P.illumination(np.stack([illumination(c, 0.3) for c in cells]))
+    vig = P.illumination(np.stack([vignetting(c, 0.4) for c in cells]))
+    assert np.all(dark < base - 0.12) and np.all(vig < base - 0.08)
+    rng = np.random.default_rng(0)
+    for other in (np.stack([gain(c, 0.75) for c in cells]), np.stack([blur(c, 1.5) for c in cells]),
+                  np.stack([noise(c, 0.03, rng) for c in cells])):
+        assert np.allclose(P.illumination(other), base, atol=0.03)
+    assert "illumination" in P.QUALITY_CHANNELS and P.PROPERTIES["illumination"].label == "illumination non-uniformity"
+
+
+def test_illumination_channel_ignores_busbars_and_cracks() -> None:
+    img = np.full((300, 300), 150, np.uint8)
+    lined = img.copy()
+    lined[:, 95:105] = 30  # two vertical busbars through border and centre blocks alike
+    lined[:, 195:205] = 30
+    lined[40:42, 20:280] = 20  # a crack through the top border blocks
+    assert P.illumination(lined) == pytest.approx(P.illumination(img), abs=0.01)

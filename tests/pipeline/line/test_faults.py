@@ -127,7 +127,8 @@ def test_vignetting_on_real_cells(cells):
 
 
 def test_registry_mapping_and_stories():
-    assert set(FAULTS) == {"gain", "blur", "noise", "misalign", "vignetting", "product_mix", "defect_rate"}
+    assert set(FAULTS) == {"gain", "blur", "noise", "misalign", "vignetting", "illumination", "product_mix",
+                           "defect_rate"}
     assert set(POPULATION_FAULTS) == {"product_mix", "defect_rate"}
     for kind, info in FAULTS.items():
         assert info.kind == kind and info.parameter and info.unit and len(info.story) > 20
@@ -201,3 +202,28 @@ def test_fault_spec_validation():
     with pytest.raises(ValueError, match="severity"):
         FaultSpec("vignetting", severity=3.0)
     assert FaultSpec("gain", severity=-0.4).severity == -0.4  # gain rise is allowed
+
+
+def test_illumination_darkens_the_whole_border_not_only_the_corners():
+    from pipeline.line.faults import illumination
+
+    img = np.full((101, 101), 200, np.uint8)
+    out = illumination(img, 0.3).astype(float)
+    assert out[50, 50] == 200 and out[50, 0] == pytest.approx(140, abs=1) and out[0, 0] == pytest.approx(140, abs=1)
+    assert out[25, 50] == pytest.approx(200 * (1 - 0.3 * 0.25), abs=1)
+    vig = vignetting(img, 0.3).astype(float)
+    assert vig[50, 0] > out[50, 0] + 20  # the radial law spares the edge middles
+    assert np.array_equal(apply_fault(img, "illumination", 1.0, None), out.astype(np.uint8))
+    with pytest.raises(ValueError, match="severity < "):
+        FaultSpec("illumination", severity=4.0)
+
+
+def test_fault_duration_repairs_the_line():
+    spec = FaultSpec("blur", start_day=2, severity=1.0, duration_days=3)
+    assert [spec.severity_at(d) for d in (1.9, 2.0, 4.99, 5.0, 9)] == [0, 1, 1, 0, 0]
+    assert spec.end_day == 5 and FaultSpec("blur", start_day=2).end_day is None
+    assert spec.overlaps(FaultSpec("noise", start_day=4, lines=("L2",)))
+    assert not spec.overlaps(FaultSpec("noise", start_day=5))
+    assert not FaultSpec("gain", lines=("L1",)).overlaps(FaultSpec("gain", lines=("L2",)))
+    with pytest.raises(ValueError, match="duration"):
+        FaultSpec("blur", duration_days=0)

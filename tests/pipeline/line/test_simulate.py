@@ -263,3 +263,53 @@ def test_cli_help_has_examples(capsys):
         main(["simulate", "--help"])
     text = capsys.readouterr().out
     assert "examples:" in text and "--fault gain" in text and "mes_export.csv" in text
+
+
+def test_fault_schedule_per_day_counts_and_defect_shares(tmp_path):
+    faults = (FaultSpec("gain", start_day=1, severity=1.0, duration_days=1, lines=("L1",)),
+              FaultSpec("illumination", start_day=2, severity=1.0, duration_days=1, lines=("L2",)),
+              FaultSpec("defect_rate", start_day=2, severity=1.0, duration_days=1, lines=("L1",)))
+    res = simulate_line(tmp_path / "d", days=4, per_day=(20, 40), lines=("L1", "L2"), start=START, seed=1,
+                        defect_rate=[0.0, 0.05, 0.05, 0.5], faults=faults, order="shuffled", pool="all",
+                        capture_noise_dn=0, progress=False)
+    t = pd.read_parquet(res.truth_path)
+    counts = t.groupby(["line", "day"]).size()
+    assert counts.between(20, 40).all() and counts.nunique() > 1
+    kind = t.groupby(["line", "day"])["fault_kind"].agg(lambda s: "/".join(sorted(set(s))))
+    assert kind[("L1", 1)] == "gain" and kind[("L1", 2)] == "defect_rate" and kind[("L2", 2)] == "illumination"
+    assert not t.loc[(t["line"] == "L1") & (t["day"].isin([0, 3])), "fault_active"].any()  # repaired after 1 day
+    p1 = t.assign(d=t["prob"] == 1).groupby(["line", "day"])["d"].mean()
+    assert p1[("L2", 0)] == 0.0 and p1[("L2", 3)] > 0.3 and p1[("L1", 2)] > 0.2  # per-day share, surge on top
+    data = load_elpv()
+    for row in t[(t["line"] == "L1") & (t["day"] == 1)].head(3).itertuples():
+        src = data.images[row.elpv_index].astype(float)
+        assert read(res.out / row.path).mean() == pytest.approx(0.75 * src.mean(), abs=2)
+    with pytest.raises(ValueError, match="overlap"):
+        simulate_line(tmp_path / "e", days=3, per_day=2, start=START, progress=False,
+                      faults=(FaultSpec("product_mix", start_day=0), FaultSpec("product_mix", start_day=1)))
+    with pytest.raises(ValueError, match="one share per day"):
+        simulate_line(tmp_path / "f", days=3, per_day=2, start=START, defect_rate=[0.1, 0.2], progress=False)
+    with pytest.raises(ValueError, match="range"):
+        simulate_line(tmp_path / "g", days=3, per_day=(5, 2), start=START, progress=False)
+
+
+def test_cli_schedule_file_per_day_range_and_fault_days(tmp_path, capsys):
+    sched = tmp_path / "faults.csv"
+    sched.write_text("kind,start,days,severity,lines\nblur,1,1,1.0,L2\nnoise,2026-11-29,1,0.5,\n")
+    out, truth = tmp_path / "drop", tmp_path / "truth.parquet"
+    rc = main(["simulate", "--out", str(out), "--days", "3", "--per-day", "4-6", "--lines", "L1,L2", "--start",
+               "2026-11-27", "--schedule", str(sched), "--defect-rate", "0.1,0.1,0.2", "--truth", str(truth),
+               "--fault", "gain", "--fault-start", "0", "--fault-days", "1", "--json"])
+    assert rc == 0, capsys.readouterr().err
+    t = pd.read_parquet(truth)
+    active = t[t["fault_active"]].groupby(["line", "day"])["fault_kind"].first().to_dict()
+    assert active == {("L1", 0): "gain", ("L2", 0): "gain", ("L2", 1): "blur", ("L1", 2): "noise",
+                      ("L2", 2): "noise"}
+    assert t.groupby(["line", "day"]).size().between(4, 6).all()
+    sched.write_text("kind,start,days,severity\nsmudge,1,1,1\n")
+    assert main(["simulate", "--out", str(tmp_path / "x"), "--days", "3", "--per-day", "2", "--start", "2026-11-27",
+                 "--schedule", str(sched)]) == 2
+    assert "row 1: unknown fault 'smudge'" in capsys.readouterr().err
+    assert main(["simulate", "--out", str(tmp_path / "y"), "--days", "3", "--per-day", "2x", "--start",
+                 "2026-11-27"]) == 2
+    assert "bad --per-day" in capsys.readouterr().err

@@ -63,11 +63,14 @@ def test_selection_drops_alert_windows_and_anomalous_images():
     alerts = pd.DataFrame({"line": ["L1"], "start": [T0 + timedelta(days=5)], "end": [T0 + timedelta(days=6)]})
     other_line = pd.DataFrame({"line": ["L2"], "start": [T0], "end": [T0 + timedelta(days=6)]})
     sel = select_training_data(cat, window_days=6, alert_windows=pd.concat([alerts, other_line]),
-                               anomalous_ids={"img-0-0", "img-1-3"})
+                               anomalous_ids={"img-0-0", "img-0-3"})
     kept = set(sel.train["image_id"]) | set(sel.calibration["image_id"])
     assert not any(i.startswith("img-5-") for i in kept)  # the alerted day is gone, whole
-    assert "img-0-0" not in kept and "img-1-3" not in kept
-    assert sel.excluded == {"alert_window": 20, "anomalous": 2}  # L2's alert does not touch L1
+    assert "img-0-0" not in kept  # flagged, on the training side: dropped
+    # flagged images never train, but one on the calibration side stays there: it is normal production
+    assert holdout_mask(["img-0-3"], 0.25)[0] and "img-0-3" in set(sel.calibration["image_id"])
+    assert "img-0-3" not in set(sel.train["image_id"])
+    assert sel.excluded == {"alert_window": 20, "anomalous": 1}  # L2's alert does not touch L1
     off = select_training_data(cat, window_days=6, alert_windows=alerts, anomalous_ids={"img-0-0"},
                                exclude_alerts=False, exclude_anomalous=False)
     assert len(off.train) + len(off.calibration) == 120
@@ -292,9 +295,11 @@ def test_selection_reaches_back_for_healthy_images_instead_of_shrinking():
     kept = pd.concat([sel.train, sel.calibration])
     assert sel.target == 60 and len(kept) >= 60  # as many images as the window held before the exclusions
     # days 8, 7, 6 give 15 + 20 + 20 = 55 healthy images (day 8 lost 5 flagged cells): a fourth day is needed
-    assert sel.lookback_days == 7 and len(kept) == 75
-    assert not kept["image_id"].str.match(r"img-(9|10|11)-").any() and not set(kept["image_id"]) & flagged
-    assert sel.excluded == {"alert_window": 60, "anomalous": 5}
+    # flagged cells never train; the held-out ones stay in the calibration snapshot (normal production's share)
+    held = set(sel.calibration["image_id"]) & flagged
+    assert sel.lookback_days == 7 and len(kept) == 75 + len(held)
+    assert not kept["image_id"].str.match(r"img-(9|10|11)-").any() and not set(sel.train["image_id"]) & flagged
+    assert sel.excluded == {"alert_window": 60, "anomalous": 5 - len(held)}
     assert sel.window[1] - sel.window[0] == timedelta(days=7)
 
     # floors alone (no keep_size) reach back too, and the reach is bounded

@@ -1,0 +1,150 @@
+"""The per-image flag threshold: the configured false-flag rate on the healthy cells of the running line.
+
+The monitor flags an image when its anomaly score is above a threshold set on *out-of-sample* scores of the
+champion's calibration snapshot (images of the line's own recent production that the model did not train on), at
+the conformal ``(1 - fpr)`` order statistic (``pipeline.analysis.detectors.base.conformal_threshold``). For the rate to hold
+on the line, the snapshot must be the line's normal production as it is:
+
+* it keeps the images an earlier champion flagged (``pipeline.training.retrain.select_training_data`` drops them from
+  training only). A snapshot without its top-scoring 5 % sets the threshold at about the 90th percentile of
+  production, and the line then sees about twice the configured rate (10.7 % instead of 5 % was measured);
+* normal production holds defective cells at its usual share (a few percent on a solar line). They score high, so
+  a threshold on all of the snapshot's scores flags fewer *healthy* cells than configured: with a share ``pi`` of
+  defective cells of which ``r`` score above the threshold, healthy cells see ``(fpr - pi r) / (1 - pi)``, i.e. 4.2 %
+  for 5 % configured, 5 % defective cells and a weak score (r = 0.2), and almost none for a score that separates
+  them well. Cells whose score is far out, above the skew-adjusted far-out fence of the snapshot's scores
+  (:func:`healthy_mask`), are taken for defective cells and left out before the order statistic is taken. Healthy
+  cells almost never pass that fence whatever the score's shape (synthetic healthy scores, normal, chi-square,
+  log-normal or t with 3 dof: at most 0.5 %), so the rate on healthy cells returns to the configured one as the
+  score separates defective cells better (5 % defective cells 8 sd out: 4.1 to 5.0 % instead of 0 to 0.4 %), and
+  stays ``(fpr - pi r) / (1 - pi)`` when the score cannot tell them apart (no label can fix that).
+
+The rule only reads scores, so it holds for any per-image score (the diffusion residual judged among neighbours in
+z, or a later fused one): :func:`set_flag_threshold` works with any detector of the one protocol (``score`` /
+``infer_threshold``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["TRIM_FENCE", "FlagCalibration", "healthy_mask", "judged", "medcouple", "set_flag_threshold"]
+
+TRIM_FENCE = 3.0
+"""Multiple of the (skew-adjusted) interquartile range above the third quartile beyond which a calibration score is
+taken for a defective cell of normal production (Tukey's far-out fence); None / 0 in :func:`healthy_mask` keeps
+every score."""
+
+
+MIN_TRIM = 40
+"""Fewest calibration scores for the fence to be used (quartiles and medcouple of fewer are too rough)."""
+
+
+def medcouple(x: Any, max_n: int = 2000, seed: int = 0) -> float:
+    """The medcouple (Brys, Hubert & Struyf 2004): a robust skewness in [-1, 1], 0 for a symmetric distribution.
+
+    The median of ``((x_i - m) - (m - x_j)) / (x_i - x_j)`` over pairs ``x_i >= m >= x_j`` (m the median; pairs
+    tied at the median count 0). O(n^2) memory, so more than ``max_n`` values are subsampled (seeded).
+    """
+    s = np.sort(np.asarray(x, dtype=np.float64).ravel())
+    if s.size > max_n:
+        s = np.sort(np.random.default_rng(seed).choice(s, max_n, replace=False))
+    m = float(np.median(s))
+    up, lo = s[s >= m], s[s <= m]
+    den = up[:, None] - lo[None, :]
+    num = (up[:, None] - m) - (m - lo[None, :])
+    h = np.divide(num, den, out=np.zeros_like(num), where=den != 0)
+    return float(np.median(h))
+
+
+def healthy_mask(scores: Any, fence: float | None = TRIM_FENCE) -> np.ndarray:
+    """True for calibration scores at or below the skew-adjusted far-out fence (all True without a fence).
+
+    The fence is ``Q3 + fence x exp(3 MC) x IQR`` for a right-skewed sample (medcouple MC >= 0; ``exp(4 MC)`` for
+    MC < 0), the adjusted boxplot of Hubert & Vandervieren (2008) at the far-out multiple: a skewed healthy score
+    (a squared distance, a log-normal residual) gets a fence far enough out that its own tail is kept.
+
+    Raises:
+        ValueError: empty or non-finite scores.
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if s.size == 0 or not np.isfinite(s).all():
+        raise ValueError("healthy_mask needs finite, non-empty scores")
+    if not fence or s.size < MIN_TRIM:
+        return np.ones(s.size, dtype=bool)
+    q1, q3 = np.quantile(s, [0.25, 0.75])
+    mc = medcouple(s)
+    skew = math.exp(3.0 * mc) if mc >= 0 else math.exp(4.0 * mc)
+    return s <= q3 + fence * skew * (q3 - q1)
+
+
+@dataclass(frozen=True)
+class FlagCalibration:
+    """How a detector's flag threshold was set.
+
+    Attributes:
+        threshold: the score above which an image is flagged.
+        fpr_target: the configured false-flag rate.
+        n_calibration: out-of-sample calibration scores available.
+        n_trimmed: those above the far-out fence, left out as defective cells of normal production.
+        flag_rate_all: share of all calibration scores above the threshold (what the line's whole production,
+            defective cells included, is expected to see flagged).
+    """
+
+    threshold: float
+    fpr_target: float
+    n_calibration: int
+    n_trimmed: int
+    flag_rate_all: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {"threshold": self.threshold, "fpr_target": self.fpr_target, "n_calibration": self.n_calibration,
+                "n_trimmed": self.n_trimmed, "flag_rate_all": self.flag_rate_all}
+
+
+def set_flag_threshold(detector: Any, X_val: Any, fpr: float, fence: float | None = TRIM_FENCE) -> FlagCalibration:
+    """Threshold a fitted detector at ``fpr`` on held-out calibration rows, far-out scores left out.
+
+    Args:
+        detector: a fitted detector (``score``, ``infer_threshold``); its ``threshold_`` (and confidence intervals)
+            are set by its own conformal rule on the kept rows.
+        X_val: held-out calibration rows (the detector did not fit on them), in the detector's input format.
+        fpr: the configured false-flag rate on healthy cells.
+        fence: the far-out fence (``TRIM_FENCE``); None keeps every row.
+
+    Returns:
+        What was done. With too few kept rows for ``fpr`` the largest achievable rate is used (small test lines).
+    """
+    X = np.asarray(X_val)
+    scores = np.asarray(detector.score(X), dtype=np.float64)
+    keep = healthy_mask(scores, fence)
+    try:
+        detector.infer_threshold(X[keep], fpr=fpr)
+    except ValueError:  # too few rows for that rate
+        detector.infer_threshold(X[keep], fpr=min(0.5, 1.0 / max(int(keep.sum()) - 1, 1)))
+    thr = float(detector.threshold_)
+    return FlagCalibration(threshold=thr, fpr_target=float(fpr), n_calibration=int(scores.size),
+                           n_trimmed=int((~keep).sum()), flag_rate_all=float(np.mean(scores > thr)))
+
+
+def judged(ref_products: Any, products: Any) -> np.ndarray:
+    """True for images of a product the calibration snapshot knows (``pipeline.analysis.strata.MIN_STRATUM`` images or more).
+
+    The threshold's rate holds for the snapshot's population; a cell of a product it has (almost) none of is judged
+    against other products' neighbours, so it is not flagged (and stays in the next training, which learns the
+    product) until the snapshot holds its kind. Everything is judged when the products are unknown (None).
+    """
+    from pipeline.analysis.strata import MIN_STRATUM, labels
+
+    if products is None:
+        return np.ones(0, dtype=bool)
+    if ref_products is None:
+        return np.ones(len(products), dtype=bool)
+    counts = pd.Series(labels(ref_products)).value_counts()
+    return np.array([counts.get(p, 0) >= MIN_STRATUM for p in labels(products)], dtype=bool)

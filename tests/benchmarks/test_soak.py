@@ -1,0 +1,117 @@
+"""The soak harness: its scoring on hand-made records, and the fast soak (the loop on a tiny line) end to end."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+
+from benchmarks.soak import SoakConfig, config_from_args, environment, fast_config, parse_json_answer
+from benchmarks.soak_eval import (
+    alert_table,
+    false_alerts,
+    fault_outcome,
+    line_days,
+    named_families,
+    uptime,
+    verdict_table,
+)
+from pipeline.line.faults import FaultSpec
+
+
+def _config(tmp_path) -> SoakConfig:
+    return SoakConfig(home=tmp_path, days=10, lines=("L1", "L2"), faults=(
+        FaultSpec("blur", start_day=2, duration_days=2, lines=("L1",)),
+        FaultSpec("product_mix", start_day=5, duration_days=2, lines=("L2",)),
+    ))
+
+
+def _monitor_record(day: int, windows: list[tuple[str, int, bool, str]]) -> dict:
+    from pipeline.line.simulate import DEFAULT_START
+
+    ws = [{"line": line, "window_id": (DEFAULT_START + dt.timedelta(days=d)).isoformat(), "detected": det,
+           "description": desc} for line, d, det, desc in windows]
+    return {"day": day, "command": "monitor", "rc": 0, "seconds": 1.0, "result": {"windows": ws}}
+
+
+def _alert(tmp_path, kind, line, day, tests, summary, alert_id="a1"):
+    from pipeline.line.simulate import DEFAULT_START
+
+    path = tmp_path / "state" / "alerts.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ev = {"kind": kind, "window_id": (DEFAULT_START + dt.timedelta(days=day)).isoformat(),
+          "alert": {"id": alert_id, "line": line, "tests": tests, "summary": summary}}
+    with open(path, "a") as fh:
+        fh.write(json.dumps(ev) + "\n")
+
+
+def test_named_families_read_the_tests_and_the_text():
+    assert named_families("image quality: illumination non-uniformity moved by −2.1 σ", ["quality"]) == \
+        ["illumination"]
+    assert named_families("axis 3 (brightness, r = 0.9) moved; image quality: noise level moved", ["axes", "quality"]) \
+        == ["latent", "noise"]
+    assert named_families("drift detected (scores); largest shift: axis 7", ["scores"]) == ["defect rate"]
+
+
+def test_line_day_status_and_uptime(tmp_path):
+    cfg = _config(tmp_path)
+    days = line_days(cfg)
+    st = days.set_index(["line", "day"])["status"]
+    assert st[("L1", 0)] == "commissioning" and st[("L1", 2)] == "fault:blur" and st[("L1", 4)] == "recovery"
+    assert st[("L1", 6)] == "healthy" and st[("L2", 5)] == "mix" and st[("L2", 7)] == "healthy"
+    records = [_monitor_record(d, [("L1", d, False, ""), ("L2", d, False, "")]) for d in range(1, 10) if d != 4]
+    records.append(_monitor_record(5, [("L1", 4, False, "")]))  # day 4 of L1 tested late only
+    up = uptime(cfg, verdict_table(cfg, records), days)
+    assert up["line_days"] == 18 and up["with_verdict"] == 16
+    assert "L1 day 4 (verdict later)" in up["missing"] and "L2 day 4" in up["missing"]
+
+
+def test_fault_outcomes_and_false_alerts(tmp_path):
+    cfg = _config(tmp_path)
+    _alert(tmp_path, "opened", "L1", 3, ["quality"], "image quality: fine-detail ratio moved by +2.9 σ")
+    _alert(tmp_path, "resolved", "L1", 5, ["quality"], "image quality: fine-detail ratio moved by +2.9 σ")
+    _alert(tmp_path, "opened", "L2", 6, ["axes"], "axis 2 moved", alert_id="a2")
+    _alert(tmp_path, "opened", "L2", 8, ["quality"], "image quality: noise level moved", alert_id="a3")
+    alerts = alert_table(cfg)
+    records = [_monitor_record(d, [("L1", d, d in (2, 3), "fine-detail"), ("L2", d, d == 6, "axis 2")])
+               for d in range(1, 10)]
+    verdicts = verdict_table(cfg, records)
+    blur = fault_outcome(cfg, cfg.faults[0], verdicts, alerts)
+    assert blur["alerted_in_time"] and blur["resolved_in_time"] and blur["ok"] and blur["drift_days"] == [2, 3]
+    mix = fault_outcome(cfg, cfg.faults[1], verdicts, alerts)
+    assert not mix["ok"] and mix["alerts"] == 1
+    fa = false_alerts(alerts, line_days(cfg))
+    assert fa["false_alerts"] == 2 and fa["healthy_line_days"] == 14  # the mix alert and the day-8 one
+
+
+def test_config_from_the_command_line_and_environment(tmp_path):
+    import argparse
+
+    ns = argparse.Namespace(name="x", home=str(tmp_path), fast=False, driver=None, days=12, lines="L1",
+                            per_day="100-150", code_dir=None, preset=None, steps=None, threads=None)
+    cfg = config_from_args(ns)
+    assert cfg.days == 12 and cfg.lines == ("L1",) and cfg.per_day == (100, 150)
+    assert all(f.start_day < 12 and f.lines == ("L1",) for f in cfg.faults)
+    env = environment(cfg)
+    assert env["LINEWATCH_HOME"] == str(tmp_path.resolve()) and env["MLFLOW_TRACKING_URI"].startswith("sqlite:///")
+    assert env["OMP_NUM_THREADS"] == "1"
+    assert parse_json_answer('log line\n{\n "a": 1\n}\n') == {"a": 1} and parse_json_answer("nothing") is None
+
+
+@pytest.mark.slow
+def test_fast_soak_keeps_monitoring_and_alerts_on_the_fault(tmp_path, monkeypatch):
+    from benchmarks.soak import run_soak
+    from benchmarks.soak_eval import evaluate
+
+    cfg = fast_config(tmp_path / "soak")
+    for key, value in environment(cfg).items():
+        monkeypatch.setenv(key, value)  # restored after the test (the local driver sets them)
+    records = run_soak(cfg)
+    assert len(records) == 3 * cfg.days
+    s = evaluate(cfg)
+    assert s["uptime"]["uptime"] == 1.0, s["uptime"]  # a verdict for every monitored line-day, nothing by hand
+    gain = s["faults"][0]
+    assert gain["first_alert_day"] in (3, 4), gain  # the fault (days 3-4) is alerted within two line-days
+    assert s["false_alerts"]["false_alerts"] == 0, s["false_alerts"]
+    assert all(f["day"] == 0 for f in s["failures"] if f["command"] == "nightly"), s["failures"]

@@ -1,0 +1,72 @@
+"""The per-image flag threshold holds the configured rate on healthy cells of a line with defective cells."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.analysis.detectors import Mahalanobis
+from pipeline.analysis.thresholds import healthy_mask, medcouple, set_flag_threshold
+
+
+def _line(rng, n, defect_share, sep=8.0):
+    """1-D 'latents': healthy cells N(0, 1), defective cells N(sep, 1); Mahalanobis scores ~ squared distance."""
+    bad = rng.random(n) < defect_share
+    return (rng.normal(size=n) + sep * bad)[:, None], bad
+
+
+def test_healthy_mask_drops_only_far_out_scores():
+    rng = np.random.default_rng(0)
+    s = np.r_[rng.normal(size=2000), [15.0, 20.0]]
+    keep = healthy_mask(s)
+    assert not keep[-2:].any() and keep[:-2].mean() > 0.998
+    assert healthy_mask(s, fence=None).all()
+    with pytest.raises(ValueError, match="finite"):
+        healthy_mask([np.nan, 1.0])
+
+
+@pytest.mark.parametrize("fence", [3.0, None])
+def test_rate_on_healthy_cells_with_five_percent_defective(fence):
+    rng = np.random.default_rng(1)
+    fit, _ = _line(rng, 400, 0.0)
+    det = Mahalanobis().fit(fit)
+    cal, _ = _line(rng, 4000, 0.05)  # the calibration snapshot: normal production, defective cells included
+    info = set_flag_threshold(det, cal, 0.05, fence=fence)
+    new, bad = _line(rng, 40000, 0.05)
+    flagged = det.predict(new).is_anomaly
+    healthy_rate = flagged[~bad].mean()
+    if fence:  # far-out defective cells left out: the configured rate holds on healthy cells
+        assert info.n_trimmed > 150 and healthy_rate == pytest.approx(0.05, abs=0.01)
+        assert info.flag_rate_all == pytest.approx(0.05 * 0.95 + 0.05, abs=0.015)
+    else:  # every defective cell counts against the 5 %: healthy cells see (5 % - 5 % x 1) / 0.95, about none
+        assert info.n_trimmed == 0 and healthy_rate < 0.02
+    assert flagged[bad].mean() > 0.9
+
+
+@pytest.mark.parametrize("shape", ["chi2", "lognormal", "t3"])
+def test_skewed_or_heavy_tailed_healthy_scores_are_not_trimmed(shape):
+    rng = np.random.default_rng(3)
+    s = {"chi2": rng.normal(size=5000) ** 2, "lognormal": np.exp(rng.normal(size=5000) * 0.5),
+         "t3": rng.standard_t(3, size=5000)}[shape]
+    assert healthy_mask(s).mean() > 0.99
+    assert medcouple(s) > 0.1 if shape != "t3" else abs(medcouple(s)) < 0.1
+
+
+def test_a_truncated_snapshot_overflags():
+    """Why the snapshot keeps flagged images: without its top 5 % the line sees about twice the rate."""
+    rng = np.random.default_rng(2)
+    det = Mahalanobis().fit(_line(rng, 400, 0.0)[0])
+    cal, _ = _line(rng, 4000, 0.0)
+    s = det.score(cal)
+    truncated = cal[s <= np.quantile(s, 0.95)]
+    set_flag_threshold(det, truncated, 0.05)
+    new, _ = _line(rng, 20000, 0.0)
+    assert det.predict(new).is_anomaly.mean() == pytest.approx(0.0975, abs=0.012)
+
+
+def test_cells_of_a_product_the_snapshot_lacks_are_not_judged():
+    from pipeline.analysis.thresholds import judged
+
+    ref = ["mono"] * 40 + ["poly"] * 5
+    assert judged(ref, ["mono", "poly", "hjt", None]).tolist() == [True, False, False, False]
+    assert judged(None, ["mono", "poly"]).all() and judged(ref, None).size == 0
