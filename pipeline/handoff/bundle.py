@@ -132,6 +132,22 @@ def make_detector(n_residuals: int | None = None, *, k: int = 25, n_fit: int | N
     return ConditionalResidual(n_residuals=n_residuals, k=k)
 
 
+def calibration_scores(z_cal: np.ndarray, residuals: np.ndarray, *, k: int = 25, seed: int = 0) -> np.ndarray:
+    """Out-of-sample anomaly scores of every calibration image (the drift reference of the score family).
+
+    Two-fold cross-fitting: the residual detector fitted on one (seeded) half scores the other, and the other way
+    round, so no image is scored by a detector that saw it. Same detector recipe as :func:`detector_calibration`.
+    """
+    X = np.column_stack([z_cal, residuals])
+    idx = np.random.default_rng([seed, 1]).permutation(len(X))
+    a, b = np.array_split(idx, 2)
+    out = np.empty(len(X))
+    n_res = int(np.asarray(residuals).reshape(len(X), -1).shape[1])
+    for fit, score in ((a, b), (b, a)):
+        out[score] = make_detector(n_res, k=k, n_fit=len(fit)).fit(X[fit]).score(X[score])
+    return out
+
+
 def _infer_threshold(det: Any, z: np.ndarray, fpr: float) -> None:
     """Threshold ``det`` at ``fpr`` on held-out ``z`` (``pipeline.analysis.thresholds.set_flag_threshold``).
 

@@ -67,7 +67,8 @@ def _decode(data: bytes, where: str) -> np.ndarray:
             fh.write(data)
         return read_image(tmp, channels=1)
     except ValueError as exc:
-        raise ValueError(f"{where}: {str(exc).replace(repr(tmp), 'the image bytes')}") from exc
+        reason = str(exc).replace(repr(tmp), "").replace(tmp, "").lstrip(": ")
+        raise ValueError(f"{where}: cannot decode the image bytes: {reason}") from exc
     finally:
         Path(tmp).unlink(missing_ok=True)
 

@@ -37,6 +37,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.handoff.bundle import (
+    BUNDLE_DIR,
+    CALIBRATION_FILE,
+    GATE_FILE,
+    ScoringConfig,
+    calibration_scores,
+    detector_calibration,
+)
+from pipeline.handoff.state import CHAMPION, MonitorHooks, state_dir
 from pipeline.monitoring.tables import (  # noqa: F401 - re-exported: the monitor's tables
     _upsert,
     axis_card_paths,
@@ -52,17 +61,6 @@ from pipeline.monitoring.tables import (  # noqa: F401 - re-exported: the monito
     scores_table_path,
 )
 from pipeline.monitoring.verdicts import record_verdicts, window_verdicts, windows_table_path  # noqa: F401 - re-exported
-from pipeline.training.retrain import (
-    BUNDLE_DIR,
-    CALIBRATION_FILE,
-    CHAMPION,
-    GATE_FILE,
-    MonitorHooks,
-    ScoringConfig,
-    calibration_scores,
-    detector_calibration,
-    state_dir,
-)
 
 logger = logging.getLogger(__name__)
 

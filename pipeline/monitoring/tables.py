@@ -13,12 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-
-def state_dir(settings: Any) -> Path:
-    """The jobs' state folder (``settings.state_dir``), created when missing."""
-    path = Path(settings.state_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+from pipeline.handoff.state import scores_table_path, state_dir  # noqa: F401 - re-exported
 
 
 def _upsert(path: Path, new: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -204,13 +199,6 @@ def residual_table(settings: Any, champ: Any, rows: pd.DataFrame, progress: bool
     mine = have[have["model_id"].astype(str) == champ.model_id]
     table = mine.assign(image_id=mine["image_id"].astype(str)).set_index("image_id")[cols].astype(np.float64)
     return table.loc[~table.index.duplicated(keep="last")]
-
-
-def scores_table_path(settings: Any) -> Path:
-    """Per-image detector scores and flags (``image_id, model_version, model_id, score, is_anomaly``)."""
-    return state_dir(settings) / "scores.parquet"
-
-
 
 
 __all__ = [

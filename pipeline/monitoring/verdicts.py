@@ -15,19 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.monitoring.tables import state_dir
-
-
-def windows_table_path(settings: Any) -> Path:
-    """Per-window verdicts, append-only: one row per (``line``, ``window_id``, ``model_version``).
-
-    Columns: ``line, window_id, model_version, original, start, end, detected, alert_active, fired, causes,
-    top_axis, n_images, n_tested, n_anomalous, description, summary, report, example_serials, tested_at``.
-    ``original`` marks the first verdict of a window (the one its alert was made from); a later model's
-    re-evaluation is a further row. Read "the verdict" of a window with :func:`window_verdicts`.
-    """
-    return state_dir(settings) / "windows.parquet"
-
+from pipeline.handoff.state import state_dir, windows_table_path  # noqa: F401 - re-exported
 
 VERDICT_KEYS = ["line", "window_id", "model_version"]
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.handoff.bundle import detector_calibration, make_detector
+from pipeline.handoff.bundle import calibration_scores, detector_calibration, make_detector  # noqa: F401
 
 
 def mmd_to_prior(z: np.ndarray, seed: int = 0, max_n: int = 512) -> float:
@@ -85,22 +85,6 @@ def reconstruction_error(model: Any, x: torch.Tensor, *, steps: int, seed: int) 
     return float(((rec - x) ** 2).mean())
 
 
-
-
-def calibration_scores(z_cal: np.ndarray, residuals: np.ndarray, *, k: int = 25, seed: int = 0) -> np.ndarray:
-    """Out-of-sample anomaly scores of every calibration image (the drift reference of the score family).
-
-    Two-fold cross-fitting: the residual detector fitted on one (seeded) half scores the other, and the other way
-    round, so no image is scored by a detector that saw it. Same detector recipe as :func:`detector_calibration`.
-    """
-    X = np.column_stack([z_cal, residuals])
-    idx = np.random.default_rng([seed, 1]).permutation(len(X))
-    a, b = np.array_split(idx, 2)
-    out = np.empty(len(X))
-    n_res = int(np.asarray(residuals).reshape(len(X), -1).shape[1])
-    for fit, score in ((a, b), (b, a)):
-        out[score] = make_detector(n_res, k=k, n_fit=len(fit)).fit(X[fit]).score(X[score])
-    return out
 
 
 

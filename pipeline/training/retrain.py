@@ -52,6 +52,13 @@ from pipeline.handoff.bundle import (  # noqa: F401 - re-exported: the bundle fo
     detector_calibration,
     make_detector,
 )
+from pipeline.handoff.state import (  # noqa: F401 - re-exported: the state the jobs share
+    CHALLENGER,
+    CHAMPION,
+    MonitorHooks,
+    ops_alerts_path,
+    state_dir,
+)
 from pipeline.training.evaluation import (  # noqa: F401 - re-exported: the retrain's evaluation helpers
     axis_alignment,
     calibration_scores,
@@ -71,14 +78,11 @@ from pipeline.training.selection import (  # noqa: F401 - re-exported: the retra
     alert_windows,
     anomalous_ids,
     holdout_mask,
-    scores_path,
     select_training_data,
 )
 
 logger = logging.getLogger(__name__)
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -179,26 +183,6 @@ class RetrainConfig:
         return max(9, DriftDetector(**drift).min_reference())
 
 
-@dataclass(frozen=True)
-class MonitorHooks:
-    """What the retrain asks of the monitor, given by whoever wires the two jobs (the flows, the demo).
-
-    ``pipeline.monitoring.monitor.retrain_hooks(settings, monitor_config)`` builds them; training never imports
-    monitoring. Without hooks the gate still checks the reference size against the drift detector's own minimum,
-    and ops alerts go to ``<state>/ops_alerts.jsonl`` and the log only.
-
-    Attributes:
-        check_bundle: the problems the monitor would have with a model folder (``[]``: it can use it).
-        reference_floor: fewest reference images the monitor's drift test needs.
-        notify_ops: sends an operations event through the monitor's alert delivery
-            (``AlertManager.notify_ops(kind, message, key=..., **payload)``).
-    """
-
-    check_bundle: Callable[[Path], list[str]] | None = None
-    reference_floor: int | None = None
-    notify_ops: Callable[..., Any] | None = None
-
-
 class InsufficientData(ValueError):
     """Too few healthy images for a candidate, even after reaching back ``max_lookback_days``.
 
@@ -284,13 +268,6 @@ def retrain_config(**params: Any) -> RetrainConfig:
 # --------------------------------------------------------------------------------------------------------------
 # The job
 # --------------------------------------------------------------------------------------------------------------
-def state_dir(settings: Any) -> Path:
-    """Folder for the jobs' own state (locks, scores, window log, ops alerts)."""
-    p = Path(settings.state_dir)
-    p.mkdir(parents=True, exist_ok=True)
-    return p
-
-
 def load_images(settings: Any, rows: pd.DataFrame, spec: Any) -> torch.Tensor:
     """Read the catalog rows' stored images into one model-input tensor."""
     from pipeline.common.images import load_batch
@@ -698,7 +675,7 @@ def _ops_alert(settings: Any, hooks: MonitorHooks | None, message: str, *, kind:
     try:
         rec = {"at": datetime.now(UTC).isoformat(), "kind": kind, "message": message}
         rec |= {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in payload.items()}
-        with open(state_dir(settings) / "ops_alerts.jsonl", "a") as fh:
+        with open(ops_alerts_path(settings), "a") as fh:
             fh.write(json.dumps(rec, default=str) + "\n")
         if hooks is not None and hooks.notify_ops is not None:
             hooks.notify_ops(kind, message, key=key, **payload)

@@ -13,11 +13,12 @@ import hashlib
 import math
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from pipeline.handoff.state import scores_table_path, windows_table_path
 
 
 @dataclass(frozen=True)
@@ -186,14 +187,9 @@ def _in_alert_windows(df: pd.DataFrame, df_ts: pd.Series, alert_windows: pd.Data
 
 
 
-def scores_path(settings: Any) -> Path:
-    """Parquet table of per-image anomaly flags written by the monitor (read by the retrain's selection)."""
-    return Path(settings.state_dir) / "scores.parquet"
-
-
 def anomalous_ids(settings: Any) -> set[str]:
     """Image ids the monitor flagged anomalous (any model version)."""
-    path = scores_path(settings)
+    path = scores_table_path(settings)
     if not path.exists():
         return set()
     df = pd.read_parquet(path, columns=["image_id", "is_anomaly"])
@@ -210,7 +206,7 @@ def alert_windows(settings: Any) -> pd.DataFrame:
     Returns:
         Columns ``line, start, end`` (UTC), one row per window.
     """
-    path = Path(settings.state_dir) / "windows.parquet"
+    path = windows_table_path(settings)
     if not path.exists():
         return pd.DataFrame(columns=["line", "start", "end"])
     df = pd.read_parquet(path)
@@ -218,4 +214,4 @@ def alert_windows(settings: Any) -> pd.DataFrame:
     return df[["line", "start", "end"]].drop_duplicates().reset_index(drop=True)
 
 
-__all__ = ["DataSelection", "alert_windows", "anomalous_ids", "holdout_mask", "scores_path", "select_training_data"]
+__all__ = ["DataSelection", "alert_windows", "anomalous_ids", "holdout_mask", "select_training_data"]
