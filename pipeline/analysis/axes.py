@@ -20,7 +20,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
+from pipeline.common import atomic
 from pipeline.common.schemas import as_latent_matrix
 from pipeline.latent.properties import PROPERTIES
 from pipeline.latent.quality import corr_matrix
@@ -532,16 +532,7 @@ class AxisCard:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, CARD_FILE_MODE)  # mkstemp makes 0600; cards are read by the team's servers
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic.write_text(path, text, mode=CARD_FILE_MODE)  # cards are read by the team's servers
 
 
 def _save_strip_png(
@@ -577,16 +568,8 @@ def _save_strip_png(
                 ax.set_ylabel(row_labels[i], fontsize=7)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic.atomic_path(path, mode=CARD_FILE_MODE) as tmp:
         fig.savefig(tmp, format="png")
-        os.chmod(tmp, CARD_FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _column_values(

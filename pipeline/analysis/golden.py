@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from pipeline.common import atomic
+
 __all__ = [
     "GOLDEN_STATISTICS",
     "SAMPLE_KINDS",
@@ -444,11 +446,7 @@ class GoldenCheck:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the state as JSON, atomically (NaN is written as null)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.part")
-        tmp.write_text(json.dumps(_nan_to_none(self.to_dict()), indent=1), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic.write_json(path, _nan_to_none(self.to_dict()), indent=1)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, line: str, model_id: str | None) -> GoldenCheck:

@@ -47,6 +47,8 @@ from typing import Any
 import numpy as np
 from scipy.signal import lfilter
 
+from pipeline.common import atomic
+
 __all__ = [
     "STATISTICS",
     "ChartPoint",
@@ -748,11 +750,7 @@ class SpcChart:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the state as JSON, atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.part")
-        tmp.write_text(json.dumps(self.to_dict()), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic.write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, line: str, model_id: str | None) -> SpcChart:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.common import atomic
 
 _HEX = frozenset("0123456789abcdef")
 
@@ -114,27 +115,7 @@ class ContentStore:
             repaired = True
         except FileNotFoundError:
             pass
-        tmp = str(final.parent / f".tmp-{uuid.uuid4().hex}")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        try:
-            fd = os.open(tmp, flags, 0o644)
-        except FileNotFoundError:  # first object in this fan-out folder
-            final.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, flags, 0o644)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                if self.fsync:
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            os.chmod(tmp, 0o444)
-            os.replace(tmp, final)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        atomic.write_bytes(final, data, mode=0o444, fsync=self.fsync)
         return StoredObject(digest, rel, final, written=True, repaired=repaired)
 
     def read(self, relpath: str) -> bytes:

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
 from pipeline.catalog.store import ContentStore
+from pipeline.common import atomic
 from pipeline.common import schemas as S
 
 CATALOG_DIR = "catalog"
@@ -50,7 +51,7 @@ SNAPSHOTS_DIR = "snapshots"
 RUNS_DIR = "runs"
 LOCK_FILE = ".lock"
 LOCK_OWNER_FILE = ".lock.owner"
-TMP_PREFIX = ".tmp-"
+TMP_PREFIX = atomic.TMP_PREFIX
 
 TimeLike = str | dt.datetime | dt.date | pd.Timestamp
 T = TypeVar("T")
@@ -185,24 +186,12 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic.write_text(path, text)
 
 
 def publish_parquet(table: pa.Table, final: Path) -> Path:
     """Write ``table`` to ``final`` atomically (temporary file in the same directory, then ``os.replace``)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{final.name}")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    return final
+    return atomic.write_parquet(final, table, compression="zstd")
 
 
 def _is_part(name: str) -> bool:

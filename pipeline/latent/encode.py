@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -27,8 +26,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from pipeline.common import atomic
 from pipeline.common.images import read_image, sha256_file, spec_channels
 from pipeline.common.schemas import (
     IMAGE_ID,
@@ -225,18 +224,7 @@ def paths_table_schema(d: int) -> pa.Schema:
 # --- Parquet I/O -----------------------------------------------------------------------------------------------
 def write_parquet_atomic(df: pd.DataFrame, out_path: str | os.PathLike[str], schema: pa.Schema | None = None) -> Path:
     """Write ``df`` to ``out_path`` via a temp file in the same folder and ``os.replace`` (atomic on POSIX)."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out_path
+    return atomic.write_parquet(out_path, pa.Table.from_pandas(df, schema=schema, preserve_index=False))
 
 
 def read_latents(path: str | os.PathLike[str], *, model_id: str | None = None) -> pd.DataFrame:

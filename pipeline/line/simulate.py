@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import os
 import re
 import sys
 import zlib
@@ -34,6 +33,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
+from pipeline.common import atomic
 from pipeline.line.elpv import load_elpv, pool_indices, resolve_pools, split_pools
 from pipeline.line.faults import FAULTS, FaultSpec, apply_fault, noise
 
@@ -357,9 +357,8 @@ def _check_args(
 
 
 def _write_png(path: Path, img: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    Image.fromarray(img).save(tmp, format="PNG", compress_level=1)
-    os.replace(tmp, path)
+    with atomic.atomic_path(path) as tmp:
+        Image.fromarray(img).save(tmp, format="PNG", compress_level=1)
 
 
 @dataclass(frozen=True)
@@ -495,9 +494,8 @@ def _simulate_day(
         })
         bar.update(1)
     meta = folder / MES_FILENAME
-    tmp = meta.with_name(f".{meta.name}.part")
-    pd.DataFrame(mes, columns=list(MES_COLUMNS)).to_csv(tmp, index=False)
-    os.replace(tmp, meta)
+    with atomic.atomic_path(meta) as tmp:
+        pd.DataFrame(mes, columns=list(MES_COLUMNS)).to_csv(tmp, index=False)
     return rows, paths, meta
 
 
@@ -520,10 +518,7 @@ def _write_truth(truth_path: Path, rows: list[dict[str, Any]], old: pd.DataFrame
     truth_df = pd.DataFrame(rows)
     if old is not None:
         truth_df = pd.concat([old, truth_df], ignore_index=True)
-    truth_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_truth = truth_path.with_name(f".{truth_path.name}.part")
-    truth_df.to_parquet(tmp_truth, index=False)
-    os.replace(tmp_truth, truth_path)
+    atomic.write_parquet(truth_path, truth_df)
 
 
 def simulate_line(

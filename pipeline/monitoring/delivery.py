@@ -20,24 +20,14 @@ from typing import Any, Protocol, runtime_checkable
 
 from filelock import FileLock
 
+from pipeline.common import atomic
+
 log = logging.getLogger("pipeline.monitoring.alerts")
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``)."""
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON to ``path`` atomically and flushed to disk (``pipeline.common.atomic``)."""
+    atomic.write_json(path, obj, indent=2, fsync=True)
 
 
 # ------------------------------------------------------------------------------------------------ sinks

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.common import atomic
 from pipeline.handoff.state import scores_table_path, state_dir  # noqa: F401 - re-exported
 
 
@@ -23,9 +24,7 @@ def _upsert(path: Path, new: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
         merged = pd.concat([old, new], ignore_index=True).drop_duplicates(keys, keep="last")
     else:
         merged = new
-    tmp = path.with_name(f".{path.name}.tmp")
-    merged.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    atomic.write_parquet(path, merged)
     return merged
 
 

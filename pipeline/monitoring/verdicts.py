@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.common import atomic
 from pipeline.handoff.state import state_dir, windows_table_path  # noqa: F401 - re-exported
 
 VERDICT_KEYS = ["line", "window_id", "model_version"]
@@ -65,9 +66,7 @@ def record_verdicts(settings: Any, model_version: str, outcomes: list[Any]) -> l
     if len(new):
         new["original"] = [(r.line, r.window_id) in originals for r in new.itertuples(index=False)]
         merged = pd.concat([old, new], ignore_index=True) if len(old) else new
-        tmp = path.with_name(f".{path.name}.tmp")
-        merged.to_parquet(tmp, index=False)
-        tmp.replace(path)
+        atomic.write_parquet(path, merged)
     return out
 
 
