@@ -23,9 +23,9 @@ def _synthetic(rng, n_lots=20, per_lot=30, lot_sd=1.0, fault_shift=None):
 
 def test_small_fault_hides_in_lot_variation_and_large_one_stands_out():
     rng = np.random.default_rng(0)
-    M, lots = _synthetic(rng, fault_shift=[0.3, 8.0, 0.0, -8.0])
+    M, lots = _synthetic(rng, fault_shift=[0.3, 8.0, 0.0, -8.0, 0.0])
     rows = {r["fault"]: r for r in F.analyse(M, lots, np.array(["mono"] * len(lots)))}
-    small, large, none, neg = (rows[f] for f in C.DRIFT_FAULTS)
+    small, large, none, neg, _ = (rows[f] for f in C.DRIFT_FAULTS)
     assert large["ideal_detection_top"] == 1.0 and large["share_lots_farther"] == 0.0
     assert neg["ideal_detection_top"] == 1.0  # one-sided in the fault's direction, whichever sign
     assert small["ideal_detection_top"] <= 0.3 and small["share_lots_farther"] >= 0.5

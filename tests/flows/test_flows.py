@@ -214,6 +214,9 @@ def test_nightly_and_retrain_exit_codes(tmp_path, monkeypatch, capsys, status, c
     from pipeline.training.retrain import InsufficientData
 
     set_env(monkeypatch, tmp_path)
+    from pipeline import tracking
+
+    monkeypatch.setattr(tracking, "check_reachable", lambda: None)  # the flows are faked: no server behind the URI
     res = {**_rejected({}), "promoted": status == "promoted", "status": status, "reason": "too few"}
     monkeypatch.setattr(N, "nightly_flow", lambda **kw: {"retrain": res, "status": status})
     assert main(["nightly", "--no-ingest", "--no-monitor"]) == code

@@ -162,7 +162,7 @@ def test_drift_quality_channels_see_a_blur_the_tiny_latent_cannot(
     doc = _drift_json(capsys, *common, "--current", str(blurred))
     assert doc["detected"] is True and "quality" in doc["fired"]
     chans = {c["channel"]: c for c in doc["quality"]["channels"]}
-    assert set(chans) == {"detail_ratio", "noise_level", "rotation_deg"}
+    assert set(chans) == {"detail_ratio", "noise_level", "rotation_deg", "illumination"}
     assert chans["detail_ratio"]["significant"] and chans["detail_ratio"]["effect_size"] > 1.0
     same = _drift_json(capsys, *common, "--current", str(ref_dir))
     assert "quality" not in same["fired"]
