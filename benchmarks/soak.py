@@ -54,6 +54,20 @@ DEFAULT_SCHEDULE: tuple[FaultSpec, ...] = (
     FaultSpec("defect_rate", start_day=21, severity=0.5, duration_days=3, lines=("L2",)),  # 5 % -> 20 % p = 1
 )
 
+#: Every fault of the default schedule in 14 days (``--schedule compact``): 2-day faults, the two lines interleaved,
+#: at least one healthy day between two faults of a line, three healthy days before the first fault.
+COMPACT_SCHEDULE: tuple[FaultSpec, ...] = (
+    FaultSpec("gain", start_day=3, severity=1.0, duration_days=2, lines=("L1",)),
+    FaultSpec("blur", start_day=4, severity=1.0, duration_days=2, lines=("L2",)),
+    FaultSpec("illumination", start_day=7, severity=1.0, duration_days=2, lines=("L1",)),
+    FaultSpec("defect_rate", start_day=8, severity=0.5, duration_days=2, lines=("L2",)),
+    FaultSpec("product_mix", start_day=10, severity=1.0, duration_days=3, lines=("L1",)),
+    FaultSpec("noise", start_day=11, severity=1.0, duration_days=2, lines=("L2",)),
+)
+
+#: The schedules ``--schedule`` names.
+SCHEDULES: dict[str, tuple[FaultSpec, ...]] = {"default": DEFAULT_SCHEDULE, "compact": COMPACT_SCHEDULE}
+
 
 @dataclass(frozen=True)
 class SoakConfig:
@@ -376,9 +390,11 @@ def config_from_args(args: argparse.Namespace) -> SoakConfig:
     else:
         cfg = SoakConfig(name=args.name, home=home)
     over: dict[str, Any] = {"driver": args.driver or cfg.driver}
+    if args.schedule:
+        over["faults"] = SCHEDULES[args.schedule]
     if args.days:
         over["days"] = args.days
-        over["faults"] = tuple(f for f in cfg.faults if f.start_day < args.days)
+        over["faults"] = tuple(f for f in over.get("faults", cfg.faults) if f.start_day < args.days)
     if args.lines:
         over["lines"] = tuple(args.lines.split(","))
         over["faults"] = tuple(f for f in over.get("faults", cfg.faults) if set(f.lines or ()) <= set(over["lines"]))
@@ -400,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="soak", help="results file stem and home folder name (default soak)")
     ap.add_argument("--home", default=None, help="LINEWATCH_HOME of the soak (default benchmarks/out/soak/NAME)")
     ap.add_argument("--days", type=int, default=None, help="simulated days (default 30; faults after it dropped)")
+    ap.add_argument("--schedule", choices=sorted(SCHEDULES), default=None,
+                    help="fault schedule: default (30 days) or compact (every fault in 14 days)")
     ap.add_argument("--lines", default=None, help="lines, comma-separated (default L1,L2)")
     ap.add_argument("--per-day", default=None, help="cells per line-day: K or LOW-HIGH (default 100-200)")
     ap.add_argument("--driver", choices=("cli", "local"), default=None, help="subprocess commands (default) or in-process")
