@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from benchmarks.soak import SoakConfig, config_from_args, environment, fast_config, parse_json_answer
+from benchmarks.soak import (
+    DEFAULT_SCHEDULE,
+    SoakConfig,
+    config_from_args,
+    environment,
+    fast_config,
+    parse_json_answer,
+)
 from benchmarks.soak_eval import (
     alert_table,
     false_alerts,
@@ -89,7 +96,8 @@ def test_config_from_the_command_line_and_environment(tmp_path):
     import argparse
 
     ns = argparse.Namespace(name="x", home=str(tmp_path), fast=False, driver=None, days=12, lines="L1",
-                            per_day="100-150", code_dir=None, preset=None, steps=None, threads=None)
+                            per_day="100-150", code_dir=None, preset=None, steps=None, threads=None,
+                            schedule=None)
     cfg = config_from_args(ns)
     assert cfg.days == 12 and cfg.lines == ("L1",) and cfg.per_day == (100, 150)
     assert all(f.start_day < 12 and f.lines == ("L1",) for f in cfg.faults)
@@ -97,6 +105,19 @@ def test_config_from_the_command_line_and_environment(tmp_path):
     assert env["LINEWATCH_HOME"] == str(tmp_path.resolve()) and env["MLFLOW_TRACKING_URI"].startswith("sqlite:///")
     assert env["OMP_NUM_THREADS"] == "1"
     assert parse_json_answer('log line\n{\n "a": 1\n}\n') == {"a": 1} and parse_json_answer("nothing") is None
+
+
+def test_compact_schedule_has_every_fault_kind_in_14_days(tmp_path):
+    import argparse
+
+    ns = argparse.Namespace(name="x", home=str(tmp_path), fast=False, driver=None, days=14, lines=None,
+                            per_day=None, code_dir=None, preset=None, steps=None, threads=None, schedule="compact")
+    cfg = config_from_args(ns)
+    assert {f.kind for f in cfg.faults} == {f.kind for f in DEFAULT_SCHEDULE}
+    for line in cfg.lines:
+        spans = sorted((f.start_day, f.start_day + f.duration_days) for f in cfg.faults if line in f.lines)
+        assert all(end < nxt for (_, end), (nxt, _) in zip(spans, spans[1:], strict=False))  # a healthy day between
+        assert spans[-1][1] <= cfg.days
 
 
 @pytest.mark.slow
