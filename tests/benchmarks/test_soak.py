@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+import pandas as pd
 import pytest
 
 from benchmarks.soak import (
@@ -19,6 +20,8 @@ from benchmarks.soak_eval import (
     alert_table,
     false_alerts,
     fault_outcome,
+    fill_from_state,
+    harness_times,
     line_days,
     named_families,
     uptime,
@@ -136,3 +139,44 @@ def test_fast_soak_keeps_monitoring_and_alerts_on_the_fault(tmp_path, monkeypatc
     assert gain["first_alert_day"] in (3, 4), gain  # the fault (days 3-4) is alerted within two line-days
     assert s["false_alerts"]["false_alerts"] == 0, s["false_alerts"]
     assert all(f["day"] == 0 for f in s["failures"] if f["command"] == "nightly"), s["failures"]
+
+
+def test_harness_times_read_the_progress_lines_over_midnight():
+    text = ("[23:59:00] s day 0 (2026-01-05): ingest exit 0 in 1 s\n"
+            "[00:01:00] s day 0 (2026-01-05): monitor exit 0 in 120 s\n"
+            "[00:02:00] other day 0 (2026-01-05): nightly exit 0 in 1 s\nnoise\n")
+    times = harness_times(text, "s", dt.date(2026, 12, 4))
+    assert times == {(0, "ingest"): pd.Timestamp("2026-12-04 23:59:00", tz="UTC"),
+                     (0, "monitor"): pd.Timestamp("2026-12-05 00:01:00", tz="UTC")}
+
+
+def test_answers_the_commands_did_not_print_are_rebuilt_from_the_verdict_log(tmp_path):
+    from pipeline.line.simulate import DEFAULT_START
+
+    cfg = _config(tmp_path)
+    (tmp_path / "soak_config.json").write_text("{}")
+    state = tmp_path / "state"
+    state.mkdir()
+    t0 = pd.Timestamp("2026-12-04 10:00", tz="UTC")
+    day = [(DEFAULT_START + dt.timedelta(days=d)).isoformat() for d in range(2)]
+    rows = [("L1", day[0], "1", t0 + pd.Timedelta(minutes=5), False),   # day 0's nightly, v1
+            ("L1", day[1], "1", t0 + pd.Timedelta(minutes=15), True),   # day 1's monitor, v1
+            ("L1", day[1], "2", t0 + pd.Timedelta(minutes=25), False)]  # day 1's nightly re-test, v2
+    pd.DataFrame([{"line": ln, "window_id": w, "model_version": v, "original": v == "1", "tested_at": t,
+                   "detected": det, "summary": "s", "description": "", "n_images": 100, "n_tested": 100,
+                   "n_anomalous": 5} for ln, w, v, t, det in rows]).to_parquet(state / "windows.parquet")
+    pd.DataFrame({"image_id": ["a", "b"], "model_version": ["1", "2"], "model_id": ["m1", "m2"], "score": [0.0, 0.0],
+                  "is_anomaly": [False, False], "threshold": [1.0, 1.0]}).to_parquet(state / "scores.parquet")
+    done = [t0 + pd.Timedelta(minutes=m) for m in (1, 2, 10, 11, 20, 30)]
+    records = [{"day": d, "command": c, "rc": 0 if (d, c) != (0, "monitor") else 1, "result": None,
+                "finished_at": t.isoformat()}
+               for (d, c), t in zip([(d, c) for d in (0, 1) for c in ("ingest", "monitor", "nightly")], done,
+                                    strict=True)]
+    got = fill_from_state(cfg, records)
+    assert got[1]["result"] is None  # a failed command stays without an answer
+    assert [w["window_id"] for w in got[2]["result"]["monitor"]["windows"]] == [day[0]]
+    assert got[4]["result"]["model_id"] == "m1" and got[4]["result"]["windows"][0]["detected"] is True
+    assert got[5]["result"]["monitor"]["model_version"] == "2"
+    verdicts = verdict_table(cfg, got)
+    missing = uptime(cfg, verdicts, line_days(cfg))["missing"]
+    assert "L1 day 1" not in missing and "L2 day 1" in missing  # L1 day 1's verdict was made on its own day
