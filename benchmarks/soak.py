@@ -54,6 +54,20 @@ DEFAULT_SCHEDULE: tuple[FaultSpec, ...] = (
     FaultSpec("defect_rate", start_day=21, severity=0.5, duration_days=3, lines=("L2",)),  # 5 % -> 20 % p = 1
 )
 
+#: Every fault of the default schedule in 14 days (``--schedule compact``): 2-day faults, the two lines interleaved,
+#: at least one healthy day between two faults of a line, three healthy days before the first fault.
+COMPACT_SCHEDULE: tuple[FaultSpec, ...] = (
+    FaultSpec("gain", start_day=3, severity=1.0, duration_days=2, lines=("L1",)),
+    FaultSpec("blur", start_day=4, severity=1.0, duration_days=2, lines=("L2",)),
+    FaultSpec("illumination", start_day=7, severity=1.0, duration_days=2, lines=("L1",)),
+    FaultSpec("defect_rate", start_day=8, severity=0.5, duration_days=2, lines=("L2",)),
+    FaultSpec("product_mix", start_day=10, severity=1.0, duration_days=3, lines=("L1",)),
+    FaultSpec("noise", start_day=11, severity=1.0, duration_days=2, lines=("L2",)),
+)
+
+#: The schedules ``--schedule`` names.
+SCHEDULES: dict[str, tuple[FaultSpec, ...]] = {"default": DEFAULT_SCHEDULE, "compact": COMPACT_SCHEDULE}
+
 
 @dataclass(frozen=True)
 class SoakConfig:
@@ -135,7 +149,7 @@ def fast_config(home: Path, name: str = "soak_fast") -> SoakConfig:
         faults=(FaultSpec("gain", start_day=3, severity=1.6, duration_days=2, lines=("L1",)),),
         driver="local",
         retrain={"preset": "tiny", "steps": 60, "batch_size": 16, "holdout_share": 0.5, "min_train_images": 8,
-                 "gate": gate, "scoring": {"seeds": [0]}},
+                 "gate": gate, "scoring": {"seeds": [0]}, "monitor": {"min_window": 15}},
         monitor={"min_window": 15, "cards": False, "report": False},
     )
 
@@ -239,18 +253,18 @@ class CliDriver:
         return self._run(["ingest", str(self.config.home / "drop"), "--json"])
 
     def monitor(self) -> dict[str, Any]:
-        """``linewatch monitor`` (default settings unless the soak overrides some)."""
+        """``linewatch monitor --json`` (default settings unless the soak overrides some)."""
         flags = {"lookback_days": "--lookback-days", "window_by": "--window-by"}
         args = ["monitor"] + [x for k, v in self.config.monitor.items() if k in flags for x in (flags[k], str(v))]
         args += ["--no-quality"] if self.config.monitor.get("quality") is False else []
         args += ["--no-scores"] if self.config.monitor.get("scores") is False else []
-        return self._run(args)
+        return self._run(args + ["--json"])
 
     def nightly(self) -> dict[str, Any]:
-        """``linewatch nightly`` (ingest, retrain, monitor)."""
+        """``linewatch nightly --json`` (ingest, retrain, monitor)."""
         flags = {"preset": "--preset", "steps": "--steps", "window_days": "--window-days"}
         return self._run(["nightly"] + [x for k, v in self.config.retrain.items() if k in flags
-                                        for x in (flags[k], str(v))], timeout=7200.0)
+                                        for x in (flags[k], str(v))] + ["--json"], timeout=7200.0)
 
 
 class LocalDriver:
@@ -300,12 +314,15 @@ class LocalDriver:
     def nightly(self) -> dict[str, Any]:
         """Ingest, retrain, monitor (the nightly flow's steps); the first failing step stops the run, as there."""
         from pipeline.catalog.ingest import ingest
+        from pipeline.monitoring.monitor import monitor_config, retrain_hooks
         from pipeline.training.retrain import retrain, retrain_config
 
         def run() -> dict[str, Any]:
             s = self._settings()
             out: dict[str, Any] = {"ingest": ingest(s.drop_dir, s.catalog_root, progress=False).to_dict()}
-            out["retrain"] = retrain(s, retrain_config(**self.config.retrain)).to_dict()
+            cfg = retrain_config(**self.config.retrain)
+            hooks = retrain_hooks(s, monitor_config(**(cfg.monitor or {})))  # as flows/retrain.py wires them
+            out["retrain"] = retrain(s, cfg, hooks=hooks).to_dict()
             out["monitor"] = self._monitor()
             return out
 
@@ -347,7 +364,7 @@ def run_day(config: SoakConfig, driver: Any, day: int) -> list[dict[str, Any]]:
     records = []
     for command in ("ingest", "monitor", "nightly"):
         rec = {"day": day, "date": config.date(day).isoformat(), "command": command, "images_released": n,
-               **getattr(driver, command)()}
+               **getattr(driver, command)(), "finished_at": dt.datetime.now(dt.UTC).isoformat()}
         records.append(rec)
         with open(log_path(config), "a") as fh:
             fh.write(json.dumps(rec, default=str) + "\n")
@@ -376,9 +393,11 @@ def config_from_args(args: argparse.Namespace) -> SoakConfig:
     else:
         cfg = SoakConfig(name=args.name, home=home)
     over: dict[str, Any] = {"driver": args.driver or cfg.driver}
+    if args.schedule:
+        over["faults"] = SCHEDULES[args.schedule]
     if args.days:
         over["days"] = args.days
-        over["faults"] = tuple(f for f in cfg.faults if f.start_day < args.days)
+        over["faults"] = tuple(f for f in over.get("faults", cfg.faults) if f.start_day < args.days)
     if args.lines:
         over["lines"] = tuple(args.lines.split(","))
         over["faults"] = tuple(f for f in over.get("faults", cfg.faults) if set(f.lines or ()) <= set(over["lines"]))
@@ -400,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="soak", help="results file stem and home folder name (default soak)")
     ap.add_argument("--home", default=None, help="LINEWATCH_HOME of the soak (default benchmarks/out/soak/NAME)")
     ap.add_argument("--days", type=int, default=None, help="simulated days (default 30; faults after it dropped)")
+    ap.add_argument("--schedule", choices=sorted(SCHEDULES), default=None,
+                    help="fault schedule: default (30 days) or compact (every fault in 14 days)")
     ap.add_argument("--lines", default=None, help="lines, comma-separated (default L1,L2)")
     ap.add_argument("--per-day", default=None, help="cells per line-day: K or LOW-HIGH (default 100-200)")
     ap.add_argument("--driver", choices=("cli", "local"), default=None, help="subprocess commands (default) or in-process")
@@ -410,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fast", action="store_true", help="the fast version: tiny preset, one line, one fault")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted soak in its home")
     ap.add_argument("--report-only", action="store_true", help="only score a finished soak's home")
+    ap.add_argument("--harness-log", default=None,
+                    help="the harness's progress lines of the scored soak (its stderr), for commands that printed no "
+                         "JSON answer (soaks before --json was passed)")
     args = ap.parse_args(argv)
     from benchmarks.soak_eval import evaluate, write_results
 
@@ -417,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if not args.report_only:
         run_soak(config, resume=args.resume)
-    summary = evaluate(config)
+    summary = evaluate(config, Path(args.harness_log).read_text() if args.harness_log else None)
     summary["soak_wall_s"] = round(time.perf_counter() - t0, 1) if not args.report_only else None
     argv_ = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
     summary["command"] = ".venv/bin/python -m benchmarks.soak " + " ".join(argv_)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import platform
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,85 @@ def alert_table(config: Any) -> pd.DataFrame:
                      "day": _day_of(config, ev.get("window_id", "")), "alert_id": alert.get("id"),
                      "tests": ",".join(tests), "families": named_families(text, tests), "text": text.strip()})
     return pd.DataFrame(rows, columns=["kind", "line", "day", "alert_id", "tests", "families", "text"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Answers a command did not print: read back from the home's append-only verdict log
+# --------------------------------------------------------------------------------------------------------------
+_HARNESS_LINE = re.compile(r"^\[(\d\d:\d\d:\d\d)\] (\S+) day (\d+) \([0-9-]+\): (\w+) exit -?\d+ in")
+
+
+def harness_times(text: str, name: str, first_date: dt.date) -> dict[tuple[int, str], pd.Timestamp]:
+    """When each command of soak ``name`` finished, from the harness's progress lines (``[HH:MM:SS] name day N ...``).
+
+    The lines carry the UTC time of day only; the date starts at ``first_date`` and moves on when the time of day
+    goes backwards (a soak over midnight).
+    """
+    out: dict[tuple[int, str], pd.Timestamp] = {}
+    date, last = first_date, None
+    for raw in text.splitlines():
+        m = _HARNESS_LINE.match(raw.strip())
+        if not m or m.group(2) != name:
+            continue
+        t = dt.time.fromisoformat(m.group(1))
+        if last is not None and t < last:
+            date += dt.timedelta(days=1)
+        last = t
+        out[(int(m.group(3)), m.group(4))] = pd.Timestamp(dt.datetime.combine(date, t, tzinfo=dt.UTC))
+    return out
+
+
+def _finish_times(records: list[dict[str, Any]], harness: dict[tuple[int, str], pd.Timestamp]
+                  ) -> list[pd.Timestamp | None]:
+    """Each record's finish time: its own ``finished_at``, else the harness log's."""
+    return [pd.Timestamp(r["finished_at"]) if r.get("finished_at") else harness.get((int(r["day"]), r["command"]))
+            for r in records]
+
+
+def _window_dicts(rows: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{"line": str(r.line), "window_id": str(r.window_id), "detected": bool(r.detected),
+             "summary": str(r.summary), "description": str(r.description), "attribution": str(r.summary),
+             "n_images": int(r.n_images), "n_tested": int(r.n_tested), "n_anomalous": int(r.n_anomalous),
+             "events": []} for r in rows.itertuples(index=False)]
+
+
+def fill_from_state(config: Any, records: list[dict[str, Any]], harness_log: str | None = None
+                    ) -> list[dict[str, Any]]:
+    """Records whose successful monitor or nightly printed no JSON answer get one rebuilt from the home's state.
+
+    A command run without ``--json`` prints a plain summary that :func:`benchmarks.soak.parse_json_answer` cannot
+    read. The monitor's append-only verdict log (``state/windows.parquet``, one row per window and model version with
+    the time it was tested) holds what it said: the rows tested between the previous command's finish and this
+    one's are this command's verdicts (a window re-tested by the same model adds no row: its first verdict stands),
+    and ``state/scores.parquet`` names the model id of each version. Finish times come from each record's
+    ``finished_at``, else from the harness's progress lines (``harness_log``). A rebuilt answer is marked
+    ``rebuilt_from_state``; the nightly's retrain part is not rebuilt (None).
+    """
+    state = config.home / "state"
+    todo = [i for i, r in enumerate(records)
+            if r["command"] in ("monitor", "nightly") and r["rc"] == 0 and not r.get("result")]
+    if not todo or not (state / "windows.parquet").exists():
+        return records
+    first_date = dt.datetime.fromtimestamp((config.home / "soak_config.json").stat().st_mtime, dt.UTC).date()
+    finish = _finish_times(records, harness_times(harness_log or "", config.name, first_date))
+    rows = pd.read_parquet(state / "windows.parquet")
+    rows["tested_at"] = pd.to_datetime(rows["tested_at"], utc=True)
+    ids: dict[str, str] = {}
+    if (state / "scores.parquet").exists():
+        sc = pd.read_parquet(state / "scores.parquet", columns=["model_version", "model_id"]).drop_duplicates()
+        ids = {str(v): str(m) for v, m in zip(sc["model_version"], sc["model_id"], strict=True)}
+    out = [dict(r) for r in records]
+    for i in todo:
+        start = next((finish[j] for j in range(i - 1, -1, -1) if finish[j] is not None), None)
+        if finish[i] is None:
+            continue
+        mine = rows[(rows["tested_at"] <= finish[i]) & ((rows["tested_at"] > start) if start is not None else True)]
+        version = str(mine["model_version"].iloc[-1]) if len(mine) else None
+        answer = {"windows": _window_dicts(mine), "model_version": version, "model_id": ids.get(str(version)),
+                  "rebuilt_from_state": True}
+        out[i]["result"] = answer if out[i]["command"] == "monitor" else {"monitor": answer, "retrain": None,
+                                                                          "rebuilt_from_state": True}
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -330,11 +410,15 @@ def command_failures(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for r in records if r["rc"] != 0]
 
 
-def evaluate(config: Any) -> dict[str, Any]:
-    """Score a soak's home against its truth (see the module docstring)."""
+def evaluate(config: Any, harness_log: str | None = None) -> dict[str, Any]:
+    """Score a soak's home against its truth (see the module docstring).
+
+    ``harness_log``: the harness's progress lines, for a soak whose records lack ``finished_at`` and whose commands
+    printed no JSON answer (:func:`fill_from_state`).
+    """
     from benchmarks.soak import read_log
 
-    records = read_log(config)
+    records = fill_from_state(config, read_log(config), harness_log)
     days = line_days(config)
     verdicts = verdict_table(config, records)
     alerts = alert_table(config)

@@ -11,7 +11,9 @@ Flow of one window (:meth:`AlertManager.update`):
    its alert opens), one open alert per group (its later drifted windows fold into it; a new cause or a rise to
    ``critical`` is an *escalation*, notified), resolution after ``resolve_after`` windows in a row without that
    group's drift, and a cooldown: the same cause re-opening within ``cooldown_windows`` windows (or
-   ``cooldown_minutes``) of its last alert is *suppressed*;
+   ``cooldown_minutes``) of its last alert is *suppressed*. A window the drift test could not compare with the
+   reference (too few cells of a product it knows; ``meta["comparable"]`` False) is recorded but skipped by the
+   policy: it neither extends a drifted run, nor breaks it, nor counts towards a resolution;
 4. write the deliverable events (opened / escalated / resolved) to the outbox, **then** save the state atomically
    (temp file + ``os.replace``); ids are deterministic, so a crash between the two cannot duplicate an event;
 5. deliver the outbox to every sink (:mod:`pipeline.monitoring.delivery`). An event leaves the outbox (moves to
@@ -509,8 +511,9 @@ class AlertManager:
             ctx = replace(ctx, details=str(getattr(attribution, "text", "")))
             st.n_windows += 1
             causes = window_causes(drift_result, attribution, top_n=self.policy.top_n)
-            events = self._apply_policy(st, causes, ctx)
-            self._record(st, ctx, bool(drift_result.detected), causes, events)
+            tested = _was_tested(drift_result)
+            events = self._apply_policy(st, causes, ctx) if tested else []
+            self._record(st, ctx, bool(drift_result.detected), causes, events, untested=not tested)
             self._persist(st, events)
         if any(e.kind in _DELIVERED_KINDS for e in events):
             self.flush()
@@ -610,15 +613,15 @@ class AlertManager:
         )
 
     def _record(self, st: AlertState, ctx: _Window, detected: bool, causes: Sequence[Any],
-                events: Sequence[AlertEvent]) -> None:
-        """Remember the window (idempotency) and append it to the bounded history."""
+                events: Sequence[AlertEvent], *, untested: bool = False) -> None:
+        """Remember the window (idempotency) and append it to the bounded history (``untested`` marked)."""
         st.processed[ctx.window_id] = ctx.index
         while len(st.processed) > self.policy.max_processed:
             st.processed.pop(next(iter(st.processed)))
         st.history.append({
             "window_id": ctx.window_id, "index": ctx.index, "detected": detected,
             "causes": [c.key for c in causes], "events": [e.kind for e in events],
-            "alert_ids": [e.alert.id for e in events], "at": ctx.now_s,
+            "alert_ids": [e.alert.id for e in events], "at": ctx.now_s, **({"untested": True} if untested else {}),
         })
         del st.history[: max(0, len(st.history) - self.policy.max_history)]
 
@@ -656,6 +659,16 @@ class _Window:
     example_images: tuple[str, ...]
     example_serials: tuple[str, ...]
     details: str
+
+
+def _was_tested(drift_result: Any) -> bool:
+    """False for a window the drift test could not compare with the reference (``meta["comparable"]`` False).
+
+    Such a window (too few cells of a product the reference knows) says nothing about a fault: it neither counts
+    towards an alert's hysteresis nor towards its resolution, so the policy skips it.
+    """
+    meta = getattr(drift_result, "meta", None) or {}
+    return bool(meta.get("comparable", True)) if isinstance(meta, Mapping) else True
 
 
 def _plain(v: Any) -> Any:

@@ -92,6 +92,24 @@ def test_open_alert_deduplicates_then_resolves(tmp_path: Path) -> None:
     assert m.active("L1") is None
 
 
+def untested(d: int = 6) -> object:
+    """A window with too few cells of a product the reference knows: not tested (``meta["comparable"] = False``)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**vars(clear(d)), meta={"comparable": False}, n_untested=120)
+
+
+def test_an_untested_window_neither_resolves_nor_breaks_the_run(tmp_path: Path) -> None:
+    m = manager(tmp_path, k_consecutive=2, resolve_after=2)
+    # a drifted window, an untested one, a drifted one: two drifted windows in a row as far as anyone can tell
+    assert run(m, [drift(), untested(), drift()]) == [[], [], ["opened"]]
+    # two untested windows say nothing about the fault: the alert stays open until two tested clear windows
+    assert run(m, [untested(), untested(), clear(), clear()], start=3) == [[], [], [], ["resolved"]]
+    hist = m.state("L1").history
+    assert [h["window_id"] for h in hist if h.get("untested")] == ["w1", "w3", "w4"]
+    assert m.update("L1", "w4", untested()) == []  # processed once, like any window
+
+
 def test_escalation_to_critical_happens_once(tmp_path: Path) -> None:
     m = manager(tmp_path, k_consecutive=1)
     kinds = run(m, [drift(effect=1.2), drift(effect=1.3), drift(effect=2.6), drift(effect=3.0)])
