@@ -335,6 +335,9 @@ class SpcConfig:
             lots, so the limit is calibrated on a stream with lots the chart has never seen, as a Phase II's are. This
             removes the optimism of calibrating on the very lots the covariance came from (a few dozen lots
             estimate a covariance of 40 statistics poorly, and new lots fall in the directions it underrates).
+        arl0_margin: the bootstrap calibrates the limit to ``arl0 * arl0_margin``. A bootstrap over one Phase I's
+            lots is optimistic: it cannot see the error of the covariance it resamples, nor the lots the Phase I
+            lacks, and fresh in-control streams run short of the bootstrap's ARL (BENCHMARKS.md, ``bench_spc``).
         clip_quantile: each window's deviation enters the EWMA shrunk to at most this quantile of the in-control
             windows' Mahalanobis lengths (1: no clipping). An extreme lot then cannot raise an alarm on its own;
             the limit is calibrated on clipped windows too.
@@ -353,7 +356,8 @@ class SpcConfig:
     pattern_share: float = 0.8
     refit_covariance: bool = False
     holdout: float = 0.0
-    clip_quantile: float = 0.95
+    clip_quantile: float = 1.0
+    arl0_margin: float = 1.5
     attribution_sd: float = 2.0
     history: int = 500
     seed: int = 0
@@ -367,6 +371,8 @@ class SpcConfig:
             raise ValueError(f"SpcConfig.window must be >= 1 cell, got {self.window}")
         if not 0.0 < self.pattern_share < 1.0:
             raise ValueError(f"SpcConfig.pattern_share must be in (0, 1), got {self.pattern_share}")
+        if not self.arl0_margin >= 1.0:
+            raise ValueError(f"SpcConfig.arl0_margin must be >= 1, got {self.arl0_margin}")
         if not 0.0 < self.clip_quantile <= 1.0:
             raise ValueError(f"SpcConfig.clip_quantile must be in (0, 1], got {self.clip_quantile}")
         if not 0.0 <= self.holdout < 1.0:
@@ -612,15 +618,16 @@ class SpcChart:
     def _set_limits(self, segments: Sequence[tuple[np.ndarray, _Estimate]]) -> None:
         """Limits of the MEWMA and the pattern charts (false alarms split by ``pattern_share``), then of both."""
         cfg, lam = self.config, self.config.lam
+        target = cfg.arl0 * cfg.arl0_margin
         share = cfg.pattern_share if len(self.pattern_names) else 0.0
-        self.t2_limit = calibrate_limit([(E, est.t2) for E, est in segments], lam, cfg.arl0 / (1.0 - share))[0]
+        self.t2_limit = calibrate_limit([(E, est.t2) for E, est in segments], lam, target / (1.0 - share))[0]
         self.pattern_limit = 1.0
         if share:
             self.pattern_limit = calibrate_limit(
                 [(E, lambda x, est=est: np.abs(est.patterns(x)).max(axis=-1)) for E, est in segments],
-                lam, cfg.arl0 / share)[0]
+                lam, target / share)[0]
         self.limit, self.arl0_fit = calibrate_limit(
-            [(E, lambda x, est=est: self._combined(est, x)) for E, est in segments], lam, cfg.arl0)
+            [(E, lambda x, est=est: self._combined(est, x)) for E, est in segments], lam, target)
 
     def _combined(self, est: _Estimate, E: np.ndarray) -> np.ndarray:
         out = est.t2(E) / self.t2_limit
