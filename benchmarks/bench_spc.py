@@ -161,7 +161,7 @@ def window_test_rep(rep: Rep, data: Data, runs: dict[str, list[FaultRun]], onset
     from pipeline.analysis.spc import resample_stream
     from pipeline.latent.properties import QUALITY_CHANNELS
 
-    q = [STATS.index(c) for c in QUALITY_CHANNELS]
+    q = [STATS.index(c) for c in QUALITY_CHANNELS if c in STATS]  # the channels the cached features hold
     ref = rep.p1[:ref_cells]
     det = DriftDetector(alpha=1.0 / ARL0, null="lot", n_calibration=1000, random_state=rep.index)
     det.fit(data.z["clean"][ref], ref_scores=data.scores["clean"][ref], ref_lots=data.lots[ref],
