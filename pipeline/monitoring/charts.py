@@ -231,10 +231,12 @@ class MonitorCharts:
         quality: image-quality channels indexed by image id (reference and monitored images), or None.
         ref_scores: the reference's anomaly scores, or None (no ``score_tail``).
         window: cells per chart window (:func:`window_size_of`).
+        arl0: the charts' in-control average run length, in windows.
     """
 
     def __init__(self, state_dir: str | Path, model_id: str | None, reference: pd.DataFrame, z_ref: np.ndarray,
-                 quality: pd.DataFrame | None, ref_scores: np.ndarray | None, window: int) -> None:
+                 quality: pd.DataFrame | None, ref_scores: np.ndarray | None, window: int,
+                 arl0: float = ChartSettings.arl0) -> None:
         self.z_names = [f"z_{k}" for k in range(np.asarray(z_ref).shape[1])]
         order = np.argsort(pd.to_datetime(reference["captured_at"], utc=True).to_numpy(), kind="stable") \
             if "captured_at" in reference.columns else np.arange(len(reference))  # production order
@@ -247,7 +249,8 @@ class MonitorCharts:
         strata = reference["product_type"].fillna("unknown").astype(str).to_numpy() \
             if "product_type" in reference.columns else None
         lots = reference["lot"].astype(str).to_numpy() if "lot" in reference.columns else None
-        self.charts = LineCharts(state_dir, model_id, lambda line: (stats, strata, lots), ChartSettings(window=window))
+        self.charts = LineCharts(state_dir, model_id, lambda line: (stats, strata, lots),
+                                 ChartSettings(arl0=arl0, window=window))
 
     def window(self, line: str, window_id: str, frame: pd.DataFrame) -> ChartPoint:
         """The chart point of one monitored window (its rows carry ``z_*``, ``image_id`` and ``score``)."""

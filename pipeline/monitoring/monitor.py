@@ -96,6 +96,8 @@ class MonitorConfig:
         progress: progress bars.
         spc: also run each line's control chart over its windows (``pipeline.monitoring.charts``): a persistent
             small shift raises an alert with cause ``spc:<statistic>``.
+        spc_arl0: the chart's in-control average run length, in windows (``docs/spc.md``: days between false
+            alarms).
     """
 
     lines: tuple[str, ...] | None = None
@@ -116,6 +118,7 @@ class MonitorConfig:
     seed: int = 0
     progress: bool = False
     spc: bool = True
+    spc_arl0: float = 200.0
 
     def __post_init__(self) -> None:
         if self.window_by not in ("day", "shift", "count"):
@@ -611,7 +614,8 @@ def _monitor_charts(ctx: _Pass, df: pd.DataFrame) -> Any:
     try:
         size = window_size_of(ref, ctx.config.window_by, ctx.config.window_size, ctx.settings.timezone)
         return MonitorCharts(ctx.manager.state_dir, ctx.champ.model_id, ref, np.asarray(ctx.champ.z_ref),
-                             ctx.quality, ctx.champ.ref_scores if ctx.use_scores else None, size)
+                             ctx.quality, ctx.champ.ref_scores if ctx.use_scores else None, size,
+                             arl0=ctx.config.spc_arl0)
     except Exception:  # noqa: BLE001 - the per-window test goes on without the chart
         logger.exception("control charts not available for model %s", ctx.champ.model_id)
         return None
