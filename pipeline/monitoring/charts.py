@@ -39,8 +39,8 @@ FAMILY = "spc"
 TAIL_QUANTILE = 0.9
 """A cell counts in ``score_tail`` when its anomaly score is above this quantile of the reference's scores."""
 
-__all__ = ["FAMILY", "ChartSettings", "ChartedResult", "LineCharts", "MonitorCharts", "chart_cause", "fit_chart",
-           "image_statistics", "point_metrics", "window_size_of"]
+__all__ = ["FAMILY", "ChartSettings", "ChartedResult", "LineCharts", "MonitorCharts", "chart_cause", "draw_chart",
+           "fit_chart", "image_statistics", "point_metrics", "window_size_of"]
 
 
 @dataclass(frozen=True)
@@ -260,3 +260,48 @@ class MonitorCharts:
         strata = frame["product_type"].fillna("unknown").astype(str).to_numpy() \
             if "product_type" in frame.columns else None
         return self.charts.update(line, window_id, stats, strata)
+
+
+def draw_chart(chart: SpcChart, out_path: str | Path, *, title: str = "") -> Path:
+    """Draw a line's control chart: the chart statistic per window against its limit, alarms and the change point.
+
+    The x axis shows the windows' dates when their ids are dates (day or shift windows), else their ids. The
+    statistic is the MEWMA and the fault-pattern charts, each over its own limit, so the limit sits near 1.
+
+    Args:
+        chart: the fitted chart with its recent history.
+        out_path: PNG to write.
+        title: the picture's title (e.g. the alert's statistic).
+
+    Returns:
+        The written file.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    points = [h["point"] for h in chart.history if "point" in h]
+    ids = [str(p["window_id"]) for p in points]
+    dates = pd.to_datetime(pd.Series(ids), errors="coerce", utc=True)
+    x = list(dates) if len(ids) and dates.notna().all() else list(range(len(ids)))
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.plot(x, [p["value"] for p in points], marker="o", ms=3, lw=1.2, label="chart statistic (EWMA)")
+    ax.plot(x, [p["limit"] for p in points], color="crimson", ls="--", lw=1, label=f"limit (ARL0 {chart.config.arl0:g})")
+    alarms = [i for i, p in enumerate(points) if p["alarm"]]
+    ax.scatter([x[i] for i in alarms], [points[i]["value"] for i in alarms], color="crimson", zorder=3, label="alarm")
+    changes = {p["change_window"] for p in points if p["alarm"] and p.get("change_window")}
+    for cw in changes & set(ids):
+        ax.axvline(x[ids.index(cw)], color="darkorange", lw=1.5, label=f"change point ({cw})")
+    if x and not isinstance(x[0], int):
+        fig.autofmt_xdate()
+    else:
+        ax.set_xticks(range(len(ids)), ids, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("statistic / limit")
+    ax.set_title(title or f"control chart, line {chart.line}", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return out

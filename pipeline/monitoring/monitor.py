@@ -566,7 +566,7 @@ def _test_window(ctx: _Pass, line: str, w: Any) -> tuple[WindowOutcome, Any]:
 
     frame = w.frame
     res, n_tested = _drift_of_window(ctx, frame)
-    chart_metrics, alert_res = _chart_window(ctx, line, w.window_id, frame, res)
+    chart_metrics, alert_res, chart_pics = _chart_window(ctx, line, w.window_id, frame, res)
     attr, top, effect, description, mix = _describe(ctx, res, frame)
     cards: dict[int, str] = {}
     if res.detected and ctx.config.cards and top is not None:
@@ -577,7 +577,8 @@ def _test_window(ctx: _Pass, line: str, w: Any) -> tuple[WindowOutcome, Any]:
             logger.exception("axis cards failed for model %s", ctx.champ.model_id)
     examples, serials = _example_images(ctx.settings, frame)
     events = ctx.manager.update(
-        line, w.window_id, alert_res, attr, model_version=ctx.champ.version, card_paths=list(cards.values()),
+        line, w.window_id, alert_res, attr, model_version=ctx.champ.version,
+        card_paths=[*cards.values(), *chart_pics],
         example_images=examples, example_serials=serials,
         window_start=pd.Timestamp(w.start).isoformat(), window_end=pd.Timestamp(w.end).isoformat(),
     )
@@ -621,20 +622,32 @@ def _monitor_charts(ctx: _Pass, df: pd.DataFrame) -> Any:
         return None
 
 
-def _chart_window(ctx: _Pass, line: str, window_id: str, frame: pd.DataFrame, res: Any) -> tuple[dict[str, float], Any]:
-    """The window's chart metrics and the drift result the alert manager gets (with the chart's cause)."""
+def _chart_window(ctx: _Pass, line: str, window_id: str, frame: pd.DataFrame,
+                  res: Any) -> tuple[dict[str, float], Any, list[str]]:
+    """The window's chart metrics, the drift result for the alert manager (with the chart's cause), the picture.
+
+    On an alarm the chart's picture is drawn and cited by the alert beside the axis cards.
+    """
     if ctx.charts is None:
-        return {}, res
-    from pipeline.monitoring.charts import ChartedResult, chart_cause, point_metrics
+        return {}, res, []
+    from pipeline.monitoring.charts import ChartedResult, chart_cause, draw_chart, point_metrics
 
     try:
         point = ctx.charts.window(line, window_id, frame)
     except Exception:  # noqa: BLE001 - a chart that cannot take the window must not stop its test
         logger.exception("control chart of line %s failed on window %s", line, window_id)
-        return {}, res
+        return {}, res, []
     for m in point.messages:
         logger.warning("control chart of line %s, window %s: %s", line, window_id, m)
-    return point_metrics(point), ChartedResult(res, chart_cause(point))
+    pics: list[str] = []
+    if point.alarm:
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in f"{line}_{window_id}")
+        try:
+            pics.append(str(draw_chart(ctx.charts.charts.chart(line), ctx.charts.charts.dir / f"chart_{safe}.png",
+                                       title=f"line {line}: {point.text}"[:120])))
+        except Exception:  # noqa: BLE001 - a missing picture must not stop the alert
+            logger.exception("control chart picture failed for line %s", line)
+    return point_metrics(point), ChartedResult(res, chart_cause(point)), pics
 
 
 def _monitored_rows(settings: Any, config: MonitorConfig) -> pd.DataFrame:

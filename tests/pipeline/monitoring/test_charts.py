@@ -124,3 +124,15 @@ def test_charted_result_reads_as_the_drift_result():
     res = ChartedResult(QuietDrift(fired=("axes",), detected=True, family_p={"axes": 0.001}), None)
     assert res.detected and res.fired == ("axes",) and res.family_p == {"axes": 0.001} and res.extra_causes == ()
     assert not ChartedResult(QuietDrift(), None).detected
+
+
+def test_the_chart_picture_has_dates_and_is_written(charts: LineCharts, tmp_path: Path):
+    from pipeline.monitoring.charts import draw_chart
+
+    rng = np.random.default_rng(4)
+    days = pd.date_range("2026-01-01", periods=30, freq="D")
+    for k, d in enumerate(days):
+        charts.update("L1", d.date().isoformat(), cells(rng, 1, gain=0.9 if k >= 15 else 1.0))
+    out = draw_chart(charts.chart("L1"), tmp_path / "c.png", title="brightness")
+    assert out.exists() and out.stat().st_size > 5_000
+    assert out.read_bytes()[:4] == b"\x89PNG"

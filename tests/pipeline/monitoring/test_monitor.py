@@ -85,6 +85,7 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
     # the control chart raises its own alert (cause spc:<statistic>) on the fault, never on the healthy day
     charted = [e for e in res.alerts if e["kind"] == "opened" and e["alert"]["family"] == "spc"]
     assert len(charted) == 1 and charted[0]["window_id"] in faulty and charted[0]["alert"]["cause"].startswith("spc:")
+    assert any(Path(p).name.startswith("chart_L1_") and Path(p).exists() for p in charted[0]["alert"]["card_paths"])
     assert by_day[faulty[1]].alert_active and by_day[faulty[1]].description
     sent = (settings.state_dir / "alerts.jsonl").read_text().splitlines()
     assert [json.loads(x)["kind"] for x in sent] == ["opened", "opened"]
