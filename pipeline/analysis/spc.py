@@ -26,7 +26,8 @@ in-control streams, cut into windows like the monitored ones. The covariance ``S
 and the limit ``h`` is the value whose in-control average run length (ARL0, in windows) on them equals the target,
 counted with a reset after every alarm. The centre the chart uses is itself estimated from a finite number of
 lots; each segment of the bootstrap re-estimates it from a resample of the lots, so the limit allows for that
-error too (a Phase I of a few dozen lots gets a wider limit than one of a few hundred).
+error too (a Phase I of a few dozen lots gets a wider limit than one of a few hundred). The bootstrap still cannot
+see the error of the covariance it resamples, so it aims at ``arl0 * arl0_margin`` (:class:`SpcConfig`).
 
 **State.** :class:`SpcChart` holds the fitted limits and the running EWMA, serialises to JSON with the model id and
 line it belongs to, and refuses a state of another model or line (:class:`ChartStateMismatch`). :meth:`SpcChart.reset`
