@@ -13,7 +13,7 @@ them) and the product mix (mono lots 41 % -> 81 %).
 channels), the 32 latent axes of a cpu-preset model, and the share of cells above the Phase I's 90th anomaly-score
 percentile; multivariate EWMA plus fault-pattern charts, each cell centred on its product type's in-control mean.
 **Phase I / Phase II**: every replicate fits the chart on its own first ``--phase1`` in-control windows (limits from
-a lot bootstrap of them, calibrated to ARL0 = 200 windows, the centre's estimation error included), then runs it on
+a lot bootstrap of them, calibrated to ARL0 = 200 windows with the default margin, the centre's estimation error included), then runs it on
 fresh windows of the same stream. The fault patterns are measured on the Phase I cells by applying each camera fault
 to them (the same functions the faults come from: the pattern charts are matched to these faults; the MEWMA is not).
 
@@ -123,7 +123,7 @@ def in_control(rep: Rep, data: Data, n_windows: int) -> dict[str, Any]:
     pos = resample_stream(rep.runs, n_windows * WINDOW, rng)
     V = deviations(rep.chart, rep.F["clean"][pos], data.types[pos])
     lam = rep.chart.config.lam
-    alarms = run_alarms(ewma(V, lam), rep.chart.statistic, rep.chart.limit, lam)
+    alarms = run_alarms(ewma(rep.chart.clipped(V), lam), rep.chart.statistic, rep.chart.limit, lam)
     ends = np.r_[-1, alarms]
     return {"windows": n_windows, "alarms": len(alarms), "run_lengths": np.diff(ends).tolist(),
             "censored": int(n_windows - 1 - ends[-1]), "V": V}
@@ -161,7 +161,7 @@ def window_test_rep(rep: Rep, data: Data, runs: dict[str, list[FaultRun]], onset
     from pipeline.analysis.spc import resample_stream
     from pipeline.latent.properties import QUALITY_CHANNELS
 
-    q = [STATS.index(c) for c in QUALITY_CHANNELS]
+    q = [STATS.index(c) for c in QUALITY_CHANNELS if c in STATS]  # the channels the cached features hold
     ref = rep.p1[:ref_cells]
     det = DriftDetector(alpha=1.0 / ARL0, null="lot", n_calibration=1000, random_state=rep.index)
     det.fit(data.z["clean"][ref], ref_scores=data.scores["clean"][ref], ref_lots=data.lots[ref],

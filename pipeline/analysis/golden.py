@@ -10,7 +10,7 @@ sensor noise). A change seen on the golden cells therefore says *camera/optics c
 and the mean of that cell's baseline captures (on a log scale for brightness, fine detail and noise level, so the
 shift reads in per cent; in degrees for rotation; in latent units per axis for z). The re-imaging jitter is each
 cell's own standard deviation over its baseline captures, and the mean difference over the ``k`` cells of the shift
-is judged with a Welch t-test (``paired_welch``).
+is judged with a Welch t-test with conservative degrees of freedom (``paired_welch``).
 
 Each family (brightness, fine detail, noise level, rotation, and z with Bonferroni over its axes) is tested at
 ``alpha / n_families``, so one shift raises a false alarm with probability at most ``alpha`` (1 in 500 shifts by
@@ -245,8 +245,12 @@ def paired_welch(baselines: Sequence[np.ndarray], current: np.ndarray,
 
     Cell ``i`` has ``n_i >= 2`` baseline values with sample variance ``s_i**2`` (floored at ``resolution**2``);
     under no change ``current_i - mean_i`` has variance ``v_i = s_i**2 * (1 + 1 / n_i)``, so the mean difference
-    over the ``k`` cells divided by ``sqrt(sum(v_i)) / k`` is approximately t-distributed with the
-    Welch-Satterthwaite degrees of freedom ``sum(v_i)**2 / sum(v_i**2 / (n_i - 1))``. Each cell keeps its own
+    over the ``k`` cells divided by ``sqrt(sum(v_i)) / k`` is compared with a t distribution. Its degrees of
+    freedom are the smaller of the Welch-Satterthwaite value ``sum(v_i)**2 / sum(v_i**2 / (n_i - 1))`` and the
+    smallest baseline's ``n_i - 1`` (Hsu's conservative choice): with a handful of captures per cell the
+    Satterthwaite value overstates the information in the spreads, and the far tail the Bonferroni levels reach
+    is then too light (false alarms several times ``alpha`` on real re-imaging jitter, whose tails are heavier
+    than normal; under normal jitter the test is conservative). Each cell keeps its own
     re-imaging spread: cells differ in it (a cell with strong busbars holds its rotation better), and pooling
     them makes the test's far tail, which the Bonferroni levels reach, too light.
 
@@ -265,7 +269,7 @@ def paired_welch(baselines: Sequence[np.ndarray], current: np.ndarray,
     v = var * (1.0 + 1.0 / n)
     d = float(np.mean(np.asarray(current, float) - np.array([b.mean() for b in baselines])))
     t = d / (math.sqrt(v.sum()) / len(n))
-    df = v.sum() ** 2 / np.sum(v**2 / (n - 1.0))
+    df = min(v.sum() ** 2 / np.sum(v**2 / (n - 1.0)), float(n.min() - 1.0))
     return d, float(t), float(2.0 * stats.t.sf(abs(t), df)), float(math.sqrt(var.mean()))
 
 

@@ -26,7 +26,8 @@ in-control streams, cut into windows like the monitored ones. The covariance ``S
 and the limit ``h`` is the value whose in-control average run length (ARL0, in windows) on them equals the target,
 counted with a reset after every alarm. The centre the chart uses is itself estimated from a finite number of
 lots; each segment of the bootstrap re-estimates it from a resample of the lots, so the limit allows for that
-error too (a Phase I of a few dozen lots gets a wider limit than one of a few hundred).
+error too (a Phase I of a few dozen lots gets a wider limit than one of a few hundred). The bootstrap still cannot
+see the error of the covariance it resamples, so it aims at ``arl0 * arl0_margin`` (:class:`SpcConfig`).
 
 **State.** :class:`SpcChart` holds the fitted limits and the running EWMA, serialises to JSON with the model id and
 line it belongs to, and refuses a state of another model or line (:class:`ChartStateMismatch`). :meth:`SpcChart.reset`
@@ -60,6 +61,7 @@ __all__ = [
     "calibrate_limit",
     "change_point",
     "ewma",
+    "lot_groups",
     "lot_runs",
     "run_alarms",
     "stat_label",
@@ -178,6 +180,18 @@ def lot_runs(n: int, lots: Any = None, block: int = 60) -> list[np.ndarray]:
         raise ValueError(f"lots has {lots.shape[0]} labels for {n} rows")
     starts = np.r_[0, np.flatnonzero(lots[1:] != lots[:-1]) + 1, n]
     return [np.arange(a, b) for a, b in zip(starts[:-1], starts[1:], strict=True) if b > a]
+
+
+def lot_groups(runs: Sequence[np.ndarray], lots: Any = None) -> list[np.ndarray]:
+    """Indices into ``runs`` grouped by lot label (a lot met several times in the history is one group).
+
+    Without labels every run is its own group.
+    """
+    if lots is None:
+        return [np.array([i]) for i in range(len(runs))]
+    labels = np.asarray(lots)[[int(r[0]) for r in runs]].astype(str)
+    _, inv = np.unique(labels, return_inverse=True)
+    return [np.flatnonzero(inv == k) for k in range(int(inv.max()) + 1)] if len(runs) else []
 
 
 def resample_stream(runs: Sequence[np.ndarray], n_rows: int, rng: np.random.Generator) -> np.ndarray:
@@ -319,6 +333,17 @@ class SpcConfig:
             used only when the chart has patterns.
         refit_covariance: each bootstrap segment's chart also re-estimates the covariance from its lot resample
             (not only the centre); with few lots this overstates the error and widens the limit a lot.
+        holdout: share of the distinct lots each calibration segment holds out (0: off). A segment's chart is
+            fitted (centre, covariance, pattern scales) on the other lots only and watches a stream of all the
+            lots, so the limit is calibrated on a stream with lots the chart has never seen, as a Phase II's are. This
+            removes the optimism of calibrating on the very lots the covariance came from (a few dozen lots
+            estimate a covariance of 40 statistics poorly, and new lots fall in the directions it underrates).
+        arl0_margin: the bootstrap calibrates the limit to ``arl0 * arl0_margin``. A bootstrap over one Phase I's
+            lots is optimistic: it cannot see the error of the covariance it resamples, nor the lots the Phase I
+            lacks, and fresh in-control streams run short of the bootstrap's ARL (BENCHMARKS.md, ``bench_spc``).
+        clip_quantile: each window's deviation enters the EWMA shrunk to at most this quantile of the in-control
+            windows' Mahalanobis lengths (1: no clipping). An extreme lot then cannot raise an alarm on its own;
+            the limit is calibrated on clipped windows too.
         attribution_sd: a statistic is named in an alarm when its EWMA is this many in-control sd from 0.
         history: chart points kept in the state (for pictures and change points).
         seed: bootstrap seed.
@@ -333,6 +358,9 @@ class SpcConfig:
     block: int = 60
     pattern_share: float = 0.8
     refit_covariance: bool = False
+    holdout: float = 0.0
+    clip_quantile: float = 1.0
+    arl0_margin: float = 1.5
     attribution_sd: float = 2.0
     history: int = 500
     seed: int = 0
@@ -346,6 +374,12 @@ class SpcConfig:
             raise ValueError(f"SpcConfig.window must be >= 1 cell, got {self.window}")
         if not 0.0 < self.pattern_share < 1.0:
             raise ValueError(f"SpcConfig.pattern_share must be in (0, 1), got {self.pattern_share}")
+        if not self.arl0_margin >= 1.0:
+            raise ValueError(f"SpcConfig.arl0_margin must be >= 1, got {self.arl0_margin}")
+        if not 0.0 < self.clip_quantile <= 1.0:
+            raise ValueError(f"SpcConfig.clip_quantile must be in (0, 1], got {self.clip_quantile}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"SpcConfig.holdout must be in [0, 1), got {self.holdout}")
         if not 0.0 <= self.shrinkage <= 1.0:
             raise ValueError(f"SpcConfig.shrinkage must be in [0, 1], got {self.shrinkage}")
         if self.n_segments < 1 or self.n_windows < 5 * self.arl0:
@@ -433,6 +467,19 @@ class _Estimate:
     weights: np.ndarray
     pattern_sd: np.ndarray
     lam: float
+    clip: float = math.inf
+
+    def clipped(self, V: np.ndarray) -> np.ndarray:
+        """Window deviations (n, K) shrunk to a Mahalanobis length of at most ``clip`` (a Huber-type EWMA input).
+
+        One extreme lot moves one or two windows far; clipped, it moves the EWMA no further than an ordinary
+        unusual window does, while a persistent shift, small in every window, passes unchanged.
+        """
+        V = np.asarray(V, float)
+        if not math.isfinite(self.clip):
+            return V
+        d = np.sqrt(np.maximum(np.einsum("...i,ij,...j->...", V, self.precision, V), 0.0))
+        return V * np.minimum(1.0, self.clip / np.maximum(d, 1e-300))[..., None]
 
     def t2(self, E: np.ndarray) -> np.ndarray:
         """MEWMA statistic ``E' S_E^-1 E`` with ``S_E = lam / (2 - lam) S``."""
@@ -454,10 +501,15 @@ def _estimate(X: np.ndarray, g: np.ndarray, runs: Sequence[np.ndarray], patterns
     S = np.atleast_2d(np.cov(V.T))
     d = np.maximum(np.diag(S), 1e-24)
     precision = np.linalg.pinv((1.0 - cfg.shrinkage) * S + cfg.shrinkage * np.diag(d), hermitian=True)
+    clip = math.inf
+    if cfg.clip_quantile < 1.0:
+        clip = float(np.quantile(np.sqrt(np.maximum(np.einsum("ti,ij,tj->t", V, precision, V), 0.0)),
+                                 cfg.clip_quantile))
+        V = _Estimate(centers, precision, d, d, patterns, d, cfg.lam, clip).clipped(V)
     E = ewma(V, cfg.lam)[min(len(V) - 1, int(5 / cfg.lam)) :]  # steady state
     weights = patterns @ precision
     return _Estimate(centers, precision, np.sqrt(d), np.maximum(E.std(axis=0), 1e-24), weights,
-                     np.maximum((E @ weights.T).std(axis=0), 1e-24), cfg.lam)
+                     np.maximum((E @ weights.T).std(axis=0), 1e-24), cfg.lam, clip)
 
 
 class SpcChart:
@@ -505,6 +557,7 @@ class SpcChart:
         labels, g = _strata_codes(strata, len(keep))
         g = g[keep]
         runs = lot_runs(len(X), None if lots is None else np.asarray(lots)[keep], self.config.block)
+        self._groups = lot_groups(runs, None if lots is None else np.asarray(lots)[keep])
         self.names = tuple(names)
         self.strata = tuple(labels)
         self.center_all = X.mean(axis=0)
@@ -539,6 +592,8 @@ class SpcChart:
         """
         cfg = self.config
         per = int(math.ceil(cfg.n_windows / cfg.n_segments))
+        if cfg.holdout > 0 and len(self._groups) >= 3:
+            return [self._holdout_segment(X, g, runs, per, rng) for _ in range(cfg.n_segments)]
         out = []
         for _ in range(cfg.n_segments):
             resample = [runs[i] for i in rng.integers(len(runs), size=len(runs))]
@@ -548,28 +603,44 @@ class SpcChart:
                 c = _lot_resample_center(X, g, len(self.strata), resample, None)
                 est = replace(self.estimate, centers=np.where(np.isfinite(c), c, self.centers))
             pos = resample_stream(runs, per * cfg.window, rng)
-            V = window_means(X - est.centers[g], pos, cfg.window)
+            V = est.clipped(window_means(X - est.centers[g], pos, cfg.window))
             out.append((ewma(V, cfg.lam), est))
         return out
+
+    def _holdout_segment(self, X: np.ndarray, g: np.ndarray, runs: Sequence[np.ndarray], per: int,
+                         rng: np.random.Generator) -> tuple[np.ndarray, _Estimate]:
+        """One calibration segment: a chart fitted without a random share of the lots watches a stream of all lots."""
+        cfg, groups = self.config, self._groups
+        n_out = min(len(groups) - 1, max(1, int(round(cfg.holdout * len(groups)))))
+        out = set(rng.choice(len(groups), size=n_out, replace=False).tolist())
+        train = [runs[i] for k, grp in enumerate(groups) if k not in out for i in grp]
+        est = _estimate(X, g, train, self.patterns, self.centers, max(per, 500), cfg, rng)
+        pos = resample_stream(runs, per * cfg.window, rng)
+        return ewma(est.clipped(window_means(X - est.centers[g], pos, cfg.window)), cfg.lam), est
 
     def _set_limits(self, segments: Sequence[tuple[np.ndarray, _Estimate]]) -> None:
         """Limits of the MEWMA and the pattern charts (false alarms split by ``pattern_share``), then of both."""
         cfg, lam = self.config, self.config.lam
+        target = cfg.arl0 * cfg.arl0_margin
         share = cfg.pattern_share if len(self.pattern_names) else 0.0
-        self.t2_limit = calibrate_limit([(E, est.t2) for E, est in segments], lam, cfg.arl0 / (1.0 - share))[0]
+        self.t2_limit = calibrate_limit([(E, est.t2) for E, est in segments], lam, target / (1.0 - share))[0]
         self.pattern_limit = 1.0
         if share:
             self.pattern_limit = calibrate_limit(
                 [(E, lambda x, est=est: np.abs(est.patterns(x)).max(axis=-1)) for E, est in segments],
-                lam, cfg.arl0 / share)[0]
+                lam, target / share)[0]
         self.limit, self.arl0_fit = calibrate_limit(
-            [(E, lambda x, est=est: self._combined(est, x)) for E, est in segments], lam, cfg.arl0)
+            [(E, lambda x, est=est: self._combined(est, x)) for E, est in segments], lam, target)
 
     def _combined(self, est: _Estimate, E: np.ndarray) -> np.ndarray:
         out = est.t2(E) / self.t2_limit
         if len(self.pattern_names):
             out = np.maximum(out, np.abs(est.patterns(E)).max(axis=-1) / self.pattern_limit)
         return out
+
+    def clipped(self, V: np.ndarray) -> np.ndarray:
+        """Window deviations (n, K) as they enter the EWMA (shrunk to the clip length; see ``clip_quantile``)."""
+        return self.estimate.clipped(V)
 
     def t2(self, E: np.ndarray) -> np.ndarray:
         """The MEWMA statistic ``E' S_E^-1 E`` of EWMA vectors (n, K) (or one (K,) vector)."""
@@ -628,7 +699,7 @@ class SpcChart:
                 return _point_from_dict(h["point"])
         v, n_cells, messages = self.deviation(X, strata)
         lam = self.config.lam
-        self.ewma_state = (1.0 - lam) * self.ewma_state + lam * v
+        self.ewma_state = (1.0 - lam) * self.ewma_state + lam * self.estimate.clipped(v)
         self.since_reset += 1
         self.n_windows += 1
         entry: dict[str, Any] = {"window_id": window_id, "v": v.tolist(), "reset": self.since_reset == 1}
@@ -715,6 +786,7 @@ class SpcChart:
             "t2_limit": self.t2_limit, "pattern_limit": self.pattern_limit, "pattern_names": list(self.pattern_names),
             "patterns": self.patterns.tolist(), "pattern_weights": self.pattern_weights.tolist(),
             "pattern_sd": self.pattern_sd.tolist(),
+            "clip": self.estimate.clip if math.isfinite(self.estimate.clip) else None,
             "fit_info": self.fit_info, "ewma_state": self.ewma_state.tolist(), "since_reset": self.since_reset,
             "n_windows": self.n_windows, "history": self.history,
         }
@@ -741,8 +813,9 @@ class SpcChart:
         out.pattern_names = tuple(d["pattern_names"])
         out.limit, out.arl0_fit = float(d["limit"]), float(d["arl0_fit"])
         out.t2_limit, out.pattern_limit = float(d["t2_limit"]), float(d["pattern_limit"])
+        clip = d.get("clip")
         out.estimate = _Estimate(out.centers, out.precision, out.window_sd, out.ewma_sd, out.pattern_weights,
-                                 out.pattern_sd, out.config.lam)
+                                 out.pattern_sd, out.config.lam, math.inf if clip is None else float(clip))
         out.fit_info, out.history = dict(d["fit_info"]), list(d["history"])
         out.since_reset, out.n_windows = int(d["since_reset"]), int(d["n_windows"])
         out.is_fitted = True

@@ -123,15 +123,25 @@ def window_causes(drift_result: Any, attribution: Any = None, *, top_n: int = 3)
     """The causes of a drifted window, one per family group that fired, in :data:`GROUP_ORDER` (others after).
 
     Args:
-        drift_result: the window's drift result (``detected``, ``fired``, ``family_p``, ``per_channel``, ...).
+        drift_result: the window's drift result (``detected``, ``fired``, ``family_p``, ``per_channel``, ...);
+            causes in its optional ``extra_causes`` (the control chart's) follow the test's own.
         attribution: its :class:`pipeline.analysis.axes.Attribution` (computed when None).
         top_n: axes listed in a latent cause.
 
     Returns:
         ``[]`` for a window that did not drift.
     """
+    extra = list(getattr(drift_result, "extra_causes", ()) or ())  # e.g. the control chart's (monitoring.charts)
     if not bool(getattr(drift_result, "detected", False)):
         return []
+    fired = tuple(getattr(drift_result, "fired", ()) or ())
+    if extra and not fired:
+        return extra
+    return _test_causes(drift_result, attribution, top_n) + extra
+
+
+def _test_causes(drift_result: Any, attribution: Any, top_n: int) -> list[Cause]:
+    """The causes of the drift test's fired families."""
     if attribution is None:
         from pipeline.analysis.axes import attribute
 

@@ -92,6 +92,10 @@ class MonitorConfig:
         report: draw a drift report picture per alerted window.
         seed: seed of the detector split and the drift tests.
         progress: progress bars.
+        spc: also run each line's control chart over its windows (``pipeline.monitoring.charts``): a persistent
+            small shift raises an alert with cause ``spc:<statistic>``.
+        spc_arl0: the chart's in-control average run length, in windows (``docs/spc.md``: days between false
+            alarms).
     """
 
     lines: tuple[str, ...] | None = None
@@ -111,6 +115,8 @@ class MonitorConfig:
     report: bool = True
     seed: int = 0
     progress: bool = False
+    spc: bool = True
+    spc_arl0: float = 200.0
 
     def __post_init__(self) -> None:
         if self.window_by not in ("day", "shift", "count"):
@@ -180,6 +186,7 @@ class WindowOutcome:
     example_serials: tuple[str, ...] = ()
     original: bool = True
     explanation: str = ""
+    chart: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -438,6 +445,7 @@ class _Pass:
     quality: pd.DataFrame | None
     descriptions: list[Any]
     manager: Any
+    charts: Any = None
 
     @property
     def use_scores(self) -> bool:
@@ -458,6 +466,7 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
     drift, quality = build_drift_detector(settings, champ, config, df)
     ctx = _Pass(settings, config, champ, drift, quality, axis_descriptions(settings, champ),
                 alert_manager if alert_manager is not None else default_alert_manager(settings))
+    ctx = replace(ctx, charts=_monitor_charts(ctx, df))
 
     results: dict[tuple[str, str], tuple[Any, pd.DataFrame]] = {}
     outcomes: list[WindowOutcome] = []
@@ -555,6 +564,7 @@ def _test_window(ctx: _Pass, line: str, w: Any) -> tuple[WindowOutcome, Any]:
 
     frame = w.frame
     res, n_tested = _drift_of_window(ctx, frame)
+    chart_metrics, alert_res, chart_pics = _chart_window(ctx, line, w.window_id, frame, res)
     attr, top, effect, description, mix = _describe(ctx, res, frame)
     cards: dict[int, str] = {}
     if res.detected and ctx.config.cards and top is not None:
@@ -565,12 +575,15 @@ def _test_window(ctx: _Pass, line: str, w: Any) -> tuple[WindowOutcome, Any]:
             logger.exception("axis cards failed for model %s", ctx.champ.model_id)
     examples, serials = _example_images(ctx.settings, frame)
     events = ctx.manager.update(
-        line, w.window_id, res, attr, model_version=ctx.champ.version, card_paths=list(cards.values()),
+        line, w.window_id, alert_res, attr, model_version=ctx.champ.version,
+        card_paths=[*cards.values(), *chart_pics],
         example_images=examples, example_serials=serials,
         window_start=pd.Timestamp(w.start).isoformat(), window_end=pd.Timestamp(w.end).isoformat(),
     )
+    if ctx.charts is not None:
+        ctx.charts.charts.after_events(line, events or ())
     ev_dicts = tuple(_event_dict(e) for e in (events or ()))
-    causes = window_causes(res, attr)
+    causes = window_causes(alert_res, attr)
     explanation = plain_summary(
         line=line, window_id=w.window_id, model_version=ctx.champ.version, n_images=len(frame), n_tested=n_tested,
         n_anomalous=int(frame["is_anomaly"].sum()), detected=bool(res.detected), causes=causes,
@@ -585,9 +598,54 @@ def _test_window(ctx: _Pass, line: str, w: Any) -> tuple[WindowOutcome, Any]:
         effect=effect, description=description, summary=res.summary(), attribution=attr.text,
         alert_active=bool(ctx.manager.open_alerts(line)), events=ev_dicts, model_version=ctx.champ.version,
         fired=tuple(res.fired), causes=tuple(c.key for c in causes), example_serials=tuple(serials),
-        explanation=explanation,
+        explanation=explanation, chart=chart_metrics,
     )
     return outcome, res
+
+
+def _monitor_charts(ctx: _Pass, df: pd.DataFrame) -> Any:
+    """The pass's control charts (``pipeline.monitoring.charts``), or None when off or when they cannot be built."""
+    if not ctx.config.spc or ctx.champ.z_ref is None:
+        return None
+    from pipeline.monitoring.charts import MonitorCharts, window_size_of
+
+    ref = ctx.champ.reference
+    try:
+        size = window_size_of(ref, ctx.config.window_by, ctx.config.window_size, ctx.settings.timezone)
+        return MonitorCharts(ctx.manager.state_dir, ctx.champ.model_id, ref, np.asarray(ctx.champ.z_ref),
+                             ctx.quality, ctx.champ.ref_scores if ctx.use_scores else None, size,
+                             arl0=ctx.config.spc_arl0)
+    except Exception:  # noqa: BLE001 - the per-window test goes on without the chart
+        logger.exception("control charts not available for model %s", ctx.champ.model_id)
+        return None
+
+
+def _chart_window(ctx: _Pass, line: str, window_id: str, frame: pd.DataFrame,
+                  res: Any) -> tuple[dict[str, float], Any, list[str]]:
+    """The window's chart metrics, the drift result for the alert manager (with the chart's cause), the picture.
+
+    On an alarm the chart's picture is drawn and cited by the alert beside the axis cards.
+    """
+    if ctx.charts is None:
+        return {}, res, []
+    from pipeline.monitoring.charts import ChartedResult, chart_cause, draw_chart, point_metrics
+
+    try:
+        point = ctx.charts.window(line, window_id, frame)
+    except Exception:  # noqa: BLE001 - a chart that cannot take the window must not stop its test
+        logger.exception("control chart of line %s failed on window %s", line, window_id)
+        return {}, res, []
+    for m in point.messages:
+        logger.warning("control chart of line %s, window %s: %s", line, window_id, m)
+    pics: list[str] = []
+    if point.alarm:
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in f"{line}_{window_id}")
+        try:
+            pics.append(str(draw_chart(ctx.charts.charts.chart(line), ctx.charts.charts.dir / f"chart_{safe}.png",
+                                       title=f"line {line}: {point.text}"[:120])))
+        except Exception:  # noqa: BLE001 - a missing picture must not stop the alert
+            logger.exception("control chart picture failed for line %s", line)
+    return point_metrics(point), ChartedResult(res, chart_cause(point)), pics
 
 
 def _monitored_rows(settings: Any, config: MonitorConfig) -> pd.DataFrame:
@@ -795,6 +853,7 @@ def _log_line_run(settings: Any, champ: Champion, outcomes: list[WindowOutcome],
         ) for o in outcomes]
         tracking.log_monitoring_windows(windows, model_name=settings.model_name, model_version=champ.version,
                                         reports={o.window_id: o.report for o in outcomes if o.report})
+        tracking.log_chart_windows([(o.chart, o.start) for o in outcomes])
         cards = state_dir(settings) / "axes" / champ.model_id
         if cards.is_dir():
             tracking.log_artifacts(cards, "axis_cards")

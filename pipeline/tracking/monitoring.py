@@ -368,3 +368,30 @@ def log_monitoring_windows(windows: Sequence[DriftWindowMetrics], *, model_name:
     uploaded = [log_report(p, line=windows[0].line, window_id=wid, run_id=rid) for wid, p in (reports or {}).items()]
     describe_monitoring_run(windows, model_name=model_name, model_version=model_version, reports=uploaded, run_id=rid)
     return uploaded
+
+
+def log_chart_windows(points: Sequence[tuple[Mapping[str, float], dt.datetime | None]], *,
+                      run_id: str | None = None) -> int:
+    """Log the control chart's numbers of a line's windows (``spc/value``, ``spc/limit``, ...), one step per window.
+
+    Each window's metrics are stamped with its start time and logged at its index in the run (the same step as
+    :func:`log_drift_window`), so the MLflow UI draws the chart as curves over the windows' dates.
+
+    Args:
+        points: per window (in time order), its chart metrics (``pipeline.monitoring.charts.point_metrics``; empty
+            when the chart did not run) and its start.
+        run_id: Run (default: the current one).
+
+    Returns:
+        The windows logged.
+    """
+    rid, n = None, 0
+    for step, (metrics, start) in enumerate(points):
+        if not metrics:
+            continue
+        rid = rid or run_id_or_current(run_id)
+        named = {f"spc/{k.removeprefix('spc_')}": float(v) for k, v in metrics.items()}
+        log_metrics(named, step=step, run_id=rid, timestamp_ms=timestamp_ms(start))
+        n += 1
+    return n
+

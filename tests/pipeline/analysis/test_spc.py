@@ -134,7 +134,7 @@ def test_stat_labels():
 
 def test_fit_calibrates_the_arl_and_stays_quiet_in_control(fitted):
     chart, _ = fitted
-    assert chart.arl0_fit == pytest.approx(CFG.arl0, rel=0.15)
+    assert chart.arl0_fit == pytest.approx(CFG.arl0 * CFG.arl0_margin, rel=0.15)  # the bootstrap target
     rng = np.random.default_rng(6)
     fresh = lots_data(rng, 300)
     alarms = 0
@@ -243,3 +243,20 @@ def test_bad_configuration_and_history():
         SpcChart("L1").update("w", np.zeros((3, 1)))
     with pytest.raises(ValueError, match="non-empty"):
         SpcChart("")
+
+
+def test_clipping_bounds_each_window_and_held_out_lots_widen_the_limit():
+    rng = np.random.default_rng(11)
+    hist = lots_data(rng, 80)
+    cfg = SpcConfig(arl0=50, n_windows=3000, n_segments=6, window=20, block=10)
+    plain = SpcChart("L1", "m1", cfg).fit(hist[NAMES], lots=hist["lot"])
+    clipped = SpcChart("L1", "m1", SpcConfig(**{**cfg.__dict__, "clip_quantile": 0.9})).fit(hist[NAMES],
+                                                                                             lots=hist["lot"])
+    V = rng.normal(0, 5, size=(50, 3))
+    lengths = np.sqrt(np.einsum("ti,ij,tj->t", clipped.clipped(V), clipped.precision, clipped.clipped(V)))
+    assert lengths.max() <= clipped.estimate.clip + 1e-9 and np.isfinite(clipped.estimate.clip)
+    assert np.array_equal(plain.clipped(V), V)  # off by default
+    again = SpcChart.from_dict(json.loads(json.dumps(clipped.to_dict())), line="L1", model_id="m1")
+    assert again.estimate.clip == pytest.approx(clipped.estimate.clip)
+    held = SpcChart("L1", "m1", SpcConfig(**{**cfg.__dict__, "holdout": 0.3})).fit(hist[NAMES], lots=hist["lot"])
+    assert held.t2_limit > plain.t2_limit  # lots the chart never saw look further away than its own lots

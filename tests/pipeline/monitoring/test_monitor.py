@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -80,17 +81,24 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
     assert not by_day[healthy].detected, by_day[healthy].summary
     assert all(by_day[d].detected for d in faulty), [by_day[d].summary for d in faulty]
     # the default policy opens after 2 drifted windows in a row: one "opened" event, on the second faulty day
-    opened = [e for e in res.alerts if e["kind"] == "opened"]
+    opened = [e for e in res.alerts if e["kind"] == "opened" and e["alert"]["family"] != "spc"]
     assert len(opened) == 1 and opened[0]["window_id"] == faulty[1]
+    # the control chart raises its own alert (cause spc:<statistic>) on the fault, never on the healthy day
+    charted = [e for e in res.alerts if e["kind"] == "opened" and e["alert"]["family"] == "spc"]
+    assert len(charted) == 1 and charted[0]["window_id"] in faulty and charted[0]["alert"]["cause"].startswith("spc:")
+    assert any(Path(p).name.startswith("chart_L1_") and Path(p).exists() for p in charted[0]["alert"]["card_paths"])
     assert by_day[faulty[1]].alert_active and by_day[faulty[1]].description
     sent = (settings.state_dir / "alerts.jsonl").read_text().splitlines()
-    assert [json.loads(x)["kind"] for x in sent] == ["opened"]
+    assert [json.loads(x)["kind"] for x in sent] == ["opened", "opened"]
     # the alert, the report and the verdict name the cells by their MES serial, not by a store hash
-    alert = json.loads(sent[0])["alert"]
+    alert = next(a for a in (json.loads(x)["alert"] for x in sent) if a["family"] != "spc")
     assert alert["cause"].startswith("axes:z_") and alert["example_serials"][0].startswith("L1-")
     assert by_day[faulty[1]].example_serials == tuple(alert["example_serials"])
     assert by_day[faulty[1]].report.endswith(f"drift_L1_{faulty[1]}_v1.png")
     assert alert["example_serials"][0] in by_day[faulty[1]].explanation
+    # the line's control chart ran over every window beside the test, its state kept with the alert state
+    assert all(w.chart and w.chart["spc_limit"] > 0 for w in res.windows), [w.chart for w in res.windows]
+    assert [p.name for p in settings.state_dir.rglob("charts/*.json")] == ["L1.json"]
 
     # per-image scores: the diffusion residual judged against the calibration images nearest in z, with the
     # recipe the retrain recorded in the bundle; residuals computed once per image and model
@@ -129,6 +137,8 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
     # stamped with the window's start, the alert in the run description, the model and the images linked
     stamped = tracking.get_metric_history("drift/detected", run_id=res.run_id, with_timestamps=True)
     assert [t for _, t, _ in stamped] == [int(w.start.timestamp() * 1000) for w in res.windows]
+    charted_ts = tracking.get_metric_history("spc/value", run_id=res.run_id, with_timestamps=True)
+    assert [t for _, t, _ in charted_ts] == [t for _, t, _ in stamped]  # the chart as a curve over the dates
     run = tracking.run_summary(res.run_id)
     assert run.tags["mlflow.note.content"].startswith(f"Drift on line L1, window {faulty[-1]}")
     assert run.tags["linewatch.model_uri"] == f"models:/{settings.model_name}/{v1.version}"

@@ -1,0 +1,307 @@
+"""The monitor's control chart: a per-line EWMA chart over the window stream, beside the per-window drift test.
+
+The per-window test compares one window with the reference; a small persistent shift (a camera gain x0.9) moves a
+window by less than lot-to-lot variation does, so it needs the evidence of many windows (:mod:`pipeline.analysis.spc`).
+This module runs that chart inside the monitor:
+
+* **Statistics** per image (:func:`image_statistics`): every latent axis ``z_*``, the image-quality channels the
+  monitor measures (brightness, detail, noise, ...), and ``score_tail`` (1 when the anomaly score is above the
+  reference's 90th percentile). The chart takes each window's means.
+* **Phase I** (:func:`fit_chart`): the champion's reference images, in production order, with their product types
+  and lots (or blocks of consecutive images), limits calibrated to ``arl0`` windows.
+* **State** (:class:`LineCharts`): one JSON file per line under the alert manager's state folder
+  (``<state_dir>/charts/<line>.json``), tied to the line and the model; a state of another line or model, or an
+  unreadable one, is replaced by a new fit, with a message.
+* **Alerts**: an alarm becomes a cause ``spc:<statistic>`` of family ``spc`` (:func:`chart_cause`), handed to the
+  alert manager with the window's drift result (:class:`ChartedResult`), so it gets the same hysteresis, one alert
+  per cause, outbox and webhook. When the alert manager resolves the ``spc`` alert the chart restarts
+  (:meth:`LineCharts.after_events`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.analysis.spc import ChartPoint, ChartStateMismatch, SpcChart, SpcConfig
+from pipeline.monitoring.causes import Cause
+
+log = logging.getLogger(__name__)
+
+FAMILY = "spc"
+"""The alert family (group) of control-chart causes."""
+TAIL_QUANTILE = 0.9
+"""A cell counts in ``score_tail`` when its anomaly score is above this quantile of the reference's scores."""
+
+__all__ = ["FAMILY", "ChartSettings", "ChartedResult", "LineCharts", "MonitorCharts", "chart_cause", "draw_chart",
+           "fit_chart", "image_statistics", "point_metrics", "window_size_of"]
+
+
+@dataclass(frozen=True)
+class ChartSettings:
+    """How the monitor's charts are fitted.
+
+    Attributes:
+        arl0: in-control average run length in windows (one false alarm every ``arl0`` windows on average; with
+            one window a day, 200 windows is about seven months).
+        window: cells per bootstrap window of the Phase I (near the monitor's typical window size).
+        n_windows: bootstrap windows the limit is calibrated on.
+        n_segments: bootstrap segments (each with its own re-estimated centre).
+        block: bootstrap block length (images) when the reference has no lot labels.
+        seed: bootstrap seed.
+    """
+
+    arl0: float = 200.0
+    window: int = 100
+    n_windows: int = 8_000
+    n_segments: int = 20
+    block: int = 60
+    seed: int = 0
+
+    def spc_config(self) -> SpcConfig:
+        """The chart configuration."""
+        return SpcConfig(arl0=self.arl0, window=self.window, n_windows=self.n_windows, n_segments=self.n_segments,
+                         block=self.block, seed=self.seed)
+
+
+def image_statistics(z: np.ndarray, z_names: Sequence[str], quality: pd.DataFrame | None = None,
+                     scores: np.ndarray | None = None, tail_threshold: float | None = None) -> pd.DataFrame:
+    """Per-image chart statistics: latent axes, image-quality channels and the anomaly-score tail indicator.
+
+    Args:
+        z: (n, d) latents.
+        z_names: their column names (``z_0`` ...).
+        quality: the images' quality channels (n rows, same order), or None.
+        scores: the images' anomaly scores, or None.
+        tail_threshold: the reference's score quantile ``TAIL_QUANTILE`` (needed with ``scores``).
+
+    Returns:
+        One row per image, one column per statistic.
+    """
+    out = pd.DataFrame(np.asarray(z, float), columns=list(z_names))
+    if quality is not None:
+        q = quality.reset_index(drop=True).select_dtypes("number")
+        out = pd.concat([q, out], axis=1)
+    if scores is not None and tail_threshold is not None:
+        out["score_tail"] = (np.asarray(scores, float) > tail_threshold).astype(float)
+    return out
+
+
+def fit_chart(line: str, model_id: str | None, stats: pd.DataFrame, *, strata: Any = None, lots: Any = None,
+              settings: ChartSettings = ChartSettings()) -> SpcChart:
+    """Fit a line's chart on its in-control history (Phase I: the reference images, in production order).
+
+    Args:
+        line: the line.
+        model_id: the model whose latents are among the statistics.
+        stats: per-image statistics (:func:`image_statistics`).
+        strata: product type per image (each compared with its own in-control mean), or None.
+        lots: lot per image, or None (bootstrap blocks of consecutive images).
+        settings: fitting settings.
+
+    Returns:
+        The fitted chart.
+    """
+    return SpcChart(line, model_id, settings.spc_config()).fit(stats, strata=strata, lots=lots)
+
+
+def chart_cause(point: ChartPoint) -> Cause | None:
+    """The alert cause of a chart point: ``spc:<top statistic>`` on an alarm, else None."""
+    if not point.alarm:
+        return None
+    top = point.top
+    name = top.name if top is not None else "chart"
+    effects = tuple(float(s.z) for s in point.shifts[:3])
+    return Cause(f"{FAMILY}:{name}", FAMILY, (FAMILY,), (), (), effects, point.text)
+
+
+class ChartedResult:
+    """A window's drift result with the chart's cause added (what the alert manager is given).
+
+    It reads as the drift result in every respect, except that ``detected`` is also true on a chart alarm and
+    ``extra_causes`` carries the chart's cause (:func:`pipeline.monitoring.causes.window_causes` appends it).
+    """
+
+    def __init__(self, result: Any, cause: Cause | None) -> None:
+        self._result = result
+        self.extra_causes: tuple[Cause, ...] = () if cause is None else (cause,)
+
+    @property
+    def detected(self) -> bool:
+        """The drift test's verdict, or the chart's alarm."""
+        return bool(getattr(self._result, "detected", False)) or bool(self.extra_causes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._result, name)
+
+
+class LineCharts:
+    """The charts of every line under one state folder, loaded, fitted, updated and saved as the monitor goes.
+
+    Args:
+        state_dir: the alert manager's state folder (the charts live in ``charts/`` under it).
+        model_id: the champion's model id.
+        phase1: ``line -> (stats, strata, lots)`` of the in-control history, fitted on when a line has no usable
+            state; a callable of the line returning that triple works too.
+        settings: fitting settings.
+    """
+
+    def __init__(self, state_dir: str | Path, model_id: str | None, phase1: Any,
+                 settings: ChartSettings = ChartSettings()) -> None:
+        self.dir = Path(state_dir) / "charts"
+        self.model_id = model_id
+        self.phase1 = phase1
+        self.settings = settings
+        self.messages: list[str] = []
+        self._charts: dict[str, SpcChart] = {}
+
+    def path(self, line: str) -> Path:
+        """The state file of a line."""
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in line)
+        return self.dir / f"{safe}.json"
+
+    def chart(self, line: str) -> SpcChart:
+        """The line's chart: its saved state, or a new Phase I fit when there is none usable (with a message)."""
+        if line in self._charts:
+            return self._charts[line]
+        p = self.path(line)
+        chart = None
+        if p.exists():
+            try:
+                chart = SpcChart.load(p, line=line, model_id=self.model_id)
+            except (ChartStateMismatch, KeyError, TypeError, ValueError) as e:
+                self.messages.append(f"line {line}: control-chart state {p.name} not used ({e}); fitted anew")
+                log.warning("%s", self.messages[-1])
+        if chart is None:
+            src = self.phase1(line) if callable(self.phase1) else self.phase1[line]
+            stats, strata, lots = src
+            chart = fit_chart(line, self.model_id, stats, strata=strata, lots=lots, settings=self.settings)
+        self._charts[line] = chart
+        return chart
+
+    def update(self, line: str, window_id: str, stats: pd.DataFrame, strata: Any = None) -> ChartPoint:
+        """Add one window to the line's chart and save the state; the chart point."""
+        chart = self.chart(line)
+        point = chart.update(window_id, stats[list(chart.names)], strata=strata)
+        chart.save(self.path(line))
+        return point
+
+    def after_events(self, line: str, events: Sequence[Any]) -> bool:
+        """Restart the line's chart when the alert manager resolved its ``spc`` alert; whether it did."""
+        resolved = any(getattr(e, "kind", "") == "resolved" and getattr(getattr(e, "alert", None), "family", "")
+                       == FAMILY for e in events)
+        if resolved and line in self._charts:
+            self._charts[line].reset()
+            self._charts[line].save(self.path(line))
+        return resolved
+
+
+def point_metrics(point: ChartPoint) -> dict[str, float]:
+    """The chart's numbers of one window for a metrics log: statistic, limit, alarm (0/1), MEWMA part."""
+    return {"spc_value": float(point.value), "spc_limit": float(point.limit), "spc_alarm": float(point.alarm),
+            "spc_t2": float(point.t2)}
+
+
+def window_size_of(reference: pd.DataFrame, window_by: str, window_size: int | None, timezone: str) -> int:
+    """Cells per chart window: the monitor's count windows, else the reference's median images per day or shift."""
+    if window_by == "count" and window_size:
+        return int(window_size)
+    if "captured_at" not in reference.columns or reference.empty:
+        return 100
+    t = pd.to_datetime(reference["captured_at"], utc=True).dt.tz_convert(timezone)
+    period = t.dt.floor("D") if window_by == "day" else t.dt.floor("8h")
+    size = int(period.value_counts().median())
+    return max(10, min(size, len(reference) // 4))
+
+
+class MonitorCharts:
+    """The charts of one monitor pass: the champion's reference is every line's Phase I.
+
+    Args:
+        state_dir: the alert manager's state folder.
+        model_id: the champion's model id.
+        reference: the champion's reference rows (``product_type``, ``lot`` and ``captured_at`` when known).
+        z_ref: the reference latents (rows as ``reference``).
+        quality: image-quality channels indexed by image id (reference and monitored images), or None.
+        ref_scores: the reference's anomaly scores, or None (no ``score_tail``).
+        window: cells per chart window (:func:`window_size_of`).
+        arl0: the charts' in-control average run length, in windows.
+    """
+
+    def __init__(self, state_dir: str | Path, model_id: str | None, reference: pd.DataFrame, z_ref: np.ndarray,
+                 quality: pd.DataFrame | None, ref_scores: np.ndarray | None, window: int,
+                 arl0: float = ChartSettings.arl0) -> None:
+        self.z_names = [f"z_{k}" for k in range(np.asarray(z_ref).shape[1])]
+        order = np.argsort(pd.to_datetime(reference["captured_at"], utc=True).to_numpy(), kind="stable") \
+            if "captured_at" in reference.columns else np.arange(len(reference))  # production order
+        reference, z_ref = reference.iloc[order].reset_index(drop=True), np.asarray(z_ref)[order]
+        ref_scores = None if ref_scores is None else np.asarray(ref_scores)[order]
+        self.quality = quality
+        self.threshold = None if ref_scores is None else float(np.quantile(ref_scores, TAIL_QUANTILE))
+        q_ref = None if quality is None else quality.loc[reference["image_id"].astype(str).to_numpy()]
+        stats = image_statistics(z_ref, self.z_names, q_ref, ref_scores, self.threshold)
+        strata = reference["product_type"].fillna("unknown").astype(str).to_numpy() \
+            if "product_type" in reference.columns else None
+        lots = reference["lot"].astype(str).to_numpy() if "lot" in reference.columns else None
+        self.charts = LineCharts(state_dir, model_id, lambda line: (stats, strata, lots),
+                                 ChartSettings(arl0=arl0, window=window))
+
+    def window(self, line: str, window_id: str, frame: pd.DataFrame) -> ChartPoint:
+        """The chart point of one monitored window (its rows carry ``z_*``, ``image_id`` and ``score``)."""
+        q = None if self.quality is None else self.quality.loc[frame["image_id"].astype(str).to_numpy()]
+        scores = frame["score"].to_numpy(float) if "score" in frame.columns else None
+        stats = image_statistics(frame[self.z_names].to_numpy(float), self.z_names, q, scores, self.threshold)
+        strata = frame["product_type"].fillna("unknown").astype(str).to_numpy() \
+            if "product_type" in frame.columns else None
+        return self.charts.update(line, window_id, stats, strata)
+
+
+def draw_chart(chart: SpcChart, out_path: str | Path, *, title: str = "") -> Path:
+    """Draw a line's control chart: the chart statistic per window against its limit, alarms and the change point.
+
+    The x axis shows the windows' dates when their ids are dates (day or shift windows), else their ids. The
+    statistic is the MEWMA and the fault-pattern charts, each over its own limit, so the limit sits near 1.
+
+    Args:
+        chart: the fitted chart with its recent history.
+        out_path: PNG to write.
+        title: the picture's title (e.g. the alert's statistic).
+
+    Returns:
+        The written file.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    points = [h["point"] for h in chart.history if "point" in h]
+    ids = [str(p["window_id"]) for p in points]
+    dates = pd.to_datetime(pd.Series(ids), errors="coerce", utc=True)
+    x = list(dates) if len(ids) and dates.notna().all() else list(range(len(ids)))
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.plot(x, [p["value"] for p in points], marker="o", ms=3, lw=1.2, label="chart statistic (EWMA)")
+    ax.plot(x, [p["limit"] for p in points], color="crimson", ls="--", lw=1, label=f"limit (ARL0 {chart.config.arl0:g})")
+    alarms = [i for i, p in enumerate(points) if p["alarm"]]
+    ax.scatter([x[i] for i in alarms], [points[i]["value"] for i in alarms], color="crimson", zorder=3, label="alarm")
+    changes = {p["change_window"] for p in points if p["alarm"] and p.get("change_window")}
+    for cw in changes & set(ids):
+        ax.axvline(x[ids.index(cw)], color="darkorange", lw=1.5, label=f"change point ({cw})")
+    if x and not isinstance(x[0], int):
+        fig.autofmt_xdate()
+    else:
+        ax.set_xticks(range(len(ids)), ids, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("statistic / limit")
+    ax.set_title(title or f"control chart, line {chart.line}", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return out

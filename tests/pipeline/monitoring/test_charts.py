@@ -1,0 +1,138 @@
+"""The monitor's control chart: statistics, per-line state, the ``spc:<statistic>`` cause through the alert manager."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.monitoring import alerts as AL
+from pipeline.monitoring.causes import window_causes
+from pipeline.monitoring.charts import (
+    FAMILY,
+    ChartedResult,
+    ChartSettings,
+    LineCharts,
+    chart_cause,
+    image_statistics,
+    point_metrics,
+)
+
+SETTINGS = ChartSettings(arl0=50, window=20, n_windows=3000, n_segments=6, block=10)
+NAMES = ["mean_intensity", "z_0", "z_1"]
+
+
+@dataclass(frozen=True)
+class QuietDrift:
+    """A per-window drift result that saw nothing."""
+
+    detected: bool = False
+    per_axis: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
+        {"axis": [0, 1], "effect_size": [0.0, 0.0], "p_value": [0.5, 0.5], "p_adjusted": [0.9, 0.9],
+         "significant": [False, False], "ks_stat": [0.0, 0.0], "psi": [0.0, 0.0], "psi_band": ["stable"] * 2,
+         "rank": [0, 1]}))
+    fired: tuple[str, ...] = ()
+    family_p: dict = field(default_factory=dict)
+
+
+def cells(rng: np.random.Generator, n_lots: int, size: int = 20, gain: float = 1.0) -> pd.DataFrame:
+    """Per-image statistics of ``n_lots`` lots: brightness with a lot effect, two latent axes."""
+    rows = []
+    for _ in range(n_lots):
+        level = 0.5 + rng.normal(0, 0.01)
+        z = rng.normal(0, 1.0, 2)
+        for _ in range(size):
+            rows.append({"mean_intensity": gain * (level + rng.normal(0, 0.01)),
+                         "z_0": z[0] + rng.normal(0, 1.0) + (gain - 1.0) * 10, "z_1": z[1] + rng.normal(0, 1.0)})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture()
+def charts(tmp_path: Path) -> LineCharts:
+    hist = cells(np.random.default_rng(0), 100)
+    lots = np.repeat(np.arange(100), 20)
+    return LineCharts(tmp_path / "state", "m1", {"L1": (hist, None, lots), "L2": (hist, None, lots)}, SETTINGS)
+
+
+def test_image_statistics_joins_axes_quality_and_score_tail():
+    q = pd.DataFrame({"noise_level": [1.0, 2.0, 3.0]}, index=["a", "b", "c"])
+    out = image_statistics(np.zeros((3, 2)), ["z_0", "z_1"], q, np.array([0.1, 0.5, 0.9]), tail_threshold=0.4)
+    assert list(out.columns) == ["noise_level", "z_0", "z_1", "score_tail"]
+    assert out["score_tail"].tolist() == [0.0, 1.0, 1.0]
+    assert out["noise_level"].tolist() == [1.0, 2.0, 3.0]
+
+
+def test_quiet_in_control_then_a_gain_drop_raises_spc_brightness(charts: LineCharts):
+    rng = np.random.default_rng(1)
+    quiet = [charts.update("L1", f"ok{w}", cells(rng, 1)) for w in range(20)]
+    assert sum(p.alarm for p in quiet) <= 2
+    faulty = [charts.update("L1", f"bad{w}", cells(rng, 1, gain=0.9)) for w in range(15)]
+    first = next(p for p in faulty if p.alarm)
+    cause = chart_cause(first)
+    assert cause is not None and cause.family == FAMILY
+    assert cause.key in ("spc:mean_intensity", "spc:z_0")
+    assert "persistent shift" in cause.summary
+    assert chart_cause(quiet[0]) is None or quiet[0].alarm
+    assert set(point_metrics(first)) == {"spc_value", "spc_limit", "spc_alarm", "spc_t2"}
+    assert point_metrics(first)["spc_alarm"] == 1.0
+
+
+def test_state_is_saved_per_line_and_another_model_refits(charts: LineCharts, tmp_path: Path):
+    rng = np.random.default_rng(2)
+    charts.update("L1", "w0", cells(rng, 1))
+    state = json.loads(charts.path("L1").read_text())
+    assert state["line"] == "L1" and state["model_id"] == "m1" and state["history"][-1]["window_id"] == "w0"
+    again = LineCharts(tmp_path / "state", "m1", charts.phase1, SETTINGS)
+    assert again.chart("L1").n_windows == 1 and not again.messages  # the saved state continues
+    other = LineCharts(tmp_path / "state", "m2", charts.phase1, SETTINGS)
+    assert other.chart("L1").n_windows == 0
+    assert "not used" in other.messages[0] and "model 'm1'" in other.messages[0]
+    charts.path("L2").parent.mkdir(parents=True, exist_ok=True)
+    charts.path("L2").write_text("{broken")
+    broken = LineCharts(tmp_path / "state", "m1", charts.phase1, SETTINGS)
+    assert broken.chart("L2").n_windows == 0 and "not valid JSON" in broken.messages[0]
+
+
+def test_the_chart_cause_goes_through_the_alert_manager_and_resolution_resets_the_chart(charts: LineCharts,
+                                                                                        tmp_path: Path):
+    manager = AL.AlertManager(tmp_path / "state", AL.AlertPolicy(k_consecutive=2, resolve_after=2),
+                              [AL.JsonlSink(tmp_path / "alerts.jsonl")])
+    rng = np.random.default_rng(3)
+    opened = resolved = None
+    for w in range(40):
+        gain = 0.9 if 5 <= w < 25 else 1.0
+        point = charts.update("L1", f"w{w}", cells(rng, 1, gain=gain))
+        res = ChartedResult(QuietDrift(), chart_cause(point))
+        assert [c.key for c in window_causes(res)] == ([chart_cause(point).key] if point.alarm else [])
+        events = manager.update("L1", f"w{w}", res)
+        opened = opened or next((e for e in events if e.kind == "opened"), None)
+        if charts.after_events("L1", events):
+            resolved = w
+            assert charts.chart("L1").since_reset == 0
+            break
+    assert opened is not None and opened.alert.family == FAMILY and opened.alert.cause.startswith("spc:")
+    assert resolved is not None and resolved > 25
+    sent = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    assert any(s["kind"] == "opened" and s["alert"]["cause"].startswith("spc:") for s in sent)
+
+
+def test_charted_result_reads_as_the_drift_result():
+    res = ChartedResult(QuietDrift(fired=("axes",), detected=True, family_p={"axes": 0.001}), None)
+    assert res.detected and res.fired == ("axes",) and res.family_p == {"axes": 0.001} and res.extra_causes == ()
+    assert not ChartedResult(QuietDrift(), None).detected
+
+
+def test_the_chart_picture_has_dates_and_is_written(charts: LineCharts, tmp_path: Path):
+    from pipeline.monitoring.charts import draw_chart
+
+    rng = np.random.default_rng(4)
+    days = pd.date_range("2026-01-01", periods=30, freq="D")
+    for k, d in enumerate(days):
+        charts.update("L1", d.date().isoformat(), cells(rng, 1, gain=0.9 if k >= 15 else 1.0))
+    out = draw_chart(charts.chart("L1"), tmp_path / "c.png", title="brightness")
+    assert out.exists() and out.stat().st_size > 5_000
+    assert out.read_bytes()[:4] == b"\x89PNG"
