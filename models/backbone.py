@@ -291,8 +291,11 @@ def _replace_in_channels(conv: nn.Conv2d, weight: torch.Tensor) -> nn.Conv2d:
 
 
 def patch_map(levels: list[torch.Tensor]) -> torch.Tensor:
-    """Patch map from block outputs: each 3 x 3-averaged (local neighbourhood), pooled to the last block's grid,
-    concatenated over channels. (B, C_i, h_i, w_i) -> (B, sum C_i, h, w) float32."""
+    """Patch map from block outputs (B, C_i, h_i, w_i) -> (B, sum C_i, h, w) float32.
+
+    Each level is 3 x 3-averaged (local neighbourhood), pooled to the last block's grid, and the levels are
+    concatenated over channels.
+    """
     size = levels[-1].shape[-2:]
     out = []
     for t in levels:
@@ -322,8 +325,11 @@ def load_backbone(name: str, image_size: int, *, bf16: bool = True, expected_id:
 
 
 def backbone_preprocess(encoder_cfg: Any) -> Any:
-    """How raw camera images become backbone input for a ``"pretrained"`` encoder config (gray, antialiased
-    bilinear resize to ``backbone_size``, fixed full-range scaling to [-1, 1]: no per-image normalisation)."""
+    """How raw camera images become backbone input for a ``"pretrained"`` encoder config.
+
+    Gray, antialiased bilinear resize to ``backbone_size``, fixed full-range scaling to [-1, 1]: no per-image
+    normalisation.
+    """
     from .config import PreprocessSpec
 
     return PreprocessSpec(image_size=encoder_cfg.backbone_size, channels=1, resample="bilinear")

@@ -93,8 +93,11 @@ def cpu() -> Preset:
 
 
 def pretrained() -> Preset:
-    """The cpu preset's 32 px decoder with the ``"pretrained"`` encoder: a frozen EfficientNet-Lite0 reads the cell
-    at 256 px (cached once per image), a trainable head maps its pooled features to z (d = 32)."""
+    """The cpu preset's 32 px decoder with the ``"pretrained"`` encoder.
+
+    A frozen EfficientNet-Lite0 reads the cell at 256 px (cached once per image); a trainable head maps its pooled
+    features to z (d = 32).
+    """
     base = cpu()
     model = base.model.replace(encoder=EncoderConfig(kind="pretrained", backbone="efficientnet-lite0",
                                                      backbone_size=256, head_hidden=256))
