@@ -171,9 +171,10 @@ def _package_network(spec: BackboneSpec, image_size: int) -> nn.Module:
                          f"{spec.weights_sha256[:16]}...; reinstall {' '.join(spec.packages)}")
     net = EfficientNet.from_name(spec.name, image_size=image_size)
     state = torch.load(path, map_location="cpu", weights_only=True)
-    from .checkpoint import load_state_strict
-
-    load_state_strict(net, state, str(path))
+    try:
+        net.load_state_dict(state, strict=True)  # every key, every shape
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: packaged weights do not fit {spec.name}: {exc}") from None
     return net.eval()
 
 
