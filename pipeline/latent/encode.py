@@ -113,12 +113,26 @@ def encode_images(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     model.eval()
     device = _model_device(model)
+    if getattr(model, "uses_features", False):
+        return _encode_from_features(model, arrays, device)
     out = []
     with torch.inference_mode():
         for start in range(0, len(arrays), batch_size):
             x = to_model_input(arrays[start : start + batch_size], spec).to(device)
             out.append(_checked_z(model.encode(x), start))
     return np.concatenate(out, axis=0)
+
+
+def _encode_from_features(model: Any, arrays: Sequence[np.ndarray], device: Any, offset: int = 0) -> np.ndarray:
+    """Latents of raw images for a ``"pretrained"`` encoder: the frozen backbone's pooled features, then the head."""
+    import torch
+
+    from models.checkpoint import backbone_record
+    from pipeline.latent.features import compute_features
+
+    fs = compute_features(list(arrays), backbone_id=backbone_record(model.cfg)["id"])
+    with torch.inference_mode():
+        return _checked_z(model.encode(None, features=torch.from_numpy(fs.pooled).to(device)), offset)
 
 
 def _checked_z(z: Any, offset: int) -> np.ndarray:
@@ -169,8 +183,10 @@ def _encode_files(
     channels = spec_channels(spec) or 1
     with _tqdm(len(paths), desc, progress) as bar, torch.inference_mode():
         for start, arrays, shas in _prefetched_batches(paths, batch_size, channels, workers):
-            x = to_model_input(arrays, spec).to(device)
-            z = _checked_z(model.encode(x), start)
+            if getattr(model, "uses_features", False):
+                z = _encode_from_features(model, arrays, device, start)
+            else:
+                z = _checked_z(model.encode(to_model_input(arrays, spec).to(device)), start)
             bar.update(len(arrays))
             yield start, z, shas
 

@@ -107,3 +107,19 @@ def test_bare_digests_without_stored_features_raise(tmp_path: Path) -> None:
 def test_bad_backbone_id_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a backbone id"):
         F.feature_dir(tmp_path, "lite0")
+
+
+def test_encode_images_of_a_pretrained_model_reads_backbone_features(cells: np.ndarray) -> None:
+    import torch
+
+    from models import InfoDiffusion, get_preset
+    from pipeline.latent.encode import encode_images
+
+    preset = get_preset("pretrained")
+    model = InfoDiffusion(preset.model)
+    fs = F.compute_features(cells, workers=1)
+    model.encoder.head.init_from_features(torch.from_numpy(fs.pooled))
+    z = encode_images(model, preset.preprocess, list(cells))
+    want = model.encode(None, features=torch.from_numpy(fs.pooled)).numpy()
+    np.testing.assert_allclose(z, want, rtol=1e-5, atol=1e-5)
+    assert z.shape == (N, preset.model.latent_dim) and z.std(0).mean() > 0.1  # not collapsed
