@@ -237,13 +237,13 @@ class FrozenBackbone(nn.Module):
     Args:
         spec: which backbone and which blocks.
         image_size: input side in pixels (the network's padding is built for it).
-        bf16: compute in bfloat16 on CPU (features returned as float32).
+        bf16: compute in bfloat16 on CPU when the CPU has native bf16 support (features returned as float32).
     """
 
     def __init__(self, spec: BackboneSpec, image_size: int, bf16: bool = True) -> None:
         super().__init__()
         net = _package_network(spec, image_size)
-        self.spec, self.image_size, self.bf16 = spec, int(image_size), bool(bf16)
+        self.spec, self.image_size, self.bf16 = spec, int(image_size), bool(bf16) and cpu_has_bf16()
         self.backbone_id = backbone_id(spec.name, image_size)
         self.stem = _ConvBN(net._conv_stem, net._bn0)
         gray = self.stem.conv.weight.data.sum(dim=1, keepdim=True)  # gray replicated to RGB: exact
@@ -281,6 +281,14 @@ class FrozenBackbone(nn.Module):
         pooled = torch.cat([taps[b].mean(dim=(2, 3)) for b in self.spec.pooled_blocks], dim=1)
         return BackboneFeatures(pooled=pooled.contiguous(), patches=patch_map(
             [taps[b] for b in self.spec.patch_blocks]))
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 convolutions natively (oneDNN; e.g. AVX-512 BF16 / AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _replace_in_channels(conv: nn.Conv2d, weight: torch.Tensor) -> nn.Conv2d:
