@@ -331,7 +331,8 @@ def encode_catalog(
     out_path = Path(out_path)
     merge_parts(out_path)
     existing = _read_existing(out_path)
-    todo = catalog_df[[id_col, image_path_col]].drop_duplicates(subset=id_col)
+    keep = [id_col, image_path_col] + ([SHA256] if SHA256 in catalog_df.columns else [])
+    todo = catalog_df[keep].drop_duplicates(subset=id_col)
     if not existing.empty:
         done = set(existing.loc[existing[MODEL_ID] == model_id, IMAGE_ID].astype(str))
         todo = todo[~todo[id_col].astype(str).isin(done)]
@@ -359,7 +360,10 @@ def encode_catalog(
         pending, n_pending = [], 0
         return full
 
-    batches = _encode_files(ckpt, paths, batch_size=batch_size, progress=progress, desc="encode", workers=workers)
+    if getattr(ckpt.model, "uses_features", False) and base is not None and SHA256 in todo.columns:
+        batches = _encode_stored_features(ckpt, todo, base, image_path_col, flush_every)
+    else:
+        batches = _encode_files(ckpt, paths, batch_size=batch_size, progress=progress, desc="encode", workers=workers)
     for start, z, _ in batches:
         chunk = pd.DataFrame({IMAGE_ID: ids[start : start + len(z)], MODEL_ID: model_id})
         chunk = pd.concat([chunk, pd.DataFrame(z, columns=latent_columns(z.shape[1]))], axis=1)
@@ -372,6 +376,28 @@ def encode_catalog(
     if pending:
         table = flush()
     return table
+
+
+def _encode_stored_features(ckpt: Any, rows: pd.DataFrame, root: Path, path_col: str, chunk: int
+                            ) -> Iterator[tuple[int, np.ndarray, list[str]]]:
+    """Yield ``(start, z, sha256s)`` per chunk of catalog rows for a ``"pretrained"`` encoder.
+
+    Its backbone features are read from the catalog's feature store (computed and stored there first when missing,
+    so each image is featurised once, and other consumers such as the patch detector read the same features).
+    """
+    import torch
+
+    from models.checkpoint import backbone_record
+    from pipeline.latent.features import load_or_compute_features
+
+    model = ckpt.model.eval()
+    bid = backbone_record(model.cfg)["id"]
+    for start in range(0, len(rows), chunk):
+        part = rows.iloc[start : start + chunk]
+        fs = load_or_compute_features(root, part, backbone_id=bid, path_col=path_col)
+        with torch.inference_mode():
+            z = model.encode(None, features=torch.from_numpy(fs.pooled).to(_model_device(model)))
+        yield start, _checked_z(z, start), part[SHA256].astype(str).tolist()
 
 
 def parts_dir(out_path: str | os.PathLike[str]) -> Path:

@@ -123,3 +123,23 @@ def test_encode_images_of_a_pretrained_model_reads_backbone_features(cells: np.n
     want = model.encode(None, features=torch.from_numpy(fs.pooled)).numpy()
     np.testing.assert_allclose(z, want, rtol=1e-5, atol=1e-5)
     assert z.shape == (N, preset.model.latent_dim) and z.std(0).mean() > 0.1  # not collapsed
+
+
+def test_encode_catalog_of_a_pretrained_model_uses_the_feature_store(catalog, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from models import InfoDiffusion, get_preset, save_checkpoint
+    from pipeline.latent.encode import encode_catalog
+
+    root, rows = catalog
+    preset = get_preset("pretrained")
+    model = InfoDiffusion(preset.model)
+    model.encoder.head.init_from_features(torch.from_numpy(F.compute_features(
+        np.stack([np.asarray(Image.open(root / p)) for p in rows["store_path"]]), workers=1).pooled))
+    save_checkpoint(model, tmp_path / "ckpt", preprocess=preset.preprocess)
+    out = encode_catalog(tmp_path / "ckpt", rows, tmp_path / "latents.parquet", root=root, progress=False)
+    assert len(out) == N and len(list(F.feature_dir(root).glob("part-*.parquet"))) == 1  # stored once per image
+    stored = F.load_or_compute_features(root, rows["sha256"].tolist())
+    want = model.eval().encode(None, features=torch.from_numpy(stored.pooled)).numpy()
+    np.testing.assert_allclose(out[[f"z_{i}" for i in range(want.shape[1])]].to_numpy(), want, rtol=1e-5, atol=1e-5)
