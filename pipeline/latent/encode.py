@@ -460,8 +460,12 @@ def encode_part(
     base = Path(root) if root is not None else None
     paths = [Path(p) if base is None or Path(p).is_absolute() else base / p for p in rows[image_path_col]]
     chunks = []
-    for start, z, _ in _encode_files(ckpt, paths, batch_size=batch_size, progress=progress, desc="encode part",
-                                     workers=workers):
+    if getattr(ckpt.model, "uses_features", False) and base is not None and SHA256 in rows.columns:
+        batches = _encode_stored_features(ckpt, rows, base, image_path_col, len(rows))
+    else:
+        batches = _encode_files(ckpt, paths, batch_size=batch_size, progress=progress, desc="encode part",
+                                workers=workers)
+    for start, z, _ in batches:
         chunk = pd.DataFrame({IMAGE_ID: ids[start : start + len(z)], MODEL_ID: model_id})
         chunks.append(pd.concat([chunk, pd.DataFrame(z, columns=latent_columns(z.shape[1]))], axis=1))
     df = pd.concat(chunks, ignore_index=True)
