@@ -77,8 +77,12 @@ def checkpoint_dir(preset: str, lam: float, bandwidth: str, steps: int, seed: in
     return OUT_DIR / f"{preset}_{slug}_s{steps}_seed{seed}"
 
 
-def train_variant(name: str, lam: float, zeta: float, data, args, bandwidth: str = DEFAULT_BANDWIDTH) -> Path:
-    """Train (or reuse) one model variant; returns its checkpoint folder."""
+def train_variant(name: str, lam: float, zeta: float, data, args, bandwidth: str = DEFAULT_BANDWIDTH,
+                  features=None) -> Path:
+    """Train (or reuse) one model variant; returns its checkpoint folder.
+
+    ``features`` (N, F) are the training cells' pooled backbone features, for a ``"pretrained"`` encoder preset.
+    """
     import torch
 
     from models import get_preset, load_checkpoint, train
@@ -107,6 +111,7 @@ def train_variant(name: str, lam: float, zeta: float, data, args, bandwidth: str
         seed=args.seed,
         device=args.device,
         resume=True,  # an interrupted run continues from its last checkpoint (same total steps, same schedule)
+        features=features,
     )
     secs = time.perf_counter() - t0
     meta = {"steps": int(result.step), "seconds": secs, "images_per_s": float(result.images_per_s)}
@@ -129,6 +134,40 @@ def train_info(ckpt_dir: Path) -> dict:
     """The ``bench_train.json`` written after training (empty if the checkpoint came from elsewhere)."""
     p = ckpt_dir / "bench_train.json"
     return json.loads(p.read_text()) if p.exists() else {}
+
+
+def elpv_features(images: np.ndarray):
+    """Pooled backbone features of all ELPV cells (computed once with ``pipeline.latent.features``, then cached
+    under ``benchmarks/out/features``, keyed by the backbone id)."""
+    import re
+
+    from models.backbone import BACKBONE_ID
+    from pipeline.latent.features import compute_features
+
+    slug = re.sub(r"[^\w.-]", "_", BACKBONE_ID)
+    path = ROOT / "benchmarks" / "out" / "features" / f"elpv_{slug}_pooled.npy"
+    if path.exists():
+        pooled = np.load(path)
+        if len(pooled) == len(images):
+            return pooled
+    t0 = time.perf_counter()
+    pooled = compute_features(images).pooled
+    print(f"[features] {len(images)} cells in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, pooled)
+    return pooled
+
+
+def encode_z(model, preprocess, images: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+    """z of cells: from their pooled backbone features for a ``"pretrained"`` encoder, else from the images."""
+    import torch
+
+    from pipeline.latent.encode import encode_images
+
+    if getattr(model, "uses_features", False):
+        model.eval()
+        return model.encode(None, features=torch.from_numpy(np.asarray(features, np.float32))).numpy()
+    return encode_images(model, preprocess, list(images), batch_size=128)
 
 
 # --- probes ----------------------------------------------------------------------------------------------------
@@ -288,7 +327,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from models import get_preset, load_checkpoint, to_model_input
-    from pipeline.latent.encode import encode_images
 
     torch.set_num_threads(args.threads)
     images, pools = load_pools(0)
@@ -303,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     probs = pools["prob"].to_numpy()[eval_idx]
     lots = pools["lot"].to_numpy()[eval_idx]
     props = measure_properties(eval_images)
+    feats = elpv_features(images) if preset.model.encoder.kind == "pretrained" else None
+    train_feats = None if feats is None else torch.from_numpy(feats[train_idx])
 
     rows: dict[str, dict] = {}
     times: list[str] = []
@@ -312,10 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--lambda must be > 0 (lambda = 0 is the DiffAE ablation, always run)")
     for name, (lam, zeta, bandwidth) in variants(args.lam, args.mmd_bandwidth).items():
         given = args.infodiffusion if lam > 0 else args.diffae
-        ckpt_dir = Path(given) if given else train_variant(name, lam, zeta, data, args, bandwidth)
+        ckpt_dir = Path(given) if given else train_variant(name, lam, zeta, data, args, bandwidth, train_feats)
         ckpt = load_checkpoint(ckpt_dir)
         d = ckpt.config.latent_dim
-        Z = encode_images(ckpt.model.to(args.device), ckpt.preprocess, list(eval_images), batch_size=128)
+        Z = encode_z(ckpt.model.to(args.device), ckpt.preprocess, eval_images, None if feats is None else feats[eval_idx])
         rows[name] = evaluate(Z, types, probs, lots, props)
         info = train_info(ckpt_dir)
         loss = ckpt.config.loss
@@ -332,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     pca = PCA(n_components=d, random_state=args.seed).fit(data.flatten(1).numpy())
     Zp = pca.transform(to_model_input(eval_images, spec).flatten(1).numpy())
     rows[f"PCA on pixels (d = {d})"] = evaluate(Zp, types, probs, lots, props)
+    if feats is not None:
+        fpca = PCA(n_components=d, random_state=args.seed).fit(feats[train_idx])
+        rows[f"PCA on pooled backbone features (d = {d})"] = evaluate(fpca.transform(feats[eval_idx]), types, probs,
+                                                                      lots, props)
 
     ctx = {
         "command": "python -m benchmarks.bench_latent_quality "

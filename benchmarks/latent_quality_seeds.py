@@ -28,12 +28,12 @@ METRICS = (("mono_poly_acc", "mono/poly acc"), ("defect_auroc", "defect AUROC"),
            ("tad", "TAD-like"))
 
 
-def seed_pairs(steps: int) -> dict[int, dict[str, Path]]:
+def seed_pairs(steps: int, preset: str = "cpu") -> dict[int, dict[str, Path]]:
     """``{seed: {"InfoDiffusion": dir, "DiffAE": dir}}`` for the seeds that have both checkpoints."""
     root = C.OUT / "latent_quality"
     found: dict[int, dict[str, Path]] = {}
-    for d in sorted(root.glob(f"cpu_*_s{steps}_seed*")):
-        m = re.fullmatch(rf"cpu_(infodiffusion|diffae)_s{steps}_seed(\d+)", d.name)
+    for d in sorted(root.glob(f"{preset}_*_s{steps}_seed*")):
+        m = re.fullmatch(rf"{re.escape(preset)}_(infodiffusion|diffae)_s{steps}_seed(\d+)", d.name)
         if m and (d / "weights.safetensors").exists():
             found.setdefault(int(m.group(2)), {})["InfoDiffusion" if m.group(1) == "infodiffusion" else "DiffAE"] = d
     return {s: v for s, v in found.items() if len(v) == 2}
@@ -42,9 +42,14 @@ def seed_pairs(steps: int) -> dict[int, dict[str, Path]]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from benchmarks.bench_latent_quality import evaluate, load_pools, measure_properties
+    from benchmarks.bench_latent_quality import (
+        elpv_features,
+        encode_z,
+        evaluate,
+        load_pools,
+        measure_properties,
+    )
     from models import load_checkpoint
-    from pipeline.latent.encode import encode_images
 
     torch.set_num_threads(1)
     images, pools = load_pools(0)
@@ -53,16 +58,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     types, probs = pools["type"].to_numpy()[eval_idx], pools["prob"].to_numpy()[eval_idx]
     lots = pools["lot"].to_numpy()[eval_idx]
     props = measure_properties(eval_images)
+    feats = elpv_features(images)[eval_idx] if args.preset == "pretrained" else None
     rows: list[dict[str, Any]] = []
-    for seed, pair in seed_pairs(args.steps).items():
+    for seed, pair in seed_pairs(args.steps, args.preset).items():
         for model, d in pair.items():
             ck = load_checkpoint(d)
-            Z = encode_images(ck.model, ck.preprocess, list(eval_images), batch_size=128)
+            Z = encode_z(ck.model, ck.preprocess, eval_images, feats)
             r = evaluate(Z, types, probs, lots, props)
             rows.append({"seed": seed, "model": model, "dir": str(d.relative_to(C.ROOT)),
                          "model_id": ck.meta.get("model_id"), **{k: float(r[k]) for k, _ in METRICS}})
             C.log(f"seed {seed} {model}: " + ", ".join(f"{k} {r[k]:.3f}" for k, _ in METRICS))
-    return {"rows": rows, "steps": args.steps}
+    return {"rows": rows, "steps": args.steps, "preset": args.preset}
 
 
 def paired(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
@@ -80,7 +86,7 @@ def report(res: dict[str, Any], command: str) -> str:
     rows = res["rows"]
     seeds = sorted({r["seed"] for r in rows})
     out = [C.header(NAME, command), (__doc__ or "").split("\n\n")[1] + "\n\n"]
-    out.append(f"cpu preset (32 px, d = 32), {res['steps']} steps x batch 32 per model, seeds {seeds}; probes on the "
+    out.append(f"{res['preset']} preset (32 px decoder, d = 32), {res['steps']} steps x batch 32 per model, seeds {seeds}; probes on the "
                "1010 calibration + held-out cells, as in `bench_latent_quality.md`.\n\n")
     out.append("| seed | model | " + " | ".join(lab for _, lab in METRICS) + " |\n")
     out.append("|---|---|" + "---|" * len(METRICS) + "\n")
@@ -110,11 +116,13 @@ def report(res: dict[str, Any], command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--preset", default="cpu", help="the preset of the checkpoints (cpu, pretrained)")
     args = ap.parse_args(argv)
     res = run(args)
     if len({r["seed"] for r in res["rows"]}) < 2:
         ap.error(f"need checkpoints of at least two seeds at {args.steps} steps under benchmarks/out/latent_quality/")
-    C.write_results(NAME, report(res, C.command_line("latent_quality_seeds", argv)), res)
+    name = NAME if args.preset == "cpu" else f"{NAME}_{args.preset}"
+    C.write_results(name, report(res, C.command_line("latent_quality_seeds", argv)), res)
     return 0
 
 

@@ -40,6 +40,8 @@ __all__ = [
     "load_train_state",
     "file_digest",
     "verify_weights",
+    "backbone_record",
+    "verify_backbone_record",
 ]
 
 FORMAT_VERSION = 1
@@ -125,6 +127,8 @@ def save_checkpoint(
         digest = file_digest(tmp / WEIGHTS_NAME)
         meta["model_id"] = digest[:16]
         meta["weights_sha256"] = digest
+        if cfg.encoder.kind == "pretrained":  # the frozen backbone is not saved: its identity is
+            meta["backbone"] = backbone_record(cfg)
         doc = {
             "format_version": FORMAT_VERSION,
             "model": cfg.to_dict(),
@@ -201,6 +205,26 @@ def read_config(path: str | Path) -> tuple[InfoDiffusionConfig, PreprocessSpec, 
     return cfg, spec, meta if isinstance(meta, dict) else {}
 
 
+def backbone_record(cfg: InfoDiffusionConfig) -> dict[str, Any]:
+    """What a checkpoint of the ``"pretrained"`` encoder records instead of the frozen backbone's weights."""
+    from .backbone import backbone_id, get_backbone_spec
+
+    enc = cfg.encoder
+    spec = get_backbone_spec(enc.backbone)
+    return {"id": backbone_id(enc.backbone, enc.backbone_size), "name": enc.backbone, "image_size": enc.backbone_size,
+            "weights_sha256": spec.weights_sha256, "packages": list(spec.packages)}
+
+
+def verify_backbone_record(cfg: InfoDiffusionConfig, meta: dict[str, Any], source: str) -> None:
+    """A checkpoint's recorded backbone must be the one this code builds (same name, size and weights digest)."""
+    rec = meta.get("backbone")
+    want = backbone_record(cfg)
+    if not isinstance(rec, dict) or rec.get("id") != want["id"] or rec.get("weights_sha256") != want["weights_sha256"]:
+        got = rec.get("id") if isinstance(rec, dict) else None
+        raise ValueError(f"{source}: the checkpoint was trained on backbone {got!r}, this code builds {want['id']!r} "
+                         "(weights sha256 differ or none recorded); its z would not be comparable")
+
+
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load ``state`` into ``model``; missing/unexpected keys or shape mismatches raise ``ValueError`` naming the key."""
     own = model.state_dict()
@@ -259,6 +283,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not w_path.exists():
         raise FileNotFoundError(f"checkpoint {d} has no {WEIGHTS_NAME}")
     verify_weights(d, meta)
+    if cfg.encoder.kind == "pretrained":
+        verify_backbone_record(cfg, meta, str(d))
     model = InfoDiffusion(cfg)
     try:
         state = load_file(str(w_path), device="cpu")

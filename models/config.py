@@ -147,7 +147,7 @@ class UNetConfig(_ConfigMixin):
                 )
 
 
-ENCODER_KINDS = ("down", "unet")
+ENCODER_KINDS = ("down", "unet", "pretrained")
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,9 @@ class EncoderConfig(_ConfigMixin):
     Attributes:
         kind: ``"down"`` = DiffAE-style down-sampling conv net, global average pooling, Linear to ``d_z`` (cheap);
             ``"unet"`` = the reference's full U-Net without time input, a 1-channel full-resolution map, then
-            Linear(H*W -> d_z).
+            Linear(H*W -> d_z); ``"pretrained"`` = a frozen ImageNet backbone (``models.backbone``) reads the cell
+            at ``backbone_size`` px, and a trainable head maps its pooled multi-level features to ``d_z``
+            (``models.encoder.FeatureHead``). The conv fields below are ignored for ``"pretrained"``.
         base_channels: width of the first level.
         channel_mult: width multiplier per level.
         num_res_blocks: residual blocks per level.
@@ -166,6 +168,9 @@ class EncoderConfig(_ConfigMixin):
         num_groups: GroupNorm groups.
         stochastic: add the optional Gaussian head (mu, log sigma^2); z is then the reparameterised sample in training
             and mu at inference. Default False: the reference's InfoDiffusion setting uses a deterministic z.
+        backbone: the pretrained backbone's name (``"pretrained"`` kind; ``models.backbone.BACKBONES``).
+        backbone_size: the side in px at which the backbone reads the cell (``"pretrained"`` kind).
+        head_hidden: width of the head's residual MLP (``"pretrained"`` kind).
     """
 
     kind: str = "down"
@@ -176,12 +181,18 @@ class EncoderConfig(_ConfigMixin):
     dropout: float = 0.0
     num_groups: int = 8
     stochastic: bool = False
+    backbone: str = "efficientnet-lite0"
+    backbone_size: int = 256
+    head_hidden: int = 256
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
         object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
         if self.kind not in ENCODER_KINDS:
             raise ValueError(f"EncoderConfig.kind must be one of {ENCODER_KINDS}, got {self.kind!r}")
+        if self.backbone_size < 32 or self.head_hidden < 1:
+            raise ValueError(f"EncoderConfig needs backbone_size >= 32 and head_hidden >= 1, got "
+                             f"{self.backbone_size}, {self.head_hidden}")
         if self.base_channels <= 0:
             raise ValueError(f"EncoderConfig.base_channels must be > 0, got {self.base_channels}")
         _check_positive_ints("EncoderConfig.channel_mult", self.channel_mult)
@@ -307,7 +318,10 @@ class InfoDiffusionConfig(_ConfigMixin):
             raise ValueError(f"InfoDiffusionConfig.in_channels must be 1 or 3, got {self.in_channels}")
         if self.latent_dim < 1:
             raise ValueError(f"InfoDiffusionConfig.latent_dim must be >= 1, got {self.latent_dim}")
-        for name, mult in (("unet", self.unet.channel_mult), ("encoder", self.encoder.channel_mult)):
+        checked = [("unet", self.unet.channel_mult)]
+        if self.encoder.kind != "pretrained":
+            checked.append(("encoder", self.encoder.channel_mult))
+        for name, mult in checked:
             factor = 2 ** (len(mult) - 1)
             if self.image_size % factor:
                 raise ValueError(

@@ -12,7 +12,7 @@ from .config import EncoderConfig, UNetConfig
 from .diffusion import randn
 from .unet import Downsample, ResBlock, UNet
 
-__all__ = ["EncoderOutput", "Encoder"]
+__all__ = ["EncoderOutput", "Encoder", "FeatureHead"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,55 @@ class EncoderOutput:
     logvar: torch.Tensor | None = None
 
 
+class FeatureHead(nn.Module):
+    """The trainable head of the ``"pretrained"`` encoder: pooled backbone features (B, F) -> z (B, d_z).
+
+    z = P s(f) + MLP(s(f)), with s the per-feature standardisation (buffers), P a linear map and MLP = Linear ->
+    SiLU -> Linear whose last layer starts at zero. :meth:`init_from_features` sets s from training features and
+    P to their whitened top-``d_z`` principal directions, so training starts from a unit-variance code that already
+    holds the backbone's main factors (cell type, defects); the InfoDiffusion objective then shapes it.
+
+    Args:
+        feature_dim: F.
+        latent_dim: d_z.
+        hidden: MLP width.
+    """
+
+    def __init__(self, feature_dim: int, latent_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.register_buffer("feat_mean", torch.zeros(feature_dim))
+        self.register_buffer("feat_scale", torch.ones(feature_dim))
+        self.proj = nn.Linear(feature_dim, latent_dim)
+        self.mlp = nn.Sequential(nn.Linear(feature_dim, hidden), nn.SiLU(), nn.Linear(hidden, latent_dim))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    @torch.no_grad()
+    def init_from_features(self, f: torch.Tensor) -> None:
+        """Data-dependent initialisation from training features (N, F): standardisation and whitened PCA."""
+        f = f.double()
+        if f.ndim != 2 or f.shape[1] != self.feat_mean.shape[0] or f.shape[0] < 2:
+            raise ValueError(f"init_from_features needs (N >= 2, {self.feat_mean.shape[0]}) features, got "
+                             f"{tuple(f.shape)}")
+        mean, std = f.mean(0), f.std(0)
+        scale = torch.where(std > 1e-6, std, torch.ones_like(std))
+        fs = (f - mean) / scale
+        _, s, vt = torch.linalg.svd(fs, full_matrices=False)
+        d = min(self.proj.out_features, vt.shape[0])
+        sd = (s[:d] / (fs.shape[0] - 1) ** 0.5).clamp_min(1e-6)
+        w = torch.zeros_like(self.proj.weight, dtype=torch.float64)
+        w[:d] = vt[:d] / sd[:, None]
+        self.feat_mean.copy_(mean.float())
+        self.feat_scale.copy_(scale.float())
+        self.proj.weight.copy_(w.float())
+        self.proj.bias.zero_()
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        """(B, F) pooled features -> (B, d_z)."""
+        fs = (f.float() - self.feat_mean) / self.feat_scale
+        return self.proj(fs) + self.mlp(fs)
+
+
 class Encoder(nn.Module):
     """q_phi(z | x0), two architectures (see ``EncoderConfig.kind``).
 
@@ -38,6 +87,9 @@ class Encoder(nn.Module):
       Linear(C -> d_z). Cost ~ the U-Net's down half, no time input (DiffAE-style; much cheaper than ``"unet"``).
     * ``"unet"``: the reference's full U-Net without time input -> 1-channel full-resolution map -> flatten ->
       Linear(H*W -> d_z).
+    * ``"pretrained"``: :class:`FeatureHead` on the pooled features of a frozen backbone (``models.backbone``);
+      its input is the feature vector (B, F), not the image: the backbone runs outside the model (once per image,
+      cached), so training touches only the head and the decoder.
 
     With ``stochastic`` a Gaussian head follows: mu = Linear(d, d)(a), logvar = Linear(d, d)(a).
 
@@ -52,7 +104,11 @@ class Encoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.latent_dim = latent_dim
-        if cfg.kind == "down":
+        if cfg.kind == "pretrained":
+            from .backbone import get_backbone_spec
+
+            self.head = FeatureHead(get_backbone_spec(cfg.backbone).pooled_dim, latent_dim, cfg.head_hidden)
+        elif cfg.kind == "down":
             ch, g = cfg.base_channels, cfg.num_groups
             layers: list[nn.Module] = [nn.Conv2d(in_channels, ch, 3, padding=1)]
             cur = ch
@@ -81,7 +137,9 @@ class Encoder(nn.Module):
             self.logvar_head = nn.Linear(latent_dim, latent_dim)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic code a: (B, C, H, W) -> (B, d_z)."""
+        """Deterministic code a: (B, C, H, W) images (or (B, F) backbone features for ``"pretrained"``) -> (B, d_z)."""
+        if self.cfg.kind == "pretrained":
+            return self.head(x)
         if self.cfg.kind == "down":
             h = x
             for m in self.body:
@@ -94,7 +152,7 @@ class Encoder(nn.Module):
         """Encode images.
 
         Args:
-            x: (B, C, H, W) images in [-1, 1].
+            x: (B, C, H, W) images in [-1, 1], or (B, F) pooled backbone features for the ``"pretrained"`` kind.
             generator: RNG for the reparameterisation noise (stochastic head, training mode only).
 
         Returns:

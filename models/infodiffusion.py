@@ -89,23 +89,54 @@ class InfoDiffusion(nn.Module):
 
         return fn
 
-    def encode_full(self, x: torch.Tensor, generator: torch.Generator | None = None) -> EncoderOutput:
-        """The full encoder output (z, mu, logvar) for a validated batch."""
+    @property
+    def uses_features(self) -> bool:
+        """True when the encoder reads pooled backbone features (kind ``"pretrained"``) instead of the image."""
+        return self.cfg.encoder.kind == "pretrained"
+
+    @property
+    def feature_dim(self) -> int | None:
+        """F, the length of the pooled feature vector the encoder reads (None for image encoders)."""
+        return self.encoder.head.feat_mean.shape[0] if self.uses_features else None
+
+    def check_features(self, features: torch.Tensor | None, batch: int | None = None) -> torch.Tensor:
+        """Validate pooled backbone features (B, F) for the ``"pretrained"`` encoder; returns them as float32."""
+        if features is None:
+            raise ValueError(
+                "this model's encoder is 'pretrained': it reads pooled backbone features, not the 32 px image; "
+                f"pass features=(B, {self.feature_dim}) from models.backbone (or pipeline.features), or pass z"
+            )
+        if features.ndim != 2 or features.shape[1] != self.feature_dim or (
+                batch is not None and features.shape[0] != batch):
+            raise ValueError(f"features must be (B, {self.feature_dim})"
+                             f"{'' if batch is None else f' with B = {batch}'}, got {tuple(features.shape)}")
+        if not torch.isfinite(features).all():
+            raise ValueError("features contain NaN or infinite values")
+        return features.float()
+
+    def encode_full(self, x: torch.Tensor | None, generator: torch.Generator | None = None, *,
+                    features: torch.Tensor | None = None) -> EncoderOutput:
+        """The full encoder output (z, mu, logvar) for a validated batch (images, or features when pretrained)."""
+        if self.uses_features:
+            return self.encoder(self.check_features(features, None if x is None else x.shape[0]),
+                                generator=generator)
         check_model_input(x, self.cfg)
         return self.encoder(x, generator=generator)
 
-    def encode(self, x: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
+    def encode(self, x: torch.Tensor | None, *, grad: bool = False, features: torch.Tensor | None = None
+               ) -> torch.Tensor:
         """The semantic code used for monitoring: (B, C, H, W) -> z (B, d_z).
 
         Deterministic: the encoder output, or mu with the stochastic head (also in training mode). Call ``eval()``
         first if the encoder has dropout.
 
         Args:
-            x: images in [-1, 1].
+            x: images in [-1, 1] (may be None for the ``"pretrained"`` encoder).
             grad: keep the autograd graph (default: no_grad, which is faster).
+            features: (B, F) pooled backbone features; required by (and only used by) the ``"pretrained"`` encoder.
         """
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            out = self.encode_full(x)
+            out = self.encode_full(x, features=features)
             return out.mu if out.mu is not None else out.z
 
     def _check_z(self, z: torch.Tensor, batch: int) -> torch.Tensor:
@@ -125,6 +156,7 @@ class InfoDiffusion(nn.Module):
         t: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        features: torch.Tensor | None = None,
     ) -> LossOutput:
         """The InfoDiffusion training objective for one batch (all terms minimised).
 
@@ -148,6 +180,7 @@ class InfoDiffusion(nn.Module):
             t: optional (B,) timesteps (default: uniform).
             noise: optional (B, C, H, W) noise (default: standard normal).
             generator: RNG for t, noise, the prior batch and the reparameterisation.
+            features: (B, F) pooled backbone features of the same images (``"pretrained"`` encoder only).
 
         Returns:
             ``LossOutput``.
@@ -161,7 +194,8 @@ class InfoDiffusion(nn.Module):
             t = torch.randint(0, self.num_timesteps, (b,), generator=generator, device=gdev).to(dev)
         if noise is None:
             noise = randn(x.shape, generator, dev, x.dtype)
-        enc = self.encoder(x, generator=generator)
+        enc = self.encode_full(x, generator, features=features) if self.uses_features else \
+            self.encoder(x, generator=generator)
         z = enc.z
         x_t = q_sample(sched, x, t, noise)
         eps_hat = self.unet(x_t, t, z)
@@ -278,7 +312,7 @@ class InfoDiffusion(nn.Module):
 
     @torch.no_grad()
     def traverse(
-        self, x0: torch.Tensor, axes: list[int], values: torch.Tensor, steps: int = 20
+        self, x0: torch.Tensor, axes: list[int], values: torch.Tensor, steps: int = 20, z: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Latent traversal: set z_k to each value (absolute replacement, as in the paper), decode from the same x_T.
 
@@ -287,6 +321,7 @@ class InfoDiffusion(nn.Module):
             axes: latent dimensions k to traverse.
             values: (V,) values for z_k.
             steps: DDIM steps for inversion and decoding.
+            z: optional (1, d_z) code of x0 (default Enc(x0); required by the ``"pretrained"`` encoder).
 
         Returns:
             (A, V, C, H, W) decoded images.
@@ -300,7 +335,7 @@ class InfoDiffusion(nn.Module):
         bad = [a for a in axes if not 0 <= int(a) < self.cfg.latent_dim]
         if bad:
             raise ValueError(f"axes {bad} out of range [0, {self.cfg.latent_dim})")
-        z = self.encode(x0)
+        z = self.encode(x0) if z is None else self._check_z(z, 1)
         x_T = self.ddim_invert(x0, z, steps)
         n_v = values.numel()
         out = []
@@ -312,7 +347,8 @@ class InfoDiffusion(nn.Module):
 
     @torch.no_grad()
     def interpolate(
-        self, x0_a: torch.Tensor, x0_b: torch.Tensor, n: int = 10, steps: int = 50, z_mode: str = "cos"
+        self, x0_a: torch.Tensor, x0_b: torch.Tensor, n: int = 10, steps: int = 50, z_mode: str = "cos",
+        z: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Interpolate between two images: slerp on x_T, cos/sin (or linear) mixing of z, as in the reference.
 
@@ -324,6 +360,7 @@ class InfoDiffusion(nn.Module):
             n: number of frames (>= 2), endpoints included.
             steps: DDIM steps.
             z_mode: ``"cos"`` or ``"linear"``.
+            z: optional (2, d_z) codes of the two images (required by the ``"pretrained"`` encoder).
 
         Returns:
             (n, C, H, W) decoded frames.
@@ -337,7 +374,7 @@ class InfoDiffusion(nn.Module):
             if x.shape[0] != 1:
                 raise ValueError(f"interpolate takes single images (1, C, H, W), got batch {x.shape[0]}")
         xs = torch.cat([x0_a, x0_b])
-        z = self.encode(xs)
+        z = self.encode(xs) if z is None else self._check_z(z, 2)
         x_T = self.ddim_invert(xs, z, steps)
         e = torch.linspace(0, 1, n, device=xs.device)[:, None]
         if z_mode == "cos":

@@ -15,7 +15,7 @@ from .config import (
     UNetConfig,
 )
 
-__all__ = ["Preset", "tiny", "cpu", "standard", "large", "PRESETS", "get_preset"]
+__all__ = ["Preset", "tiny", "cpu", "pretrained", "standard", "large", "PRESETS", "get_preset"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,18 @@ def cpu() -> Preset:
     return Preset("cpu", model, train, PreprocessSpec(image_size=32, channels=1, resample="area"))
 
 
+def pretrained() -> Preset:
+    """The cpu preset's 32 px decoder with the ``"pretrained"`` encoder.
+
+    A frozen EfficientNet-Lite0 reads the cell at 256 px (cached once per image); a trainable head maps its pooled
+    features to z (d = 32).
+    """
+    base = cpu()
+    model = base.model.replace(encoder=EncoderConfig(kind="pretrained", backbone="efficientnet-lite0",
+                                                     backbone_size=256, head_hidden=256))
+    return Preset("pretrained", model, base.train, base.preprocess)
+
+
 def standard() -> Preset:
     """64 px, reference-like widths (ch 64, (1, 2, 2, 2), attention at 16 px): a GPU run."""
     model = InfoDiffusionConfig(
@@ -148,7 +160,9 @@ def large() -> Preset:
     return Preset("large", model, train, PreprocessSpec(image_size=128, channels=1, resample="area"))
 
 
-PRESETS: dict[str, Callable[[], Preset]] = {"tiny": tiny, "cpu": cpu, "standard": standard, "large": large}
+PRESETS: dict[str, Callable[[], Preset]] = {
+    "tiny": tiny, "cpu": cpu, "pretrained": pretrained, "standard": standard, "large": large,
+}
 """Name -> preset factory."""
 
 

@@ -113,6 +113,19 @@ class _ShardBatches(Sampler[list[int]]):
         return len(self.batches)  # type: ignore[arg-type]
 
 
+def _feature_batches(
+    data: torch.Tensor, features: torch.Tensor, batch_size: int, generator: torch.Generator, device: torch.device,
+    rank: int = 0, world: int = 1,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless stream of (images, pooled features) batches drawn with the same indices (this rank's slice)."""
+    per = batch_size // world
+    lo, hi = rank * per, (rank + 1) * per
+    n = data.shape[0]
+    while True:
+        idx = torch.randint(0, n, (batch_size,), generator=generator)[lo:hi]
+        yield data[idx].to(device, non_blocking=True), features[idx].to(device, non_blocking=True)
+
+
 def _batches(
     data: torch.Tensor | Dataset,
     batch_size: int,
@@ -176,8 +189,9 @@ class _LossModule(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator) -> LossOutput:
-        return self.model.loss(x, generator=generator)
+    def forward(self, x: torch.Tensor, generator: torch.Generator, features: torch.Tensor | None = None
+                ) -> LossOutput:
+        return self.model.loss(x, generator=generator, features=features)
 
 
 def _env_world() -> int:
@@ -193,6 +207,23 @@ def _env_world() -> int:
 def _destroy_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _check_features(data: torch.Tensor | Dataset, features: torch.Tensor | None, preset: Preset) -> None:
+    """The ``"pretrained"`` encoder needs one pooled feature row per training image; other encoders take none."""
+    pretrained = preset.model.encoder.kind == "pretrained"
+    if features is None and pretrained:
+        raise ValueError("the 'pretrained' encoder trains from pooled backbone features: pass features=(N, F) "
+                         "aligned with the images (pipeline.features computes and caches them)")
+    if features is None:
+        return
+    if not pretrained:
+        raise ValueError(f"features= is only for the 'pretrained' encoder, this preset's is {preset.model.encoder.kind!r}")
+    if not isinstance(data, torch.Tensor) or features.ndim != 2 or features.shape[0] != data.shape[0]:
+        raise ValueError(f"features must be an (N, F) tensor with one row per image of an (N, C, H, W) tensor, got "
+                         f"{tuple(features.shape)} for {type(data).__name__}")
+    if not torch.isfinite(features).all():
+        raise ValueError("features contain NaN or infinite values")
 
 
 def _check_data(data: torch.Tensor | Dataset, preset: Preset) -> None:
@@ -235,6 +266,7 @@ def train(
     progress: bool = True,
     on_step: Callable[[dict[str, float]], bool | None] | None = None,
     seed: int | None = None,
+    features: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train an InfoDiffusion model.
 
@@ -253,6 +285,9 @@ def train(
         on_step: called with each history record (every ``log_every`` steps; rank 0 only, its answer is
             broadcast to all ranks); return True to stop early.
         seed: overrides the preset seed.
+        features: (N, F) pooled backbone features of the images (required by, and only for, the ``"pretrained"``
+            encoder kind; ``data`` must then be a tensor). A fresh model's head is initialised from them
+            (``FeatureHead.init_from_features``); the backbone itself never trains.
 
     Returns:
         ``TrainResult``.
@@ -275,6 +310,7 @@ def train(
     }
     tcfg = preset.train.replace(**overrides)
     _check_data(data, preset)
+    _check_features(data, features, preset)
     if dist.is_available() and not dist.is_initialized() and _env_world() > 1:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device is not None:
@@ -304,6 +340,7 @@ def train(
         init_from=init_from,
         progress=progress,
         on_step=on_step,
+        features=features,
     )
 
 
@@ -318,6 +355,7 @@ def _train(
     init_from: str | Path | None,
     progress: bool,
     on_step: Callable[[dict[str, float]], bool | None] | None,
+    features: torch.Tensor | None = None,
 ) -> TrainResult:
     from tqdm.auto import tqdm
 
@@ -352,6 +390,8 @@ def _train(
         from safetensors.torch import load_file
 
         load_state_strict(model, load_file(str(Path(init_from) / WEIGHTS_NAME)), str(init_from))
+    elif features is not None and not (resume and has_ckpt):
+        model.encoder.head.init_from_features(features)
     ema = copy.deepcopy(model).requires_grad_(False).eval() if rank == 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     use_amp = tcfg.amp and dev.type == "cuda"
@@ -430,7 +470,10 @@ def _train(
             if distributed:
                 dist.barrier()
 
-    batches = _batches(data, tcfg.batch_size, data_gen, dev, rank, world)
+    if features is not None:
+        batches: Iterator[Any] = _feature_batches(data, features, tcfg.batch_size, data_gen, dev, rank, world)
+    else:
+        batches = ((b, None) for b in _batches(data, tcfg.batch_size, data_gen, dev, rank, world))
     bar = tqdm(
         total=tcfg.steps,
         initial=step,
@@ -439,7 +482,7 @@ def _train(
     )
     train_time, trained = 0.0, 0
     model.train()
-    loss_fn: Callable[[torch.Tensor, torch.Generator], LossOutput]
+    loss_fn: Callable[..., LossOutput]
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -450,15 +493,15 @@ def _train(
             forward_sync_buffers=False,
         )
     else:
-        loss_fn = lambda x, g: model.loss(x, generator=g)  # noqa: E731
+        loss_fn = lambda x, g, f=None: model.loss(x, generator=g, features=f)  # noqa: E731
     while step < tcfg.steps:
         t0 = time.perf_counter()
         lr = lr_at(step, lr=tcfg.lr, warmup_steps=tcfg.warmup_steps, total_steps=tcfg.steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        x = next(batches)
+        x, f = next(batches)
         with torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=use_amp):
-            out = loss_fn(x, loss_gen)
+            out = loss_fn(x, loss_gen, f)
         scaler.scale(out.total).backward()
         if tcfg.grad_clip > 0:
             scaler.unscale_(opt)

@@ -79,15 +79,19 @@ def save_grid(
 
 
 def traversal_grid(model: Any, x0: Any, out: Path, *, steps: int = 10, title: str = "",
-                   values: Sequence[float] = TRAVERSE_VALUES, max_axes: int = MAX_TRAVERSE_AXES) -> Path:
-    """Save a traversal grid of one image: one row per axis (at most ``max_axes``), z_k set to each of ``values``."""
+                   values: Sequence[float] = TRAVERSE_VALUES, max_axes: int = MAX_TRAVERSE_AXES,
+                   z0: Any = None) -> Path:
+    """Save a traversal grid of one image: one row per axis (at most ``max_axes``), z_k set to each of ``values``.
+
+    ``z0`` (1, d) is the image's code; default ``model.encode(x0)`` (a ``"pretrained"`` encoder needs it given).
+    """
     import torch
 
     d = int(model.cfg.latent_dim)
     axes = list(range(min(d, max_axes)))
     with torch.inference_mode():
-        grid_t = model.traverse(x0, axes, torch.tensor(tuple(values)), steps=steps)
-        z = model.encode(x0)[0]
+        grid_t = model.traverse(x0, axes, torch.tensor(tuple(values)), steps=steps, z=z0)
+        z = (model.encode(x0) if z0 is None else z0)[0]
     cells = []
     for i in range(len(axes)):
         front = [to_display(x0[0])] if i == 0 else [None]

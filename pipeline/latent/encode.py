@@ -112,12 +112,26 @@ def encode_images(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     model.eval()
     device = _model_device(model)
+    if getattr(model, "uses_features", False):
+        return _encode_from_features(model, arrays, device)
     out = []
     with torch.inference_mode():
         for start in range(0, len(arrays), batch_size):
             x = to_model_input(arrays[start : start + batch_size], spec).to(device)
             out.append(_checked_z(model.encode(x), start))
     return np.concatenate(out, axis=0)
+
+
+def _encode_from_features(model: Any, arrays: Sequence[np.ndarray], device: Any, offset: int = 0) -> np.ndarray:
+    """Latents of raw images for a ``"pretrained"`` encoder: the frozen backbone's pooled features, then the head."""
+    import torch
+
+    from models.checkpoint import backbone_record
+    from pipeline.latent.features import compute_features
+
+    fs = compute_features(list(arrays), backbone_id=backbone_record(model.cfg)["id"])
+    with torch.inference_mode():
+        return _checked_z(model.encode(None, features=torch.from_numpy(fs.pooled).to(device)), offset)
 
 
 def _checked_z(z: Any, offset: int) -> np.ndarray:
@@ -168,8 +182,10 @@ def _encode_files(
     channels = spec_channels(spec) or 1
     with _tqdm(len(paths), desc, progress) as bar, torch.inference_mode():
         for start, arrays, shas in _prefetched_batches(paths, batch_size, channels, workers):
-            x = to_model_input(arrays, spec).to(device)
-            z = _checked_z(model.encode(x), start)
+            if getattr(model, "uses_features", False):
+                z = _encode_from_features(model, arrays, device, start)
+            else:
+                z = _checked_z(model.encode(to_model_input(arrays, spec).to(device)), start)
             bar.update(len(arrays))
             yield start, z, shas
 
@@ -303,7 +319,8 @@ def encode_catalog(
     out_path = Path(out_path)
     merge_parts(out_path)
     existing = _read_existing(out_path)
-    todo = catalog_df[[id_col, image_path_col]].drop_duplicates(subset=id_col)
+    keep = [id_col, image_path_col] + ([SHA256] if SHA256 in catalog_df.columns else [])
+    todo = catalog_df[keep].drop_duplicates(subset=id_col)
     if not existing.empty:
         done = set(existing.loc[existing[MODEL_ID] == model_id, IMAGE_ID].astype(str))
         todo = todo[~todo[id_col].astype(str).isin(done)]
@@ -331,7 +348,10 @@ def encode_catalog(
         pending, n_pending = [], 0
         return full
 
-    batches = _encode_files(ckpt, paths, batch_size=batch_size, progress=progress, desc="encode", workers=workers)
+    if getattr(ckpt.model, "uses_features", False) and base is not None and SHA256 in todo.columns:
+        batches = _encode_stored_features(ckpt, todo, base, image_path_col, flush_every)
+    else:
+        batches = _encode_files(ckpt, paths, batch_size=batch_size, progress=progress, desc="encode", workers=workers)
     for start, z, _ in batches:
         chunk = pd.DataFrame({IMAGE_ID: ids[start : start + len(z)], MODEL_ID: model_id})
         chunk = pd.concat([chunk, pd.DataFrame(z, columns=latent_columns(z.shape[1]))], axis=1)
@@ -344,6 +364,28 @@ def encode_catalog(
     if pending:
         table = flush()
     return table
+
+
+def _encode_stored_features(ckpt: Any, rows: pd.DataFrame, root: Path, path_col: str, chunk: int
+                            ) -> Iterator[tuple[int, np.ndarray, list[str]]]:
+    """Yield ``(start, z, sha256s)`` per chunk of catalog rows for a ``"pretrained"`` encoder.
+
+    Its backbone features are read from the catalog's feature store (computed and stored there first when missing,
+    so each image is featurised once, and other consumers such as the patch detector read the same features).
+    """
+    import torch
+
+    from models.checkpoint import backbone_record
+    from pipeline.latent.features import load_or_compute_features
+
+    model = ckpt.model.eval()
+    bid = backbone_record(model.cfg)["id"]
+    for start in range(0, len(rows), chunk):
+        part = rows.iloc[start : start + chunk]
+        fs = load_or_compute_features(root, part, backbone_id=bid, path_col=path_col)
+        with torch.inference_mode():
+            z = model.encode(None, features=torch.from_numpy(fs.pooled).to(_model_device(model)))
+        yield start, _checked_z(z, start), part[SHA256].astype(str).tolist()
 
 
 def parts_dir(out_path: str | os.PathLike[str]) -> Path:
@@ -406,8 +448,12 @@ def encode_part(
     base = Path(root) if root is not None else None
     paths = [Path(p) if base is None or Path(p).is_absolute() else base / p for p in rows[image_path_col]]
     chunks = []
-    for start, z, _ in _encode_files(ckpt, paths, batch_size=batch_size, progress=progress, desc="encode part",
-                                     workers=workers):
+    if getattr(ckpt.model, "uses_features", False) and base is not None and SHA256 in rows.columns:
+        batches = _encode_stored_features(ckpt, rows, base, image_path_col, len(rows))
+    else:
+        batches = _encode_files(ckpt, paths, batch_size=batch_size, progress=progress, desc="encode part",
+                                workers=workers)
+    for start, z, _ in batches:
         chunk = pd.DataFrame({IMAGE_ID: ids[start : start + len(z)], MODEL_ID: model_id})
         chunks.append(pd.concat([chunk, pd.DataFrame(z, columns=latent_columns(z.shape[1]))], axis=1))
     df = pd.concat(chunks, ignore_index=True)

@@ -562,7 +562,8 @@ def _train_and_log_point(point: GridPoint, job: _PointJob, child_id: str) -> dic
                              prefix="train.", run_id=child_id)
     ckpt_dir = job.out / point.name / "checkpoint"
     result = train(preset, to_model_input(job.data.train, preset.preprocess), ckpt_dir, steps=job.n_steps,
-                   batch_size=job.batch_size, seed=job.seed, device=job.device, progress=job.progress)
+                   batch_size=job.batch_size, seed=job.seed, device=job.device, progress=job.progress,
+                   features=_train_features(preset, job))
     tracking.log_history(result.history, run_id=child_id)
     last = result.history[-1] if result.history else {}
     final = {f"final.{k}": float(last[k]) for k in ("loss", "eps_mse", "mmd", "kl") if k in last}
@@ -585,6 +586,18 @@ def _train_and_log_point(point: GridPoint, job: _PointJob, child_id: str) -> dic
     }
 
 
+def _train_features(preset: Any, job: _PointJob) -> Any:
+    """Pooled backbone features of the training images for a ``"pretrained"`` encoder preset (else None)."""
+    if preset.model.encoder.kind != "pretrained":
+        return None
+    import torch
+
+    from models.checkpoint import backbone_record
+    from pipeline.latent.features import compute_features
+
+    return torch.from_numpy(compute_features(job.data.train, backbone_id=backbone_record(preset.model)["id"]).pooled)
+
+
 def _log_point_figures(point: GridPoint, job: _PointJob, model: Any, preset: Any, dis_table: pd.DataFrame,
                        child_id: str) -> None:
     """The traversal grid of evaluation image 0 and the disentanglement table, written and logged."""
@@ -594,7 +607,14 @@ def _log_point_figures(point: GridPoint, job: _PointJob, model: Any, preset: Any
     point_dir = job.out / point.name
     dis_table.to_csv(point_dir / "disentanglement.csv", index=False)
     x0 = to_model_input([job.data.eval[0]], preset.preprocess).to(next(model.parameters()).device)
-    png = traversal_grid(model, x0, point_dir / "traversal.png", steps=job.traverse_steps,
+    z0 = None
+    if getattr(model, "uses_features", False):
+        import torch
+
+        from pipeline.latent.encode import encode_images
+
+        z0 = torch.from_numpy(encode_images(model, preset.preprocess, [job.data.eval[0]])).to(x0.device)
+    png = traversal_grid(model, x0, point_dir / "traversal.png", steps=job.traverse_steps, z0=z0,
                          title=f"{point.name}: traversal of evaluation image 0, {job.traverse_steps} DDIM steps")
     with tempfile.TemporaryDirectory() as tmp:
         for p in (png, point_dir / "disentanglement.csv"):

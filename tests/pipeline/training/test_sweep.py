@@ -161,3 +161,25 @@ def test_cli_sweep_on_a_folder_json(lw_env, elpv_small, png_writer, tmp_path: Pa
     out = json.loads(capsys.readouterr().out)
     assert len(out["table"]) == 1 and out["table"][0]["status"] == "ok"
     assert out["table"][0]["run_id"] == out["child_run_ids"][0]
+
+
+def test_sweep_with_the_pretrained_encoder(lw_env, elpv_small, tmp_path: Path) -> None:
+    """A sweep point of a ``"pretrained"`` encoder preset trains from backbone features and probes its z."""
+    import dataclasses
+
+    import torch
+
+    from models import get_preset
+    from models.config import EncoderConfig
+
+    torch.set_num_threads(1)
+    tiny = get_preset("tiny")
+    base = dataclasses.replace(tiny, name="tiny-pretrained", model=tiny.model.replace(
+        encoder=EncoderConfig(kind="pretrained", head_hidden=16)))
+    res = sweep(elpv_small.images[:16], preset=base, lambdas=(0.1,), latent_dims=(4,), steps=3, batch_size=4,
+                eval_images=elpv_small.images, probe_labels={"mono_poly": elpv_small.types},
+                out_dir=tmp_path / "out", run_name="sweep-pretrained", traverse_steps=2, progress=False)
+    t = res.table
+    assert (t["status"] == "ok").all(), t["error"].tolist()
+    assert np.isfinite(t["probe.mono_poly.auroc_mean"].astype(float)).all()
+    assert (tmp_path / "out" / "lam0.1_zeta1_d4" / "traversal.png").stat().st_size > 0
