@@ -35,6 +35,7 @@ BENCHMARKS: list[tuple[str, int, list[str]]] = [
     ("bench_drift_calibration", 2400, []),
     ("bench_anomaly", 5400, []),
     ("bench_anomaly_tiles", 3600, []),
+    ("bench_patch", 3600, []),
     ("bench_drift_faults", 5400, []),
     ("fault_vs_lots", 900, []),
     ("bench_spc", 5400, []),
@@ -44,7 +45,7 @@ BENCHMARKS: list[tuple[str, int, list[str]]] = [
 DOC = ROOT / "docs" / "results.md"
 
 SECTIONS: list[tuple[str, list[str], str]] = [
-    ("1. Anomaly detection on ELPV", ["bench_anomaly", "bench_anomaly_tiles"],
+    ("1. Anomaly detection on ELPV", ["bench_anomaly", "bench_anomaly_tiles", "bench_patch"],
      "Image AUROC / AUPR per method, overall and per cell type, on the lot-level split; and whether a tile-level "
      "model at 4x the resolution closes the poly gap."),
     ("2. Drift detection with the simulator's faults", ["bench_drift_faults", "bench_drift_calibration",

@@ -204,6 +204,36 @@ def catalog_serials(frame: pd.DataFrame) -> list[str]:
     return [known.get(str(d), "") for d in frame["sha256"]]
 
 
+def write_heatmaps(ref: LatentSource, cur: LatentSource, res: Any, labels: list[str], out_dir: str,
+                   top: int) -> list[Path]:
+    """Heatmap overlays (PNG) of the ``top`` highest-scoring flagged images.
+
+    The anomaly map comes from a :class:`~pipeline.analysis.detectors.patch.PatchDetector` fitted on the reference
+    images' backbone patch maps (``pipeline.latent.features``), so it shows where an image differs from the
+    reference cells at the same place of the cell.
+    """
+    from pipeline.analysis.detectors.patch import PatchDetector
+    from pipeline.common.figures import save_heatmap_overlays
+    from pipeline.common.images import read_images
+
+    try:
+        from pipeline.latent.features import compute_features
+    except ImportError as exc:
+        raise CLIError(f"--heatmaps needs the backbone features (pipeline.latent.features): {exc}") from exc
+    for src, what in ((ref, "--reference"), (cur, "--images")):
+        if "path" not in src.frame.columns:
+            raise CLIError(f"--heatmaps needs image files: {what} {src.origin!r} has no image paths")
+    flagged = np.flatnonzero(res.is_anomaly)
+    if top < 1 or len(flagged) == 0:
+        return []
+    chosen = flagged[np.argsort(-res.scores[flagged], kind="stable")[:top]]
+    ref_imgs = read_images(ref.frame["path"].tolist())
+    cur_imgs = read_images(cur.frame["path"].iloc[chosen].tolist())
+    det = PatchDetector().fit(compute_features(ref_imgs).patches)
+    maps = det.anomaly_map(compute_features(cur_imgs).patches)
+    return save_heatmap_overlays(cur_imgs, maps, res.scores[chosen], [labels[i] for i in chosen], out_dir, top=top)
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     """Run ``linewatch score``."""
     from pipeline.cli.model import load_model
@@ -241,8 +271,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     serials = catalog_serials(cur.frame)
     labels = [s or label for s, label in zip(serials, cur.labels(), strict=True)]
     model_id = str(ckpt.meta.get("model_id"))
+    heatmaps = (write_heatmaps(ref, cur, res, labels, args.heatmaps, args.heatmap_top)
+                if args.heatmaps else [])
     if args.json:
         doc = {
+            "heatmaps": [str(p) for p in heatmaps],
             "model_id": model_id,
             "detector": name,
             "fpr_target": res.fpr_target,
@@ -280,6 +313,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         flag = "ANOMALY" if res.is_anomaly[i] else "ok"
         print(f"{label:<{width}}  {res.scores[i]:>10.4g}  {res.p_values[i]:>8.4f}  {flag}")
     print(f"{res.n_anomalies} of {len(labels)} flagged")
+    if args.heatmaps:
+        print(f"{len(heatmaps)} heatmap(s) of flagged images written to {args.heatmaps}")
     return 0
 
 
@@ -447,6 +482,9 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--calibration-share", type=float, default=0.5, help="share of the reference used for the threshold (0.5)"
     )
+    p.add_argument("--heatmaps", metavar="DIR", default=None,
+                   help="write anomaly-map overlays (PNG) of the top flagged images to DIR")
+    p.add_argument("--heatmap-top", type=int, default=8, help="how many flagged images get a heatmap (default 8)")
     p.set_defaults(func=cmd_score)
 
     p = subparsers.add_parser(

@@ -1,4 +1,4 @@
-"""Figures shared by the commands and jobs: labelled image grids, latent traversal grids.
+"""Figures shared by the commands and jobs: labelled image grids, latent traversal grids, anomaly heatmaps.
 
 Images are shown on the fixed display range (a tensor in [-1, 1] maps to [0, 1]); nothing is re-stretched per
 image, so a darker image looks darker. Figures are built without pyplot state (``Figure`` + Agg canvas).
@@ -104,3 +104,100 @@ def traversal_grid(model: Any, x0: Any, out: Path, *, steps: int = 10, title: st
         title=title,
         cell_inches=0.9,
     )
+
+
+def _gray_display(image: Any, value_range: tuple[float, float] | None) -> np.ndarray:
+    """2-D gray image -> float (H, W) in [0, 1] on a fixed range (uint8: 0-255, float: -1..1 unless given)."""
+    arr = np.asarray(image)
+    if arr.ndim == 3 and 1 in (arr.shape[0], arr.shape[-1]):
+        arr = arr.reshape(arr.shape[1:] if arr.shape[0] == 1 else arr.shape[:-1])
+    if arr.ndim != 2:
+        raise ValueError(f"a heatmap needs a 2-D gray image, got shape {arr.shape}")
+    lo, hi = value_range or ((0.0, 255.0) if arr.dtype == np.uint8 else (-1.0, 1.0))
+    return np.clip((arr.astype(np.float64) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def save_heatmap_overlay(
+    image: Any,
+    amap: np.ndarray,
+    out: str | os.PathLike[str],
+    *,
+    title: str = "",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    value_range: tuple[float, float] | None = None,
+) -> Path:
+    """Save a cell and its anomaly map overlaid on it (two panels, colour bar) as PNG.
+
+    The map (h, w), e.g. ``PatchDetector.anomaly_map`` of one image, is stretched over the whole image with bilinear
+    interpolation; ``vmin`` / ``vmax`` fix the colour scale (pass the same values for every cell of a report so the
+    colours compare; default: the map's own range).
+
+    Args:
+        image: 2-D gray image (uint8 0-255, or float on ``value_range``, default -1..1).
+        amap: anomaly map (h, w), higher = more anomalous.
+        out: PNG path (or an existing folder: ``heatmap.png`` inside).
+        title: figure title.
+        vmin: colour-scale minimum.
+        vmax: colour-scale maximum.
+        value_range: display range of a float image.
+
+    Returns:
+        The written path.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    img = _gray_display(image, value_range)
+    amap = np.asarray(amap, dtype=np.float64)
+    if amap.ndim != 2:
+        raise ValueError(f"the anomaly map must be 2-D (h, w), got shape {amap.shape}")
+    fig = Figure(figsize=(6.4, 3.2))
+    FigureCanvasAgg(fig)
+    ax0, ax1 = fig.subplots(1, 2)
+    extent = (0, img.shape[1], img.shape[0], 0)
+    _show(ax0, img, "cell")
+    _show(ax1, img, "anomaly map")
+    shown = ax1.imshow(amap, cmap="jet", alpha=0.45, extent=extent, interpolation="bilinear",
+                       vmin=float(amap.min()) if vmin is None else vmin,
+                       vmax=float(amap.max()) if vmax is None else vmax)
+    fig.colorbar(shown, ax=ax1, fraction=0.046, pad=0.04)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    path = output_png(out, "heatmap.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
+
+
+def save_heatmap_overlays(
+    images: Sequence[Any],
+    maps: np.ndarray,
+    scores: np.ndarray,
+    names: Sequence[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    top: int = 8,
+) -> list[Path]:
+    """Write heatmap overlays of the ``top`` highest-scoring cells to ``out_dir`` (one PNG each, on one colour scale).
+
+    Files are named ``<rank>_<name>.png`` (rank 1 = highest score; the name made file-safe).
+
+    Returns:
+        The written paths, highest score first.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    maps = np.asarray(maps, dtype=np.float64)
+    if not len(images) == len(maps) == len(scores) == len(names):
+        raise ValueError("images, maps, scores and names must have the same length")
+    order = np.argsort(-scores, kind="stable")[: max(0, int(top))]
+    if len(order) == 0:
+        return []
+    vmin, vmax = float(maps[order].min()), float(maps[order].max())
+    out = Path(out_dir)
+    paths = []
+    for rank, i in enumerate(order, start=1):
+        safe = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in Path(str(names[i])).name)
+        paths.append(save_heatmap_overlay(images[i], maps[i], out / f"{rank:02d}_{safe}.png",
+                                          title=f"{names[i]}  score {scores[i]:.3g}", vmin=vmin, vmax=vmax))
+    return paths

@@ -1,6 +1,7 @@
 """Per-image anomaly detectors: one small sklearn-shaped protocol (see :mod:`pipeline.analysis.detectors.base`).
 
 Latent detectors work on z (N, d); ``DiffusionResidual`` works on images and uses the diffusion model itself;
+``PatchDetector`` works on a frozen backbone's patch maps (N, C, H, W) and gives an anomaly map;
 ``ConditionalResidual`` judges precomputed residuals against the reference images nearest in z. ``DiffusionResidual`` is
 imported lazily, so the latent detectors and ``pipeline.analysis.drift`` do not pull in torch and ``models``.
 """
@@ -17,6 +18,7 @@ from pipeline.analysis.detectors.base import (
 from pipeline.analysis.detectors.conditional import ConditionalResidual
 from pipeline.analysis.detectors.ensemble import Ensemble
 from pipeline.analysis.detectors.outlier import IsolationForestDetector, KNNDistance, Mahalanobis
+from pipeline.analysis.detectors.patch import PatchDetector
 
 __all__ = [
     "BaseDetector",
@@ -29,6 +31,7 @@ __all__ = [
     "KNNDistance",
     "Mahalanobis",
     "NotFittedError",
+    "PatchDetector",
     "conformal_threshold",
 ]
 

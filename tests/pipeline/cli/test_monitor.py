@@ -253,3 +253,51 @@ def test_14_too_small_reference_message_speaks_of_reference_images(fresh_checkpo
                  "--no-progress"]) == 2
     line = _one_error_line(capsys, "score")
     assert "ConditionalResidual" not in line and "6 reference images" in line and "at least" in line
+
+
+def _block_stats_module():
+    """A stand-in for ``pipeline.latent.features``: the patch map is each 8x8 block's mean and spread of the cell."""
+    import types
+
+    from pipeline.common.images import read_image  # noqa: F401  (same decoding as the command)
+
+    class FS:
+        def __init__(self, patches):
+            self.patches = patches
+
+    def compute_features(images):
+        out = []
+        for im in images:
+            a = np.asarray(im, np.float32).reshape(im.shape[0], im.shape[1])
+            h, w = a.shape[0] // 8 * 8, a.shape[1] // 8 * 8
+            b = a[:h, :w].reshape(8, h // 8, 8, w // 8)
+            out.append(np.stack([b.mean(axis=(1, 3)), b.std(axis=(1, 3))]))
+        return FS(np.stack(out))
+
+    mod = types.ModuleType("pipeline.latent.features")
+    mod.compute_features = compute_features
+    return mod
+
+
+def test_score_writes_heatmaps_of_flagged_images(tiny_checkpoint, ref_parquet, elpv_small, tmp_path, capsys,
+                                                 png_writer, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pipeline.latent.features", _block_stats_module())
+    ref_dir, ref_pq = ref_parquet
+    imgs = tmp_path / "today"
+    odd = elpv_small.images[:1].copy()
+    odd[0, :150, :] = 0  # the top half of the cell dark
+    png_writer(np.concatenate([elpv_small.images[1:3], odd]), imgs)
+    hm = tmp_path / "heatmaps"
+    doc = _score_json(capsys, "--model", str(tiny_checkpoint), "--images", str(imgs), "--reference", str(ref_dir),
+                      "--fpr", "0.1", "--heatmaps", str(hm), "--heatmap-top", "2")
+    flagged = [r for r in doc["images"] if r["flagged"]]
+    assert doc["images"][2]["flagged"]
+    assert len(doc["heatmaps"]) == min(2, len(flagged))
+    assert all(p.endswith(".png") and (hm / p.split("/")[-1]).exists() for p in doc["heatmaps"])
+    # a reference without image paths cannot give patch maps: one-line error, non-zero exit
+    bare = tmp_path / "bare.parquet"
+    pd.read_parquet(ref_pq).drop(columns=["path"], errors="ignore").to_parquet(bare)
+    assert main(["score", "--model", str(tiny_checkpoint), "--images", str(imgs), "--reference", str(bare),
+                 "--fpr", "0.1", "--heatmaps", str(hm), "--no-progress"]) != 0

@@ -1,0 +1,150 @@
+"""One per-image anomaly score from several scoring families (patch map, diffusion residual), fitted on calibration data.
+
+Each family scores an image on its own scale: the patch detector a whitened distance (positive, right-skewed), the
+conditional residual a z-score among the image's z-neighbours (any sign). :class:`ScoreFusion` puts them on one scale
+with transforms learnt from *normal calibration scores only* and averages them:
+
+* ``log`` columns (positive scores) are log-transformed first (a floor keeps them finite);
+* every column is then standardised by its calibration mean and standard deviation;
+* the fused score is the weighted mean of the standardised columns (higher = more anomalous).
+
+No anomalous image is needed. The threshold is then the same conformal order statistic as every linewatch detector
+(:func:`pipeline.analysis.detectors.base.conformal_threshold`), set on calibration images the fusion was *not* fitted on,
+so the false-alarm guarantee holds as today. :func:`calibrate_fusion` does the bookkeeping like
+:func:`pipeline.handoff.bundle.detector_calibration`: fit on one third, threshold on the second, measure the false-alarm
+rate on the last; the returned fusion is refitted on one half and thresholded on the other.
+
+Calibration scores of each family must themselves be out-of-sample (the patch detector fitted on other images; the
+conditional residual's leave-one-out ``reference_scores_``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.analysis.detectors.base import BaseDetector
+from pipeline.common.schemas import as_latent_matrix
+
+__all__ = ["FusionCalibration", "ScoreFusion", "calibrate_fusion"]
+
+_LOG_FLOOR = 1e-12
+
+
+class ScoreFusion(BaseDetector):
+    """Weighted mean of per-family standardised (optionally log) scores.
+
+    Input: a score matrix (N, m), one column per family, each higher = more anomalous.
+
+    Args:
+        names: family names, one per column (for reports).
+        log: per column, whether to log-transform it before standardising (for positive scores).
+        weights: non-negative weights, one per column (normalised to sum 1); default equal.
+    """
+
+    name = "ScoreFusion"
+    version = "1"
+    input_kind = "scores"
+    _param_names = ("names", "log", "weights")
+    _min_fit_samples = 3
+
+    def __init__(self, names: Sequence[str], log: Sequence[bool] | None = None,
+                 weights: Sequence[float] | None = None) -> None:
+        m = len(names)
+        if m == 0:
+            raise ValueError("ScoreFusion needs at least one score family")
+        self.names = tuple(str(n) for n in names)
+        self.log = tuple(bool(v) for v in (log if log is not None else (False,) * m))
+        w = np.ones(m) if weights is None else np.asarray(weights, dtype=np.float64)
+        if len(self.log) != m or w.shape != (m,) or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"log and weights must have one entry per family ({m}), weights >= 0 with a positive sum")
+        self.weights = tuple(float(v) for v in w / w.sum())
+
+    def _transform(self, S: np.ndarray) -> np.ndarray:
+        T = S.copy()
+        for c, use_log in enumerate(self.log):
+            if use_log:
+                T[:, c] = np.log(np.maximum(S[:, c], _LOG_FLOOR))
+        return T
+
+    def _fit(self, S: np.ndarray) -> None:
+        T = self._transform(S)
+        self.center_ = T.mean(axis=0)
+        sd = T.std(axis=0, ddof=1)
+        self.scale_ = np.where(sd > 1e-12, sd, 1.0)
+
+    def standardised(self, X: Any) -> np.ndarray:
+        """Per-family standardised scores (N, m): each family's contribution on the common scale."""
+        self._check_fitted()
+        S = self._validate(X, "scores")
+        self._check_dim(S, "scores")
+        return (self._transform(S) - self.center_) / self.scale_
+
+    def _score(self, S: np.ndarray) -> np.ndarray:
+        return ((self._transform(S) - self.center_) / self.scale_) @ np.asarray(self.weights)
+
+    def _validate(self, X: Any, name: str) -> np.ndarray:
+        S = as_latent_matrix(X, name)
+        if S.shape[1] != len(self.names):
+            raise ValueError(f"{name} has {S.shape[1]} score columns, expected {len(self.names)} ({self.names})")
+        return S
+
+
+@dataclass(frozen=True)
+class FusionCalibration:
+    """What :func:`calibrate_fusion` returns.
+
+    Attributes:
+        fusion: the fused detector, fitted on one half of the calibration scores and thresholded on the other.
+        fpr_target: the false-alarm rate the threshold was set for.
+        fpr_heldout: false-alarm rate measured on the held-out third (fit on the first, threshold on the second).
+        n_heldout: images in the held-out third.
+    """
+
+    fusion: ScoreFusion
+    fpr_target: float
+    fpr_heldout: float
+    n_heldout: int
+
+
+def _threshold(det: ScoreFusion, S: np.ndarray, fpr: float) -> None:
+    """Threshold at ``fpr``, or at the smallest rate ``S`` allows (small demo runs), recorded in ``det.fpr_``."""
+    try:
+        det.infer_threshold(S, fpr=fpr)
+    except ValueError:
+        det.infer_threshold(S, fpr=min(0.5, 1.0 / (len(S) - 1)))
+
+
+def calibrate_fusion(scores: Any, names: Sequence[str], fpr: float, *, log: Sequence[bool] | None = None,
+                     weights: Sequence[float] | None = None, seed: int = 0) -> FusionCalibration:
+    """Fit and threshold a :class:`ScoreFusion` on normal calibration scores, and measure its false-alarm rate.
+
+    Args:
+        scores: out-of-sample scores (N, m) of the calibration images, one column per family.
+        names: family names.
+        fpr: target false-alarm rate.
+        log: per family, log-transform before standardising.
+        weights: per family weights.
+        seed: split seed.
+
+    Returns:
+        :class:`FusionCalibration`.
+
+    Raises:
+        ValueError: fewer than 9 calibration images.
+    """
+    S = as_latent_matrix(scores, "scores")
+    if len(S) < 9:
+        raise ValueError(f"fusion calibration needs >= 9 calibration images, got {len(S)}")
+    idx = np.random.default_rng(seed).permutation(len(S))
+    a, b, c = np.array_split(idx, 3)
+    probe = ScoreFusion(names, log, weights).fit(S[a])
+    _threshold(probe, S[b], fpr)
+    fpr_held = float((probe.score(S[c]) > probe.threshold_).mean())
+    half = len(idx) // 2
+    full = ScoreFusion(names, log, weights).fit(S[idx[:half]])
+    _threshold(full, S[idx[half:]], fpr)
+    return FusionCalibration(fusion=full, fpr_target=float(fpr), fpr_heldout=fpr_held, n_heldout=len(c))
