@@ -127,7 +127,7 @@ def save_checkpoint(
         digest = file_digest(tmp / WEIGHTS_NAME)
         meta["model_id"] = digest[:16]
         meta["weights_sha256"] = digest
-        if cfg.encoder.kind == "pretrained":  # the frozen backbone is not saved: its identity is
+        if cfg.encoder.kind == "pretrained":  # the frozen backbone is not saved, only its identity
             meta["backbone"] = backbone_record(cfg)
         doc = {
             "format_version": FORMAT_VERSION,

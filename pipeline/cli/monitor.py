@@ -235,10 +235,8 @@ def write_heatmaps(ref: LatentSource, cur: LatentSource, res: Any, labels: list[
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    """Run ``linewatch score``."""
+    """Run ``linewatch score``: fit a detector on the reference, threshold it, flag the images."""
     from pipeline.cli.model import load_model
-    from pipeline.training.retrain import ScoringConfig
-    from pipeline.training.retrain import make_detector as residual_detector
 
     _require_reference(args, "score")
     if not 0.0 < args.fpr < 1.0:
@@ -248,6 +246,26 @@ def cmd_score(args: argparse.Namespace) -> int:
     ref = load_latent_source(args.reference, ckpt, what="--reference", batch_size=args.batch_size, progress=progress)
     cur = load_latent_source(args.images, ckpt, what="--images", batch_size=args.batch_size, progress=progress)
     fit_idx, val_idx = split_reference(len(ref.frame), args.calibration_share, args.seed)
+    name, res = _score_with_detector(args, ckpt, ref, cur, fit_idx, val_idx, progress)
+    serials = catalog_serials(cur.frame)
+    labels = [s or label for s, label in zip(serials, cur.labels(), strict=True)]
+    heatmaps = (write_heatmaps(ref, cur, res, labels, args.heatmaps, args.heatmap_top)
+                if args.heatmaps else [])
+    info = {"model_id": str(ckpt.meta.get("model_id")), "detector": name, "n_fit": len(fit_idx),
+            "n_threshold": len(val_idx)}
+    if args.json:
+        print(json.dumps(_jsonable(_score_doc(info, res, cur, labels, serials, heatmaps)), indent=2))
+    else:
+        _print_scores(info, res, labels, heatmaps, args.heatmaps)
+    return 0
+
+
+def _score_with_detector(args: argparse.Namespace, ckpt: Any, ref: Any, cur: Any, fit_idx: np.ndarray,
+                         val_idx: np.ndarray, progress: bool) -> tuple[str, Any]:
+    """Fit the chosen detector on the reference's fit part, threshold it on the rest; (its name, the prediction)."""
+    from pipeline.handoff.bundle import ScoringConfig
+    from pipeline.handoff.bundle import make_detector as residual_detector
+
     scoring = ScoringConfig()
     name = args.detector
     if name == "auto":
@@ -267,45 +285,32 @@ def cmd_score(args: argparse.Namespace) -> int:
         det.infer_threshold(X_ref[val_idx], fpr=args.fpr)
     except ValueError as exc:
         raise CLIError(f"{exc} (reference: {len(X_ref)} images, {len(val_idx)} used for the threshold)") from exc
-    res = det.predict(X_cur)
-    serials = catalog_serials(cur.frame)
-    labels = [s or label for s, label in zip(serials, cur.labels(), strict=True)]
-    model_id = str(ckpt.meta.get("model_id"))
-    heatmaps = (write_heatmaps(ref, cur, res, labels, args.heatmaps, args.heatmap_top)
-                if args.heatmaps else [])
-    if args.json:
-        doc = {
-            "heatmaps": [str(p) for p in heatmaps],
-            "model_id": model_id,
-            "detector": name,
-            "fpr_target": res.fpr_target,
-            "fpr_ci": list(res.fpr_ci),
-            "threshold": res.threshold,
-            "threshold_ci": list(res.threshold_ci),
-            "n_reference_fit": int(len(fit_idx)),
-            "n_reference_threshold": int(len(val_idx)),
-            "n_images": len(labels),
-            "n_flagged": res.n_anomalies,
-            "images": [
-                {
-                    "image": labels[i],
-                    "serial": serials[i] or None,
-                    "path": cur.labels()[i],
-                    "sha256": str(cur.frame["sha256"].iloc[i]) if "sha256" in cur.frame.columns else None,
-                    "score": float(res.scores[i]),
-                    "p_value": float(res.p_values[i]),
-                    "flagged": bool(res.is_anomaly[i]),
-                }
-                for i in range(len(labels))
-            ],
-        }
-        print(json.dumps(_jsonable(doc), indent=2))
-        return 0
+    return name, det.predict(X_cur)
+
+
+def _score_doc(info: dict[str, Any], res: Any, cur: Any, labels: list[str], serials: list[str],
+               heatmaps: list[Any]) -> dict[str, Any]:
+    """The JSON answer of ``linewatch score``."""
+    paths = cur.labels()
+    sha = cur.frame["sha256"].astype(str).tolist() if "sha256" in cur.frame.columns else [None] * len(labels)
+    return {
+        "heatmaps": [str(p) for p in heatmaps], "model_id": info["model_id"], "detector": info["detector"],
+        "fpr_target": res.fpr_target, "fpr_ci": list(res.fpr_ci), "threshold": res.threshold,
+        "threshold_ci": list(res.threshold_ci), "n_reference_fit": int(info["n_fit"]),
+        "n_reference_threshold": int(info["n_threshold"]), "n_images": len(labels), "n_flagged": res.n_anomalies,
+        "images": [{"image": labels[i], "serial": serials[i] or None, "path": paths[i], "sha256": sha[i],
+                    "score": float(res.scores[i]), "p_value": float(res.p_values[i]),
+                    "flagged": bool(res.is_anomaly[i])} for i in range(len(labels))],
+    }
+
+
+def _print_scores(info: dict[str, Any], res: Any, labels: list[str], heatmaps: list[Any], folder: Any) -> None:
+    """The plain answer of ``linewatch score``: threshold with its CIs, one line per image, the count flagged."""
     print(
-        f"model {model_id}, detector {name}: threshold {res.threshold:.4g} "
+        f"model {info['model_id']}, detector {info['detector']}: threshold {res.threshold:.4g} "
         f"(95% CI {res.threshold_ci[0]:.4g}..{res.threshold_ci[1]:.4g}) for fpr {res.fpr_target:g} "
         f"(true false-alarm rate 95% CI {res.fpr_ci[0]:.2%}..{res.fpr_ci[1]:.2%}); "
-        f"reference {len(fit_idx)} fit + {len(val_idx)} threshold images"
+        f"reference {info['n_fit']} fit + {info['n_threshold']} threshold images"
     )
     width = min(max(len(s) for s in labels), 80)
     print(f"{'image':<{width}}  {'score':>10}  {'p_value':>8}  flag")
@@ -313,9 +318,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         flag = "ANOMALY" if res.is_anomaly[i] else "ok"
         print(f"{label:<{width}}  {res.scores[i]:>10.4g}  {res.p_values[i]:>8.4f}  {flag}")
     print(f"{res.n_anomalies} of {len(labels)} flagged")
-    if args.heatmaps:
-        print(f"{len(heatmaps)} heatmap(s) of flagged images written to {args.heatmaps}")
-    return 0
+    if folder:
+        print(f"{len(heatmaps)} heatmap(s) of flagged images written to {folder}")
 
 
 def _check_reference_size(det: Any, n_fit: int, name: str, n_ref: int, share: float) -> None:
