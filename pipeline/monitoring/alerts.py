@@ -207,7 +207,8 @@ class Alert:
         severity: ``"warning"`` or ``"critical"``.
         status: ``"open"``, ``"resolved"`` or ``"suppressed"``.
         summary: one line on the cause (e.g. ``"anomaly scores up: 23% of the window's cells ..."``).
-        card_paths: axis card files (PNG/JSON) of the top axes.
+        card_paths: pictures of the window: axis cards (PNG/JSON) of the top axes and, on a control-chart alarm, the
+            chart (latent and ``spc`` alerts; other families cite none).
         example_images: paths of example images of the window (highest anomaly scores first).
         dedup_key: the key used for deduplication and cooldown (``"<line>|<cause>"``).
         created_at: ISO time the alert opened.
@@ -269,6 +270,10 @@ class Alert:
 
 
 _TUPLE_FIELDS = ("tests", "top_axes", "card_paths", "example_images", "causes", "example_serials")
+
+
+# families whose alerts cite the window's pictures (axis cards, control chart)
+_PICTURED_FAMILIES = frozenset({"latent", "spc"})
 
 
 def _legacy_family(tests: Sequence[str]) -> str:
@@ -606,7 +611,7 @@ class AlertManager:
             id=_digest(ctx.line, ctx.window_id, key), line=ctx.line, window=dict(ctx.bounds),
             model_version=ctx.model_version, tests=cause.tests or (cause.family,), top_axes=cause.top_axes,
             severity=severity, status="open", summary=cause.summary,
-            card_paths=ctx.card_paths if cause.family == "latent" else (), example_images=ctx.example_images,
+            card_paths=ctx.card_paths if cause.family in _PICTURED_FAMILIES else (), example_images=ctx.example_images,
             dedup_key=key, created_at=ctx.now_s, updated_at=ctx.now_s, last_window=ctx.window_id,
             family=cause.family, cause=cause.key, causes=(cause.key,), example_serials=ctx.example_serials,
             details=ctx.details,
