@@ -332,8 +332,13 @@ def test_nightly_flow_through_the_stack(stack_env, webhook_server, tmp_path: Pat
     assert tracking.run_summary(mid).tags["alert.moved_axes"].startswith("axis_")
 
     # The alert webhook: a JSON POST from the flow run's alert manager to the local server.
+    # the latent alert names its axes; a control-chart alert (family spc) may open beside it and names its statistic
     opened = [g for g in got if g.get("kind") == "opened"]
-    assert opened, got
-    alert = opened[0]["alert"]
+    latent = [g for g in opened if g["alert"].get("family") == "latent"]
+    assert latent, got
+    alert = latent[0]["alert"]
     assert alert["line"] == "L1" and alert["model_version"] == "1" and alert["status"] == "open"
-    assert alert["top_axes"] and alert["window"]["id"] == opened[0]["window_id"]
+    assert alert["top_axes"] and alert["window"]["id"] == latent[0]["window_id"]
+    for g in opened:
+        if g["alert"].get("family") == "spc":
+            assert g["alert"]["cause"].startswith("spc:") and g["alert"]["card_paths"], g
