@@ -14,9 +14,9 @@ families of tests:
   share*, the share of window cells above the reference's ``1 - score_tail`` quantile (Fisher's exact test), which
   sees a minority of cells turning bad. The tail share is what a quality engineer reads ("23 % of today's cells score
   above the reference's 90th percentile, 10 % expected"). Under the lot null, where a whole lot scoring a little
-  higher is normal, it finds a minority of bad cells far more often than the AUC (synthetic lots with 25 % bad
-  cells: 0.66 vs 0.11, ``tests/pipeline/test_drift.py``; ELPV lot windows: ``benchmarks/results/
-  bench_drift_faults.md``); the AUC is the stronger one for a shift of every cell and on i.i.d. windows;
+  higher is normal, it finds a minority of bad cells far more often than the AUC (synthetic lots:
+  ``tests/pipeline/analysis/test_drift.py``; ELPV lot windows: ``benchmarks/results/bench_drift_faults.md``); the AUC
+  is the stronger one for a shift of every cell and on i.i.d. windows;
 * **image quality** (when given): per-channel mean shift (in reference sd; Welch t-test under the i.i.d. null) of
   full-resolution image-quality measurements (fine detail, noise level, rotation from :mod:`pipeline.latent.properties`),
   Bonferroni over channels. A mean shift, not KS: the faults these channels watch move a property's level, while

@@ -128,8 +128,8 @@ class AlertPolicy:
         critical_effect: |effect| (reference sd) of a top axis at or above which the alert is ``critical``.
         critical_p: a test-family p-value (or a top axis's adjusted p) below which the alert is ``critical``.
         top_n: axes listed in an alert.
-        dedup_axes: unused since alerts are keyed by cause (``"<line>|<cause>"``, the cause naming the top axis);
-            kept so existing policies still load.
+        dedup_axes: ignored: alerts are keyed by cause (``"<line>|<cause>"``, the cause naming the top axis);
+            accepted so that stored policies naming it still load.
         max_history: windows kept in the state's history.
         max_processed: window ids remembered for idempotency.
     """
