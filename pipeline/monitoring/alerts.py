@@ -463,18 +463,10 @@ class AlertManager:
         return False
 
     def update(
-        self,
-        line: str,
-        window_id: Any,
-        drift_result: Any,
-        attribution: Any = None,
-        *,
-        model_version: str | None = None,
-        card_paths: Sequence[str | os.PathLike[str]] = (),
-        example_images: Sequence[str | os.PathLike[str]] = (),
-        example_serials: Sequence[str] = (),
-        window_start: Any = None,
-        window_end: Any = None,
+        self, line: str, window_id: Any, drift_result: Any, attribution: Any = None, *,
+        model_version: str | None = None, card_paths: Sequence[str | os.PathLike[str]] = (),
+        example_images: Sequence[str | os.PathLike[str]] = (), example_serials: Sequence[str] = (),
+        window_start: Any = None, window_end: Any = None,
     ) -> list[AlertEvent]:
         """Process one window of one line.
 
