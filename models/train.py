@@ -619,6 +619,7 @@ def _train(
     on_step: Callable[[dict[str, float]], bool | None] | None,
     features: torch.Tensor | None = None,
 ) -> TrainResult:
+    """:func:`train` with its overrides applied (``tcfg``) and its device chosen (``dev``)."""
     ranks = _ranks(tcfg)
     _, rank, world = ranks
     out_path, has_ckpt = _check_out_dir(out_dir, resume, init_from)
