@@ -254,18 +254,10 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 
 def train(
-    preset: Preset,
-    data: torch.Tensor | Dataset,
-    out_dir: str | Path | None,
-    *,
-    steps: int | None = None,
-    batch_size: int | None = None,
-    resume: bool = False,
-    init_from: str | Path | None = None,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-    on_step: Callable[[dict[str, float]], bool | None] | None = None,
-    seed: int | None = None,
+    preset: Preset, data: torch.Tensor | Dataset, out_dir: str | Path | None, *,
+    steps: int | None = None, batch_size: int | None = None, resume: bool = False,
+    init_from: str | Path | None = None, device: str | torch.device | None = None, progress: bool = True,
+    on_step: Callable[[dict[str, float]], bool | None] | None = None, seed: int | None = None,
     features: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train an InfoDiffusion model.
@@ -305,12 +297,16 @@ def train(
             a global batch size not divisible by the world size (or under 2 images per rank).
         RuntimeError: the loss became non-finite.
     """
-    overrides = {
-        k: v for k, v in (("steps", steps), ("batch_size", batch_size), ("seed", seed)) if v is not None
-    }
+    overrides = {k: v for k, v in (("steps", steps), ("batch_size", batch_size), ("seed", seed)) if v is not None}
     tcfg = preset.train.replace(**overrides)
     _check_data(data, preset)
     _check_features(data, features, preset)
+    return _train(preset, data, out_dir, tcfg=tcfg, dev=_resolve_device(device), resume=resume,
+                  init_from=init_from, progress=progress, on_step=on_step, features=features)
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    """The training device; starts the process group first when torchrun launched more than one process."""
     if dist.is_available() and not dist.is_initialized() and _env_world() > 1:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device is not None:
@@ -324,24 +320,290 @@ def train(
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         # kept for later calls (re-initialising a torchrun group in one process races on its rendezvous store)
         atexit.register(_destroy_group)
-    elif device is not None:
-        dev = torch.device(device)
-    elif torch.cuda.is_available() and dist.is_available() and dist.is_initialized():
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
-    else:
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return _train(
-        preset,
-        data,
-        out_dir,
-        tcfg=tcfg,
-        dev=dev,
-        resume=resume,
-        init_from=init_from,
-        progress=progress,
-        on_step=on_step,
-        features=features,
+        return dev
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available() and dist.is_available() and dist.is_initialized():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _ranks(tcfg: TrainConfig) -> tuple[bool, int, int]:
+    """(distributed, rank, world size); a global batch that does not split evenly over the ranks is an error."""
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if distributed and (tcfg.batch_size % world != 0 or tcfg.batch_size // world < 2):
+        raise ValueError(
+            f"batch_size={tcfg.batch_size} is the global batch: it must be divisible by the world size {world} "
+            f"and give at least 2 images per rank; use e.g. batch_size={max(2, tcfg.batch_size // world) * world}"
+        )
+    return distributed, rank, world
+
+
+def _check_out_dir(out_dir: str | Path | None, resume: bool, init_from: str | Path | None) -> tuple[Path | None, bool]:
+    """(checkpoint directory or None, whether it holds a checkpoint); refuses to overwrite anything."""
+    out_path = Path(out_dir) if out_dir is not None else None
+    has_ckpt = out_path is not None and (out_path / CONFIG_NAME).exists()
+    if has_ckpt and not resume:
+        raise ValueError(
+            f"{out_path} already holds a checkpoint; pass resume=True to continue it or use a new out_dir"
+        )
+    if out_path is not None and not has_ckpt and out_path.exists() and any(out_path.iterdir()):
+        raise ValueError(f"out_dir {out_path} exists and is not empty; use a new or empty directory")
+    if resume and init_from is not None and has_ckpt:
+        raise ValueError("pass either resume=True (with an existing checkpoint) or init_from, not both")
+    return out_path, has_ckpt
+
+
+def _new_model(
+    preset: Preset, tcfg: TrainConfig, dev: torch.device, init_from: str | Path | None,
+    features: torch.Tensor | None, resuming: bool,
+) -> InfoDiffusion:
+    """A seeded fresh model, warm-started from ``init_from`` or its feature head initialised from ``features``."""
+    cfg = preset.model
+    torch.manual_seed(tcfg.seed)
+    model = InfoDiffusion(cfg).to(dev)
+    if init_from is not None:
+        src_cfg, _, _ = read_config(init_from)
+        diff = config_diff(src_cfg.to_dict(), cfg.to_dict())
+        if diff:
+            raise ValueError(
+                f"init_from={init_from}: model config differs from the preset's: {'; '.join(diff)}"
+            )
+        from safetensors.torch import load_file
+
+        load_state_strict(model, load_file(str(Path(init_from) / WEIGHTS_NAME)), str(init_from))
+    elif features is not None and not resuming:
+        model.encoder.head.init_from_features(features)
+    return model
+
+
+@dataclass
+class _Run:
+    """The state of one training run that the setup, resume, step, log and checkpoint steps share."""
+
+    preset: Preset
+    tcfg: TrainConfig
+    dev: torch.device
+    distributed: bool
+    rank: int
+    world: int
+    out_path: Path | None
+    model: InfoDiffusion
+    ema: InfoDiffusion | None
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+    amp_dtype: torch.dtype
+    data_gen: torch.Generator
+    loss_gen: torch.Generator
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _new_run(
+    preset: Preset, tcfg: TrainConfig, dev: torch.device, model: InfoDiffusion, out_path: Path | None,
+    ranks: tuple[bool, int, int],
+) -> _Run:
+    """EMA copy (rank 0), optimizer, AMP scaler and the seeded data / diffusion-noise generators for ``model``."""
+    distributed, rank, world = ranks
+    ema = copy.deepcopy(model).requires_grad_(False).eval() if rank == 0 else None
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    use_amp = tcfg.amp and dev.type == "cuda"
+    amp_dtype = torch.bfloat16 if (use_amp and torch.cuda.is_bf16_supported()) else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    data_gen = torch.Generator().manual_seed(tcfg.seed)
+    loss_gen = torch.Generator(device=dev).manual_seed(tcfg.seed + 1 + _RANK_SEED_STRIDE * rank)
+    return _Run(preset=preset, tcfg=tcfg, dev=dev, distributed=distributed, rank=rank, world=world,
+                out_path=out_path, model=model, ema=ema, opt=opt, scaler=scaler, use_amp=use_amp,
+                amp_dtype=amp_dtype, data_gen=data_gen, loss_gen=loss_gen)
+
+
+def _restore(run: _Run) -> None:
+    """Loads the checkpoint in ``run.out_path`` into ``run``: weights, EMA, optimizer, scaler, step, history, RNG."""
+    out_path = run.out_path
+    assert out_path is not None
+    src_cfg, _, _ = read_config(out_path)
+    diff = config_diff(src_cfg.to_dict(), run.preset.model.to_dict())
+    if diff:
+        raise ValueError(
+            f"cannot resume {out_path}: model config differs from the preset's: {'; '.join(diff)}"
+        )
+    state = load_train_state(out_path)
+    load_state_strict(run.model, state["model"], f"{out_path}/{TRAIN_STATE_NAME}")
+    from safetensors.torch import load_file
+
+    if run.ema is not None:
+        load_state_strict(run.ema, load_file(str(out_path / WEIGHTS_NAME)), str(out_path))
+        run.ema.to(run.dev)
+    run.opt.load_state_dict(state["optimizer"])
+    if "scaler" in state and run.scaler.is_enabled():
+        run.scaler.load_state_dict(state["scaler"])
+    run.step = int(state["step"])
+    run.history = list(state.get("history", [])) if run.rank == 0 else []
+    torch.set_rng_state(state["rng"]["torch"])
+    run.data_gen.set_state(state["rng"]["data"])
+    if run.loss_gen.device.type == "cpu":
+        per_rank = state["rng"].get("loss_per_rank")
+        if not run.distributed:
+            run.loss_gen.set_state(state["rng"]["loss"])
+        elif per_rank is not None and len(per_rank) == run.world:
+            run.loss_gen.set_state(per_rank[run.rank])
+        else:  # saved by a run with another world size: fresh, still distinct per rank and per resume point
+            run.loss_gen.manual_seed(run.tcfg.seed + 1 + _RANK_SEED_STRIDE * run.rank + run.step)
+
+
+def _train_state(run: _Run, loss_state: torch.Tensor, per_rank: list[torch.Tensor] | None) -> dict[str, Any]:
+    """What ``train_state.pt`` holds: step, raw weights, optimizer, history, every RNG state, the train config."""
+    train_state: dict[str, Any] = {
+        "step": run.step,
+        "model": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
+        "optimizer": run.opt.state_dict(),
+        "history": run.history,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "data": run.data_gen.get_state(),
+            "loss": loss_state,
+        },
+        "train": run.tcfg.to_dict(),
+    }
+    if per_rank is not None:
+        train_state["rng"]["loss_per_rank"] = per_rank
+        train_state["world_size"] = run.world
+    if run.scaler.is_enabled():
+        train_state["scaler"] = run.scaler.state_dict()
+    return train_state
+
+
+def _checkpoint(run: _Run) -> None:
+    """Writes the checkpoint (rank 0; the other ranks hand over their noise RNG and wait); no-op without out_dir."""
+    if run.out_path is None:
+        return
+    loss_state = run.loss_gen.get_state().cpu() if run.loss_gen.device.type == "cpu" else torch.empty(0)
+    per_rank: list[torch.Tensor] | None = None
+    if run.distributed:
+        per_rank = [torch.empty(0)] * run.world
+        dist.all_gather_object(per_rank, loss_state)
+    if run.rank != 0:
+        dist.barrier()  # rank 0 writes; the others wait until the checkpoint is complete
+        return
+    train_state = _train_state(run, loss_state, per_rank)
+    meta = {"preset": run.preset.name, "step": run.step, "train": run.tcfg.to_dict(), "device": str(run.dev)}
+    if run.distributed:
+        meta["world_size"] = run.world
+    assert run.ema is not None
+    try:
+        save_checkpoint(run.ema, run.out_path, preprocess=run.preset.preprocess, train_state=train_state, meta=meta)
+    finally:
+        if run.distributed:
+            dist.barrier()
+
+
+def _loss_fn(run: _Run) -> Callable[..., LossOutput]:
+    """``(x, generator, features) -> LossOutput``: the model's loss, through DDP when distributed."""
+    model, dev = run.model, run.dev
+    if not run.distributed:
+        return lambda x, g, f=None: model.loss(x, generator=g, features=f)
+    from torch.nn.parallel import DistributedDataParallel
+
+    # broadcasts rank 0's weights; the schedule buffers are constants, identical on every rank
+    return DistributedDataParallel(
+        _LossModule(model),
+        device_ids=[dev.index] if dev.type == "cuda" and dev.index is not None else None,
+        forward_sync_buffers=False,
     )
+
+
+def _optimizer_step(run: _Run, loss_fn: Callable[..., LossOutput], x: torch.Tensor, f: torch.Tensor | None,
+                    lr: float) -> LossOutput:
+    """One optimiser step at learning rate ``lr`` on batch ``x`` (AMP, grad clipping, EMA update); advances step."""
+    tcfg, opt, scaler = run.tcfg, run.opt, run.scaler
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with torch.autocast(device_type=run.dev.type, dtype=run.amp_dtype, enabled=run.use_amp):
+        out = loss_fn(x, run.loss_gen, f)
+    scaler.scale(out.total).backward()
+    if tcfg.grad_clip > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), tcfg.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        _ema_update(run.ema, run.model, min(tcfg.ema_decay, (1 + run.step) / (10 + run.step)))
+    run.step += 1
+    return out
+
+
+def _history_record(run: _Run, out: LossOutput, lr: float) -> dict[str, float]:
+    """The step's loss terms (mean over ranks) as a history record; a non-finite loss is an error on every rank."""
+    terms = out.as_floats()
+    if run.distributed:  # mean over ranks (every rank takes part, so a non-finite loss stops them all)
+        vals = torch.tensor(list(terms.values()), dtype=torch.float64, device=run.dev)
+        dist.all_reduce(vals)
+        terms = dict(zip(terms, (vals / run.world).tolist(), strict=True))
+    rec = {
+        "step": run.step,
+        **{k if k != "total" else "loss": v for k, v in terms.items()},
+        "lr": lr,
+    }
+    if not run.preset.model.loss.use_rec_term:
+        rec.pop("rec", None)
+    if not math.isfinite(rec["loss"]):
+        raise RuntimeError(
+            f"non-finite loss {rec['loss']} at step {run.step}; lower the lr or check the data"
+        )
+    return rec
+
+
+def _log_step(run: _Run, rec: dict[str, float], bar: Any,
+              on_step: Callable[[dict[str, float]], bool | None] | None) -> bool:
+    """Records ``rec`` (rank 0) and asks ``on_step``; returns whether to stop (rank 0's answer, on every rank)."""
+    stop = False
+    if run.rank == 0:
+        run.history.append(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", mmd=f"{rec['mmd']:.4f}")
+        if on_step is not None:
+            stop = bool(on_step(rec))
+    if run.distributed:  # rank 0 decides (on_step); the others follow
+        flag = torch.tensor([int(stop)], device=run.dev)
+        dist.broadcast(flag, src=0)
+        stop = bool(flag.item())
+    return stop
+
+
+def _loop(run: _Run, batches: Iterator[Any], progress: bool,
+          on_step: Callable[[dict[str, float]], bool | None] | None) -> float:
+    """Trains until ``tcfg.steps`` or ``on_step`` stops it, checkpointing on the way; returns images per second."""
+    from tqdm.auto import tqdm
+
+    tcfg = run.tcfg
+    bar = tqdm(
+        total=tcfg.steps,
+        initial=run.step,
+        desc=f"train[{run.preset.name}]",
+        disable=not progress or not sys.stderr.isatty() or run.rank != 0,
+    )
+    train_time, trained = 0.0, 0
+    run.model.train()
+    loss_fn = _loss_fn(run)
+    while run.step < tcfg.steps:
+        t0 = time.perf_counter()
+        lr = lr_at(run.step, lr=tcfg.lr, warmup_steps=tcfg.warmup_steps, total_steps=tcfg.steps)
+        x, f = next(batches)
+        out = _optimizer_step(run, loss_fn, x, f, lr)
+        stop = False
+        if run.step % tcfg.log_every == 0 or run.step == tcfg.steps:
+            stop = _log_step(run, _history_record(run, out, lr), bar, on_step)
+        bar.update(1)
+        train_time += time.perf_counter() - t0
+        trained += x.shape[0] * run.world
+        if run.step % tcfg.checkpoint_every == 0 and run.step < tcfg.steps and not stop:
+            _checkpoint(run)
+        if stop:
+            break
+    bar.close()
+    return trained / train_time if train_time else 0.0
 
 
 def _train(
@@ -357,203 +619,20 @@ def _train(
     on_step: Callable[[dict[str, float]], bool | None] | None,
     features: torch.Tensor | None = None,
 ) -> TrainResult:
-    from tqdm.auto import tqdm
-
-    cfg = preset.model
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if distributed and (tcfg.batch_size % world != 0 or tcfg.batch_size // world < 2):
-        raise ValueError(
-            f"batch_size={tcfg.batch_size} is the global batch: it must be divisible by the world size {world} "
-            f"and give at least 2 images per rank; use e.g. batch_size={max(2, tcfg.batch_size // world) * world}"
-        )
-    out_path = Path(out_dir) if out_dir is not None else None
-    has_ckpt = out_path is not None and (out_path / CONFIG_NAME).exists()
-    if has_ckpt and not resume:
-        raise ValueError(
-            f"{out_path} already holds a checkpoint; pass resume=True to continue it or use a new out_dir"
-        )
-    if out_path is not None and not has_ckpt and out_path.exists() and any(out_path.iterdir()):
-        raise ValueError(f"out_dir {out_path} exists and is not empty; use a new or empty directory")
-    if resume and init_from is not None and has_ckpt:
-        raise ValueError("pass either resume=True (with an existing checkpoint) or init_from, not both")
-
-    torch.manual_seed(tcfg.seed)
-    model = InfoDiffusion(cfg).to(dev)
-    if init_from is not None:
-        src_cfg, _, _ = read_config(init_from)
-        diff = config_diff(src_cfg.to_dict(), cfg.to_dict())
-        if diff:
-            raise ValueError(
-                f"init_from={init_from}: model config differs from the preset's: {'; '.join(diff)}"
-            )
-        from safetensors.torch import load_file
-
-        load_state_strict(model, load_file(str(Path(init_from) / WEIGHTS_NAME)), str(init_from))
-    elif features is not None and not (resume and has_ckpt):
-        model.encoder.head.init_from_features(features)
-    ema = copy.deepcopy(model).requires_grad_(False).eval() if rank == 0 else None
-    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    use_amp = tcfg.amp and dev.type == "cuda"
-    amp_dtype = torch.bfloat16 if (use_amp and torch.cuda.is_bf16_supported()) else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    data_gen = torch.Generator().manual_seed(tcfg.seed)
-    loss_gen = torch.Generator(device=dev).manual_seed(tcfg.seed + 1 + _RANK_SEED_STRIDE * rank)
-    step, history = 0, []
-
+    """:func:`train` with its overrides applied (``tcfg``) and its device chosen (``dev``)."""
+    ranks = _ranks(tcfg)
+    _, rank, world = ranks
+    out_path, has_ckpt = _check_out_dir(out_dir, resume, init_from)
+    model = _new_model(preset, tcfg, dev, init_from, features, resuming=resume and has_ckpt)
+    run = _new_run(preset, tcfg, dev, model, out_path, ranks)
     if resume and has_ckpt:
-        assert out_path is not None
-        src_cfg, _, _ = read_config(out_path)
-        diff = config_diff(src_cfg.to_dict(), cfg.to_dict())
-        if diff:
-            raise ValueError(
-                f"cannot resume {out_path}: model config differs from the preset's: {'; '.join(diff)}"
-            )
-        state = load_train_state(out_path)
-        load_state_strict(model, state["model"], f"{out_path}/{TRAIN_STATE_NAME}")
-        from safetensors.torch import load_file
-
-        if ema is not None:
-            load_state_strict(ema, load_file(str(out_path / WEIGHTS_NAME)), str(out_path))
-            ema.to(dev)
-        opt.load_state_dict(state["optimizer"])
-        if "scaler" in state and scaler.is_enabled():
-            scaler.load_state_dict(state["scaler"])
-        step = int(state["step"])
-        history = list(state.get("history", [])) if rank == 0 else []
-        torch.set_rng_state(state["rng"]["torch"])
-        data_gen.set_state(state["rng"]["data"])
-        if loss_gen.device.type == "cpu":
-            per_rank = state["rng"].get("loss_per_rank")
-            if not distributed:
-                loss_gen.set_state(state["rng"]["loss"])
-            elif per_rank is not None and len(per_rank) == world:
-                loss_gen.set_state(per_rank[rank])
-            else:  # saved by a run with another world size: fresh, still distinct per rank and per resume point
-                loss_gen.manual_seed(tcfg.seed + 1 + _RANK_SEED_STRIDE * rank + step)
-
-    def checkpoint() -> None:
-        if out_path is None:
-            return
-        loss_state = loss_gen.get_state().cpu() if loss_gen.device.type == "cpu" else torch.empty(0)
-        per_rank: list[torch.Tensor] | None = None
-        if distributed:
-            per_rank = [torch.empty(0)] * world
-            dist.all_gather_object(per_rank, loss_state)
-        if rank != 0:
-            dist.barrier()  # rank 0 writes; the others wait until the checkpoint is complete
-            return
-        train_state = {
-            "step": step,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "optimizer": opt.state_dict(),
-            "history": history,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "data": data_gen.get_state(),
-                "loss": loss_state,
-            },
-            "train": tcfg.to_dict(),
-        }
-        if per_rank is not None:
-            train_state["rng"]["loss_per_rank"] = per_rank
-            train_state["world_size"] = world
-        if scaler.is_enabled():
-            train_state["scaler"] = scaler.state_dict()
-        meta = {"preset": preset.name, "step": step, "train": tcfg.to_dict(), "device": str(dev)}
-        if distributed:
-            meta["world_size"] = world
-        assert ema is not None
-        try:
-            save_checkpoint(ema, out_path, preprocess=preset.preprocess, train_state=train_state, meta=meta)
-        finally:
-            if distributed:
-                dist.barrier()
-
+        _restore(run)
     if features is not None:
-        batches: Iterator[Any] = _feature_batches(data, features, tcfg.batch_size, data_gen, dev, rank, world)
+        batches: Iterator[Any] = _feature_batches(data, features, tcfg.batch_size, run.data_gen, dev, rank, world)
     else:
-        batches = ((b, None) for b in _batches(data, tcfg.batch_size, data_gen, dev, rank, world))
-    bar = tqdm(
-        total=tcfg.steps,
-        initial=step,
-        desc=f"train[{preset.name}]",
-        disable=not progress or not sys.stderr.isatty() or rank != 0,
-    )
-    train_time, trained = 0.0, 0
-    model.train()
-    loss_fn: Callable[..., LossOutput]
-    if distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # broadcasts rank 0's weights; the schedule buffers are constants, identical on every rank
-        loss_fn = DistributedDataParallel(
-            _LossModule(model),
-            device_ids=[dev.index] if dev.type == "cuda" and dev.index is not None else None,
-            forward_sync_buffers=False,
-        )
-    else:
-        loss_fn = lambda x, g, f=None: model.loss(x, generator=g, features=f)  # noqa: E731
-    while step < tcfg.steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, lr=tcfg.lr, warmup_steps=tcfg.warmup_steps, total_steps=tcfg.steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x, f = next(batches)
-        with torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=use_amp):
-            out = loss_fn(x, loss_gen, f)
-        scaler.scale(out.total).backward()
-        if tcfg.grad_clip > 0:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            _ema_update(ema, model, min(tcfg.ema_decay, (1 + step) / (10 + step)))
-        step += 1
-        stop = False
-        if step % tcfg.log_every == 0 or step == tcfg.steps:
-            terms = out.as_floats()
-            if distributed:  # mean over ranks (every rank takes part, so a non-finite loss stops them all)
-                vals = torch.tensor(list(terms.values()), dtype=torch.float64, device=dev)
-                dist.all_reduce(vals)
-                terms = dict(zip(terms, (vals / world).tolist(), strict=True))
-            rec = {
-                "step": step,
-                **{k if k != "total" else "loss": v for k, v in terms.items()},
-                "lr": lr,
-            }
-            if not cfg.loss.use_rec_term:
-                rec.pop("rec", None)
-            if not math.isfinite(rec["loss"]):
-                raise RuntimeError(
-                    f"non-finite loss {rec['loss']} at step {step}; lower the lr or check the data"
-                )
-            if rank == 0:
-                history.append(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", mmd=f"{rec['mmd']:.4f}")
-                if on_step is not None:
-                    stop = bool(on_step(rec))
-            if distributed:  # rank 0 decides (on_step); the others follow
-                flag = torch.tensor([int(stop)], device=dev)
-                dist.broadcast(flag, src=0)
-                stop = bool(flag.item())
-        bar.update(1)
-        train_time += time.perf_counter() - t0
-        trained += x.shape[0] * world
-        if step % tcfg.checkpoint_every == 0 and step < tcfg.steps and not stop:
-            checkpoint()
-        if stop:
-            break
-    bar.close()
-    checkpoint()
-    final = ema if ema is not None else model.requires_grad_(False)
+        batches = ((b, None) for b in _batches(data, tcfg.batch_size, run.data_gen, dev, rank, world))
+    images_per_s = _loop(run, batches, progress, on_step)
+    _checkpoint(run)
+    final = run.ema if run.ema is not None else run.model.requires_grad_(False)
     final.eval()
-    return TrainResult(
-        model=final,
-        step=step,
-        history=history,
-        out_dir=out_path,
-        images_per_s=trained / train_time if train_time else 0.0,
-    )
+    return TrainResult(model=final, step=run.step, history=run.history, out_dir=out_path, images_per_s=images_per_s)

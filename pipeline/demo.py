@@ -206,9 +206,6 @@ def run_demo(
     Returns:
         The checks and the step results.
     """
-    from pipeline import tracking
-    from pipeline.line.faults import FaultSpec
-    from pipeline.line.simulate import simulate_line
     from pipeline.settings import ensure_dirs, get_settings
 
     t_all = time.perf_counter()
@@ -219,8 +216,26 @@ def run_demo(
     settings = ensure_dirs(get_settings())
     runner = runner or LocalRunner(progress=config.progress)
     tz = settings.timezone
+    _simulate(config, settings, out, seconds)
+    _ingest(runner, out, seconds)
+    common = {"preset": config.preset, "batch_size": config.batch_size, "holdout_share": config.holdout_share,
+              "gate": config.gate, "seed": config.seed,
+              "monitor": {"min_window": config.min_window}}  # the gate checks the monitor below can use the model
+    v1 = _retrain_first(config, runner, tz, common, out, seconds)
+    if not v1["promoted"]:  # nothing to monitor with: stop here, honestly
+        return _finish(settings, {"v1 is champion": (False, v1["gate"]["reason"])}, v1, {},
+                       {"windows": []}, seconds, t_all, out, heading=False)
+    mon = _monitor_days(config, runner, tz, out, seconds)
+    v2 = _retrain_second(config, runner, common, out, seconds)
+    return _finish(settings, demo_checks(config, v1, mon, v2), v1, v2, mon, seconds, t_all, out,
+                   heading=True)
 
-    # 1. simulate ------------------------------------------------------------------------------------------------
+
+def _simulate(config: DemoConfig, settings: Any, out: Callable[[str], None], seconds: dict[str, float]) -> None:
+    """Step 1: simulate the line's days into the drop folder, the camera-gain fault from ``fault_day``."""
+    from pipeline.line.faults import FaultSpec
+    from pipeline.line.simulate import simulate_line
+
     t = time.perf_counter()
     out(f"[demo] 1/6 simulating {config.days} days x {config.per_day} cells of line {DEMO_LINE} from ELPV; "
         f"camera gain x{1 - 0.25 * config.gain_severity:.2f} from day {config.fault_day}")
@@ -232,7 +247,9 @@ def run_demo(
     seconds["simulate"] = time.perf_counter() - t
     out(f"[demo]     {sim.n_images} images in {settings.drop_dir} ({seconds['simulate']:.0f} s)")
 
-    # 2. ingest --------------------------------------------------------------------------------------------------
+
+def _ingest(runner: Runner, out: Callable[[str], None], seconds: dict[str, float]) -> None:
+    """Step 2: ingest the drop folder into the catalog."""
     t = time.perf_counter()
     out("[demo] 2/6 ingesting the drop folder into the catalog")
     ing = runner.ingest()
@@ -240,29 +257,25 @@ def run_demo(
     out(f"[demo]     {ing['registered']} registered, {ing.get('n_quarantined', 0)} quarantined "
         f"({seconds['ingest']:.0f} s)")
 
-    # 3. nightly retrain -> v1 --------------------------------------------------------------------------------------
+
+def _retrain_first(config: DemoConfig, runner: Runner, tz: str, common: dict[str, Any],
+                   out: Callable[[str], None], seconds: dict[str, float]) -> dict[str, Any]:
+    """Step 3: the first nightly retrain, from scratch on the training days (model v1)."""
     t = time.perf_counter()
     end_first = _midnight(_day(config, config.train_days + 1), tz)
     out(f"[demo] 3/6 nightly retrain from scratch on days 1-{config.train_days} ({config.preset} preset, "
         f"{config.steps_first} steps)")
-    common = {"preset": config.preset, "batch_size": config.batch_size, "holdout_share": config.holdout_share,
-              "gate": config.gate, "seed": config.seed,
-              "monitor": {"min_window": config.min_window}}  # the gate checks the monitor below can use the model
     v1 = runner.retrain(steps=config.steps_first, window_days=config.train_days, end=end_first, from_scratch=True,
                         **common)
     seconds["retrain v1"] = time.perf_counter() - t
     out(f"[demo]     model v{v1['version']} -> {v1['alias']} ({v1['gate']['reason']}); "
         f"{v1['n_train']} train / {v1['n_calibration']} calibration images ({seconds['retrain v1']:.0f} s)")
+    return v1
 
-    if not v1["promoted"]:  # nothing to monitor with: stop here, honestly
-        tracking.configure(settings)
-        seconds["total"] = time.perf_counter() - t_all
-        result = DemoResult({"v1 is champion": (False, v1["gate"]["reason"])}, v1, {}, {"windows": []}, seconds,
-                            tracking.ui_command_text(settings=settings), settings.home)
-        out(summary_text(result))
-        return result
 
-    # 4. monitor days 6..8 ------------------------------------------------------------------------------------------
+def _monitor_days(config: DemoConfig, runner: Runner, tz: str, out: Callable[[str], None],
+                  seconds: dict[str, float]) -> dict[str, Any]:
+    """Step 4: monitor the days after the training days with the champion, one line per day window."""
     t = time.perf_counter()
     first_mon = config.train_days + 1
     out(f"[demo] 4/6 monitoring days {first_mon}-{config.days} with the champion")
@@ -281,8 +294,12 @@ def run_demo(
         if kinds:
             verdict += f"; alert {', '.join(kinds)}"
         out(f"[demo]     {w['window_id']}: {w['n_images']} images, {w['n_anomalous']} flagged, {verdict}")
+    return mon
 
-    # 5. second retrain: warm start v1 -> v2 --------------------------------------------------------------------------
+
+def _retrain_second(config: DemoConfig, runner: Runner, common: dict[str, Any], out: Callable[[str], None],
+                    seconds: dict[str, float]) -> dict[str, Any]:
+    """Step 5: the second nightly retrain, warm-started from the champion (model v2)."""
     t = time.perf_counter()
     out(f"[demo] 5/6 second nightly retrain, warm start from the champion ({config.steps_second} steps; windows "
         "under an active alert and flagged images are excluded)")
@@ -290,14 +307,21 @@ def run_demo(
     seconds["retrain v2"] = time.perf_counter() - t
     out(f"[demo]     model v{v2['version']} (parent v{v2['parent_version']}) -> {v2['alias']} "
         f"({v2['gate']['reason']}); excluded {v2['excluded']} ({seconds['retrain v2']:.0f} s)")
+    return v2
 
-    # 6. checks + summary ---------------------------------------------------------------------------------------------
+
+def _finish(settings: Any, checks: dict[str, tuple[bool, str]], v1: dict[str, Any],
+            v2: dict[str, Any], mon: dict[str, Any], seconds: dict[str, float], t_all: float,
+            out: Callable[[str], None], *, heading: bool) -> DemoResult:
+    """Step 6: the result with its checks and the MLflow UI command, its summary printed."""
+    from pipeline import tracking
+
     tracking.configure(settings)
     ui = tracking.ui_command_text(settings=settings)
-    checks = demo_checks(config, v1, mon, v2)
     seconds["total"] = time.perf_counter() - t_all
     result = DemoResult(checks, v1, v2, mon, seconds, ui, settings.home)
-    out("[demo] 6/6 summary")
+    if heading:
+        out("[demo] 6/6 summary")
     out(summary_text(result))
     return result
 

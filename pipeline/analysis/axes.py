@@ -329,17 +329,7 @@ def attribute(drift_result: Any, cards: Any = None, *, max_axes: int | None = No
         :class:`Attribution`; ``text`` reads e.g.
         ``"axis 3 (brightness, r = 0.94) moved by −1.8 σ; 71% of the drift; also axis 5 (+0.6 σ)"``.
     """
-    if isinstance(drift_result, pd.DataFrame):
-        table, detected, fired = drift_result, None, ()
-    else:
-        table = getattr(drift_result, "per_axis", None)
-        if not isinstance(table, pd.DataFrame):
-            raise ValueError("drift_result needs a per_axis DataFrame (pipeline.analysis.drift.DriftResult)")
-        detected = bool(drift_result.detected)
-        fired = tuple(getattr(drift_result, "fired", ()) or ())
-    need = {"axis", "effect_size", "significant"}
-    if not need <= set(table.columns):
-        raise ValueError(f"per-axis table needs columns {sorted(need)}, got {list(table.columns)}")
+    table, detected, fired = _attribution_input(drift_result)
     if max_axes is not None and max_axes < 1:
         raise ValueError(f"max_axes must be >= 1, got {max_axes}")
     desc = _descriptions_from(cards)
@@ -352,6 +342,34 @@ def attribute(drift_result: Any, cards: Any = None, *, max_axes: int | None = No
         sig = sig.head(max_axes)
     if detected is None:
         detected = not sig.empty
+    axes = _attributed_axes(sig, desc)
+    if not axes:
+        text = _no_axis_text(drift_result, table, eff, detected, fired)
+        return Attribution(detected, (), None, 0.0, fired, text)
+    top = axes[0]
+    share = abs(top.effect) / total if total > 0 else 0.0
+    text = _axes_text(axes, share) + image_level_text(drift_result, prefix="; ")
+    return Attribution(detected, tuple(axes), top.axis, share, fired, text)
+
+
+def _attribution_input(drift_result: Any) -> tuple[pd.DataFrame, bool | None, tuple[str, ...]]:
+    """(per-axis table, detected or None for a bare table, fired families) of what :func:`attribute` was given."""
+    if isinstance(drift_result, pd.DataFrame):
+        table, detected, fired = drift_result, None, ()
+    else:
+        table = getattr(drift_result, "per_axis", None)
+        if not isinstance(table, pd.DataFrame):
+            raise ValueError("drift_result needs a per_axis DataFrame (pipeline.analysis.drift.DriftResult)")
+        detected = bool(drift_result.detected)
+        fired = tuple(getattr(drift_result, "fired", ()) or ())
+    need = {"axis", "effect_size", "significant"}
+    if not need <= set(table.columns):
+        raise ValueError(f"per-axis table needs columns {sorted(need)}, got {list(table.columns)}")
+    return table, detected, fired
+
+
+def _attributed_axes(sig: pd.DataFrame, desc: dict[int, Any]) -> list[AttributedAxis]:
+    """One :class:`AttributedAxis` per row of the significant-axes table, in its order, with its description."""
 
     def col(row: pd.Series, name: str) -> float:
         return float(row[name]) if name in row.index and row[name] is not None else float("nan")
@@ -376,18 +394,25 @@ def attribute(drift_result: Any, cards: Any = None, *, max_axes: int | None = No
                 r=r,
             )
         )
-    if not axes:
-        head = "drift detected" if detected else "no drift"
-        if detected and fired:
-            head += f" ({', '.join(fired)})"
-        tail = ""
-        if len(table) and np.isfinite(eff).any():
-            i = int(np.nanargmax(np.abs(eff)))
-            tail = f"; largest shift: axis {int(table['axis'].iloc[i])} ({_fmt_effect(float(eff[i]))})"
-        text = f"{head}; no single axis is significant{tail}" + image_level_text(drift_result, prefix="; ")
-        return Attribution(detected, (), None, 0.0, fired, text)
+    return axes
+
+
+def _no_axis_text(drift_result: Any, table: pd.DataFrame, eff: np.ndarray, detected: bool,
+                  fired: tuple[str, ...]) -> str:
+    """The attribution text when no single axis is significant: the verdict and the largest shift."""
+    head = "drift detected" if detected else "no drift"
+    if detected and fired:
+        head += f" ({', '.join(fired)})"
+    tail = ""
+    if len(table) and np.isfinite(eff).any():
+        i = int(np.nanargmax(np.abs(eff)))
+        tail = f"; largest shift: axis {int(table['axis'].iloc[i])} ({_fmt_effect(float(eff[i]))})"
+    return f"{head}; no single axis is significant{tail}" + image_level_text(drift_result, prefix="; ")
+
+
+def _axes_text(axes: list[AttributedAxis], share: float) -> str:
+    """``"axis 3 (brightness, r = 0.94) moved by −1.8 σ; 71% of the drift; also axis 5 (+0.6 σ)"``."""
     top = axes[0]
-    share = abs(top.effect) / total if total > 0 else 0.0
     if top.label is not None and top.r is not None:
         what = f"axis {top.axis} ({top.label}, r = {top.r:.2f})"
     else:
@@ -397,8 +422,7 @@ def attribute(drift_result: Any, cards: Any = None, *, max_axes: int | None = No
         text += "; also " + ", ".join(f"axis {a.axis} ({_fmt_effect(a.effect)})" for a in axes[1:4])
         if len(axes) > 4:
             text += f" and {len(axes) - 4} more"
-    text += image_level_text(drift_result, prefix="; ")
-    return Attribution(detected, tuple(axes), top.axis, share, fired, text)
+    return text
 
 
 def quality_text(drift_result: Any, prefix: str = "") -> str:
@@ -597,24 +621,33 @@ def _column_values(
     return values, levels, titles
 
 
+@dataclass(frozen=True)
+class _CardJob:
+    """What the cards of one :func:`axis_cards` call share: the checked arguments and each axis's columns."""
+
+    Z: np.ndarray
+    quantiles: tuple[float, ...]
+    axes: list[int]
+    idx: list[int]
+    span_sd: float | None
+    sd_floor: float
+    steps: int
+    batch_size: int
+    model_id: str | None
+    out: Path
+    corr: pd.DataFrame
+    descs: dict[int, AxisDescription]
+    values: dict[int, tuple[float, ...]]
+    levels: dict[int, tuple[float, ...]]
+    titles: dict[int, list[str]]
+
+
 def axis_cards(
-    model: Any,
-    ref_images: torch.Tensor,
-    Z_ref: Any,
-    props_df: pd.DataFrame,
-    out_dir: str | os.PathLike[str],
-    *,
-    axes: Sequence[int] | None = None,
-    n_images: int = 3,
-    image_indices: Sequence[int] | None = None,
-    quantiles: Sequence[float] = (0.02, 0.16, 0.5, 0.84, 0.98),
-    span_sd: float | None = None,
-    sd_floor: float = 0.0,
-    steps: int = 20,
-    batch_size: int = 32,
-    model_id: str | None = None,
-    min_abs_r: float = MIN_ABS_R,
-    progress: bool = True,
+    model: Any, ref_images: torch.Tensor, Z_ref: Any, props_df: pd.DataFrame, out_dir: str | os.PathLike[str], *,
+    axes: Sequence[int] | None = None, n_images: int = 3, image_indices: Sequence[int] | None = None,
+    quantiles: Sequence[float] = (0.02, 0.16, 0.5, 0.84, 0.98), span_sd: float | None = None,
+    sd_floor: float = 0.0, steps: int = 20, batch_size: int = 32, model_id: str | None = None,
+    min_abs_r: float = MIN_ABS_R, progress: bool = True,
 ) -> list[AxisCard]:
     """Write an axis card (traversal strip PNG + JSON) for each latent axis, and an ``axes.json`` overview.
 
@@ -649,10 +682,29 @@ def axis_cards(
     Raises:
         ValueError: bad quantiles, axes, indices or shapes.
     """
-    import torch
-    from tqdm.auto import tqdm
-
     Z = as_latent_matrix(Z_ref, "Z_ref")
+    q, axes_list, idx = _check_card_args(model, ref_images, Z, axes, n_images, image_indices, quantiles, span_sd,
+                                         steps, batch_size)
+    corr = axis_correlations(Z, props_df)
+    descs = {x.axis: x for x in describe_axes(corr, min_abs_r=min_abs_r, axes=axes_list)}
+    values, levels, titles = _column_values(Z, axes_list, q, span_sd, sd_floor)
+    job = _CardJob(Z, q, axes_list, idx, span_sd, sd_floor, steps, batch_size,
+                   model_id if model_id is not None else getattr(model, "model_id", None), Path(out_dir), corr,
+                   descs, values, levels, titles)
+    job.out.mkdir(parents=True, exist_ok=True)
+    cards = _traverse_axes(model, ref_images, job, progress)
+    _write_overview(job, cards)
+    return cards
+
+
+def _check_card_args(
+    model: Any, ref_images: torch.Tensor, Z: np.ndarray, axes: Sequence[int] | None, n_images: int,
+    image_indices: Sequence[int] | None, quantiles: Sequence[float], span_sd: float | None, steps: int,
+    batch_size: int,
+) -> tuple[tuple[float, ...], list[int], list[int]]:
+    """(quantile levels, axes, image rows) of an :func:`axis_cards` call, its arguments checked."""
+    import torch
+
     d = Z.shape[1]
     q = tuple(float(v) for v in quantiles)
     if not q or any(not 0.0 <= v <= 1.0 for v in q):
@@ -679,14 +731,13 @@ def axis_cards(
         raise ValueError(
             f"Z_ref has {d} axes but the model's latent_dim is {latent_dim}; use latents of this model"
         )
+    return q, axes_list, idx
 
-    corr = axis_correlations(Z, props_df)
-    descs = {x.axis: x for x in describe_axes(corr, min_abs_r=min_abs_r, axes=axes_list)}
-    values, levels, titles = _column_values(Z, axes_list, q, span_sd, sd_floor)
-    if model_id is None:
-        model_id = getattr(model, "model_id", None)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+
+def _traverse_axes(model: Any, ref_images: torch.Tensor, job: _CardJob, progress: bool) -> list[AxisCard]:
+    """Inverts the reference rows once, then decodes and writes each axis's strip (model left in its mode)."""
+    import torch
+    from tqdm.auto import tqdm
 
     device = next(model.parameters()).device if hasattr(model, "parameters") else torch.device("cpu")
     was_training = bool(getattr(model, "training", False))
@@ -695,66 +746,84 @@ def axis_cards(
     cards: list[AxisCard] = []
     try:
         with torch.no_grad():
-            x0 = ref_images[idx].to(device=device, dtype=torch.float32)
+            x0 = ref_images[job.idx].to(device=device, dtype=torch.float32)
             z0 = model.encode(x0)
-            x_T = model.ddim_invert(x0, z0, steps)
-            n_r, n_v = len(idx), len(q)
+            x_T = model.ddim_invert(x0, z0, job.steps)
             it = tqdm(
-                axes_list, desc="axis cards", unit="axis", disable=not (progress and sys.stderr.isatty())
+                job.axes, desc="axis cards", unit="axis", disable=not (progress and sys.stderr.isatty())
             )
             for a in it:
-                zs = z0.repeat_interleave(n_v, dim=0).clone()  # (n_r * n_v, d): image-major, value-minor
-                zs[:, a] = torch.tensor(values[a], dtype=zs.dtype, device=device).repeat(n_r)
-                xs = x_T.repeat_interleave(n_v, dim=0)
-                decoded = [
-                    model.ddim_sample(xs[s : s + batch_size], zs[s : s + batch_size], steps, eta=0.0)
-                    for s in range(0, len(zs), batch_size)
-                ]
-                strip = torch.cat(decoded).float().cpu().numpy().reshape(n_r, n_v, *x0.shape[1:])
-                desc = descs[a]
-                png = out / f"axis_{a:02d}.png"
-                jpath = out / f"axis_{a:02d}.json"
-                _save_strip_png(png, strip, titles[a], desc.text, [f"ref #{i}" for i in idx])
-                rows = corr[corr["axis"] == a]
-                card_json = {
-                    "axis": a,
-                    "description": desc.text,
-                    "property": desc.property,
-                    "label": desc.label,
-                    "r": _json_float(desc.r),
-                    "second_best": desc.to_dict()["second_best"],
-                    "method": desc.method,
-                    "correlations": {
-                        str(r.property): {
-                            "pearson": _json_float(r.pearson),
-                            "spearman": _json_float(r.spearman),
-                        }
-                        for r in rows.itertuples()
-                    },
-                    "quantiles": list(levels[a]),
-                    "span_sd": span_sd,
-                    "sd_floor": sd_floor,
-                    "reference_sd": float(Z[:, a].std()),
-                    "values": list(values[a]),
-                    "image_indices": idx,
-                    "steps": steps,
-                    "n_ref": len(Z),
-                    "model_id": model_id,
-                    "png": png.name,
-                }
-                _atomic_write_text(jpath, json.dumps(card_json, indent=2))
-                cards.append(AxisCard(a, desc, levels[a], values[a], png, jpath, strip))
+                strip = _decode_strip(model, x0, z0, x_T, a, job, device)
+                cards.append(_write_card(job, a, strip))
     finally:
         if was_training and hasattr(model, "train"):
             model.train(True)
+    return cards
+
+
+def _decode_strip(model: Any, x0: torch.Tensor, z0: torch.Tensor, x_T: torch.Tensor, a: int, job: _CardJob,
+                  device: torch.device) -> np.ndarray:
+    """(rows, values, C, H, W): each inverted row decoded with z_a set to each of the axis's column values."""
+    import torch
+
+    n_r, n_v, batch_size = len(job.idx), len(job.quantiles), job.batch_size
+    zs = z0.repeat_interleave(n_v, dim=0).clone()  # (n_r * n_v, d): image-major, value-minor
+    zs[:, a] = torch.tensor(job.values[a], dtype=zs.dtype, device=device).repeat(n_r)
+    xs = x_T.repeat_interleave(n_v, dim=0)
+    decoded = [
+        model.ddim_sample(xs[s : s + batch_size], zs[s : s + batch_size], job.steps, eta=0.0)
+        for s in range(0, len(zs), batch_size)
+    ]
+    return torch.cat(decoded).float().cpu().numpy().reshape(n_r, n_v, *x0.shape[1:])
+
+
+def _write_card(job: _CardJob, a: int, strip: np.ndarray) -> AxisCard:
+    """Writes ``axis_XX.png`` and ``axis_XX.json`` of axis ``a`` and returns its card."""
+    desc = job.descs[a]
+    png = job.out / f"axis_{a:02d}.png"
+    jpath = job.out / f"axis_{a:02d}.json"
+    _save_strip_png(png, strip, job.titles[a], desc.text, [f"ref #{i}" for i in job.idx])
+    rows = job.corr[job.corr["axis"] == a]
+    card_json = {
+        "axis": a,
+        "description": desc.text,
+        "property": desc.property,
+        "label": desc.label,
+        "r": _json_float(desc.r),
+        "second_best": desc.to_dict()["second_best"],
+        "method": desc.method,
+        "correlations": {
+            str(r.property): {
+                "pearson": _json_float(r.pearson),
+                "spearman": _json_float(r.spearman),
+            }
+            for r in rows.itertuples()
+        },
+        "quantiles": list(job.levels[a]),
+        "span_sd": job.span_sd,
+        "sd_floor": job.sd_floor,
+        "reference_sd": float(job.Z[:, a].std()),
+        "values": list(job.values[a]),
+        "image_indices": job.idx,
+        "steps": job.steps,
+        "n_ref": len(job.Z),
+        "model_id": job.model_id,
+        "png": png.name,
+    }
+    _atomic_write_text(jpath, json.dumps(card_json, indent=2))
+    return AxisCard(a, desc, job.levels[a], job.values[a], png, jpath, strip)
+
+
+def _write_overview(job: _CardJob, cards: list[AxisCard]) -> None:
+    """Writes ``axes.json``: the call's settings and one entry per card."""
     overview = {
-        "model_id": model_id,
-        "n_ref": len(Z),
-        "quantiles": list(q),
-        "span_sd": span_sd,
-        "sd_floor": sd_floor,
-        "steps": steps,
-        "image_indices": idx,
+        "model_id": job.model_id,
+        "n_ref": len(job.Z),
+        "quantiles": list(job.quantiles),
+        "span_sd": job.span_sd,
+        "sd_floor": job.sd_floor,
+        "steps": job.steps,
+        "image_indices": job.idx,
         "axes": [
             {
                 "axis": c.axis,
@@ -768,8 +837,7 @@ def axis_cards(
             for c in cards
         ],
     }
-    _atomic_write_text(out / "axes.json", json.dumps(overview, indent=2))
-    return cards
+    _atomic_write_text(job.out / "axes.json", json.dumps(overview, indent=2))
 
 
 # ------------------------------------------------------------------------------------------------ alignment

@@ -14,9 +14,9 @@ families of tests:
   share*, the share of window cells above the reference's ``1 - score_tail`` quantile (Fisher's exact test), which
   sees a minority of cells turning bad. The tail share is what a quality engineer reads ("23 % of today's cells score
   above the reference's 90th percentile, 10 % expected"). Under the lot null, where a whole lot scoring a little
-  higher is normal, it finds a minority of bad cells far more often than the AUC (synthetic lots with 25 % bad
-  cells: 0.66 vs 0.11, ``tests/pipeline/test_drift.py``; ELPV lot windows: ``benchmarks/results/
-  bench_drift_faults.md``); the AUC is the stronger one for a shift of every cell and on i.i.d. windows;
+  higher is normal, it finds a minority of bad cells far more often than the AUC (synthetic lots:
+  ``tests/pipeline/analysis/test_drift.py``; ELPV lot windows: ``benchmarks/results/bench_drift_faults.md``); the AUC
+  is the stronger one for a shift of every cell and on i.i.d. windows;
 * **image quality** (when given): per-channel mean shift (in reference sd; Welch t-test under the i.i.d. null) of
   full-resolution image-quality measurements (fine detail, noise level, rotation from :mod:`pipeline.latent.properties`),
   Bonferroni over channels. A mean shift, not KS: the faults these channels watch move a property's level, while
@@ -527,6 +527,38 @@ def _both_or_neither(ref: Any, cur: Any, what: str, fit_arg: str, test_arg: str)
         )
 
 
+def _check_ref_scores(ref_scores: Any, n: int) -> np.ndarray | None:
+    """``ref_scores`` as n finite floats (None stays None)."""
+    if ref_scores is None:
+        return None
+    scores = np.asarray(ref_scores, dtype=np.float64).ravel()
+    if scores.size != n:
+        raise ValueError(f"ref_scores has {scores.size} values for {n} reference images")
+    if not np.isfinite(scores).all():
+        raise ValueError("ref_scores contain NaN or inf")
+    return scores
+
+
+def _check_ref_strata(ref_strata: Any, n: int) -> np.ndarray | None:
+    """``ref_strata`` as n labels without missing values (None stays None)."""
+    if ref_strata is None:
+        return None
+    strata = np.asarray(ref_strata)
+    if strata.shape[0] != n:
+        raise ValueError(f"ref_strata has {strata.shape[0]} values for {n} reference images")
+    if pd.isna(strata).any():
+        raise ValueError("ref_strata contain missing values; label every reference image (e.g. 'unknown')")
+    return strata
+
+
+def _reference_order(ref_order: Any, n: int) -> np.ndarray:
+    """The stable sort order of the n reference images by the key ``ref_order``."""
+    key = np.asarray(ref_order)
+    if key.shape[0] != n:
+        raise ValueError(f"ref_order has {key.shape[0]} values for {n} reference images")
+    return np.argsort(key, kind="stable")
+
+
 class DriftDetector:
     """Drift tests of windows of latents against a reference (see module docstring).
 
@@ -615,15 +647,8 @@ class DriftDetector:
 
     # ---- fit -----------------------------------------------------------------------------------------------
     def fit(
-        self,
-        Z_ref: Any,
-        ref_scores: Any = None,
-        model_id: str | None = None,
-        ref_order: Any = None,
-        ref_lots: Any = None,
-        ref_strata: Any = None,
-        ref_quality: Any = None,
-        ref_streams: Any = None,
+        self, Z_ref: Any, ref_scores: Any = None, model_id: str | None = None, ref_order: Any = None,
+        ref_lots: Any = None, ref_strata: Any = None, ref_quality: Any = None, ref_streams: Any = None,
         ref_periods: Any = None,
     ) -> DriftDetector:
         """Store the reference.
@@ -666,31 +691,24 @@ class DriftDetector:
             raise ValueError(
                 f"reference has {n} images; at least {self.min_reference()} (2 x min_window) are needed"
             )
-        scores = None
-        if ref_scores is not None:
-            scores = np.asarray(ref_scores, dtype=np.float64).ravel()
-            if scores.size != n:
-                raise ValueError(f"ref_scores has {scores.size} values for {n} reference images")
-            if not np.isfinite(scores).all():
-                raise ValueError("ref_scores contain NaN or inf")
+        scores = _check_ref_scores(ref_scores, n)
         quality, q_names = _as_channels(ref_quality, n, "ref_quality")
-        strata = None
-        if ref_strata is not None:
-            strata = np.asarray(ref_strata)
-            if strata.shape[0] != n:
-                raise ValueError(f"ref_strata has {strata.shape[0]} values for {n} reference images")
-            if pd.isna(strata).any():
-                raise ValueError("ref_strata contain missing values; label every reference image (e.g. 'unknown')")
+        strata = _check_ref_strata(ref_strata, n)
         if ref_order is not None:
-            key = np.asarray(ref_order)
-            if key.shape[0] != n:
-                raise ValueError(f"ref_order has {key.shape[0]} values for {n} reference images")
-            order = np.argsort(key, kind="stable")
+            order = _reference_order(ref_order, n)
             Z = Z[order]
             scores = None if scores is None else scores[order]
             quality = None if quality is None else quality[order]
         else:
             order = np.arange(n)
+        self._fit_lots(ref_lots, order, n)
+        self._fit_strata(strata, order, n)
+        self._fit_blocks(ref_streams, ref_periods, order, n)
+        self._fit_reference(Z, scores, quality, q_names, model_id)
+        return self
+
+    def _fit_lots(self, ref_lots: Any, order: np.ndarray, n: int) -> None:
+        """Lot starts and lot ids of the reference in production order (None without ``ref_lots``)."""
         self._lot_starts = None
         self._lot_ids = None
         if ref_lots is not None:
@@ -700,6 +718,9 @@ class DriftDetector:
             lots = lots[order]
             self._lot_starts = np.r_[0, np.flatnonzero(lots[1:] != lots[:-1]) + 1]
             self._lot_ids = np.cumsum(np.r_[0, lots[1:] != lots[:-1]])  # runs of equal labels, in order
+
+    def _fit_strata(self, strata: np.ndarray | None, order: np.ndarray, n: int) -> None:
+        """The reference's streams of rows per stratum and their shares (one stream of all rows without strata)."""
         if strata is None:
             self._streams = [(np.arange(n), 1.0)]
             self.strata_ = None
@@ -710,6 +731,9 @@ class DriftDetector:
             self._streams = [(np.flatnonzero(inv == i), float(np.mean(inv == i))) for i in range(labels.size)]
             self.strata_ = {str(lab): share for lab, (_, share) in zip(labels, self._streams, strict=True)}
             self.ref_strata_ = strata
+
+    def _fit_blocks(self, ref_streams: Any, ref_periods: Any, order: np.ndarray, n: int) -> None:
+        """The reference's production blocks (None without streams and periods, or with too few blocks)."""
         self._blocks = None
         if (ref_streams is None) != (ref_periods is None):
             raise ValueError("give ref_streams and ref_periods together (the production block of each image)")
@@ -724,6 +748,10 @@ class DriftDetector:
             if self._blocks is None:
                 log.warning("only %d production blocks in the reference: the lot null calibrates on runs of "
                             "consecutive images instead", len(blocks.rows))
+
+    def _fit_reference(self, Z: np.ndarray, scores: np.ndarray | None, quality: np.ndarray | None,
+                       q_names: Any, model_id: str | None) -> None:
+        """Stores the ordered reference and what is computed from it once (PSI edges, MMD bandwidth)."""
         self.ref_ = Z
         self.ref_scores_ = scores
         self.ref_quality_ = quality
@@ -735,7 +763,6 @@ class DriftDetector:
         self.sigma_ref_ = median_heuristic(Z, rng=self.random_state)
         self._calibrations: dict[Any, dict[str, np.ndarray]] = {}
         self.is_fitted_ = True
-        return self
 
     @property
     def max_window(self) -> int | None:

@@ -98,6 +98,16 @@ def windows(
     Yields:
         :class:`Window`, in time (or row) order.
     """
+    frame, has_time = _sorted_frame(df, by, time_col, on_small)
+    for wid, start, end, sub in _groups(frame, by, size, time_col, shifts, has_time):
+        if len(sub) < min_size:
+            _skip_small(wid, len(sub), min_size, on_small, skipped)
+            continue
+        yield Window(wid, start, end, sub)
+
+
+def _sorted_frame(df: pd.DataFrame, by: str, time_col: str, on_small: str) -> tuple[pd.DataFrame, bool]:
+    """(the rows, sorted by a parsed ``time_col`` when there is one; whether there is one), arguments checked."""
     if by not in ("count", "shift", "day"):
         raise ValueError(f"by must be 'count', 'shift' or 'day', got {by!r}")
     if on_small not in ("skip", "raise"):
@@ -111,41 +121,60 @@ def windows(
         if ts.isna().any():
             raise ValueError(f"{int(ts.isna().sum())} rows have no {time_col!r}; drop or fill them first")
         frame = df.assign(**{time_col: ts}).sort_values(time_col, kind="stable")
+    return frame, has_time
 
-    groups: list[tuple[str, Any, Any, pd.DataFrame]] = []
+
+_Group = tuple[str, Any, Any, pd.DataFrame]
+
+
+def _groups(frame: pd.DataFrame, by: str, size: int | None, time_col: str, shifts: Sequence[tuple[int, int]],
+            has_time: bool) -> list[_Group]:
+    """(window_id, start, end, rows) of every window, small ones included, in time (or row) order."""
     if by == "count":
-        if size is None or size < 1:
-            raise ValueError(f"windows by count need size >= 1, got {size}")
-        for i, lo in enumerate(range(0, len(frame), size)):
-            sub = frame.iloc[lo : lo + size]
-            if has_time:
-                start, end = sub[time_col].iloc[0], sub[time_col].iloc[-1]
-            else:
-                start, end = lo, lo + len(sub) - 1
-            groups.append((f"count-{i:05d}", start, end, sub))
-    elif by == "day":
+        return _count_groups(frame, size, time_col, has_time)
+    if by == "day":
         day = frame[time_col].dt.normalize()
-        for d, sub in frame.groupby(day, sort=True):
-            groups.append((d.date().isoformat(), d, d + pd.Timedelta(days=1), sub))
-    else:
-        _check_shifts(shifts)
-        sidx, sdate = _shift_of(frame[time_col], shifts)
-        for (d, i), sub in frame.groupby([sdate, sidx], sort=True):
-            a, b = shifts[int(i)]
-            start = d + pd.Timedelta(hours=a)
-            end = start + pd.Timedelta(hours=(b - a) % 24 or 24)
-            groups.append((f"{d.date().isoformat()}/S{int(i) + 1}", start, end, sub))
+        return [(d.date().isoformat(), d, d + pd.Timedelta(days=1), sub)
+                for d, sub in frame.groupby(day, sort=True)]
+    return _shift_groups(frame, time_col, shifts)
 
-    for wid, start, end, sub in groups:
-        if len(sub) < min_size:
-            reason = (
-                f"window has {len(sub)} images; at least {min_size} are needed for a drift test; "
-                "widen the window (per day instead of per shift)"
-            )
-            if on_small == "raise":
-                raise ValueError(f"window {wid}: {reason}")
-            log.warning("skipping window %s: %s", wid, reason)
-            if skipped is not None:
-                skipped.append({"window_id": wid, "n": len(sub), "reason": reason})
-            continue
-        yield Window(wid, start, end, sub)
+
+def _count_groups(frame: pd.DataFrame, size: int | None, time_col: str, has_time: bool) -> list[_Group]:
+    """Consecutive chunks of ``size`` rows."""
+    if size is None or size < 1:
+        raise ValueError(f"windows by count need size >= 1, got {size}")
+    groups: list[_Group] = []
+    for i, lo in enumerate(range(0, len(frame), size)):
+        sub = frame.iloc[lo : lo + size]
+        if has_time:
+            start, end = sub[time_col].iloc[0], sub[time_col].iloc[-1]
+        else:
+            start, end = lo, lo + len(sub) - 1
+        groups.append((f"count-{i:05d}", start, end, sub))
+    return groups
+
+
+def _shift_groups(frame: pd.DataFrame, time_col: str, shifts: Sequence[tuple[int, int]]) -> list[_Group]:
+    """One group per (shift date, shift); a shift that wraps midnight belongs to the date it starts on."""
+    _check_shifts(shifts)
+    sidx, sdate = _shift_of(frame[time_col], shifts)
+    groups: list[_Group] = []
+    for (d, i), sub in frame.groupby([sdate, sidx], sort=True):
+        a, b = shifts[int(i)]
+        start = d + pd.Timedelta(hours=a)
+        end = start + pd.Timedelta(hours=(b - a) % 24 or 24)
+        groups.append((f"{d.date().isoformat()}/S{int(i) + 1}", start, end, sub))
+    return groups
+
+
+def _skip_small(wid: str, n: int, min_size: int, on_small: str, skipped: list[dict[str, Any]] | None) -> None:
+    """A window under ``min_size``: raises with ``on_small="raise"``, else logs it and appends it to ``skipped``."""
+    reason = (
+        f"window has {n} images; at least {min_size} are needed for a drift test; "
+        "widen the window (per day instead of per shift)"
+    )
+    if on_small == "raise":
+        raise ValueError(f"window {wid}: {reason}")
+    log.warning("skipping window %s: %s", wid, reason)
+    if skipped is not None:
+        skipped.append({"window_id": wid, "n": n, "reason": reason})

@@ -370,6 +370,15 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
 
 def register(subparsers: Any) -> None:
     """Add ``train``, ``encode``, ``traverse``, ``reconstruct`` and ``sample`` to the ``linewatch`` parser."""
+    _register_train(subparsers)
+    _register_encode(subparsers)
+    _register_traverse(subparsers)
+    _register_reconstruct(subparsers)
+    _register_sample(subparsers)
+
+
+def _register_train(subparsers: Any) -> None:
+    """Add ``linewatch train``."""
     p = subparsers.add_parser(
         "train",
         help="train an InfoDiffusion model on a folder of images",
@@ -401,6 +410,9 @@ def register(subparsers: Any) -> None:
     _common(p, model=False)
     p.set_defaults(func=cmd_train)
 
+
+def _register_encode(subparsers: Any) -> None:
+    """Add ``linewatch encode``."""
     p = subparsers.add_parser(
         "encode",
         help="encode a folder of images into a latents Parquet file",
@@ -415,6 +427,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_encode)
 
+
+def _register_traverse(subparsers: Any) -> None:
+    """Add ``linewatch traverse``."""
     p = subparsers.add_parser(
         "traverse",
         help="draw a latent traversal grid for one image",
@@ -433,6 +448,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=cmd_traverse)
 
+
+def _register_reconstruct(subparsers: Any) -> None:
+    """Add ``linewatch reconstruct``."""
     p = subparsers.add_parser(
         "reconstruct",
         help="reconstruct images through z and the DDIM round trip",
@@ -447,6 +465,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=cmd_reconstruct)
 
+
+def _register_sample(subparsers: Any) -> None:
+    """Add ``linewatch sample``."""
     p = subparsers.add_parser(
         "sample",
         help="generate images from the prior",

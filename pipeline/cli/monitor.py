@@ -351,6 +351,16 @@ reference in production order and at least twice as many reference images as the
 
 def cmd_drift(args: argparse.Namespace) -> int:
     """Run ``linewatch drift``."""
+    res, model_id, n_given = _run_drift(args)
+    if args.json:
+        print(json.dumps(_jsonable(_drift_doc(res, args.alpha, model_id, n_given)), indent=2))
+        return 0
+    _print_drift(res, model_id, n_given)
+    return 0
+
+
+def _run_drift(args: argparse.Namespace) -> tuple[Any, str, int]:
+    """(drift result, model id, images given as current) of the reference and current window of ``args``."""
     from pipeline.analysis.drift import DriftDetector
     from pipeline.cli.model import load_model
 
@@ -376,61 +386,65 @@ def cmd_drift(args: argparse.Namespace) -> int:
     n_given = len(cur.Z)
     keep = det.rows_to_test(n_given)  # the lot null's guard band: at most a third of the reference
     res = det.test(cur.Z[keep], model_id=model_id, cur_quality=None if q_cur is None else q_cur.iloc[keep])
-    subsampled = (f"current subsampled evenly from {n_given} to {res.n_cur} images (the lot null tests windows of at "
-                  f"most a third of the reference)") if res.n_cur < n_given else None
-    axes = res.per_axis
-    if args.json:
-        doc = {
-            "model_id": model_id,
-            "detected": res.detected,
-            "fired": list(res.fired),
-            "null": res.null,
-            "alpha": args.alpha,
-            "family_alpha": res.family_alpha,
-            "family_p": res.family_p,
-            "multivariate": {"test": "mmd2", "statistic": res.mmd_stat, "p_value": res.mmd_p},
-            "n_reference": res.n_ref,
-            "n_current": res.n_cur,
-            "n_current_given": n_given,
-            "top_axis": res.top_axis,
-            "top_share": res.top_share,
-            "axes": [
-                {
-                    "axis": int(r.axis),
-                    "statistic": float(r.ks_stat),
-                    "p_value": float(r.p_value),
-                    "p_adjusted": float(r.p_adjusted),
-                    "effect_size": float(r.effect_size),
-                    "psi": float(r.psi),
-                    "psi_band": str(r.psi_band),
-                    "significant": bool(r.significant),
-                    "rank": int(r.rank),
-                }
-                for r in axes.itertuples(index=False)
+    return res, model_id, n_given
+
+
+def _drift_doc(res: Any, alpha: float, model_id: str, n_given: int) -> dict[str, Any]:
+    """The ``--json`` document of a drift result."""
+    return {
+        "model_id": model_id,
+        "detected": res.detected,
+        "fired": list(res.fired),
+        "null": res.null,
+        "alpha": alpha,
+        "family_alpha": res.family_alpha,
+        "family_p": res.family_p,
+        "multivariate": {"test": "mmd2", "statistic": res.mmd_stat, "p_value": res.mmd_p},
+        "n_reference": res.n_ref,
+        "n_current": res.n_cur,
+        "n_current_given": n_given,
+        "top_axis": res.top_axis,
+        "top_share": res.top_share,
+        "axes": [
+            {
+                "axis": int(r.axis),
+                "statistic": float(r.ks_stat),
+                "p_value": float(r.p_value),
+                "p_adjusted": float(r.p_adjusted),
+                "effect_size": float(r.effect_size),
+                "psi": float(r.psi),
+                "psi_band": str(r.psi_band),
+                "significant": bool(r.significant),
+                "rank": int(r.rank),
+            }
+            for r in res.per_axis.itertuples(index=False)
+        ],
+        "quality": None if res.per_channel is None else {
+            "statistic": res.quality_stat,
+            "p_value": res.quality_p,
+            "channels": [
+                {"channel": str(r.channel), "statistic": float(r.ks_stat), "p_value": float(r.p_value),
+                 "effect_size": float(r.effect_size), "significant": bool(r.significant)}
+                for r in res.per_channel.itertuples(index=False)
             ],
-            "quality": None if res.per_channel is None else {
-                "statistic": res.quality_stat,
-                "p_value": res.quality_p,
-                "channels": [
-                    {"channel": str(r.channel), "statistic": float(r.ks_stat), "p_value": float(r.p_value),
-                     "effect_size": float(r.effect_size), "significant": bool(r.significant)}
-                    for r in res.per_channel.itertuples(index=False)
-                ],
-            },
-            "summary": res.summary(),
-        }
-        print(json.dumps(_jsonable(doc), indent=2))
-        return 0
+        },
+        "summary": res.summary(),
+    }
+
+
+def _print_drift(res: Any, model_id: str, n_given: int) -> None:
+    """Prints a drift result as text: the verdict, the MMD test, one row per axis, the image-quality channels."""
     print(f"detected: {res.detected}" + (f" (fired: {', '.join(res.fired)})" if res.fired else ""))
     print(
         f"multivariate MMD^2: {res.mmd_stat:.4g}, p = {res.mmd_p:.4g} ({res.null} null, each family at "
         f"alpha {res.family_alpha:.3g}); reference {res.n_ref} vs current {res.n_cur} images, model {model_id}"
     )
-    if subsampled:
-        print(subsampled)
+    if res.n_cur < n_given:
+        print(f"current subsampled evenly from {n_given} to {res.n_cur} images (the lot null tests windows of at "
+              f"most a third of the reference)")
     print(res.summary())
     print(f"{'rank':>4}  {'axis':>5}  {'KS':>6}  {'p_value':>9}  {'p_adj':>9}  {'effect':>7}  {'PSI':>6}  band  sig")
-    for r in axes.itertuples(index=False):
+    for r in res.per_axis.itertuples(index=False):
         print(
             f"{r.rank:>4}  z_{r.axis:<3}  {r.ks_stat:>6.3f}  {r.p_value:>9.3g}  {r.p_adjusted:>9.3g}  "
             f"{r.effect_size:>+7.2f}  {r.psi:>6.3f}  {r.psi_band}  {'*' if r.significant else ''}"
@@ -440,7 +454,6 @@ def cmd_drift(args: argparse.Namespace) -> int:
         for r in res.per_channel.itertuples(index=False):
             print(f"  {r.channel:<14}  KS {r.ks_stat:.3f}  p {r.p_value:.3g}  effect {r.effect_size:+.2f} sd"
                   f"  {'*' if r.significant else ''}")
-    return 0
 
 
 def _quality_of(src: LatentSource, what: str, progress: bool) -> Any:

@@ -47,6 +47,16 @@ def output_png(out: str | os.PathLike[str], default_name: str) -> Path:
     return path if path.suffix else path.with_name(path.name + ".png")
 
 
+def _save_png(fig: Any, out: str | os.PathLike[str], default_name: str, title: str | None) -> Path:
+    """Titles ``fig`` (when ``title``) and writes it as PNG to :func:`output_png` of ``out``; returns the path."""
+    if title:
+        fig.suptitle(title, fontsize=9)
+    path = output_png(out, default_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
+
+
 def save_grid(
     cells: Sequence[Sequence[np.ndarray | None]],
     out: str | os.PathLike[str],
@@ -70,12 +80,7 @@ def save_grid(
             ct = col_titles[j] if (col_titles and i == 0) else None
             rl = row_labels[i] if (row_labels and j == 0) else None
             _show(axes[i][j], img, ct, rl)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    out = output_png(out, "grid.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100, bbox_inches="tight")
-    return out
+    return _save_png(fig, out, "grid.png", title)
 
 
 def traversal_grid(model: Any, x0: Any, out: Path, *, steps: int = 10, title: str = "",
@@ -162,12 +167,7 @@ def save_heatmap_overlay(
                        vmin=float(amap.min()) if vmin is None else vmin,
                        vmax=float(amap.max()) if vmax is None else vmax)
     fig.colorbar(shown, ax=ax1, fraction=0.046, pad=0.04)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    path = output_png(out, "heatmap.png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return path
+    return _save_png(fig, out, "heatmap.png", title)
 
 
 def save_heatmap_overlays(

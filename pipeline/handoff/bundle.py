@@ -33,17 +33,16 @@ class ScoringConfig:
 
     The per-image score is the diffusion residual (``pipeline.analysis.detectors.DiffusionResidual``: noise to t*, denoise
     with the image's own z, mean squared residual) judged against the ``k`` calibration images nearest in z
-    (``pipeline.analysis.detectors.ConditionalResidual``). On the ELPV benchmark's lot-level split, with the 10,000-step cpu
-    model, this ranks p = 1 cells above functional ones at AUROC 0.82 with three noise fields (0.81 with one; 0.78
-    with one and the 3000-step model), where Mahalanobis on z (the previous default) was at 0.38-0.40: z describes
-    the module, not the crack.
+    (``pipeline.analysis.detectors.ConditionalResidual``). The score is a residual, not a distance in z: z describes
+    the module, not the crack (a Mahalanobis distance on z ranks defective cells as more normal; figures in
+    BENCHMARKS.md, ``bench_anomaly``).
 
     Attributes:
         t_stars: noise levels of the residual.
         steps: DDIM steps from t* back to 0.
-        seeds: seeds of the shared forward-noise fields; the residual is averaged over them. Each costs one pass
-            (about 24 ms per image on one core at the cpu preset); three cut the score's noise (AUROC 0.807 -> 0.823
-            on the benchmark, 0.766 -> 0.777 for the DiffAE ablation).
+        seeds: seeds of the shared forward-noise fields; the residual is averaged over them. Each costs one
+            partial-denoising pass per image; more fields average out the forward noise's randomness (cost and gain
+            in BENCHMARKS.md, ``bench_anomaly`` and ``bench_stages``).
         k: neighbours in z (capped at a fifth of the detector's fit images, at least 3).
     """
 

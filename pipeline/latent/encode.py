@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -273,16 +273,9 @@ def read_latents(path: str | os.PathLike[str], *, model_id: str | None = None) -
 
 # --- catalog → resumable latents table -------------------------------------------------------------------------
 def encode_catalog(
-    checkpoint: Any,
-    catalog_df: pd.DataFrame,
-    out_path: str | os.PathLike[str],
-    *,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    progress: bool = True,
-    image_path_col: str = "store_path",
-    id_col: str = IMAGE_ID,
-    root: str | os.PathLike[str] | None = None,
-    flush_every: int = 4096,
+    checkpoint: Any, catalog_df: pd.DataFrame, out_path: str | os.PathLike[str], *,
+    batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True, image_path_col: str = "store_path",
+    id_col: str = IMAGE_ID, root: str | os.PathLike[str] | None = None, flush_every: int = 4096,
     workers: int = _READ_WORKERS,
 ) -> pd.DataFrame:
     """Encode catalog images into the resumable latents table at ``out_path`` (a Parquet file).
@@ -329,29 +322,19 @@ def encode_catalog(
     base = Path(root) if root is not None else None
     paths = [Path(p) if base is None or Path(p).is_absolute() else base / p for p in todo[image_path_col]]
     ids = todo[id_col].astype(str).tolist()
-    score_cols = _score_columns(existing)
-    table = existing
-    pending: list[pd.DataFrame] = []
-    n_pending = 0
-
-    def flush() -> pd.DataFrame:
-        nonlocal pending, n_pending
-        new = pd.concat(pending, ignore_index=True)
-        d = len(z_columns(new))
-        if not table.empty and len(z_columns(table)) != d:
-            raise ValueError(
-                f"{str(out_path)!r} holds {len(z_columns(table))}-d latents, this model gives {d}-d; "
-                "use a separate latents file per latent dimension"
-            )
-        full = pd.concat([table, new], ignore_index=True) if not table.empty else new
-        write_parquet_atomic(full, out_path, latents_schema(d, score_cols))
-        pending, n_pending = [], 0
-        return full
-
     if getattr(ckpt.model, "uses_features", False) and base is not None and SHA256 in todo.columns:
         batches = _encode_stored_features(ckpt, todo, base, image_path_col, flush_every)
     else:
         batches = _encode_files(ckpt, paths, batch_size=batch_size, progress=progress, desc="encode", workers=workers)
+    return _append_batches(batches, existing, out_path, ids, model_id, flush_every)
+
+
+def _append_batches(batches: Iterable[tuple[int, np.ndarray, Any]], table: pd.DataFrame, out_path: Path,
+                    ids: list[str], model_id: str, flush_every: int) -> pd.DataFrame:
+    """Appends the encoded ``batches`` (rows ``ids[start:]``) to ``table``, written every ``flush_every`` rows."""
+    score_cols = _score_columns(table)
+    pending: list[pd.DataFrame] = []
+    n_pending = 0
     for start, z, _ in batches:
         chunk = pd.DataFrame({IMAGE_ID: ids[start : start + len(z)], MODEL_ID: model_id})
         chunk = pd.concat([chunk, pd.DataFrame(z, columns=latent_columns(z.shape[1]))], axis=1)
@@ -360,10 +343,25 @@ def encode_catalog(
         pending.append(chunk)
         n_pending += len(chunk)
         if n_pending >= flush_every:
-            table = flush()
+            table = _flush(table, pending, out_path, score_cols)
+            pending, n_pending = [], 0
     if pending:
-        table = flush()
+        table = _flush(table, pending, out_path, score_cols)
     return table
+
+
+def _flush(table: pd.DataFrame, pending: list[pd.DataFrame], out_path: Path, score_cols: list[str]) -> pd.DataFrame:
+    """``table`` with the ``pending`` chunks appended, written atomically to ``out_path``."""
+    new = pd.concat(pending, ignore_index=True)
+    d = len(z_columns(new))
+    if not table.empty and len(z_columns(table)) != d:
+        raise ValueError(
+            f"{str(out_path)!r} holds {len(z_columns(table))}-d latents, this model gives {d}-d; "
+            "use a separate latents file per latent dimension"
+        )
+    full = pd.concat([table, new], ignore_index=True) if not table.empty else new
+    write_parquet_atomic(full, out_path, latents_schema(d, score_cols))
+    return full
 
 
 def _encode_stored_features(ckpt: Any, rows: pd.DataFrame, root: Path, path_col: str, chunk: int

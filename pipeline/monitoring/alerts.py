@@ -128,8 +128,8 @@ class AlertPolicy:
         critical_effect: |effect| (reference sd) of a top axis at or above which the alert is ``critical``.
         critical_p: a test-family p-value (or a top axis's adjusted p) below which the alert is ``critical``.
         top_n: axes listed in an alert.
-        dedup_axes: unused since alerts are keyed by cause (``"<line>|<cause>"``, the cause naming the top axis);
-            kept so existing policies still load.
+        dedup_axes: ignored: alerts are keyed by cause (``"<line>|<cause>"``, the cause naming the top axis);
+            accepted so that stored policies naming it still load.
         max_history: windows kept in the state's history.
         max_processed: window ids remembered for idempotency.
     """
@@ -463,18 +463,10 @@ class AlertManager:
         return False
 
     def update(
-        self,
-        line: str,
-        window_id: Any,
-        drift_result: Any,
-        attribution: Any = None,
-        *,
-        model_version: str | None = None,
-        card_paths: Sequence[str | os.PathLike[str]] = (),
-        example_images: Sequence[str | os.PathLike[str]] = (),
-        example_serials: Sequence[str] = (),
-        window_start: Any = None,
-        window_end: Any = None,
+        self, line: str, window_id: Any, drift_result: Any, attribution: Any = None, *,
+        model_version: str | None = None, card_paths: Sequence[str | os.PathLike[str]] = (),
+        example_images: Sequence[str | os.PathLike[str]] = (), example_serials: Sequence[str] = (),
+        window_start: Any = None, window_end: Any = None,
     ) -> list[AlertEvent]:
         """Process one window of one line.
 
@@ -484,7 +476,9 @@ class AlertManager:
                 from it).
             drift_result: a :class:`pipeline.analysis.drift.DriftResult` (``detected``, ``fired``, ``family_p``,
                 ``per_axis``; duck-typed).
-            attribution: a :class:`pipeline.analysis.axes.Attribution` (computed from ``drift_result`` when None).
+            attribution: the window's :class:`pipeline.analysis.axes.Attribution` (``attribute(drift_result,
+                cards)``): its text becomes the alert's ``details``, its axes the latent cause's top axes.
+                Required for a detected window; None is allowed for a window that did not drift.
             model_version: model id / registry version that encoded the window.
             card_paths: axis card files to cite in an alert.
             example_images: example image paths of the window.
@@ -495,11 +489,18 @@ class AlertManager:
         Returns:
             The events of this window (opened / escalated / resolved / suppressed); ``[]`` when nothing changed or
             the window id was already processed.
+
+        Raises:
+            ValueError: an empty ``line``, a ``drift_result`` without a ``detected`` flag, or a detected window
+                without its ``attribution``.
         """
         if not isinstance(line, str) or not line:
             raise ValueError("line must be a non-empty string")
         if not hasattr(drift_result, "detected"):
             raise ValueError("drift_result must have a 'detected' flag (pipeline.analysis.drift.DriftResult)")
+        if attribution is None and bool(drift_result.detected):
+            raise ValueError("a detected window needs its attribution: pass attribution="
+                             "pipeline.analysis.axes.attribute(drift_result, cards)")
         self.flush()  # earlier events first
         with FileLock(str(self._state_path(line)) + ".lock"):
             st = self.state(line)
@@ -508,11 +509,8 @@ class AlertManager:
             if ctx.window_id in st.processed:
                 log.info("alerts: line %s window %s already processed; nothing to do", line, ctx.window_id)
                 return []
-            from pipeline.analysis.axes import attribute
             from pipeline.monitoring.causes import window_causes
 
-            if attribution is None and bool(drift_result.detected):
-                attribution = attribute(drift_result)
             ctx = replace(ctx, details=str(getattr(attribution, "text", "")))
             st.n_windows += 1
             causes = window_causes(drift_result, attribution, top_n=self.policy.top_n)

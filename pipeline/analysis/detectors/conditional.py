@@ -3,9 +3,9 @@
 The diffusion residual (:mod:`pipeline.analysis.detectors.diffusion`) says how much of an image the model could not restore.
 How large a residual is normal depends on the kind of cell: on ELPV, poly-crystalline cells (grain texture) leave
 residuals several times larger than mono cells, so one global threshold flags every poly cell before any defective
-mono cell. Measured on the benchmark's lot-level split (``benchmarks/bench_anomaly.py``, 3000-step cpu model): the
-globally standardised residual reaches AUROC 0.96 within mono cells but only 0.69 over both types together; judged
-among z-neighbours, 0.78 (0.81 with the 10,000-step model).
+mono cell: a globally standardised residual separates defects well within one cell type and poorly over both types
+together, and judging it among z-neighbours recovers much of the difference (figures in BENCHMARKS.md,
+``benchmarks/bench_anomaly.py``).
 
 z knows the kind of cell (a linear probe on z tells mono from poly at 0.94-0.97 accuracy), so it is the natural
 context: for each image, find its ``k`` nearest reference images in standardised z and ask how unusual its log

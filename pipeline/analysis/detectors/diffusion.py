@@ -25,8 +25,7 @@ are the knobs to set from it.
 
 * ``"z"`` (default): against the ``k`` reference images nearest in z (:class:`pipeline.analysis.detectors.ConditionalResidual`),
   because how large a residual is normal depends on the kind of cell: on ELPV poly cells leave several times the
-  residual of mono cells. Measured on the benchmark's lot-level split (cpu preset, mse): AUROC 0.689 -> 0.777 with
-  the 3000-step model, 0.729 -> 0.807 with the 10,000-step one; see ``benchmarks/results/bench_anomaly.md``.
+  residual of mono cells (the gain is measured in BENCHMARKS.md, ``benchmarks/results/bench_anomaly.md``).
 * ``"none"``: one global standardisation, ``mean_t (r_t - median_ref_t) / IQR_ref_t``.
 
 The detector works on **images** (float tensors in [-1, 1], (N, C, H, W), from ``models.to_model_input``), not

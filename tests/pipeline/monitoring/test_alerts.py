@@ -58,10 +58,15 @@ def manager(tmp_path: Path, sinks=None, **policy) -> AL.AlertManager:
     return AL.AlertManager(tmp_path / "state", AL.AlertPolicy(**policy), sinks)
 
 
+def att(r: FakeDrift):
+    """The attribution the monitor hands the alert manager with a window (None for one that did not drift)."""
+    return attribute(r) if r.detected else None
+
+
 def run(m: AL.AlertManager, windows: list[FakeDrift], start: int = 0, line: str = "L1") -> list[list[str]]:
     """Feed windows w<start>.. and return the event kinds per window."""
     return [
-        [e.kind for e in m.update(line, f"w{start + i}", r, model_version="m1")]
+        [e.kind for e in m.update(line, f"w{start + i}", r, att(r), model_version="m1")]
         for i, r in enumerate(windows)
     ]
 
@@ -178,7 +183,7 @@ def test_restart_neither_realerts_nor_forgets(tmp_path: Path) -> None:
     m2 = manager(tmp_path, k_consecutive=2, resolve_after=2)  # a restart: same state dir
     assert m2.active("L1") is not None
     assert run(m2, [drift(), drift()], start=2) == [[], []]  # still the same open alert
-    assert m2.update("L1", "w1", drift()) == []  # re-processing an old window is a no-op
+    assert m2.update("L1", "w1", drift(), att(drift())) == []  # re-processing an old window is a no-op
     assert run(m2, [clear(), clear()], start=4) == [[], ["resolved"]]
     assert [e["kind"] for e in jsonl(tmp_path)] == ["opened", "resolved"]
     # hysteresis counters survive a restart too
@@ -188,12 +193,22 @@ def test_restart_neither_realerts_nor_forgets(tmp_path: Path) -> None:
     assert run(m4, [drift()], start=7) == [["opened"]]
 
 
+def test_a_detected_window_needs_its_attribution(tmp_path: Path) -> None:
+    m = manager(tmp_path, k_consecutive=1)
+    with pytest.raises(ValueError, match="detected window needs its attribution"):
+        m.update("L1", "w0", drift())
+    assert m.state("L1").n_windows == 0 and jsonl(tmp_path) == []  # refused before anything was recorded
+    assert m.update("L1", "w0", clear()) == []  # a window that did not drift needs none
+    (ev,) = m.update("L1", "w1", drift(), att(drift()))
+    assert ev.kind == "opened" and ev.alert.details.startswith("axis 3 moved by")
+
+
 def test_reprocessing_a_window_is_idempotent(tmp_path: Path) -> None:
     m = manager(tmp_path, k_consecutive=1)
-    first = m.update("L1", "2026-11-27/S1", drift())
+    first = m.update("L1", "2026-11-27/S1", drift(), att(drift()))
     assert [e.kind for e in first] == ["opened"]
     before = m.state("L1")
-    assert m.update("L1", "2026-11-27/S1", drift()) == []
+    assert m.update("L1", "2026-11-27/S1", drift(), att(drift())) == []
     assert m.update("L1", "2026-11-27/S1", clear()) == []
     after = m.state("L1")
     assert after.n_windows == before.n_windows == 1 and after.open == before.open
@@ -309,7 +324,7 @@ def test_webhook_retries_past_two_failures(tmp_path: Path, server: _Server) -> N
     sleeps: list[float] = []
     hook = AL.WebhookSink(server.url, timeout=2, retries=3, backoff=0.5, sleep=sleeps.append)
     m = manager(tmp_path, sinks=[hook, AL.JsonlSink(tmp_path / "alerts.jsonl")], k_consecutive=1)
-    (ev,) = m.update("L1", "w0", drift(), model_version="m1")
+    (ev,) = m.update("L1", "w0", drift(), att(drift()), model_version="m1")
     assert server.hits == 3 and sleeps == [0.5, 1.0]  # two failures, exponential backoff, then delivered
     assert server.bodies == [ev.to_dict()]
     assert m.outbox.pending() == [] and len(m.outbox.sent()) == 1
@@ -330,7 +345,7 @@ def test_down_webhook_keeps_event_in_outbox_until_flush(tmp_path: Path) -> None:
     m = manager(
         tmp_path, sinks=[AL.JsonlSink(tmp_path / "alerts.jsonl"), hook], k_consecutive=1, resolve_after=1
     )
-    (opened,) = m.update("L1", "w0", drift())
+    (opened,) = m.update("L1", "w0", drift(), att(drift()))
     pending = m.outbox.pending()
     assert [e["event_id"] for e in pending] == [opened.event_id]  # not lost
     assert len(jsonl(tmp_path)) == 1  # the working sink already has it

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.analysis.axes import attribute
 from pipeline.monitoring import alerts as AL
 from pipeline.monitoring.causes import window_causes
 from pipeline.monitoring.charts import (
@@ -108,7 +109,7 @@ def test_the_chart_cause_goes_through_the_alert_manager_and_resolution_resets_th
         point = charts.update("L1", f"w{w}", cells(rng, 1, gain=gain))
         res = ChartedResult(QuietDrift(), chart_cause(point))
         assert [c.key for c in window_causes(res)] == ([chart_cause(point).key] if point.alarm else [])
-        events = manager.update("L1", f"w{w}", res)
+        events = manager.update("L1", f"w{w}", res, attribute(res) if res.detected else None)
         opened = opened or next((e for e in events if e.kind == "opened"), None)
         if charts.after_events("L1", events):
             resolved = w
