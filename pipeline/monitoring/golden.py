@@ -53,7 +53,7 @@ ROUND_GAP_MIN = 60.0
 """Golden captures of a line more than this many minutes apart belong to different rounds."""
 
 __all__ = ["FAMILY", "ROUND_GAP_MIN", "GoldenRound", "LineGolden", "MonitorGolden", "camera_cause",
-           "capture_statistics", "golden_rounds", "rebaseline", "split_golden"]
+           "capture_statistics", "golden_rounds", "golden_status", "rebaseline", "split_golden"]
 
 
 def split_golden(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -228,6 +228,22 @@ def rebaseline(state_dir: str | Path, line: str, cells: Sequence[str] | None = N
     chk.save(p)
     which = "all golden cells" if not cells else ", ".join(cells)
     return f"line {line}: baselines of {which} restarted; the next {chk.config.min_baseline} rounds build them"
+
+
+def golden_status(state_dir: str | Path, line: str) -> str:
+    """One line on a line's golden-sample state: its model, rounds processed and each cell's baseline size.
+
+    Raises:
+        ValueError: the line has no golden state.
+    """
+    p = LineGolden(state_dir, None).path(line)
+    if not p.exists():
+        raise ValueError(f"line {line} has no golden-sample state under {Path(state_dir) / 'golden'}")
+    d = json.loads(p.read_text(encoding="utf-8"))
+    chk = GoldenCheck.load(p, line=line, model_id=d.get("model_id"))
+    sizes = ", ".join(f"{c} {chk.baseline_size(c)}" for c in chk.cells)
+    return (f"line {line}: model {chk.model_id}, {len(chk.processed)} rounds processed; baseline captures per cell "
+            f"(tested from {chk.config.min_baseline}): {sizes}")
 
 
 @dataclass
