@@ -20,6 +20,8 @@ production window, a training set or the per-image flags; here they are compared
   so it gets the same alert, outbox and webhook as any other cause; its text says what changed, e.g.
   ``camera/optics changed: brightness -10 % on the golden cells (5 of 5)``. Captures of a round that fired never
   enter a baseline; :func:`rebaseline` restarts the baselines after a deliberate camera or optics change.
+* **MLflow** (:func:`round_metrics`): per window, ``golden/rounds``, ``golden/alarm`` and each statistic's shift
+  (``golden/mean_intensity`` in per cent ...), stamped with the window's start, beside the ``spc/*`` curves.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ ROUND_GAP_MIN = 60.0
 """Golden captures of a line more than this many minutes apart belong to different rounds."""
 
 __all__ = ["FAMILY", "ROUND_GAP_MIN", "GoldenRound", "LineGolden", "MonitorGolden", "camera_cause",
-           "capture_statistics", "golden_rounds", "golden_status", "rebaseline", "split_golden"]
+           "capture_statistics", "golden_rounds", "golden_status", "rebaseline", "round_metrics", "split_golden"]
 
 
 def split_golden(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -133,6 +135,20 @@ def camera_cause(result: GoldenResult) -> Cause | None:
     fired = result.fired
     return Cause(f"{FAMILY}:{fired[0].family}", FAMILY, (FAMILY,), (), tuple(float(f.p) for f in fired), (),
                  result.text)
+
+
+def round_metrics(results: Sequence[GoldenResult]) -> dict[str, float]:
+    """The golden check's numbers for a window's metrics log (empty when no round was tested).
+
+    ``golden_rounds`` (rounds tested), ``golden_alarm`` (1 when one fired), and per statistic the shift of the
+    last tested round (``golden_mean_intensity`` in per cent, ``golden_rotation_deg`` in degrees, ...).
+    """
+    tested = [r for r in results if r.tested]
+    if not tested:
+        return {}
+    out = {"golden_rounds": float(len(tested)), "golden_alarm": float(any(r.detected for r in tested))}
+    out.update({f"golden_{f.family}": float(f.shift) for f in tested[-1].families if f.family != "z"})
+    return out
 
 
 class LineGolden:

@@ -165,6 +165,7 @@ class WindowOutcome:
         explanation: a paragraph in plain language on the verdict (``pipeline.monitoring.report.plain_summary``), the top of
             the drift report.
         golden: the verdicts of the line's golden-sample rounds tested with this window (``"<round>: <text>"``).
+        golden_metrics: their numbers for MLflow (``pipeline.monitoring.golden.round_metrics``).
         original: this is the window's first verdict (made by the champion of that moment); False for a later
             model's re-evaluation, which is stored beside it and never over it (:func:`record_verdicts`).
     """
@@ -194,6 +195,7 @@ class WindowOutcome:
     explanation: str = ""
     chart: dict[str, float] = field(default_factory=dict)
     golden: tuple[str, ...] = ()
+    golden_metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -464,10 +466,9 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
     import torch
 
     from pipeline.analysis.drift import windows
-
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     from pipeline.monitoring.golden import split_golden
 
+    torch.set_num_threads(min(2, torch.get_num_threads()))
     champ = load_champion(settings, fpr=config.fpr, seed=config.seed)
     rows, golden_rows = split_golden(_monitored_rows(settings, config))
     if rows.empty:
@@ -575,7 +576,7 @@ def _test_window(ctx: _Pass, line: str, w: Any) -> tuple[WindowOutcome, Any]:
     frame = w.frame
     res, n_tested = _drift_of_window(ctx, frame)
     chart_metrics, alert_res, chart_pics = _chart_window(ctx, line, w.window_id, frame, res)
-    alert_res, golden = _golden_window(ctx, line, w, alert_res)
+    alert_res, golden, golden_metrics = _golden_window(ctx, line, w, alert_res)
     attr, top, effect, description, mix = _describe(ctx, res, frame)
     cards: dict[int, str] = {}
     if res.detected and ctx.config.cards and top is not None:
@@ -609,7 +610,7 @@ def _test_window(ctx: _Pass, line: str, w: Any) -> tuple[WindowOutcome, Any]:
         effect=effect, description=description, summary=res.summary(), attribution=attr.text,
         alert_active=bool(ctx.manager.open_alerts(line)), events=ev_dicts, model_version=ctx.champ.version,
         fired=tuple(res.fired), causes=tuple(c.key for c in causes), example_serials=tuple(serials),
-        explanation=explanation, chart=chart_metrics, golden=golden,
+        explanation=explanation, chart=chart_metrics, golden=golden, golden_metrics=golden_metrics,
     )
     return outcome, res
 
@@ -707,25 +708,25 @@ def _golden_latents(ctx: _Pass, rows: pd.DataFrame) -> tuple[pd.DataFrame, tuple
     return rows.merge(latents[["image_id", *zc]], on="image_id", how="left"), tuple(zc)
 
 
-def _golden_window(ctx: _Pass, line: str, w: Any, res: Any) -> tuple[Any, tuple[str, ...]]:
-    """The golden rounds due with this window: the result for the alert manager, and each round's verdict.
+def _golden_window(ctx: _Pass, line: str, w: Any, res: Any) -> tuple[Any, tuple[str, ...], dict[str, float]]:
+    """The golden rounds due with this window: the result for the alert manager, each round's verdict, the metrics.
 
     When a round fired, the camera's cause is added to the result (the first round that fired names it).
     """
     if ctx.golden is None:
-        return res, ()
+        return res, (), {}
     from pipeline.monitoring.charts import ChartedResult
-    from pipeline.monitoring.golden import camera_cause
+    from pipeline.monitoring.golden import camera_cause, round_metrics
 
     try:
         results = ctx.golden.window(line, w.end)
     except Exception:  # noqa: BLE001 - the window's own test goes on without its golden rounds
         logger.exception("golden-sample check of line %s failed with window %s", line, w.window_id)
-        return res, ()
+        return res, (), {}
     fired = [r for r in results if r.detected]
     if fired:
         res = ChartedResult(res, camera_cause(fired[0]))
-    return res, tuple(f"{r.shift_id}: {r.text}" for r in results)
+    return res, tuple(f"{r.shift_id}: {r.text}" for r in results), round_metrics(results)
 
 
 def _monitored_rows(settings: Any, config: MonitorConfig) -> pd.DataFrame:
@@ -936,6 +937,7 @@ def _log_line_run(settings: Any, champ: Champion, outcomes: list[WindowOutcome],
         tracking.log_monitoring_windows(windows, model_name=settings.model_name, model_version=champ.version,
                                         reports={o.window_id: o.report for o in outcomes if o.report})
         tracking.log_chart_windows([(o.chart, o.start) for o in outcomes])
+        tracking.log_chart_windows([(o.golden_metrics, o.start) for o in outcomes], prefix="golden")
         cards = state_dir(settings) / "axes" / champ.model_id
         if cards.is_dir():
             tracking.log_artifacts(cards, "axis_cards")

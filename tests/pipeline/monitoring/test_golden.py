@@ -22,6 +22,7 @@ from pipeline.monitoring.golden import (
     captures_of,
     golden_rounds,
     rebaseline,
+    round_metrics,
     split_golden,
 )
 
@@ -97,6 +98,9 @@ def test_a_gain_drop_fires_on_its_first_round_and_never_enters_the_baseline(tmp_
     cause = camera_cause(fault[0])
     assert cause.key == "camera:mean_intensity" and cause.family == FAMILY and cause.summary == fault[0].text
     assert camera_cause(healthy[-1]) is None
+    m = round_metrics(fault)
+    assert m["golden_alarm"] == 1.0 and m["golden_rounds"] == 3 and -11 < m["golden_mean_intensity"] < -9
+    assert round_metrics(healthy[:3]) == {} and round_metrics(healthy[3:6])["golden_alarm"] == 0.0
     # the faulty rounds stayed out of the baselines, and the state is on disk
     chk = GoldenCheck.load(tmp_path / "golden" / "L1.json", line="L1", model_id="m1")
     assert all(chk.baseline_size(c) == 12 for c in CELLS) and len(chk.processed) == 15
