@@ -37,6 +37,7 @@ import numpy as np
 from scipy import stats
 
 from pipeline.common import atomic
+from pipeline.common.schemas import SAMPLE_KINDS, parse_sample_kind
 
 __all__ = [
     "GOLDEN_STATISTICS",
@@ -52,27 +53,8 @@ __all__ = [
     "parse_sample_kind",
 ]
 
-SAMPLE_KINDS: tuple[str, ...] = ("production", "golden")
-"""Values of the ``sample_kind`` column of an MES export; an empty value means ``production``."""
-
 STATE_KIND = "linewatch-golden-state"
 STATE_VERSION = 1
-
-
-def parse_sample_kind(value: Any) -> str:
-    """The sample kind of one MES row: ``"production"`` or ``"golden"`` (an empty or missing value is production).
-
-    Raises:
-        ValueError: an unknown kind, with the accepted values.
-    """
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "production"
-    text = str(value).strip().lower()
-    if text == "":
-        return "production"
-    if text not in SAMPLE_KINDS:
-        raise ValueError(f"unknown sample_kind {value!r}: choose from {', '.join(SAMPLE_KINDS)} (empty = production)")
-    return text
 
 
 @dataclass(frozen=True)
@@ -407,12 +389,32 @@ class GoldenCheck:
         return res
 
     def _add(self, cell: str, cap: GoldenCapture) -> None:
+        """Add one capture to the cell's statistic and z baselines, each while it is not full."""
         b = self._base[cell]
-        if len(b.values) >= self.config.max_baseline:
-            return
-        b.values.append([float(cap.stats.get(s.name, np.nan)) for s in GOLDEN_STATISTICS])
-        if self.model_id is not None and cap.z is not None:
+        if len(b.values) < self.config.max_baseline:
+            b.values.append([float(cap.stats.get(s.name, np.nan)) for s in GOLDEN_STATISTICS])
+        if self.model_id is not None and cap.z is not None and len(b.z) < self.config.max_baseline:
             b.z.append([float(v) for v in cap.z])
+
+    def register(self, cells: Sequence[str]) -> tuple[str, ...]:
+        """Register more golden cells (each starts with an empty baseline); returns the cells that were new."""
+        new = tuple(dict.fromkeys(str(c) for c in cells if str(c) not in self._base))
+        for c in new:
+            self._base[c] = _Baseline()
+        return new
+
+    def for_model(self, model_id: str | None) -> GoldenCheck:
+        """The same line's check for another model: the model-free statistics keep their baselines, z restarts.
+
+        Brightness, fine detail, noise level and rotation are measured on the pixels, so a new model changes
+        nothing about them; only the latent z baselines belong to the model that encoded them.
+        """
+        out = GoldenCheck(self.line, list(self._base), model_id=model_id, config=self.config)
+        for c, b in self._base.items():
+            out._base[c] = _Baseline([list(r) for r in b.values], [] if model_id != self.model_id else
+                                     [list(r) for r in b.z])
+        out.processed = list(self.processed)
+        return out
 
     def rebaseline(self, cells: Sequence[str] | None = None) -> None:
         """Forget the baselines (of ``cells``, default all) after a deliberate change of camera, optics or cells."""

@@ -1,7 +1,7 @@
 """The MES export of a drop folder: parsing, field validation, plausible capture times.
 
-Each image folder may hold ``mes_export.csv`` (``serial,timestamp,line,station,product_type``; UTF-8 with or without
-a byte-order mark). Every field is validated against a documented pattern (``FIELD_PATTERNS``) before it reaches the
+Each image folder may hold ``mes_export.csv`` (``serial,timestamp,line,station,product_type``, optionally
+``sample_kind,golden_cell``; UTF-8 with or without a byte-order mark). Every field is validated against a documented pattern (``FIELD_PATTERNS``) before it reaches the
 catalog: a value that does not match is dropped and the row carries a flag, so nothing a MES writes (newlines,
 spreadsheet formulas, terminal escapes, megabyte strings) can reach alerts, logs, webhooks or CSV files unchecked.
 Capture times outside ``[earliest, now + max_future]`` are flagged ``implausible_mes_timestamp`` and the file time is
@@ -31,6 +31,7 @@ FIELD_PATTERNS: dict[str, re.Pattern[str]] = {
     "line": re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"),
     "station": re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"),
     "product_type": re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+/-]{0,63}$"),
+    "golden_cell": re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"),
 }
 """What a MES field must look like to be kept: an ASCII letter or digit first (so never ``=``, ``+``, ``-`` or ``@``,
 which spreadsheets run as formulas), then letters, digits and ``._-`` (product types also space, ``+`` and ``/``),
@@ -49,6 +50,8 @@ MES_FLAGS = frozenset(
         "bad_mes_line",
         "bad_mes_station",
         "bad_mes_product_type",
+        "bad_mes_sample_kind",
+        "bad_mes_golden_cell",
         "mes_export_unreadable",
         "mes_from_duplicate",
     }
@@ -69,6 +72,10 @@ class MesRow:
         station: Station id, or None.
         product_type: Product type, or None.
         flags: Why a field was dropped or doubted (``bad_mes_timestamp``, ``bad_mes_product_type`` ...).
+        sample_kind: ``"production"`` or ``"golden"`` (:data:`pipeline.common.schemas.SAMPLE_KINDS`; empty, missing
+            or unknown: production, an unknown value flagged ``bad_mes_sample_kind``).
+        golden_cell: The golden cell's id on a golden row, or None (a golden row without a valid id is flagged
+            ``bad_mes_golden_cell``: it cannot be paired with the cell's other captures).
     """
 
     captured_at: dt.datetime | None
@@ -76,6 +83,8 @@ class MesRow:
     station: str | None
     product_type: str | None
     flags: tuple[str, ...]
+    sample_kind: str = "production"
+    golden_cell: str | None = None
 
 
 def plausible(ts: dt.datetime, *, earliest: dt.datetime = EARLIEST, max_future_s: float = 86400.0,
@@ -159,8 +168,30 @@ def read_mes_export(path: str | os.PathLike[str], *, earliest: dt.datetime = EAR
                 values[name], flag = clean_field(name, row.get(name))
                 if flag:
                     flags.append(flag)
-            out[serial] = MesRow(ts, values["line"], values["station"], values["product_type"], tuple(flags))
+            kind, cell = sample_fields(row, flags)
+            out[serial] = MesRow(ts, values["line"], values["station"], values["product_type"], tuple(flags),
+                                 kind, cell)
     return out
+
+
+def sample_fields(row: dict[str, Any], flags: list[str]) -> tuple[str, str | None]:
+    """The validated ``sample_kind`` and ``golden_cell`` of one MES row; a problem appends its flag to ``flags``.
+
+    An unknown kind is taken as production (``bad_mes_sample_kind``); a golden row needs a ``golden_cell`` id that
+    matches its pattern (else ``bad_mes_golden_cell``: the capture stays golden, never trains a model, but cannot
+    be paired); a production row's ``golden_cell`` is ignored.
+    """
+    try:
+        kind = S.parse_sample_kind(row.get(S.SAMPLE_KIND))
+    except ValueError:
+        flags.append("bad_mes_sample_kind")
+        return "production", None
+    if kind != "golden":
+        return kind, None
+    cell, flag = clean_field("golden_cell", row.get(S.GOLDEN_CELL))
+    if cell is None:
+        flags.append(flag or "bad_mes_golden_cell")
+    return kind, cell
 
 
 @dataclass
@@ -227,6 +258,8 @@ _EXPLAIN = {
     "bad_mes_line": "MES line does not match the line pattern (folder line used)",
     "bad_mes_station": "MES station does not match the station pattern (station unknown)",
     "bad_mes_product_type": "MES product_type does not match the product_type pattern (dropped)",
+    "bad_mes_sample_kind": "MES sample_kind is neither 'production' nor 'golden' (taken as production)",
+    "bad_mes_golden_cell": "MES golden row without a valid golden_cell id (kept out of training, cannot be paired)",
     "mes_export_unreadable": "the folder's MES export could not be read (file time used)",
 }
 
@@ -245,7 +278,7 @@ def _printable(path: str) -> str:
 def row_metadata(
     path: str, rel: tuple[str, ...], mtime_ns: int, mes: MesCache, config: Any, alternates: Iterable[str] = ()
 ) -> dict[str, Any]:
-    """Line, station, capture time, its source, product type, date and the MES flags of one image.
+    """Line, station, capture time, its source, product type, date, sample kind, golden cell and MES flags of one image.
 
     The MES export of the image's folder is asked first, then those of ``alternates`` (other names of the same
     bytes; flagged ``mes_from_duplicate``). Without a plausible MES time the file time is used, and without a
@@ -262,6 +295,7 @@ def row_metadata(
                 break
     folder_line = rel[0] if len(rel) >= 2 else None
     line, station, product, captured = folder_line or config.default_line, config.default_station, None, None
+    kind, cell = ("production", None) if info is None else (info.sample_kind, info.golden_cell)
     if info is not None:
         if info.line:
             if folder_line and info.line != folder_line:
@@ -276,7 +310,8 @@ def row_metadata(
             captured, source = dt.datetime.now(dt.UTC), "ingest_time"
             flags.append("implausible_file_time")
     return {S.LINE: line, S.STATION: station, S.CAPTURED_AT: captured, S.TIMESTAMP_SOURCE: source,
-            S.PRODUCT_TYPE: product, S.DATE: captured.astimezone(dt.UTC).strftime("%Y-%m-%d"), S.FLAGS: flags}
+            S.PRODUCT_TYPE: product, S.DATE: captured.astimezone(dt.UTC).strftime("%Y-%m-%d"), S.FLAGS: flags,
+            S.SAMPLE_KIND: kind, S.GOLDEN_CELL: cell}
 
 
 def _file_time(mtime_ns: int, config: Any) -> dt.datetime | None:
@@ -298,7 +333,10 @@ def _changed(row: pd.Series, meta: dict[str, Any]) -> bool:
     for col in (S.LINE, S.STATION, S.TIMESTAMP_SOURCE, S.DATE):
         if row[col] != meta[col]:
             return True
-    if (row[S.PRODUCT_TYPE] if isinstance(row[S.PRODUCT_TYPE], str) else None) != meta[S.PRODUCT_TYPE]:
+    for col in (S.PRODUCT_TYPE, S.GOLDEN_CELL):
+        if (row[col] if isinstance(row[col], str) else None) != meta[col]:
+            return True
+    if (row[S.SAMPLE_KIND] if isinstance(row[S.SAMPLE_KIND], str) else "production") != meta[S.SAMPLE_KIND]:
         return True
     return pd.Timestamp(row[S.CAPTURED_AT]) != pd.Timestamp(meta[S.CAPTURED_AT]) or list(row[S.FLAGS]) != meta[S.FLAGS]
 

@@ -1,10 +1,11 @@
-"""Operator sub-commands: ``promote``, ``rollback``, ``models``, ``ui``.
+"""Operator sub-commands: ``promote``, ``rollback``, ``models``, ``ui``, ``golden``.
 
 ``linewatch promote --version 3`` points the ``champion`` alias at version 3 and records who (``$USER``), when and
 why as tags of that version; ``linewatch rollback`` returns ``champion`` to the version that held it before.
 ``linewatch models`` lists the registered versions with aliases and lineage tags. ``linewatch ui`` opens the MLflow
 UI on the local SQLite store (``--print-command`` prints the command instead of running it) and prints the link that
-opens its model-training layout.
+opens its model-training layout. ``linewatch golden --line L1`` shows the line's golden-sample baselines and
+``--rebaseline [CELL ...]`` restarts them after a deliberate camera or optics change (``docs/spc.md``).
 
 MLflow is imported lazily (through ``pipeline.tracking``) so other sub-commands stay fast.
 """
@@ -45,6 +46,26 @@ def register(subparsers: Any) -> None:
     p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
     p.add_argument("--print-command", action="store_true", help="print the command instead of running it")
     p.set_defaults(func=_ui)
+
+    p = subparsers.add_parser("golden", help="show or restart a line's golden-sample baselines (camera check)")
+    p.add_argument("--line", required=True, help="production line")
+    p.add_argument("--rebaseline", nargs="*", default=None, metavar="CELL",
+                   help="restart the baselines of these golden cells (none named: all) after a deliberate camera, "
+                   "optics or golden-cell change")
+    p.set_defaults(func=_golden)
+
+
+def _golden(args: argparse.Namespace) -> int:
+    from pipeline.monitoring.golden import golden_status, rebaseline
+    from pipeline.monitoring.monitor import default_alert_manager
+    from pipeline.settings import get_settings
+
+    folder = default_alert_manager(get_settings()).state_dir
+    if args.rebaseline is not None:
+        print(rebaseline(folder, args.line, args.rebaseline))
+    else:
+        print(golden_status(folder, args.line))
+    return 0
 
 
 def _cli_error(exc: Exception) -> Exception:

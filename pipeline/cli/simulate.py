@@ -189,6 +189,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         order=args.order,
         truth=Path(args.truth) if args.truth else None,
         progress=not args.json,
+        golden_cells=args.golden_cells,
     )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -250,6 +251,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--truth", default=None, metavar="PATH",
         help="ground-truth Parquet file, outside DROP (default: <DROP>_truth.parquet)",
+    )
+    p.add_argument(
+        "--golden-cells", type=int, default=0, metavar="K",
+        help="golden cells per line, re-imaged at the start of every shift and marked sample_kind=golden in the MES "
+        "export (default: 0 = none)",
     )
     p.add_argument("--json", action="store_true", help="print a JSON summary (and no progress bar)")
     p.set_defaults(func=run_simulate)

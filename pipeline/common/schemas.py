@@ -48,6 +48,8 @@ INGEST_RUN_ID = "ingest_run_id"
 DATE = "date"
 SPLIT = "split"
 FLAGS = "flags"
+SAMPLE_KIND = "sample_kind"
+GOLDEN_CELL = "golden_cell"
 
 # --- duplicates / quarantine / splits columns ------------------------------------------------------------------
 DUPLICATE_OF = "duplicate_of"
@@ -63,6 +65,36 @@ MODEL_ID = "model_id"
 TIMESTAMP_SOURCES = ("mes", "file_mtime", "ingest_time")
 """Allowed values of ``timestamp_source``: the MES export listed the serial, or the file's mtime was used, or (when
 neither time is plausible) the time the image was ingested."""
+
+SAMPLE_KINDS: tuple[str, ...] = ("production", "golden")
+"""Values of ``sample_kind`` (catalog column and MES export field): a production cell, or a capture of one of the
+line's fixed golden (reference) cells, re-imaged at the start of every shift to check the camera. A null value (a
+catalog written before the column existed, a MES export without the field) means ``production``."""
+
+
+def parse_sample_kind(value: Any) -> str:
+    """The sample kind of one MES row: ``"production"`` or ``"golden"`` (an empty or missing value is production).
+
+    Raises:
+        ValueError: an unknown kind, with the accepted values.
+    """
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "production"
+    text = str(value).strip().lower()
+    if text == "":
+        return "production"
+    if text not in SAMPLE_KINDS:
+        raise ValueError(f"unknown sample_kind {str(value)[:40]!r}: choose from {', '.join(SAMPLE_KINDS)} "
+                         "(empty = production)")
+    return text
+
+
+def golden_mask(df: pd.DataFrame) -> np.ndarray:
+    """True for the rows of ``df`` that are golden-sample captures (no ``sample_kind`` column: none are)."""
+    if SAMPLE_KIND not in df.columns:
+        return np.zeros(len(df), dtype=bool)
+    return (df[SAMPLE_KIND].astype(object).fillna("production").astype(str) == "golden").to_numpy()
+
 
 PARTITION_COLUMNS = (LINE, DATE)
 
@@ -96,9 +128,12 @@ CATALOG_SCHEMA = pa.schema(
         pa.field(DATE, pa.string(), nullable=False),
         pa.field(SPLIT, pa.string(), nullable=True),
         pa.field(FLAGS, pa.list_(pa.string()), nullable=True),
+        pa.field(SAMPLE_KIND, pa.string(), nullable=True),
+        pa.field(GOLDEN_CELL, pa.string(), nullable=True),
     ]
 )
-"""The logical catalog row as readers see it (partition columns included)."""
+"""The logical catalog row as readers see it (partition columns included). ``sample_kind`` (null = production) and
+``golden_cell`` (the golden cell's id, for golden captures) are null in part files written before they existed."""
 
 FILE_CATALOG_SCHEMA = pa.schema([f for f in CATALOG_SCHEMA if f.name not in PARTITION_COLUMNS])
 """What a catalog part file physically holds: the partition columns are encoded in its directory."""

@@ -9,6 +9,13 @@ For every line and day, :func:`simulate_line` writes
 and, **outside** the drop folder (the pipeline never reads it), one ground-truth Parquet file for evaluation: each
 image's source ELPV cell, defect probability, type, lot, pool, and the injected fault's kind, severity and parameter.
 
+**Golden samples** (``golden_cells=k``, default 0 = none): each line has ``k`` fixed healthy cells (its golden
+cells ``G01`` ... ``Gk``), imaged again in the hand-over at the start of every shift through the camera as it is
+then (active image faults apply to them; population faults do not, the cells are fixed). Their serials are
+``<line>-<YYYYMMDD>-S<shift>G<nn>`` and the MES export gains two columns, ``sample_kind`` (``production`` or
+``golden``) and ``golden_cell`` (the golden cell's id); without golden cells the export and every production
+capture are exactly as before (golden captures draw from their own random streams).
+
 Cells are drawn from an ELPV pool (see :mod:`pipeline.line.elpv`), in lot order by default (whole modules replayed in
 file order, as a real line's cells come in lots) or shuffled. Capture times follow three 8-hour shifts with
 hand-overs, breaks and random unplanned stops. Every capture carries a small sensor read noise
@@ -39,6 +46,7 @@ from pipeline.line.faults import FAULTS, FaultSpec, apply_fault, noise
 
 __all__ = [
     "DEFAULT_START",
+    "GOLDEN_MES_COLUMNS",
     "MES_COLUMNS",
     "ORDERS",
     "PLANT_TZ",
@@ -47,11 +55,16 @@ __all__ = [
     "SimulationResult",
     "capture_times",
     "default_truth_path",
+    "golden_cell_indices",
     "simulate_line",
 ]
 
 MES_COLUMNS: tuple[str, ...] = ("serial", "timestamp", "line", "station", "product_type")
 """Columns of the per-day MES export ``mes_export.csv``."""
+GOLDEN_MES_COLUMNS: tuple[str, ...] = ("sample_kind", "golden_cell")
+"""Columns the MES export gains on a line with golden cells."""
+GOLDEN_MINUTES = (1.0, 12.0)
+"""Golden cells are imaged this many minutes after a shift starts (inside its hand-over), one after another."""
 
 MES_FILENAME = "mes_export.csv"
 ORDERS: tuple[str, str] = ("lot", "shuffled")
@@ -376,6 +389,7 @@ class _Run:
     capture_noise_dn: float
     tz: dt.tzinfo
     pool_of: np.ndarray
+    golden_cells: int = 0
 
 
 @dataclass(frozen=True)
@@ -458,10 +472,65 @@ def _capture_image(run: _Run, data: Any, cell: int, state: _Capture, rng: np.ran
     return np.ascontiguousarray(img, dtype=np.uint8)
 
 
+def golden_cell_indices(idx: np.ndarray, data: Any, line: str, seed: int, n: int) -> np.ndarray:
+    """The ELPV indices of a line's ``n`` golden cells: healthy (p = 0) cells of the pool, fixed by seed and line."""
+    if n == 0:
+        return np.zeros(0, dtype=int)
+    healthy = np.asarray(idx)[data.probs[np.asarray(idx)] <= 1e-9]
+    if len(healthy) < n:
+        raise ValueError(f"the replayed pool has {len(healthy)} healthy cells, fewer than {n} golden cells")
+    rng = np.random.default_rng([seed, _stable_id(line), 4])
+    return np.sort(rng.choice(healthy, size=n, replace=False))
+
+
+def _golden_day(run: _Run, data: Any, line: str, d: int, golden: np.ndarray,
+                faults: tuple[FaultSpec, ...]) -> tuple[list[dict[str, Any]], list[Path], list[dict[str, str]]]:
+    """Image the line's golden cells at the start of each shift of day ``d``: truth rows, paths, MES rows."""
+    day = run.start + dt.timedelta(days=d)
+    rng = np.random.default_rng([run.seed, _stable_id(line), day.toordinal(), 5])
+    folder = run.out / line / day.isoformat()
+    midnight = dt.datetime.combine(day, dt.time(0, 0), tzinfo=run.tz)
+    rows: list[dict[str, Any]] = []
+    paths: list[Path] = []
+    mes: list[dict[str, str]] = []
+    for s, (_, h0, _) in enumerate(SHIFTS):
+        mins = np.sort(rng.uniform(*GOLDEN_MINUTES, size=len(golden)))
+        for k, cell in enumerate(golden):
+            secs = float(np.floor((h0 * 3600 + mins[k] * 60) * 1000.0) / 1000.0)
+            state = _capture_state(run, faults, d + secs / 86400.0, None)
+            gid, serial = f"G{k + 1:02d}", f"{line}-{day:%Y%m%d}-S{s + 1}G{k + 1:02d}"
+            path = folder / f"{serial}.png"
+            _write_png(path, _capture_image(run, data, int(cell), state, rng))
+            paths.append(path)
+            stamp = (midnight + dt.timedelta(seconds=secs)).isoformat(timespec="milliseconds")
+            station, ptype = f"{line}-EL1", str(data.types[cell])
+            mes.append({"serial": serial, "timestamp": stamp, "line": line, "station": station, "product_type": ptype,
+                        "sample_kind": "golden", "golden_cell": gid})
+            rows.append({
+                "serial": serial, "line": line, "station": station, "day": d, "date": day.isoformat(),
+                "timestamp": stamp, "path": path.relative_to(run.out).as_posix(), "elpv_index": int(cell),
+                "prob": float(data.probs[cell]), "type": ptype, "lot": int(data.lot[cell]),
+                "pool": str(run.pool_of[cell]), **_truth_fault_columns(run, state, faults),
+                "sample_kind": "golden", "golden_cell": gid,
+            })
+    return rows, paths, mes
+
+
+def _write_mes(path: Path, mes: list[dict[str, str]], golden: bool) -> None:
+    """Write a day's MES export (in capture-time order; with the golden columns on a line with golden cells)."""
+    cols = list(MES_COLUMNS) + (list(GOLDEN_MES_COLUMNS) if golden else [])
+    frame = pd.DataFrame(mes, columns=cols)
+    if golden:
+        frame = frame.assign(sample_kind=frame["sample_kind"].fillna("production"), golden_cell=frame["golden_cell"]
+                             .fillna("")).sort_values("timestamp", kind="stable")
+    with atomic.atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
 def _simulate_day(
-    run: _Run, data: Any, source: _CellSource, line: str, d: int, bar: Any
+    run: _Run, data: Any, source: _CellSource, line: str, d: int, bar: Any, golden: np.ndarray | None = None,
 ) -> tuple[list[dict[str, Any]], list[Path], Path]:
-    """Write one line-day (images, then its MES export); returns its truth rows, image paths and MES file."""
+    """Write one line-day (images, golden captures, then its MES export); its truth rows, image paths and MES file."""
     line_id = _stable_id(line)
     day = run.start + dt.timedelta(days=d)
     faults = tuple(f for f in run.schedule if f.lines is None or line in f.lines)
@@ -493,9 +562,14 @@ def _simulate_day(
             "pool": str(run.pool_of[cell]), **_truth_fault_columns(run, state, faults),
         })
         bar.update(1)
+    if golden is not None and len(golden):
+        g_rows, g_paths, g_mes = _golden_day(run, data, line, d, golden, faults)
+        rows = [{**r, "sample_kind": "production", "golden_cell": None} for r in rows] + g_rows
+        rows.sort(key=lambda r: r["timestamp"])
+        paths = [run.out / r["path"] for r in rows]
+        mes += g_mes
     meta = folder / MES_FILENAME
-    with atomic.atomic_path(meta) as tmp:
-        pd.DataFrame(mes, columns=list(MES_COLUMNS)).to_csv(tmp, index=False)
+    _write_mes(meta, mes, golden is not None and len(golden) > 0)
     return rows, paths, meta
 
 
@@ -538,6 +612,7 @@ def simulate_line(
     capture_noise_dn: float = 1.0,
     tz: dt.tzinfo = PLANT_TZ,
     progress: bool = True,
+    golden_cells: int = 0,
 ) -> SimulationResult:
     """Replay ELPV cells as one or more production lines into a drop folder.
 
@@ -562,6 +637,8 @@ def simulate_line(
         capture_noise_dn: sigma of the per-capture sensor read noise, in grey levels (0 = replay exact bytes).
         tz: time zone of the plant's timestamps.
         progress: show a progress bar (only on a terminal).
+        golden_cells: golden cells per line, imaged at the start of every shift (0 = none; see the module
+            docstring).
 
     Returns:
         What was written.
@@ -571,13 +648,16 @@ def simulate_line(
     lines = tuple(lines)
     schedule = ((fault,) if fault is not None else ()) + tuple(faults)
     _check_args(out, days, per_day, lines, start, defect_rate, schedule, order, truth_path, capture_noise_dn)
+    if isinstance(golden_cells, bool) or not isinstance(golden_cells, int | np.integer) or not 0 <= golden_cells <= 50:
+        raise ValueError(f"golden_cells must be an integer in 0..50, got {golden_cells!r}")
     idx = pool_indices(resolve_pools(pool))
     data = load_elpv()
     imposed = _day_defect_rate_mean(defect_rate)
     run = _Run(out=out, seed=seed, start=start, per_day=per_day, defect_rate=defect_rate, schedule=schedule,
                base_mono=float(np.mean(data.types[idx] == "mono")),
                base_defect=float(np.mean(data.probs[idx] >= 1.0 - 1e-9)) if imposed is None else imposed,
-               capture_noise_dn=capture_noise_dn, tz=tz, pool_of=split_pools()["pool"].astype(str).to_numpy())
+               capture_noise_dn=capture_noise_dn, tz=tz, pool_of=split_pools()["pool"].astype(str).to_numpy(),
+               golden_cells=int(golden_cells))
     dates = tuple(start + dt.timedelta(days=d) for d in range(days))
     old_truth = _old_truth(truth_path, lines, dates)
     rows, paths, meta_files = _simulate_lines(run, data, idx, lines, days, order, progress)
@@ -598,8 +678,9 @@ def _simulate_lines(run: _Run, data: Any, idx: np.ndarray, lines: tuple[str, ...
     for line in lines:
         seed = [run.seed, _stable_id(line), run.start.toordinal(), 1]
         source = _CellSource(idx, order, np.random.default_rng(seed))
+        golden = golden_cell_indices(idx, data, line, run.seed, run.golden_cells)
         for d in range(days):
-            r, p, m = _simulate_day(run, data, source, line, d, bar)
+            r, p, m = _simulate_day(run, data, source, line, d, bar, golden)
             rows += r
             paths += p
             meta_files.append(m)

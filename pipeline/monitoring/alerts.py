@@ -132,6 +132,9 @@ class AlertPolicy:
             accepted so that stored policies naming it still load.
         max_history: windows kept in the state's history.
         max_processed: window ids remembered for idempotency.
+        immediate_families: family groups whose alert opens at the first window that fired, whatever
+            ``k_consecutive`` says: ``camera`` (the golden-sample check, :mod:`pipeline.monitoring.golden`) is
+            already calibrated to one false alarm in 500 shifts, and its point is to say so in the first shift.
     """
 
     k_consecutive: int = 2
@@ -144,6 +147,7 @@ class AlertPolicy:
     dedup_axes: int = 1
     max_history: int = 500
     max_processed: int = 10_000
+    immediate_families: tuple[str, ...] = ("camera",)
 
     def __post_init__(self) -> None:
         for name in ("k_consecutive", "resolve_after", "top_n", "dedup_axes", "max_history", "max_processed"):
@@ -564,7 +568,8 @@ class AlertManager:
         severity = self.policy.severity(
             [{"effect": e} for e in cause.effects], cause.p_values)
         if group not in st.open:
-            if st.counters[group]["drift"] < self.policy.k_consecutive:
+            need = 1 if group in self.policy.immediate_families else self.policy.k_consecutive
+            if st.counters[group]["drift"] < need:
                 return []
             alert = self._new_alert(cause, severity, ctx)
             if self._in_cooldown(st.last_sent.get(alert.dedup_key), ctx.index, ctx.now):

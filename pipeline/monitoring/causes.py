@@ -10,6 +10,8 @@ family group       cause key                              when
 ``latent``         ``mmd``                                only the multivariate MMD test fired (no single axis)
 ``quality``        ``quality:<channel>``                  an image-quality channel moved (the largest significant)
 ``scores``         ``scores``                             the per-image anomaly scores rose ("defect rate up")
+``spc``            ``spc:<statistic>``                    the line's control chart alarmed (``monitoring.charts``)
+``camera``         ``camera:<statistic>``                 golden-sample captures moved (``monitoring.golden``)
 ``<family>``       ``<family>``                           any other family a drift result reports as fired
 ``drift``          ``drift``                              a drifted result that does not say which family fired
 =================  =====================================  ==========================================================

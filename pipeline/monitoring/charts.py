@@ -122,15 +122,17 @@ def chart_cause(point: ChartPoint) -> Cause | None:
 
 
 class ChartedResult:
-    """A window's drift result with the chart's cause added (what the alert manager is given).
+    """A window's drift result with a cause added (what the alert manager is given): the chart's, or the camera's.
 
-    It reads as the drift result in every respect, except that ``detected`` is also true on a chart alarm and
-    ``extra_causes`` carries the chart's cause (:func:`pipeline.monitoring.causes.window_causes` appends it).
+    It reads as the drift result in every respect, except that ``detected`` is also true on an added cause and
+    ``extra_causes`` carries the added causes (:func:`pipeline.monitoring.causes.window_causes` appends them).
+    Wrapping a ``ChartedResult`` again keeps the inner one's added causes first (chart, then golden samples).
     """
 
     def __init__(self, result: Any, cause: Cause | None) -> None:
         self._result = result
-        self.extra_causes: tuple[Cause, ...] = () if cause is None else (cause,)
+        inner = tuple(getattr(result, "extra_causes", ()) or ()) if isinstance(result, ChartedResult) else ()
+        self.extra_causes: tuple[Cause, ...] = inner + (() if cause is None else (cause,))
 
     @property
     def detected(self) -> bool:

@@ -23,6 +23,11 @@ Plain functions with a frozen config and result; ``flows/monitor.py`` wraps them
    description, links to the model version and the monitored images); each drifted window gets a drift report
    picture per model version (``drift_<line>_<window>_v<version>.png``), headed by a plain-language paragraph,
    naming the most unusual cells by their MES serial and showing the moved axis's card.
+5. Golden-sample captures (``sample_kind`` golden: a line's fixed reference cells re-imaged every shift) never enter
+   a window, a score or a flag; each round of them is compared with the cells' own earlier captures
+   (``pipeline.monitoring.golden``) with the first window that ends after it, and a round that fired adds the cause
+   ``camera:<statistic>`` ("camera/optics changed: brightness -10 % on the golden cells (5 of 5)") to that window's
+   alert. A line without golden captures is monitored exactly as before.
 """
 
 from __future__ import annotations
@@ -159,6 +164,8 @@ class WindowOutcome:
         example_serials: MES serials of the window's most unusual images (highest anomaly scores first).
         explanation: a paragraph in plain language on the verdict (``pipeline.monitoring.report.plain_summary``), the top of
             the drift report.
+        golden: the verdicts of the line's golden-sample rounds tested with this window (``"<round>: <text>"``).
+        golden_metrics: their numbers for MLflow (``pipeline.monitoring.golden.round_metrics``).
         original: this is the window's first verdict (made by the champion of that moment); False for a later
             model's re-evaluation, which is stored beside it and never over it (:func:`record_verdicts`).
     """
@@ -187,6 +194,8 @@ class WindowOutcome:
     original: bool = True
     explanation: str = ""
     chart: dict[str, float] = field(default_factory=dict)
+    golden: tuple[str, ...] = ()
+    golden_metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -446,6 +455,7 @@ class _Pass:
     descriptions: list[Any]
     manager: Any
     charts: Any = None
+    golden: Any = None
 
     @property
     def use_scores(self) -> bool:
@@ -456,17 +466,18 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
     import torch
 
     from pipeline.analysis.drift import windows
+    from pipeline.monitoring.golden import split_golden
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     champ = load_champion(settings, fpr=config.fpr, seed=config.seed)
-    rows = _monitored_rows(settings, config)
+    rows, golden_rows = split_golden(_monitored_rows(settings, config))
     if rows.empty:
         return MonitorResult((), (), None, champ.version, champ.model_id, 0)
     df = _score_images(settings, champ, rows, config)
     drift, quality = build_drift_detector(settings, champ, config, df)
     ctx = _Pass(settings, config, champ, drift, quality, axis_descriptions(settings, champ),
                 alert_manager if alert_manager is not None else default_alert_manager(settings))
-    ctx = replace(ctx, charts=_monitor_charts(ctx, df))
+    ctx = replace(ctx, charts=_monitor_charts(ctx, df), golden=_monitor_golden(ctx, golden_rows))
 
     results: dict[tuple[str, str], tuple[Any, pd.DataFrame]] = {}
     outcomes: list[WindowOutcome] = []
@@ -565,6 +576,7 @@ def _test_window(ctx: _Pass, line: str, w: Any) -> tuple[WindowOutcome, Any]:
     frame = w.frame
     res, n_tested = _drift_of_window(ctx, frame)
     chart_metrics, alert_res, chart_pics = _chart_window(ctx, line, w.window_id, frame, res)
+    alert_res, golden, golden_metrics = _golden_window(ctx, line, w, alert_res)
     attr, top, effect, description, mix = _describe(ctx, res, frame)
     cards: dict[int, str] = {}
     if res.detected and ctx.config.cards and top is not None:
@@ -598,7 +610,7 @@ def _test_window(ctx: _Pass, line: str, w: Any) -> tuple[WindowOutcome, Any]:
         effect=effect, description=description, summary=res.summary(), attribution=attr.text,
         alert_active=bool(ctx.manager.open_alerts(line)), events=ev_dicts, model_version=ctx.champ.version,
         fired=tuple(res.fired), causes=tuple(c.key for c in causes), example_serials=tuple(serials),
-        explanation=explanation, chart=chart_metrics,
+        explanation=explanation, chart=chart_metrics, golden=golden, golden_metrics=golden_metrics,
     )
     return outcome, res
 
@@ -648,6 +660,75 @@ def _chart_window(ctx: _Pass, line: str, window_id: str, frame: pd.DataFrame,
     return point_metrics(point), ChartedResult(res, chart_cause(point)), pics
 
 
+def _monitor_golden(ctx: _Pass, rows: pd.DataFrame) -> Any:
+    """The pass's golden rounds and checks (``pipeline.monitoring.golden``); None without golden captures.
+
+    A failure here (an unreadable image store, a broken encoder) is logged and the windows are tested without it.
+    """
+    if rows.empty:
+        return None
+    from pipeline.monitoring.golden import LineGolden, MonitorGolden, golden_rounds
+
+    try:
+        stats = _golden_statistics(ctx.settings, rows)
+        rows, z_cols = _golden_latents(ctx, rows)
+        rounds = {str(line): golden_rounds(sub, ctx.settings.timezone) for line, sub in rows.groupby("line")}
+        return MonitorGolden(LineGolden(ctx.manager.state_dir, ctx.champ.model_id), rounds, stats, z_cols)
+    except Exception:  # noqa: BLE001 - the production windows are tested without the golden check
+        logger.exception("golden-sample check not available for model %s", ctx.champ.model_id)
+        return None
+
+
+def _golden_statistics(settings: Any, rows: pd.DataFrame) -> pd.DataFrame:
+    """The golden statistics of each golden capture, indexed by image id (NaN for an image that cannot be read)."""
+    from pipeline.analysis.golden import GOLDEN_STATISTICS
+    from pipeline.catalog.tables import resolve_store_path
+    from pipeline.common.images import read_image
+    from pipeline.monitoring.golden import capture_statistics
+
+    names = [s.name for s in GOLDEN_STATISTICS]
+    out = []
+    for image_id, p in zip(rows["image_id"].astype(str), rows["store_path"], strict=True):
+        try:
+            out.append(capture_statistics([read_image(resolve_store_path(settings.catalog_root, p))]).iloc[0])
+        except Exception as e:  # noqa: BLE001 - one unreadable capture is left out of its round's test
+            logger.warning("golden capture %s not measured (%s: %s)", image_id, type(e).__name__, e)
+            out.append(pd.Series(np.nan, index=names))
+    return pd.DataFrame(out, columns=names).set_axis(rows["image_id"].astype(str).to_numpy(), axis=0)
+
+
+def _golden_latents(ctx: _Pass, rows: pd.DataFrame) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """The golden rows with their latents under the champion (``z_*``), and the latent columns."""
+    from pipeline.latent.encode import encode_catalog, z_columns
+
+    latents = encode_catalog(ctx.champ.checkpoint, rows, latents_table_path(ctx.settings),
+                             root=ctx.settings.catalog_root, progress=False)
+    latents = latents[latents["model_id"] == ctx.champ.model_id]
+    zc = z_columns(latents)
+    return rows.merge(latents[["image_id", *zc]], on="image_id", how="left"), tuple(zc)
+
+
+def _golden_window(ctx: _Pass, line: str, w: Any, res: Any) -> tuple[Any, tuple[str, ...], dict[str, float]]:
+    """The golden rounds due with this window: the result for the alert manager, each round's verdict, the metrics.
+
+    When a round fired, the camera's cause is added to the result (the first round that fired names it).
+    """
+    if ctx.golden is None:
+        return res, (), {}
+    from pipeline.monitoring.charts import ChartedResult
+    from pipeline.monitoring.golden import camera_cause, round_metrics
+
+    try:
+        results = ctx.golden.window(line, w.end)
+    except Exception:  # noqa: BLE001 - the window's own test goes on without its golden rounds
+        logger.exception("golden-sample check of line %s failed with window %s", line, w.window_id)
+        return res, (), {}
+    fired = [r for r in results if r.detected]
+    if fired:
+        res = ChartedResult(res, camera_cause(fired[0]))
+    return res, tuple(f"{r.shift_id}: {r.text}" for r in results), round_metrics(results)
+
+
 def _monitored_rows(settings: Any, config: MonitorConfig) -> pd.DataFrame:
     """Catalog rows of the monitored period (``config.start`` or ``lookback_days`` before the newest image)."""
     from pipeline.catalog.tables import read_catalog
@@ -690,8 +771,10 @@ def encoding_plan(settings: Any, config: MonitorConfig, chunk_size: int = 1024) 
 
     plan["chunks"] = chunked(pending_images(champ.checkpoint, rows[["image_id", "store_path"]],
                                             latents_table_path(settings)))
-    if champ.scoring is not None:
-        plan["residual_chunks"] = chunked(pending_residuals(settings, champ.model_id, rows,
+    if champ.scoring is not None:  # golden captures are never scored
+        from pipeline.monitoring.golden import split_golden
+
+        plan["residual_chunks"] = chunked(pending_residuals(settings, champ.model_id, split_golden(rows)[0],
                                                             len(champ.scoring.t_stars)))
     return plan
 
@@ -854,6 +937,7 @@ def _log_line_run(settings: Any, champ: Champion, outcomes: list[WindowOutcome],
         tracking.log_monitoring_windows(windows, model_name=settings.model_name, model_version=champ.version,
                                         reports={o.window_id: o.report for o in outcomes if o.report})
         tracking.log_chart_windows([(o.chart, o.start) for o in outcomes])
+        tracking.log_chart_windows([(o.golden_metrics, o.start) for o in outcomes], prefix="golden")
         cards = state_dir(settings) / "axes" / champ.model_id
         if cards.is_dir():
             tracking.log_artifacts(cards, "axis_cards")

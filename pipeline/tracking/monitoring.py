@@ -371,8 +371,10 @@ def log_monitoring_windows(windows: Sequence[DriftWindowMetrics], *, model_name:
 
 
 def log_chart_windows(points: Sequence[tuple[Mapping[str, float], dt.datetime | None]], *,
-                      run_id: str | None = None) -> int:
+                      run_id: str | None = None, prefix: str = "spc") -> int:
     """Log the control chart's numbers of a line's windows (``spc/value``, ``spc/limit``, ...), one step per window.
+
+    With ``prefix="golden"`` the same for the golden-sample check's numbers (``golden_alarm`` -> ``golden/alarm``).
 
     Each window's metrics are stamped with its start time and logged at its index in the run (the same step as
     :func:`log_drift_window`), so the MLflow UI draws the chart as curves over the windows' dates.
@@ -381,6 +383,7 @@ def log_chart_windows(points: Sequence[tuple[Mapping[str, float], dt.datetime | 
         points: per window (in time order), its chart metrics (``pipeline.monitoring.charts.point_metrics``; empty
             when the chart did not run) and its start.
         run_id: Run (default: the current one).
+        prefix: the metrics' group (``spc`` or ``golden``); a key's ``<prefix>_`` start is dropped.
 
     Returns:
         The windows logged.
@@ -390,7 +393,7 @@ def log_chart_windows(points: Sequence[tuple[Mapping[str, float], dt.datetime | 
         if not metrics:
             continue
         rid = rid or run_id_or_current(run_id)
-        named = {f"spc/{k.removeprefix('spc_')}": float(v) for k, v in metrics.items()}
+        named = {f"{prefix}/{k.removeprefix(prefix + '_')}": float(v) for k, v in metrics.items()}
         log_metrics(named, step=step, run_id=rid, timestamp_ms=timestamp_ms(start))
         n += 1
     return n

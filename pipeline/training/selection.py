@@ -1,7 +1,8 @@
 """Which catalog images a retrain trains and calibrates on: the window, the exclusions, the reach back, the split.
 
 A fault must never be learned away, so images in windows any verdict called drifted or alerted, and images the
-monitor flagged, are excluded. Exclusions must not starve the model either: when they leave fewer images than the
+monitor flagged, are excluded. Golden-sample captures (``sample_kind`` golden: the fixed reference cells re-imaged
+every shift to check the camera, :mod:`pipeline.analysis.golden`) are never trained or calibrated on. Exclusions must not starve the model either: when they leave fewer images than the
 floors (or, with ``keep_size``, fewer than the window held), the window reaches back, one whole day at a time and
 at most ``max_lookback_days``, for older healthy images. The split into training and calibration images is by a hash
 of the image id, so an image stays on the same side night after night. ``pipeline.training.retrain`` re-exports these names.
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.common.schemas import golden_mask
 from pipeline.handoff.state import scores_table_path, windows_table_path
 
 
@@ -29,7 +31,8 @@ class DataSelection:
         train: catalog rows of the training snapshot.
         calibration: catalog rows of the held-out calibration snapshot.
         excluded: reason -> number of images dropped (``alert_window``; ``anomalous``: flagged images kept out of
-            the training part; ``reference_added``: older held-out images added to the calibration snapshot).
+            the training part; ``reference_added``: older held-out images added to the calibration snapshot;
+            ``golden``: golden-sample captures in the window, only present when there were any).
         window: (start, end) of the training window, UTC (the start reaches back past ``window_days`` when the
             floors or ``keep_size`` asked for older healthy images).
         lookback_days: days the window finally covers (``window_days`` when nothing was reached back for).
@@ -115,16 +118,19 @@ def select_training_data(
         np.zeros(len(df), dtype=bool)
     calib = holdout_mask(df["image_id"].tolist(), holdout_share) if len(df) else np.zeros(0, dtype=bool)
     age_days = ((end_ts - df_ts) / pd.Timedelta(days=1)).to_numpy()
-    target = int((age_days <= window_days).sum()) if keep_size else 0
-    days = _reach_back(age_days, ~alert_hit & ~flagged, calib, window_days, days_max,
+    golden = golden_mask(df)  # camera-check captures: never a training or calibration image
+    target = int(((age_days <= window_days) & ~golden).sum()) if keep_size else 0
+    days = _reach_back(age_days, ~alert_hit & ~flagged & ~golden, calib, window_days, days_max,
                        target=target, min_train=min_train, min_calibration=min_calibration)
     inside = age_days <= days
-    normal = inside & ~alert_hit
+    normal = inside & ~alert_hit & ~golden
     # flagged images never train a model (a defect must not be learned away), but the calibration snapshot keeps
     # them: it is the monitor's picture of normal production, defective cells at their usual share included, and a
     # reference without its top-scoring cells would set the per-image threshold and the score test too low
     excluded = {"alert_window": int((inside & alert_hit).sum()),
                 "anomalous": int((normal & flagged & ~calib).sum())}
+    if golden.any():
+        excluded["golden"] = int((inside & golden).sum())
     return DataSelection(
         train=df.loc[normal & ~flagged & ~calib].reset_index(drop=True),
         calibration=df.loc[normal & calib].reset_index(drop=True),

@@ -548,3 +548,39 @@ def test_store_failure_aborts_instead_of_quarantining(
     with pytest.raises(OSError, match="No space"):
         ingest(tmp_path / "drop", tmp_path / "root", progress=False, config=IngestConfig(workers=1))
     assert C.read_table(tmp_path / "root", "quarantine").empty and read_all(tmp_path / "root").empty
+
+
+def test_golden_captures_are_registered_apart_and_old_catalogs_still_load(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    goods = make_drop(tmp_path, n=4)
+    folder = goods[0].parent
+    (folder / "mes_export.csv").write_text(
+        "serial,timestamp,line,station,product_type,sample_kind,golden_cell\n"
+        "S00000,2026-11-27T08:01:00+01:00,L1,ST1,mono,golden,G01\n"
+        "S00001,2026-11-27T08:02:00+01:00,L1,ST1,mono,golden,G02\n"
+        "S00002,2026-11-27T09:00:00+01:00,L1,ST1,mono,production,\n"
+        "S00003,2026-11-27T09:01:00+01:00,L1,ST1,mono,gold,\n"
+    )
+    root = tmp_path / "root"
+    summary = ingest(tmp_path / "drop", root, progress=False)
+    assert summary.mes_flags == {"bad_mes_sample_kind": 1} and "sample_kind" in summary.mes_problems[0]
+    cat = read_all(root).set_index(S.SOURCE_PATH)
+    kinds = [cat.loc[str(g), S.SAMPLE_KIND] for g in goods]
+    assert kinds == ["golden", "golden", "production", "production"]
+    assert [cat.loc[str(g), S.GOLDEN_CELL] for g in goods[:2]] == ["G01", "G02"]
+    assert "bad_mes_sample_kind" in cat.loc[str(goods[3]), S.FLAGS]
+    assert S.golden_mask(read_all(root)).sum() == 2
+
+    # a part file written before the columns existed still loads: its rows are production
+    for part in (root / C.CATALOG_DIR).rglob("part-*.parquet"):
+        t = pq.read_table(part)
+        pq.write_table(t.drop_columns([S.SAMPLE_KIND, S.GOLDEN_CELL]), part)
+    old = read_all(root)
+    assert old[S.SAMPLE_KIND].isna().all() and not S.golden_mask(old).any() and len(old) == 4
+
+    # re-reading the MES exports fills the columns in again
+    from pipeline.catalog.ingest import refresh_metadata
+
+    refresh_metadata(tmp_path / "drop", root)
+    assert S.golden_mask(read_all(root)).sum() == 2

@@ -104,3 +104,27 @@ def test_ui_print_command_and_run(lw_env, capsys: pytest.CaptureFixture[str], mo
     assert "http://127.0.0.1:5002/#/experiments?workflowType=machine_learning" in capsys.readouterr().out
     assert seen[0][1:4] == ["-m", "mlflow", "ui"] and seen[0][-3] == "5002"
     assert (lw_env / "mlartifacts").is_dir()
+
+
+def test_golden_shows_and_restarts_a_lines_baselines(lw_env: Path, capsys: pytest.CaptureFixture) -> None:
+    from pipeline.analysis.golden import GoldenCapture, GoldenCheck
+    from pipeline.monitoring.monitor import default_alert_manager
+    from pipeline.settings import ensure_dirs, get_settings
+
+    assert main(["golden", "--line", "L1"]) == 2
+    assert "no golden-sample state" in capsys.readouterr().err
+    folder = default_alert_manager(ensure_dirs(get_settings())).state_dir
+    chk = GoldenCheck("L1", ["G01", "G02"])
+    for r in range(3):
+        chk.update(f"r{r}", [GoldenCapture(c, {"mean_intensity": 0.5 + 0.001 * r, "detail_ratio": 0.2,
+                                               "noise_level": 0.01, "rotation_deg": 0.0}) for c in chk.cells])
+    chk.save(folder / "golden" / "L1.json")
+    assert main(["golden", "--line", "L1"]) == 0
+    assert "G01 3, G02 3" in capsys.readouterr().out
+    assert main(["golden", "--line", "L1", "--rebaseline", "G02"]) == 0
+    assert "G02" in capsys.readouterr().out
+    assert GoldenCheck.load(folder / "golden" / "L1.json", line="L1", model_id=None).baseline_size("G02") == 0
+    assert main(["golden", "--line", "L1", "--rebaseline", "G09"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert main(["golden", "--line", "L1", "--rebaseline"]) == 0
+    assert GoldenCheck.load(folder / "golden" / "L1.json", line="L1", model_id=None).baseline_size("G01") == 0

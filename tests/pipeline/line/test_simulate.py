@@ -313,3 +313,47 @@ def test_cli_schedule_file_per_day_range_and_fault_days(tmp_path, capsys):
     assert main(["simulate", "--out", str(tmp_path / "y"), "--days", "3", "--per-day", "2x", "--start",
                  "2026-11-27"]) == 2
     assert "bad --per-day" in capsys.readouterr().err
+
+
+# ---- golden samples ------------------------------------------------------------------------------------------------
+def test_golden_cells_are_imaged_each_shift_through_the_faulty_camera_and_leave_production_unchanged(tmp_path):
+    spec = FaultSpec("gain", start_day=1, severity=1.0)  # gain x0.75 from day 1
+    kw = dict(days=2, per_day=6, lines=("L1",), start=START, seed=5, fault=spec, progress=False)
+    plain = simulate_line(tmp_path / "plain", truth=tmp_path / "plain.parquet", **kw)
+    gold = simulate_line(tmp_path / "gold", truth=tmp_path / "gold.parquet", golden_cells=3, **kw)
+    # a line without golden cells is exactly as before; golden captures do not disturb the production stream
+    assert tuple(pd.read_csv(plain.metadata_files[0]).columns) == MES_COLUMNS
+    prod = [p for p in gold.paths if "G0" not in p.name]
+    assert [p.relative_to(gold.out) for p in prod] == [p.relative_to(plain.out) for p in plain.paths]
+    assert all(p.read_bytes() == q.read_bytes() for p, q in zip(prod, plain.paths, strict=True))
+    assert gold.n_images == 2 * (6 + 3 * 3)
+
+    mes = pd.concat([pd.read_csv(m, keep_default_na=False) for m in gold.metadata_files], ignore_index=True)
+    assert tuple(mes.columns) == (*MES_COLUMNS, "sample_kind", "golden_cell")
+    g = mes[mes["sample_kind"] == "golden"]
+    assert len(g) == 18 and set(mes.loc[mes["sample_kind"] != "golden", "sample_kind"]) == {"production"}
+    assert set(g["golden_cell"]) == {"G01", "G02", "G03"} and (mes.loc[mes["sample_kind"] != "golden",
+                                                                         "golden_cell"] == "").all()
+    local = [dt.datetime.fromisoformat(t) for t in g["timestamp"]]
+    assert all(t.hour in (0, 8, 16) and t.minute < HANDOVER_MIN for t in local)  # in the hand-over of each shift
+    stamps = [dt.datetime.fromisoformat(t) for t in pd.read_csv(gold.metadata_files[0])["timestamp"]]
+    assert stamps == sorted(stamps)
+
+    truth = pd.read_parquet(gold.truth_path)
+    gt = truth[truth["sample_kind"] == "golden"]
+    assert gt.groupby("golden_cell")["elpv_index"].nunique().eq(1).all()  # the same physical cell every time
+    assert (gt["prob"] == 0).all() and gt["elpv_index"].nunique() == 3
+    # the gain fault applies to the golden captures of day 1 (x0.75), not day 0
+    bright = gt.assign(m=[read(gold.out / p).mean() for p in gt["path"]]).groupby(["golden_cell", "day"])["m"].mean()
+    ratio = bright.xs(1, level="day") / bright.xs(0, level="day")
+    assert ratio.between(0.72, 0.78).all(), ratio
+    assert gt["fault_active"].tolist() == [d == 1 for d in gt["day"]]
+
+
+def test_golden_cells_argument_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="golden_cells"):
+        simulate_line(tmp_path / "d", days=1, per_day=2, golden_cells=-1, progress=False)
+    assert main(["simulate", "--out", str(tmp_path / "c"), "--days", "1", "--per-day", "2", "--golden-cells", "2",
+                 "--json"]) == 0
+    mes = pd.read_csv(tmp_path / "c" / "L1" / "2026-01-05" / "mes_export.csv")
+    assert (mes["sample_kind"] == "golden").sum() == 6

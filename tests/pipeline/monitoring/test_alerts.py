@@ -485,3 +485,14 @@ def test_ops_events_go_through_the_outbox_and_every_sink(tmp_path: Path, caplog:
     (line,) = jsonl(tmp_path)  # sent once
     assert line["kind"] == "ops" and line["ops"]["type"] == "model.not_promoted" and line["ops"]["version"] == "3"
     assert any("OPS model.not_promoted: model v3 not promoted" in r.getMessage() for r in caplog.records)
+
+
+def test_an_immediate_family_opens_at_its_first_window(tmp_path: Path) -> None:
+    from pipeline.monitoring.causes import Cause
+    from pipeline.monitoring.charts import ChartedResult
+
+    cam = Cause("camera:mean_intensity", "camera", ("camera",), (), (1e-5,), (), "camera/optics changed")
+    m = manager(tmp_path)
+    assert run(m, [ChartedResult(clear(), cam), clear(), clear()]) == [["opened"], [], ["resolved"]]
+    slow = manager(tmp_path / "slow", immediate_families=())
+    assert run(slow, [ChartedResult(clear(), cam), ChartedResult(clear(), cam)]) == [[], ["opened"]]

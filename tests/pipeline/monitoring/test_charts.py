@@ -137,3 +137,14 @@ def test_the_chart_picture_has_dates_and_is_written(charts: LineCharts, tmp_path
     out = draw_chart(charts.chart("L1"), tmp_path / "c.png", title="brightness")
     assert out.exists() and out.stat().st_size > 5_000
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_charted_result_wrapped_again_keeps_both_causes():
+    from pipeline.monitoring.causes import Cause
+
+    chart = Cause("spc:z_1", "spc", ("spc",), (), (), (), "chart")
+    camera = Cause("camera:mean_intensity", "camera", ("camera",), (), (1e-5,), (), "camera/optics changed")
+    res = ChartedResult(ChartedResult(QuietDrift(), chart), camera)
+    assert res.detected and [c.key for c in window_causes(res)] == ["spc:z_1", "camera:mean_intensity"]
+    assert [c.key for c in window_causes(ChartedResult(ChartedResult(QuietDrift(), None), camera))] == \
+        ["camera:mean_intensity"]

@@ -249,3 +249,66 @@ def test_a_verdict_table_from_before_append_only_reads_as_originals(tmp_path):
     (o,) = record_verdicts(settings, "2", [_outcome("2026-01-10", False, "2")])
     assert not o.original
     assert window_verdicts(settings)["model_version"].tolist() == ["1"]
+
+
+@pytest.mark.slow
+def test_golden_cells_end_to_end_camera_alert_on_the_fault_shift_only(tmp_path, monkeypatch):
+    """Simulate 6 days with 5 golden cells and a gain x0.9 from day 6 -> ingest -> retrain -> monitor days 4-6."""
+    from pipeline import tracking
+    from pipeline.catalog.ingest import ingest
+    from pipeline.catalog.tables import read_catalog
+    from pipeline.line.faults import FaultSpec
+    from pipeline.line.simulate import simulate_line
+    from pipeline.monitoring.monitor import default_alert_manager, monitor, scores_table_path
+    from pipeline.settings import ensure_dirs, get_settings
+    from pipeline.training.retrain import retrain, retrain_config
+    from tests.flows.world import DAYS, PER_DAY, set_env
+
+    home = tmp_path / "home"
+    set_env(monkeypatch, home)
+    tracking.reset()
+    settings = ensure_dirs(get_settings())
+    simulate_line(settings.drop_dir, days=DAYS, per_day=PER_DAY, lines=("L1",), seed=0, golden_cells=5,
+                  fault=FaultSpec("gain", start_day=DAYS - 1, severity=0.4),  # x0.9 from the last day's midnight
+                  truth=home / "truth.parquet", progress=False)
+    # bad input on the healthy tested day: a golden cell missing from its second round, an unknown sample_kind
+    folder = settings.drop_dir / "L1" / day(TRAIN_DAYS + 2).isoformat()
+    (folder / f"L1-{day(TRAIN_DAYS + 2):%Y%m%d}-S2G03.png").unlink()
+    mes = pd.read_csv(folder / "mes_export.csv", dtype=str, keep_default_na=False)
+    mes.loc[mes["serial"].str.endswith("-000001"), "sample_kind"] = "referenc"
+    mes.to_csv(folder / "mes_export.csv", index=False)
+    summary = ingest(settings.drop_dir, settings.catalog_root, progress=False)
+    assert summary.registered == DAYS * (PER_DAY + 15) - 1 and summary.mes_flags == {"bad_mes_sample_kind": 1}
+    cat = read_catalog(settings.catalog_root)
+    assert (cat["sample_kind"] == "golden").sum() == DAYS * 15 - 1 and set(cat["golden_cell"].dropna()) == {
+        f"G0{k}" for k in range(1, 6)}
+
+    v1 = retrain(settings, retrain_config(**tiny_retrain_params(steps=30)))
+    assert v1.promoted, v1.gate.reason
+    assert v1.excluded["golden"] == TRAIN_DAYS * 15  # the golden captures never trained nor calibrated the model
+
+    res = monitor(settings, monitor_config(**monitor_params()))
+    by_day = {w.window_id: w for w in res.windows}
+    healthy, faulty = day(TRAIN_DAYS + 2).isoformat(), day(DAYS).isoformat()
+    assert all(w.n_images == PER_DAY for w in res.windows)  # production windows hold no golden capture
+    golden_ids = set(cat.loc[cat["sample_kind"] == "golden", "image_id"])
+    assert not golden_ids & set(pd.read_parquet(scores_table_path(settings))["image_id"])  # never scored or flagged
+    # day 4 builds the baselines, day 5's three rounds are tested and quiet, day 6's first round (00:01) fires
+    assert all("baseline" in g for g in by_day[day(TRAIN_DAYS + 1).isoformat()].golden)
+    assert len(by_day[healthy].golden) == 3 and all("no camera/optics change" in g for g in by_day[healthy].golden)
+    assert "(4 of 5)" in by_day[healthy].golden[1]  # the missing cell: the other four are tested
+    first = by_day[faulty].golden[0]
+    assert "T00:0" in first and "camera/optics changed: brightness -10 %" in first and "(5 of 5)" in first
+    camera = [e for e in res.alerts if e["alert"]["family"] == "camera"]
+    assert [(e["kind"], e["window_id"]) for e in camera] == [("opened", faulty)]
+    assert camera[0]["alert"]["summary"].startswith("camera/optics changed: brightness -10 %")
+    assert any(c.startswith("camera:") for c in by_day[faulty].causes)
+    assert not any(c.startswith("camera:") for w in res.windows if w.window_id != faulty for c in w.causes)
+    sent = [json.loads(x) for x in (settings.state_dir / "alerts.jsonl").read_text().splitlines()]
+    assert any(s["alert"]["family"] == "camera" for s in sent)  # through the outbox to the sinks
+    assert (default_alert_manager(settings).state_dir / "golden" / "L1.json").exists()
+    # MLflow: the golden check's numbers per tested window, beside the chart's
+    tracking.configure(settings)
+    assert [v for _, v in tracking.get_metric_history("golden/alarm", run_id=res.run_id)] == [0.0, 1.0]
+    shift = tracking.get_metric_history("golden/mean_intensity", run_id=res.run_id)
+    assert abs(shift[0][1]) < 2 and -11.5 < shift[1][1] < -8.5
