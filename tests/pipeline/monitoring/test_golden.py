@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.analysis.axes import attribute
 from pipeline.analysis.golden import GoldenCapture, GoldenCheck
 from pipeline.monitoring import alerts as AL
 from pipeline.monitoring.causes import window_causes
@@ -161,7 +162,7 @@ def test_the_camera_cause_opens_its_alert_at_the_first_window_beside_the_chart(t
         res = ChartedResult(QuietDrift(), None)
         res = ChartedResult(res, camera_cause(fired[0]) if fired else None)
         assert [c.key for c in window_causes(res)] == (["camera:mean_intensity"] if fired else [])
-        kinds.append([e.kind for e in manager.update("L1", f"w{w}", res)])
+        kinds.append([e.kind for e in manager.update("L1", f"w{w}", res, attribute(res))])
     assert kinds == [[], [], [], [], ["opened"]]  # the default policy's hysteresis does not delay the camera
     sent = [json.loads(x) for x in (tmp_path / "alerts.jsonl").read_text().splitlines()]
     assert sent[0]["alert"]["family"] == "camera" and sent[0]["alert"]["summary"].startswith("camera/optics changed")
