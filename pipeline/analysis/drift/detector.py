@@ -108,7 +108,7 @@ def _reference_order(ref_order: Any, n: int) -> np.ndarray:
 
 
 class DriftDetector(LotNull):
-    """Drift tests of windows of latents against a reference (see module docstring).
+    """Drift tests of windows of latents against a reference (see :mod:`pipeline.analysis.drift`).
 
     Args:
         alpha: overall false-alarm rate per window (split over the test families).
