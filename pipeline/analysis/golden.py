@@ -161,8 +161,8 @@ class FamilyShift:
         """E.g. ``"brightness -10 %"`` or ``"rotation +2.0 deg"``."""
         if self.unit == "%":
             return f"{self.label} {self.shift:+.0f} %" if abs(self.shift) >= 1 else f"{self.label} {self.shift:+.1f} %"
-        if self.unit == "sd":
-            return f"{self.label} {self.shift:+.1f} sd"
+        if self.unit == "sd":  # in units of the cell's own re-imaging jitter, which is small: say so
+            return f"{self.label} {self.shift:+.1f} sd of re-imaging jitter"
         return f"{self.label} {self.shift:+.2f} {self.unit}"
 
 
@@ -203,6 +203,10 @@ class GoldenResult:
         n_reg = len(self.tested) + len(self.building) + len(self.missing)
         where = f"on the golden cells ({len(self.tested)} of {n_reg})"
         if self.detected:
+            physical = [f.text for f in self.fired if f.family != "z"]
+            latent = [f.label for f in self.fired if f.family == "z"]
+            if physical:  # a latent axis moves with the image: named, its jitter-scaled size left out
+                return "camera/optics changed: " + ", ".join(physical + [f"{a} moved" for a in latent]) + f" {where}"
             return "camera/optics changed: " + ", ".join(f.text for f in self.fired) + f" {where}"
         if not self.tested:
             return f"golden cells: no test this shift ({'; '.join(self.messages) or 'no baseline yet'})"

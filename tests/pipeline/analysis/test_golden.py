@@ -10,9 +10,11 @@ import pytest
 from scipy import stats
 
 from pipeline.analysis.golden import (
+    FamilyShift,
     GoldenCapture,
     GoldenCheck,
     GoldenConfig,
+    GoldenResult,
     GoldenStateMismatch,
     paired_welch,
     parse_sample_kind,
@@ -204,3 +206,14 @@ def test_bad_construction():
         GoldenCheck("", ["a"])
     with pytest.raises(ValueError, match="min_baseline must be >= 2"):
         GoldenConfig(min_baseline=1)
+
+
+def test_alert_text_gives_physical_shifts_and_names_latent_axes_without_their_jitter_scale():
+    fam = [FamilyShift("brightness", "brightness", -10.2, "%", -9.0, 1e-6, 5, True),
+           FamilyShift("z", "latent z_27", 573.8, "sd", 30.0, 1e-7, 5, True),
+           FamilyShift("noise", "noise level", 1.0, "%", 0.5, 0.6, 5, False)]
+    res = GoldenResult("L1", "s1", ("G1", "G2", "G3", "G4", "G5"), (), (), tuple(fam), True, 0.002)
+    assert res.text == "camera/optics changed: brightness -10 %, latent z_27 moved on the golden cells (5 of 5)"
+    only_z = GoldenResult("L1", "s1", ("G1",), (), (), (fam[1],), True, 0.002)
+    assert only_z.text == ("camera/optics changed: latent z_27 +573.8 sd of re-imaging jitter "
+                           "on the golden cells (1 of 1)")
