@@ -19,6 +19,12 @@ on the line, the snapshot must be the line's normal production as it is:
   score separates defective cells better (5 % defective cells 8 sd out: 4.1 to 5.0 % instead of 0 to 0.4 %), and
   stays ``(fpr - pi r) / (1 - pi)`` when the score cannot tell them apart (no label can fix that).
 
+The snapshot's out-of-sample scores must also be those of *new lots*: a cell judged by a detector fitted on its own
+lot-mates (near it in z, at its lot's residual level) scores lower than a cell of tomorrow's lots. The snapshot is
+therefore grouped by production period (:func:`production_groups`), each fold of periods is scored by a detector
+fitted on the others (:func:`group_folds`, ``pipeline.handoff.bundle.grouped_calibration``), and the threshold is set
+on those scores (:func:`grouped_threshold`, :class:`FlagConfig`).
+
 The rule only reads scores, so it holds for any per-image score (the diffusion residual judged among neighbours in
 z, or a later fused one): :func:`set_flag_threshold` works with any detector of the one protocol (``score`` /
 ``infer_threshold``).
@@ -185,8 +191,9 @@ class FlagConfig:
 def production_groups(captured_at: Any, lines: Any = None, config: FlagConfig = FlagConfig()) -> np.ndarray:
     """Production group of every calibration image: its line and UTC day, numbered in order of first capture.
 
-    With fewer than ``config.min_groups`` line-days, each line's images in capture order are cut into
-    ``config.chunks`` runs of consecutive captures (lots run in consecutive captures, so a run keeps a lot together).
+    With fewer than ``config.min_groups`` line-days, or one line-day holding more than half of the images (the others
+    could not fit a detector for it), each line's images in capture order are cut into ``config.chunks`` runs of
+    consecutive captures instead (lots run in consecutive captures, so a run keeps a lot together).
 
     Raises:
         ValueError: no capture times, or lines of another length.
@@ -198,7 +205,7 @@ def production_groups(captured_at: Any, lines: Any = None, config: FlagConfig = 
     if len(line) != len(ts):
         raise ValueError(f"production_groups: {len(ts)} capture times but {len(line)} lines")
     key = line + "|" + ts.dt.strftime("%Y-%m-%d")
-    if key.nunique() < config.min_groups:
+    if key.nunique() < config.min_groups or key.value_counts().max() > len(key) / 2:
         rank = ts.groupby(line).rank(method="first") - 1
         size = line.map(line.value_counts())
         key = line + "|" + (rank * config.chunks // size).astype(int).astype(str)

@@ -83,6 +83,8 @@ def test_production_groups_are_line_days_or_runs_of_consecutive_captures():
     assert np.unique(g).size == 8 and list(g[:7]) == [0] * 6 + [1]  # numbered by line, then first capture
     one_day = production_groups(times[:6], None, FlagConfig(chunks=3))
     assert list(one_day) == [0, 0, 1, 1, 2, 2]  # too few days: runs of consecutive captures
+    lopsided = production_groups(times[:6] + times[6::6], None, FlagConfig(chunks=3))
+    assert np.bincount(lopsided).max() <= 4  # one day holds most images: runs instead of days
     with pytest.raises(ValueError, match="capture time"):
         production_groups([t0, None])
 
