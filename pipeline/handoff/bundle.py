@@ -142,20 +142,26 @@ def grouped_calibration(X: np.ndarray, n_res: int | None, fpr_target: float, gro
     if np.unique(groups).size < 2:
         raise ValueError("grouped calibration needs at least 2 production groups")
     folds = group_folds(groups, flag.max_folds)
-    scores = np.empty(len(X))
-    for rows in folds:
-        rest = np.setdiff1d(np.arange(len(X)), rows)
-        scores[rows] = make_detector(n_res, k=k, n_fit=len(rest)).fit(X[rest]).score(X[rows])
-    keep = grouped_threshold(scores, groups, fpr_target, flag)[1]
+    scores = _cross_fitted(X, n_res, k, folds)
+    rate, keep = grouped_threshold(scores, groups, fpr_target, flag)
     rates = []
     for rows in folds:
         rest = np.setdiff1d(np.arange(len(X)), rows)
-        thr = _threshold_value(scores[rest], groups[rest], fpr_target, flag)
-        rates.append(float((scores[rows][keep[rows]] > thr).mean()))
+        if keep[rows].any():
+            thr = _threshold_value(scores[rest], groups[rest], fpr_target, flag)
+            rates.append(float((scores[rows][keep[rows]] > thr).mean()))
     det = make_detector(n_res, k=k, n_fit=len(X)).fit(X)
-    rate, keep = grouped_threshold(scores, groups, fpr_target, flag)
     _set_threshold_from_scores(det, scores[keep], rate)
-    return float(np.mean(rates)), det
+    return float(np.mean(rates)) if rates else float("nan"), det
+
+
+def _cross_fitted(X: np.ndarray, n_res: int | None, k: int, folds: list[np.ndarray]) -> np.ndarray:
+    """Scores of every row by the detector fitted on the rows outside its fold."""
+    out = np.empty(len(X))
+    for rows in folds:
+        rest = np.setdiff1d(np.arange(len(X)), rows)
+        out[rows] = make_detector(n_res, k=k, n_fit=len(rest)).fit(X[rest]).score(X[rows])
+    return out
 
 
 def _threshold_value(scores: np.ndarray, groups: np.ndarray, fpr: float, flag: Any) -> float:
@@ -210,12 +216,7 @@ def calibration_scores(z_cal: np.ndarray, residuals: np.ndarray, *, k: int = 25,
         folds = group_folds(groups, max_folds)
     else:
         folds = np.array_split(np.random.default_rng([seed, 1]).permutation(len(X)), 2)
-    out = np.empty(len(X))
-    n_res = int(np.asarray(residuals).reshape(len(X), -1).shape[1])
-    for score in folds:
-        fit = np.setdiff1d(np.arange(len(X)), score)
-        out[score] = make_detector(n_res, k=k, n_fit=len(fit)).fit(X[fit]).score(X[score])
-    return out
+    return _cross_fitted(X, int(np.asarray(residuals).reshape(len(X), -1).shape[1]), k, list(folds))
 
 
 def reference_groups(reference: pd.DataFrame, flag: Any = None) -> np.ndarray | None:
