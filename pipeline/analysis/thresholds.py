@@ -19,6 +19,12 @@ on the line, the snapshot must be the line's normal production as it is:
   score separates defective cells better (5 % defective cells 8 sd out: 4.1 to 5.0 % instead of 0 to 0.4 %), and
   stays ``(fpr - pi r) / (1 - pi)`` when the score cannot tell them apart (no label can fix that).
 
+The snapshot's out-of-sample scores must also be those of *new lots*: a cell judged by a detector fitted on its own
+lot-mates (near it in z, at its lot's residual level) scores lower than a cell of tomorrow's lots. The snapshot is
+therefore grouped by production period (:func:`production_groups`), each fold of periods is scored by a detector
+fitted on the others (:func:`group_folds`, ``pipeline.handoff.bundle.grouped_calibration``), and the threshold is set
+on those scores (:func:`grouped_threshold`, :class:`FlagConfig`).
+
 The rule only reads scores, so it holds for any per-image score (the diffusion residual judged among neighbours in
 z, or a later fused one): :func:`set_flag_threshold` works with any detector of the one protocol (``score`` /
 ``infer_threshold``).
@@ -33,7 +39,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["TRIM_FENCE", "FlagCalibration", "healthy_mask", "judged", "medcouple", "set_flag_threshold"]
+__all__ = ["TRIM_FENCE", "FlagCalibration", "FlagConfig", "group_folds", "grouped_threshold", "healthy_mask", "judged",
+           "medcouple", "production_groups", "set_flag_threshold"]
 
 TRIM_FENCE = 3.0
 """Multiple of the (skew-adjusted) interquartile range above the third quartile beyond which a calibration score is
@@ -148,3 +155,113 @@ def judged(ref_products: Any, products: Any) -> np.ndarray:
         return np.ones(len(products), dtype=bool)
     counts = pd.Series(labels(ref_products)).value_counts()
     return np.array([counts.get(p, 0) >= MIN_STRATUM for p in labels(products)], dtype=bool)
+
+
+@dataclass(frozen=True)
+class FlagConfig:
+    """How the flag threshold is calibrated so that it holds on production the detector has not seen.
+
+    The calibration snapshot is grouped by production period (one line's plant day, :func:`production_groups`), and
+    each group is scored by a detector fitted on the other groups only (:func:`group_folds`): a cell is never judged
+    against its own lot-mates, as a cell of tomorrow's lots is not. The threshold is then set on those scores
+    (:func:`grouped_threshold`).
+
+    Attributes:
+        min_groups: fewest production groups for the split by period; a snapshot with fewer (one day of one line)
+            is cut into ``chunks`` runs of consecutive captures instead.
+        chunks: runs of consecutive captures per line when the periods are too few.
+        max_folds: cross-fitting folds (groups are dealt to folds in blocks of consecutive periods); each costs one
+            detector fit.
+        fence: far-out fence of :func:`healthy_mask` (``TRIM_FENCE``); None keeps every score.
+        confidence: one-sided confidence that the mean rate over periods is at most the configured one, given the
+            between-period spread of the calibration groups' rates (0.5: the rate itself, no margin).
+    """
+
+    min_groups: int = 4
+    chunks: int = 6
+    max_folds: int = 10
+    fence: float | None = TRIM_FENCE
+    confidence: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.min_groups < 2 or self.chunks < 2 or self.max_folds < 2 or not 0.0 < self.confidence < 1.0:
+            raise ValueError(f"FlagConfig needs min_groups, chunks, max_folds >= 2 and confidence in (0, 1), got {self}")
+
+
+def production_groups(captured_at: Any, lines: Any = None, config: FlagConfig = FlagConfig()) -> np.ndarray:
+    """Production group of every calibration image: its line and UTC day, numbered in order of first capture.
+
+    With fewer than ``config.min_groups`` line-days, or one line-day holding more than half of the images (the others
+    could not fit a detector for it), each line's images in capture order are cut into ``config.chunks`` runs of
+    consecutive captures instead (lots run in consecutive captures, so a run keeps a lot together).
+
+    Raises:
+        ValueError: no capture times, or lines of another length.
+    """
+    ts = pd.to_datetime(pd.Series(np.asarray(captured_at)), utc=True)
+    if ts.empty or ts.isna().any():
+        raise ValueError("production_groups needs a capture time for every calibration image")
+    line = pd.Series([""] * len(ts)) if lines is None else pd.Series(np.asarray(lines, dtype=object)).astype(str)
+    if len(line) != len(ts):
+        raise ValueError(f"production_groups: {len(ts)} capture times but {len(line)} lines")
+    key = line + "|" + ts.dt.strftime("%Y-%m-%d")
+    if key.nunique() < config.min_groups or key.value_counts().max() > len(key) / 2:
+        rank = ts.groupby(line).rank(method="first") - 1
+        size = line.map(line.value_counts())
+        key = line + "|" + (rank * config.chunks // size).astype(int).astype(str)
+    first = ts.groupby(key).transform("min")
+    order = pd.DataFrame({"line": line, "first": first, "key": key}).drop_duplicates("key").sort_values(["line", "first"])
+    return key.map({k: i for i, k in enumerate(order["key"])}).to_numpy(np.int64)
+
+
+def group_folds(groups: Any, max_folds: int = 10) -> list[np.ndarray]:
+    """Row indices of each cross-fitting fold: the groups dealt into at most ``max_folds`` blocks of consecutive ids.
+
+    Consecutive groups (one line's consecutive days, :func:`production_groups`) go to the same fold, so a lot that
+    runs over midnight is not split between a fold and the data that judges it.
+    """
+    g = np.asarray(groups)
+    ids = np.unique(g)
+    n = min(int(max_folds), ids.size)
+    if n < 2:
+        raise ValueError(f"group_folds needs at least 2 groups, got {ids.size}")
+    fold_of = {int(gid): i * n // ids.size for i, gid in enumerate(ids)}
+    fold = np.array([fold_of[int(x)] for x in g])
+    return [np.flatnonzero(fold == f) for f in range(n)]
+
+
+def grouped_threshold(scores: Any, groups: Any, fpr: float, config: FlagConfig = FlagConfig()) -> tuple[float, np.ndarray]:
+    """The false-flag rate to threshold out-of-group calibration scores at, so the rate holds across periods.
+
+    Scores whose group was left out of the detector's fit (:func:`group_folds`) stand for a new period's cells. Far-out
+    scores are left out (:func:`healthy_mask`). The returned rate ``a <= fpr`` is the largest for which the conformal
+    threshold of the kept scores at ``a`` (``conformal_threshold``) has an upper confidence bound of the mean rate
+    over groups (at ``config.confidence``, from the between-group spread of the groups' own rates) at or below
+    ``fpr``; ``confidence = 0.5`` gives ``fpr`` itself.
+
+    Returns:
+        (the rate for ``conformal_threshold``, mask of the kept scores).
+
+    Raises:
+        ValueError: scores and groups of different lengths, or non-finite scores.
+    """
+    from scipy import stats
+
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    g = np.asarray(groups).ravel()
+    if s.size != g.size:
+        raise ValueError(f"grouped_threshold: {s.size} scores but {g.size} group labels")
+    keep = healthy_mask(s, config.fence)
+    sk, gk = s[keep], g[keep]
+    z = float(stats.norm.ppf(config.confidence))
+    ids, inv = np.unique(gk, return_inverse=True)
+    if z <= 0 or ids.size < 2:
+        return float(fpr), keep
+    n = sk.size
+    order = np.sort(sk)
+    k0 = math.ceil((n + 1) * (1.0 - fpr))
+    for k in range(max(k0, 1), n + 1):
+        rates = np.bincount(inv, weights=(sk > order[k - 1]).astype(float), minlength=ids.size) / np.bincount(inv)
+        if rates.mean() + z * rates.std(ddof=1) / math.sqrt(ids.size) <= fpr:
+            return 1.0 - (k - 0.5) / (n + 1), keep
+    return 1.0 - (n - 0.5) / (n + 1), keep

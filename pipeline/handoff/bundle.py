@@ -77,13 +77,16 @@ class ScoringConfig:
 
 
 def detector_calibration(
-    z_cal: np.ndarray, fpr_target: float, seed: int = 0, *, residuals: np.ndarray | None = None, k: int = 25
+    z_cal: np.ndarray, fpr_target: float, seed: int = 0, *, residuals: np.ndarray | None = None, k: int = 25,
+    groups: np.ndarray | None = None, flag: Any = None,
 ) -> tuple[float, Any]:
     """Fit and threshold the per-image detector on calibration data, and measure its false-alarm rate.
 
-    The calibration images are split in three (seeded): fit on the first, set the threshold at ``fpr_target`` on
-    the second, measure the empirical FPR on the third. The returned detector is refitted on one half and
-    thresholded on the other (all of it used; deterministic for a given seed).
+    With ``groups`` (production periods, ``pipeline.analysis.thresholds.production_groups``; what the monitor
+    uses): see :func:`grouped_calibration`. Without (a reference with no capture times): the calibration images
+    are split in three (seeded): fit on the first, set the threshold at ``fpr_target`` on the second, measure the
+    empirical FPR on the third; the returned detector is refitted on one half and thresholded on the other. A random
+    split judges each threshold image against its own lot-mates, so this threshold is too low for new lots.
 
     Args:
         z_cal: calibration latents (N, d).
@@ -93,9 +96,11 @@ def detector_calibration(
             ``ConditionalResidual`` on ``[z | residuals]``. None (a bundle from before residual scoring): Mahalanobis
             on z.
         k: neighbours of ``ConditionalResidual``, capped at a fifth of the fit images (at least 3).
+        groups: production group of every calibration image; None: the random split.
+        flag: a ``pipeline.analysis.thresholds.FlagConfig`` for the grouped calibration (None: its defaults).
 
     Returns:
-        (empirical FPR on the held-out third, fitted detector).
+        (empirical FPR on the held-out third, or on each left-out fold with the grouped calibration; fitted detector).
 
     Raises:
         ValueError: fewer than 9 calibration latents.
@@ -104,6 +109,8 @@ def detector_calibration(
         raise ValueError(f"detector calibration needs >= 9 calibration images, got {len(z_cal)}")
     X = z_cal if residuals is None else np.column_stack([z_cal, residuals])
     n_res = None if residuals is None else int(np.asarray(residuals).reshape(len(z_cal), -1).shape[1])
+    if groups is not None:
+        return grouped_calibration(X, n_res, fpr_target, groups, k=k, flag=flag)
     idx = np.random.default_rng(seed).permutation(len(X))
     a, b, c = np.array_split(idx, 3)
     det = make_detector(n_res, k=k, n_fit=len(a)).fit(X[a])
@@ -113,6 +120,67 @@ def detector_calibration(
     full = make_detector(n_res, k=k, n_fit=half).fit(X[idx[:half]])
     _infer_threshold(full, X[idx[half:]], fpr_target)
     return fpr, full
+
+
+def grouped_calibration(X: np.ndarray, n_res: int | None, fpr_target: float, groups: np.ndarray, *, k: int = 25,
+                        flag: Any = None) -> tuple[float, Any]:
+    """Fit the detector on every calibration image, thresholded on scores of periods it did not fit on.
+
+    The production groups are dealt into folds (``pipeline.analysis.thresholds.group_folds``); each fold is scored by
+    a detector fitted on the other folds, so every calibration image is judged as a cell of a new period is: against
+    other lots. The threshold is set on those scores (``grouped_threshold``: far-out scores left out, a margin for the
+    between-period spread when ``flag.confidence > 0.5``), and the detector the monitor uses is fitted on all of them.
+
+    Returns:
+        (mean over folds of the rate each fold's kept scores see at the threshold set on the other folds, detector).
+    """
+    from pipeline.analysis.thresholds import FlagConfig, group_folds, grouped_threshold
+
+    flag = flag or FlagConfig()
+    groups = np.asarray(groups)
+    if np.unique(groups).size < 2:
+        raise ValueError("grouped calibration needs at least 2 production groups")
+    folds = group_folds(groups, flag.max_folds)
+    scores = _cross_fitted(X, n_res, k, folds)
+    rate, keep = grouped_threshold(scores, groups, fpr_target, flag)
+    rates = []
+    for rows in folds:
+        rest = np.setdiff1d(np.arange(len(X)), rows)
+        if keep[rows].any():
+            thr = _threshold_value(scores[rest], groups[rest], fpr_target, flag)
+            rates.append(float((scores[rows][keep[rows]] > thr).mean()))
+    det = make_detector(n_res, k=k, n_fit=len(X)).fit(X)
+    _set_threshold_from_scores(det, scores[keep], rate)
+    return float(np.mean(rates)) if rates else float("nan"), det
+
+
+def _cross_fitted(X: np.ndarray, n_res: int | None, k: int, folds: list[np.ndarray]) -> np.ndarray:
+    """Scores of every row by the detector fitted on the rows outside its fold."""
+    out = np.empty(len(X))
+    for rows in folds:
+        rest = np.setdiff1d(np.arange(len(X)), rows)
+        out[rows] = make_detector(n_res, k=k, n_fit=len(rest)).fit(X[rest]).score(X[rows])
+    return out
+
+
+def _threshold_value(scores: np.ndarray, groups: np.ndarray, fpr: float, flag: Any) -> float:
+    """The threshold :func:`grouped_calibration` sets on these out-of-group scores."""
+    from pipeline.analysis.detectors.base import conformal_threshold
+    from pipeline.analysis.thresholds import grouped_threshold
+
+    rate, keep = grouped_threshold(scores, groups, fpr, flag)
+    try:
+        return float(conformal_threshold(scores[keep], rate)[0])
+    except ValueError:  # too few scores for that rate
+        return float(np.max(scores[keep]))
+
+
+def _set_threshold_from_scores(det: Any, scores: np.ndarray, rate: float) -> None:
+    """Threshold a fitted detector on precomputed out-of-sample normal scores (largest achievable rate if too few)."""
+    try:
+        det.set_threshold_from_scores(scores, rate)
+    except ValueError:  # too few scores for that rate
+        det.set_threshold_from_scores(scores, min(0.5, 1.0 / max(len(scores) - 1, 1)))
 
 
 def make_detector(n_residuals: int | None = None, *, k: int = 25, n_fit: int | None = None) -> Any:
@@ -131,20 +199,38 @@ def make_detector(n_residuals: int | None = None, *, k: int = 25, n_fit: int | N
     return ConditionalResidual(n_residuals=n_residuals, k=k)
 
 
-def calibration_scores(z_cal: np.ndarray, residuals: np.ndarray, *, k: int = 25, seed: int = 0) -> np.ndarray:
+def calibration_scores(z_cal: np.ndarray, residuals: np.ndarray, *, k: int = 25, seed: int = 0,
+                       groups: np.ndarray | None = None, max_folds: int = 10) -> np.ndarray:
     """Out-of-sample anomaly scores of every calibration image (the drift reference of the score family).
 
-    Two-fold cross-fitting: the residual detector fitted on one (seeded) half scores the other, and the other way
-    round, so no image is scored by a detector that saw it. Same detector recipe as :func:`detector_calibration`.
+    Cross-fitting, so no image is scored by a detector that saw it: with ``groups`` (production periods, as in
+    :func:`grouped_calibration`) each fold of periods is scored by the detector fitted on the others, so the scores
+    are those of new lots, like a monitored window's; without, two seeded random halves score each other. Same
+    detector recipe as :func:`detector_calibration`.
     """
+    from pipeline.analysis.thresholds import group_folds
+
     X = np.column_stack([z_cal, residuals])
-    idx = np.random.default_rng([seed, 1]).permutation(len(X))
-    a, b = np.array_split(idx, 2)
-    out = np.empty(len(X))
-    n_res = int(np.asarray(residuals).reshape(len(X), -1).shape[1])
-    for fit, score in ((a, b), (b, a)):
-        out[score] = make_detector(n_res, k=k, n_fit=len(fit)).fit(X[fit]).score(X[score])
-    return out
+    if groups is not None and np.unique(groups).size >= 2:
+        folds = group_folds(groups, max_folds)
+    else:
+        folds = np.array_split(np.random.default_rng([seed, 1]).permutation(len(X)), 2)
+    return _cross_fitted(X, int(np.asarray(residuals).reshape(len(X), -1).shape[1]), k, list(folds))
+
+
+def reference_groups(reference: pd.DataFrame, flag: Any = None) -> np.ndarray | None:
+    """Production group of every calibration row (``production_groups`` on ``captured_at`` and ``line``).
+
+    None when the rows have no capture times or form a single group: the detector then falls back to the random
+    split of :func:`detector_calibration`.
+    """
+    from pipeline.analysis.thresholds import FlagConfig, production_groups
+
+    if "captured_at" not in reference.columns or reference["captured_at"].isna().any() or len(reference) == 0:
+        return None
+    lines = reference["line"] if "line" in reference.columns else None
+    groups = production_groups(reference["captured_at"], lines, flag or FlagConfig())
+    return groups if np.unique(groups).size >= 2 else None
 
 
 def _infer_threshold(det: Any, z: np.ndarray, fpr: float) -> None:
@@ -217,9 +303,10 @@ def load_bundle(model_dir: str | Path, *, fpr: float = 0.05, seed: int = 0) -> B
     scoring = ScoringConfig.from_dict(gate.get("scoring"))
     residuals = None if scoring is None else ref[residual_columns(len(scoring.t_stars))].to_numpy(np.float64)
     _, det = detector_calibration(z_ref, gate.get("fpr_target", fpr), seed=int(gate.get("detector_seed", seed)),
-                                  residuals=residuals, k=scoring.k if scoring else 25)
+                                  residuals=residuals, k=scoring.k if scoring else 25, groups=reference_groups(ref))
     return Bundle(model_dir, ckpt, str(ckpt.meta.get("model_id", "")), ref, z_ref, residuals, det, gate, scoring)
 
 
-__all__ = ["BUNDLE_DIR", "CALIBRATION_FILE", "GATE_FILE", "Bundle", "ScoringConfig", "detector_calibration",
-           "load_bundle", "make_detector", "read_gate"]
+__all__ = ["BUNDLE_DIR", "CALIBRATION_FILE", "GATE_FILE", "Bundle", "ScoringConfig", "calibration_scores",
+           "detector_calibration", "grouped_calibration", "load_bundle", "make_detector", "read_gate",
+           "reference_groups"]

@@ -49,6 +49,7 @@ from pipeline.handoff.bundle import (
     ScoringConfig,
     calibration_scores,
     detector_calibration,
+    reference_groups,
 )
 from pipeline.handoff.state import CHAMPION, MonitorHooks, state_dir
 from pipeline.monitoring.tables import (  # noqa: F401 - re-exported: the monitor's tables
@@ -311,9 +312,11 @@ def load_bundle(path: str | Path, version: str, *, fpr: float = 0.05, seed: int 
         logger.warning("model v%s has no residual scoring in its bundle: scoring images with Mahalanobis on z "
                        "(retrain to get the residual detector)", version)
     det_seed = int(gate.get("detector_seed", seed))
+    groups = reference_groups(ref)  # threshold on scores of periods the detector did not fit (handoff.bundle)
     _, det = detector_calibration(z_ref, gate.get("fpr_target", fpr), seed=det_seed,
-                                  residuals=residuals, k=scoring.k if scoring else 25)
-    ref_scores = None if scoring is None else calibration_scores(z_ref, residuals, k=scoring.k, seed=det_seed)
+                                  residuals=residuals, k=scoring.k if scoring else 25, groups=groups)
+    ref_scores = None if scoring is None else calibration_scores(z_ref, residuals, k=scoring.k, seed=det_seed,
+                                                                 groups=groups)
     return Champion(str(version), Path(path), ckpt, str(ckpt.meta.get("model_id", "")), ref, z_ref, det, gate,
                     scoring, ref_scores)
 

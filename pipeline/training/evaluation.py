@@ -93,7 +93,7 @@ def reconstruction_error(model: Any, x: torch.Tensor, *, steps: int, seed: int) 
 
 def evaluate_model(
     model: Any, x_cal: torch.Tensor, gate: Any, *, seed: int, with_detector: bool = True,
-    residuals: np.ndarray | None = None, k: int = 25,
+    residuals: np.ndarray | None = None, k: int = 25, groups: np.ndarray | None = None,
 ) -> tuple[dict[str, float], np.ndarray, Any]:
     """Evaluate one model on calibration images: loss, reconstruction, latent quality, detector calibration.
 
@@ -106,6 +106,8 @@ def evaluate_model(
         residuals: the calibration images' diffusion residuals under this model (``ScoringConfig``); the detector is
             then the residual one (``ConditionalResidual``), else Mahalanobis on z.
         k: neighbours of the residual detector.
+        groups: production periods of the calibration images (``pipeline.handoff.bundle.reference_groups``): the
+            detector is calibrated as the monitor calibrates it; None: the random split.
 
     Returns:
         (metrics, calibration latents (N, d), fitted detector or None).
@@ -117,7 +119,8 @@ def evaluate_model(
     metrics.update(latent_quality(z, gate.axis_std_floor, seed=seed))
     det = None
     if with_detector:
-        metrics["detector_fpr"], det = detector_calibration(z, gate.fpr_target, seed=seed, residuals=residuals, k=k)
+        metrics["detector_fpr"], det = detector_calibration(z, gate.fpr_target, seed=seed, residuals=residuals, k=k,
+                                                            groups=groups)
     return metrics, z, det
 
 

@@ -51,6 +51,7 @@ from pipeline.handoff.bundle import (  # noqa: F401 - re-exported: the bundle fo
     _infer_threshold,
     detector_calibration,
     make_detector,
+    reference_groups,
 )
 from pipeline.handoff.state import (  # noqa: F401 - re-exported: the state the jobs share
     CHALLENGER,
@@ -385,7 +386,8 @@ def _retrain_locked(
     ) as run_id:
         _log_inputs(settings, config, sel, data_digest, calib_digest, parent_version)
         cand = _train_and_evaluate(config, x_train, x_cal, work_dir / "train", champ, champion_dir,
-                                   train_fn or models_train, progress=progress, on_step=on_step)
+                                   train_fn or models_train, progress=progress, on_step=on_step,
+                                   groups=reference_groups(sel.calibration))
         model_dir, model_id = _save_candidate(config, sel, cand, work_dir / "model", spec, hooks,
                                               parent_version=parent_version, data_digest=data_digest,
                                               calib_digest=calib_digest)
@@ -484,7 +486,8 @@ def _log_inputs(settings: Any, config: RetrainConfig, sel: DataSelection, data_d
 
 def _train_and_evaluate(config: RetrainConfig, x_train: torch.Tensor, x_cal: torch.Tensor, out_dir: Path, champ: Any,
                         champion_dir: Path | None, train_fn: Callable[..., Any], *, progress: bool,
-                        on_step: Callable[[dict[str, float]], bool | None] | None) -> _Candidate:
+                        on_step: Callable[[dict[str, float]], bool | None] | None,
+                        groups: np.ndarray | None = None) -> _Candidate:
     """Steps 3-4: train (warm start from the champion unless resuming) and evaluate against the champion."""
     from pipeline import tracking
 
@@ -505,7 +508,7 @@ def _train_and_evaluate(config: RetrainConfig, x_train: torch.Tensor, x_cal: tor
     gate_cfg = config.gate
     r_cand = config.scoring.residual_detector(cand, progress=progress).residuals(x_cal)
     metrics, z_cand, _ = evaluate_model(cand, x_cal, gate_cfg, seed=config.seed, residuals=r_cand,
-                                        k=config.scoring.k)
+                                        k=config.scoring.k, groups=groups)
     ref_metrics, alignment, pairs, baseline = None, None, {}, {}
     if champ is not None:
         ref_metrics, z_champ, _ = evaluate_model(champ.model, x_cal, gate_cfg, seed=config.seed, with_detector=False)

@@ -252,6 +252,17 @@ class BaseDetector(abc.ABC):
         self._set_threshold(self.score(X), fpr)
         return self
 
+    def set_threshold_from_scores(self, scores: Any, fpr: float = 0.01) -> BaseDetector:
+        """Like :meth:`infer_threshold`, from normal scores computed out of sample elsewhere (e.g. cross-fitted).
+
+        Raises:
+            NotFittedError: before ``fit``.
+            ValueError: too few scores for ``fpr``.
+        """
+        self._check_fitted()
+        self._set_threshold(np.asarray(scores, dtype=np.float64), fpr)
+        return self
+
     def predict(self, X: Any) -> DetectionResult:
         """Score and flag data.
 

@@ -70,3 +70,42 @@ def test_cells_of_a_product_the_snapshot_lacks_are_not_judged():
     ref = ["mono"] * 40 + ["poly"] * 5
     assert judged(ref, ["mono", "poly", "hjt", None]).tolist() == [True, False, False, False]
     assert judged(None, ["mono", "poly"]).all() and judged(ref, None).size == 0
+
+
+def test_production_groups_are_line_days_or_runs_of_consecutive_captures():
+    import datetime as dt
+
+    from pipeline.analysis.thresholds import FlagConfig, production_groups
+
+    t0 = dt.datetime(2026, 3, 2, 6, tzinfo=dt.UTC)
+    times = [t0 + dt.timedelta(days=d, minutes=m) for d in range(4) for m in range(6)]
+    g = production_groups(times * 2, ["L1"] * 24 + ["L2"] * 24)
+    assert np.unique(g).size == 8 and list(g[:7]) == [0] * 6 + [1]  # numbered by line, then first capture
+    one_day = production_groups(times[:6], None, FlagConfig(chunks=3))
+    assert list(one_day) == [0, 0, 1, 1, 2, 2]  # too few days: runs of consecutive captures
+    lopsided = production_groups(times[:6] + times[6::6], None, FlagConfig(chunks=3))
+    assert np.bincount(lopsided).max() <= 4  # one day holds most images: runs instead of days
+    with pytest.raises(ValueError, match="capture time"):
+        production_groups([t0, None])
+
+
+def test_group_folds_keep_consecutive_groups_together():
+    from pipeline.analysis.thresholds import group_folds
+
+    folds = group_folds(np.repeat(np.arange(6), 3), max_folds=3)
+    assert [list(f) for f in folds] == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17]]
+    with pytest.raises(ValueError, match="2 groups"):
+        group_folds([0, 0, 0])
+
+
+def test_grouped_threshold_margin_grows_with_the_between_group_spread():
+    from pipeline.analysis.thresholds import FlagConfig, grouped_threshold
+
+    rng = np.random.default_rng(4)
+    groups = np.repeat(np.arange(10), 100)
+    same = rng.normal(size=1000)
+    spread = same + rng.normal(scale=1.0, size=10)[groups]
+    assert grouped_threshold(spread, groups, 0.05)[0] == 0.05  # confidence 0.5: the rate itself
+    strict = FlagConfig(confidence=0.9)
+    a_same, a_spread = grouped_threshold(same, groups, 0.05, strict)[0], grouped_threshold(spread, groups, 0.05, strict)[0]
+    assert a_spread < a_same <= 0.05

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.common.schemas import latent_columns, residual_columns, z_columns
 from pipeline.handoff import serving
-from pipeline.handoff.bundle import detector_calibration, load_bundle
+from pipeline.handoff.bundle import detector_calibration, load_bundle, reference_groups
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -50,7 +50,8 @@ def test_bytes_and_paths_score_like_the_monitor(scorer, tiny_bundle: Path, elpv_
                                rtol=1e-5, atol=1e-5)
     # the score is the monitor's detector (same calibration split and seed) on [z | residuals]
     det = detector_calibration(ref[z_columns(ref)].to_numpy(np.float64), 0.1, seed=0,
-                               residuals=ref[residual_columns(1)].to_numpy(np.float64), k=3)[1]
+                               residuals=ref[residual_columns(1)].to_numpy(np.float64), k=3,
+                               groups=reference_groups(ref))[1]
     features = np.column_stack([ref[z_columns(ref)].to_numpy(np.float64)[:3], ref[residual_columns(1)].to_numpy()[:3]])
     expected = det.predict(features)
     np.testing.assert_allclose(by_bytes["anomaly_score"], expected.scores, rtol=1e-4)
