@@ -127,6 +127,7 @@ def monitor_flow(
     min_window: int = 30,
     cards: bool = True,
     report: bool = True,
+    heatmaps: bool = True,
     quality: bool = True,
     scores: bool = True,
     encode_chunk_size: int | None = None,
@@ -145,6 +146,7 @@ def monitor_flow(
         min_window: Smallest window tested.
         cards: Render axis cards for alerted axes.
         report: Draw drift report pictures.
+        heatmaps: Draw heatmap overlays of the top flagged cells of a window that fired (alert and report).
         quality: Also test the full-resolution image-quality channels (blur, noise, rotation).
         scores: Also test whether the window's per-image anomaly scores rose against the reference's.
         encode_chunk_size: Images per parallel ``encode-chunk`` task; 0 = encode inside the monitor pass; None =
@@ -159,7 +161,7 @@ def monitor_flow(
     config = monitor_config(
         lines=lines, start=start, end=end, lookback_days=lookback_days, window_by=window_by,
         window_size=window_size, alpha=alpha, null=null, min_window=min_window, cards=cards, report=report,
-        quality=quality, scores=scores,
+        heatmaps=heatmaps, quality=quality, scores=scores,
     )
     chunk = default_chunk_size() if encode_chunk_size is None else int(encode_chunk_size)
     n_chunks = 0

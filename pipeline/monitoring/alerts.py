@@ -225,6 +225,9 @@ class Alert:
         causes: every cause seen while open, in order (a new one escalates the alert).
         example_serials: MES serials of the example images (same order), what a person finds on the line.
         details: the whole window's attribution line (every family that fired, and the product mix when it moved).
+        heatmaps: heatmap overlays (PNG) of the window's top flagged cells, highest anomaly score first: where on
+            the cell each is unusual (``pipeline.monitoring.heatmaps``; every family cites them; empty when the
+            monitor's heatmaps are off or could not be drawn).
     """
 
     id: str
@@ -249,6 +252,7 @@ class Alert:
     causes: tuple[str, ...] = ()
     example_serials: tuple[str, ...] = ()
     details: str = ""
+    heatmaps: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict."""
@@ -273,7 +277,7 @@ class Alert:
         return cls(**kw)
 
 
-_TUPLE_FIELDS = ("tests", "top_axes", "card_paths", "example_images", "causes", "example_serials")
+_TUPLE_FIELDS = ("tests", "top_axes", "card_paths", "example_images", "causes", "example_serials", "heatmaps")
 
 
 # families whose alerts cite the window's pictures (axis cards, control chart)
@@ -470,7 +474,7 @@ class AlertManager:
         self, line: str, window_id: Any, drift_result: Any, attribution: Any = None, *,
         model_version: str | None = None, card_paths: Sequence[str | os.PathLike[str]] = (),
         example_images: Sequence[str | os.PathLike[str]] = (), example_serials: Sequence[str] = (),
-        window_start: Any = None, window_end: Any = None,
+        window_start: Any = None, window_end: Any = None, heatmaps: Sequence[str | os.PathLike[str]] = (),
     ) -> list[AlertEvent]:
         """Process one window of one line.
 
@@ -489,6 +493,7 @@ class AlertManager:
             example_serials: the MES serials of the example images (same order).
             window_start: window start (default: from ``window_id`` when it is a Window).
             window_end: window end.
+            heatmaps: heatmap overlays of the window's top flagged cells, cited by an alert it opens or escalates.
 
         Returns:
             The events of this window (opened / escalated / resolved / suppressed); ``[]`` when nothing changed or
@@ -515,7 +520,7 @@ class AlertManager:
                 return []
             from pipeline.monitoring.causes import window_causes
 
-            ctx = replace(ctx, details=str(getattr(attribution, "text", "")))
+            ctx = replace(ctx, details=str(getattr(attribution, "text", "")), heatmaps=tuple(str(p) for p in heatmaps))
             st.n_windows += 1
             causes = window_causes(drift_result, attribution, top_n=self.policy.top_n)
             tested = _was_tested(drift_result)
@@ -592,6 +597,7 @@ class AlertManager:
                             card_paths=ctx.card_paths or alert.card_paths)
         if changes:
             alert = replace(alert, example_images=ctx.example_images or alert.example_images,
+                            heatmaps=ctx.heatmaps or alert.heatmaps,
                             example_serials=ctx.example_serials or alert.example_serials, details=ctx.details)
         st.open[group] = alert.to_dict()
         return [self._event("escalated", alert, ctx, "; ".join(changes))] if changes else []
@@ -617,7 +623,7 @@ class AlertManager:
             card_paths=ctx.card_paths if cause.family in _PICTURED_FAMILIES else (), example_images=ctx.example_images,
             dedup_key=key, created_at=ctx.now_s, updated_at=ctx.now_s, last_window=ctx.window_id,
             family=cause.family, cause=cause.key, causes=(cause.key,), example_serials=ctx.example_serials,
-            details=ctx.details,
+            details=ctx.details, heatmaps=ctx.heatmaps,
         )
 
     def _record(self, st: AlertState, ctx: _Window, detected: bool, causes: Sequence[Any],
@@ -667,6 +673,7 @@ class _Window:
     example_images: tuple[str, ...]
     example_serials: tuple[str, ...]
     details: str
+    heatmaps: tuple[str, ...] = ()
 
 
 def _was_tested(drift_result: Any) -> bool:

@@ -22,7 +22,8 @@ Plain functions with a frozen config and result; ``flows/monitor.py`` wraps them
    (``pipeline.tracking.monitoring``: ``axis_03/effect`` series, the per-window table, the alert as the run
    description, links to the model version and the monitored images); each drifted window gets a drift report
    picture per model version (``drift_<line>_<window>_v<version>.png``), headed by a plain-language paragraph,
-   naming the most unusual cells by their MES serial and showing the moved axis's card.
+   naming the most unusual cells by their MES serial and showing the moved axis's card and the heatmap overlays of
+   the window's top flagged cells (``pipeline.monitoring.heatmaps``; also cited by the alert and logged to MLflow).
 5. Golden-sample captures (``sample_kind`` golden: a line's fixed reference cells re-imaged every shift) never enter
    a window, a score or a flag; each round of them is compared with the cells' own earlier captures
    (``pipeline.monitoring.golden``) with the first window that ends after it, and a round that fired adds the cause
@@ -102,6 +103,10 @@ class MonitorConfig:
             small shift raises an alert with cause ``spc:<statistic>``.
         spc_arl0: the chart's in-control average run length, in windows (``docs/spc.md``: days between false
             alarms).
+        heatmaps: for a window whose drift test fired, draw heatmap overlays of its top flagged cells
+            (``pipeline.monitoring.heatmaps``: backbone patch maps judged by a patch detector fitted once per model on
+            the calibration cells), cite them in the alert and show them in the drift report. A failure is one
+            logged warning; the window goes on without them.
     """
 
     lines: tuple[str, ...] | None = None
@@ -123,6 +128,7 @@ class MonitorConfig:
     progress: bool = False
     spc: bool = True
     spc_arl0: float = 200.0
+    heatmaps: bool = True
 
     def __post_init__(self) -> None:
         if self.window_by not in ("day", "shift", "count"):
@@ -166,6 +172,8 @@ class WindowOutcome:
         explanation: a paragraph in plain language on the verdict (``pipeline.monitoring.report.plain_summary``), the top of
             the drift report.
         golden: the verdicts of the line's golden-sample rounds tested with this window (``"<round>: <text>"``).
+        heatmaps: heatmap overlays (PNG) of the window's top flagged cells, highest score first
+            (``pipeline.monitoring.heatmaps``; empty when the window did not fire or they could not be drawn).
         golden_metrics: their numbers for MLflow (``pipeline.monitoring.golden.round_metrics``).
         original: this is the window's first verdict (made by the champion of that moment); False for a later
             model's re-evaluation, which is stored beside it and never over it (:func:`record_verdicts`).
@@ -197,6 +205,7 @@ class WindowOutcome:
     chart: dict[str, float] = field(default_factory=dict)
     golden: tuple[str, ...] = ()
     golden_metrics: dict[str, float] = field(default_factory=dict)
+    heatmaps: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -459,6 +468,7 @@ class _Pass:
     manager: Any
     charts: Any = None
     golden: Any = None
+    heatmaps: Any = None
 
     @property
     def use_scores(self) -> bool:
@@ -480,7 +490,8 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
     drift, quality = build_drift_detector(settings, champ, config, df)
     ctx = _Pass(settings, config, champ, drift, quality, axis_descriptions(settings, champ),
                 alert_manager if alert_manager is not None else default_alert_manager(settings))
-    ctx = replace(ctx, charts=_monitor_charts(ctx, df), golden=_monitor_golden(ctx, golden_rows))
+    ctx = replace(ctx, charts=_monitor_charts(ctx, df), golden=_monitor_golden(ctx, golden_rows),
+                  heatmaps=_monitor_heatmaps(ctx))
 
     results: dict[tuple[str, str], tuple[Any, pd.DataFrame]] = {}
     outcomes: list[WindowOutcome] = []
@@ -589,9 +600,10 @@ def _test_window(ctx: _Pass, line: str, w: Any) -> tuple[WindowOutcome, Any]:
         except Exception:  # noqa: BLE001 - a missing picture must not stop the alert
             logger.exception("axis cards failed for model %s", ctx.champ.model_id)
     examples, serials = _example_images(ctx.settings, frame)
+    heatmaps = ctx.heatmaps.window(line, w.window_id, frame) if ctx.heatmaps and alert_res.detected else []
     events = ctx.manager.update(
         line, w.window_id, alert_res, attr, model_version=ctx.champ.version,
-        card_paths=[*cards.values(), *chart_pics],
+        card_paths=[*cards.values(), *chart_pics], heatmaps=heatmaps,
         example_images=examples, example_serials=serials,
         window_start=pd.Timestamp(w.start).isoformat(), window_end=pd.Timestamp(w.end).isoformat(),
     )
@@ -614,8 +626,18 @@ def _test_window(ctx: _Pass, line: str, w: Any) -> tuple[WindowOutcome, Any]:
         alert_active=bool(ctx.manager.open_alerts(line)), events=ev_dicts, model_version=ctx.champ.version,
         fired=tuple(res.fired), causes=tuple(c.key for c in causes), example_serials=tuple(serials),
         explanation=explanation, chart=chart_metrics, golden=golden, golden_metrics=golden_metrics,
+        heatmaps=tuple(heatmaps),
     )
     return outcome, res
+
+
+def _monitor_heatmaps(ctx: _Pass) -> Any:
+    """The pass's heatmap step (``pipeline.monitoring.heatmaps.WindowHeatmaps``), or None when off."""
+    if not ctx.config.heatmaps:
+        return None
+    from pipeline.monitoring.heatmaps import WindowHeatmaps
+
+    return WindowHeatmaps(ctx.settings, ctx.champ)
 
 
 def _monitor_charts(ctx: _Pass, df: pd.DataFrame) -> Any:
@@ -887,7 +909,8 @@ def _draw_reports(settings: Any, champ: Champion, outcomes: list[WindowOutcome],
             drift_report(res, line_history, axis=o.top_axis, description=o.description,
                          example_images=examples, example_labels=serials, out_path=path,
                          title=f"line {o.line}, window {o.window_id}, model v{champ.version}",
-                         summary=o.explanation, axis_card=_card_path(settings, champ, o.top_axis))
+                         summary=o.explanation, axis_card=_card_path(settings, champ, o.top_axis),
+                         heatmaps=o.heatmaps)
             out.append(replace(o, report=str(path)))
         except Exception:  # noqa: BLE001 - the picture is a convenience
             logger.exception("drift report failed for %s %s", o.line, o.window_id)
@@ -944,4 +967,6 @@ def _log_line_run(settings: Any, champ: Champion, outcomes: list[WindowOutcome],
         cards = state_dir(settings) / "axes" / champ.model_id
         if cards.is_dir():
             tracking.log_artifacts(cards, "axis_cards")
+        for folder in dict.fromkeys(Path(o.heatmaps[0]).parent for o in outcomes if o.heatmaps):
+            tracking.log_artifacts(folder, f"heatmaps/{folder.name}")
     return run_id

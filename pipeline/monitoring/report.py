@@ -143,6 +143,7 @@ def drift_report(
     example_labels: Sequence[str] = (),
     summary: str = "",
     axis_card: str | os.PathLike[str] | None = None,
+    heatmaps: Sequence[str | os.PathLike[str]] = (),
 ) -> Path:
     """Draw the drift report of one window.
 
@@ -160,6 +161,8 @@ def drift_report(
         summary: a paragraph printed above the panels (:func:`plain_summary`).
         axis_card: the moved axis's card (``axis_XX.png``, ``pipeline.analysis.axes.axis_cards``), shown as a last
             row; skipped when missing.
+        heatmaps: heatmap overlays of the window's top flagged cells (``pipeline.monitoring.heatmaps``), shown as a
+            row below the examples (at most ``max_examples``; missing files skipped).
 
     Returns:
         The written path.
@@ -177,9 +180,8 @@ def drift_report(
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     cols = max(4, max_examples)
     card = Path(axis_card) if axis_card is not None and Path(axis_card).is_file() else None
-    fig = plt.figure(figsize=(12, (9.5 if summary else 8.5) + (5.5 if card else 0.0)), constrained_layout=True)
-    gs = fig.add_gridspec(4 + bool(card), cols,
-                          height_ratios=[0.45 if summary else 0.01, 1.1, 1.0, 1.0] + ([2.4] if card else []))
+    heat = [Path(h) for h in heatmaps if Path(h).is_file()][:max_examples]
+    fig, gs = _figure(plt, cols, bool(summary), bool(heat), card is not None)
     if summary:
         _text_panel(fig.add_subplot(gs[0, :]), summary)
     # 1. the test families, the per-axis effects (and the image-level families beside them)
@@ -192,12 +194,32 @@ def drift_report(
     labels = [*example_labels, *[""] * max_examples]
     for i, path in enumerate(list(example_images)[:max_examples]):
         _example_panel(fig.add_subplot(gs[3, i]), path, labels[i])
+    for i, path in enumerate(heat):
+        _heatmap_panel(fig.add_subplot(gs[4, i]), path)
     if card is not None:
-        _card_panel(fig.add_subplot(gs[4, :]), card, axis)
+        _card_panel(fig.add_subplot(gs[4 + bool(heat), :]), card, axis)
     fig.suptitle(title)
     fig.savefig(out_path, dpi=90, bbox_inches="tight")  # the image-level panel's title must not be cut off
     plt.close(fig)
     return Path(out_path)
+
+
+def _figure(plt: Any, cols: int, summary: bool, heat: bool, card: bool) -> tuple[Any, Any]:
+    """The report's figure and grid: summary, tests, history, examples, then the heatmaps and the card if any."""
+    fig = plt.figure(figsize=(12, (9.5 if summary else 8.5) + (5.5 if card else 0.0) + (2.5 if heat else 0.0)),
+                     constrained_layout=True)
+    gs = fig.add_gridspec(4 + heat + card, cols, height_ratios=[
+        0.45 if summary else 0.01, 1.1, 1.0, 1.0, *([1.0] if heat else []), *([2.4] if card else [])])
+    return fig, gs
+
+
+def _heatmap_panel(ax: Any, path: Path) -> None:
+    """One heatmap overlay (its PNG: the cell and its anomaly map) as a panel."""
+    import matplotlib.image
+
+    ax.imshow(matplotlib.image.imread(path))
+    ax.set_title(f"where it is unusual: {path.stem}", fontsize=8)
+    ax.axis("off")
 
 
 def _card_panel(ax: Any, card: Path, axis: int) -> None:

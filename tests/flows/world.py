@@ -77,7 +77,9 @@ def monitor_params(**over: object) -> dict:
     # quality=False, scores=False: the tiny world's reference (~36 cells from one or two lots) is too small to
     # calibrate the lot null of the image-quality channels and of the anomaly scores of an 80-step tiny model (a
     # healthy day's scores differ from it at p = 0.002); tests/pipeline/test_monitor.py runs both once on their own
+    # heatmaps=False: the real backbone on every alerted window would slow every monitor test; the heatmap step has
+    # its own tests (tests/pipeline/monitoring/test_heatmaps.py) and one run in the golden end-to-end test
     params = {"start": midnight(TRAIN_DAYS + 1), "end": midnight(DAYS + 1), "window_by": "day", "min_window": 15,
-              "cards": False, "quality": False, "scores": False}
+              "cards": False, "quality": False, "scores": False, "heatmaps": False}
     params.update(over)
     return params

@@ -102,3 +102,22 @@ def test_report_embeds_the_moved_axis_card(tmp_path):
                            axis_card=tmp_path / "nope.png")
     with Image.open(missing) as m, Image.open(plain) as a:
         assert m.size == a.size
+
+
+def test_report_shows_the_heatmaps_of_the_top_flagged_cells_as_a_row(tmp_path):
+    """Heatmap overlays (pipeline.monitoring.heatmaps) are a row of their own; missing files are skipped."""
+    res = _result(True, ("scores",), True)
+    heat = []
+    for i in range(2):
+        pic = np.zeros((120, 240, 3), np.uint8)
+        pic[:, :, 2] = 255  # a blue block no other panel draws
+        heat.append(tmp_path / f"0{i + 1}_SN-{i}.png")
+        Image.fromarray(pic).save(heat[-1])
+    plain = drift_report(res, [("2026-01-11", res)], axis=None, out_path=tmp_path / "plain.png")
+    with_heat = drift_report(res, [("2026-01-11", res)], axis=None, out_path=tmp_path / "heat.png",
+                             heatmaps=[*heat, tmp_path / "gone.png"])
+    with Image.open(plain) as a, Image.open(with_heat) as b:
+        assert b.size[1] > a.size[1] + 100
+        pixels = np.asarray(b.convert("RGB"))
+        blue = (pixels[..., 2] > 200) & (pixels[..., 0] < 30) & (pixels[..., 1] < 30)
+        assert blue.sum() > 2000
