@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 from pipeline.common import atomic
 from pipeline.handoff.state import state_dir
@@ -94,7 +95,10 @@ class WindowHeatmaps:
             fs = load_or_compute_features(self.settings.catalog_root, ref[[SHA, "store_path"]])
         else:
             fs = compute_features(_cell_images(self.settings, ref["store_path"]))
-        return PatchDetector().fit(fs.patches)
+        # one BLAS thread: 64 small (432 x 432) covariances, measured 15x faster than BLAS's own threads on 2 busy
+        # cores (0.03 s against 0.5 s per grid position)
+        with threadpool_limits(limits=1, user_api="blas"):
+            return PatchDetector().fit(fs.patches)
 
     def cells(self, frame: pd.DataFrame) -> pd.DataFrame:
         """The window's top flagged cells by anomaly score (the highest-scoring cells when none is flagged)."""
@@ -112,7 +116,9 @@ class WindowHeatmaps:
             return []
         det = self.detector()
         images = _cell_images(self.settings, cells["store_path"])
-        maps = det.anomaly_map(compute_features(images).patches)
+        patches = compute_features(images).patches
+        with threadpool_limits(limits=1, user_api="blas"):
+            maps = det.anomaly_map(patches)
         names = [serial_of(p) or str(i) for p, i in zip(cells["source_path"], cells["image_id"], strict=True)] \
             if "source_path" in cells.columns else cells["image_id"].astype(str).tolist()
         out = heatmap_dir(self.settings, line, window_id, self.champ.version)

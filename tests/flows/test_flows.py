@@ -72,6 +72,10 @@ def test_cli_registers_the_flow_commands():
     assert parser.parse_args(["monitor", "--lookback-days", "1"]).func.__name__ == "cmd_monitor"
     mon = parser.parse_args(["monitor", "--no-quality", "--no-scores", "--encode-chunk-size", "256"])
     assert mon.no_quality and mon.no_scores and mon.encode_chunk_size == 256
+    from flows.cli import _monitor_params
+
+    assert _monitor_params(parser.parse_args(["monitor", "--no-heatmaps"]))["heatmaps"] is False
+    assert "heatmaps" not in _monitor_params(parser.parse_args(["monitor"]))
     assert parser.parse_args(["monitor"]).encode_chunk_size is None
     assert parser.parse_args(["serve", "--timezone", "UTC"]).func.__name__ == "cmd_serve"
     assert parser.parse_args(["retrain"]).func.__name__ == "cmd_retrain"

@@ -117,3 +117,54 @@ def test_the_alert_cites_the_heatmaps_and_an_escalation_the_newer_ones(world, tm
     # an alert stored before heatmaps existed still loads
     legacy = {k: v for k, v in events[0].alert.to_dict().items() if k != "heatmaps"}
     assert Alert.from_dict(legacy).heatmaps == ()
+
+
+class _Drift:
+    """A drift detector stub whose test fires on axis 3 (the alert tests' fake result)."""
+
+    ref_scores_ = None
+
+    def rows_to_test(self, n: int) -> np.ndarray:
+        return np.arange(n)
+
+    def test(self, z, **kw):
+        from tests.pipeline.monitoring.test_alerts import drift
+
+        r = drift()
+        return SimpleNamespace(**vars(r), top_axis=3, top_share=0.8, meta={}, summary=lambda: "axis 3 moved")
+
+
+def _pass(world, tmp_path: Path, heatmaps: bool):
+    from pipeline.monitoring.monitor import MonitorConfig, _monitor_heatmaps, _Pass
+    from tests.pipeline.monitoring.test_alerts import manager
+
+    ctx = _Pass(world.settings, MonitorConfig(cards=False, heatmaps=heatmaps), world.champ, _Drift(), None, [],
+                manager(tmp_path, k_consecutive=1))
+    return _Pass(**{**vars(ctx), "heatmaps": _monitor_heatmaps(ctx)})
+
+
+def _window(world, window_id: str) -> SimpleNamespace:
+    frame = world.window.assign(**{f"z_{k}": 0.0 for k in range(6)}, line="L1")
+    return SimpleNamespace(window_id=window_id, frame=frame, start=pd.Timestamp("2026-01-11", tz="UTC"),
+                           end=pd.Timestamp("2026-01-12", tz="UTC"))
+
+
+def test_the_monitor_cites_the_window_heatmaps_in_its_alert_and_outcome(world, tmp_path) -> None:
+    from pipeline.monitoring.monitor import _test_window
+
+    outcome, _ = _test_window(_pass(world, tmp_path, True), "L1", _window(world, "2026-01-11"))
+    assert outcome.detected and len(outcome.heatmaps) == 3 and all(Path(p).is_file() for p in outcome.heatmaps)
+    assert [e["kind"] for e in outcome.events] == ["opened"]
+    assert outcome.events[0]["alert"]["heatmaps"] == list(outcome.heatmaps)
+    off, _ = _test_window(_pass(world, tmp_path / "off", False), "L1", _window(world, "2026-01-11"))
+    assert off.heatmaps == () and off.events[0]["alert"]["heatmaps"] == []
+
+
+def test_a_failing_heatmap_step_leaves_the_window_processed(world, tmp_path, monkeypatch, caplog) -> None:
+    from pipeline.monitoring.monitor import _test_window
+
+    monkeypatch.setattr(F, "compute_features", lambda *a, **k: (_ for _ in ()).throw(OSError("disk gone")))
+    with caplog.at_level(logging.WARNING):
+        outcome, _ = _test_window(_pass(world, tmp_path, True), "L1", _window(world, "2026-01-11"))
+    assert outcome.detected and outcome.heatmaps == () and [e["kind"] for e in outcome.events] == ["opened"]
+    assert sum("heatmaps of line L1" in r.getMessage() for r in caplog.records) == 1
