@@ -106,7 +106,10 @@ class WindowHeatmaps:
         return (flagged if len(flagged) else frame).sort_values("score", ascending=False).head(self.top)
 
     def draw(self, line: str, window_id: str, frame: pd.DataFrame) -> list[str]:
-        """Write the overlays of the window's top cells; their paths, highest score first (raises on failure)."""
+        """Write the overlays of the window's top cells; their paths, highest score first (raises on failure).
+
+        A window whose overlays this model version already drew (a rerun) gets the same files back, not redrawn.
+        """
         from pipeline.catalog.tables import serial_of
         from pipeline.common.figures import save_heatmap_overlays
         from pipeline.latent.features import compute_features
@@ -114,6 +117,10 @@ class WindowHeatmaps:
         cells = self.cells(frame)
         if cells.empty or self.top < 1:
             return []
+        out = heatmap_dir(self.settings, line, window_id, self.champ.version)
+        drawn = sorted(out.glob("*.png"))
+        if len(drawn) == len(cells):  # a rerun of the window by the same model: the same pictures
+            return [str(p) for p in drawn]
         det = self.detector()
         images = _cell_images(self.settings, cells["store_path"])
         patches = compute_features(images).patches
@@ -121,7 +128,6 @@ class WindowHeatmaps:
             maps = det.anomaly_map(patches)
         names = [serial_of(p) or str(i) for p, i in zip(cells["source_path"], cells["image_id"], strict=True)] \
             if "source_path" in cells.columns else cells["image_id"].astype(str).tolist()
-        out = heatmap_dir(self.settings, line, window_id, self.champ.version)
         paths = save_heatmap_overlays(images, maps, cells["score"].to_numpy(float), names, out, top=self.top)
         return [str(p) for p in paths]
 
