@@ -7,7 +7,8 @@ window's top flagged cells (default 4, highest anomaly score first; the highest-
   packages) of those few cells;
 * a :class:`~pipeline.analysis.detectors.patch.PatchDetector` fitted on the patch maps of the champion's calibration
   cells (the bundle's reference: images the model did not train on, as the retrain chose them). It is fitted once
-  per model and backbone and cached under the state folder (``<state>/patches/<model id>/<backbone>.pkl``), so a
+  per model and backbone and cached under the state folder (``<state>/patches/<model id>/<backbone>.npz``: arrays
+  only, nothing is unpickled), so a
   window only costs the backbone on its own few cells;
 * :func:`pipeline.common.figures.save_heatmap_overlays`: one PNG per cell, on one colour scale, in
   ``<state>/reports/heatmaps_<line>_<window>_v<model version>/``.
@@ -19,10 +20,10 @@ window's alert and report go on without heatmaps.
 from __future__ import annotations
 
 import logging
-import pickle
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
@@ -46,7 +47,31 @@ def heatmap_dir(settings: Any, line: str, window_id: str, model_version: str) ->
 
 def detector_cache_path(settings: Any, model_id: str, backbone_id: str) -> Path:
     """Where the patch detector fitted on a model's calibration cells with a backbone is cached."""
-    return state_dir(settings) / "patches" / _safe(model_id) / f"{_safe(backbone_id)}.pkl"
+    return state_dir(settings) / "patches" / _safe(model_id) / f"{_safe(backbone_id)}.npz"
+
+
+def save_detector(detector: Any, path: Path) -> None:
+    """Write a fitted Gaussian :class:`PatchDetector` as plain arrays (``.npz``, atomically)."""
+    import io
+
+    if detector.method != "gaussian":
+        raise ValueError(f"only the gaussian patch detector is cached, got {detector.method!r}")
+    buf = io.BytesIO()
+    np.savez(buf, mean=detector.mean_, whiten=detector.whiten_, shape=np.asarray(detector.n_features_in_),
+             n_ref=np.asarray(detector.n_ref_))
+    atomic.write_bytes(path, buf.getvalue())
+
+
+def load_detector(path: Path) -> Any:
+    """A Gaussian :class:`PatchDetector` from :func:`save_detector`'s arrays (``allow_pickle=False``)."""
+    from pipeline.analysis.detectors.patch import PatchDetector
+
+    with np.load(path, allow_pickle=False) as z:
+        det = PatchDetector(method="gaussian")
+        det.mean_, det.whiten_ = z["mean"].astype(np.float32), z["whiten"].astype(np.float32)
+        det.n_features_in_, det.n_ref_ = tuple(int(v) for v in z["shape"]), int(z["n_ref"])
+    det.banks_, det.is_fitted_ = [], True
+    return det
 
 
 def _cell_images(settings: Any, store_paths: Any) -> list[Any]:
@@ -79,10 +104,10 @@ class WindowHeatmaps:
 
         path = detector_cache_path(self.settings, self.champ.model_id, BACKBONE_ID)
         if path.is_file():
-            self._detector = pickle.loads(path.read_bytes())  # noqa: S301 - our own state folder
+            self._detector = load_detector(path)
             return self._detector
         self._detector = self._fit()
-        atomic.write_bytes(path, pickle.dumps(self._detector, protocol=pickle.HIGHEST_PROTOCOL))
+        save_detector(self._detector, path)
         return self._detector
 
     def _fit(self) -> Any:

@@ -12,7 +12,13 @@ import pytest
 from PIL import Image
 
 import pipeline.latent.features as F
-from pipeline.monitoring.heatmaps import WindowHeatmaps, detector_cache_path, heatmap_dir
+from pipeline.monitoring.heatmaps import (
+    WindowHeatmaps,
+    detector_cache_path,
+    heatmap_dir,
+    load_detector,
+    save_detector,
+)
 
 
 def _cells(root: Path, prefix: str, n: int, seed: int) -> pd.DataFrame:
@@ -71,7 +77,7 @@ def test_the_patch_detector_is_fitted_once_per_model_and_reused(world) -> None:
     step = WindowHeatmaps(world.settings, world.champ)
     step.window("L1", "day-1", world.window)
     assert world.calls == [12, 3]  # calibration cells once, then the window's flagged cells
-    assert len(list(detector_cache_path(world.settings, "m-123", "any").parent.glob("*.pkl"))) == 1
+    assert len(list(detector_cache_path(world.settings, "m-123", "any").parent.glob("*.npz"))) == 1
     step.window("L1", "day-2", world.window)
     assert world.calls == [12, 3, 3]  # second window: only its own cells
     # a later pass (new process) reads the cached detector: the calibration cells are not featurised again
@@ -84,6 +90,22 @@ def test_the_patch_detector_is_fitted_once_per_model_and_reused(world) -> None:
     # a rerun of a window by the same model: the same files, no backbone call
     assert WindowHeatmaps(world.settings, other).window("L1", "day-3", world.window)
     assert world.calls == [12, 3, 3, 3, 12, 3]
+
+
+def test_the_cached_detector_is_plain_arrays_and_maps_like_the_fitted_one(tmp_path: Path) -> None:
+    from pipeline.analysis.detectors.patch import PatchDetector
+
+    rng = np.random.default_rng(0)
+    det = PatchDetector().fit(rng.normal(size=(20, 6, 3, 3)).astype(np.float32))
+    path = tmp_path / "det.npz"
+    save_detector(det, path)
+    with np.load(path, allow_pickle=False) as z:  # loads without pickle
+        assert set(z.files) == {"mean", "whiten", "shape", "n_ref"}
+    back = load_detector(path)
+    query = rng.normal(size=(4, 6, 3, 3)).astype(np.float32)
+    np.testing.assert_allclose(back.anomaly_map(query), det.anomaly_map(query))
+    with pytest.raises(ValueError, match="gaussian"):
+        save_detector(PatchDetector(method="knn").fit(rng.normal(size=(20, 6, 3, 3)).astype(np.float32)), path)
 
 
 def test_a_failure_is_one_warning_and_no_heatmaps(world, monkeypatch, caplog) -> None:
