@@ -181,7 +181,8 @@ def drift_report(
     cols = max(4, max_examples)
     card = Path(axis_card) if axis_card is not None and Path(axis_card).is_file() else None
     heat = [Path(h) for h in heatmaps if Path(h).is_file()][:max_examples]
-    fig, gs = _figure(plt, cols, bool(summary), bool(heat), card is not None)
+    heat_rows = (len(heat) + 1) // 2  # two overlays a row: each is a cell beside its map, too wide for a column
+    fig, gs = _figure(plt, cols, bool(summary), heat_rows, card is not None)
     if summary:
         _text_panel(fig.add_subplot(gs[0, :]), summary)
     # 1. the test families, the per-axis effects (and the image-level families beside them)
@@ -194,22 +195,23 @@ def drift_report(
     labels = [*example_labels, *[""] * max_examples]
     for i, path in enumerate(list(example_images)[:max_examples]):
         _example_panel(fig.add_subplot(gs[3, i]), path, labels[i])
+    half = cols // 2
     for i, path in enumerate(heat):
-        _heatmap_panel(fig.add_subplot(gs[4, i]), path)
+        _heatmap_panel(fig.add_subplot(gs[4 + i // 2, (i % 2) * half: (i % 2 + 1) * half]), path)
     if card is not None:
-        _card_panel(fig.add_subplot(gs[4 + bool(heat), :]), card, axis)
+        _card_panel(fig.add_subplot(gs[4 + heat_rows, :]), card, axis)
     fig.suptitle(title)
     fig.savefig(out_path, dpi=90, bbox_inches="tight")  # the image-level panel's title must not be cut off
     plt.close(fig)
     return Path(out_path)
 
 
-def _figure(plt: Any, cols: int, summary: bool, heat: bool, card: bool) -> tuple[Any, Any]:
-    """The report's figure and grid: summary, tests, history, examples, then the heatmaps and the card if any."""
-    fig = plt.figure(figsize=(12, (9.5 if summary else 8.5) + (5.5 if card else 0.0) + (2.5 if heat else 0.0)),
+def _figure(plt: Any, cols: int, summary: bool, heat_rows: int, card: bool) -> tuple[Any, Any]:
+    """The report's figure and grid: summary, tests, history, examples, then the heatmap rows and the card if any."""
+    fig = plt.figure(figsize=(12, (9.5 if summary else 8.5) + (5.5 if card else 0.0) + 3.0 * heat_rows),
                      constrained_layout=True)
-    gs = fig.add_gridspec(4 + heat + card, cols, height_ratios=[
-        0.45 if summary else 0.01, 1.1, 1.0, 1.0, *([1.0] if heat else []), *([2.4] if card else [])])
+    gs = fig.add_gridspec(4 + heat_rows + card, cols, height_ratios=[
+        0.45 if summary else 0.01, 1.1, 1.0, 1.0, *([1.3] * heat_rows), *([2.4] if card else [])])
     return fig, gs
 
 
