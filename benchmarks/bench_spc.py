@@ -56,6 +56,7 @@ from benchmarks.spc_data import (
     WINDOW,
     Data,
     FaultRun,
+    capture,
     fault_run,
     load_data,
     run_matrix,
@@ -63,14 +64,6 @@ from benchmarks.spc_data import (
 
 NAME = "bench_spc"
 ARL0 = 200.0
-#: The fault patterns the chart watches (measured on the Phase I cells): pattern name -> image fault.
-PATTERNS: dict[str, str] = {
-    "camera gain x0.9": "gain x0.9",
-    "defocus blur 1 px": "blur 1 px",
-    "sensor noise 3 %": "noise 3%",
-    "fixture misalignment 2 deg": "misalign 2 deg",
-    "vignetting 0.2": "vignetting 0.2",
-}
 RAW = C.OUT / "bench_spc_raw.json"
 PEERS_PY = Path(os.environ.get("LINEWATCH_PEERS_PYTHON", str(C.ROOT / ".venv-peers" / "bin" / "python")))
 
@@ -89,9 +82,24 @@ class Rep:
     fit_seconds: float
 
 
-def make_rep(data: Data, index: int, phase1: int) -> Rep:
-    """Phase I: ``phase1`` in-control windows of a fresh stream; fit the chart on them, with the fault patterns."""
-    from pipeline.analysis.spc import SpcChart, SpcConfig, lot_runs, resample_stream
+def signatures(data: Data, p1: np.ndarray) -> dict[str, Any]:
+    """The camera-fault patterns as the monitor measures them (``pipeline.monitoring.charts.fault_signatures``):
+    each fault applied to 120 Phase I cells spread evenly over it, their statistics under the model."""
+    from models import load_checkpoint
+    from pipeline.monitoring.charts import SIGNATURE_IMAGES, fault_signatures, model_statistics
+
+    ck = load_checkpoint(C.find_checkpoint("InfoDiffusion"))
+    cells = p1[np.unique(np.linspace(0, len(p1) - 1, SIGNATURE_IMAGES).round().astype(int))]
+    images = [capture(C.images()[c], "clean", int(c)) for c in cells]
+    return fault_signatures(images, lambda ims: model_statistics(ck, ims))
+
+
+def make_rep(data: Data, index: int, phase1: int, patterns: bool = True) -> Rep:
+    """Phase I: ``phase1`` in-control windows of a fresh stream; the monitor's chart fitted on them."""
+    import pandas as pd
+
+    from pipeline.analysis.spc import lot_runs, resample_stream
+    from pipeline.monitoring.charts import ChartSettings, fit_chart
 
     rng = np.random.default_rng([20261204, index])
     runs = lot_runs(len(data.lots), data.lots)
@@ -99,10 +107,11 @@ def make_rep(data: Data, index: int, phase1: int) -> Rep:
     p1 = resample_stream(runs, phase1 * WINDOW, rng)
     threshold = float(np.quantile(data.scores["clean"][p1], 0.9))
     F = {C.slug(v): data.cells(v, threshold) for v in VARIANTS}
-    patterns = {name: (F[C.slug(f)][p1] - F["clean"][p1]).mean(axis=0) for name, f in PATTERNS.items()}
+    sig = signatures(data, p1) if patterns else None
     t0 = time.perf_counter()
-    chart = SpcChart("bench", data.model["model_id"], SpcConfig(arl0=ARL0, window=WINDOW, seed=index)).fit(
-        F["clean"][p1], names=data.names, strata=data.types[p1], lots=data.lots[p1], signatures=patterns)
+    settings = ChartSettings(arl0=ARL0, window=WINDOW, seed=index)
+    chart = fit_chart("bench", data.model["model_id"], pd.DataFrame(F["clean"][p1], columns=data.names),
+                      strata=data.types[p1], lots=data.lots[p1], settings=settings, signatures=sig)
     return Rep(index, p1, F, chart, runs, run_types, time.perf_counter() - t0)
 
 
@@ -333,6 +342,16 @@ def arl_summary(windows: int, alarms: int, run_lengths: list[int]) -> dict[str, 
     return out
 
 
+def arl_ci(windows: list[int], alarms: list[int], n_boot: int = 4000, seed: int = 0) -> list[float]:
+    """90 % interval of the pooled ARL over replicates (each replicate's own Phase I), by resampling replicates."""
+    w, a = np.asarray(windows, float), np.asarray(alarms, float)
+    if len(w) < 2:
+        return [float("nan"), float("nan")]
+    idx = np.random.default_rng(seed).integers(len(w), size=(n_boot, len(w)))
+    arl = w[idx].sum(axis=1) / np.maximum(a[idx].sum(axis=1), 1.0)
+    return [float(v) for v in np.quantile(arl, [0.05, 0.95])]
+
+
 def chart_rep_result(rep: Rep, data: Data, runs: dict[str, list[FaultRun]], onset: int, n_ic: int) -> dict[str, Any]:
     """The chart's in-control run lengths and its delays and alarm texts on every fault stream of one replicate."""
     ic = in_control(rep, data, n_ic)
@@ -342,13 +361,10 @@ def chart_rep_result(rep: Rep, data: Data, runs: dict[str, list[FaultRun]], onse
             "limit": rep.chart.limit, "arl0_fit": rep.chart.arl0_fit, "fit_s": rep.fit_seconds}
 
 
-def ablation_rep(rep: Rep, data: Data, runs: dict[str, list[FaultRun]], onset: int, n_ic: int) -> dict[str, Any]:
+def ablation_rep(rep: Rep, data: Data, runs: dict[str, list[FaultRun]], onset: int, n_ic: int,
+                 phase1: int) -> dict[str, Any]:
     """The same replicate with the MEWMA alone (no fault patterns): what the chart finds without knowing them."""
-    from pipeline.analysis.spc import SpcChart, SpcConfig
-
-    chart = SpcChart("bench", data.model["model_id"], SpcConfig(arl0=ARL0, window=WINDOW, seed=rep.index)).fit(
-        rep.F["clean"][rep.p1], names=data.names, strata=data.types[rep.p1], lots=data.lots[rep.p1])
-    alone = Rep(rep.index, rep.p1, rep.F, chart, rep.runs, rep.run_types, 0.0)
+    alone = make_rep(data, rep.index, phase1, patterns=False)
     out = chart_rep_result(alone, data, runs, onset, n_ic)
     out.pop("V_ic")
     return out
@@ -374,7 +390,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         res.pop("V_ic")
         reps.append(res)
         if not args.no_ablation:
-            ablation.append(ablation_rep(rep, data, runs, args.onset, args.ic_windows))
+            ablation.append(ablation_rep(rep, data, runs, args.onset, args.ic_windows, args.phase1))
         if r < args.window_test_reps:
             short = {k: v[: args.window_test_streams] for k, v in runs.items() if k != "no fault"}
             short = {k: [FaultRun(x.pos[: (args.onset + args.window_test_max) * WINDOW],
@@ -397,6 +413,7 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
         ic = arl_summary(sum(r["ic"]["windows"] for r in reps), sum(r["ic"]["alarms"] for r in reps),
                          [x for r in reps for x in r["ic"]["run_lengths"]])
         ic["per_rep_arl"] = [r["ic"]["windows"] / max(1, r["ic"]["alarms"]) for r in reps]
+        ic["arl_ci90"] = arl_ci([r["ic"]["windows"] for r in reps], [r["ic"]["alarms"] for r in reps])
         faults = {lab: delay_summary([f["delay"] for r in reps for f in r["faults"][lab]])
                   for lab in res["labels"]}
         return {"ic": ic, "faults": faults}
@@ -492,11 +509,13 @@ def _setup_lines(res: dict[str, Any]) -> list[str]:
 def _ic_table(s: dict[str, Any]) -> list[str]:
     out = ["## In control: run lengths (windows until a false alarm, restarting after each)", "",
            "| method | windows | false alarms | ARL | run length 5 % / 10 % / 25 % / 50 % / 75 % / 90 % | runs < 50 | "
-           "ARL per replicate |", "|---|---|---|---|---|---|---|"]
+           "ARL per replicate (90 % interval over replicates) |", "|---|---|---|---|---|---|---|"]
     for name, m in s.items():
         ic = m["ic"]
         q = " / ".join(f"{ic[k]:.0f}" for k in ("q05", "q10", "q25", "q50", "q75", "q90")) if "q50" in ic else "-"
         per = ", ".join(f"{x:.0f}" for x in ic.get("per_rep_arl", [])) or "-"
+        if np.isfinite(ic.get("arl_ci90", [np.nan])[0]):
+            per += f" ({ic['arl_ci90'][0]:.0f}-{ic['arl_ci90'][1]:.0f})"
         below = f"{ic['share_below_50']:.2f}" if "share_below_50" in ic else "-"
         lines = f"| {name} | {ic['windows']:,} | {ic['alarms']} | {ic['arl']:.0f} | {q} | {below} | {per} |"
         out.append(lines)
@@ -526,8 +545,10 @@ def _target_lines(res: dict[str, Any]) -> list[str]:
     def ok(c: bool) -> str:
         return "met" if c else "**not met**"
 
-    out = [f"- In-control ARL >= 200 windows over >= 1,000 windows: ARL {ic['arl']:.0f} over {ic['windows']:,} windows, "
-           f"median run length {ic.get('q50', float('nan')):.0f}: {ok(ic['arl'] >= 200 and ic['windows'] >= 1000)}.",
+    ci = ic.get("arl_ci90", [float("nan")] * 2)
+    out = [f"- In-control ARL >= 200 windows over >= 1,000 windows: ARL {ic['arl']:.0f} over {ic['windows']:,} windows "
+           f"(90 % interval over replicates {ci[0]:.0f}-{ci[1]:.0f}), median run length "
+           f"{ic.get('q50', float('nan')):.0f}: {ok(ic['arl'] >= 200 and ic['windows'] >= 1000)}.",
            f"- Gain x0.9 median delay <= 5 windows: {f['gain x0.9']['median']:.0f}: {ok(f['gain x0.9']['median'] <= 5)}.",
            f"- Blur 1 px median delay <= 2 windows: {f['blur 1 px']['median']:.0f}: {ok(f['blur 1 px']['median'] <= 2)}."]
     g = gs["faults"]
@@ -572,7 +593,7 @@ def _notes(res: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=8, help="replicates (each: Phase I, fit, Phase II)")
+    ap.add_argument("--reps", type=int, default=10, help="replicates (each: Phase I, fit, Phase II)")
     ap.add_argument("--phase1", type=int, default=300, help="Phase I windows per replicate")
     ap.add_argument("--ic-windows", type=int, default=2000, help="in-control Phase II windows per replicate")
     ap.add_argument("--fault-streams", type=int, default=20, help="streams per fault and replicate")

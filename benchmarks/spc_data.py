@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 
 from benchmarks import common as C
+from pipeline.latent.properties import CHART_CHANNELS
 
 WINDOW = 100
-STATS: tuple[str, ...] = ("mean_intensity", "contrast", "sharpness", "noise_level", "detail_ratio", "dark_fraction",
-                          "rotation_deg", "offset_x", "offset_y", "vignetting")
+STATS: tuple[str, ...] = CHART_CHANNELS
+"""The image properties the monitor's chart follows (``pipeline.latent.properties.CHART_CHANNELS``)."""
 #: Image faults: label -> (``pipeline.line.faults`` function, parameter).
 IMAGE_FAULTS: dict[str, tuple[str, float]] = {
     "gain x0.95": ("gain", 0.95),
@@ -152,7 +153,7 @@ class Data:
     @property
     def names(self) -> list[str]:
         """Names of the columns of :meth:`cells`."""
-        return [*STATS, *(f"z_{i:02d}" for i in range(self.z["clean"].shape[1])), "score_tail"]
+        return [*STATS, *(f"z_{i}" for i in range(self.z["clean"].shape[1])), "score_tail"]
 
 
 def load_data(steps: int, no_train: bool) -> Data:

@@ -26,8 +26,9 @@ in-control streams, cut into windows like the monitored ones. The covariance ``S
 and the limit ``h`` is the value whose in-control average run length (ARL0, in windows) on them equals the target,
 counted with a reset after every alarm. The centre the chart uses is itself estimated from a finite number of
 lots; each segment of the bootstrap re-estimates it from a resample of the lots, so the limit allows for that
-error too (a Phase I of a few dozen lots gets a wider limit than one of a few hundred). The bootstrap still cannot
-see the error of the covariance it resamples, so it aims at ``arl0 * arl0_margin`` (:class:`SpcConfig`).
+error too (a Phase I of a few dozen lots gets a wider limit than one of a few hundred), and so is the covariance
+(``refit_covariance``, :class:`SpcConfig`): each segment's chart is the chart that Phase I resample would have
+fitted.
 
 **State.** :class:`SpcChart` holds the fitted limits and the running EWMA, serialises to JSON with the model id and
 line it belongs to, and refuses a state of another model or line (:class:`ChartStateMismatch`). :meth:`SpcChart.reset`
@@ -331,16 +332,18 @@ class SpcConfig:
         block: bootstrap block length (rows) when the history has no lot labels.
         pattern_share: share of the false alarms allotted to the fault-pattern charts (the MEWMA gets the rest);
             used only when the chart has patterns.
-        refit_covariance: each bootstrap segment's chart also re-estimates the covariance from its lot resample
-            (not only the centre); with few lots this overstates the error and widens the limit a lot.
+        refit_covariance: each bootstrap segment's chart re-estimates its covariance (and pattern scales) from its
+            own lot resample, with as many bootstrap windows as the chart's own fit, not only its centre; the limit
+            then allows for the error of the covariance too. Without it, fresh in-control streams run short of the
+            calibrated ARL (BENCHMARKS.md, ``bench_spc``).
         holdout: share of the distinct lots each calibration segment holds out (0: off). A segment's chart is
             fitted (centre, covariance, pattern scales) on the other lots only and watches a stream of all the
             lots, so the limit is calibrated on a stream with lots the chart has never seen, as a Phase II's are. This
             removes the optimism of calibrating on the very lots the covariance came from (a few dozen lots
             estimate a covariance of 40 statistics poorly, and new lots fall in the directions it underrates).
-        arl0_margin: the bootstrap calibrates the limit to ``arl0 * arl0_margin``. A bootstrap over one Phase I's
-            lots is optimistic: it cannot see the error of the covariance it resamples, nor the lots the Phase I
-            lacks, and fresh in-control streams run short of the bootstrap's ARL (BENCHMARKS.md, ``bench_spc``).
+        arl0_margin: the bootstrap calibrates the limit to ``arl0 * arl0_margin`` (1: to ``arl0`` itself). The
+            default 1.15 is headroom for a Phase I whose lots underrate the line's variation: the fresh in-control
+            ARL varies several-fold between Phase I samples (BENCHMARKS.md, ``bench_spc``).
         clip_quantile: each window's deviation enters the EWMA shrunk to at most this quantile of the in-control
             windows' Mahalanobis lengths (1: no clipping). An extreme lot then cannot raise an alarm on its own;
             the limit is calibrated on clipped windows too.
@@ -357,10 +360,10 @@ class SpcConfig:
     n_segments: int = 40
     block: int = 60
     pattern_share: float = 0.8
-    refit_covariance: bool = False
+    refit_covariance: bool = True
     holdout: float = 0.0
     clip_quantile: float = 1.0
-    arl0_margin: float = 1.5
+    arl0_margin: float = 1.15
     attribution_sd: float = 2.0
     history: int = 500
     seed: int = 0
@@ -598,7 +601,7 @@ class SpcChart:
         for _ in range(cfg.n_segments):
             resample = [runs[i] for i in rng.integers(len(runs), size=len(runs))]
             if cfg.refit_covariance:
-                est = _estimate(X, g, resample, self.patterns, self.centers, max(per // 2, 200), cfg, rng)
+                est = _estimate(X, g, resample, self.patterns, self.centers, cfg.n_windows // 4, cfg, rng)
             else:
                 c = _lot_resample_center(X, g, len(self.strata), resample, None)
                 est = replace(self.estimate, centers=np.where(np.isfinite(c), c, self.centers))
@@ -738,21 +741,22 @@ class SpcChart:
     def pattern_match(self, delta: np.ndarray | None = None) -> tuple[str | None, float | None]:
         """The fault pattern whose chart is beyond its limit, most strongly, and the size of ``delta`` along it.
 
-        A pattern is named only when the shift is at least :data:`MIN_PATTERN_SIZE` of it.
+        A pattern is named only when the shift goes its way by at least :data:`MIN_PATTERN_SIZE` of it (a shift
+        against a pattern, such as added noise against defocus blur, is not that fault).
 
         Args:
             delta: the shift estimate (default: the EWMA); its size is in units of the pattern.
         """
         if not len(self.pattern_names):
             return None, None
-        u = np.abs(self.pattern_scores(self.ewma_state))
+        u = self.pattern_scores(self.ewma_state)  # > 0: the shift goes the pattern's way (w . delta > 0)
         f = int(np.argmax(u))
         if u[f] <= self.pattern_limit:
             return None, None
         w = self.pattern_weights[f]
         d = self.ewma_state if delta is None else np.asarray(delta, float)
         size = float(w @ d / (w @ self.patterns[f]))
-        return (self.pattern_names[f], size) if abs(size) >= MIN_PATTERN_SIZE else (None, None)
+        return (self.pattern_names[f], size) if size >= MIN_PATTERN_SIZE else (None, None)
 
     def change(self) -> tuple[str | None, np.ndarray]:
         """The most likely step change since the chart last started.

@@ -37,6 +37,8 @@ from scipy import ndimage
 
 __all__ = [
     "DARK_THRESHOLD",
+    "CHART_CHANNELS",
+    "MONITOR_CHANNELS",
     "QUALITY_CHANNELS",
     "FAULT_PROPERTIES",
     "PROPERTIES",
@@ -432,6 +434,16 @@ sd units, lot-to-lot sd of lot means in brackets): blur 1 px moves ``detail_rati
 ``noise_level`` +41 (1.0), misalignment 2 deg moves ``rotation_deg`` +8.4 (0.4), a border 30 % darker moves
 ``illumination`` -2.8 on mono and -1.9 on poly cells (0.35 / 0.46), where gain, blur and noise move it by under
 0.05."""
+
+
+CHART_CHANNELS: tuple[str, ...] = ("mean_intensity", "contrast", "sharpness", "noise_level", "detail_ratio",
+                                   "dark_fraction", "rotation_deg", "offset_x", "offset_y", "vignetting",
+                                   "illumination")
+"""Image properties whose window means the control chart follows (``pipeline.monitoring.charts``): a persistent
+shift of any of them (a camera gain x0.9 moves ``mean_intensity`` by less than lot-to-lot variation does) builds up
+over windows."""
+MONITOR_CHANNELS: tuple[str, ...] = tuple(dict.fromkeys(QUALITY_CHANNELS + CHART_CHANNELS))
+"""Every image property the monitor measures once per image (the drift test's and the chart's)."""
 
 
 def measure(

@@ -26,6 +26,8 @@ __all__ = [
     "IMAGE_FAULTS",
     "POPULATION_FAULTS",
     "apply_fault",
+    "apply_to_capture",
+    "apply_value",
     "blur",
     "gain",
     "illumination",
@@ -37,6 +39,8 @@ __all__ = [
 
 MISALIGN_OFFSET_PX_PER_DEGREE = 3.0
 """Fixture misalignment: the shift (px, to the right) that accompanies each degree of rotation."""
+SENSOR_NOISE_SIGMA_PX = 0.7
+"""Gaussian sigma (px) that separates a capture's scene from its pixel noise in :func:`apply_to_capture`."""
 
 
 def _check_image(img: np.ndarray) -> float:
@@ -303,10 +307,27 @@ def apply_fault(img: np.ndarray, kind: str, severity: float, rng: np.random.Gene
     _check_severity(info, severity)
     if severity == 0 or info.population:
         return np.array(img, copy=True)
-    v = info.value(severity)
+    return apply_value(img, kind, info.value(severity), rng)
+
+
+def apply_value(img: np.ndarray, kind: str, value: float, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Apply image fault ``kind`` at its physical parameter ``value`` (e.g. ``("gain", 0.9)``: a gain x0.9).
+
+    Args:
+        img: (H, W) uint8/uint16 image.
+        kind: an image fault of :data:`FAULTS` (:data:`IMAGE_FAULTS`).
+        value: the fault's physical parameter (:attr:`FaultInfo.parameter`, in its unit).
+        rng: random generator, required by ``noise``.
+
+    Returns:
+        The faulty image, same dtype (a new array).
+    """
+    if get_fault(kind).population:
+        raise ValueError(f"{kind!r} is a population fault: it changes which cells are made, not their pixels")
+    v = float(value)
     if kind == "gain":
         if v <= 0:
-            raise ValueError(f"gain severity {severity} gives a factor {v} <= 0: use a severity < 4")
+            raise ValueError(f"gain factor {v} must be > 0 (severity < 4)")
         return gain(img, v)
     if kind == "blur":
         return blur(img, v)
@@ -319,9 +340,36 @@ def apply_fault(img: np.ndarray, kind: str, severity: float, rng: np.random.Gene
     if kind in ("vignetting", "illumination"):
         if v >= 1:
             limit = 1.0 / FAULTS[kind].per_severity
-            raise ValueError(f"{kind} severity {severity} gives a strength {v} >= 1: use a severity < {limit:g}")
+            raise ValueError(f"{kind} strength {v} must be < 1 (severity < {limit:g})")
         return vignetting(img, v) if kind == "vignetting" else illumination(img, v)
     raise AssertionError(f"no image function for fault {kind!r}")  # pragma: no cover
+
+
+def apply_to_capture(img: np.ndarray, kind: str, value: float, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Apply image fault ``kind`` to a real capture as the camera would: to the scene, not to the sensor's noise.
+
+    A capture is scene plus pixel noise, and an optical or exposure fault (gain, blur, misalignment, vignetting,
+    illumination) acts on the scene before the sensor adds its noise. Applied to the capture itself, a blur would also
+    smooth the noise away, which a real defocus does not. So the capture is split into a scene estimate (a Gaussian of
+    :data:`SENSOR_NOISE_SIGMA_PX`) and the residual; the fault acts on the scene and the residual is added back. The
+    ``noise`` fault adds to the capture as it is.
+
+    Args:
+        img: (H, W) uint8/uint16 capture.
+        kind: an image fault of :data:`FAULTS` (:data:`IMAGE_FAULTS`).
+        value: the fault's physical parameter (as :func:`apply_value`).
+        rng: random generator, required by ``noise``.
+
+    Returns:
+        The faulty capture, same dtype (a new array).
+    """
+    if kind == "noise":
+        return apply_value(img, kind, value, rng)
+    top = _check_image(img)
+    x = np.asarray(img, dtype=np.float64)
+    scene = ndimage.gaussian_filter(x, SENSOR_NOISE_SIGMA_PX, mode="nearest")
+    faulty = apply_value(_to_dtype(scene, img.dtype, top), kind, value, rng).astype(np.float64) + (x - scene)
+    return _to_dtype(faulty, img.dtype, top)
 
 
 def severity_at(

@@ -4,11 +4,13 @@ The per-window test compares one window with the reference; a small persistent s
 window by less than lot-to-lot variation does, so it needs the evidence of many windows (:mod:`pipeline.analysis.spc`).
 This module runs that chart inside the monitor:
 
-* **Statistics** per image (:func:`image_statistics`): every latent axis ``z_*``, the image-quality channels the
-  monitor measures (brightness, detail, noise, ...), and ``score_tail`` (1 when the anomaly score is above the
+* **Statistics** per image (:func:`image_statistics`): every latent axis ``z_*``, the image properties of
+  ``pipeline.latent.properties.CHART_CHANNELS`` (brightness, contrast, detail, noise, rotation, ...), and ``score_tail`` (1 when the anomaly score is above the
   reference's 90th percentile). The chart takes each window's means.
 * **Phase I** (:func:`fit_chart`): the champion's reference images, in production order, with their product types
-  and lots (or blocks of consecutive images), limits calibrated to ``arl0`` windows.
+  and lots (or blocks of consecutive images), limits calibrated to ``arl0`` windows. Beside its MEWMA the chart
+  watches the patterns of the common camera faults (:data:`CAMERA_PATTERNS`), measured on a line's first fit by
+  applying each fault to a sample of the reference images (:func:`fault_signatures`).
 * **State** (:class:`LineCharts`): one JSON file per line under the alert manager's state folder
   (``<state_dir>/charts/<line>.json``), tied to the line and the model; a state of another line or model, or an
   unreadable one, is replaced by a new fit, with a message.
@@ -21,7 +23,8 @@ This module runs that chart inside the monitor:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +42,20 @@ FAMILY = "spc"
 TAIL_QUANTILE = 0.9
 """A cell counts in ``score_tail`` when its anomaly score is above this quantile of the reference's scores."""
 
-__all__ = ["FAMILY", "ChartSettings", "ChartedResult", "LineCharts", "MonitorCharts", "chart_cause", "draw_chart",
-           "fit_chart", "image_statistics", "point_metrics", "window_size_of"]
+__all__ = ["CAMERA_PATTERNS", "FAMILY", "ChartSettings", "ChartedResult", "LineCharts", "MonitorCharts", "chart_cause",
+           "draw_chart", "fault_signatures", "fit_chart", "model_statistics", "image_statistics", "point_metrics", "window_size_of"]
+
+CAMERA_PATTERNS: dict[str, tuple[str, float]] = {
+    "camera gain x0.9": ("gain", 0.9),
+    "defocus blur 1 px": ("blur", 1.0),
+    "sensor noise 3 %": ("noise", 0.03),
+    "fixture misalignment 2 deg": ("misalign", 2.0),
+    "vignetting 0.2": ("vignetting", 0.2),
+}
+"""The camera faults whose patterns the chart watches beside its MEWMA: pattern name -> (fault kind, physical
+parameter) of :func:`pipeline.line.faults.apply_to_capture`."""
+SIGNATURE_IMAGES = 120
+"""Reference images a fault pattern is measured on (evenly spread over the reference)."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +66,8 @@ class ChartSettings:
         arl0: in-control average run length in windows (one false alarm every ``arl0`` windows on average; with
             one window a day, 200 windows is about seven months).
         window: cells per bootstrap window of the Phase I (near the monitor's typical window size).
-        n_windows: bootstrap windows the limit is calibrated on.
+        n_windows: bootstrap windows the limit is calibrated on (at least; raised with ``arl0`` so that the MEWMA's
+            share of the false alarms is calibrated on enough windows).
         n_segments: bootstrap segments (each with its own re-estimated centre).
         block: bootstrap block length (images) when the reference has no lot labels.
         seed: bootstrap seed.
@@ -66,8 +82,10 @@ class ChartSettings:
 
     def spc_config(self) -> SpcConfig:
         """The chart configuration."""
-        return SpcConfig(arl0=self.arl0, window=self.window, n_windows=self.n_windows, n_segments=self.n_segments,
-                         block=self.block, seed=self.seed)
+        base = SpcConfig()
+        needed = 6.0 * self.arl0 * base.arl0_margin / (1.0 - base.pattern_share)  # calibrate_limit wants 5x
+        return SpcConfig(arl0=self.arl0, window=self.window, n_windows=max(self.n_windows, int(math.ceil(needed))),
+                         n_segments=self.n_segments, block=self.block, seed=self.seed)
 
 
 def image_statistics(z: np.ndarray, z_names: Sequence[str], quality: pd.DataFrame | None = None,
@@ -93,8 +111,52 @@ def image_statistics(z: np.ndarray, z_names: Sequence[str], quality: pd.DataFram
     return out
 
 
+def fault_signatures(images: Sequence[np.ndarray], statistics_of: Callable[[list[np.ndarray]], pd.DataFrame],
+                     patterns: Mapping[str, tuple[str, float]] = CAMERA_PATTERNS, seed: int = 0) -> dict[str, pd.Series]:
+    """Each camera fault's pattern: the mean change of every chart statistic when the fault is applied to images.
+
+    The faults act on each capture's scene and keep its pixel noise (:func:`pipeline.line.faults.apply_to_capture`),
+    as a camera fault on the line does.
+
+    Args:
+        images: in-control images (uint8/uint16, gray), e.g. a sample of the reference.
+        statistics_of: per-image chart statistics of a list of images (a DataFrame, one column per statistic).
+        patterns: pattern name -> (fault kind, physical parameter).
+        seed: seed of the faults that draw noise.
+
+    Returns:
+        Pattern name -> mean change per statistic (a Series indexed like ``statistics_of``'s columns).
+    """
+    from pipeline.line.faults import apply_to_capture
+
+    images = list(images)
+    if not images:
+        raise ValueError("fault_signatures needs at least one in-control image")
+    base = statistics_of(images)
+    out = {}
+    for name, (kind, value) in patterns.items():
+        rng = np.random.default_rng([seed, len(name)])
+        faulty = statistics_of([apply_to_capture(img, kind, value, rng) for img in images])
+        out[name] = (faulty[base.columns].to_numpy(float) - base.to_numpy(float)).mean(axis=0)
+        out[name] = pd.Series(out[name], index=base.columns)
+    return out
+
+
+def model_statistics(checkpoint: Any, images: Sequence[np.ndarray]) -> pd.DataFrame:
+    """Per-image chart statistics of images under a model: its latents and the ``CHART_CHANNELS`` properties.
+
+    ``score_tail`` is not among them (it needs the model's diffusion residuals, too slow for a fault pattern's
+    hundreds of images); a pattern leaves it unchanged.
+    """
+    from pipeline.latent.encode import encode_images
+    from pipeline.latent.properties import CHART_CHANNELS, measure_each
+
+    z = encode_images(checkpoint.model, checkpoint.preprocess, images)
+    return image_statistics(z, [f"z_{k}" for k in range(z.shape[1])], measure_each(images, CHART_CHANNELS))
+
+
 def fit_chart(line: str, model_id: str | None, stats: pd.DataFrame, *, strata: Any = None, lots: Any = None,
-              settings: ChartSettings = ChartSettings()) -> SpcChart:
+              settings: ChartSettings = ChartSettings(), signatures: Mapping[str, pd.Series] | None = None) -> SpcChart:
     """Fit a line's chart on its in-control history (Phase I: the reference images, in production order).
 
     Args:
@@ -104,11 +166,15 @@ def fit_chart(line: str, model_id: str | None, stats: pd.DataFrame, *, strata: A
         strata: product type per image (each compared with its own in-control mean), or None.
         lots: lot per image, or None (bootstrap blocks of consecutive images).
         settings: fitting settings.
+        signatures: fault patterns (:func:`fault_signatures`) watched beside the MEWMA; a statistic a pattern
+            does not give (e.g. ``score_tail``) counts as unchanged. None: the MEWMA alone.
 
     Returns:
         The fitted chart.
     """
-    return SpcChart(line, model_id, settings.spc_config()).fit(stats, strata=strata, lots=lots)
+    sig = None if not signatures else {k: v.reindex(stats.columns).fillna(0.0).to_numpy(float)
+                                       for k, v in signatures.items()}
+    return SpcChart(line, model_id, settings.spc_config()).fit(stats, strata=strata, lots=lots, signatures=sig)
 
 
 def chart_cause(point: ChartPoint) -> Cause | None:
@@ -152,14 +218,17 @@ class LineCharts:
         phase1: ``line -> (stats, strata, lots)`` of the in-control history, fitted on when a line has no usable
             state; a callable of the line returning that triple works too.
         settings: fitting settings.
+        signatures: fault patterns for new fits (:func:`fault_signatures`), or a callable returning them (called
+            once, on the first fit); None, or a callable that fails (with a message): the MEWMA alone.
     """
 
     def __init__(self, state_dir: str | Path, model_id: str | None, phase1: Any,
-                 settings: ChartSettings = ChartSettings()) -> None:
+                 settings: ChartSettings = ChartSettings(), signatures: Any = None) -> None:
         self.dir = Path(state_dir) / "charts"
         self.model_id = model_id
         self.phase1 = phase1
         self.settings = settings
+        self._signatures = signatures
         self.messages: list[str] = []
         self._charts: dict[str, SpcChart] = {}
 
@@ -183,9 +252,22 @@ class LineCharts:
         if chart is None:
             src = self.phase1(line) if callable(self.phase1) else self.phase1[line]
             stats, strata, lots = src
-            chart = fit_chart(line, self.model_id, stats, strata=strata, lots=lots, settings=self.settings)
+            chart = fit_chart(line, self.model_id, stats, strata=strata, lots=lots, settings=self.settings,
+                              signatures=self.signatures())
         self._charts[line] = chart
         return chart
+
+    def signatures(self) -> Mapping[str, pd.Series] | None:
+        """The fault patterns new fits watch (measured once per instance); None when there are none."""
+        if callable(self._signatures):
+            try:
+                self._signatures = self._signatures()
+            except Exception as e:  # noqa: BLE001 - the MEWMA still watches every direction
+                self._signatures = None
+                self.messages.append(f"camera-fault patterns not measured ({type(e).__name__}: {e}); "
+                                     "the chart runs its MEWMA alone")
+                log.warning("%s", self.messages[-1])
+        return self._signatures or None
 
     def update(self, line: str, window_id: str, stats: pd.DataFrame, strata: Any = None) -> ChartPoint:
         """Add one window to the line's chart and save the state; the chart point."""
@@ -234,11 +316,12 @@ class MonitorCharts:
         ref_scores: the reference's anomaly scores, or None (no ``score_tail``).
         window: cells per chart window (:func:`window_size_of`).
         arl0: the charts' in-control average run length, in windows.
+        signatures: camera-fault patterns for new fits, or a callable giving them (see :class:`LineCharts`).
     """
 
     def __init__(self, state_dir: str | Path, model_id: str | None, reference: pd.DataFrame, z_ref: np.ndarray,
                  quality: pd.DataFrame | None, ref_scores: np.ndarray | None, window: int,
-                 arl0: float = ChartSettings.arl0) -> None:
+                 arl0: float = ChartSettings.arl0, signatures: Any = None) -> None:
         self.z_names = [f"z_{k}" for k in range(np.asarray(z_ref).shape[1])]
         order = np.argsort(pd.to_datetime(reference["captured_at"], utc=True).to_numpy(), kind="stable") \
             if "captured_at" in reference.columns else np.arange(len(reference))  # production order
@@ -246,17 +329,24 @@ class MonitorCharts:
         ref_scores = None if ref_scores is None else np.asarray(ref_scores)[order]
         self.quality = quality
         self.threshold = None if ref_scores is None else float(np.quantile(ref_scores, TAIL_QUANTILE))
-        q_ref = None if quality is None else quality.loc[reference["image_id"].astype(str).to_numpy()]
+        q_ref = None if quality is None else self._channels(quality.loc[reference["image_id"].astype(str).to_numpy()])
         stats = image_statistics(z_ref, self.z_names, q_ref, ref_scores, self.threshold)
         strata = reference["product_type"].fillna("unknown").astype(str).to_numpy() \
             if "product_type" in reference.columns else None
         lots = reference["lot"].astype(str).to_numpy() if "lot" in reference.columns else None
         self.charts = LineCharts(state_dir, model_id, lambda line: (stats, strata, lots),
-                                 ChartSettings(arl0=arl0, window=window))
+                                 ChartSettings(arl0=arl0, window=window), signatures)
+
+    @staticmethod
+    def _channels(quality: pd.DataFrame) -> pd.DataFrame:
+        """The chart's image properties (``CHART_CHANNELS``) among an image-property table's columns."""
+        from pipeline.latent.properties import CHART_CHANNELS
+
+        return quality[[c for c in CHART_CHANNELS if c in quality.columns]]
 
     def window(self, line: str, window_id: str, frame: pd.DataFrame) -> ChartPoint:
         """The chart point of one monitored window (its rows carry ``z_*``, ``image_id`` and ``score``)."""
-        q = None if self.quality is None else self.quality.loc[frame["image_id"].astype(str).to_numpy()]
+        q = None if self.quality is None else self._channels(self.quality.loc[frame["image_id"].astype(str).to_numpy()])
         scores = frame["score"].to_numpy(float) if "score" in frame.columns else None
         stats = image_statistics(frame[self.z_names].to_numpy(float), self.z_names, q, scores, self.threshold)
         strata = frame["product_type"].fillna("unknown").astype(str).to_numpy() \

@@ -347,6 +347,13 @@ def reference_floor(config: MonitorConfig | None = None) -> int:
     return int(drift_detector(config or MonitorConfig()).min_reference())
 
 
+def drift_channels(quality: pd.DataFrame) -> pd.DataFrame:
+    """The columns of an image-property table the drift test compares (``QUALITY_CHANNELS``)."""
+    from pipeline.latent.properties import QUALITY_CHANNELS
+
+    return quality[list(QUALITY_CHANNELS)]
+
+
 def build_drift_detector(settings: Any, champ: Champion, config: MonitorConfig,
                          images: pd.DataFrame | None = None) -> tuple[Any, pd.DataFrame | None]:
     """Fit the monitor's drift detector on the champion's reference.
@@ -359,7 +366,8 @@ def build_drift_detector(settings: Any, champ: Champion, config: MonitorConfig,
             channels together with the reference (None: the reference only).
 
     Returns:
-        (the fitted detector, the image-quality table indexed by image id, or None without the quality family).
+        (the fitted detector, the image-property table indexed by image id (every ``MONITOR_CHANNELS`` column),
+        or None without the quality family).
     """
     ref = champ.reference
     ref_order = pd.to_datetime(ref["captured_at"], utc=True).astype("int64").to_numpy() \
@@ -373,7 +381,7 @@ def build_drift_detector(settings: Any, champ: Champion, config: MonitorConfig,
         todo = ref[["image_id", "store_path"]] if images is None else pd.concat(
             [ref[["image_id", "store_path"]], images[["image_id", "store_path"]]], ignore_index=True)
         quality = quality_channels(settings, todo, progress=config.progress)
-        q_ref = quality.loc[ref["image_id"].astype(str).to_numpy()].reset_index(drop=True)
+        q_ref = drift_channels(quality.loc[ref["image_id"].astype(str).to_numpy()]).reset_index(drop=True)
     drift = drift_detector(config)
     use_scores = config.scores and champ.ref_scores is not None
     # the lot null's calibration windows are the reference's own line-days (pipeline.analysis.blocks)
@@ -402,7 +410,8 @@ def check_bundle(settings: Any, path: str | Path, config: MonitorConfig | None =
         drift, quality = build_drift_detector(settings, champ, config)
         n = drift.max_window or config.min_window
         keep = np.arange(min(n, len(champ.z_ref)))
-        qw = None if quality is None else quality.loc[champ.reference["image_id"].astype(str).to_numpy()[keep]]
+        qw = None if quality is None else drift_channels(
+            quality.loc[champ.reference["image_id"].astype(str).to_numpy()[keep]])
         sw = None if drift.ref_scores_ is None else champ.ref_scores[keep]
         drift.test(champ.z_ref[keep], model_id=champ.model_id, cur_quality=qw, cur_scores=sw)
     except Exception as exc:  # noqa: BLE001 - any failure here is a reason not to promote
@@ -553,7 +562,7 @@ def _drift_of_window(ctx: _Pass, frame: pd.DataFrame) -> tuple[Any, int]:
     from pipeline.latent.encode import z_columns
 
     zw = frame[z_columns(frame)].to_numpy(np.float64)
-    qw = None if ctx.quality is None else ctx.quality.loc[frame["image_id"].astype(str).to_numpy()]
+    qw = None if ctx.quality is None else drift_channels(ctx.quality.loc[frame["image_id"].astype(str).to_numpy()])
     sw = frame["score"].to_numpy(np.float64) if ctx.use_scores else None
     keep = ctx.drift.rows_to_test(len(zw))  # the lot null's guard band: at most a third of the reference
     # each product is compared with its own kind (pipeline.analysis.strata): a mix swing is context, not drift
@@ -651,10 +660,23 @@ def _monitor_charts(ctx: _Pass, df: pd.DataFrame) -> Any:
         size = window_size_of(ref, ctx.config.window_by, ctx.config.window_size, ctx.settings.timezone)
         return MonitorCharts(ctx.manager.state_dir, ctx.champ.model_id, ref, np.asarray(ctx.champ.z_ref),
                              ctx.quality, ctx.champ.ref_scores if ctx.use_scores else None, size,
-                             arl0=ctx.config.spc_arl0)
+                             arl0=ctx.config.spc_arl0, signatures=lambda: _chart_signatures(ctx))
     except Exception:  # noqa: BLE001 - the per-window test goes on without the chart
         logger.exception("control charts not available for model %s", ctx.champ.model_id)
         return None
+
+
+def _chart_signatures(ctx: _Pass) -> dict[str, pd.Series]:
+    """The camera-fault patterns of the champion: each fault applied to an even sample of its reference images."""
+    from pipeline.catalog.tables import resolve_store_path
+    from pipeline.common.images import read_images
+    from pipeline.monitoring.charts import SIGNATURE_IMAGES, fault_signatures, model_statistics
+
+    ref = ctx.champ.reference
+    pick = np.unique(np.linspace(0, len(ref) - 1, min(SIGNATURE_IMAGES, len(ref))).round().astype(int))
+    paths = [resolve_store_path(ctx.settings.catalog_root, p) for p in ref["store_path"].iloc[pick]]
+    images = [np.asarray(im).squeeze() for im in read_images(paths, channels=1)]
+    return fault_signatures(images, lambda ims: model_statistics(ctx.champ.checkpoint, ims), seed=ctx.config.seed)
 
 
 def _chart_window(ctx: _Pass, line: str, window_id: str, frame: pd.DataFrame,

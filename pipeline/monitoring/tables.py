@@ -81,7 +81,7 @@ def latents_table_path(settings: Any) -> Path:
 
 
 def quality_table_path(settings: Any) -> Path:
-    """Per-image image-quality channels (``image_id`` + ``pipeline.latent.properties.QUALITY_CHANNELS``), model-free."""
+    """Per-image image properties (``image_id`` + ``pipeline.latent.properties.MONITOR_CHANNELS``), model-free."""
     return state_dir(settings) / "quality.parquet"
 
 
@@ -95,9 +95,9 @@ def quality_channels(settings: Any, rows: pd.DataFrame, progress: bool = False) 
 
     from pipeline.catalog.tables import resolve_store_path
     from pipeline.common.images import read_images
-    from pipeline.latent.properties import QUALITY_CHANNELS, measure_each
+    from pipeline.latent.properties import MONITOR_CHANNELS, measure_each
 
-    channels = list(QUALITY_CHANNELS)
+    channels = list(MONITOR_CHANNELS)
     path = quality_table_path(settings)
     have = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["image_id", *channels])
     if not set(channels) <= set(have.columns):  # another channel set: measure again

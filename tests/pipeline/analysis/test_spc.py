@@ -245,10 +245,11 @@ def test_bad_configuration_and_history():
         SpcChart("")
 
 
-def test_clipping_bounds_each_window_and_held_out_lots_widen_the_limit():
+def test_clipping_bounds_each_window_and_held_out_lots_or_a_refitted_covariance_widen_the_limit():
     rng = np.random.default_rng(11)
     hist = lots_data(rng, 80)
-    cfg = SpcConfig(arl0=50, n_windows=3000, n_segments=6, window=20, block=10)
+    cfg = SpcConfig(arl0=50, n_windows=3000, n_segments=6, window=20, block=10, refit_covariance=False,
+                    arl0_margin=1.5)
     plain = SpcChart("L1", "m1", cfg).fit(hist[NAMES], lots=hist["lot"])
     clipped = SpcChart("L1", "m1", SpcConfig(**{**cfg.__dict__, "clip_quantile": 0.9})).fit(hist[NAMES],
                                                                                              lots=hist["lot"])
@@ -260,3 +261,22 @@ def test_clipping_bounds_each_window_and_held_out_lots_widen_the_limit():
     assert again.estimate.clip == pytest.approx(clipped.estimate.clip)
     held = SpcChart("L1", "m1", SpcConfig(**{**cfg.__dict__, "holdout": 0.3})).fit(hist[NAMES], lots=hist["lot"])
     assert held.t2_limit > plain.t2_limit  # lots the chart never saw look further away than its own lots
+    refit = SpcChart("L1", "m1", SpcConfig(**{**cfg.__dict__, "refit_covariance": True})).fit(hist[NAMES],
+                                                                                              lots=hist["lot"])
+    assert refit.t2_limit > plain.t2_limit  # the covariance's own estimation error is allowed for
+    assert SpcConfig().refit_covariance and SpcConfig().arl0_margin == 1.15
+
+
+def test_a_shift_against_a_pattern_is_not_named_as_that_fault(fitted):
+    chart, _ = fitted
+    chart = SpcChart.from_dict(chart.to_dict(), line="L1", model_id="m1")
+    chart.reset()
+    rng = np.random.default_rng(9)
+    brighter = lots_data(rng, 40, shift=np.array([0.05, 0.0, 0.5]))  # a gain rise: the gain drop's opposite
+    for w in range(len(brighter) // CFG.window):
+        part = brighter.iloc[w * CFG.window : (w + 1) * CFG.window]
+        point = chart.update(f"b{w}", part[NAMES], strata=part["product"])
+        if point.alarm:
+            break
+    assert point.alarm and point.top.name == "mean_intensity" and point.top.value > 0
+    assert point.pattern is None and "matches" not in point.text

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from pipeline.line import faults
 from pipeline.line.elpv import load_elpv, pool_indices
 from pipeline.line.faults import (
     FAULTS,
@@ -227,3 +228,35 @@ def test_fault_duration_repairs_the_line():
     assert not FaultSpec("gain", lines=("L1",)).overlaps(FaultSpec("gain", lines=("L2",)))
     with pytest.raises(ValueError, match="duration"):
         FaultSpec("blur", duration_days=0)
+
+
+def test_apply_value_takes_the_physical_parameter_and_apply_fault_maps_severity_onto_it():
+    img = np.full((20, 20), 200, np.uint8)
+    assert faults.apply_value(img, "gain", 0.9).mean() == pytest.approx(180, abs=1)
+    for kind in ("gain", "blur", "misalign", "vignetting"):
+        v = faults.get_fault(kind).value(0.4)
+        assert np.array_equal(faults.apply_fault(img, kind, 0.4), faults.apply_value(img, kind, v))
+    with pytest.raises(ValueError, match="population fault"):
+        faults.apply_value(img, "defect_rate", 0.5)
+    with pytest.raises(ValueError, match="random generator"):
+        faults.apply_value(img, "noise", 0.03)
+    with pytest.raises(ValueError, match="must be > 0"):
+        faults.apply_value(img, "gain", 0.0)
+
+
+def test_apply_to_capture_faults_the_scene_and_keeps_the_pixel_noise():
+    from pipeline.latent.properties import noise_level
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:120, 0:120]
+    scene = 120 + 60 * np.sin(xx / 9.0) * np.cos(yy / 13.0)
+    capture = np.clip(np.rint(scene + rng.normal(0, 3, scene.shape)), 0, 255).astype(np.uint8)
+    before = noise_level(capture)
+    assert noise_level(faults.apply_value(capture, "blur", 1.0)) < 0.5 * before  # the noise smoothed away
+    blurred = faults.apply_to_capture(capture, "blur", 1.0)
+    assert blurred.dtype == np.uint8 and noise_level(blurred) == pytest.approx(before, rel=0.25)
+    dim = faults.apply_to_capture(capture, "gain", 0.9)
+    assert dim.mean() == pytest.approx(0.9 * capture.mean(), rel=0.01)
+    assert noise_level(dim) == pytest.approx(before, rel=0.25)  # read noise is added after the gain
+    noisy = faults.apply_to_capture(capture, "noise", 0.03, np.random.default_rng(1))
+    assert noise_level(noisy) > 2 * before

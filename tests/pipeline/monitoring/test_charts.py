@@ -14,11 +14,14 @@ from pipeline.analysis.axes import attribute
 from pipeline.monitoring import alerts as AL
 from pipeline.monitoring.causes import window_causes
 from pipeline.monitoring.charts import (
+    CAMERA_PATTERNS,
     FAMILY,
     ChartedResult,
     ChartSettings,
     LineCharts,
     chart_cause,
+    fault_signatures,
+    fit_chart,
     image_statistics,
     point_metrics,
 )
@@ -148,3 +151,68 @@ def test_a_charted_result_wrapped_again_keeps_both_causes():
     assert res.detected and [c.key for c in window_causes(res)] == ["spc:z_1", "camera:mean_intensity"]
     assert [c.key for c in window_causes(ChartedResult(ChartedResult(QuietDrift(), None), camera))] == \
         ["camera:mean_intensity"]
+
+
+def _brightness_and_detail(images: list[np.ndarray]) -> pd.DataFrame:
+    """Two per-image statistics a fault pattern can move: mean brightness (0-1) and pixel noise (sd of differences)."""
+    x = np.stack([np.asarray(im, float) / 255.0 for im in images])
+    return pd.DataFrame({"mean_intensity": x.mean(axis=(1, 2)),
+                         "roughness": np.abs(np.diff(x, axis=2)).mean(axis=(1, 2))})
+
+
+def test_fault_signatures_measure_each_camera_fault_on_the_images():
+    rng = np.random.default_rng(3)
+    images = [np.clip(rng.normal(150, 5, (40, 40)), 0, 255).astype(np.uint8) for _ in range(6)]
+    sig = fault_signatures(images, _brightness_and_detail)
+    assert set(sig) == set(CAMERA_PATTERNS)
+    base = _brightness_and_detail(images)["mean_intensity"].mean()
+    gain = sig["camera gain x0.9"]
+    assert list(gain.index) == ["mean_intensity", "roughness"]
+    assert gain["mean_intensity"] == pytest.approx(-0.1 * base, rel=0.05)  # the gain scales brightness by 0.9
+    assert sig["sensor noise 3 %"]["roughness"] > 0.005  # noise roughens the image
+    assert sig["defocus blur 1 px"]["roughness"] < 0  # blur smooths it
+    with pytest.raises(ValueError, match="at least one"):
+        fault_signatures([], _brightness_and_detail)
+
+
+def test_a_chart_fitted_with_signatures_watches_them_and_a_missing_statistic_counts_as_unchanged():
+    hist = cells(np.random.default_rng(0), 100)
+    lots = np.repeat(np.arange(100), 20)
+    sig = {"camera gain x0.9": pd.Series({"mean_intensity": -0.05, "z_0": -1.0})}  # no z_1: unchanged
+    chart = fit_chart("L1", "m1", hist, lots=lots, settings=SETTINGS, signatures=sig)
+    assert chart.pattern_names == ("camera gain x0.9",)
+    assert chart.patterns[0].tolist() == [-0.05, -1.0, 0.0]
+    rng = np.random.default_rng(5)
+    for w in range(30):
+        point = chart.update(f"bad{w}", cells(rng, 1, gain=0.9))
+        if point.alarm:
+            break
+    assert point.alarm and point.pattern == "camera gain x0.9"
+
+
+def test_line_charts_measure_signatures_once_and_go_on_without_them_when_that_fails(tmp_path: Path):
+    hist = cells(np.random.default_rng(0), 100)
+    lots = np.repeat(np.arange(100), 20)
+    calls = []
+
+    def measured() -> dict[str, pd.Series]:
+        calls.append(1)
+        return {"camera gain x0.9": pd.Series({"mean_intensity": -0.05, "z_0": -1.0})}
+
+    ok = LineCharts(tmp_path / "a", "m1", {"L1": (hist, None, lots), "L2": (hist, None, lots)}, SETTINGS, measured)
+    assert ok.chart("L1").pattern_names == ok.chart("L2").pattern_names == ("camera gain x0.9",)
+    assert len(calls) == 1
+
+    def broken() -> dict[str, pd.Series]:
+        raise OSError("store unreadable")
+
+    bad = LineCharts(tmp_path / "b", "m1", {"L1": (hist, None, lots)}, SETTINGS, broken)
+    assert bad.chart("L1").pattern_names == ()
+    assert "camera-fault patterns not measured (OSError: store unreadable)" in bad.messages[0]
+
+
+@pytest.mark.parametrize("arl0", [50.0, 200.0, 500.0, 2000.0])
+def test_chart_settings_give_the_bootstrap_enough_windows_for_any_arl0(arl0):
+    cfg = ChartSettings(arl0=arl0).spc_config()
+    assert cfg.arl0 == arl0 and cfg.n_windows >= ChartSettings.n_windows
+    assert cfg.n_windows >= 5 * arl0 * cfg.arl0_margin / (1.0 - cfg.pattern_share)  # calibrate_limit's floor

@@ -99,6 +99,11 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
     # the line's control chart ran over every window beside the test, its state kept with the alert state
     assert all(w.chart and w.chart["spc_limit"] > 0 for w in res.windows), [w.chart for w in res.windows]
     assert [p.name for p in settings.state_dir.rglob("charts/*.json")] == ["L1.json"]
+    state = json.loads(next(settings.state_dir.rglob("charts/L1.json")).read_text())
+    # beside its MEWMA the chart watches the camera-fault patterns, measured on the champion's reference images
+    assert "camera gain x0.9" in state["pattern_names"] and "defocus blur 1 px" in state["pattern_names"]
+    gain = np.asarray(state["patterns"][state["pattern_names"].index("camera gain x0.9")])
+    assert gain.shape == (len(state["names"]),) and np.abs(gain).max() > 0
 
     # per-image scores: the diffusion residual judged against the calibration images nearest in z, with the
     # recipe the retrain recorded in the bundle; residuals computed once per image and model
@@ -164,6 +169,10 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
     table = pd.read_parquet(quality_table_path(settings))
     assert set(table["image_id"]) >= set(pd.read_parquet(scores_table_path(settings))["image_id"])
     assert table.drop(columns="image_id").notna().all().all()
+    # the chart follows brightness and the other image properties; the drift test only its own channels
+    qstate = json.loads(next((tmp_path / "alerts-quality").rglob("charts/L1.json")).read_text())
+    assert {"mean_intensity", "contrast", "illumination"} <= set(qstate["names"])
+    assert "mean_intensity" not in qres.windows[0].summary
 
     def no_measure(*a, **k):
         raise AssertionError("image properties were measured again")
