@@ -495,8 +495,8 @@ def _setup_lines(res: dict[str, Any]) -> list[str]:
         f"Replicates: {a['reps']} streams, each with its own Phase I of {a['phase1']} in-control windows "
         f"({a['phase1'] * WINDOW:,} cells) and {a['ic_windows']:,} in-control Phase II windows; per fault "
         f"{a['fault_streams']} streams per replicate, the fault from window {a['onset']} on, followed for "
-        f"{a['max_delay']} windows. Chart statistics ({len(res['names'])}): {', '.join(STATS)}, z_00..z_"
-        f"{len(res['names']) - len(STATS) - 2:02d}, score_tail. ARL0 = {ARL0:.0f} windows of {WINDOW} cells.",
+        f"{a['max_delay']} windows. Chart statistics ({len(res['names'])}): {', '.join(STATS)}, z_0..z_"
+        f"{len(res['names']) - len(STATS) - 2}, score_tail. ARL0 = {ARL0:.0f} windows of {WINDOW} cells.",
         f"Model: `{m['path']}` ({m['image_size']} px, {m['steps']} steps, model id {m['model_id']}); anomaly "
         "scores with one noise field, cross-fitted by lots.",
         f"Per-window test: {a['window_test_reps']} replicates, {a['window_test_ic']} in-control windows each, "

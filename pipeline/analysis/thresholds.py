@@ -7,7 +7,7 @@ on the line, the snapshot must be the line's normal production as it is:
 
 * it keeps the images an earlier champion flagged (``pipeline.training.retrain.select_training_data`` drops them from
   training only). A snapshot without its top-scoring 5 % sets the threshold at about the 90th percentile of
-  production, and the line then sees about twice the configured rate (10.7 % instead of 5 % was measured);
+  production, and the line then sees about twice the configured rate;
 * normal production holds defective cells at its usual share (a few percent on a solar line). They score high, so
   a threshold on all of the snapshot's scores flags fewer *healthy* cells than configured: with a share ``pi`` of
   defective cells of which ``r`` score above the threshold, healthy cells see ``(fpr - pi r) / (1 - pi)``, i.e. 4.2 %

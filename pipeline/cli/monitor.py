@@ -142,7 +142,7 @@ on normal images is at most --fpr. That needs at least 1/fpr - 1 images in the t
 """
 
 
-def make_detector(name: str) -> Any:
+def latent_detector(name: str) -> Any:
     """Build a latent detector by CLI name (``DETECTORS``)."""
     from pipeline.analysis.detectors import Ensemble, IsolationForestDetector, KNNDistance, Mahalanobis
 
@@ -278,7 +278,7 @@ def _score_with_detector(args: argparse.Namespace, ckpt: Any, ref: Any, cur: Any
         X_ref = np.column_stack([X_ref, source_residuals(ref, ckpt, scoring, what="--reference", progress=progress)])
         X_cur = np.column_stack([X_cur, source_residuals(cur, ckpt, scoring, what="--images", progress=progress)])
     else:
-        det = make_detector(name)
+        det = latent_detector(name)
         _check_reference_size(det, len(fit_idx), name, len(X_ref), args.calibration_share)
     det.fit(X_ref[fit_idx])
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,3 +75,18 @@ def write_parquet(path: str | os.PathLike[str], frame: Any, *, compression: str 
     with atomic_path(path, **kw) as tmp:
         pq.write_table(table, tmp, compression=compression)
     return Path(path)
+
+
+def replace_dir(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """Publish the finished folder ``tmp`` as ``path`` (a sibling), replacing any folder there.
+
+    The old folder is first renamed to a hidden ``.old-`` sibling, so at every moment ``path`` is either the old
+    folder or the new one, never a half-deleted one; the old copy is removed last.
+    """
+    tmp, path = Path(tmp), Path(path)
+    old = path.with_name(f".old-{uuid.uuid4().hex}-{path.name}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path

@@ -33,6 +33,7 @@ __all__ = [
     "disentanglement_indicator",
     "latent_health",
     "linear_probe",
+    "mmd_to_prior",
 ]
 
 DEFAULT_PROPERTIES: tuple[str, ...] = ("mean_intensity", "contrast", "sharpness", "dark_fraction")
@@ -279,19 +280,10 @@ def disentanglement_indicator(
 # ------------------------------------------------------------------------------------------------ health
 
 
-def latent_health(Z: Any, *, std_floor: float = DEFAULT_STD_FLOOR, seed: int = 0, max_n: int = 512) -> dict[str, Any]:
-    """Collapse indicators of a set of codes.
+def mmd_to_prior(Z: Any, seed: int = 0, max_n: int = 512) -> float:
+    """Biased squared MMD between codes (N >= 2, d) and as many N(0, I) samples, with the training loss's kernel.
 
-    Args:
-        Z: codes (N >= 2, d).
-        std_floor: an axis is active when its standard deviation exceeds this.
-        seed: seed of the prior sample (and of the subsample when N > ``max_n``).
-        max_n: at most this many codes enter the MMD (it is O(N^2)).
-
-    Returns:
-        ``{"axis_std": [d floats], "active_axes": int, "active_share": float, "axis_std_min": float,
-        "axis_std_median": float, "mmd_to_prior": float}``; ``mmd_to_prior`` is the biased MMD^2 of the training
-        loss against as many N(0, I) samples (0 = indistinguishable from the prior).
+    At most ``max_n`` codes (a seeded subsample) enter: the MMD is O(N^2). 0 means indistinguishable from the prior.
     """
     import torch
 
@@ -299,15 +291,33 @@ def latent_health(Z: Any, *, std_floor: float = DEFAULT_STD_FLOOR, seed: int = 0
 
     X = as_latent_matrix(Z, "Z")
     if len(X) < 2:
-        raise ValueError(f"latent_health needs at least 2 codes, got {len(X)}")
-    if std_floor < 0:
-        raise ValueError(f"std_floor must be >= 0, got {std_floor}")
-    std = X.std(axis=0)
+        raise ValueError(f"mmd_to_prior needs at least 2 codes, got {len(X)}")
     rng = np.random.default_rng(seed)
     sub = X[rng.choice(len(X), max_n, replace=False)] if len(X) > max_n else X
     prior = rng.standard_normal(sub.shape)
     with torch.no_grad():
-        m = float(mmd(torch.as_tensor(sub, dtype=torch.float32), torch.as_tensor(prior, dtype=torch.float32)))
+        return float(mmd(torch.as_tensor(sub, dtype=torch.float32), torch.as_tensor(prior, dtype=torch.float32)))
+
+
+def latent_health(Z: Any, *, std_floor: float = DEFAULT_STD_FLOOR, seed: int = 0, max_n: int = 512) -> dict[str, Any]:
+    """Collapse indicators of a set of codes (the one latent-collapse metric of the sweep and the retrain's gate).
+
+    Args:
+        Z: codes (N >= 2, d).
+        std_floor: an axis is active when its standard deviation exceeds this.
+        seed: seed of the prior sample (and of the subsample when N > ``max_n``).
+        max_n: at most this many codes enter the MMD (see :func:`mmd_to_prior`).
+
+    Returns:
+        ``{"axis_std": [d floats], "active_axes": int, "active_share": float, "axis_std_min": float,
+        "axis_std_median": float, "mmd_to_prior": float}``.
+    """
+    X = as_latent_matrix(Z, "Z")
+    if len(X) < 2:
+        raise ValueError(f"latent_health needs at least 2 codes, got {len(X)}")
+    if std_floor < 0:
+        raise ValueError(f"std_floor must be >= 0, got {std_floor}")
+    std = X.std(axis=0)
     active = int((std > std_floor).sum())
     return {
         "axis_std": [float(s) for s in std],
@@ -315,5 +325,5 @@ def latent_health(Z: Any, *, std_floor: float = DEFAULT_STD_FLOOR, seed: int = 0
         "active_share": active / X.shape[1],
         "axis_std_min": float(std.min()),
         "axis_std_median": float(np.median(std)),
-        "mmd_to_prior": m,
+        "mmd_to_prior": mmd_to_prior(X, seed=seed, max_n=max_n),
     }

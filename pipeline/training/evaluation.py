@@ -13,29 +13,21 @@ import numpy as np
 import torch
 
 from pipeline.handoff.bundle import calibration_scores, detector_calibration, make_detector  # noqa: F401
-
-
-def mmd_to_prior(z: np.ndarray, seed: int = 0, max_n: int = 512) -> float:
-    """Squared MMD between latents and as many N(0, I) samples, with the training loss's kernel."""
-    from models.losses import mmd
-
-    if z.ndim != 2 or len(z) < 2:
-        raise ValueError(f"mmd_to_prior needs (N >= 2, d) latents, got shape {z.shape}")
-    rng = np.random.default_rng(seed)
-    if len(z) > max_n:
-        z = z[rng.choice(len(z), max_n, replace=False)]
-    prior = rng.standard_normal(z.shape).astype(np.float32)
-    return float(mmd(torch.as_tensor(z, dtype=torch.float32), torch.as_tensor(prior)))
+from pipeline.latent.quality import latent_health, mmd_to_prior  # noqa: F401
 
 
 def latent_quality(z: np.ndarray, floor: float, seed: int = 0) -> dict[str, float]:
-    """Latent-collapse indicators: share of axes with std > floor, min/median std, MMD^2 to the prior."""
-    std = z.std(axis=0)
+    """The gate's latent-collapse indicators under their metric names.
+
+    Share of axes with std > ``floor``, min/median std and MMD^2 to the prior, as computed by
+    :func:`pipeline.latent.quality.latent_health` (the one collapse metric).
+    """
+    health = latent_health(z, std_floor=floor, seed=seed)
     return {
-        "active_axes_share": float((std > floor).mean()),
-        "axis_std_min": float(std.min()),
-        "axis_std_median": float(np.median(std)),
-        "mmd_to_prior": mmd_to_prior(z, seed=seed),
+        "active_axes_share": float(health["active_share"]),
+        "axis_std_min": health["axis_std_min"],
+        "axis_std_median": health["axis_std_median"],
+        "mmd_to_prior": health["mmd_to_prior"],
     }
 
 

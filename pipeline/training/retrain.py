@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.common import atomic
 from pipeline.handoff.bundle import (  # noqa: F401 - re-exported: the bundle format and the scoring recipe
     BUNDLE_DIR,
     CALIBRATION_FILE,
@@ -663,9 +664,7 @@ def write_bundle(
         "alignment": alignment or None, **meta,
     }
     (tmp / GATE_FILE).write_text(json.dumps(report, indent=2, default=str))
-    shutil.rmtree(bundle, ignore_errors=True)
-    tmp.rename(bundle)
-    return bundle
+    return atomic.replace_dir(tmp, bundle)
 
 
 def _ops_alert(settings: Any, hooks: MonitorHooks | None, message: str, *, kind: str, key: str,

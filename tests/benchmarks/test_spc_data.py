@@ -32,7 +32,7 @@ def synthetic(rng: np.random.Generator, n_lots: int = 12, per_lot: int = 50) -> 
 def test_data_columns_and_tail_indicator():
     d = synthetic(np.random.default_rng(0))
     X = d.cells("gain x0.9", tail_threshold=0.0)
-    assert X.shape == (len(d.lots), len(d.names)) and d.names[-1] == "score_tail" and d.names[len(D.STATS)] == "z_00"
+    assert X.shape == (len(d.lots), len(d.names)) and d.names[-1] == "score_tail" and d.names[len(D.STATS)] == "z_0"
     assert set(np.unique(X[:, -1])) <= {0.0, 1.0}
     assert np.allclose(X[:, 0], d.stats["clean"][:, 0] * 0.9)
 

@@ -43,3 +43,22 @@ def test_parquet_round_trip(tmp_path):
     df = pd.DataFrame({"image_id": ["a", "b"], "score": [0.5, 1.5]})
     atomic.write_parquet(tmp_path / "s.parquet", df)
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "s.parquet"), df)
+
+
+def test_replace_dir_publishes_the_new_folder_and_removes_the_old(tmp_path):
+    target = tmp_path / "bundle"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    tmp = tmp_path / ".tmp-bundle"
+    tmp.mkdir()
+    (tmp / "new.txt").write_text("new")
+    assert atomic.replace_dir(tmp, target) == target
+    assert os.listdir(target) == ["new.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["bundle"]  # neither the temporary nor the old copy is left
+
+
+def test_replace_dir_without_an_old_folder(tmp_path):
+    tmp = tmp_path / ".tmp-x"
+    tmp.mkdir()
+    atomic.replace_dir(tmp, tmp_path / "x")
+    assert sorted(os.listdir(tmp_path)) == ["x"]

@@ -122,7 +122,8 @@ def test_mlflow_models_serve_answers_invocations(lw_env, tiny_bundle: Path, elpv
         assert r.status_code == 200, r.text
         got = pd.DataFrame(r.json()["predictions"])
         expected = BundleScorer(tiny_bundle).predict(pd.DataFrame({"image": images}))
-        np.testing.assert_allclose(got["anomaly_score"], expected["anomaly_score"], rtol=1e-5)
+        # float32 scoring in another process (its own thread count): equal to float32 rounding, scores sit near 0
+        np.testing.assert_allclose(got["anomaly_score"], expected["anomaly_score"], rtol=1e-5, atol=1e-5)
         assert got["is_anomaly"].tolist() == expected["is_anomaly"].tolist()
         np.testing.assert_allclose(got["z_0"], expected["z_0"], rtol=1e-5, atol=1e-6)
     finally:

@@ -158,6 +158,16 @@ def test_gate_fails_non_finite_and_collapsed_latents():
     assert healthy["active_axes_share"] == 1.0 and healthy["mmd_to_prior"] < 0.1
 
 
+def test_the_gate_and_the_sweep_share_one_collapse_metric():
+    from pipeline.latent.quality import latent_health
+
+    z = np.random.default_rng(1).normal(size=(300, 6)) * np.array([1.0, 1.0, 1.0, 0.01, 1.0, 1.0])
+    gate, health = latent_quality(z, 0.05, seed=3), latent_health(z, std_floor=0.05, seed=3)
+    assert gate["active_axes_share"] == health["active_share"] == 5 / 6
+    assert gate["mmd_to_prior"] == health["mmd_to_prior"]
+    assert gate["axis_std_min"] == health["axis_std_min"]
+
+
 def test_degraded_candidate_fails_the_gate(tiny_checkpoint, elpv_small):
     """A champion with noise added to its weights is measurably worse and is not promoted."""
     import copy
