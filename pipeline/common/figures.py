@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.common import atomic
+
 TRAVERSE_VALUES = (-2.0, -1.0, 0.0, 1.0, 2.0)
 MAX_TRAVERSE_AXES = 8
 
@@ -47,14 +49,22 @@ def output_png(out: str | os.PathLike[str], default_name: str) -> Path:
     return path if path.suffix else path.with_name(path.name + ".png")
 
 
+def write_png(fig: Any, path: str | os.PathLike[str], *, dpi: float = 100, tight: bool = True,
+              mode: int = 0o644) -> Path:
+    """Write a matplotlib figure as PNG to ``path`` atomically (folder created; ``mode`` so a team server can read it).
+
+    ``tight`` crops the canvas to what is drawn (titles included). The figure stays open: its owner closes it.
+    """
+    with atomic.atomic_path(path, mode=mode) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
+    return Path(path)
+
+
 def _save_png(fig: Any, out: str | os.PathLike[str], default_name: str, title: str | None) -> Path:
     """Titles ``fig`` (when ``title``) and writes it as PNG to :func:`output_png` of ``out``; returns the path."""
     if title:
         fig.suptitle(title, fontsize=9)
-    path = output_png(out, default_name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return path
+    return write_png(fig, output_png(out, default_name))
 
 
 def save_grid(

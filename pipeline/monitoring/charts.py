@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.analysis.spc import ChartPoint, ChartStateMismatch, SpcChart, SpcConfig
+from pipeline.common.figures import write_png
 from pipeline.monitoring.causes import Cause
 
 log = logging.getLogger(__name__)
@@ -392,8 +393,6 @@ def draw_chart(chart: SpcChart, out_path: str | Path, *, title: str = "") -> Pat
     ax.set_ylabel("statistic / limit")
     ax.set_title(title or f"control chart, line {chart.line}", fontsize=10)
     ax.legend(fontsize=7, loc="upper left")
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90, bbox_inches="tight")
+    out = write_png(fig, out_path, dpi=90)
     plt.close(fig)
     return out

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.common.figures import write_png
+
 
 def _axis_row(per_axis: Any, axis: int) -> Any:
     rows = per_axis[per_axis["axis"] == axis]
@@ -201,7 +203,7 @@ def drift_report(
     if card is not None:
         _card_panel(fig.add_subplot(gs[4 + heat_rows, :]), card, axis)
     fig.suptitle(title)
-    fig.savefig(out_path, dpi=90, bbox_inches="tight")  # the image-level panel's title must not be cut off
+    write_png(fig, out_path, dpi=90)  # cropped tight: the image-level panel's title must not be cut off
     plt.close(fig)
     return Path(out_path)
 

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.common.figures import traversal_grid
+from pipeline.common.figures import traversal_grid, write_png
 from pipeline.latent.quality import DEFAULT_PROPERTIES, disentanglement_indicator, latent_health, linear_probe
 
 __all__ = [
@@ -504,7 +504,7 @@ def _publish_table(table: pd.DataFrame, out: Path, parent_id: str) -> pd.DataFra
 
     table.to_csv(out / "sweep_table.csv", index=False)
     (out / "sweep_table.md").write_text(table_markdown(table))
-    summary_figure(table).savefig(out / "sweep_summary.png", dpi=110, bbox_inches="tight")
+    write_png(summary_figure(table), out / "sweep_summary.png", dpi=110)
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("sweep_table.csv", "sweep_table.md", "sweep_summary.png"):
             (Path(tmp) / name).write_bytes((out / name).read_bytes())

@@ -26,6 +26,7 @@ from pipeline.analysis.axes.describe import (
     describe_axes,
 )
 from pipeline.common import atomic
+from pipeline.common.figures import write_png
 from pipeline.common.schemas import as_latent_matrix
 
 if TYPE_CHECKING:
@@ -110,8 +111,7 @@ def _save_strip_png(
                 ax.set_ylabel(row_labels[i], fontsize=7)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    with atomic.atomic_path(path, mode=CARD_FILE_MODE) as tmp:
-        fig.savefig(tmp, format="png")
+    write_png(fig, path, dpi=fig.dpi, tight=False, mode=CARD_FILE_MODE)
 
 
 def _column_values(

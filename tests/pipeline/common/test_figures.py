@@ -25,3 +25,19 @@ def test_top_flagged_cells_written_highest_first(tmp_path):
     assert [p.name for p in paths] == ["01_c.png.png", "02_e.png"]
     assert all(p.exists() and p.stat().st_size > 1000 for p in paths)
     assert save_heatmap_overlays(imgs, maps, scores, list("abcde"), tmp_path / "none", top=0) == []
+
+
+def test_write_png_writes_a_readable_png_and_leaves_no_temporary(tmp_path):
+    import os
+    import stat
+
+    from matplotlib.figure import Figure
+
+    from pipeline.common.figures import write_png
+
+    fig = Figure(figsize=(2, 1))
+    fig.add_subplot(1, 1, 1).plot([0, 1], [1, 0])
+    out = write_png(fig, tmp_path / "sub" / "chart.png", dpi=50)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+    assert os.listdir(out.parent) == ["chart.png"]
