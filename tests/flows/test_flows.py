@@ -249,6 +249,8 @@ def test_help_texts_show_every_default_and_the_exit_codes(capsys):
         for action in p._actions:
             if action.option_strings and action.dest != "help":
                 assert "%(default)" in formatter._get_help_string(action), (name, action.option_strings)
+                described = (action.help or "").replace("(default: %(default)s)", "").strip()
+                assert len(described) >= 10, (name, action.option_strings, action.help)  # says what it does
         text = p.format_help()
         assert "(default: 30)" in text  # --min-window
     assert "3  the candidate was refused" in sub.choices["nightly"].format_help()
