@@ -45,13 +45,8 @@ def capture(img: np.ndarray, variant: str, cell: int) -> np.ndarray:
     rng = np.random.default_rng([7, int(cell)])
     out = img
     if variant != "clean":
-        fn, v = IMAGE_FAULTS[variant]
-        if fn == "noise":
-            out = faults.noise(img, v, rng)
-        elif fn == "misalign":
-            out = faults.misalign(img, v, faults.MISALIGN_OFFSET_PX_PER_DEGREE * v)
-        else:
-            out = getattr(faults, fn)(img, v)
+        kind, value = IMAGE_FAULTS[variant]
+        out = faults.apply_value(img, kind, value, rng)
     return faults.noise(out, CAPTURE_NOISE_DN / 255.0, rng)
 
 

@@ -83,8 +83,7 @@ class ChartSettings:
 
     def spc_config(self) -> SpcConfig:
         """The chart configuration."""
-        base = SpcConfig()
-        needed = 6.0 * self.arl0 * base.arl0_margin / (1.0 - base.pattern_share)  # calibrate_limit wants 5x
+        needed = 6.0 * self.arl0 * SpcConfig.arl0_margin / (1.0 - SpcConfig.pattern_share)  # calibrate_limit wants 5x
         return SpcConfig(arl0=self.arl0, window=self.window, n_windows=max(self.n_windows, int(math.ceil(needed))),
                          n_segments=self.n_segments, block=self.block, seed=self.seed)
 
@@ -138,8 +137,8 @@ def fault_signatures(images: Sequence[np.ndarray], statistics_of: Callable[[list
     for name, (kind, value) in patterns.items():
         rng = np.random.default_rng([seed, len(name)])
         faulty = statistics_of([apply_to_capture(img, kind, value, rng) for img in images])
-        out[name] = (faulty[base.columns].to_numpy(float) - base.to_numpy(float)).mean(axis=0)
-        out[name] = pd.Series(out[name], index=base.columns)
+        change = faulty[base.columns].to_numpy(float) - base.to_numpy(float)
+        out[name] = pd.Series(change.mean(axis=0), index=base.columns)
     return out
 
 
