@@ -261,7 +261,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _retrain_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="cpu", help="model preset: tiny, cpu, standard or large")
+    p.add_argument("--preset", default="cpu",
+                   help="model preset: tiny, cpu, pretrained (frozen ImageNet backbone + trained head; trains from "
+                   "the catalog's feature store), standard or large")
     p.add_argument("--steps", type=int, default=300, help="optimiser steps of the training (warm start or scratch)")
     p.add_argument("--window-days", type=int, default=7, help="training window: the last N days of the catalog")
     p.add_argument("--max-lookback-days", type=int, default=28,

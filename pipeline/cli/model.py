@@ -149,7 +149,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     paths = find_images(args.images)
     channels = preset.preprocess.channels
     print(f"training preset {preset.name!r} on {len(paths)} images from {args.images}", file=sys.stderr)
-    data = to_model_input(read_images(paths, channels=channels), preset.preprocess)
+    arrays = read_images(paths, channels=channels)
+    data = to_model_input(arrays, preset.preprocess)
     min_batch = args.batch_size or preset.train.batch_size
     if len(paths) < 2:
         raise CLIError(f"need at least 2 training images (the MMD term needs a batch), found {len(paths)}")
@@ -166,6 +167,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=None if args.device == "auto" else args.device,
         progress=_progress(args),
         seed=args.seed,
+        **_train_features(preset, arrays),
     )
     ckpt = load_checkpoint(args.out)
     final_loss = _final_loss(result.history)
@@ -175,6 +177,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"model id:     {ckpt.meta.get('model_id')}")
     print(f"checkpoint:   {Path(args.out).resolve()}")
     return 0
+
+
+def _train_features(preset: Any, arrays: list[Any]) -> dict[str, Any]:
+    """``{"features": (N, F)}`` pooled backbone features for a ``"pretrained"`` encoder preset, else ``{}``."""
+    if preset.model.encoder.kind != "pretrained":
+        return {}
+    import torch
+
+    from models.checkpoint import backbone_record
+    from pipeline.latent.features import compute_features
+
+    print(f"computing {backbone_record(preset.model)['id']} features of {len(arrays)} images", file=sys.stderr)
+    return {"features": torch.from_numpy(compute_features(arrays, backbone_id=backbone_record(preset.model)["id"]).pooled)}
 
 
 def _final_loss(history: Any) -> float | None:
@@ -253,6 +268,16 @@ def _parse_axes(raw: Sequence[str] | None, d: int) -> list[int]:
     return axes
 
 
+def _image_codes(ckpt: Any, paths: list[Path]) -> Any:
+    """The images' codes z (N, d) as the monitor encodes them (a ``"pretrained"`` encoder reads backbone features)."""
+    import torch
+
+    from pipeline.common.images import read_images
+    from pipeline.latent.encode import encode_images
+
+    return torch.from_numpy(encode_images(ckpt.model, ckpt.preprocess, read_images(paths, channels=1)))
+
+
 def cmd_traverse(args: argparse.Namespace) -> int:
     """Run ``linewatch traverse``."""
     import torch
@@ -267,10 +292,11 @@ def cmd_traverse(args: argparse.Namespace) -> int:
     if not all(np.isfinite(values)):
         raise CLIError("--values must be finite numbers")
     x0 = _load_image_tensor(args.image, ckpt)
+    z0 = _image_codes(ckpt, [Path(args.image)]).to(x0.device)
     with torch.inference_mode():
-        rec = model.reconstruct(x0, steps=args.steps)
-        grid = model.traverse(x0, axes, torch.tensor(values, dtype=torch.float32), steps=args.steps)
-        z = model.encode(x0)[0]
+        rec = model.reconstruct(x0, steps=args.steps, z=z0)
+        grid = model.traverse(x0, axes, torch.tensor(values, dtype=torch.float32), steps=args.steps, z=z0)
+        z = z0[0]
     # grid: (A, V, C, H, W)
     cells = []
     for i in range(len(axes)):
@@ -313,8 +339,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         if not Path(p).is_file():
             raise CLIError(f"image {p!r} does not exist or is not a file")
     x0 = load_batch([Path(p) for p in args.image], ckpt.preprocess).to(next(ckpt.model.parameters()).device)
+    z0 = _image_codes(ckpt, [Path(p) for p in args.image]).to(x0.device)
     with torch.inference_mode():
-        rec = ckpt.model.reconstruct(x0, steps=args.steps)
+        rec = ckpt.model.reconstruct(x0, steps=args.steps, z=z0)
     diff = (rec - x0).abs()
     cells, labels = [], []
     for i, p in enumerate(args.image):
@@ -388,7 +415,8 @@ def _register_train(subparsers: Any) -> None:
     )
     p.add_argument("--images", required=True, metavar="DIR", help="folder of training images (recursive)")
     p.add_argument("--out", required=True, metavar="CKPT_DIR", help="checkpoint folder to write")
-    p.add_argument("--preset", default="cpu", help="tiny, cpu (default), standard or large")
+    p.add_argument("--preset", default="cpu",
+                   help="tiny, cpu (default), pretrained (frozen ImageNet backbone + trained head), standard or large")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default: the preset's)")
     p.add_argument("--lambda", dest="lambda_mmd", type=float, default=None, metavar="L", help="MMD prior weight")

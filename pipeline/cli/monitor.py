@@ -186,7 +186,8 @@ def source_residuals(source: LatentSource, ckpt: Any, scoring: Any, *, what: str
     if source.kind != "images":
         return source.frame[cols].to_numpy(np.float64)
     x = load_batch(source.frame["path"].tolist(), ckpt.preprocess)
-    return scoring.residual_detector(ckpt.model, progress=progress).residuals(x)
+    z = source.Z if getattr(ckpt.model, "uses_features", False) else None  # a "pretrained" encoder's codes
+    return scoring.residual_detector(ckpt.model, progress=progress).residuals(x, z)
 
 
 def catalog_serials(frame: pd.DataFrame) -> list[str]:

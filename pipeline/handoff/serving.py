@@ -126,7 +126,7 @@ class BundleScorer:
         z = encode_images(ckpt.model, ckpt.preprocess, arrays, batch_size=self.batch_size)
         features = z.astype(np.float64)
         if self.bundle.scoring is not None:
-            features = np.column_stack([features, self._residuals(arrays)])
+            features = np.column_stack([features, self._residuals(arrays, z)])
         det = self.bundle.detector.predict(features)
         out = pd.DataFrame(z.astype(np.float32), columns=latent_columns(z.shape[1]))
         out[SCORE_COLUMN] = np.asarray(det.scores, dtype=np.float64)
@@ -134,7 +134,7 @@ class BundleScorer:
         out[THRESHOLD_COLUMN] = float(det.threshold)
         return out
 
-    def _residuals(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+    def _residuals(self, arrays: Sequence[np.ndarray], z: np.ndarray) -> np.ndarray:
         import torch
 
         from models import to_model_input
@@ -142,8 +142,9 @@ class BundleScorer:
         ckpt = self.bundle.checkpoint
         assert self.bundle.scoring is not None
         x = to_model_input(list(arrays), ckpt.preprocess)
+        given = z if getattr(ckpt.model, "uses_features", False) else None  # a "pretrained" encoder's codes
         with torch.inference_mode():
-            return np.asarray(self.bundle.scoring.residual_detector(ckpt.model).residuals(x), dtype=np.float64)
+            return np.asarray(self.bundle.scoring.residual_detector(ckpt.model).residuals(x, given), dtype=np.float64)
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Score an input table (``image`` bytes or ``path`` per row); the ``python_function`` flavour's predict."""

@@ -134,6 +134,23 @@ def _encode_from_features(model: Any, arrays: Sequence[np.ndarray], device: Any,
         return _checked_z(model.encode(None, features=torch.from_numpy(fs.pooled).to(device)), offset)
 
 
+def stored_latents(model: Any, catalog_root: str | os.PathLike[str], rows: pd.DataFrame) -> np.ndarray | None:
+    """Codes (N, d) of catalog rows read from their stored backbone features, for a ``"pretrained"`` encoder.
+
+    None for an encoder that reads the model-size image (the caller encodes the images themselves).
+    """
+    import torch
+
+    from pipeline.latent.features import pooled_features
+
+    if not getattr(model, "uses_features", False):
+        return None
+    feats = pooled_features(model.cfg, catalog_root, rows)
+    model.eval()
+    with torch.inference_mode():
+        return _checked_z(model.encode(None, features=feats.to(_model_device(model))), 0)
+
+
 def _checked_z(z: Any, offset: int) -> np.ndarray:
     z_np = z.detach().float().cpu().numpy().astype(np.float32, copy=False)
     bad = ~np.isfinite(z_np).all(axis=1)

@@ -46,6 +46,7 @@ __all__ = [
     "load_features",
     "load_or_compute_features",
     "parse_backbone_id",
+    "pooled_features",
     "store_features",
 ]
 
@@ -310,3 +311,31 @@ def load_or_compute_features(
     if fs is None or missing:
         raise RuntimeError(f"features of {len(missing)} images are still missing after computing them")
     return fs
+
+
+def pooled_features(model_cfg: Any, catalog_root: str | os.PathLike[str], rows: pd.DataFrame, *,
+                    path_col: str = "store_path", workers: int | None = None) -> Any:
+    """Pooled backbone features (N, F) of catalog rows for a model whose encoder reads them, from the store.
+
+    What the ``"pretrained"`` encoder trains and encodes from: each image is featurised once (missing ones are
+    computed and stored), so a nightly retrain touches only the head and the decoder.
+
+    Args:
+        model_cfg: the model's ``InfoDiffusionConfig`` (its encoder names the backbone).
+        catalog_root: the catalog root of the feature store.
+        rows: catalog rows (``sha256`` and ``path_col``).
+        path_col: the column with the image path relative to ``catalog_root``.
+        workers: worker processes for the backbone.
+
+    Returns:
+        A float32 torch tensor (N, F) in row order, or None when the encoder reads images.
+    """
+    import torch
+
+    from models.checkpoint import backbone_record
+
+    if model_cfg.encoder.kind != "pretrained":
+        return None
+    fs = load_or_compute_features(catalog_root, rows, backbone_id=backbone_record(model_cfg)["id"],
+                                  path_col=path_col, workers=workers)
+    return torch.from_numpy(np.ascontiguousarray(fs.pooled, dtype=np.float32))

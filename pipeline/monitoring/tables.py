@@ -135,9 +135,10 @@ def residual_frame(settings: Any, model: Any, spec: Any, scoring: Any, model_id:
     from pipeline.analysis.detectors.conditional import residual_columns
     from pipeline.catalog.tables import resolve_store_path
     from pipeline.common.images import load_batch
+    from pipeline.latent.encode import stored_latents
 
     x = load_batch([resolve_store_path(settings.catalog_root, p) for p in rows["store_path"]], spec)
-    R = scoring.residual_detector(model).residuals(x)
+    R = scoring.residual_detector(model).residuals(x, stored_latents(model, settings.catalog_root, rows))
     new = pd.DataFrame(R, columns=residual_columns(len(scoring.t_stars)))
     new.insert(0, "model_id", model_id)
     new.insert(0, "image_id", rows["image_id"].astype(str).to_numpy())

@@ -43,37 +43,49 @@ def axis_alignment(z_prev: np.ndarray, z_new: np.ndarray) -> tuple[float, dict[s
     return float(al.mean_abs_corr), al.to_dict()
 
 
+def _rows(features: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:
+    return None if features is None else features[lo:hi]
+
+
 @torch.no_grad()
-def encode_tensor(model: Any, x: torch.Tensor, batch_size: int = 64) -> np.ndarray:
-    """Encode a (N, C, H, W) tensor in batches to a float32 (N, d) array (eval mode)."""
+def encode_tensor(model: Any, x: torch.Tensor, batch_size: int = 64, *,
+                  features: torch.Tensor | None = None) -> np.ndarray:
+    """Encode a (N, C, H, W) tensor in batches to a float32 (N, d) array (eval mode).
+
+    ``features``: the images' pooled backbone features (N, F), which a ``"pretrained"`` encoder reads instead.
+    """
     model.eval()
-    out = [model.encode(x[i : i + batch_size]).detach().cpu().float() for i in range(0, len(x), batch_size)]
+    out = [model.encode(x[i : i + batch_size], features=_rows(features, i, i + batch_size)).detach().cpu().float()
+           for i in range(0, len(x), batch_size)]
     return torch.cat(out).numpy()
 
 
 @torch.no_grad()
-def denoising_loss(model: Any, x: torch.Tensor, *, seed: int, repeats: int = 2, batch_size: int = 32) -> float:
+def denoising_loss(model: Any, x: torch.Tensor, *, seed: int, repeats: int = 2, batch_size: int = 32,
+                   features: torch.Tensor | None = None) -> float:
     """Mean epsilon-prediction MSE on ``x`` with seeded timesteps and noise (the same for every model compared)."""
     model.eval()
     total, n = 0.0, 0
     for r in range(repeats):
         for i in range(0, len(x), batch_size):
             gen = torch.Generator(device=x.device).manual_seed(seed * 1000 + r * 97 + i)
-            xb = x[i : i + batch_size]
-            if len(xb) < 2:  # the MMD term inside the loss needs a batch
-                xb = x[max(0, len(x) - 2) :]
-            out = model.loss(xb, generator=gen)
+            lo, hi = i, i + batch_size
+            if len(x) - lo < 2:  # the MMD term inside the loss needs a batch
+                lo = max(0, len(x) - 2)
+            xb = x[lo:hi]
+            out = model.loss(xb, generator=gen, features=_rows(features, lo, hi))
             total += float(out.eps_mse) * len(xb)
             n += len(xb)
     return total / max(n, 1)
 
 
 @torch.no_grad()
-def reconstruction_error(model: Any, x: torch.Tensor, *, steps: int, seed: int) -> float:
+def reconstruction_error(model: Any, x: torch.Tensor, *, steps: int, seed: int,
+                         features: torch.Tensor | None = None) -> float:
     """Mean squared error of the deterministic DDIM reconstruction of ``x`` (in model-input units)."""
     model.eval()
     torch.manual_seed(seed)
-    rec = model.reconstruct(x, steps=steps)
+    rec = model.reconstruct(x, steps=steps, z=model.encode(x, features=features))
     return float(((rec - x) ** 2).mean())
 
 
@@ -86,6 +98,7 @@ def reconstruction_error(model: Any, x: torch.Tensor, *, steps: int, seed: int) 
 def evaluate_model(
     model: Any, x_cal: torch.Tensor, gate: Any, *, seed: int, with_detector: bool = True,
     residuals: np.ndarray | None = None, k: int = 25, groups: np.ndarray | None = None,
+    features: torch.Tensor | None = None,
 ) -> tuple[dict[str, float], np.ndarray, Any]:
     """Evaluate one model on calibration images: loss, reconstruction, latent quality, detector calibration.
 
@@ -100,14 +113,17 @@ def evaluate_model(
         k: neighbours of the residual detector.
         groups: production periods of the calibration images (``pipeline.handoff.bundle.reference_groups``): the
             detector is calibrated as the monitor calibrates it; None: the random split.
+        features: the calibration images' pooled backbone features (N, F), for a ``"pretrained"`` encoder.
 
     Returns:
         (metrics, calibration latents (N, d), fitted detector or None).
     """
     metrics: dict[str, float] = {}
-    metrics["eps_mse"] = denoising_loss(model, x_cal, seed=seed, repeats=gate.eval_repeats)
-    metrics["recon_mse"] = reconstruction_error(model, x_cal[: gate.recon_images], steps=gate.recon_steps, seed=seed)
-    z = encode_tensor(model, x_cal)
+    metrics["eps_mse"] = denoising_loss(model, x_cal, seed=seed, repeats=gate.eval_repeats, features=features)
+    n_rec = gate.recon_images
+    metrics["recon_mse"] = reconstruction_error(model, x_cal[:n_rec], steps=gate.recon_steps, seed=seed,
+                                                features=_rows(features, 0, n_rec))
+    z = encode_tensor(model, x_cal, features=features)
     metrics.update(latent_quality(z, gate.axis_std_floor, seed=seed))
     det = None
     if with_detector:

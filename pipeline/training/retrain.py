@@ -354,6 +354,31 @@ class _Candidate:
     gate: GateResult
 
 
+@dataclass(frozen=True)
+class _Features:
+    """Pooled backbone features from the catalog's feature store, for models whose encoder reads them (else None).
+
+    Attributes:
+        train: of the training images, for the candidate's encoder.
+        calibration: of the calibration images, for the candidate's encoder.
+        champion: of the calibration images, for the champion's encoder.
+    """
+
+    train: torch.Tensor | None = None
+    calibration: torch.Tensor | None = None
+    champion: torch.Tensor | None = None
+
+
+def _stored_features(settings: Any, config: RetrainConfig, sel: DataSelection, champ: Any) -> _Features:
+    """Step 2b: the features a ``"pretrained"`` encoder reads, each image featurised once (then read from the store)."""
+    from pipeline.latent.features import pooled_features
+
+    root, cand_cfg = settings.catalog_root, _preset(config).model
+    return _Features(train=pooled_features(cand_cfg, root, sel.train),
+                     calibration=pooled_features(cand_cfg, root, sel.calibration),
+                     champion=None if champ is None else pooled_features(champ.model.cfg, root, sel.calibration))
+
+
 def _retrain_locked(
     settings: Any,
     config: RetrainConfig,
@@ -377,6 +402,7 @@ def _retrain_locked(
     parent_version, champion_dir, champ = _current_champion(settings, config)
     spec = champ.preprocess if champ is not None else _preset(config).preprocess
     x_train, x_cal = load_images(settings, sel.train, spec), load_images(settings, sel.calibration, spec)
+    feats = _stored_features(settings, config, sel, champ)
     work_dir = _candidate_dir(settings, config, data_digest, parent_version)
     with tracking.start_training_run(
         f"retrain-{stamp}",
@@ -388,7 +414,7 @@ def _retrain_locked(
         _log_inputs(settings, config, sel, data_digest, calib_digest, parent_version)
         cand = _train_and_evaluate(config, x_train, x_cal, work_dir / "train", champ, champion_dir,
                                    train_fn or models_train, progress=progress, on_step=on_step,
-                                   groups=reference_groups(sel.calibration))
+                                   groups=reference_groups(sel.calibration), feats=feats)
         model_dir, model_id = _save_candidate(config, sel, cand, work_dir / "model", spec, hooks,
                                               parent_version=parent_version, data_digest=data_digest,
                                               calib_digest=calib_digest)
@@ -488,7 +514,7 @@ def _log_inputs(settings: Any, config: RetrainConfig, sel: DataSelection, data_d
 def _train_and_evaluate(config: RetrainConfig, x_train: torch.Tensor, x_cal: torch.Tensor, out_dir: Path, champ: Any,
                         champion_dir: Path | None, train_fn: Callable[..., Any], *, progress: bool,
                         on_step: Callable[[dict[str, float]], bool | None] | None,
-                        groups: np.ndarray | None = None) -> _Candidate:
+                        groups: np.ndarray | None = None, feats: _Features = _Features()) -> _Candidate:
     """Steps 3-4: train (warm start from the champion unless resuming) and evaluate against the champion."""
     from pipeline import tracking
 
@@ -499,6 +525,8 @@ def _train_and_evaluate(config: RetrainConfig, x_train: torch.Tensor, x_cal: tor
         kwargs["init_from"] = champion_dir
     if on_step is not None:
         kwargs["on_step"] = on_step
+    if feats.train is not None:
+        kwargs["features"] = feats.train
     t0 = time.perf_counter()
     result = train_fn(preset, x_train, out_dir, **kwargs)
     train_seconds = time.perf_counter() - t0
@@ -507,12 +535,14 @@ def _train_and_evaluate(config: RetrainConfig, x_train: torch.Tensor, x_cal: tor
     if config.inject_weight_noise > 0:
         perturb_weights(cand, config.inject_weight_noise, seed=config.seed)
     gate_cfg = config.gate
-    r_cand = config.scoring.residual_detector(cand, progress=progress).residuals(x_cal)
+    z_given = None if feats.calibration is None else encode_tensor(cand, x_cal, features=feats.calibration)
+    r_cand = config.scoring.residual_detector(cand, progress=progress).residuals(x_cal, z_given)
     metrics, z_cand, _ = evaluate_model(cand, x_cal, gate_cfg, seed=config.seed, residuals=r_cand,
-                                        k=config.scoring.k, groups=groups)
+                                        k=config.scoring.k, groups=groups, features=feats.calibration)
     ref_metrics, alignment, pairs, baseline = None, None, {}, {}
     if champ is not None:
-        ref_metrics, z_champ, _ = evaluate_model(champ.model, x_cal, gate_cfg, seed=config.seed, with_detector=False)
+        ref_metrics, z_champ, _ = evaluate_model(champ.model, x_cal, gate_cfg, seed=config.seed, with_detector=False,
+                                                 features=feats.champion)
         alignment, pairs = axis_alignment(z_champ, z_cand)
         metrics["alignment"] = alignment
     else:
@@ -520,7 +550,8 @@ def _train_and_evaluate(config: RetrainConfig, x_train: torch.Tensor, x_cal: tor
 
         torch.manual_seed(config.seed + 1)
         untrained = InfoDiffusion(preset.model)
-        baseline["eps_mse"] = denoising_loss(untrained, x_cal, seed=config.seed, repeats=gate_cfg.eval_repeats)
+        baseline["eps_mse"] = denoising_loss(untrained, x_cal, seed=config.seed, repeats=gate_cfg.eval_repeats,
+                                             features=feats.calibration)
     gate = apply_gate(metrics, ref_metrics, gate_cfg, baseline=baseline)
     return _Candidate(cand, int(result.step), train_seconds, metrics, ref_metrics, baseline, z_cand, r_cand,
                       alignment, pairs, gate)
@@ -648,7 +679,8 @@ def write_bundle(
     tmp = bundle.with_name(bundle.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    keep = [c for c in ("image_id", "line", "station", "captured_at", "store_path", "product_type", "lot", "lot_id")
+    keep = [c for c in ("image_id", "sha256", "line", "station", "captured_at", "store_path", "product_type", "lot",
+                         "lot_id")
             if c in calibration.columns]
     ref = calibration[keep].copy()
     for i in range(z_cal.shape[1]):

@@ -175,7 +175,9 @@ def axis_cards(
     Args:
         model: an ``InfoDiffusion`` (``encode``, ``ddim_invert``, ``ddim_sample``).
         ref_images: (N_img, C, H, W) float tensor in [-1, 1] at the model's size (``models.to_model_input``).
-        Z_ref: reference latents (N, d) under the same model (for the quantiles and correlations).
+        Z_ref: reference latents (N, d) under the same model (for the quantiles and correlations). For a
+            ``"pretrained"`` encoder (it reads backbone features, not these images) row ``i`` must be the code of
+            ``ref_images[i]``.
         props_df: image properties of the N reference images, same order as ``Z_ref``.
         out_dir: where ``axis_XX.png``, ``axis_XX.json`` and ``axes.json`` go.
         axes: which axes (default: all).
@@ -265,7 +267,7 @@ def _traverse_axes(model: Any, ref_images: torch.Tensor, job: _CardJob, progress
     try:
         with torch.no_grad():
             x0 = ref_images[job.idx].to(device=device, dtype=torch.float32)
-            z0 = model.encode(x0)
+            z0 = _row_codes(model, x0, job)
             x_T = model.ddim_invert(x0, z0, job.steps)
             it = tqdm(
                 job.axes, desc="axis cards", unit="axis", disable=not (progress and sys.stderr.isatty())
@@ -277,6 +279,15 @@ def _traverse_axes(model: Any, ref_images: torch.Tensor, job: _CardJob, progress
         if was_training and hasattr(model, "train"):
             model.train(True)
     return cards
+
+
+def _row_codes(model: Any, x0: torch.Tensor, job: _CardJob) -> torch.Tensor:
+    """The shown rows' codes: Enc(x0), or their ``Z_ref`` rows for a ``"pretrained"`` encoder (it reads features)."""
+    import torch
+
+    if not getattr(model, "uses_features", False):
+        return model.encode(x0)
+    return torch.as_tensor(job.Z[job.idx], dtype=torch.float32, device=x0.device)
 
 
 def _decode_strip(model: Any, x0: torch.Tensor, z0: torch.Tensor, x_T: torch.Tensor, a: int, job: _CardJob,

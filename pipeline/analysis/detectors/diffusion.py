@@ -61,6 +61,18 @@ def noise_field(shape: Sequence[int], seed: int, t_index: int, device: Any = "cp
     return torch.randn((1, *shape), generator=g).to(device)
 
 
+def _given_codes(Z: Any, n: int) -> torch.Tensor | None:
+    """Given codes as a float32 (n, d) tensor (None stays None)."""
+    if Z is None:
+        return None
+    Zt = torch.as_tensor(np.asarray(Z, dtype=np.float32))
+    if Zt.ndim != 2 or Zt.shape[0] != n:
+        raise ValueError(f"Z must be (N, d) with one code per image (N = {n}), got {tuple(Zt.shape)}")
+    if not torch.isfinite(Zt).all():
+        raise ValueError("Z contains NaN or infinite values")
+    return Zt
+
+
 class DiffusionResidual(BaseDetector):
     """Partial-denoising residual score of an InfoDiffusion model.
 
@@ -145,21 +157,24 @@ class DiffusionResidual(BaseDetector):
             return diff.abs().flatten(1).mean(1)
         return torch.quantile(diff.pow(2).mean(1).flatten(1), 0.99, dim=1)
 
-    def residuals(self, X: Any) -> np.ndarray:
+    def residuals(self, X: Any, Z: Any = None) -> np.ndarray:
         """Raw residuals per image and t*, averaged over seeds.
 
         Args:
             X: images (N, C, H, W) in [-1, 1].
+            Z: the images' codes (N, d); default Enc(x0). A ``"pretrained"`` encoder reads backbone features, not
+                the model-size image, so its codes are given (``pipeline.latent.encode.stored_latents``).
 
         Returns:
             float64 array (N, len(t_stars)).
         """
-        return self.latents_and_residuals(X)[1]
+        return self.latents_and_residuals(X, Z)[1]
 
     @torch.no_grad()
-    def latents_and_residuals(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Z = Enc(x0) (N, d) and the raw residuals (N, len(t_stars)) in one pass over the images."""
+    def latents_and_residuals(self, X: Any, Z: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """Z = Enc(x0) (N, d), or the given codes, and the raw residuals (N, len(t_stars)) in one pass."""
         X = self._validate(X, "X")
+        Zt = _given_codes(Z, X.shape[0])
         model = self.model
         device = next(model.parameters()).device
         was_training = model.training
@@ -177,7 +192,7 @@ class DiffusionResidual(BaseDetector):
         try:
             for lo in batches:
                 x0 = X[lo : lo + self.batch_size].to(device)
-                z = model.encode(x0)
+                z = model.encode(x0) if Zt is None else Zt[lo : lo + self.batch_size].to(device)
                 zs.append(z.detach().cpu().numpy().astype(np.float64).reshape(x0.shape[0], -1))
                 for i, t in enumerate(self.t_stars):
                     acc = torch.zeros(x0.shape[0], device=device)

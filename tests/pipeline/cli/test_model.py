@@ -231,3 +231,17 @@ def test_14_traverse_out_folder_prints_the_file_it_wrote(fresh_checkpoint, image
                  "--out", str(tmp_path / "noext"), "--axes", "0", "--values", "0", "--steps", "1"]) == 0
     printed = capsys.readouterr().out.strip().rsplit("-> ", 1)[-1]
     assert Path(printed).is_file() and Path(printed).suffix == ".png"
+
+
+@pytest.mark.slow
+def test_a_pretrained_preset_trains_traverses_and_reconstructs(image_dir, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    assert main(["train", "--images", str(image_dir), "--out", str(out), "--preset", "pretrained", "--steps", "2",
+                 "--batch-size", "4", "--no-progress", "--device", "cpu"]) == 0
+    assert "features of" in capsys.readouterr().err  # the backbone read the cells once, then head + decoder trained
+    img = str(sorted(image_dir.glob("*.png"))[0])
+    assert main(["traverse", "--model", str(out), "--image", img, "--axes", "0", "--steps", "2",
+                 "--out", str(tmp_path / "t.png")]) == 0
+    assert main(["reconstruct", "--model", str(out), "--image", img, "--steps", "2",
+                 "--out", str(tmp_path / "r.png")]) == 0
+    assert (tmp_path / "t.png").exists() and (tmp_path / "r.png").exists()

@@ -186,3 +186,20 @@ def test_residuals_do_not_depend_on_the_batch():
     for kw in ({"context": "lot"}, {"k": 2}):
         with pytest.raises(ValueError):
             DiffusionResidual(SmoothingDenoiser(), **kw)
+
+
+def test_given_codes_replace_the_encoder():
+    X = smooth_images(10, 1)
+    model = SmoothingDenoiser()
+    det = DiffusionResidual(model, t_stars=(50, 150), steps=2, batch_size=4, progress=False)
+    Z, R = det.latents_and_residuals(X)
+    Zg, Rg = det.latents_and_residuals(X, Z)  # the encoder's own codes, given: the same residuals
+    np.testing.assert_allclose(Zg, Z)
+    np.testing.assert_allclose(Rg, R, rtol=1e-6)
+    seen = []
+    model.partial_denoise = lambda x0, t_start, steps, z=None, noise=None: seen.append(z.clone()) or x0
+    det.residuals(X, np.full((10, 1), 7.0))  # a "pretrained" encoder's codes reach the denoiser as given
+    assert seen and all(bool((z == 7.0).all()) for z in seen)
+    for bad in (np.zeros((9, 1)), np.zeros(10), np.full((10, 1), np.nan)):
+        with pytest.raises(ValueError, match="Z"):
+            det.residuals(X, bad)
