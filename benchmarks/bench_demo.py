@@ -1,6 +1,7 @@
 """Wall time of the main job (`linewatch demo`) on embedded defaults, per step, and whether its checks pass.
 
-Run: `.venv/bin/python -m benchmarks.bench_demo [--no-prefect] [--preset cpu]`. Writes benchmarks/results/bench_demo.md.
+Run: `.venv/bin/python -m benchmarks.bench_demo [--no-prefect] [--preset cpu]`. Writes benchmarks/results/bench_demo.md
+(``bench_demo_<preset>.md`` for another preset).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import platform
 import time
 from pathlib import Path
 
-OUT = Path(__file__).parent / "results" / "bench_demo.md"
+RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
@@ -21,6 +22,7 @@ def main() -> None:
     ap.add_argument("--no-prefect", action="store_true")
     ap.add_argument("--home", default=".linewatch/bench-demo")
     args = ap.parse_args()
+    out_file = RESULTS / ("bench_demo.md" if args.preset == "cpu" else f"bench_demo_{args.preset}.md")
     load0 = os.getloadavg()
     from flows import use_local_prefect_home
     from pipeline.demo import DemoConfig, LocalRunner, prepare_environment, run_demo
@@ -41,8 +43,8 @@ def main() -> None:
     load1 = os.getloadavg()
     rows = "\n".join(f"| {k} | {v:.0f} |" for k, v in res.seconds.items())
     checks = "\n".join(f"| {k} | {'PASS' if ok else 'FAIL'} | {d[:120]} |" for k, (ok, d) in res.checks.items())
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(
         f"# bench_demo: `linewatch demo` end to end\n\n"
         f"- command: `.venv/bin/python -m benchmarks.bench_demo{' --no-prefect' if args.no_prefect else ''} "
         f"--preset {args.preset}`\n"
@@ -54,7 +56,7 @@ def main() -> None:
         f"wall {wall:.0f} s\n\n| step | seconds |\n|---|---|\n{rows}\n\n| check | result | detail |\n|---|---|---|\n"
         f"{checks}\n"
     )
-    print(OUT.read_text())
+    print(out_file.read_text())
 
 
 if __name__ == "__main__":

@@ -217,7 +217,8 @@ def score_features(sp: C.Splits, ckpt_dir: Any) -> tuple[np.ndarray, dict[str, n
         res = sc.residual_detector(ck.model)
 
         def zr(imgs: np.ndarray) -> np.ndarray:
-            z, r = res.latents_and_residuals(to_model_input(imgs, ck.preprocess))
+            given = C.encode(ck, imgs) if getattr(ck.model, "uses_features", False) else None  # backbone codes
+            z, r = res.latents_and_residuals(to_model_input(imgs, ck.preprocess), given)
             return np.column_stack([z, r])
 
         out = {"cal": zr(C.images()[sp.calibration]), "defect": zr(C.images()[sp.test_defect])}
@@ -318,7 +319,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     models: dict[str, Any] = {}
     notes: list[str] = []
     shipped: Any = None
-    for tag, ck in C.resolve_models(args.model, sp, args.no_train, args.steps).items():
+    for tag, ck in C.resolve_models(args.model, sp, args.no_train, args.steps, args.preset).items():
         if ck is None:
             notes.append(f"{tag}: not run (no checkpoint under benchmarks/out/)")
             continue
@@ -352,8 +353,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.only:
         methods = {k: v for k, v in methods.items() if any(o in k for o in args.only)}
+    score_methods = ("lw_lotqs", "lw_iids")
+    needs_scores = not args.only or any(how in score_methods for _, how in methods.values()) or \
+        any(o in "linewatch anomaly scores (AUC + tail share)" for o in args.only)
     if "z" in feats and shipped is not None:
         feats["z"].q_ref, feats["z"].q_pool = quality_features(sp)
+    if "z" in feats and shipped is not None and needs_scores:
         C.log("anomaly scores")
         feats["z"].s_ref, feats["z"].s_pool = score_features(sp, shipped)
         # the score family on its own (AUC + tail share, i.i.d. null): what the family could add where no latent or
@@ -583,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--permutations", type=int, default=100, help="MMD permutations")
     ap.add_argument("--steps", type=int, default=1000, help="training steps if no checkpoint can be reused")
     ap.add_argument("--no-train", action="store_true", help="only reuse checkpoints found under benchmarks/out/")
+    ap.add_argument("--preset", default="cpu", help="preset of the default models (cpu; pretrained: frozen backbone)")
+    ap.add_argument("--name", default=NAME, help="results file name under benchmarks/results/ (without .md)")
     ap.add_argument("--model", action="append", help="LABEL=CHECKPOINT_DIR (repeatable; label 'linewatch...' = shipped)")
     ap.add_argument("--no-effnet", action="store_true")
     ap.add_argument("--lot-blocks", type=int, default=0, help="also run the lot null with blocks of this many cells")
@@ -606,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     if "pool_stats" not in res:
         res["pool_stats"] = pool_stats(C.get_splits())
     cmd = C.command_line("bench_drift_faults", argv)
-    C.write_results(NAME, report(res, cmd), res)
+    C.write_results(args.name, report(res, cmd), res)
     return 0
 
 

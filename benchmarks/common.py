@@ -188,13 +188,15 @@ def _steps_of(d: Path) -> int:
     return int(json.loads(info.read_text()).get("steps", 0)) if info.exists() else 0
 
 
-def find_checkpoint(variant: str, image_size: int = 32) -> Path | None:
+def find_checkpoint(variant: str, image_size: int = 32, preset: str = "cpu") -> Path | None:
     """A checkpoint under ``benchmarks/out/`` of the given variant (matched on the loss weights in config.json).
 
-    Only the shipped MMD kernel (``mmd_bandwidth="reference"``) counts. Prefers the one trained for the most steps
-    (``meta.step`` of its config.json), then the lowest training seed, then the path (deterministic).
+    Only the shipped MMD kernel (``mmd_bandwidth="reference"``) counts, and only the encoder kind of ``preset``
+    (``"pretrained"``: the frozen-backbone encoder; otherwise one that reads the image). Prefers the one trained for
+    the most steps (``meta.step`` of its config.json), then the lowest training seed, then the path (deterministic).
     """
     lam, zeta = VARIANTS[variant]
+    want_features = preset == "pretrained"
     found: list[tuple[int, int, str, Path]] = []
     for cfg in OUT.rglob("config.json"):
         d = cfg.parent
@@ -202,19 +204,22 @@ def find_checkpoint(variant: str, image_size: int = 32) -> Path | None:
             continue  # tile models (bench_anomaly_tiles) are not whole-cell models
         try:
             size, l_, z_, meta = _loss_of(cfg)
-            bandwidth = json.loads(cfg.read_text())["model"].get("loss", {}).get("mmd_bandwidth", "reference")
-        except (KeyError, ValueError, json.JSONDecodeError):
+            model_doc = json.loads(cfg.read_text())["model"]
+            bandwidth = model_doc.get("loss", {}).get("mmd_bandwidth", "reference")
+            reads_features = model_doc.get("encoder", {}).get("kind") == "pretrained"
+        except (KeyError, ValueError, json.JSONDecodeError, AttributeError):
             continue
-        if size != str(image_size) or abs(l_ - lam) > 1e-9 or abs(z_ - zeta) > 1e-9 or bandwidth != "reference":
+        if size != str(image_size) or abs(l_ - lam) > 1e-9 or abs(z_ - zeta) > 1e-9 or bandwidth != "reference" \
+                or reads_features != want_features:
             continue
         seed = int(meta.get("train", {}).get("seed", 0) or 0)
         found.append((-_steps_of(d), seed, str(d), d))
     return min(found)[3] if found else None
 
 
-def get_checkpoint(variant: str, splits: Splits, steps: int = 1000, threads: int = 1) -> Path:
-    """Reuse a checkpoint of ``variant`` from ``benchmarks/out/``, else train the cpu preset on training cells."""
-    found = find_checkpoint(variant)
+def get_checkpoint(variant: str, splits: Splits, steps: int = 1000, threads: int = 1, preset: str = "cpu") -> Path:
+    """Reuse a checkpoint of ``variant`` from ``benchmarks/out/``, else train ``preset`` on the training cells."""
+    found = find_checkpoint(variant, preset=preset)
     if found is not None:
         log(f"[{variant}] reusing checkpoint {found.relative_to(ROOT)}")
         return found
@@ -223,21 +228,27 @@ def get_checkpoint(variant: str, splits: Splits, steps: int = 1000, threads: int
     from models import get_preset, to_model_input, train
 
     lam, zeta = VARIANTS[variant]
-    preset = get_preset("cpu")
-    loss = dataclasses.replace(preset.model.loss, lambda_mmd=lam, zeta=zeta)
-    preset = dataclasses.replace(preset, model=dataclasses.replace(preset.model, loss=loss))
-    out = OUT / "evidence" / f"cpu_{slug(variant)}_s{steps}_seed0"
+    spec = get_preset(preset)
+    loss = dataclasses.replace(spec.model.loss, lambda_mmd=lam, zeta=zeta)
+    spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, loss=loss))
+    out = OUT / "evidence" / f"{preset}_{slug(variant)}_s{steps}_seed0"
     torch.set_num_threads(threads)
-    log(f"[{variant}] training cpu preset for {steps} steps on {len(splits.train)} training cells -> {out}")
-    x = to_model_input(images()[splits.train], preset.preprocess)
+    log(f"[{variant}] training {preset} preset for {steps} steps on {len(splits.train)} training cells -> {out}")
+    x = to_model_input(images()[splits.train], spec.preprocess)
+    feats = None
+    if spec.model.encoder.kind == "pretrained":
+        from pipeline.latent.features import compute_features
+
+        feats = torch.from_numpy(compute_features(images()[splits.train]).pooled)
     t0 = time.perf_counter()
-    res = train(preset, x, out, steps=steps, progress=False, seed=0, resume=True)
+    res = train(spec, x, out, steps=steps, progress=False, seed=0, resume=True, features=feats)
     secs = time.perf_counter() - t0
     (out / "bench_train.json").write_text(json.dumps({"steps": int(res.step), "seconds": secs}, indent=2))
     return out
 
 
-def resolve_models(specs: list[str] | None, splits: Splits, no_train: bool, steps: int) -> dict[str, Path | None]:
+def resolve_models(specs: list[str] | None, splits: Splits, no_train: bool, steps: int,
+                   preset: str = "cpu") -> dict[str, Path | None]:
     """Models to benchmark: ``LABEL=DIR`` specs, or by default the newest InfoDiffusion (label ``linewatch``) and
     DiffAE-ablation (label ``DiffAE ablation``) checkpoints under ``benchmarks/out/`` (trained if missing).
 
@@ -252,8 +263,12 @@ def resolve_models(specs: list[str] | None, splits: Splits, no_train: bool, step
             out[label.strip()] = Path(path).resolve()
         return out
     labels = {"InfoDiffusion": "linewatch", "DiffAE ablation": "DiffAE ablation"}
+    if preset != "cpu":
+        labels = {k: f"{v} ({preset})" for k, v in labels.items()}
     return {
-        labels[v]: (find_checkpoint(v) if no_train else get_checkpoint(v, splits, steps=steps)) for v in VARIANTS
+        labels[v]: (find_checkpoint(v, preset=preset) if no_train else get_checkpoint(v, splits, steps=steps,
+                                                                                     preset=preset))
+        for v in VARIANTS
     }
 
 
@@ -281,10 +296,15 @@ def model_lines(models: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def encode(ckpt: Any, imgs: np.ndarray, batch: int = 128) -> np.ndarray:
-    """Latents z (N, d) of uint8 images with a loaded checkpoint."""
+    """Latents z (N, d) of uint8 images with a loaded checkpoint (a ``"pretrained"`` encoder: via its backbone)."""
     import torch
 
     from models import to_model_input
+
+    if getattr(ckpt.model, "uses_features", False):
+        from pipeline.latent.encode import encode_images
+
+        return encode_images(ckpt.model, ckpt.preprocess, list(imgs)).astype(np.float64)
 
     out = []
     with torch.no_grad():
