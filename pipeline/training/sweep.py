@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -440,6 +440,10 @@ class _SweepData:
     eval: list[np.ndarray]
     props: pd.DataFrame
     labels: dict[str, np.ndarray]
+    train_rows: pd.DataFrame | None = None
+    root: Path | None = None
+    features: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    """Pooled backbone features (train, eval) per backbone id, computed once per sweep (:func:`_pooled`)."""
 
 
 @dataclass(frozen=True)
@@ -464,9 +468,13 @@ def _sweep_data(images: Any, snapshot: str | None, root: str | Path | None, eval
     """Load and check the training and evaluation images (from ``images`` or a catalog snapshot)."""
     if (images is None) == (snapshot is None):
         raise ValueError("give either images or snapshot (a catalog snapshot digest), not both and not neither")
+    train_rows, catalog_root = None, None
     if snapshot is not None:
-        train_list = _as_image_list(load_snapshot_images(snapshot, root, max_images=max_images, seed=seed)[0],
-                                    f"snapshot {snapshot}")
+        from pipeline.catalog.tables import default_root
+
+        catalog_root = Path(root) if root is not None else default_root()
+        snap_images, train_rows = load_snapshot_images(snapshot, catalog_root, max_images=max_images, seed=seed)
+        train_list = _as_image_list(snap_images, f"snapshot {snapshot}")
     else:
         train_list = _as_image_list(images, "images")
         if max_images is not None and len(train_list) > max_images:
@@ -476,7 +484,8 @@ def _sweep_data(images: Any, snapshot: str | None, root: str | Path | None, eval
     if len(eval_list) < 3:
         raise ValueError(f"need at least 3 evaluation images for the correlations, got {len(eval_list)}")
     labels = _labels_dict(probe_labels, len(eval_list))
-    return _SweepData(train_list, eval_list, _measure_properties(eval_list, properties), labels)
+    return _SweepData(train_list, eval_list, _measure_properties(eval_list, properties), labels,
+                      train_rows=train_rows, root=catalog_root)
 
 
 def _log_sweep_params(job: _PointJob, lambdas: Sequence[float], zetas: Sequence[float],
@@ -549,6 +558,8 @@ def _run_point(point: GridPoint, job: _PointJob, parent_id: str) -> tuple[dict[s
 
 def _train_and_log_point(point: GridPoint, job: _PointJob, child_id: str) -> dict[str, Any]:
     """Train one grid point's model in the open child run, evaluate its codes, log all; the table row's values."""
+    import torch
+
     from models import to_model_input, train
     from pipeline import tracking
     from pipeline.latent.encode import encode_images
@@ -561,14 +572,19 @@ def _train_and_log_point(point: GridPoint, job: _PointJob, child_id: str) -> dic
                                                   batch_size=job.batch_size or preset.train.batch_size),
                              prefix="train.", run_id=child_id)
     ckpt_dir = job.out / point.name / "checkpoint"
+    pooled = _pooled(preset, job.data)
     result = train(preset, to_model_input(job.data.train, preset.preprocess), ckpt_dir, steps=job.n_steps,
                    batch_size=job.batch_size, seed=job.seed, device=job.device, progress=job.progress,
-                   features=_train_features(preset, job))
+                   features=None if pooled is None else torch.from_numpy(pooled[0]))
     tracking.log_history(result.history, run_id=child_id)
     last = result.history[-1] if result.history else {}
     final = {f"final.{k}": float(last[k]) for k in ("loss", "eps_mse", "mmd", "kl") if k in last}
     model = result.model.eval()
-    Z = encode_images(model, preset.preprocess, job.data.eval)
+    if pooled is None:
+        Z = encode_images(model, preset.preprocess, job.data.eval)
+    else:
+        with torch.inference_mode():
+            Z = model.encode(None, features=torch.from_numpy(pooled[1])).numpy()
     metrics, dis_table = _evaluate(Z, job.data.props, job.data.labels, job.properties, job.seed)
     tracking.log_metrics({**final, **metrics, "train.images_per_s": result.images_per_s}, step=int(result.step),
                          run_id=child_id)
@@ -586,16 +602,26 @@ def _train_and_log_point(point: GridPoint, job: _PointJob, child_id: str) -> dic
     }
 
 
-def _train_features(preset: Any, job: _PointJob) -> Any:
-    """Pooled backbone features of the training images for a ``"pretrained"`` encoder preset (else None)."""
+def _pooled(preset: Any, data: _SweepData) -> tuple[np.ndarray, np.ndarray] | None:
+    """(train, eval) pooled backbone features for a ``"pretrained"`` encoder preset, else None.
+
+    Computed once per sweep and backbone, not once per grid point; a snapshot's training images come from the
+    catalog's feature store (computed and stored there when missing).
+    """
     if preset.model.encoder.kind != "pretrained":
         return None
-    import torch
-
     from models.checkpoint import backbone_record
-    from pipeline.latent.features import compute_features
+    from pipeline.latent.features import compute_features, pooled_features
 
-    return torch.from_numpy(compute_features(job.data.train, backbone_id=backbone_record(preset.model)["id"]).pooled)
+    bid = backbone_record(preset.model)["id"]
+    if bid not in data.features:
+        if data.train_rows is not None and data.root is not None:
+            train = pooled_features(preset.model, data.root, data.train_rows).numpy()
+        else:
+            train = compute_features(data.train, backbone_id=bid).pooled
+        same = data.eval is data.train
+        data.features[bid] = (train, train if same else compute_features(data.eval, backbone_id=bid).pooled)
+    return data.features[bid]
 
 
 def _log_point_figures(point: GridPoint, job: _PointJob, model: Any, preset: Any, dis_table: pd.DataFrame,

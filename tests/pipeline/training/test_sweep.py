@@ -163,23 +163,30 @@ def test_cli_sweep_on_a_folder_json(lw_env, elpv_small, png_writer, tmp_path: Pa
     assert out["table"][0]["run_id"] == out["child_run_ids"][0]
 
 
-def test_sweep_with_the_pretrained_encoder(lw_env, elpv_small, tmp_path: Path) -> None:
-    """A sweep point of a ``"pretrained"`` encoder preset trains from backbone features and probes its z."""
+def test_sweep_with_the_pretrained_encoder(lw_env, elpv_small, tmp_path: Path, monkeypatch) -> None:
+    """Sweep points of a ``"pretrained"`` encoder preset train from backbone features and probe their z; the
+    backbone reads the training and the evaluation images once per sweep, not once per point."""
     import dataclasses
 
     import torch
 
     from models import get_preset
     from models.config import EncoderConfig
+    from pipeline.latent import features
 
     torch.set_num_threads(1)
+    seen: list[int] = []
+    real = features.compute_features
+    monkeypatch.setattr(features, "compute_features", lambda images, **kw: seen.append(len(images)) or real(images, **kw))
     tiny = get_preset("tiny")
     base = dataclasses.replace(tiny, name="tiny-pretrained", model=tiny.model.replace(
         encoder=EncoderConfig(kind="pretrained", head_hidden=16)))
-    res = sweep(elpv_small.images[:16], preset=base, lambdas=(0.1,), latent_dims=(4,), steps=3, batch_size=4,
+    res = sweep(elpv_small.images[:16], preset=base, lambdas=(0.0, 0.1), latent_dims=(4,), steps=3, batch_size=4,
                 eval_images=elpv_small.images, probe_labels={"mono_poly": elpv_small.types},
                 out_dir=tmp_path / "out", run_name="sweep-pretrained", traverse_steps=2, progress=False)
     t = res.table
     assert (t["status"] == "ok").all(), t["error"].tolist()
+    assert len(t) == 2 and sorted(seen)[-2:] == sorted([16, len(elpv_small.images)])
+    assert sum(n > 1 for n in seen) == 2  # once for the training images, once for the evaluation images
     assert np.isfinite(t["probe.mono_poly.auroc_mean"].astype(float)).all()
     assert (tmp_path / "out" / "lam0.1_zeta1_d4" / "traversal.png").stat().st_size > 0
