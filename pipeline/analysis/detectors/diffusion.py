@@ -65,7 +65,7 @@ def _given_codes(Z: Any, n: int) -> torch.Tensor | None:
     """Given codes as a float32 (n, d) tensor (None stays None)."""
     if Z is None:
         return None
-    Zt = torch.as_tensor(np.asarray(Z, dtype=np.float32))
+    Zt = torch.from_numpy(np.array(Z, dtype=np.float32))  # a copy: given arrays may be read-only
     if Zt.ndim != 2 or Zt.shape[0] != n:
         raise ValueError(f"Z must be (N, d) with one code per image (N = {n}), got {tuple(Zt.shape)}")
     if not torch.isfinite(Zt).all():

@@ -245,3 +245,9 @@ def test_a_pretrained_preset_trains_traverses_and_reconstructs(image_dir, tmp_pa
     assert main(["reconstruct", "--model", str(out), "--image", img, "--steps", "2",
                  "--out", str(tmp_path / "r.png")]) == 0
     assert (tmp_path / "t.png").exists() and (tmp_path / "r.png").exists()
+    # linewatch score: the residual detector judges each image with the code its backbone features give
+    capsys.readouterr()
+    assert main(["score", "--model", str(out), "--images", img, "--reference", str(image_dir), "--fpr", "0.2",
+                    "--json", "--no-progress"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["n_images"] == 1 and np.isfinite(doc["images"][0]["score"])

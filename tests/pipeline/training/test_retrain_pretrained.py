@@ -59,6 +59,20 @@ def test_nightly_retrain_reads_the_feature_store_and_the_monitor_scores_with_it(
     np.testing.assert_allclose(stored_latents(bundle.checkpoint.model, settings.catalog_root, bundle.reference),
                                bundle.z_ref, rtol=1e-4, atol=1e-5)
 
+    # the served model computes the same codes and residuals from the full-size images (backbone, then head)
+    from pipeline.catalog.tables import resolve_store_path
+    from pipeline.common.images import read_images
+    from pipeline.handoff.serving import BundleScorer
+
+    rows = bundle.reference.head(3)
+    arrays = read_images([resolve_store_path(settings.catalog_root, p) for p in rows["store_path"]], channels=1)
+    scorer = BundleScorer(v1.model_dir)
+    served = scorer.score_arrays(arrays)
+    z_served = served[[c for c in served.columns if c.startswith("z_")]].to_numpy()
+    np.testing.assert_allclose(z_served, bundle.z_ref[:3], atol=2e-2)
+    np.testing.assert_allclose(scorer._residuals(arrays, z_served), bundle.residuals[:3], rtol=5e-2)
+    assert np.isfinite(served["anomaly_score"]).all()
+
     res = monitor(settings, monitor_config(**monitor_params(scores=True, cards=True)))
     assert res.windows
     residuals = pd.read_parquet(residuals_table_path(settings))
