@@ -96,7 +96,8 @@ def selection(stream: pd.DataFrame, window: np.ndarray) -> tuple[pd.DataFrame, p
 
 
 def fold_scores(seed: int, per_day: int, window_days: int, fold: int,
-                steps: int | None) -> tuple[dict[str, np.ndarray], pd.DataFrame, pd.DataFrame]:
+                steps: int | None, preset_name: str | None = None) -> tuple[dict[str, np.ndarray], pd.DataFrame,
+                                                                          pd.DataFrame]:
     """Train the fold's model and compute latents + residuals of its calibration and unseen cells (cached).
 
     Returns:
@@ -107,6 +108,7 @@ def fold_scores(seed: int, per_day: int, window_days: int, fold: int,
 
     cfg = RetrainConfig()
     steps = int(steps or cfg.steps)
+    preset_name = preset_name or cfg.preset
     stream = line_stream(seed, per_day)
     window = fold_days(int(stream["day"].max()) + 1, window_days, fold)
     train_rows, cal_rows = selection(stream, window)
@@ -119,23 +121,39 @@ def fold_scores(seed: int, per_day: int, window_days: int, fold: int,
         from models.train import train
 
         torch.set_num_threads(1)
-        preset = get_preset(cfg.preset)
+        preset = get_preset(preset_name)
         imgs = C.images()
         t0 = time.perf_counter()
         x_train = to_model_input(imgs[train_rows["cell"].to_numpy()], preset.preprocess)
-        model = train(preset, x_train, None, steps=steps, progress=False, seed=cfg.seed).model
+        feats = _pooled(preset, imgs[train_rows["cell"].to_numpy()])
+        model = train(preset, x_train, None, steps=steps, progress=False, seed=cfg.seed,
+                      features=None if feats is None else torch.from_numpy(feats)).model
         train_s = time.perf_counter() - t0
         C.log(f"[{NAME}] fold {fold}: trained {steps} steps on {len(train_rows)} images in {train_s:.0f} s")
         det = cfg.scoring.residual_detector(model)
         out: dict[str, np.ndarray] = {"train_seconds": np.array(train_s)}
         for name, rows in (("cal", cal_rows), ("new", unseen)):
-            z, r = det.latents_and_residuals(to_model_input(imgs[rows["cell"].to_numpy()], preset.preprocess))
+            cells = imgs[rows["cell"].to_numpy()]
+            given = _pooled(preset, cells)
+            if given is not None:  # a pretrained encoder's codes, from the cells' backbone features
+                with torch.inference_mode():
+                    given = model.eval().encode(None, features=torch.from_numpy(given)).numpy()
+            z, r = det.latents_and_residuals(to_model_input(cells, preset.preprocess), given)
             out[f"{name}_z"], out[f"{name}_r"] = z, r
             C.log(f"[{NAME}] fold {fold}: scored {len(rows)} {name} images")
         return out
 
-    key = C.key_of(seed, per_day, window_days, fold, steps, cfg.preset, str(cfg.scoring), P1_KEEP)
+    key = C.key_of(seed, per_day, window_days, fold, steps, preset_name, str(cfg.scoring), P1_KEEP)
     return C.cached(f"{NAME}_{key}", compute), cal_rows, unseen
+
+
+def _pooled(preset: Any, cells: np.ndarray) -> np.ndarray | None:
+    """Pooled backbone features of cells for a ``"pretrained"`` encoder preset, else None."""
+    if preset.model.encoder.kind != "pretrained":
+        return None
+    from pipeline.latent.features import compute_features
+
+    return compute_features(list(cells)).pooled
 
 
 FPR = 0.05
@@ -249,7 +267,7 @@ def diagnosis(cal: pd.DataFrame, new: pd.DataFrame, d: dict[str, np.ndarray], de
 
 def run_fold(args: argparse.Namespace, fold: int) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, Any]]:
     """Day table of every recipe on the fold's unseen days, the unseen-day calibration diagnostic, the diagnosis."""
-    d, cal, new = fold_scores(args.seed, args.per_day, args.window_days, fold, args.steps)
+    d, cal, new = fold_scores(args.seed, args.per_day, args.window_days, fold, args.steps, args.preset)
     Xn = np.column_stack([d["new_z"], d["new_r"]])
     dets = recipes(cal, d)
     main_days = pd.concat([day_table(new, det.predict(Xn).is_anomaly, fold, name) for name, det in dets.items()]
@@ -314,11 +332,11 @@ def report(args: argparse.Namespace, argv: list[str] | None, days: pd.DataFrame,
            infos: dict[int, dict[str, Any]], seconds: float) -> str:
     """The results file's markdown."""
     trained = ", ".join(f"{i['train_seconds']:.0f} s" for i in infos.values())
-    name = NAME if args.seed == 0 else f"{NAME}_seed{args.seed}"
+    name = _result_name(args)
     lines = [C.header(name, C.command_line(NAME, argv)).rstrip(), "",
              f"Line: ELPV lots in a seeded order (seed {args.seed}), {args.per_day} cells per line-day, p = 1 cells "
              f"kept at ~5 %; training window {args.window_days} days at either end of the stream (folds "
-             f"{args.folds}); model: RetrainConfig defaults (preset {_cfg().preset}, {args.steps or _cfg().steps} "
+             f"{args.folds}); model: RetrainConfig defaults (preset {args.preset or _cfg().preset}, {args.steps or _cfg().steps} "
              f"steps, from scratch), trained in {trained}; "
              f"calibration: the window's hash-held-out images; configured false-flag rate {FPR:.0%}; bootstrap "
              f"{args.boot} resamples of days. Total wall time {seconds:.0f} s.", "",
@@ -332,6 +350,12 @@ def report(args: argparse.Namespace, argv: list[str] | None, days: pd.DataFrame,
              "## Diagnosis figures", "", *_diag_rows(infos), "",
              "## Per day (false-flag rate on healthy cells)", "", *_day_rows(days), ""]
     return "\n".join(lines)
+
+
+def _result_name(args: argparse.Namespace) -> str:
+    """``bench_flag_rate`` [``_<preset>``] [``_seed<N>``]: the default run keeps the plain name."""
+    name = NAME if not args.preset or args.preset == _cfg().preset else f"{NAME}_{args.preset}"
+    return name if args.seed == 0 else f"{name}_seed{args.seed}"
 
 
 def _cfg() -> Any:
@@ -350,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: RetrainConfig's)")
     ap.add_argument("--folds", type=int, nargs="+", default=[0, 1], help="folds to run (default 0 1)")
     ap.add_argument("--boot", type=int, default=2000, help="bootstrap resamples by day (default 2000)")
+    ap.add_argument("--preset", default=None, help="model preset (default: RetrainConfig's; others write "
+                    "bench_flag_rate_<preset>.md)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     days, diag, infos = [], [], {}
@@ -359,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
         diag.append(b)
     days_df, diag_df = pd.concat(days), pd.DataFrame([r for fold in diag for r in fold])
     md = report(args, argv, days_df, diag_df, infos, time.perf_counter() - t0)
-    C.write_results(NAME if args.seed == 0 else f"{NAME}_seed{args.seed}", md, {"days": days_df.to_dict("records"), "diagnostic_days": diag_df.to_dict("records"),
+    C.write_results(_result_name(args), md, {"days": days_df.to_dict("records"), "diagnostic_days": diag_df.to_dict("records"),
                                "diagnosis": infos})
 
 
