@@ -43,6 +43,7 @@ __all__ = [
     "FAULT_PROPERTIES",
     "PROPERTIES",
     "Property",
+    "channel_table",
     "contrast",
     "crack_fraction",
     "dark_fraction",
@@ -413,6 +414,19 @@ FAULT_PROPERTIES: dict[str, tuple[str, ...]] = {
     "product_mix": ("contrast", "dark_fraction", "vignetting", "crack_fraction"),
 }
 """Keys are the fault kinds of :data:`pipeline.line.faults.FAULTS`."""
+
+
+def channel_table(table: pd.DataFrame, channels: Sequence[str]) -> pd.DataFrame:
+    """The columns ``channels`` of an image-property table, in that order (the drift test's and the chart's view).
+
+    Raises:
+        ValueError: a channel the table does not hold (named, with the table's columns).
+    """
+    missing = [c for c in channels if c not in table.columns]
+    if missing:
+        raise ValueError(f"the image-property table has no {missing} (columns: {list(table.columns)}); measure "
+                         "them with pipeline.latent.properties.measure_each")
+    return table[list(channels)]
 
 
 def measure_each(images: Sequence[np.ndarray], properties: Sequence[str] | None = None) -> pd.DataFrame:

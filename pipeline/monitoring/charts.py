@@ -339,10 +339,10 @@ class MonitorCharts:
 
     @staticmethod
     def _channels(quality: pd.DataFrame) -> pd.DataFrame:
-        """The chart's image properties (``CHART_CHANNELS``) among an image-property table's columns."""
-        from pipeline.latent.properties import CHART_CHANNELS
+        """The chart's image properties (``CHART_CHANNELS``) of an image-property table."""
+        from pipeline.latent.properties import CHART_CHANNELS, channel_table
 
-        return quality[[c for c in CHART_CHANNELS if c in quality.columns]]
+        return channel_table(quality, CHART_CHANNELS)
 
     def window(self, line: str, window_id: str, frame: pd.DataFrame) -> ChartPoint:
         """The chart point of one monitored window (its rows carry ``z_*``, ``image_id`` and ``score``)."""

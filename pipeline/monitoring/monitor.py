@@ -349,9 +349,9 @@ def reference_floor(config: MonitorConfig | None = None) -> int:
 
 def drift_channels(quality: pd.DataFrame) -> pd.DataFrame:
     """The columns of an image-property table the drift test compares (``QUALITY_CHANNELS``)."""
-    from pipeline.latent.properties import QUALITY_CHANNELS
+    from pipeline.latent.properties import QUALITY_CHANNELS, channel_table
 
-    return quality[list(QUALITY_CHANNELS)]
+    return channel_table(quality, QUALITY_CHANNELS)
 
 
 def build_drift_detector(settings: Any, champ: Champion, config: MonitorConfig,

@@ -186,3 +186,11 @@ def test_illumination_channel_ignores_busbars_and_cracks() -> None:
     lined[:, 195:205] = 30
     lined[40:42, 20:280] = 20  # a crack through the top border blocks
     assert P.illumination(lined) == pytest.approx(P.illumination(img), abs=0.01)
+
+
+def test_channel_table_keeps_the_order_and_names_a_missing_channel():
+    table = pd.DataFrame({c: [float(i)] for i, c in enumerate(reversed(P.MONITOR_CHANNELS))})
+    assert list(P.channel_table(table, P.QUALITY_CHANNELS).columns) == list(P.QUALITY_CHANNELS)
+    assert list(P.channel_table(table, P.CHART_CHANNELS).columns) == list(P.CHART_CHANNELS)
+    with pytest.raises(ValueError, match="illumination"):
+        P.channel_table(table.drop(columns="illumination"), P.CHART_CHANNELS)
