@@ -119,25 +119,25 @@ def fold_scores(seed: int, per_day: int, window_days: int, fold: int,
 
         from models import get_preset, to_model_input
         from models.train import train
+        from pipeline.latent.features import image_features
 
         torch.set_num_threads(1)
         preset = get_preset(preset_name)
         imgs = C.images()
         t0 = time.perf_counter()
         x_train = to_model_input(imgs[train_rows["cell"].to_numpy()], preset.preprocess)
-        feats = _pooled(preset, imgs[train_rows["cell"].to_numpy()])
-        model = train(preset, x_train, None, steps=steps, progress=False, seed=cfg.seed,
-                      features=None if feats is None else torch.from_numpy(feats)).model
+        feats = image_features(preset.model, imgs[train_rows["cell"].to_numpy()])
+        model = train(preset, x_train, None, steps=steps, progress=False, seed=cfg.seed, features=feats).model
         train_s = time.perf_counter() - t0
         C.log(f"[{NAME}] fold {fold}: trained {steps} steps on {len(train_rows)} images in {train_s:.0f} s")
         det = cfg.scoring.residual_detector(model)
         out: dict[str, np.ndarray] = {"train_seconds": np.array(train_s)}
         for name, rows in (("cal", cal_rows), ("new", unseen)):
             cells = imgs[rows["cell"].to_numpy()]
-            given = _pooled(preset, cells)
+            given = image_features(preset.model, cells)
             if given is not None:  # a pretrained encoder's codes, from the cells' backbone features
                 with torch.inference_mode():
-                    given = model.eval().encode(None, features=torch.from_numpy(given)).numpy()
+                    given = model.eval().encode(None, features=given).numpy()
             z, r = det.latents_and_residuals(to_model_input(cells, preset.preprocess), given)
             out[f"{name}_z"], out[f"{name}_r"] = z, r
             C.log(f"[{NAME}] fold {fold}: scored {len(rows)} {name} images")
@@ -145,15 +145,6 @@ def fold_scores(seed: int, per_day: int, window_days: int, fold: int,
 
     key = C.key_of(seed, per_day, window_days, fold, steps, preset_name, str(cfg.scoring), P1_KEEP)
     return C.cached(f"{NAME}_{key}", compute), cal_rows, unseen
-
-
-def _pooled(preset: Any, cells: np.ndarray) -> np.ndarray | None:
-    """Pooled backbone features of cells for a ``"pretrained"`` encoder preset, else None."""
-    if preset.model.encoder.kind != "pretrained":
-        return None
-    from pipeline.latent.features import compute_features
-
-    return compute_features(list(cells)).pooled
 
 
 FPR = 0.05

@@ -235,11 +235,9 @@ def get_checkpoint(variant: str, splits: Splits, steps: int = 1000, threads: int
     torch.set_num_threads(threads)
     log(f"[{variant}] training {preset} preset for {steps} steps on {len(splits.train)} training cells -> {out}")
     x = to_model_input(images()[splits.train], spec.preprocess)
-    feats = None
-    if spec.model.encoder.kind == "pretrained":
-        from pipeline.latent.features import compute_features
+    from pipeline.latent.features import image_features
 
-        feats = torch.from_numpy(compute_features(images()[splits.train]).pooled)
+    feats = image_features(spec.model, images()[splits.train])  # None for an encoder that reads the image
     t0 = time.perf_counter()
     res = train(spec, x, out, steps=steps, progress=False, seed=0, resume=True, features=feats)
     secs = time.perf_counter() - t0

@@ -183,13 +183,10 @@ def _train_features(preset: Any, arrays: list[Any]) -> dict[str, Any]:
     """``{"features": (N, F)}`` pooled backbone features for a ``"pretrained"`` encoder preset, else ``{}``."""
     if preset.model.encoder.kind != "pretrained":
         return {}
-    import torch
+    from pipeline.latent.features import image_features
 
-    from models.checkpoint import backbone_record
-    from pipeline.latent.features import compute_features
-
-    print(f"computing {backbone_record(preset.model)['id']} features of {len(arrays)} images", file=sys.stderr)
-    return {"features": torch.from_numpy(compute_features(arrays, backbone_id=backbone_record(preset.model)["id"]).pooled)}
+    print(f"computing backbone features of {len(arrays)} images", file=sys.stderr)
+    return {"features": image_features(preset.model, arrays)}
 
 
 def _final_loss(history: Any) -> float | None:

@@ -126,18 +126,20 @@ def _encode_from_features(model: Any, arrays: Sequence[np.ndarray], device: Any,
     """Latents of raw images for a ``"pretrained"`` encoder: the frozen backbone's pooled features, then the head."""
     import torch
 
-    from models.checkpoint import backbone_record
-    from pipeline.latent.features import compute_features
+    from pipeline.latent.features import image_features
 
-    fs = compute_features(list(arrays), backbone_id=backbone_record(model.cfg)["id"])
     with torch.inference_mode():
-        return _checked_z(model.encode(None, features=torch.from_numpy(fs.pooled).to(device)), offset)
+        return _checked_z(model.encode(None, features=image_features(model.cfg, arrays).to(device)), offset)
 
 
-def stored_latents(model: Any, catalog_root: str | os.PathLike[str], rows: pd.DataFrame) -> np.ndarray | None:
+def stored_latents(model: Any, catalog_root: str | os.PathLike[str], rows: pd.DataFrame, *,
+                   path_col: str = "store_path", offset: int = 0) -> np.ndarray | None:
     """Codes (N, d) of catalog rows read from their stored backbone features, for a ``"pretrained"`` encoder.
 
-    None for an encoder that reads the model-size image (the caller encodes the images themselves).
+    Missing features are computed and stored first (``pipeline.latent.features.pooled_features``), so each image is
+    featurised once and other consumers (the retrain, the patch detector) read the same features. None for an encoder
+    that reads the model-size image (the caller encodes the images themselves). ``offset``: the first row's number in
+    an error message.
     """
     import torch
 
@@ -145,10 +147,10 @@ def stored_latents(model: Any, catalog_root: str | os.PathLike[str], rows: pd.Da
 
     if not getattr(model, "uses_features", False):
         return None
-    feats = pooled_features(model.cfg, catalog_root, rows)
+    feats = pooled_features(model.cfg, catalog_root, rows, path_col=path_col)
     model.eval()
     with torch.inference_mode():
-        return _checked_z(model.encode(None, features=feats.to(_model_device(model))), 0)
+        return _checked_z(model.encode(None, features=feats.to(_model_device(model))), offset)
 
 
 def _checked_z(z: Any, offset: int) -> np.ndarray:
@@ -383,24 +385,11 @@ def _flush(table: pd.DataFrame, pending: list[pd.DataFrame], out_path: Path, sco
 
 def _encode_stored_features(ckpt: Any, rows: pd.DataFrame, root: Path, path_col: str, chunk: int
                             ) -> Iterator[tuple[int, np.ndarray, list[str]]]:
-    """Yield ``(start, z, sha256s)`` per chunk of catalog rows for a ``"pretrained"`` encoder.
-
-    Its backbone features are read from the catalog's feature store (computed and stored there first when missing,
-    so each image is featurised once, and other consumers such as the patch detector read the same features).
-    """
-    import torch
-
-    from models.checkpoint import backbone_record
-    from pipeline.latent.features import load_or_compute_features
-
-    model = ckpt.model.eval()
-    bid = backbone_record(model.cfg)["id"]
+    """Yield ``(start, z, sha256s)`` per chunk of catalog rows for a ``"pretrained"`` encoder (:func:`stored_latents`)."""
     for start in range(0, len(rows), chunk):
         part = rows.iloc[start : start + chunk]
-        fs = load_or_compute_features(root, part, backbone_id=bid, path_col=path_col)
-        with torch.inference_mode():
-            z = model.encode(None, features=torch.from_numpy(fs.pooled).to(_model_device(model)))
-        yield start, _checked_z(z, start), part[SHA256].astype(str).tolist()
+        z = stored_latents(ckpt.model, root, part, path_col=path_col, offset=start)
+        yield start, z, part[SHA256].astype(str).tolist()
 
 
 def parts_dir(out_path: str | os.PathLike[str]) -> Path:

@@ -46,6 +46,7 @@ __all__ = [
     "load_features",
     "load_or_compute_features",
     "parse_backbone_id",
+    "image_features",
     "pooled_features",
     "store_features",
 ]
@@ -338,4 +339,22 @@ def pooled_features(model_cfg: Any, catalog_root: str | os.PathLike[str], rows: 
         return None
     fs = load_or_compute_features(catalog_root, rows, backbone_id=backbone_record(model_cfg)["id"],
                                   path_col=path_col, workers=workers)
+    return torch.from_numpy(np.ascontiguousarray(fs.pooled, dtype=np.float32))
+
+
+def image_features(model_cfg: Any, images: Sequence[Any], *, workers: int | None = None) -> Any:
+    """Pooled backbone features (N, F) of images in memory for a model whose encoder reads them (not stored).
+
+    :func:`pooled_features` for images outside a catalog (a folder given to ``linewatch train``, a sweep's images).
+
+    Returns:
+        A float32 torch tensor (N, F) in image order, or None when the encoder reads images.
+    """
+    import torch
+
+    from models.checkpoint import backbone_record
+
+    if model_cfg.encoder.kind != "pretrained":
+        return None
+    fs = compute_features(list(images), backbone_id=backbone_record(model_cfg)["id"], workers=workers)
     return torch.from_numpy(np.ascontiguousarray(fs.pooled, dtype=np.float32))

@@ -442,7 +442,7 @@ class _SweepData:
     labels: dict[str, np.ndarray]
     train_rows: pd.DataFrame | None = None
     root: Path | None = None
-    features: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    features: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     """Pooled backbone features (train, eval) per backbone id, computed once per sweep (:func:`_pooled`)."""
 
 
@@ -575,7 +575,7 @@ def _train_and_log_point(point: GridPoint, job: _PointJob, child_id: str) -> dic
     pooled = _pooled(preset, job.data)
     result = train(preset, to_model_input(job.data.train, preset.preprocess), ckpt_dir, steps=job.n_steps,
                    batch_size=job.batch_size, seed=job.seed, device=job.device, progress=job.progress,
-                   features=None if pooled is None else torch.from_numpy(pooled[0]))
+                   features=None if pooled is None else pooled[0])
     tracking.log_history(result.history, run_id=child_id)
     last = result.history[-1] if result.history else {}
     final = {f"final.{k}": float(last[k]) for k in ("loss", "eps_mse", "mmd", "kl") if k in last}
@@ -584,7 +584,7 @@ def _train_and_log_point(point: GridPoint, job: _PointJob, child_id: str) -> dic
         Z = encode_images(model, preset.preprocess, job.data.eval)
     else:
         with torch.inference_mode():
-            Z = model.encode(None, features=torch.from_numpy(pooled[1])).numpy()
+            Z = model.encode(None, features=pooled[1]).numpy()
     metrics, dis_table = _evaluate(Z, job.data.props, job.data.labels, job.properties, job.seed)
     tracking.log_metrics({**final, **metrics, "train.images_per_s": result.images_per_s}, step=int(result.step),
                          run_id=child_id)
@@ -602,8 +602,8 @@ def _train_and_log_point(point: GridPoint, job: _PointJob, child_id: str) -> dic
     }
 
 
-def _pooled(preset: Any, data: _SweepData) -> tuple[np.ndarray, np.ndarray] | None:
-    """(train, eval) pooled backbone features for a ``"pretrained"`` encoder preset, else None.
+def _pooled(preset: Any, data: _SweepData) -> tuple[Any, Any] | None:
+    """(train, eval) pooled backbone features (float32 tensors) for a ``"pretrained"`` encoder preset, else None.
 
     Computed once per sweep and backbone, not once per grid point; a snapshot's training images come from the
     catalog's feature store (computed and stored there when missing).
@@ -611,16 +611,16 @@ def _pooled(preset: Any, data: _SweepData) -> tuple[np.ndarray, np.ndarray] | No
     if preset.model.encoder.kind != "pretrained":
         return None
     from models.checkpoint import backbone_record
-    from pipeline.latent.features import compute_features, pooled_features
+    from pipeline.latent.features import image_features, pooled_features
 
     bid = backbone_record(preset.model)["id"]
     if bid not in data.features:
         if data.train_rows is not None and data.root is not None:
-            train = pooled_features(preset.model, data.root, data.train_rows).numpy()
+            train = pooled_features(preset.model, data.root, data.train_rows)
         else:
-            train = compute_features(data.train, backbone_id=bid).pooled
+            train = image_features(preset.model, data.train)
         same = data.eval is data.train
-        data.features[bid] = (train, train if same else compute_features(data.eval, backbone_id=bid).pooled)
+        data.features[bid] = (train, train if same else image_features(preset.model, data.eval))
     return data.features[bid]
 
 
