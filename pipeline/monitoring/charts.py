@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +123,7 @@ def fault_signatures(images: Sequence[np.ndarray], statistics_of: Callable[[list
         images: in-control images (uint8/uint16, gray), e.g. a sample of the reference.
         statistics_of: per-image chart statistics of a list of images (a DataFrame, one column per statistic).
         patterns: pattern name -> (fault kind, physical parameter).
-        seed: seed of the faults that draw noise.
+        seed: seed of the faults that draw noise (each pattern draws its own stream, keyed by its name).
 
     Returns:
         Pattern name -> mean change per statistic (a Series indexed like ``statistics_of``'s columns).
@@ -135,7 +136,7 @@ def fault_signatures(images: Sequence[np.ndarray], statistics_of: Callable[[list
     base = statistics_of(images)
     out = {}
     for name, (kind, value) in patterns.items():
-        rng = np.random.default_rng([seed, len(name)])
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])  # each pattern its own stable draws
         faulty = statistics_of([apply_to_capture(img, kind, value, rng) for img in images])
         change = faulty[base.columns].to_numpy(float) - base.to_numpy(float)
         out[name] = pd.Series(change.mean(axis=0), index=base.columns)

@@ -175,6 +175,16 @@ def test_fault_signatures_measure_each_camera_fault_on_the_images():
         fault_signatures([], _brightness_and_detail)
 
 
+def test_each_pattern_draws_its_own_noise_and_the_same_draws_every_time():
+    rng = np.random.default_rng(4)
+    images = [np.clip(rng.normal(150, 5, (40, 40)), 0, 255).astype(np.uint8) for _ in range(4)]
+    twins = {"noise a": ("noise", 0.03), "noise b": ("noise", 0.03)}  # names of one length, one fault
+    sig = fault_signatures(images, _brightness_and_detail, twins)
+    assert sig["noise a"]["roughness"] != sig["noise b"]["roughness"]
+    again = fault_signatures(images, _brightness_and_detail, twins)
+    assert all(sig[k].equals(again[k]) for k in twins)
+
+
 def test_a_chart_fitted_with_signatures_watches_them_and_a_missing_statistic_counts_as_unchanged():
     hist = cells(np.random.default_rng(0), 100)
     lots = np.repeat(np.arange(100), 20)
