@@ -18,8 +18,10 @@ score like the snapshot's cells. This benchmark measures it on real ELPV cells r
 * **recipes**, side by side on the same scores: ``main (random split)`` (main's recipe: the calibration images split
   at random between fitting and thresholding; ``detector_calibration`` without groups), ``lot-aware (default)`` (the
   product's recipe now: ``detector_calibration`` with the calibration rows' production groups,
-  ``pipeline.handoff.bundle.reference_groups``), the same with ``FlagConfig(confidence=0.9)``, and an exploratory one
-  (not in the product): the lot-aware scores thresholded per product type;
+  ``pipeline.handoff.bundle.reference_groups``), the same with ``FlagConfig(confidence=0.9)``, the monitor's fused
+  recipe (``pipeline.analysis.fusion.fused_calibration``: the backbone's patch maps of the calibration cells,
+  cross-fitted over the same production groups, fused with the residual score and thresholded lot-aware), and an
+  exploratory one (not in the product): the lot-aware scores thresholded per product type;
 * **diagnostics**: the recipes calibrated instead on a few unseen days (lots the model never saw), every placement;
   the log-residual shift of unseen healthy cells, the nearest-neighbour distances in z, the rate by product type.
 
@@ -167,6 +169,36 @@ def recipes(cal: pd.DataFrame, d: dict[str, np.ndarray]) -> dict[str, Any]:
     }
 
 
+FUSED = "fused patch + residual (lot-aware)"
+"""The monitor's fused recipe (``pipeline.analysis.fusion.fused_calibration``): backbone patch maps beside the residual."""
+
+
+def fold_patches(cal: pd.DataFrame, new: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Backbone patch maps (``pipeline.latent.features.compute_features``) of the fold's calibration and unseen cells."""
+    from pipeline.latent.features import BACKBONE_ID, compute_features
+
+    def compute() -> dict[str, np.ndarray]:
+        imgs = C.images()
+        return {name: compute_features(imgs[rows["cell"].to_numpy()]).patches for name, rows in (("cal", cal),
+                                                                                                  ("new", new))}
+
+    return C.cached(f"{NAME}_patches_{C.key_of(cal['cell'].tolist(), new['cell'].tolist(), BACKBONE_ID)}", compute)
+
+
+def fused_flags(cal: pd.DataFrame, new: pd.DataFrame, d: dict[str, np.ndarray], residual_det: Any) -> np.ndarray:
+    """Flags of the unseen cells by the fused recipe, calibrated on the fold's calibration cells only."""
+    from pipeline.analysis.fusion import fused_calibration
+    from pipeline.handoff.bundle import calibration_scores, reference_groups
+
+    k = _scoring().k
+    groups = reference_groups(cal)
+    patches = fold_patches(cal, new)
+    ref = calibration_scores(d["cal_z"], d["cal_r"], k=k, groups=groups)
+    fused = fused_calibration(patches["cal"], ref, FPR, groups=groups)
+    C.log(f"[{NAME}] fused detector: held-out calibration rate {fused.fpr_heldout:.3f}")
+    return fused.predict(patches["new"], residual_det.score(np.column_stack([d["new_z"], d["new_r"]]))).is_anomaly
+
+
 def _scoring() -> Any:
     from pipeline.training.retrain import RetrainConfig
 
@@ -261,13 +293,17 @@ def run_fold(args: argparse.Namespace, fold: int) -> tuple[pd.DataFrame, list[di
     d, cal, new = fold_scores(args.seed, args.per_day, args.window_days, fold, args.steps, args.preset)
     Xn = np.column_stack([d["new_z"], d["new_r"]])
     dets = recipes(cal, d)
+    fused = fused_flags(cal, new, d, dets["lot-aware (default)"])
     main_days = pd.concat([day_table(new, det.predict(Xn).is_anomaly, fold, name) for name, det in dets.items()]
-                          + [day_table(new, per_type_flags(cal, new, d), fold, "lot-aware, threshold per product type")])
+                          + [day_table(new, fused, fold, FUSED),
+                             day_table(new, per_type_flags(cal, new, d), fold, "lot-aware, threshold per product type")])
     diag = unseen_day_placements(new, d, fold)
     info = diagnosis(cal, new, d, dets) | {"train_seconds": float(d["train_seconds"])}
     healthy = (new["prob"] == 0).to_numpy()
     info["by_type"] = {name: {t: float(det.predict(Xn[healthy & (new["product_type"] == t).to_numpy()]).is_anomaly.mean())
                               for t in ("mono", "poly")} for name, det in dets.items()}
+    info["by_type"][FUSED] = {t: float(fused[healthy & (new["product_type"] == t).to_numpy()].mean())
+                              for t in ("mono", "poly")}
     return main_days, diag, info
 
 

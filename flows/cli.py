@@ -145,6 +145,7 @@ def _monitor_params(args: argparse.Namespace) -> dict[str, Any]:
         "quality": False if getattr(args, "no_quality", False) else None,
         "scores": False if getattr(args, "no_scores", False) else None,
         "heatmaps": False if getattr(args, "no_heatmaps", False) else None,
+        "fusion": False if getattr(args, "no_fusion", False) else None,
     }.items() if v is not None}
     try:
         monitor_config(**params)
@@ -290,6 +291,8 @@ def _monitor_options(p: argparse.ArgumentParser, *, full: bool) -> None:
                    help="skip the test of the windows' anomaly scores against the reference's")
     p.add_argument("--no-heatmaps", action="store_true",
                    help="skip the heatmap overlays of a drifted window's top flagged cells (alert and drift report)")
+    p.add_argument("--no-fusion", action="store_true",
+                   help="flag cells by the diffusion residual alone (default: fused with the backbone's patch maps)")
     p.add_argument("--encode-chunk-size", type=int, default=None,
                    help="images per parallel encode task (None: 1024 with LINEWATCH_TASK_RUNNER=dask, else 0 = off)")
 

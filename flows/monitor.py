@@ -128,6 +128,7 @@ def monitor_flow(
     cards: bool = True,
     report: bool = True,
     heatmaps: bool = True,
+    fusion: bool = True,
     quality: bool = True,
     scores: bool = True,
     encode_chunk_size: int | None = None,
@@ -147,6 +148,7 @@ def monitor_flow(
         cards: Render axis cards for alerted axes.
         report: Draw drift report pictures.
         heatmaps: Draw heatmap overlays of the top flagged cells of a window that fired (alert and report).
+        fusion: Flag cells by the residual fused with the backbone's patch maps (off: the residual alone).
         quality: Also test the full-resolution image-quality channels (blur, noise, rotation).
         scores: Also test whether the window's per-image anomaly scores rose against the reference's.
         encode_chunk_size: Images per parallel ``encode-chunk`` task; 0 = encode inside the monitor pass; None =
@@ -161,7 +163,7 @@ def monitor_flow(
     config = monitor_config(
         lines=lines, start=start, end=end, lookback_days=lookback_days, window_by=window_by,
         window_size=window_size, alpha=alpha, null=null, min_window=min_window, cards=cards, report=report,
-        heatmaps=heatmaps, quality=quality, scores=scores,
+        heatmaps=heatmaps, fusion=fusion, quality=quality, scores=scores,
     )
     chunk = default_chunk_size() if encode_chunk_size is None else int(encode_chunk_size)
     n_chunks = 0

@@ -16,11 +16,16 @@ rate on the last; the returned fusion is refitted on one half and thresholded on
 
 Calibration scores of each family must themselves be out-of-sample (the patch detector fitted on other images; the
 conditional residual's leave-one-out ``reference_scores_``).
+
+:func:`fused_calibration` is the monitor's recipe (a :class:`FusedDetector`): the calibration cells' patch scores are
+cross-fitted over production periods (``pipeline.analysis.thresholds.group_folds``), like the residual family's
+``calibration_scores``, so both families judge every calibration cell as a cell of a new lot; the threshold is the
+lot-aware one of the residual detector (``grouped_threshold``) on the fused out-of-period scores.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +34,14 @@ import numpy as np
 from pipeline.analysis.detectors.base import BaseDetector
 from pipeline.common.schemas import as_latent_matrix
 
-__all__ = ["FusionCalibration", "ScoreFusion", "calibrate_fusion"]
+__all__ = ["FAMILIES", "PATCH_FOLDS", "FusedDetector", "FusionCalibration", "ScoreFusion", "calibrate_fusion", "cross_fit_scores",
+           "fuse_families", "fused_calibration", "patch_reference_scores"]
+
+PATCH_FOLDS = 5
+"""At most this many cross-fitting folds for the patch family (each fit costs seconds whatever the cells: 64
+per-position covariances of the patch map); every fold is still scored by a fit on other periods only."""
+FAMILIES = ("patch", "residual")
+"""The families of :class:`FusedDetector`: the patch map's score (log-transformed) and the residual family's."""
 
 _LOG_FLOOR = 1e-12
 
@@ -148,3 +160,163 @@ def calibrate_fusion(scores: Any, names: Sequence[str], fpr: float, *, log: Sequ
     full = ScoreFusion(names, log, weights).fit(S[idx[:half]])
     _threshold(full, S[idx[half:]], fpr)
     return FusionCalibration(fusion=full, fpr_target=float(fpr), fpr_heldout=fpr_held, n_heldout=len(c))
+
+
+def cross_fit_scores(fit_score: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int, *, groups: Any = None,
+                     max_folds: int = 10, seed: int = 0) -> np.ndarray:
+    """Out-of-sample scores of ``n`` calibration rows: each fold scored by a detector fitted on the other folds.
+
+    Args:
+        fit_score: ``fit_score(fit_rows, score_rows)`` fits a detector on ``fit_rows`` and returns the scores of
+            ``score_rows`` (index arrays).
+        n: rows.
+        groups: production period per row (folds of consecutive periods, ``group_folds``), or None (two seeded
+            random halves).
+        max_folds: at most this many folds.
+        seed: seed of the random halves.
+    """
+    from pipeline.analysis.thresholds import group_folds
+
+    if groups is not None and np.unique(groups).size >= 2:
+        folds = group_folds(groups, max_folds)
+    else:
+        folds = np.array_split(np.random.default_rng([seed, 1]).permutation(n), 2)
+    out = np.empty(n)
+    for rows in folds:
+        out[rows] = fit_score(np.setdiff1d(np.arange(n), rows), rows)
+    return out
+
+
+@dataclass(frozen=True)
+class FusedDetector:
+    """The per-image detector with the patch family: one fused score of the patch map and the residual family.
+
+    Attributes:
+        patch: the patch detector fitted on every calibration cell (``PatchDetector``).
+        fusion: the :class:`ScoreFusion` of ``FAMILIES``, thresholded lot-aware.
+        ref_scores: out-of-period fused scores of the calibration cells (the drift test's score reference).
+        fpr_heldout: mean over folds of the false-flag rate each fold's cells see at the threshold set on the others.
+    """
+
+    patch: Any
+    fusion: ScoreFusion
+    ref_scores: np.ndarray
+    fpr_heldout: float
+
+    @property
+    def threshold(self) -> float:
+        """The decision threshold on the fused score."""
+        return float(self.fusion.threshold_)
+
+    def family_scores(self, patches: Any, residual_scores: Any) -> np.ndarray:
+        """The score matrix (N, 2) of ``FAMILIES``: patch scores of the patch maps, and the given residual scores."""
+        r = np.asarray(residual_scores, dtype=np.float64).ravel()
+        p = self.patch.score(patches) if len(r) else np.empty(0)
+        return np.column_stack([p, r])
+
+    def predict(self, patches: Any, residual_scores: Any) -> Any:
+        """Fused scores and flags (``DetectionResult``) of cells: their patch maps and residual-family scores."""
+        return self.fusion.predict(self.family_scores(patches, residual_scores))
+
+
+def patch_reference_scores(patches: Any, *, groups: Any = None, flag: Any = None, seed: int = 0,
+                           patch_detector: Callable[[], Any] | None = None) -> np.ndarray:
+    """Out-of-period patch scores of the calibration cells (each fold of periods scored by a fit on the others).
+
+    Args:
+        patches: the calibration cells' backbone patch maps (N, C, h, w).
+        groups: production period per cell, or None (two seeded random halves).
+        flag: ``pipeline.analysis.thresholds.FlagConfig`` (its ``max_folds``, capped at :data:`PATCH_FOLDS`).
+        seed: seed of the random halves.
+        patch_detector: makes an unfitted patch detector (default: the Gaussian ``PatchDetector``).
+    """
+    from pipeline.analysis.detectors.patch import PatchDetector
+    from pipeline.analysis.thresholds import FlagConfig
+
+    make = patch_detector or PatchDetector
+    P = np.asarray(patches)
+    return cross_fit_scores(lambda fit, rows: make().fit(P[fit]).score(P[rows]), len(P), groups=groups,
+                            max_folds=min(PATCH_FOLDS, (flag or FlagConfig()).max_folds), seed=seed)
+
+
+def fuse_families(patch: Any, patch_scores: Any, residual_scores: Any, fpr_target: float, *, groups: Any = None,
+                  flag: Any = None) -> FusedDetector:
+    """The fused detector from a fitted patch detector and both families' out-of-period calibration scores.
+
+    The fusion is fitted on the calibration scores, and thresholded on them with the residual detector's lot-aware
+    rule (``pipeline.analysis.thresholds.grouped_threshold``; with no production groups, the conformal threshold).
+
+    Raises:
+        ValueError: fewer than 9 calibration cells, or score arrays of different lengths.
+    """
+    from pipeline.analysis.thresholds import FlagConfig, grouped_threshold
+
+    flag = flag or FlagConfig()
+    p = np.asarray(patch_scores, dtype=np.float64).ravel()
+    r = np.asarray(residual_scores, dtype=np.float64).ravel()
+    if len(p) != len(r) or len(r) < 9:
+        raise ValueError(f"fused calibration needs >= 9 cells with one residual score each, got {len(p)} patch "
+                         f"scores and {len(r)} residual scores")
+    S = np.column_stack([p, r])
+    fusion = ScoreFusion(FAMILIES, log=(True, False)).fit(S)
+    fused = fusion.score(S)
+    grouped = groups is not None and np.unique(groups).size >= 2
+    g = np.asarray(groups) if grouped else np.zeros(len(r), int)
+    rate, keep = grouped_threshold(fused, g, fpr_target, flag)
+    held = _heldout_rate(fused, g, keep, fpr_target, flag) if grouped else float("nan")
+    try:
+        fusion.set_threshold_from_scores(fused[keep], rate)
+    except ValueError:  # too few cells for that rate (small demo runs)
+        fusion.set_threshold_from_scores(fused[keep], min(0.5, 1.0 / max(int(keep.sum()) - 1, 1)))
+    return FusedDetector(patch, fusion, fused, held)
+
+
+def fused_calibration(patches: Any, residual_scores: Any, fpr_target: float, *, groups: Any = None,
+                      flag: Any = None, seed: int = 0, patch_detector: Callable[[], Any] | None = None) -> FusedDetector:
+    """Fit and threshold the fused per-image detector on normal calibration cells.
+
+    Args:
+        patches: the calibration cells' backbone patch maps (N, C, h, w).
+        residual_scores: their out-of-sample residual-family scores (``pipeline.handoff.bundle.calibration_scores``,
+            cross-fitted with the same ``groups``).
+        fpr_target: the false-flag rate.
+        groups: production period per cell (the lot-aware threshold), or None (random halves, conformal threshold).
+        flag: ``pipeline.analysis.thresholds.FlagConfig`` (folds, fence, confidence).
+        seed: seed of the random halves.
+        patch_detector: makes an unfitted patch detector (default: the Gaussian ``PatchDetector``).
+
+    Returns:
+        :class:`FusedDetector` (its patch detector fitted on every calibration cell).
+
+    Raises:
+        ValueError: fewer than 9 calibration cells, or patches and scores of different lengths.
+    """
+    from pipeline.analysis.detectors.patch import PatchDetector
+
+    P = np.asarray(patches)
+    n_r = np.asarray(residual_scores).size
+    if len(P) != n_r or n_r < 9:
+        raise ValueError(f"fused calibration needs >= 9 cells with one residual score each, got {len(P)} patch maps "
+                         f"and {n_r} scores")
+    make = patch_detector or PatchDetector
+    p_oos = patch_reference_scores(P, groups=groups, flag=flag, seed=seed, patch_detector=make)
+    return fuse_families(make().fit(P), p_oos, residual_scores, fpr_target, groups=groups, flag=flag)
+
+
+def _heldout_rate(scores: np.ndarray, groups: np.ndarray, keep: np.ndarray, fpr: float, flag: Any) -> float:
+    """Mean over period folds of the rate a fold's kept scores see at the threshold set on the other folds."""
+    from pipeline.analysis.detectors.base import conformal_threshold
+    from pipeline.analysis.thresholds import group_folds, grouped_threshold
+
+    rates = []
+    for rows in group_folds(groups, flag.max_folds):
+        rest = np.setdiff1d(np.arange(len(scores)), rows)
+        if not keep[rows].any():
+            continue
+        a, k = grouped_threshold(scores[rest], groups[rest], fpr, flag)
+        try:
+            thr = float(conformal_threshold(scores[rest][k], a)[0])
+        except ValueError:
+            thr = float(np.max(scores[rest][k]))
+        rates.append(float((scores[rows][keep[rows]] > thr).mean()))
+    return float(np.mean(rates)) if rates else float("nan")

@@ -20,7 +20,7 @@ import pandas as pd
 
 from pipeline.cli import CLIError
 
-DETECTORS = ("auto", "residual", "mahalanobis", "knn", "iforest", "ensemble")
+DETECTORS = ("auto", "fused", "residual", "mahalanobis", "knn", "iforest", "ensemble")
 
 
 @dataclass(frozen=True)
@@ -130,10 +130,12 @@ examples:
 Images registered in the catalog ($LINEWATCH_CATALOG / $LINEWATCH_HOME) are named by their MES serial (matched by
 content), others by their path.
 
-Detectors: "residual" (the monitor's: the diffusion residual, noised to t* = 100 and 250 and denoised with the image's
-own z, judged against the reference images nearest in z; needs image folders, or latents files with r_* residual
-columns), "mahalanobis", "knn", "iforest" and "ensemble" on z alone. "auto" (default) takes "residual" when both
-sources can give residuals, else "mahalanobis", and says which.
+Detectors: "fused" (the monitor's: the residual below fused with the frozen EfficientNet-Lite0's patch maps judged
+against the reference's at each place of the cell; needs image folders), "residual" (the diffusion residual, noised
+to t* = 100 and 250 and denoised with the image's own z, judged against the reference images nearest in z; needs
+image folders, or latents files with r_* residual columns), "mahalanobis", "knn", "iforest" and "ensemble" on z
+alone. "auto" (default) takes "fused" when both sources are image folders, "residual" when both can give
+residuals, else "mahalanobis", and says which.
 
 The reference (normal images the model did not train on) is split at random into two halves: the detector is fit on
 one, and the flag threshold is the conformal (1 - fpr) quantile of the scores of the other, so the false-alarm rate
@@ -271,8 +273,11 @@ def _score_with_detector(args: argparse.Namespace, ckpt: Any, ref: Any, cur: Any
     name = args.detector
     if name == "auto":
         n = len(scoring.t_stars)
-        name = "residual" if _has_residuals(ref, n) and _has_residuals(cur, n) else "mahalanobis"
+        name = ("fused" if ref.kind == cur.kind == "images" else
+                "residual" if _has_residuals(ref, n) and _has_residuals(cur, n) else "mahalanobis")
     X_ref, X_cur = ref.Z, cur.Z
+    if name == "fused":
+        return name, _fused_prediction(args, ckpt, ref, cur, fit_idx, val_idx, progress)
     if name == "residual":
         det = residual_detector(len(scoring.t_stars), k=scoring.k, n_fit=len(fit_idx))
         _check_reference_size(det, len(fit_idx), name, len(X_ref), args.calibration_share)  # before the costly part
@@ -287,6 +292,46 @@ def _score_with_detector(args: argparse.Namespace, ckpt: Any, ref: Any, cur: Any
     except ValueError as exc:
         raise CLIError(f"{exc} (reference: {len(X_ref)} images, {len(val_idx)} used for the threshold)") from exc
     return name, det.predict(X_cur)
+
+
+def _fused_prediction(args: argparse.Namespace, ckpt: Any, ref: Any, cur: Any, fit_idx: np.ndarray,
+                      val_idx: np.ndarray, progress: bool) -> Any:
+    """The monitor's fused score: residual and patch detectors fitted on the fit part, the fusion on the rest."""
+    from pipeline.analysis.detectors.patch import PatchDetector
+    from pipeline.analysis.fusion import FAMILIES, ScoreFusion
+    from pipeline.handoff.bundle import ScoringConfig, make_detector
+
+    scoring = ScoringConfig()
+    for src, what in ((ref, "--reference"), (cur, "--images")):
+        if src.kind != "images":
+            raise CLIError(f"the fused detector needs image folders: {what} {src.origin!r} holds latents "
+                           "(use --detector residual or mahalanobis)")
+    res_det = make_detector(len(scoring.t_stars), k=scoring.k, n_fit=len(fit_idx))
+    _check_reference_size(res_det, len(fit_idx), "fused", len(ref.frame), args.calibration_share)
+    X_ref = np.column_stack([ref.Z, source_residuals(ref, ckpt, scoring, what="--reference", progress=progress)])
+    X_cur = np.column_stack([cur.Z, source_residuals(cur, ckpt, scoring, what="--images", progress=progress)])
+    P_ref, P_cur = _patch_maps(ref, "--reference"), _patch_maps(cur, "--images")
+    patch = PatchDetector().fit(P_ref[fit_idx])
+    res_det.fit(X_ref[fit_idx])
+    S_val = np.column_stack([patch.score(P_ref[val_idx]), res_det.score(X_ref[val_idx])])
+    fusion = ScoreFusion(FAMILIES, log=(True, False)).fit(S_val)
+    try:
+        fusion.infer_threshold(S_val, fpr=args.fpr)
+    except ValueError as exc:
+        raise CLIError(f"{exc} (reference: {len(X_ref)} images, {len(val_idx)} used for the threshold)") from exc
+    return fusion.predict(np.column_stack([patch.score(P_cur), res_det.score(X_cur)]))
+
+
+def _patch_maps(source: LatentSource, what: str) -> np.ndarray:
+    """Backbone patch maps of a source's image files (one clear error when the weights package is missing)."""
+    from pipeline.common.images import read_images
+
+    try:
+        from pipeline.latent.features import compute_features
+
+        return compute_features(read_images(source.frame["path"].tolist())).patches
+    except ImportError as exc:
+        raise CLIError(f"the fused detector needs the backbone weights ({what}): {exc}") from exc
 
 
 def _score_doc(info: dict[str, Any], res: Any, cur: Any, labels: list[str], serials: list[str],

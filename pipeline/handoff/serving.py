@@ -3,7 +3,9 @@
 :class:`BundleScorer` loads a model folder (checkpoint + ``linewatch/`` bundle, :func:`pipeline.handoff.bundle.load_bundle`)
 and scores a table of images: each image is encoded to z (``pipeline.latent.encode.encode_images``), its diffusion
 residuals are computed with the bundle's recipe (``ScoringConfig``) and the detector calibrated on the bundle's
-calibration images judges ``[z | residuals]``. The same image gets the same score here and in the monitor.
+calibration images judges ``[z | residuals]``: the monitor's residual family, the same score as a monitor run with
+``MonitorConfig(fusion=False)``. The monitor's default fused score also needs the patch maps of the calibration
+cells' images (``pipeline.monitoring.patches``), which a served model folder does not hold.
 
 MLflow loads this module as the ``loader_module`` of the ``python_function`` flavour (no pickle: the model is the
 checkpoint folder plus this importable code)::

@@ -9,8 +9,10 @@ Plain functions with a frozen config and result; ``flows/monitor.py`` wraps them
 2. Catalog images of the monitored period are encoded into the resumable latents table
    (``<state>/latents.parquet``; a rerun only encodes what is missing), their diffusion residuals computed once per
    image and model (``<state>/residuals.parquet``), and scored by the detector (the residual judged against the
-   calibration images nearest in z, ``pipeline.analysis.detectors.ConditionalResidual``); flags go to
-   ``<state>/scores.parquet`` (the retrain's selection drops flagged images).
+   calibration images nearest in z, ``pipeline.analysis.detectors.ConditionalResidual``), fused by default with the
+   patch family (``pipeline.monitoring.patches``: the frozen backbone's patch maps against the calibration cells',
+   thresholded lot-aware on out-of-period scores); flags go to ``<state>/scores.parquet`` with the scorer that set
+   them (the retrain's selection drops flagged images).
 3. Images are cut into windows (per plant day by default, in ``settings.timezone``; a window still in progress
    waits for a later run); each complete window is tested against the reference (lot-aware null by default),
    attributed to latent axes with their descriptions, named by its causes (``pipeline.monitoring.causes``) and handed to the
@@ -107,6 +109,11 @@ class MonitorConfig:
             (``pipeline.monitoring.heatmaps``: backbone patch maps judged by a patch detector fitted once per model on
             the calibration cells), cite them in the alert and show them in the drift report. A failure is one
             logged warning; the window goes on without them.
+        fusion: score and flag every cell with the fused per-image score (``pipeline.monitoring.patches``): the
+            backbone's patch maps judged by the patch detector of the calibration cells, fused with the residual
+            family and thresholded lot-aware at ``fpr``. The drift test's score family and the chart's
+            ``score_tail`` stay on the residual family (measured with it). Off, or when the patch family cannot
+            run (a missing weights package: one warning), the residual family alone scores and flags.
     """
 
     lines: tuple[str, ...] | None = None
@@ -129,6 +136,7 @@ class MonitorConfig:
     spc: bool = True
     spc_arl0: float = 200.0
     heatmaps: bool = True
+    fusion: bool = True
 
     def __post_init__(self) -> None:
         if self.window_by not in ("day", "shift", "count"):
@@ -478,6 +486,7 @@ class _Pass:
     charts: Any = None
     golden: Any = None
     heatmaps: Any = None
+    patches: Any = None
 
     @property
     def use_scores(self) -> bool:
@@ -495,10 +504,10 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
     rows, golden_rows = split_golden(_monitored_rows(settings, config))
     if rows.empty:
         return MonitorResult((), (), None, champ.version, champ.model_id, 0)
-    df = _score_images(settings, champ, rows, config)
+    df, patches = _score_images(settings, champ, rows, config)
     drift, quality = build_drift_detector(settings, champ, config, df)
     ctx = _Pass(settings, config, champ, drift, quality, axis_descriptions(settings, champ),
-                alert_manager if alert_manager is not None else default_alert_manager(settings))
+                alert_manager if alert_manager is not None else default_alert_manager(settings), patches=patches)
     ctx = replace(ctx, charts=_monitor_charts(ctx, df), golden=_monitor_golden(ctx, golden_rows),
                   heatmaps=_monitor_heatmaps(ctx))
 
@@ -525,13 +534,19 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
     return MonitorResult(tuple(outcomes), events, run_id, champ.version, champ.model_id, len(df), tuple(skipped))
 
 
-def _score_images(settings: Any, champ: Champion, rows: pd.DataFrame, config: MonitorConfig) -> pd.DataFrame:
+def _score_images(settings: Any, champ: Champion, rows: pd.DataFrame,
+                  config: MonitorConfig) -> tuple[pd.DataFrame, Any]:
     """Encode (resumable), compute residuals, score and flag every monitored image; the flags go to the scores table.
 
     Returns:
-        The catalog rows with their ``z_*`` columns, ``score`` and ``is_anomaly``.
+        The catalog rows with their ``z_*`` columns, ``score`` and ``is_anomaly`` (the flag's score: fused, or the
+        residual family's) and ``residual_score`` (the residual family's, on the scale of ``champ.ref_scores``: what
+        the drift test's score family and the chart's ``score_tail`` compare); the pass's patch family
+        (``ChampionPatches``, also when the fused score is off: the heatmaps use it).
     """
+    from pipeline.analysis.thresholds import judged
     from pipeline.latent.encode import encode_catalog, z_columns
+    from pipeline.monitoring.patches import ChampionPatches
 
     latents = encode_catalog(champ.checkpoint, rows, latents_table_path(settings),
                              root=settings.catalog_root, progress=config.progress)
@@ -542,19 +557,33 @@ def _score_images(settings: Any, champ: Champion, rows: pd.DataFrame, config: Mo
     if champ.scoring is not None:
         R = residual_table(settings, champ, df, progress=config.progress).loc[df["image_id"].astype(str)]
         Z = np.column_stack([Z, R.to_numpy(np.float64)])
-    det = champ.detector.predict(Z)
+    patches = ChampionPatches(settings, champ)
+    det, scorer = champ.detector.predict(Z), "residual"
+    df["residual_score"] = det.scores
+    if config.fusion and champ.ref_scores is not None:
+        fused = _fused_scores(patches, df, det.scores, config)
+        if fused is not None:
+            det, scorer = fused, "fused"
     # a cell of a product the calibration snapshot does not know is not judged (pipeline.analysis.thresholds.judged)
-    from pipeline.analysis.thresholds import judged
-
     known = judged(champ.reference["product_type"], df["product_type"]) if {"product_type"} <= \
         set(champ.reference.columns) & set(df.columns) else np.ones(len(df), dtype=bool)
     df["score"], df["is_anomaly"] = det.scores, det.is_anomaly & known
     _upsert(scores_table_path(settings), pd.DataFrame({
         "image_id": df["image_id"].astype(str), "model_version": champ.version, "model_id": champ.model_id,
         "score": df["score"].astype(float), "is_anomaly": df["is_anomaly"].astype(bool),
-        "threshold": float(det.threshold),
+        "threshold": float(det.threshold), "scorer": scorer,
     }), ["image_id", "model_id"])
-    return df
+    return df, patches
+
+
+def _fused_scores(patches: Any, df: pd.DataFrame, residual_scores: np.ndarray, config: MonitorConfig) -> Any:
+    """The fused scores and flags (``DetectionResult``) of the cells; None (one warning) on failure."""
+    try:
+        return patches.predict(df, residual_scores, config.fpr)
+    except Exception as exc:  # noqa: BLE001 - the residual family alone still scores every cell
+        logger.warning("per-image scores from the residual family alone: the patch family failed (%s: %s)",
+                       type(exc).__name__, exc)
+        return None
 
 
 def _drift_of_window(ctx: _Pass, frame: pd.DataFrame) -> tuple[Any, int]:
@@ -563,7 +592,7 @@ def _drift_of_window(ctx: _Pass, frame: pd.DataFrame) -> tuple[Any, int]:
 
     zw = frame[z_columns(frame)].to_numpy(np.float64)
     qw = None if ctx.quality is None else drift_channels(ctx.quality.loc[frame["image_id"].astype(str).to_numpy()])
-    sw = frame["score"].to_numpy(np.float64) if ctx.use_scores else None
+    sw = frame["residual_score"].to_numpy(np.float64) if ctx.use_scores else None
     keep = ctx.drift.rows_to_test(len(zw))  # the lot null's guard band: at most a third of the reference
     # each product is compared with its own kind (pipeline.analysis.strata): a mix swing is context, not drift
     strata = frame["product_type"].to_numpy()[keep] if "product_type" in frame.columns else None
@@ -646,7 +675,7 @@ def _monitor_heatmaps(ctx: _Pass) -> Any:
         return None
     from pipeline.monitoring.heatmaps import WindowHeatmaps
 
-    return WindowHeatmaps(ctx.settings, ctx.champ)
+    return WindowHeatmaps(ctx.settings, ctx.champ, patches=ctx.patches)
 
 
 def _monitor_charts(ctx: _Pass, df: pd.DataFrame) -> Any:

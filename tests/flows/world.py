@@ -79,7 +79,9 @@ def monitor_params(**over: object) -> dict:
     # healthy day's scores differ from it at p = 0.002); tests/pipeline/test_monitor.py runs both once on their own
     # heatmaps=False: the real backbone on every alerted window would slow every monitor test; the heatmap step has
     # its own tests (tests/pipeline/monitoring/test_heatmaps.py) and one run in the golden end-to-end test
+    # fusion=False: the same backbone on every cell; the fused score has its own tests
+    # (tests/pipeline/monitoring/test_patches.py) and one run in tests/pipeline/monitoring/test_monitor.py
     params = {"start": midnight(TRAIN_DAYS + 1), "end": midnight(DAYS + 1), "window_by": "day", "min_window": 15,
-              "cards": False, "quality": False, "scores": False, "heatmaps": False}
+              "cards": False, "quality": False, "scores": False, "heatmaps": False, "fusion": False}
     params.update(over)
     return params

