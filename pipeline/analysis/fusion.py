@@ -34,7 +34,7 @@ import numpy as np
 from pipeline.analysis.detectors.base import BaseDetector
 from pipeline.common.schemas import as_latent_matrix
 
-__all__ = ["FAMILIES", "PATCH_FOLDS", "FusedDetector", "FusionCalibration", "ScoreFusion", "calibrate_fusion", "cross_fit_scores",
+__all__ = ["FAMILIES", "PATCH_FOLDS", "FusedDetector", "FusionCalibration", "ScoreFusion", "calibrate_fusion",
            "fuse_families", "fused_calibration", "patch_reference_scores"]
 
 PATCH_FOLDS = 5
@@ -162,31 +162,6 @@ def calibrate_fusion(scores: Any, names: Sequence[str], fpr: float, *, log: Sequ
     return FusionCalibration(fusion=full, fpr_target=float(fpr), fpr_heldout=fpr_held, n_heldout=len(c))
 
 
-def cross_fit_scores(fit_score: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int, *, groups: Any = None,
-                     max_folds: int = 10, seed: int = 0) -> np.ndarray:
-    """Out-of-sample scores of ``n`` calibration rows: each fold scored by a detector fitted on the other folds.
-
-    Args:
-        fit_score: ``fit_score(fit_rows, score_rows)`` fits a detector on ``fit_rows`` and returns the scores of
-            ``score_rows`` (index arrays).
-        n: rows.
-        groups: production period per row (folds of consecutive periods, ``group_folds``), or None (two seeded
-            random halves).
-        max_folds: at most this many folds.
-        seed: seed of the random halves.
-    """
-    from pipeline.analysis.thresholds import group_folds
-
-    if groups is not None and np.unique(groups).size >= 2:
-        folds = group_folds(groups, max_folds)
-    else:
-        folds = np.array_split(np.random.default_rng([seed, 1]).permutation(n), 2)
-    out = np.empty(n)
-    for rows in folds:
-        out[rows] = fit_score(np.setdiff1d(np.arange(n), rows), rows)
-    return out
-
-
 @dataclass(frozen=True)
 class FusedDetector:
     """The per-image detector with the patch family: one fused score of the patch map and the residual family.
@@ -231,7 +206,7 @@ def patch_reference_scores(patches: Any, *, groups: Any = None, flag: Any = None
         patch_detector: makes an unfitted patch detector (default: the Gaussian ``PatchDetector``).
     """
     from pipeline.analysis.detectors.patch import PatchDetector
-    from pipeline.analysis.thresholds import FlagConfig
+    from pipeline.analysis.thresholds import FlagConfig, cross_fit_scores
 
     make = patch_detector or PatchDetector
     P = np.asarray(patches)
@@ -249,7 +224,7 @@ def fuse_families(patch: Any, patch_scores: Any, residual_scores: Any, fpr_targe
     Raises:
         ValueError: fewer than 9 calibration cells, or score arrays of different lengths.
     """
-    from pipeline.analysis.thresholds import FlagConfig, grouped_threshold
+    from pipeline.analysis.thresholds import FlagConfig, grouped_threshold, heldout_rate
 
     flag = flag or FlagConfig()
     p = np.asarray(patch_scores, dtype=np.float64).ravel()
@@ -263,7 +238,7 @@ def fuse_families(patch: Any, patch_scores: Any, residual_scores: Any, fpr_targe
     grouped = groups is not None and np.unique(groups).size >= 2
     g = np.asarray(groups) if grouped else np.zeros(len(r), int)
     rate, keep = grouped_threshold(fused, g, fpr_target, flag)
-    held = _heldout_rate(fused, g, keep, fpr_target, flag) if grouped else float("nan")
+    held = heldout_rate(fused, g, fpr_target, flag) if grouped else float("nan")
     try:
         fusion.set_threshold_from_scores(fused[keep], rate)
     except ValueError:  # too few cells for that rate (small demo runs)
@@ -301,22 +276,3 @@ def fused_calibration(patches: Any, residual_scores: Any, fpr_target: float, *, 
     make = patch_detector or PatchDetector
     p_oos = patch_reference_scores(P, groups=groups, flag=flag, seed=seed, patch_detector=make)
     return fuse_families(make().fit(P), p_oos, residual_scores, fpr_target, groups=groups, flag=flag)
-
-
-def _heldout_rate(scores: np.ndarray, groups: np.ndarray, keep: np.ndarray, fpr: float, flag: Any) -> float:
-    """Mean over period folds of the rate a fold's kept scores see at the threshold set on the other folds."""
-    from pipeline.analysis.detectors.base import conformal_threshold
-    from pipeline.analysis.thresholds import group_folds, grouped_threshold
-
-    rates = []
-    for rows in group_folds(groups, flag.max_folds):
-        rest = np.setdiff1d(np.arange(len(scores)), rows)
-        if not keep[rows].any():
-            continue
-        a, k = grouped_threshold(scores[rest], groups[rest], fpr, flag)
-        try:
-            thr = float(conformal_threshold(scores[rest][k], a)[0])
-        except ValueError:
-            thr = float(np.max(scores[rest][k]))
-        rates.append(float((scores[rows][keep[rows]] > thr).mean()))
-    return float(np.mean(rates)) if rates else float("nan")

@@ -33,14 +33,15 @@ z, or a later fused one): :func:`set_flag_threshold` works with any detector of 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["TRIM_FENCE", "FlagCalibration", "FlagConfig", "group_folds", "grouped_threshold", "healthy_mask", "judged",
-           "medcouple", "production_groups", "set_flag_threshold"]
+__all__ = ["TRIM_FENCE", "FlagCalibration", "FlagConfig", "cross_fit_scores", "group_folds", "grouped_threshold",
+           "healthy_mask", "heldout_rate", "judged", "medcouple", "production_groups", "set_flag_threshold"]
 
 TRIM_FENCE = 3.0
 """Multiple of the (skew-adjusted) interquartile range above the third quartile beyond which a calibration score is
@@ -228,6 +229,53 @@ def group_folds(groups: Any, max_folds: int = 10) -> list[np.ndarray]:
     fold_of = {int(gid): i * n // ids.size for i, gid in enumerate(ids)}
     fold = np.array([fold_of[int(x)] for x in g])
     return [np.flatnonzero(fold == f) for f in range(n)]
+
+
+def cross_fit_scores(fit_score: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int, *, groups: Any = None,
+                     max_folds: int = 10, seed: int = 0) -> np.ndarray:
+    """Out-of-sample scores of ``n`` calibration rows: each fold scored by a detector fitted on the other folds.
+
+    Args:
+        fit_score: ``fit_score(fit_rows, score_rows)`` fits a detector on ``fit_rows`` and returns the scores of
+            ``score_rows`` (index arrays).
+        n: rows.
+        groups: production period per row (folds of consecutive periods, :func:`group_folds`), or None (two seeded
+            random halves).
+        max_folds: at most this many folds.
+        seed: seed of the random halves.
+    """
+    if groups is not None and np.unique(groups).size >= 2:
+        folds = group_folds(groups, max_folds)
+    else:
+        folds = np.array_split(np.random.default_rng([seed, 1]).permutation(n), 2)
+    out = np.empty(n)
+    for rows in folds:
+        out[rows] = fit_score(np.setdiff1d(np.arange(n), rows), rows)
+    return out
+
+
+def heldout_rate(scores: Any, groups: Any, fpr: float, config: FlagConfig = FlagConfig()) -> float:
+    """Mean over period folds of the false-flag rate a fold's kept scores see at the threshold set on the other folds.
+
+    The threshold is :func:`grouped_threshold`'s conformal order statistic; kept scores are those it keeps. NaN when
+    no fold keeps a score.
+    """
+    from pipeline.analysis.detectors.base import conformal_threshold
+
+    s, g = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(groups).ravel()
+    _, keep = grouped_threshold(s, g, fpr, config)
+    rates = []
+    for rows in group_folds(g, config.max_folds):
+        if not keep[rows].any():
+            continue
+        rest = np.setdiff1d(np.arange(len(s)), rows)
+        rate, k = grouped_threshold(s[rest], g[rest], fpr, config)
+        try:
+            thr = float(conformal_threshold(s[rest][k], rate)[0])
+        except ValueError:  # too few scores for that rate
+            thr = float(np.max(s[rest][k]))
+        rates.append(float((s[rows][keep[rows]] > thr).mean()))
+    return float(np.mean(rates)) if rates else float("nan")
 
 
 def grouped_threshold(scores: Any, groups: Any, fpr: float, config: FlagConfig = FlagConfig()) -> tuple[float, np.ndarray]:

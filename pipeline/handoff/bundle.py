@@ -134,45 +134,26 @@ def grouped_calibration(X: np.ndarray, n_res: int | None, fpr_target: float, gro
     Returns:
         (mean over folds of the rate each fold's kept scores see at the threshold set on the other folds, detector).
     """
-    from pipeline.analysis.thresholds import FlagConfig, group_folds, grouped_threshold
+    from pipeline.analysis.thresholds import FlagConfig, grouped_threshold, heldout_rate
 
     flag = flag or FlagConfig()
     groups = np.asarray(groups)
     if np.unique(groups).size < 2:
         raise ValueError("grouped calibration needs at least 2 production groups")
-    folds = group_folds(groups, flag.max_folds)
-    scores = _cross_fitted(X, n_res, k, folds)
+    scores = _cross_fitted(X, n_res, k, groups, flag.max_folds)
     rate, keep = grouped_threshold(scores, groups, fpr_target, flag)
-    rates = []
-    for rows in folds:
-        rest = np.setdiff1d(np.arange(len(X)), rows)
-        if keep[rows].any():
-            thr = _threshold_value(scores[rest], groups[rest], fpr_target, flag)
-            rates.append(float((scores[rows][keep[rows]] > thr).mean()))
     det = make_detector(n_res, k=k, n_fit=len(X)).fit(X)
     _set_threshold_from_scores(det, scores[keep], rate)
-    return float(np.mean(rates)) if rates else float("nan"), det
+    return heldout_rate(scores, groups, fpr_target, flag), det
 
 
-def _cross_fitted(X: np.ndarray, n_res: int | None, k: int, folds: list[np.ndarray]) -> np.ndarray:
-    """Scores of every row by the detector fitted on the rows outside its fold."""
-    out = np.empty(len(X))
-    for rows in folds:
-        rest = np.setdiff1d(np.arange(len(X)), rows)
-        out[rows] = make_detector(n_res, k=k, n_fit=len(rest)).fit(X[rest]).score(X[rows])
-    return out
+def _cross_fitted(X: np.ndarray, n_res: int | None, k: int, groups: np.ndarray | None, max_folds: int,
+                  seed: int = 0) -> np.ndarray:
+    """Scores of every row by the detector fitted on the rows outside its fold (``cross_fit_scores``)."""
+    from pipeline.analysis.thresholds import cross_fit_scores
 
-
-def _threshold_value(scores: np.ndarray, groups: np.ndarray, fpr: float, flag: Any) -> float:
-    """The threshold :func:`grouped_calibration` sets on these out-of-group scores."""
-    from pipeline.analysis.detectors.base import conformal_threshold
-    from pipeline.analysis.thresholds import grouped_threshold
-
-    rate, keep = grouped_threshold(scores, groups, fpr, flag)
-    try:
-        return float(conformal_threshold(scores[keep], rate)[0])
-    except ValueError:  # too few scores for that rate
-        return float(np.max(scores[keep]))
+    return cross_fit_scores(lambda fit, rows: make_detector(n_res, k=k, n_fit=len(fit)).fit(X[fit]).score(X[rows]),
+                            len(X), groups=groups, max_folds=max_folds, seed=seed)
 
 
 def _set_threshold_from_scores(det: Any, scores: np.ndarray, rate: float) -> None:
@@ -208,14 +189,9 @@ def calibration_scores(z_cal: np.ndarray, residuals: np.ndarray, *, k: int = 25,
     are those of new lots, like a monitored window's; without, two seeded random halves score each other. Same
     detector recipe as :func:`detector_calibration`.
     """
-    from pipeline.analysis.thresholds import group_folds
-
     X = np.column_stack([z_cal, residuals])
-    if groups is not None and np.unique(groups).size >= 2:
-        folds = group_folds(groups, max_folds)
-    else:
-        folds = np.array_split(np.random.default_rng([seed, 1]).permutation(len(X)), 2)
-    return _cross_fitted(X, int(np.asarray(residuals).reshape(len(X), -1).shape[1]), k, list(folds))
+    n_res = int(np.asarray(residuals).reshape(len(X), -1).shape[1])
+    return _cross_fitted(X, n_res, k, groups, max_folds, seed)
 
 
 def reference_groups(reference: pd.DataFrame, flag: Any = None) -> np.ndarray | None:

@@ -132,21 +132,6 @@ def test_a_crack_in_one_patch_is_flagged_whatever_the_residual_says():
     assert res.is_anomaly[100:].mean() < 0.15
 
 
-def test_cross_fit_scores_never_score_a_row_with_its_own_period():
-    from pipeline.analysis.fusion import cross_fit_scores
-
-    groups = np.repeat(np.arange(5), 7)
-
-    def fit_score(fit_rows, rows):
-        assert not set(groups[fit_rows]) & set(groups[rows])
-        return np.full(len(rows), float(len(fit_rows)))
-
-    out = cross_fit_scores(fit_score, len(groups), groups=groups)
-    assert (out == 28).all()
-    halves = cross_fit_scores(lambda fit, rows: np.isin(rows, fit).astype(float), 20)
-    assert (halves == 0).all()
-
-
 def test_fused_calibration_validates_its_input():
     from pipeline.analysis.fusion import fused_calibration
 

@@ -109,3 +109,18 @@ def test_grouped_threshold_margin_grows_with_the_between_group_spread():
     strict = FlagConfig(confidence=0.9)
     a_same, a_spread = grouped_threshold(same, groups, 0.05, strict)[0], grouped_threshold(spread, groups, 0.05, strict)[0]
     assert a_spread < a_same <= 0.05
+
+
+def test_cross_fit_scores_never_score_a_row_with_its_own_period():
+    from pipeline.analysis.thresholds import cross_fit_scores
+
+    groups = np.repeat(np.arange(5), 7)
+
+    def fit_score(fit_rows, rows):
+        assert not set(groups[fit_rows]) & set(groups[rows])
+        return np.full(len(rows), float(len(fit_rows)))
+
+    out = cross_fit_scores(fit_score, len(groups), groups=groups)
+    assert (out == 28).all()
+    halves = cross_fit_scores(lambda fit, rows: np.isin(rows, fit).astype(float), 20)
+    assert (halves == 0).all()
