@@ -12,7 +12,8 @@ Both are fitted on the calibration cells only (images the model did not train on
 patch detector cross-fitted over the same production groups as the residual's ``calibration_scores``); the threshold
 is the residual detector's lot-aware rule. The fitted patch detector and the calibration cells' out-of-period patch
 scores are cached per model and backbone under the state folder (``<state>/patches/<model id>/``: arrays only,
-nothing is unpickled), so a monitor pass after the first only runs the backbone on its new cells. The heatmap
+nothing is unpickled; the newest :data:`KEEP_MODELS` models' caches are kept), so a monitor pass after the first only
+runs the backbone on its new cells. The heatmap
 overlays (``pipeline.monitoring.heatmaps``) draw the same detector's maps.
 """
 
@@ -32,7 +33,8 @@ from pipeline.handoff.state import state_dir
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ChampionPatches", "detector_cache_path", "load_detector", "reference_scores_path", "save_detector"]
+__all__ = ["KEEP_MODELS", "ChampionPatches", "detector_cache_path", "load_detector", "prune_caches",
+           "reference_scores_path", "save_detector"]
 
 
 def safe_name(text: str) -> str:
@@ -48,6 +50,24 @@ def detector_cache_path(settings: Any, model_id: str, backbone_id: str) -> Path:
 def reference_scores_path(settings: Any, model_id: str, backbone_id: str) -> Path:
     """Where the out-of-period patch scores of a model's calibration cells are cached."""
     return detector_cache_path(settings, model_id, backbone_id).with_suffix(".reference.npz")
+
+
+KEEP_MODELS = 3
+"""Per-model caches kept under ``<state>/patches`` (the newest; older models' caches are removed when a new one is
+written: each holds a ~48 MB detector)."""
+
+
+def prune_caches(settings: Any, keep: int = KEEP_MODELS) -> list[Path]:
+    """Remove the patch caches of all but the ``keep`` most recently written models; the removed folders."""
+    import shutil
+
+    root = state_dir(settings) / "patches"
+    if not root.is_dir():
+        return []
+    folders = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in folders[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folders[keep:]
 
 
 def save_detector(detector: Any, path: Path) -> None:
@@ -130,6 +150,7 @@ class ChampionPatches:
                 with threadpool_limits(limits=1, user_api="blas"):
                     self._detector = PatchDetector().fit(self.reference_patches())
                 save_detector(self._detector, path)
+                prune_caches(self.settings)
         return self._detector
 
     def fused(self, fpr: float, flag: Any = None) -> Any:

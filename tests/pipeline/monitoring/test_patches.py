@@ -51,3 +51,19 @@ def test_reference_scores_of_other_calibration_cells_are_recomputed(world, champ
 def test_a_champion_without_residual_scores_has_nothing_to_fuse(world, champ):  # noqa: F811
     with pytest.raises(ValueError, match="no residual scoring"):
         ChampionPatches(world.settings, SimpleNamespace(**{**vars(champ), "ref_scores": None})).fused(0.1)
+
+
+def test_only_the_newest_models_keep_their_caches(world, champ):  # noqa: F811
+    import os
+
+    from pipeline.monitoring.patches import KEEP_MODELS, prune_caches
+
+    for k in range(KEEP_MODELS + 1):
+        ChampionPatches(world.settings, SimpleNamespace(**{**vars(champ), "model_id": f"m-{k}"})).detector()
+        folder = detector_cache_path(world.settings, f"m-{k}", "x").parent
+        os.utime(folder, (1_000_000 + k, 1_000_000 + k))  # written in this order
+    ChampionPatches(world.settings, SimpleNamespace(**{**vars(champ), "model_id": "m-new"})).detector()
+    kept = sorted(p.name for p in detector_cache_path(world.settings, "m-new", "x").parent.parent.iterdir())
+    assert kept == ["m-2", "m-3", "m-new"]
+    assert prune_caches(world.settings, keep=1) and \
+        [p.name for p in detector_cache_path(world.settings, "m-new", "x").parent.parent.iterdir()] == ["m-new"]
