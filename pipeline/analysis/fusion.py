@@ -169,7 +169,7 @@ class FusedDetector:
     Attributes:
         patch: the patch detector fitted on every calibration cell (``PatchDetector``).
         fusion: the :class:`ScoreFusion` of ``FAMILIES``, thresholded lot-aware.
-        ref_scores: out-of-period fused scores of the calibration cells (the drift test's score reference).
+        ref_scores: out-of-period fused scores of the calibration cells (what the threshold was set on).
         fpr_heldout: mean over folds of the false-flag rate each fold's cells see at the threshold set on the others.
     """
 
