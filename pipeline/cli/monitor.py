@@ -281,8 +281,7 @@ def _score_with_detector(args: argparse.Namespace, ckpt: Any, ref: Any, cur: Any
     if name == "residual":
         det = residual_detector(len(scoring.t_stars), k=scoring.k, n_fit=len(fit_idx))
         _check_reference_size(det, len(fit_idx), name, len(X_ref), args.calibration_share)  # before the costly part
-        X_ref = np.column_stack([X_ref, source_residuals(ref, ckpt, scoring, what="--reference", progress=progress)])
-        X_cur = np.column_stack([X_cur, source_residuals(cur, ckpt, scoring, what="--images", progress=progress)])
+        X_ref, X_cur = _residual_inputs(ckpt, ref, cur, scoring, progress)
     else:
         det = latent_detector(name)
         _check_reference_size(det, len(fit_idx), name, len(X_ref), args.calibration_share)
@@ -292,6 +291,13 @@ def _score_with_detector(args: argparse.Namespace, ckpt: Any, ref: Any, cur: Any
     except ValueError as exc:
         raise CLIError(f"{exc} (reference: {len(X_ref)} images, {len(val_idx)} used for the threshold)") from exc
     return name, det.predict(X_cur)
+
+
+def _residual_inputs(ckpt: Any, ref: Any, cur: Any, scoring: Any, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The residual detector's inputs of both sources: z with the per-step denoising residuals beside it."""
+    X_ref = np.column_stack([ref.Z, source_residuals(ref, ckpt, scoring, what="--reference", progress=progress)])
+    X_cur = np.column_stack([cur.Z, source_residuals(cur, ckpt, scoring, what="--images", progress=progress)])
+    return X_ref, X_cur
 
 
 def _fused_prediction(args: argparse.Namespace, ckpt: Any, ref: Any, cur: Any, fit_idx: np.ndarray,
@@ -308,8 +314,7 @@ def _fused_prediction(args: argparse.Namespace, ckpt: Any, ref: Any, cur: Any, f
                            "(use --detector residual or mahalanobis)")
     res_det = make_detector(len(scoring.t_stars), k=scoring.k, n_fit=len(fit_idx))
     _check_reference_size(res_det, len(fit_idx), "fused", len(ref.frame), args.calibration_share)
-    X_ref = np.column_stack([ref.Z, source_residuals(ref, ckpt, scoring, what="--reference", progress=progress)])
-    X_cur = np.column_stack([cur.Z, source_residuals(cur, ckpt, scoring, what="--images", progress=progress)])
+    X_ref, X_cur = _residual_inputs(ckpt, ref, cur, scoring, progress)
     P_ref, P_cur = _patch_maps(ref, "--reference"), _patch_maps(cur, "--images")
     patch = PatchDetector().fit(P_ref[fit_idx])
     res_det.fit(X_ref[fit_idx])
