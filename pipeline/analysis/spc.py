@@ -54,6 +54,7 @@ from pipeline.common import atomic
 __all__ = [
     "STATISTICS",
     "ChartPoint",
+    "ChartNotReady",
     "ChartStateMismatch",
     "Shift",
     "SpcChart",
@@ -64,6 +65,7 @@ __all__ = [
     "ewma",
     "lot_groups",
     "lot_runs",
+    "phase1_problem",
     "run_alarms",
     "stat_label",
     "window_means",
@@ -347,6 +349,10 @@ class SpcConfig:
         clip_quantile: each window's deviation enters the EWMA shrunk to at most this quantile of the in-control
             windows' Mahalanobis lengths (1: no clipping). An extreme lot then cannot raise an alarm on its own;
             the limit is calibrated on clipped windows too.
+        min_lots: fewest lots in the in-control history (bootstrap blocks when it has no lot labels). The limits
+            rest on the between-lot variation, which a history of one lot cannot show: a chart fitted on it takes
+            the next lot for a shift (:class:`ChartNotReady`). Two is a floor, not a comfort: the fewer the lots,
+            the further the realised ARL0 may fall short of the target.
         attribution_sd: a statistic is named in an alarm when its EWMA is this many in-control sd from 0.
         history: chart points kept in the state (for pictures and change points).
         seed: bootstrap seed.
@@ -364,6 +370,7 @@ class SpcConfig:
     holdout: float = 0.0
     clip_quantile: float = 1.0
     arl0_margin: float = 1.15
+    min_lots: int = 2
     attribution_sd: float = 2.0
     history: int = 500
     seed: int = 0
@@ -383,6 +390,8 @@ class SpcConfig:
             raise ValueError(f"SpcConfig.clip_quantile must be in (0, 1], got {self.clip_quantile}")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"SpcConfig.holdout must be in [0, 1), got {self.holdout}")
+        if self.min_lots < 1:
+            raise ValueError(f"SpcConfig.min_lots must be >= 1, got {self.min_lots}")
         if not 0.0 <= self.shrinkage <= 1.0:
             raise ValueError(f"SpcConfig.shrinkage must be in [0, 1], got {self.shrinkage}")
         if self.n_segments < 1 or self.n_windows < 5 * self.arl0:
@@ -444,6 +453,23 @@ class ChartPoint:
 
 class ChartStateMismatch(ValueError):
     """A chart state belongs to another model or line, or is not a chart state."""
+
+
+class ChartNotReady(ValueError):
+    """The in-control history is too small for a chart (too few rows or lots): no chart until it grows."""
+
+
+def phase1_problem(n_rows: int, lots: Any, config: SpcConfig) -> str | None:
+    """Why an in-control history of ``n_rows`` rows (lot label per row, or None) cannot carry a chart; None if it can."""
+    if n_rows < 2 * config.window:
+        return (f"the in-control history has {n_rows} complete rows; a chart of {config.window}-cell windows needs "
+                f"at least {2 * config.window}")
+    n_lots = len(lot_groups(lot_runs(n_rows, lots, config.block), lots))
+    if n_lots < config.min_lots:
+        unit = "lots" if lots is not None else f"blocks of {config.block} images"
+        return (f"the in-control history holds {n_lots} {unit}; a chart needs at least {config.min_lots} to know the "
+                "variation between lots (it starts with a model whose reference holds more)")
+    return None
 
 
 def _lot_resample_center(X: np.ndarray, g: np.ndarray, n_g: int, runs: Sequence[np.ndarray],
@@ -553,9 +579,9 @@ class SpcChart:
         """
         X, names = _as_matrix(X, names)
         keep = np.isfinite(X).all(axis=1)
-        if keep.sum() < 2 * self.config.window:
-            raise ValueError(f"the in-control history has {int(keep.sum())} complete rows; a chart of "
-                             f"{self.config.window}-cell windows needs at least {2 * self.config.window}")
+        problem = phase1_problem(int(keep.sum()), None if lots is None else np.asarray(lots)[keep], self.config)
+        if problem:
+            raise ChartNotReady(problem)
         X = X[keep]
         labels, g = _strata_codes(strata, len(keep))
         g = g[keep]

@@ -33,7 +33,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.analysis.spc import ChartPoint, ChartStateMismatch, SpcChart, SpcConfig
+from pipeline.analysis.spc import (
+    ChartNotReady,
+    ChartPoint,
+    ChartStateMismatch,
+    SpcChart,
+    SpcConfig,
+    phase1_problem,
+)
 from pipeline.common.figures import write_png
 from pipeline.monitoring.causes import Cause
 
@@ -44,7 +51,7 @@ FAMILY = "spc"
 TAIL_QUANTILE = 0.9
 """A cell counts in ``score_tail`` when its anomaly score is above this quantile of the reference's scores."""
 
-__all__ = ["CAMERA_PATTERNS", "FAMILY", "ChartSettings", "ChartedResult", "LineCharts", "MonitorCharts", "chart_cause",
+__all__ = ["CAMERA_PATTERNS", "FAMILY", "ChartNotReady", "ChartSettings", "ChartedResult", "LineCharts", "MonitorCharts", "chart_cause",
            "draw_chart", "fault_signatures", "fit_chart", "model_statistics", "image_statistics", "point_metrics", "window_size_of"]
 
 CAMERA_PATTERNS: dict[str, tuple[str, float]] = {
@@ -72,6 +79,7 @@ class ChartSettings:
             share of the false alarms is calibrated on enough windows).
         n_segments: bootstrap segments (each with its own re-estimated centre).
         block: bootstrap block length (images) when the reference has no lot labels.
+        min_lots: fewest lots (or blocks) of the reference for a chart (``SpcConfig.min_lots``).
         seed: bootstrap seed.
     """
 
@@ -80,13 +88,14 @@ class ChartSettings:
     n_windows: int = 8_000
     n_segments: int = 20
     block: int = 60
+    min_lots: int = SpcConfig.min_lots
     seed: int = 0
 
     def spc_config(self) -> SpcConfig:
         """The chart configuration."""
         needed = 6.0 * self.arl0 * SpcConfig.arl0_margin / (1.0 - SpcConfig.pattern_share)  # calibrate_limit wants 5x
         return SpcConfig(arl0=self.arl0, window=self.window, n_windows=max(self.n_windows, int(math.ceil(needed))),
-                         n_segments=self.n_segments, block=self.block, seed=self.seed)
+                         n_segments=self.n_segments, block=self.block, min_lots=self.min_lots, seed=self.seed)
 
 
 def image_statistics(z: np.ndarray, z_names: Sequence[str], quality: pd.DataFrame | None = None,
@@ -232,6 +241,7 @@ class LineCharts:
         self._signatures = signatures
         self.messages: list[str] = []
         self._charts: dict[str, SpcChart] = {}
+        self._not_ready: dict[str, str] = {}
 
     def path(self, line: str) -> Path:
         """The state file of a line."""
@@ -239,9 +249,16 @@ class LineCharts:
         return self.dir / f"{safe}.json"
 
     def chart(self, line: str) -> SpcChart:
-        """The line's chart: its saved state, or a new Phase I fit when there is none usable (with a message)."""
+        """The line's chart: its saved state, or a new Phase I fit when there is none usable (with a message).
+
+        Raises:
+            ChartNotReady: the Phase I is too small for a chart (:func:`pipeline.analysis.spc.phase1_problem`);
+                decided once per instance, before the fault patterns are measured.
+        """
         if line in self._charts:
             return self._charts[line]
+        if line in self._not_ready:
+            raise ChartNotReady(self._not_ready[line])
         p = self.path(line)
         chart = None
         if p.exists():
@@ -253,6 +270,11 @@ class LineCharts:
         if chart is None:
             src = self.phase1(line) if callable(self.phase1) else self.phase1[line]
             stats, strata, lots = src
+            problem = phase1_problem(int(np.isfinite(stats.to_numpy(float)).all(axis=1).sum()), lots,
+                                     self.settings.spc_config())
+            if problem:
+                self._not_ready[line] = f"no control chart for line {line}: {problem}"
+                raise ChartNotReady(self._not_ready[line])
             chart = fit_chart(line, self.model_id, stats, strata=strata, lots=lots, settings=self.settings,
                               signatures=self.signatures())
         self._charts[line] = chart
@@ -317,12 +339,14 @@ class MonitorCharts:
         ref_scores: the reference's anomaly scores, or None (no ``score_tail``).
         window: cells per chart window (:func:`window_size_of`).
         arl0: the charts' in-control average run length, in windows.
+        min_lots: fewest lots (or blocks) of the reference for a line's chart.
         signatures: camera-fault patterns for new fits, or a callable giving them (see :class:`LineCharts`).
     """
 
     def __init__(self, state_dir: str | Path, model_id: str | None, reference: pd.DataFrame, z_ref: np.ndarray,
                  quality: pd.DataFrame | None, ref_scores: np.ndarray | None, window: int,
-                 arl0: float = ChartSettings.arl0, signatures: Any = None) -> None:
+                 arl0: float = ChartSettings.arl0, min_lots: int = ChartSettings.min_lots,
+                 signatures: Any = None) -> None:
         self.z_names = [f"z_{k}" for k in range(np.asarray(z_ref).shape[1])]
         order = np.argsort(pd.to_datetime(reference["captured_at"], utc=True).to_numpy(), kind="stable") \
             if "captured_at" in reference.columns else np.arange(len(reference))  # production order
@@ -335,8 +359,9 @@ class MonitorCharts:
         strata = reference["product_type"].fillna("unknown").astype(str).to_numpy() \
             if "product_type" in reference.columns else None
         lots = reference["lot"].astype(str).to_numpy() if "lot" in reference.columns else None
+        self.not_ready_said: set[str] = set()  # lines whose ChartNotReady the monitor has logged in this pass
         self.charts = LineCharts(state_dir, model_id, lambda line: (stats, strata, lots),
-                                 ChartSettings(arl0=arl0, window=window), signatures)
+                                 ChartSettings(arl0=arl0, window=window, min_lots=min_lots), signatures)
 
     @staticmethod
     def _channels(quality: pd.DataFrame) -> pd.DataFrame:

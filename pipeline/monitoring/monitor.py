@@ -105,6 +105,8 @@ class MonitorConfig:
             small shift raises an alert with cause ``spc:<statistic>``.
         spc_arl0: the chart's in-control average run length, in windows (``docs/spc.md``: days between false
             alarms).
+        spc_min_lots: fewest lots (blocks of 60 images without lot labels) in the champion's reference for a line
+            chart; with fewer the monitor runs without it and says so once per line (``docs/spc.md``).
         heatmaps: for a window whose drift test fired, draw heatmap overlays of its top flagged cells
             (``pipeline.monitoring.heatmaps``: backbone patch maps judged by a patch detector fitted once per model on
             the calibration cells), cite them in the alert and show them in the drift report. A failure is one
@@ -135,6 +137,7 @@ class MonitorConfig:
     progress: bool = False
     spc: bool = True
     spc_arl0: float = 200.0
+    spc_min_lots: int = 2
     heatmaps: bool = True
     fusion: bool = True
 
@@ -689,7 +692,8 @@ def _monitor_charts(ctx: _Pass, df: pd.DataFrame) -> Any:
         size = window_size_of(ref, ctx.config.window_by, ctx.config.window_size, ctx.settings.timezone)
         return MonitorCharts(ctx.manager.state_dir, ctx.champ.model_id, ref, np.asarray(ctx.champ.z_ref),
                              ctx.quality, ctx.champ.ref_scores if ctx.use_scores else None, size,
-                             arl0=ctx.config.spc_arl0, signatures=lambda: _chart_signatures(ctx))
+                             arl0=ctx.config.spc_arl0, min_lots=ctx.config.spc_min_lots,
+                             signatures=lambda: _chart_signatures(ctx))
     except Exception:  # noqa: BLE001 - the per-window test goes on without the chart
         logger.exception("control charts not available for model %s", ctx.champ.model_id)
         return None
@@ -716,10 +720,21 @@ def _chart_window(ctx: _Pass, line: str, window_id: str, frame: pd.DataFrame,
     """
     if ctx.charts is None:
         return {}, res, []
-    from pipeline.monitoring.charts import ChartedResult, chart_cause, draw_chart, point_metrics
+    from pipeline.monitoring.charts import (
+        ChartedResult,
+        ChartNotReady,
+        chart_cause,
+        draw_chart,
+        point_metrics,
+    )
 
     try:
         point = ctx.charts.window(line, window_id, frame)
+    except ChartNotReady as e:
+        if line not in ctx.charts.not_ready_said:
+            ctx.charts.not_ready_said.add(line)
+            logger.warning("%s", e)
+        return {}, res, []
     except Exception:  # noqa: BLE001 - a chart that cannot take the window must not stop its test
         logger.exception("control chart of line %s failed on window %s", line, window_id)
         return {}, res, []

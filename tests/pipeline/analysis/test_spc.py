@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from pipeline.analysis.spc import (
+    ChartNotReady,
     ChartStateMismatch,
     SpcChart,
     SpcConfig,
@@ -243,6 +245,19 @@ def test_bad_configuration_and_history():
         SpcChart("L1").update("w", np.zeros((3, 1)))
     with pytest.raises(ValueError, match="non-empty"):
         SpcChart("")
+    with pytest.raises(ValueError, match="min_lots must be >= 1"):
+        SpcConfig(min_lots=0)
+
+
+def test_a_history_of_too_few_lots_carries_no_chart():
+    hist = lots_data(np.random.default_rng(1), 3, size=20)  # 60 rows: enough rows, too few lots
+    with pytest.raises(ChartNotReady, match="holds 1 lots; a chart needs at least 2"):
+        SpcChart("L1", config=CFG).fit(hist[NAMES], lots=np.zeros(len(hist)))
+    with pytest.raises(ChartNotReady, match="holds 3 lots; a chart needs at least 5"):
+        SpcChart("L1", config=replace(CFG, min_lots=5)).fit(hist[NAMES], lots=hist["lot"])
+    assert SpcChart("L1", config=CFG).fit(hist[NAMES]).is_fitted  # without lot labels: 6 blocks of 10 rows
+    with pytest.raises(ChartNotReady, match="holds 6 blocks of 10 images; a chart needs at least 7"):
+        SpcChart("L1", config=replace(CFG, min_lots=7)).fit(hist[NAMES])
 
 
 def test_clipping_bounds_each_window_and_held_out_lots_or_a_refitted_covariance_widen_the_limit():

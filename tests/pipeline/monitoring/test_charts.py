@@ -17,6 +17,7 @@ from pipeline.monitoring.charts import (
     CAMERA_PATTERNS,
     FAMILY,
     ChartedResult,
+    ChartNotReady,
     ChartSettings,
     LineCharts,
     chart_cause,
@@ -219,6 +220,21 @@ def test_line_charts_measure_signatures_once_and_go_on_without_them_when_that_fa
     bad = LineCharts(tmp_path / "b", "m1", {"L1": (hist, None, lots)}, SETTINGS, broken)
     assert bad.chart("L1").pattern_names == ()
     assert "camera-fault patterns not measured (OSError: store unreadable)" in bad.messages[0]
+
+
+def test_a_line_whose_reference_holds_one_lot_gets_no_chart_and_no_pattern_is_measured(tmp_path: Path):
+    hist = cells(np.random.default_rng(0), 1, size=60)
+    calls = []
+
+    def measured() -> dict[str, pd.Series]:
+        calls.append(1)
+        return {"camera gain x0.9": pd.Series({"mean_intensity": -0.05})}
+
+    young = LineCharts(tmp_path / "s", "m1", {"L1": (hist, None, np.zeros(60))}, SETTINGS, measured)
+    for _ in range(2):  # decided once, and said the same way each time
+        with pytest.raises(ChartNotReady, match="no control chart for line L1: .* holds 1 lots; .* at least 2"):
+            young.update("L1", "w1", hist.iloc[:20])
+    assert calls == [] and not young.path("L1").exists()
 
 
 @pytest.mark.parametrize("arl0", [50.0, 200.0, 500.0, 2000.0])

@@ -73,7 +73,9 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
     again_plan = encoding_plan(settings, monitor_config(**monitor_params()), chunk_size=25)
     assert again_plan["chunks"] == [] and again_plan["residual_chunks"] == []
 
-    res = monitor(settings, monitor_config(**monitor_params()))
+    # spc_min_lots=1: the tiny world's reference is one block of 60 images, below the charts' floor of two; the
+    # chart's wiring through the monitor (cause, alert, picture) is what this run checks
+    res = monitor(settings, monitor_config(**monitor_params(spc_min_lots=1)))
     assert not list(parts_dir(latents_table_path(settings)).glob("*.parquet"))  # folded into the table
     by_day = {w.window_id: w for w in res.windows}
     healthy, faulty = day(TRAIN_DAYS + 1).isoformat(), [day(k).isoformat() for k in (FAULT_DAY, FAULT_DAY + 1)]
@@ -150,7 +152,7 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
     assert [d.context for d in run.datasets] == ["monitoring"] and len(run.model_inputs) == 1
 
     # restart: a fresh manager on the same state, the same windows again
-    again = monitor(settings, monitor_config(**monitor_params()), alert_manager=default_alert_manager(settings))
+    again = monitor(settings, monitor_config(**monitor_params(spc_min_lots=1)), alert_manager=default_alert_manager(settings))
     assert again.alerts == ()  # nothing re-sent
     assert default_alert_manager(settings).active("L1") is not None  # nothing forgotten
     assert (settings.state_dir / "alerts.jsonl").read_text().splitlines() == sent
@@ -163,7 +165,7 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
     from pipeline.monitoring.alerts import AlertManager
     from pipeline.monitoring.monitor import quality_table_path
 
-    qres = monitor(settings, monitor_config(**monitor_params(quality=True)),
+    qres = monitor(settings, monitor_config(**monitor_params(quality=True, spc_min_lots=1)),
                    alert_manager=AlertManager(tmp_path / "alerts-quality"))
     assert all("quality p=" in w.summary for w in qres.windows)
     table = pd.read_parquet(quality_table_path(settings))
@@ -178,7 +180,7 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
         raise AssertionError("image properties were measured again")
 
     monkeypatch.setattr(properties_mod, "measure", no_measure)
-    again_q = monitor(settings, monitor_config(**monitor_params(quality=True)),
+    again_q = monitor(settings, monitor_config(**monitor_params(quality=True, spc_min_lots=1)),
                       alert_manager=AlertManager(tmp_path / "alerts-quality"))
     assert [w.summary for w in again_q.windows] == [w.summary for w in qres.windows]
 
@@ -353,3 +355,25 @@ def test_golden_cells_end_to_end_camera_alert_on_the_fault_shift_only(tmp_path, 
     assert [v for _, v in tracking.get_metric_history("golden/alarm", run_id=res.run_id)] == [0.0, 1.0]
     shift = tracking.get_metric_history("golden/mean_intensity", run_id=res.run_id)
     assert abs(shift[0][1]) < 2 and -11.5 < shift[1][1] < -8.5
+
+
+def test_a_line_without_a_chart_is_said_once_per_pass_and_its_window_is_still_tested(caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from pipeline.monitoring.charts import ChartNotReady
+    from pipeline.monitoring.monitor import _chart_window
+
+    class YoungCharts:
+        def __init__(self) -> None:
+            self.not_ready_said: set[str] = set()
+
+        def window(self, line, window_id, frame):
+            raise ChartNotReady(f"no control chart for line {line}: the in-control history holds 2 lots")
+
+    ctx, res = SimpleNamespace(charts=YoungCharts()), object()
+    with caplog.at_level(logging.WARNING, logger="pipeline.monitoring.monitor"):
+        got = [_chart_window(ctx, "L1", w, pd.DataFrame(), res) for w in ("w1", "w2")]
+    assert got == [({}, res, [])] * 2  # the drift result goes on unchanged, without chart metrics
+    said = [r for r in caplog.records if "no control chart" in r.getMessage()]
+    assert len(said) == 1 and said[0].exc_info is None  # one line, no traceback
