@@ -123,28 +123,44 @@ def test_compact_schedule_has_every_fault_kind_in_14_days(tmp_path):
         assert spans[-1][1] <= cfg.days
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "known defect: the gain fault (days 3-4) falls on poly cells that the mono-only reference of the first models "
-    "does not know, so their drift test is skipped, and the day-4 nightly trains on them. No alert is raised on the "
-    "fault within two line-days (first_alert_day None, measured 2026-12-06 on main b921949 and after it; an earlier "
-    "main raised spc:score_tail on day 4, naming the wrong family). Uptime holds (asserted first)."))
-def test_fast_soak_keeps_monitoring_and_alerts_on_the_fault(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def fast_soak(tmp_path_factory):
+    """The fast soak run once (six days of one line, tiny preset, camera gain on days 2-3), scored."""
     from benchmarks.soak import run_soak
     from benchmarks.soak_eval import evaluate
 
-    cfg = fast_config(tmp_path / "soak")
-    for key, value in environment(cfg).items():
-        monkeypatch.setenv(key, value)  # restored after the test (the local driver sets them)
-    records = run_soak(cfg)
+    cfg = fast_config(tmp_path_factory.mktemp("fast") / "soak")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in environment(cfg).items():
+            mp.setenv(key, value)  # restored after the module (the local driver sets them)
+        records = run_soak(cfg)
+        return cfg, records, evaluate(cfg)
+
+
+@pytest.mark.slow
+def test_fast_soak_keeps_monitoring_and_alerts_on_the_fault(fast_soak):
+    from flows.cli import EXIT_NO_CANDIDATE
+
+    cfg, records, s = fast_soak
     assert len(records) == 3 * cfg.days
-    s = evaluate(cfg)
     assert s["uptime"]["uptime"] == 1.0, s["uptime"]  # a verdict for every monitored line-day, nothing by hand
     gain = s["faults"][0]
-    assert gain["first_alert_day"] in (3, 4), gain  # the fault (days 3-4) is alerted within two line-days
+    assert gain["first_alert_day"] in (2, 3), gain  # the fault (days 2-3) is alerted within two line-days ...
+    assert gain["alerted_in_time"], gain  # ... naming the fault's family
+    late = [f for f in s["failures"] if f["command"] == "nightly" and f["day"] > 0]
+    assert all(f["rc"] == EXIT_NO_CANDIDATE for f in late), late  # only "no candidate": the champion stays
+    no_candidate = [r for r in records if r["command"] == "nightly" and r["rc"] == EXIT_NO_CANDIDATE]
+    assert all(r["result"]["monitor"]["windows"] for r in no_candidate)  # ... and the nightly still monitored
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "known defect: with the tiny preset's first model (a 40-image reference of two days, two production blocks) the "
+    "lot null calibrates on runs of consecutive images and calls the model's own training days drift in the "
+    "quality family (rotation, noise), which opens a false alert on day 1 (measured 2026-12-06)."))
+def test_fast_soak_raises_no_false_alert(fast_soak):
+    _, _, s = fast_soak
     assert s["false_alerts"]["false_alerts"] == 0, s["false_alerts"]
-    assert all(f["day"] == 0 for f in s["failures"] if f["command"] == "nightly"), s["failures"]
-    assert gain["alerted_in_time"], gain  # ... naming the fault's family (the known defect)
 
 
 def test_harness_times_read_the_progress_lines_over_midnight():
