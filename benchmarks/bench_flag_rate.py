@@ -20,8 +20,9 @@ score like the snapshot's cells. This benchmark measures it on real ELPV cells r
   product's recipe now: ``detector_calibration`` with the calibration rows' production groups,
   ``pipeline.handoff.bundle.reference_groups``), the same with ``FlagConfig(confidence=0.9)``, the monitor's fused
   recipe (``pipeline.analysis.fusion.fused_calibration``: the backbone's patch maps of the calibration cells,
-  cross-fitted over the same production groups, fused with the residual score and thresholded lot-aware), and an
-  exploratory one (not in the product): the lot-aware scores thresholded per product type;
+  cross-fitted over the same production groups, fused with the residual score and thresholded lot-aware), and
+  exploratory ones (not in the product): the lot-aware scores thresholded per product type, and the fused scores of
+  each line-day re-centred by its lower quartile (:data:`RECENTRED`);
 * **diagnostics**: the recipes calibrated instead on a few unseen days (lots the model never saw), every placement;
   the log-residual shift of unseen healthy cells, the nearest-neighbour distances in z, the rate by product type.
 
@@ -185,8 +186,29 @@ def fold_patches(cal: pd.DataFrame, new: pd.DataFrame) -> dict[str, np.ndarray]:
     return C.cached(f"{NAME}_patches_{C.key_of(cal['cell'].tolist(), new['cell'].tolist(), BACKBONE_ID)}", compute)
 
 
-def fused_flags(cal: pd.DataFrame, new: pd.DataFrame, d: dict[str, np.ndarray], residual_det: Any) -> np.ndarray:
-    """Flags of the unseen cells by the fused recipe, calibrated on the fold's calibration cells only."""
+RECENTRED = ("fused, day re-centred at q25 (exploratory)", "fused, day re-centred at q25, one-sided (exploratory)")
+"""Exploratory recipes (not in the product): the fused scores of each line-day shifted by how far the day's lower
+quartile lies from the calibration scores' (Dynamic Part Average Testing, AEC-Q001), then the fused threshold;
+one-sided: only days above the calibration are shifted down."""
+RECENTRE_Q = 0.25
+
+
+def recentred_flags(scores: np.ndarray, days: np.ndarray, ref_scores: np.ndarray, threshold: float,
+                    one_sided: bool) -> np.ndarray:
+    """Flags after shifting each day's scores by its ``RECENTRE_Q`` quantile's offset from the reference's."""
+    flags = np.zeros(len(scores), bool)
+    q_ref = float(np.quantile(ref_scores, RECENTRE_Q))
+    for day in np.unique(days):
+        rows = days == day
+        offset = float(np.quantile(scores[rows], RECENTRE_Q)) - q_ref
+        flags[rows] = scores[rows] - (max(offset, 0.0) if one_sided else offset) > threshold
+    return flags
+
+
+def fused_flags(cal: pd.DataFrame, new: pd.DataFrame, d: dict[str, np.ndarray],
+                residual_det: Any) -> dict[str, np.ndarray]:
+    """Flags of the unseen cells by the fused recipe (calibrated on the fold's calibration cells only) and by the
+    exploratory day re-centred variants of it (:data:`RECENTRED`), by recipe name."""
     from pipeline.analysis.fusion import fused_calibration
     from pipeline.handoff.bundle import calibration_scores, reference_groups
 
@@ -196,7 +218,11 @@ def fused_flags(cal: pd.DataFrame, new: pd.DataFrame, d: dict[str, np.ndarray], 
     ref = calibration_scores(d["cal_z"], d["cal_r"], k=k, groups=groups)
     fused = fused_calibration(patches["cal"], ref, FPR, groups=groups)
     C.log(f"[{NAME}] fused detector: held-out calibration rate {fused.fpr_heldout:.3f}")
-    return fused.predict(patches["new"], residual_det.score(np.column_stack([d["new_z"], d["new_r"]]))).is_anomaly
+    pred = fused.predict(patches["new"], residual_det.score(np.column_stack([d["new_z"], d["new_r"]])))
+    s, days, ref_s = np.asarray(pred.scores), new["day"].to_numpy(), np.asarray(fused.ref_scores)
+    return {FUSED: np.asarray(pred.is_anomaly),
+            **{name: recentred_flags(s, days, ref_s, fused.threshold, one_sided)
+               for name, one_sided in zip(RECENTRED, (False, True), strict=True)}}
 
 
 def _scoring() -> Any:
@@ -295,15 +321,15 @@ def run_fold(args: argparse.Namespace, fold: int) -> tuple[pd.DataFrame, list[di
     dets = recipes(cal, d)
     fused = fused_flags(cal, new, d, dets["lot-aware (default)"])
     main_days = pd.concat([day_table(new, det.predict(Xn).is_anomaly, fold, name) for name, det in dets.items()]
-                          + [day_table(new, fused, fold, FUSED),
-                             day_table(new, per_type_flags(cal, new, d), fold, "lot-aware, threshold per product type")])
+                          + [day_table(new, flags, fold, name) for name, flags in fused.items()]
+                          + [day_table(new, per_type_flags(cal, new, d), fold, "lot-aware, threshold per product type")])
     diag = unseen_day_placements(new, d, fold)
     info = diagnosis(cal, new, d, dets) | {"train_seconds": float(d["train_seconds"])}
     healthy = (new["prob"] == 0).to_numpy()
     info["by_type"] = {name: {t: float(det.predict(Xn[healthy & (new["product_type"] == t).to_numpy()]).is_anomaly.mean())
                               for t in ("mono", "poly")} for name, det in dets.items()}
-    info["by_type"][FUSED] = {t: float(fused[healthy & (new["product_type"] == t).to_numpy()].mean())
-                              for t in ("mono", "poly")}
+    info["by_type"] |= {name: {t: float(flags[healthy & (new["product_type"] == t).to_numpy()].mean())
+                               for t in ("mono", "poly")} for name, flags in fused.items()}
     return main_days, diag, info
 
 
