@@ -142,16 +142,18 @@ class SoakConfig:
 
 
 def fast_config(home: Path, name: str = "soak_fast") -> SoakConfig:
-    """Six days of one line on the tiny preset with one strong fault: the loop's wiring in a few minutes.
+    """Eight days of one line on the tiny preset with one strong fault: the loop's wiring in a few minutes.
 
-    The fault (camera gain, days 2-3) falls on the product the first model knows (the lot order makes the first four
-    days mono cells): a fault on a product no model has seen yet cannot be told from that product's normal look
-    without golden samples (``docs/monitoring.md``).
+    The first model comes with day 3's nightly: before that the reference holds fewer than the four line-days the lot
+    null needs (``MonitorConfig.min_reference_blocks``), so the first monitored day is day 3. The fault (camera gain,
+    days 5-6) falls on the product the first model knows (the lot order makes the first seven days mono cells): a
+    fault on a product no model has seen yet cannot be told from that product's normal look without golden samples
+    (``docs/monitoring.md``).
     """
     gate = {"recon_images": 4, "recon_steps": 4, "eval_repeats": 1, "fpr_tolerance": 0.3, "axis_std_floor": 0.005}
     return SoakConfig(
-        name=name, home=home, days=6, lines=("L1",), per_day=40, defect_jitter=0.0,
-        faults=(FaultSpec("gain", start_day=2, severity=1.6, duration_days=2, lines=("L1",)),),
+        name=name, home=home, days=8, lines=("L1",), per_day=25, defect_jitter=0.0, first_monitored_day=3,
+        faults=(FaultSpec("gain", start_day=5, severity=1.6, duration_days=2, lines=("L1",)),),
         driver="local",
         retrain={"preset": "tiny", "steps": 60, "batch_size": 16, "holdout_share": 0.5, "min_train_images": 8,
                  "gate": gate, "scoring": {"seeds": [0]}, "monitor": {"min_window": 15}},
@@ -320,11 +322,13 @@ class LocalDriver:
         """Ingest, retrain, monitor (the nightly flow's steps, ``flows/nightly.py``).
 
         As there, a retrain with too few healthy images (no candidate) leaves the champion and the monitor step still
-        runs; the record's exit code is then the CLI's ``EXIT_NO_CANDIDATE``. Any other failing step stops the run.
+        runs (skipped while the line has no champion yet); the record's exit code is then the CLI's
+        ``EXIT_NO_CANDIDATE``. Any other failing step stops the run.
         """
         from flows.cli import EXIT_NO_CANDIDATE
+        from flows.nightly import NO_CHAMPION_YET
         from pipeline.catalog.ingest import ingest
-        from pipeline.monitoring.monitor import monitor_config, retrain_hooks
+        from pipeline.monitoring.monitor import champion_version, monitor_config, retrain_hooks
         from pipeline.training.retrain import InsufficientData, retrain, retrain_config
 
         def run() -> dict[str, Any]:
@@ -336,7 +340,10 @@ class LocalDriver:
                 out["retrain"] = retrain(s, cfg, hooks=hooks).to_dict()
             except InsufficientData as exc:
                 out["retrain"] = {"status": "no_candidate", "promoted": False, "reason": str(exc)}
-            out["monitor"] = self._monitor()
+            if out["retrain"].get("promoted") or champion_version(s) is not None:
+                out["monitor"] = self._monitor()
+            else:
+                out["monitor_skipped"] = NO_CHAMPION_YET
             return out
 
         rec = self._timed(run)

@@ -202,6 +202,8 @@ def cmd_nightly(args: argparse.Namespace) -> int:
         print(_retrain_line(out["retrain"]))
         if "monitor" in out:
             print("\n".join(_monitor_lines(out["monitor"])))
+        elif "monitor_skipped" in out:
+            print(f"monitor: skipped ({out['monitor_skipped']})")
     return _STATUS_EXIT[out["status"]]
 
 

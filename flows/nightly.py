@@ -5,7 +5,8 @@ Each step is a sub-flow with its own retries and timeout. The line is never left
 * the retrain is told which monitor settings its candidate must serve (the nightly's ``monitor`` parameters), and its
   gate refuses a candidate the monitor could not use;
 * a refused candidate (``status: "rejected"``), too few healthy images to train one (``"no_candidate"``), or a
-  retrain that failed after its retries all leave the champion in place, and the monitor step still runs with it;
+  retrain that failed after its retries all leave the champion in place, and the monitor step still runs with it
+  (a new line without any champion yet skips it: ``result["monitor_skipped"]``);
 * a failed ingest stops the run (nothing new to train on or monitor); a retrain that failed is raised as
   :class:`flows.StepFailed` naming it, after the monitor step ran.
 
@@ -30,6 +31,17 @@ from flows.runners import with_task_runner
 STATUSES = ("promoted", "rejected", "no_candidate", "failed")
 """``result["status"]`` of a nightly run: what happened to the retrain's candidate (the champion stays unless
 ``promoted``)."""
+
+
+NO_CHAMPION_YET = "no champion yet: the line is monitored from its first promoted model on"
+"""Why a nightly without a promoted candidate and without a champion (a new line) skips its monitor step."""
+
+
+def _has_champion() -> bool:
+    from pipeline.monitoring.monitor import champion_version
+    from pipeline.settings import get_settings
+
+    return champion_version(get_settings()) is not None
 
 
 def _step(name: str, fn: Any, **kwargs: Any) -> Any:
@@ -101,7 +113,10 @@ def nightly_flow(
     params.setdefault("monitor", monitor_settings(mon))
     out["retrain"], failure = _retrain_step(params)
     out["status"] = out["retrain"]["status"]
-    if not skip_monitor:
+    if not skip_monitor and out["status"] != "promoted" and not _has_champion():
+        out["monitor_skipped"] = NO_CHAMPION_YET
+        print(f"nightly: monitor skipped: {NO_CHAMPION_YET}")
+    elif not skip_monitor:
         out["monitor"] = _step("monitor", with_task_runner(monitor_flow), **mon)
     if failure is not None:
         raise failure

@@ -24,9 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from pipeline.analysis.blocks import MIN_BLOCKS
+
 DEMO_HOME = Path(".linewatch") / "demo"
 DEMO_TIMEZONE = "Europe/Berlin"  # the simulated plant's clock (CET in January)
 DEMO_LINE = "L1"
+MIN_TRAIN_DAYS = MIN_BLOCKS
+"""Fewest days of the first training window: one line's days the monitor's reference needs (``docs/monitoring.md``)."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class DemoConfig:
             day; with ``"lot"`` whole ELPV lots are replayed in file order, two a day, and the mono share swings
             between 0 and 100 % per day: a genuine product-mix drift that the monitor rightly flags, which would
             blur the demo's point (the camera fault).
-        train_days: days of the first training window (days 1..train_days).
+        train_days: days of the first training window (days 1..train_days), at least ``MIN_TRAIN_DAYS``.
         steps_first: optimiser steps of the first (from scratch) training.
         steps_second: optimiser steps of the warm-started second training.
         batch_size: training batch size (None: the preset's).
@@ -79,10 +83,11 @@ class DemoConfig:
             raise ValueError(f"the demo needs >= 3 days, got {self.days}")
         if not 2 <= self.fault_day <= self.days:
             raise ValueError(f"fault_day must be in [2, days={self.days}], got {self.fault_day}")
-        if not 1 <= self.train_days < self.fault_day - 1:
+        if not MIN_TRAIN_DAYS <= self.train_days < self.fault_day - 1:
             raise ValueError(
-                f"train_days must leave a healthy monitored day before the fault: 1 <= train_days < "
-                f"fault_day - 1 = {self.fault_day - 1}, got {self.train_days}"
+                f"train_days must hold the {MIN_TRAIN_DAYS} line-days the monitor's reference needs and leave a healthy "
+                f"monitored day before the fault: {MIN_TRAIN_DAYS} <= train_days < fault_day - 1 = "
+                f"{self.fault_day - 1}, got {self.train_days}"
             )
 
 

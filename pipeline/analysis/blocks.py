@@ -27,7 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-__all__ = ["MIN_BLOCK", "MIN_BLOCKS", "ProductionBlocks", "draw_block_window", "mmd2_multiset", "reference_blocks"]
+__all__ = [
+    "MIN_BLOCK", "MIN_BLOCKS", "ProductionBlocks", "blocks_shortfall", "draw_block_window", "mmd2_multiset",
+    "reference_blocks",
+]
 
 MIN_BLOCK = 8
 """Fewest reference images of a block for it to stand for a period of production."""
@@ -77,6 +80,24 @@ class ProductionBlocks:
     def usable(self) -> bool:
         """Enough blocks to calibrate on (``MIN_BLOCKS``)."""
         return len(self.rows) >= MIN_BLOCKS
+
+
+def blocks_shortfall(streams: np.ndarray | None, periods: np.ndarray | None, min_blocks: int = MIN_BLOCKS
+                     ) -> str | None:
+    """Why a reference is too young for a lot null on production blocks; None when it holds ``min_blocks``.
+
+    Fewer usable blocks (periods of a stream with at least ``MIN_BLOCK`` images) leave the lot null nothing to learn
+    how much one period differs from another: it falls back to runs of consecutive images, which are far too alike
+    (the module docstring), and healthy days are called drift. None too for unlabelled references (``streams`` None)
+    and for ``min_blocks`` <= 0 (the check turned off).
+    """
+    if streams is None or periods is None or min_blocks <= 0:
+        return None
+    blocks = ProductionBlocks.from_labels(streams, periods)
+    if len(blocks.rows) >= min_blocks:
+        return None
+    return (f"the reference holds {len(blocks.rows)} line-periods of at least {MIN_BLOCK} images; the lot null needs "
+            f"{min_blocks} to learn how much one period of production differs from another")
 
 
 def draw_block_window(blocks: ProductionBlocks, n_ref: int, n: int, rng: np.random.Generator

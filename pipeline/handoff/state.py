@@ -59,10 +59,13 @@ class MonitorHooks:
     Attributes:
         check_bundle: the problems the monitor would have with a model folder (``[]``: it can use it).
         reference_floor: fewest reference images the monitor's drift test needs.
+        reference_problem: why the monitor's drift test could not be calibrated on a calibration snapshot
+            (its rows); None when it can.
         notify_ops: sends an operations event through the monitor's alert delivery
             (``AlertManager.notify_ops(kind, message, key=..., **payload)``).
     """
 
     check_bundle: Callable[[Path], list[str]] | None = None
     reference_floor: int | None = None
+    reference_problem: Callable[[Any], str | None] | None = None
     notify_ops: Callable[..., Any] | None = None

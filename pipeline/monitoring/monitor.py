@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.analysis.blocks import MIN_BLOCKS
 from pipeline.handoff.bundle import (
     BUNDLE_DIR,
     CALIBRATION_FILE,
@@ -89,6 +90,11 @@ class MonitorConfig:
         null: ``"lot"`` (default: calibrated on consecutive reference images) or ``"iid"``.
         min_window: smallest window tested.
         n_calibration: bootstrap windows of the lot null.
+        min_reference_blocks: fewest line-periods (a line's day or shift with at least 8 reference images) a model's
+            reference must hold for the lot null to know how much healthy periods differ (``pipeline.analysis.blocks``);
+            a younger reference is refused before training (no candidate) and by the gate, and the line waits for
+            more days (``docs/monitoring.md``). 0 turns the check off (references without line and capture time are
+            never checked).
         quality: also test full-resolution image-quality channels (``pipeline.latent.properties.QUALITY_CHANNELS``:
             fine detail, pixel noise, rotation) of every window; they see blur, sensor noise and small
             misalignments that the model's low-resolution latents average away. Measured once per image and cached.
@@ -128,6 +134,7 @@ class MonitorConfig:
     null: str = "lot"
     min_window: int = 30
     n_calibration: int = 500
+    min_reference_blocks: int = MIN_BLOCKS
     quality: bool = True
     scores: bool = True
     fpr: float = 0.05
@@ -150,6 +157,8 @@ class MonitorConfig:
             raise ValueError(f"MonitorConfig.null must be 'lot' or 'iid', got {self.null!r}")
         if self.lookback_days <= 0:
             raise ValueError(f"MonitorConfig.lookback_days must be > 0, got {self.lookback_days}")
+        if self.min_reference_blocks < 0:
+            raise ValueError(f"MonitorConfig.min_reference_blocks must be >= 0, got {self.min_reference_blocks}")
 
 
 @dataclass(frozen=True)
@@ -283,6 +292,15 @@ class Champion:
     """Out-of-sample anomaly scores of the reference images (cross-fitted), for the drift test's score family."""
 
 
+def champion_version(settings: Any) -> str | None:
+    """The registered champion's version, or None while the line has none (before its first model)."""
+    from pipeline import tracking
+
+    tracking.configure(settings)
+    version = tracking.get_alias_version(CHAMPION, name=settings.model_name)
+    return None if version is None else str(version)
+
+
 def load_champion(settings: Any, *, fpr: float = 0.05, seed: int = 0) -> Champion:
     """Download the champion and rebuild its detector from the bundle's calibration latents.
 
@@ -291,8 +309,7 @@ def load_champion(settings: Any, *, fpr: float = 0.05, seed: int = 0) -> Champio
     """
     from pipeline import tracking
 
-    tracking.configure(settings)
-    version = tracking.get_alias_version(CHAMPION, name=settings.model_name)
+    version = champion_version(settings)
     if version is None:
         raise ValueError(
             f"no '{CHAMPION}' model is registered under {settings.model_name!r}: run the nightly retrain first "
@@ -358,6 +375,21 @@ def reference_floor(config: MonitorConfig | None = None) -> int:
     return int(drift_detector(config or MonitorConfig()).min_reference())
 
 
+def reference_problem(settings: Any, reference: pd.DataFrame, config: MonitorConfig | None = None) -> str | None:
+    """Why the lot null under ``config`` could not be calibrated on ``reference`` (calibration rows); None if it can.
+
+    A reference of fewer line-periods than ``config.min_reference_blocks`` cannot tell a new day from the normal
+    difference between days (:func:`pipeline.analysis.blocks.blocks_shortfall`).
+    """
+    from pipeline.analysis.blocks import blocks_shortfall, reference_blocks
+
+    config = config or MonitorConfig()
+    if config.null != "lot":
+        return None
+    streams, periods = reference_blocks(reference, settings.timezone, config.window_by)
+    return blocks_shortfall(streams, periods, config.min_reference_blocks)
+
+
 def drift_channels(quality: pd.DataFrame) -> pd.DataFrame:
     """The columns of an image-property table the drift test compares (``QUALITY_CHANNELS``)."""
     from pipeline.latent.properties import QUALITY_CHANNELS, channel_table
@@ -418,6 +450,9 @@ def check_bundle(settings: Any, path: str | Path, config: MonitorConfig | None =
         if len(champ.reference) < floor:
             return [f"reference has {len(champ.reference)} images; the monitor needs at least {floor} "
                     f"(2 x min_window = {config.min_window})"]
+        young = reference_problem(settings, champ.reference, config)
+        if young:
+            return [young]
         drift, quality = build_drift_detector(settings, champ, config)
         n = drift.max_window or config.min_window
         keep = np.arange(min(n, len(champ.z_ref)))
@@ -435,11 +470,12 @@ def retrain_hooks(settings: Any, config: MonitorConfig | None = None) -> Monitor
     """The monitor's side of the retrain (``pipeline.training.retrain.MonitorHooks``) for the settings ``config``.
 
     The gate asks :func:`check_bundle` whether this monitor can use a candidate, the selection's floor is
-    :func:`reference_floor`, and ops alerts go through :func:`default_alert_manager`'s outbox and sinks.
+    :func:`reference_floor`, the selection's calibration snapshot is checked by :func:`reference_problem`, and ops alerts go through :func:`default_alert_manager`'s outbox and sinks.
     """
     config = config or MonitorConfig()
     return MonitorHooks(check_bundle=lambda path: check_bundle(settings, path, config),
                         reference_floor=reference_floor(config),
+                        reference_problem=lambda reference: reference_problem(settings, reference, config),
                         notify_ops=default_alert_manager(settings).notify_ops)
 
 

@@ -442,7 +442,11 @@ def _preset(config: RetrainConfig) -> Any:
 
 
 def _select_data(settings: Any, config: RetrainConfig, hooks: MonitorHooks) -> DataSelection:
-    """Step 1: the training and calibration images, reaching back for healthy ones; too few is InsufficientData."""
+    """Step 1: the training and calibration images, reaching back for healthy ones.
+
+    Too few, or a calibration snapshot the monitor could not calibrate its drift test on
+    (``hooks.reference_problem``), is InsufficientData.
+    """
     min_cal = config.calibration_floor(hooks)
     catalog = _read_catalog(settings, config.lines)
     sel = select_training_data(
@@ -471,6 +475,10 @@ def _select_data(settings: Any, config: RetrainConfig, hooks: MonitorHooks) -> D
             f"(window {config.window_days} days, max_lookback_days {config.max_lookback_days}, excluded "
             f"{sel.excluded}); the champion stays: ingest more healthy images or raise max_lookback_days"
         )
+    young = hooks.reference_problem(sel.calibration) if hooks.reference_problem is not None else None
+    if young:
+        raise InsufficientData(f"{young} (window {config.window_days} days, reaching back {sel.lookback_days} days); "
+                               "the champion stays: the line needs more days of healthy production")
     return sel
 
 

@@ -14,7 +14,7 @@ def test_demo_through_prefect_flows(tmp_path, monkeypatch, prefect_harness):
     for key in ("LINEWATCH_HOME", "MLFLOW_TRACKING_URI", "LINEWATCH_TIMEZONE"):
         monkeypatch.setenv(key, "")
     tracking.reset()
-    cfg = DemoConfig(home=tmp_path / "demo", preset="tiny", days=6, per_day=40, fault_day=5, train_days=3,
+    cfg = DemoConfig(home=tmp_path / "demo", preset="tiny", days=7, per_day=40, fault_day=6, train_days=4,
                      gain_severity=1.6, steps_first=80, steps_second=30, batch_size=16, min_window=15,
                      holdout_share=0.4, progress=False,
                      gate={"recon_images": 4, "recon_steps": 4, "eval_repeats": 1, "fpr_tolerance": 0.3,

@@ -161,7 +161,7 @@ def test_unreachable_mlflow_retries_then_fails_naming_the_step(tmp_path, monkeyp
 
 
 # ------------------------------------------------------------------------------------------------ nightly, CLI
-def _fake_steps(monkeypatch, retrain):
+def _fake_steps(monkeypatch, retrain, champion=True):
     """Replace the nightly's sub-flows: ``retrain(params)`` returns or raises; the monitor records its call."""
     import flows.nightly as N
 
@@ -178,6 +178,7 @@ def _fake_steps(monkeypatch, retrain):
     monkeypatch.setattr(N, "retrain_flow", fake_retrain)
     monkeypatch.setattr(N, "monitor_flow", fake_monitor)
     monkeypatch.setattr(N, "with_task_runner", lambda f: f)
+    monkeypatch.setattr(N, "_has_champion", lambda: champion)
     return calls
 
 
@@ -202,6 +203,13 @@ def test_nightly_keeps_monitoring_with_the_champion_when_the_candidate_is_refuse
     calls = _fake_steps(monkeypatch, none_left)
     out = nightly_flow.fn(ingest=False, retrain={}, monitor={})
     assert out["status"] == "no_candidate" and "monitor" in calls and "floor 60" in out["retrain"]["reason"]
+
+    calls = _fake_steps(monkeypatch, none_left, champion=False)  # a new line: nothing to monitor with yet
+    out = nightly_flow.fn(ingest=False, retrain={}, monitor={})
+    assert out["status"] == "no_candidate" and "monitor" not in calls and "monitor" not in out
+    assert out["monitor_skipped"].startswith("no champion yet")
+    calls = _fake_steps(monkeypatch, _rejected, champion=False)  # a refused first candidate: the same
+    assert "monitor_skipped" in nightly_flow.fn(ingest=False, retrain={}, monitor={}) and "monitor" not in calls
 
     def crash(params):
         raise RuntimeError("out of memory")

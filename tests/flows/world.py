@@ -64,8 +64,11 @@ def tiny_retrain_params(**over: object) -> dict:
     params = {
         "preset": "tiny", "steps": 80, "batch_size": 16, "window_days": TRAIN_DAYS, "end": midnight(TRAIN_DAYS + 1),
         "holdout_share": 0.4, "min_train_images": 8, "from_scratch": True,
-        # the monitor this candidate must serve (monitor_params below): the gate checks it can
-        "monitor": {"min_window": 15, "quality": False, "scores": False},
+        # the monitor this candidate must serve (monitor_params below): the gate checks it can; min_reference_blocks=0:
+        # the world's reference holds TRAIN_DAYS = 3 line-days, one fewer than the lot null's production blocks need
+        # (its lot null runs on runs of consecutive images; tests/pipeline/training/test_retrain.py checks that the
+        # default refuses such a reference)
+        "monitor": {"min_window": 15, "quality": False, "scores": False, "min_reference_blocks": 0},
         "gate": {"recon_images": 4, "recon_steps": 4, "eval_repeats": 1, "fpr_tolerance": 0.3, "axis_std_floor": 0.005},
     }
     params.update(over)

@@ -12,6 +12,8 @@ def test_demo_config_validation():
         DemoConfig(fault_day=1)
     with pytest.raises(ValueError, match="train_days"):
         DemoConfig(train_days=6, fault_day=7)
+    with pytest.raises(ValueError, match="4 line-days the monitor's reference needs"):
+        DemoConfig(train_days=3, fault_day=7)
 
 
 @pytest.mark.slow
@@ -23,7 +25,7 @@ def test_demo_end_to_end_tiny(tmp_path, monkeypatch):
     tracking.reset()
     lines: list[str] = []
     # a stronger fault than the real demo's (x0.6 instead of x0.9): the tiny model after 80 steps is a weak encoder
-    cfg = DemoConfig(home=tmp_path / "demo", preset="tiny", days=6, per_day=40, fault_day=5, train_days=3,
+    cfg = DemoConfig(home=tmp_path / "demo", preset="tiny", days=7, per_day=40, fault_day=6, train_days=4,
                      gain_severity=1.6, steps_first=80, steps_second=30, batch_size=16, min_window=15, holdout_share=0.4,
                      gate={"recon_images": 4, "recon_steps": 4, "eval_repeats": 1, "fpr_tolerance": 0.3, "axis_std_floor": 0.005},
                      progress=False)

@@ -6,7 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.analysis.blocks import ProductionBlocks, draw_block_window, mmd2_multiset, reference_blocks
+from pipeline.analysis.blocks import (
+    ProductionBlocks,
+    blocks_shortfall,
+    draw_block_window,
+    mmd2_multiset,
+    reference_blocks,
+)
 from pipeline.analysis.drift import DriftDetector, mmd2_unbiased
 
 D = 4
@@ -36,6 +42,16 @@ def test_blocks_and_their_guard_bands():
     assert not ProductionBlocks.from_labels(streams, periods, min_block=11).usable
     with pytest.raises(ValueError, match="differ"):
         ProductionBlocks.from_labels(streams, periods[:5])
+
+
+def test_a_reference_of_too_few_line_days_is_said_to_be_too_young():
+    streams = np.array(["L1"] * 40 + ["L2"] * 5)
+    periods = np.r_[np.repeat([0, 1, 2], [10, 10, 20]), np.zeros(5, dtype=int)]  # L2's 5 images are no block
+    why = blocks_shortfall(streams, periods)
+    assert why is not None and "holds 3 line-periods of at least 8 images" in why and "needs 4" in why
+    assert blocks_shortfall(streams, periods, min_blocks=3) is None
+    assert blocks_shortfall(streams, periods, min_blocks=0) is None  # the check turned off
+    assert blocks_shortfall(None, None) is None  # no labels: nothing to check
 
 
 def test_mmd_of_a_resampled_window_does_not_count_repeats():

@@ -22,10 +22,28 @@ def test_monitor_config_validation():
         MonitorConfig(window_by="count")
     with pytest.raises(ValueError, match="unknown monitor parameters"):
         monitor_config(alpah=0.1)
+    with pytest.raises(ValueError, match="min_reference_blocks"):
+        MonitorConfig(min_reference_blocks=-1)
     from pipeline.monitoring.monitor import encoding_plan
 
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         encoding_plan(None, cfg, chunk_size=0)
+
+
+def test_a_reference_of_too_few_line_days_is_a_problem_for_the_lot_null_only():
+    from types import SimpleNamespace
+
+    from pipeline.monitoring.monitor import reference_problem
+
+    settings = SimpleNamespace(timezone="Europe/Berlin")
+    days = pd.date_range("2026-01-05T08:00:00Z", periods=3, freq="D").repeat(10)
+    ref = pd.DataFrame({"line": "L1", "captured_at": days})
+    assert "holds 3 line-periods" in reference_problem(settings, ref, MonitorConfig())
+    two_lines = pd.concat([ref, ref.assign(line="L2")], ignore_index=True)
+    assert reference_problem(settings, two_lines, MonitorConfig()) is None  # six line-days
+    assert reference_problem(settings, ref, MonitorConfig(null="iid")) is None  # no lot null, nothing to calibrate
+    assert reference_problem(settings, ref, MonitorConfig(min_reference_blocks=0)) is None
+    assert reference_problem(settings, ref.drop(columns="line"), MonitorConfig()) is None  # unlabelled: not checked
 
 
 def test_monitor_without_champion_says_what_to_do(tmp_path, monkeypatch):

@@ -371,8 +371,9 @@ def test_the_gate_never_promotes_a_model_the_monitor_cannot_use(tmp_path, monkey
     from tests.flows.world import make_world, tiny_retrain_params
 
     settings = make_world(tmp_path / "home", monkeypatch)
-    usable = MonitorConfig(min_window=15, quality=False, scores=False)  # the world's monitor (monitor_params)
-    defaults = MonitorConfig(quality=False)  # min_window 30: a reference of 60 images at least
+    usable = MonitorConfig(min_window=15, quality=False, scores=False, min_reference_blocks=0)  # monitor_params
+    defaults = MonitorConfig(quality=False, min_reference_blocks=0)  # min_window 30: 60 reference images at least
+    young = MonitorConfig(min_window=15, quality=False, scores=False)  # four line-days: the world has three
     v1 = retrain(settings, retrain_config(**tiny_retrain_params()), hooks=retrain_hooks(settings, usable))
     assert v1.promoted and v1.gate.checks["monitor_loads"] == (1.0, 1.0, True), v1.gate.reason
     assert v1.gate.checks["reference_images"][1] == 30  # 2 x the world monitor's min_window of 15
@@ -405,3 +406,8 @@ def test_the_gate_never_promotes_a_model_the_monitor_cannot_use(tmp_path, monkey
     shutil.copytree(v1.model_dir, broken)
     (broken / "linewatch" / "calibration.parquet").unlink()
     assert "calibration.parquet" in check_bundle(settings, broken, usable)[0]
+    assert "holds 3 line-periods" in check_bundle(settings, v1.model_dir, young)[0]  # the gate's own check
+    # the monitor's defaults want four line-days in the reference (the world has three): no candidate is trained
+    with pytest.raises(InsufficientData, match="holds 3 line-periods of at least 8 images; the lot null needs 4"):
+        retrain(settings, retrain_config(**tiny_retrain_params(monitor=None)), hooks=retrain_hooks(settings, young))
+
