@@ -20,9 +20,9 @@ score like the snapshot's cells. This benchmark measures it on real ELPV cells r
   product's recipe now: ``detector_calibration`` with the calibration rows' production groups,
   ``pipeline.handoff.bundle.reference_groups``), the same with ``FlagConfig(confidence=0.9)``, the monitor's fused
   recipe (``pipeline.analysis.fusion.fused_calibration``: the backbone's patch maps of the calibration cells,
-  cross-fitted over the same production groups, fused with the residual score and thresholded lot-aware), and
-  exploratory ones (not in the product): the lot-aware scores thresholded per product type, and the fused scores of
-  each line-day re-centred by its lower quartile (:data:`RECENTRED`);
+  cross-fitted over the same production groups, fused with the residual score and thresholded lot-aware) without
+  and with the line-day offset (:data:`FUSED_DAY`, the monitor's default), and an exploratory one (not in the
+  product): the lot-aware scores thresholded per product type;
 * **diagnostics**: the recipes calibrated instead on a few unseen days (lots the model never saw), every placement;
   the log-residual shift of unseen healthy cells, the nearest-neighbour distances in z, the rate by product type.
 
@@ -170,8 +170,11 @@ def recipes(cal: pd.DataFrame, d: dict[str, np.ndarray]) -> dict[str, Any]:
     }
 
 
-FUSED = "fused patch + residual (lot-aware)"
-"""The monitor's fused recipe (``pipeline.analysis.fusion.fused_calibration``): backbone patch maps beside the residual."""
+FUSED = "fused patch + residual (lot-aware), calibration only (--no-recentre)"
+"""The monitor's fused recipe (``pipeline.analysis.fusion.fused_calibration``) without the line-day offset."""
+FUSED_DAY = "fused, judged against its line-day too (the monitor's default)"
+"""The monitor's default flags: the fused score less its line-day's offset (``pipeline.analysis.thresholds.day_offsets``,
+the monitor's ``min_window`` as the fewest cells of a moved day) against the fused threshold."""
 
 
 def fold_patches(cal: pd.DataFrame, new: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -186,31 +189,14 @@ def fold_patches(cal: pd.DataFrame, new: pd.DataFrame) -> dict[str, np.ndarray]:
     return C.cached(f"{NAME}_patches_{C.key_of(cal['cell'].tolist(), new['cell'].tolist(), BACKBONE_ID)}", compute)
 
 
-RECENTRED = ("fused, day re-centred at q25 (exploratory)", "fused, day re-centred at q25, one-sided (exploratory)")
-"""Exploratory recipes (not in the product): the fused scores of each line-day shifted by how far the day's lower
-quartile lies from the calibration scores' (Dynamic Part Average Testing, AEC-Q001), then the fused threshold;
-one-sided: only days above the calibration are shifted down."""
-RECENTRE_Q = 0.25
-
-
-def recentred_flags(scores: np.ndarray, days: np.ndarray, ref_scores: np.ndarray, threshold: float,
-                    one_sided: bool) -> np.ndarray:
-    """Flags after shifting each day's scores by its ``RECENTRE_Q`` quantile's offset from the reference's."""
-    flags = np.zeros(len(scores), bool)
-    q_ref = float(np.quantile(ref_scores, RECENTRE_Q))
-    for day in np.unique(days):
-        rows = days == day
-        offset = float(np.quantile(scores[rows], RECENTRE_Q)) - q_ref
-        flags[rows] = scores[rows] - (max(offset, 0.0) if one_sided else offset) > threshold
-    return flags
-
-
 def fused_flags(cal: pd.DataFrame, new: pd.DataFrame, d: dict[str, np.ndarray],
                 residual_det: Any) -> dict[str, np.ndarray]:
-    """Flags of the unseen cells by the fused recipe (calibrated on the fold's calibration cells only) and by the
-    exploratory day re-centred variants of it (:data:`RECENTRED`), by recipe name."""
+    """Flags of the unseen cells by the fused recipe (calibrated on the fold's calibration cells only), without and
+    with the line-day offset, by recipe name."""
     from pipeline.analysis.fusion import fused_calibration
+    from pipeline.analysis.thresholds import day_offsets
     from pipeline.handoff.bundle import calibration_scores, reference_groups
+    from pipeline.monitoring.monitor import MonitorConfig
 
     k = _scoring().k
     groups = reference_groups(cal)
@@ -219,10 +205,9 @@ def fused_flags(cal: pd.DataFrame, new: pd.DataFrame, d: dict[str, np.ndarray],
     fused = fused_calibration(patches["cal"], ref, FPR, groups=groups)
     C.log(f"[{NAME}] fused detector: held-out calibration rate {fused.fpr_heldout:.3f}")
     pred = fused.predict(patches["new"], residual_det.score(np.column_stack([d["new_z"], d["new_r"]])))
-    s, days, ref_s = np.asarray(pred.scores), new["day"].to_numpy(), np.asarray(fused.ref_scores)
-    return {FUSED: np.asarray(pred.is_anomaly),
-            **{name: recentred_flags(s, days, ref_s, fused.threshold, one_sided)
-               for name, one_sided in zip(RECENTRED, (False, True), strict=True)}}
+    s = np.asarray(pred.scores)
+    offset = day_offsets(s, new["day"].to_numpy(), fused.ref_scores, min_cells=MonitorConfig().min_window)
+    return {FUSED: np.asarray(pred.is_anomaly), FUSED_DAY: np.asarray(pred.is_anomaly) & (s - offset > fused.threshold)}
 
 
 def _scoring() -> Any:

@@ -146,6 +146,7 @@ def _monitor_params(args: argparse.Namespace) -> dict[str, Any]:
         "scores": False if getattr(args, "no_scores", False) else None,
         "heatmaps": False if getattr(args, "no_heatmaps", False) else None,
         "fusion": False if getattr(args, "no_fusion", False) else None,
+        "recentre": False if getattr(args, "no_recentre", False) else None,
     }.items() if v is not None}
     try:
         monitor_config(**params)
@@ -295,6 +296,9 @@ def _monitor_options(p: argparse.ArgumentParser, *, full: bool) -> None:
                    help="skip the heatmap overlays of a drifted window's top flagged cells (alert and drift report)")
     p.add_argument("--no-fusion", action="store_true",
                    help="flag cells by the diffusion residual alone (default: fused with the backbone's patch maps)")
+    p.add_argument("--no-recentre", action="store_true",
+                   help="flag cells against the calibration cells only (default: also against their own line-day, "
+                        "so a day of new lots is flagged at about the configured rate)")
     p.add_argument("--encode-chunk-size", type=int, default=None,
                    help="images per parallel encode task (None: 1024 with LINEWATCH_TASK_RUNNER=dask, else 0 = off)")
 

@@ -129,6 +129,7 @@ def monitor_flow(
     report: bool = True,
     heatmaps: bool = True,
     fusion: bool = True,
+    recentre: bool = True,
     quality: bool = True,
     scores: bool = True,
     encode_chunk_size: int | None = None,
@@ -149,6 +150,8 @@ def monitor_flow(
         report: Draw drift report pictures.
         heatmaps: Draw heatmap overlays of the top flagged cells of a window that fired (alert and report).
         fusion: Flag cells by the residual fused with the backbone's patch maps (off: the residual alone).
+        recentre: Judge each cell against its own line-day too (a day of new lots that scores higher overall is
+            moved down by its lower quartile's rise before the flag threshold).
         quality: Also test the full-resolution image-quality channels (blur, noise, rotation).
         scores: Also test whether the window's per-image anomaly scores rose against the reference's.
         encode_chunk_size: Images per parallel ``encode-chunk`` task; 0 = encode inside the monitor pass; None =
@@ -163,7 +166,7 @@ def monitor_flow(
     config = monitor_config(
         lines=lines, start=start, end=end, lookback_days=lookback_days, window_by=window_by,
         window_size=window_size, alpha=alpha, null=null, min_window=min_window, cards=cards, report=report,
-        heatmaps=heatmaps, fusion=fusion, quality=quality, scores=scores,
+        heatmaps=heatmaps, fusion=fusion, recentre=recentre, quality=quality, scores=scores,
     )
     chunk = default_chunk_size() if encode_chunk_size is None else int(encode_chunk_size)
     n_chunks = 0

@@ -25,6 +25,13 @@ therefore grouped by production period (:func:`production_groups`), each fold of
 fitted on the others (:func:`group_folds`, ``pipeline.handoff.bundle.grouped_calibration``), and the threshold is set
 on those scores (:func:`grouped_threshold`, :class:`FlagConfig`).
 
+Even so, whole days of new lots can score higher than every calibration period did (a module the snapshot has no
+kin of): all their healthy cells sit closer to the threshold, and the day sees two or three times the configured
+rate. The monitor therefore judges each cell against its own day too (:func:`day_offsets`): a day whose lower
+quartile, its typical healthy cells, lies above the calibration scores' lower quartile is moved down by that
+distance before the threshold (Dynamic Part Average Testing, AEC-Q001). A day that scores lower is not moved, nor
+one of fewer cells than the monitor's smallest window, and defective cells stay far above their day's quartile.
+
 The rule only reads scores, so it holds for any per-image score (the diffusion residual judged among neighbours in
 z, or a later fused one): :func:`set_flag_threshold` works with any detector of the one protocol (``score`` /
 ``infer_threshold``).
@@ -40,8 +47,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["TRIM_FENCE", "FlagCalibration", "FlagConfig", "cross_fit_scores", "group_folds", "grouped_threshold",
-           "healthy_mask", "heldout_rate", "judged", "medcouple", "production_groups", "set_flag_threshold"]
+__all__ = ["RECENTRE_Q", "TRIM_FENCE", "FlagCalibration", "FlagConfig", "cross_fit_scores", "day_offsets", "group_folds",
+           "grouped_threshold", "healthy_mask", "heldout_rate", "judged", "medcouple", "production_groups",
+           "set_flag_threshold"]
 
 TRIM_FENCE = 3.0
 """Multiple of the (skew-adjusted) interquartile range above the third quartile beyond which a calibration score is
@@ -139,6 +147,43 @@ def set_flag_threshold(detector: Any, X_val: Any, fpr: float, fence: float | Non
     thr = float(detector.threshold_)
     return FlagCalibration(threshold=thr, fpr_target=float(fpr), n_calibration=int(scores.size),
                            n_trimmed=int((~keep).sum()), flag_rate_all=float(np.mean(scores > thr)))
+
+
+RECENTRE_Q = 0.25
+"""Quantile of a day's scores that stands for its typical healthy cell in :func:`day_offsets` (its lower quartile:
+above a defect share of a few percent, it moves only with the healthy cells)."""
+
+
+def day_offsets(scores: Any, days: Any, ref_scores: Any, *, quantile: float = RECENTRE_Q, min_cells: int = 30
+                ) -> np.ndarray:
+    """How far each cell's day scores above the calibration cells: ``max(0, q_day - q_ref)`` per cell (one-sided).
+
+    ``q`` is the ``quantile`` of the day's scores and of ``ref_scores`` (the calibration cells' out-of-sample scores,
+    what the threshold was set on). A cell is flagged when ``score - offset`` is above the threshold. Days of fewer
+    than ``min_cells`` cells get 0 (their quartile is too rough).
+
+    Args:
+        scores: per-image scores (N,).
+        days: the production day of each cell (any labels, e.g. line and local date), (N,).
+        ref_scores: the calibration cells' out-of-sample scores.
+        quantile: the day's and the reference's quantile compared (:data:`RECENTRE_Q`).
+        min_cells: fewest cells of a day for it to be moved.
+
+    Raises:
+        ValueError: ``scores`` and ``days`` of different lengths, no reference scores, or a quantile outside (0, 1).
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    d = pd.Series(np.asarray(days, dtype=object).ravel())
+    ref = np.asarray(ref_scores, dtype=np.float64).ravel()
+    if len(d) != len(s) or ref.size == 0 or not 0.0 < quantile < 1.0:
+        raise ValueError(f"day_offsets needs one day per score and reference scores, and a quantile in (0, 1); got "
+                         f"{len(s)} scores, {len(d)} days, {ref.size} reference scores, quantile {quantile}")
+    out = np.zeros(len(s))
+    q_ref = float(np.quantile(ref, quantile))
+    for _, rows in d.groupby(d, sort=False).indices.items():
+        if rows.size >= min_cells:
+            out[rows] = max(0.0, float(np.quantile(s[rows], quantile)) - q_ref)
+    return out
 
 
 def judged(ref_products: Any, products: Any) -> np.ndarray:

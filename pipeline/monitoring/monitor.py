@@ -122,6 +122,11 @@ class MonitorConfig:
             family and thresholded lot-aware at ``fpr``. The drift test's score family and the chart's
             ``score_tail`` stay on the residual family (measured with it). Off, or when the patch family cannot
             run (a missing weights package: one warning), the residual family alone scores and flags.
+        recentre: judge every cell against its own line-day too (``pipeline.analysis.thresholds.day_offsets``): a
+            day whose lower quartile of flag scores lies above the calibration cells' is moved down by that distance
+            before the threshold, so a day of new lots is flagged at about ``fpr`` rather than two or three times
+            it. Days of fewer than ``min_window`` cells so far are not moved; a cell's flag is final once its day is
+            complete. The offset is kept in the scores table (``day_offset``).
     """
 
     lines: tuple[str, ...] | None = None
@@ -147,6 +152,7 @@ class MonitorConfig:
     spc_min_lots: int = 2
     heatmaps: bool = True
     fusion: bool = True
+    recentre: bool = True
 
     def __post_init__(self) -> None:
         if self.window_by not in ("day", "shift", "count"):
@@ -597,22 +603,35 @@ def _score_images(settings: Any, champ: Champion, rows: pd.DataFrame,
         R = residual_table(settings, champ, df, progress=config.progress).loc[df["image_id"].astype(str)]
         Z = np.column_stack([Z, R.to_numpy(np.float64)])
     patches = ChampionPatches(settings, champ)
-    det, scorer = champ.detector.predict(Z), "residual"
+    det, scorer, ref_scores = champ.detector.predict(Z), "residual", champ.ref_scores
     df["residual_score"] = det.scores
     if config.fusion and champ.ref_scores is not None:
         fused = _fused_scores(patches, df, det.scores, config)
         if fused is not None:
-            det, scorer = fused, "fused"
+            det, scorer, ref_scores = fused, "fused", patches.fused(config.fpr).ref_scores
     # a cell of a product the calibration snapshot does not know is not judged (pipeline.analysis.thresholds.judged)
     known = judged(champ.reference["product_type"], df["product_type"]) if {"product_type"} <= \
         set(champ.reference.columns) & set(df.columns) else np.ones(len(df), dtype=bool)
-    df["score"], df["is_anomaly"] = det.scores, det.is_anomaly & known
+    offset = _day_offsets(settings, df, det.scores, ref_scores, config)
+    df["score"], df["day_offset"] = det.scores, offset
+    df["is_anomaly"] = det.is_anomaly & (np.asarray(det.scores) - offset > det.threshold) & known
     _upsert(scores_table_path(settings), pd.DataFrame({
         "image_id": df["image_id"].astype(str), "model_version": champ.version, "model_id": champ.model_id,
         "score": df["score"].astype(float), "is_anomaly": df["is_anomaly"].astype(bool),
-        "threshold": float(det.threshold), "scorer": scorer,
+        "threshold": float(det.threshold), "scorer": scorer, "day_offset": df["day_offset"].astype(float),
     }), ["image_id", "model_id"])
     return df, patches
+
+
+def _day_offsets(settings: Any, df: pd.DataFrame, scores: Any, ref_scores: Any, config: MonitorConfig) -> np.ndarray:
+    """Each cell's line-day offset of its flag score (``pipeline.analysis.thresholds.day_offsets``); 0 when off."""
+    from pipeline.analysis.thresholds import day_offsets
+
+    if not config.recentre or ref_scores is None or df.empty:
+        return np.zeros(len(df))
+    day = _local(df["captured_at"], settings.timezone).dt.strftime("%Y-%m-%d")
+    line = df["line"].astype(str) if "line" in df.columns else pd.Series("", index=df.index)
+    return day_offsets(scores, (line + "|" + day).to_numpy(), ref_scores, min_cells=config.min_window)
 
 
 def _fused_scores(patches: Any, df: pd.DataFrame, residual_scores: np.ndarray, config: MonitorConfig) -> Any:
@@ -857,7 +876,11 @@ def _golden_window(ctx: _Pass, line: str, w: Any, res: Any) -> tuple[Any, tuple[
 
 
 def _monitored_rows(settings: Any, config: MonitorConfig) -> pd.DataFrame:
-    """Catalog rows of the monitored period (``config.start`` or ``lookback_days`` before the newest image)."""
+    """Catalog rows of the monitored period, whole plant days unless ``config.start`` is given.
+
+    Without ``start`` the period begins at the plant midnight of the day ``lookback_days`` before the newest image,
+    so each day's cells are scored and judged together (``MonitorConfig.recentre``).
+    """
     from pipeline.catalog.tables import read_catalog
 
     lines = list(config.lines) if config.lines else None
@@ -866,7 +889,9 @@ def _monitored_rows(settings: Any, config: MonitorConfig) -> pd.DataFrame:
         newest = read_catalog(settings.catalog_root, lines=lines, end=config.end, columns=["captured_at"])
         if newest.empty:
             return newest
-        start = (newest["captured_at"].max() - pd.Timedelta(days=config.lookback_days)).to_pydatetime()
+        back = pd.Timestamp(newest["captured_at"].max()) - pd.Timedelta(days=config.lookback_days)
+        back = back.tz_localize("UTC") if back.tzinfo is None else back
+        start = back.tz_convert(settings.timezone).normalize().to_pydatetime()
     return read_catalog(settings.catalog_root, lines=lines, start=start, end=config.end)
 
 

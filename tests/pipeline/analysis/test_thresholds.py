@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.analysis.detectors import Mahalanobis
-from pipeline.analysis.thresholds import healthy_mask, medcouple, set_flag_threshold
+from pipeline.analysis.thresholds import day_offsets, healthy_mask, medcouple, set_flag_threshold
 
 
 def _line(rng, n, defect_share, sep=8.0):
@@ -124,3 +124,33 @@ def test_cross_fit_scores_never_score_a_row_with_its_own_period():
     assert (out == 28).all()
     halves = cross_fit_scores(lambda fit, rows: np.isin(rows, fit).astype(float), 20)
     assert (halves == 0).all()
+
+
+def test_day_offsets_bring_days_of_new_lots_back_to_the_configured_rate():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=2000)
+    thr = float(np.quantile(ref, 0.95))
+    scores, days, bad = [], [], []
+    for day in range(40):  # each day a new lot that scores higher than every calibration period (0 to 1.2 sd)
+        n, lift = 150, rng.uniform(0.0, 1.2)
+        defective = rng.random(n) < 0.05
+        scores.append(rng.normal(size=n) + lift + 5.0 * defective)
+        days += [f"L1|{day}"] * n
+        bad.append(defective)
+    s, bad = np.concatenate(scores), np.concatenate(bad)
+    off = day_offsets(s, days, ref)
+    raw_rate, rate = np.mean(s[~bad] > thr), np.mean(s[~bad] - off[~bad] > thr)
+    assert raw_rate > 0.15 and 0.035 < rate < 0.07, (raw_rate, rate)
+    assert np.mean(s[bad] - off[bad] > thr) > 0.95  # defective cells stay far above their day's quartile
+
+
+def test_day_offsets_move_only_raised_days_of_enough_cells():
+    ref = np.arange(100.0)  # lower quartile 24.75
+    s = np.r_[np.arange(100.0) + 10.0, np.arange(100.0) - 10.0, np.full(5, 500.0)]
+    days = ["up"] * 100 + ["down"] * 100 + ["few"] * 5
+    off = day_offsets(s, days, ref, min_cells=30)
+    assert np.allclose(off[:100], 10.0) and (off[100:] == 0).all()
+    with pytest.raises(ValueError, match="one day per score"):
+        day_offsets(s, days[:-1], ref)
+    with pytest.raises(ValueError, match="reference scores"):
+        day_offsets(s, days, [])

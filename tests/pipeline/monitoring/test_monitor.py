@@ -226,6 +226,16 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
     fused = ChampionPatches(settings, champ).fused(0.05)
     assert len(fused.ref_scores) == len(champ.reference) and scored["threshold"].iloc[0] == pytest.approx(fused.threshold)
     assert len(list((state_dir(settings) / "patches").rglob("*.npz"))) == 2  # the detector and the reference scores
+    # each cell is judged against its own line-day too: one offset per day, >= 0, and the flag is on the moved score
+    assert (scored["day_offset"] >= 0).all() and (scored["day_offset"] > 0).any()  # the faulty days score higher
+    assert (scored["is_anomaly"] <= (scored["score"] - scored["day_offset"] > scored["threshold"])).all()
+    plain = monitor(settings, monitor_config(**monitor_params(scores=True, fusion=True, recentre=False)),
+                    alert_manager=AlertManager(tmp_path / "alerts-plain"))
+    assert [w.summary for w in plain.windows] == [w.summary for w in fres.windows]  # verdicts do not use the flags
+    unmoved = pd.read_parquet(scores_table_path(settings)).query("model_id == @champ.model_id").set_index("image_id")
+    moved = scored.set_index("image_id").loc[unmoved.index]
+    assert (unmoved["day_offset"] == 0).all() and (moved["is_anomaly"] <= unmoved["is_anomaly"]).all()
+    assert sum(w.n_anomalous for w in plain.windows) > sum(w.n_anomalous for w in fres.windows)
     # the patch family cannot run (a missing weights package): one warning, the residual family alone flags
     import logging
     import shutil
