@@ -248,6 +248,21 @@ def test_nightly_and_retrain_exit_codes(tmp_path, monkeypatch, capsys, status, c
     assert "Traceback" not in err and len([x for x in err.splitlines() if x.startswith("linewatch")]) <= 1
 
 
+def test_nightly_on_a_new_line_says_why_it_did_not_monitor(tmp_path, monkeypatch, capsys):
+    import flows.nightly as N
+    from pipeline import tracking
+    from pipeline.cli import main
+
+    set_env(monkeypatch, tmp_path)
+    monkeypatch.setattr(tracking, "check_reachable", lambda: None)
+    res = {"status": "no_candidate", "promoted": False, "reason": "the reference holds 3 line-periods"}
+    monkeypatch.setattr(N, "nightly_flow", lambda **kw: {"retrain": res, "status": "no_candidate",
+                                                         "monitor_skipped": N.NO_CHAMPION_YET})
+    assert main(["nightly", "--no-ingest"]) == 4
+    out = capsys.readouterr().out
+    assert "retrain: no new model (no_candidate)" in out and "monitor: skipped (no champion yet" in out
+
+
 def test_help_texts_show_every_default_and_the_exit_codes(capsys):
     import argparse
 
