@@ -326,9 +326,9 @@ class LocalDriver:
         ``EXIT_NO_CANDIDATE``. Any other failing step stops the run.
         """
         from flows.cli import EXIT_NO_CANDIDATE
-        from flows.nightly import NO_CHAMPION_YET
+        from flows.nightly import monitor_skip_reason
         from pipeline.catalog.ingest import ingest
-        from pipeline.monitoring.monitor import champion_version, monitor_config, retrain_hooks
+        from pipeline.monitoring.monitor import monitor_config, retrain_hooks
         from pipeline.training.retrain import InsufficientData, retrain, retrain_config
 
         def run() -> dict[str, Any]:
@@ -340,10 +340,11 @@ class LocalDriver:
                 out["retrain"] = retrain(s, cfg, hooks=hooks).to_dict()
             except InsufficientData as exc:
                 out["retrain"] = {"status": "no_candidate", "promoted": False, "reason": str(exc)}
-            if out["retrain"].get("promoted") or champion_version(s) is not None:
-                out["monitor"] = self._monitor()
+            skipped = monitor_skip_reason(bool(out["retrain"].get("promoted")))
+            if skipped:
+                out["monitor_skipped"] = skipped
             else:
-                out["monitor_skipped"] = NO_CHAMPION_YET
+                out["monitor"] = self._monitor()
             return out
 
         rec = self._timed(run)

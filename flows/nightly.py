@@ -44,6 +44,11 @@ def _has_champion() -> bool:
     return champion_version(get_settings()) is not None
 
 
+def monitor_skip_reason(promoted: bool) -> str | None:
+    """Why the nightly's monitor step cannot run after a retrain (:data:`NO_CHAMPION_YET`); None when it can."""
+    return None if promoted or _has_champion() else NO_CHAMPION_YET
+
+
 def _step(name: str, fn: Any, **kwargs: Any) -> Any:
     try:
         return fn(**kwargs)
@@ -113,9 +118,10 @@ def nightly_flow(
     params.setdefault("monitor", monitor_settings(mon))
     out["retrain"], failure = _retrain_step(params)
     out["status"] = out["retrain"]["status"]
-    if not skip_monitor and out["status"] != "promoted" and not _has_champion():
-        out["monitor_skipped"] = NO_CHAMPION_YET
-        print(f"nightly: monitor skipped: {NO_CHAMPION_YET}")
+    skipped = None if skip_monitor else monitor_skip_reason(out["status"] == "promoted")
+    if skipped:
+        out["monitor_skipped"] = skipped
+        print(f"nightly: monitor skipped: {skipped}")
     elif not skip_monitor:
         out["monitor"] = _step("monitor", with_task_runner(monitor_flow), **mon)
     if failure is not None:

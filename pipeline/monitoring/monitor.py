@@ -476,7 +476,8 @@ def retrain_hooks(settings: Any, config: MonitorConfig | None = None) -> Monitor
     """The monitor's side of the retrain (``pipeline.training.retrain.MonitorHooks``) for the settings ``config``.
 
     The gate asks :func:`check_bundle` whether this monitor can use a candidate, the selection's floor is
-    :func:`reference_floor`, the selection's calibration snapshot is checked by :func:`reference_problem`, and ops alerts go through :func:`default_alert_manager`'s outbox and sinks.
+    :func:`reference_floor`, the selection's calibration snapshot is checked by :func:`reference_problem`, and ops
+    alerts go through :func:`default_alert_manager`'s outbox and sinks.
     """
     config = config or MonitorConfig()
     return MonitorHooks(check_bundle=lambda path: check_bundle(settings, path, config),
