@@ -315,7 +315,14 @@ class LocalDriver:
         return monitor(self._settings(), monitor_config(**self.config.monitor)).to_dict()
 
     def monitor(self) -> dict[str, Any]:
-        """``pipeline.monitoring.monitor.monitor`` with the soak's monitor parameters."""
+        """``pipeline.monitoring.monitor.monitor`` with the soak's monitor parameters; skipped with the CLI's exit 4
+        while the line has no champion (``flows.monitor.skip_reason``)."""
+        from flows.cli import EXIT_NOTHING_YET
+        from flows.monitor import skip_reason
+
+        skipped = skip_reason()
+        if skipped:
+            return {**self._timed(lambda: {"skipped": skipped, "windows": []}), "rc": EXIT_NOTHING_YET}
         return self._timed(self._monitor)
 
     def nightly(self) -> dict[str, Any]:

@@ -400,13 +400,24 @@ def model_history(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({"day": rec["day"], "rc": rec["rc"], "version": r.get("version"), "promoted": r.get("promoted"),
                     "n_train": r.get("n_train"), "n_calibration": r.get("n_calibration"),
                     "excluded": r.get("excluded"), "gate": ((r.get("gate") or {}).get("reason") or "")[:160],
-                    "error": "" if rec["rc"] == 0 else error_line(rec.get("stderr_tail", ""))})
+                    "error": "" if rec["rc"] == 0 else why_not_zero(rec)})
     return out
 
 
+def why_not_zero(rec: dict[str, Any]) -> str:
+    """What a command that exited non-zero said: the reason in its answer (a skipped monitor, a nightly without a
+    candidate), else the line of its stderr that names the error."""
+    res = rec.get("result") or {}
+    retrain = res.get("retrain") or {} if isinstance(res, dict) else {}
+    reasons = [res.get("skipped"), res.get("monitor_skipped"), retrain.get("reason"),
+               (retrain.get("gate") or {}).get("reason")] if isinstance(res, dict) else []
+    told = "; ".join(str(r) for r in reasons if r)
+    return told[:240] if told else error_line(rec.get("stderr_tail", ""))
+
+
 def command_failures(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Commands that exited non-zero, with the last line they wrote to stderr."""
-    return [{"day": r["day"], "command": r["command"], "rc": r["rc"], "message": error_line(r.get("stderr_tail", ""))}
+    """Commands that exited non-zero, with what they said about why (:func:`why_not_zero`)."""
+    return [{"day": r["day"], "command": r["command"], "rc": r["rc"], "message": why_not_zero(r)}
             for r in records if r["rc"] != 0]
 
 
@@ -561,7 +572,7 @@ def write_results(config: Any, s: dict[str, Any]) -> Path:
         *[f"| {m['day']} | {m['rc']} | {_fmt(m['version'])} | {_fmt(m['promoted'])} | {_fmt(m['n_train'])} | "
           f"{_fmt(m['n_calibration'])} | {m['excluded']} | {(m['gate'] or str(m['error']))[:120]} |"
           for m in s["models"]], "",
-        "## Command failures\n", *([f"- day {f['day']} {f['command']} exit {f['rc']}: {f['message']}"
+        "## Non-zero exits (exit 4 on a new line is a skip, not a failure)\n", *([f"- day {f['day']} {f['command']} exit {f['rc']}: {f['message']}"
                                     for f in s["failures"]] or ["none"]), "",
         "## Verdicts of record\n", "| line | day | status | tested | verdict | description |", "|---|---|---|---|---|---|",
         *verdict_rows(s), "",

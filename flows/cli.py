@@ -96,6 +96,8 @@ EXIT_FAILED = 1
 EXIT_BAD_ARGS = 2
 EXIT_REJECTED = 3
 EXIT_NO_CANDIDATE = 4
+EXIT_NOTHING_YET = 4
+"""``linewatch monitor`` on a line without a champion yet: nothing monitored, not a failure."""
 _STATUS_EXIT = {"promoted": EXIT_OK, "rejected": EXIT_REJECTED, "no_candidate": EXIT_NO_CANDIDATE, "failed": EXIT_FAILED}
 
 EXIT_CODES_HELP = """\
@@ -107,6 +109,15 @@ exit status:
      an ops alert was sent
   4  too few healthy images to train a candidate, even reaching back --max-lookback-days: the champion stays,
      an ops alert was sent
+"""
+
+MONITOR_EXIT_HELP = """\
+exit status:
+  0  done
+  1  failed (one line names why)
+  2  bad arguments or settings (nothing ran)
+  4  nothing monitored yet: the line has no champion (its first model is promoted by a nightly once the
+     catalog holds four line-days)
 """
 
 
@@ -241,8 +252,11 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         res = with_task_runner(monitor_flow)(encode_chunk_size=args.encode_chunk_size, **params)
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback
         return _fail("monitor", exc)
-    _print_json(res) if args.json else print("\n".join(_monitor_lines(res)))
-    return EXIT_OK
+    if args.json:
+        _print_json(res)
+    else:
+        print(f"monitor: skipped ({res['skipped']})" if res.get("skipped") else "\n".join(_monitor_lines(res)))
+    return EXIT_NOTHING_YET if res.get("skipped") else EXIT_OK
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -368,7 +382,7 @@ def _register_jobs(subparsers: Any) -> None:
         "monitor", help="run the monitor flow (encode, score, drift, alerts) once now",
         description="Encode and score the recent images with the champion, test each complete window for drift and "
         "alert (one alert per cause). Verdicts are appended to <state>/windows.parquet; drift reports go to "
-        "<state>/reports/.", epilog="exit status: 0 done, 1 failed (one line names why), 2 bad arguments",
+        "<state>/reports/.", epilog=MONITOR_EXIT_HELP,
         formatter_class=_HelpFormatter,
     )
     _monitor_options(p, full=True)

@@ -79,6 +79,14 @@ def default_chunk_size(env: Mapping[str, str] | None = None) -> int:
     return 1024 if runner_name(env) == "dask" else 0
 
 
+def skip_reason() -> str | None:
+    """Why a monitor run has nothing to do (a new line without a champion yet); None when it can run."""
+    from pipeline.monitoring.monitor import NO_CHAMPION_YET, champion_version
+    from pipeline.settings import get_settings
+
+    return NO_CHAMPION_YET if champion_version(get_settings()) is None else None
+
+
 def emit_alert_events(result: dict[str, Any]) -> int:
     """Emit ``linewatch.drift.alert`` for every window whose alert events were produced in this run.
 
@@ -159,7 +167,7 @@ def monitor_flow(
 
     Returns:
         ``MonitorResult.to_dict()`` plus ``events_emitted`` and ``encode_chunks`` (encoding and residual chunks run
-        in parallel).
+        in parallel); on a line without a champion yet, only ``skipped`` (why) and no windows: the run completes.
     """
     from pipeline.monitoring.monitor import monitor_config
 
@@ -168,6 +176,10 @@ def monitor_flow(
         window_size=window_size, alpha=alpha, null=null, min_window=min_window, cards=cards, report=report,
         heatmaps=heatmaps, fusion=fusion, recentre=recentre, quality=quality, scores=scores,
     )
+    skipped = skip_reason()
+    if skipped:
+        print(f"monitor: skipped ({skipped})")
+        return {"skipped": skipped, "windows": [], "model_version": None, "n_encoded": 0}
     chunk = default_chunk_size() if encode_chunk_size is None else int(encode_chunk_size)
     n_chunks = 0
     if chunk > 0:

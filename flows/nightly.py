@@ -27,14 +27,11 @@ from flows.ingest import ingest_flow
 from flows.monitor import monitor_flow
 from flows.retrain import retrain_flow
 from flows.runners import with_task_runner
+from pipeline.monitoring.monitor import NO_CHAMPION_YET
 
 STATUSES = ("promoted", "rejected", "no_candidate", "failed")
 """``result["status"]`` of a nightly run: what happened to the retrain's candidate (the champion stays unless
 ``promoted``)."""
-
-
-NO_CHAMPION_YET = "no champion yet: the line is monitored from its first promoted model on"
-"""Why a nightly without a promoted candidate and without a champion (a new line) skips its monitor step."""
 
 
 def _has_champion() -> bool:

@@ -298,6 +298,10 @@ class Champion:
     """Out-of-sample anomaly scores of the reference images (cross-fitted), for the drift test's score family."""
 
 
+NO_CHAMPION_YET = "no champion yet: the line is monitored from its first promoted model on"
+"""Why a monitor pass on a line without a champion (a new line, before its first nightly promotion) is skipped."""
+
+
 def champion_version(settings: Any) -> str | None:
     """The registered champion's version, or None while the line has none (before its first model)."""
     from pipeline import tracking

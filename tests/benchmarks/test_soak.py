@@ -164,6 +164,22 @@ def test_fast_soak_waits_for_four_line_days_and_raises_no_false_alert(fast_soak)
     day2 = [r["result"]["retrain"]["reason"] for r in records if r["command"] == "nightly" and r["day"] == 2]
     assert "holds 3 line-periods" in day2[0], day2  # enough images on day 2, but only three days of them
     assert s["false_alerts"]["false_alerts"] == 0, s["false_alerts"]
+    early = [r for r in records if r["command"] == "monitor" and r["day"] <= cfg.first_monitored_day]
+    assert all(r["rc"] == 4 and r["result"]["skipped"].startswith("no champion yet") for r in early), early
+    said = {f["message"] for f in s["failures"] if f["command"] == "monitor"}
+    assert said and all(m.startswith("no champion yet") for m in said), said  # the reason, not a log line
+
+
+def test_a_non_zero_exit_is_explained_by_the_answer_before_the_log():
+    from benchmarks.soak_eval import why_not_zero
+
+    skipped = {"rc": 4, "result": {"skipped": "no champion yet: x"}, "stderr_tail": "INFO prefect: Stopping"}
+    assert why_not_zero(skipped) == "no champion yet: x"
+    nightly = {"rc": 4, "result": {"retrain": {"status": "no_candidate", "reason": "holds 3 line-periods"},
+                                   "monitor_skipped": "no champion yet"}, "stderr_tail": "INFO prefect: Stopping"}
+    assert why_not_zero(nightly) == "no champion yet; holds 3 line-periods"
+    crashed = {"rc": 1, "result": None, "stderr_tail": "noise\nlinewatch monitor: failed: OSError: disk\nbye\n"}
+    assert why_not_zero(crashed) == "linewatch monitor: failed: OSError: disk"
 
 
 def test_harness_times_read_the_progress_lines_over_midnight():

@@ -263,6 +263,28 @@ def test_nightly_on_a_new_line_says_why_it_did_not_monitor(tmp_path, monkeypatch
     assert "retrain: no new model (no_candidate)" in out and "monitor: skipped (no champion yet" in out
 
 
+def test_monitor_on_a_new_line_is_skipped_with_exit_4_not_failed(tmp_path, monkeypatch, capsys):
+    import json
+
+    import flows.runners as R
+    from flows.monitor import monitor_flow
+    from pipeline import tracking
+    from pipeline.cli import main
+
+    set_env(monkeypatch, tmp_path)  # an empty registry: the line has no champion yet
+    out = monitor_flow.fn()
+    assert out["skipped"].startswith("no champion yet") and out["windows"] == []
+    monkeypatch.setattr(tracking, "check_reachable", lambda: None)
+    monkeypatch.setattr(R, "with_task_runner", lambda f: f.fn)  # the flow's body, without a Prefect API
+    capsys.readouterr()
+    assert main(["monitor"]) == 4
+    captured = capsys.readouterr()
+    assert "monitor: skipped (no champion yet" in captured.out and "Traceback" not in captured.err
+    assert main(["monitor", "--json"]) == 4
+    text = capsys.readouterr().out
+    assert json.loads(text[text.index("{"):])["skipped"].startswith("no champion yet")
+
+
 def test_help_texts_show_every_default_and_the_exit_codes(capsys):
     import argparse
 
