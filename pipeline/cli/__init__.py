@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from importlib.metadata import entry_points
 
@@ -41,18 +42,28 @@ QUIET_LOGGERS = ("httpx", "httpcore", "urllib3", "mlflow", "alembic", "docket", 
 """Loggers below WARNING unless ``--verbose``: HTTP requests, MLflow's database set-up, Prefect's server internals."""
 
 
-class _QuietFilter(logging.Filter):
-    """Without ``--verbose``: drop Prefect's worker-thread timeout warning and keep Prefect's errors to one line.
+PREFECT_LIFECYCLE = re.compile(
+    r"^(Beginning (sub)?flow run|Finished in state|(Starting|Stopping) temporary server|Created (task|flow) run|"
+    r"Submitted task run|Executing '|Running on Prefect|View at )"
+)
+"""Prefect's own INFO messages about runs and its temporary server (shown with ``--verbose`` only)."""
 
-    Prefect warns on every run of a task with a timeout in a worker thread (the monitor's tasks have one: the flow's
-    own timeout still applies), and logs the full traceback of a failed run; the command prints the failure itself,
-    in one line.
+
+class _QuietFilter(logging.Filter):
+    """Without ``--verbose``: drop Prefect's run bookkeeping and timeout warning, keep its errors to one line.
+
+    Prefect announces every flow, sub-flow and task run and its final state, starts and stops a temporary server, and
+    warns on every run of a task with a timeout in a worker thread (the monitor's tasks have one: the flow's own
+    timeout still applies); it logs the full traceback of a failed run, which the command prints itself, in one line.
+    What linewatch's steps print (Prefect's ``log_prints``) stays.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.startswith("prefect"):
             message = record.getMessage()
             if "running in a worker thread" in message:
+                return False
+            if record.levelno <= logging.INFO and PREFECT_LIFECYCLE.match(message):
                 return False
             record.exc_info, record.exc_text = None, None
             record.msg, record.args = message.split("\n", 1)[0], ()
