@@ -90,7 +90,7 @@ class SoakConfig:
         code_dir: run the commands with this checkout's code (None: this tree).
         retrain: retrain parameters other than the defaults (``--preset``/``--steps``/``--window-days`` on the
             command line; the local driver takes any ``pipeline.training.retrain.RetrainConfig`` field).
-        monitor: monitor parameters other than the defaults (``pipeline.monitoring.monitor.MonitorConfig`` fields).
+        monitor: monitor parameters other than the defaults (``pipeline.monitoring.config.MonitorConfig`` fields).
         fpr: the per-image false-flag rate the monitor is configured with (what the flags are scored against).
         seed: simulation seed.
         threads: torch / OpenMP threads of every command (``OMP_NUM_THREADS``). One by default: on a shared,

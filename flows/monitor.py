@@ -47,7 +47,7 @@ def monitor_task(config: Any) -> dict[str, Any]:
 
 @task(name="plan-encoding", **job_task_options())
 def plan_encoding_task(config: Any, chunk_size: int) -> dict[str, Any]:
-    """Chunks of monitored images the champion has not encoded yet (``pipeline.monitoring.monitor.encoding_plan``)."""
+    """Chunks of monitored images the champion has not encoded yet (``pipeline.monitoring.scoring.encoding_plan``)."""
     from pipeline.monitoring.monitor import encoding_plan
     from pipeline.settings import ensure_dirs, get_settings
 
@@ -56,7 +56,7 @@ def plan_encoding_task(config: Any, chunk_size: int) -> dict[str, Any]:
 
 @task(name="encode-chunk", timeout_seconds=3600, **job_task_options())
 def encode_chunk_task(checkpoint_dir: str, records: list[dict[str, str]]) -> str:
-    """Encode one chunk into a part file (``pipeline.monitoring.monitor.encode_chunk``); a retry rewrites the same part."""
+    """Encode one chunk into a part file (``pipeline.monitoring.scoring.encode_chunk``); a retry rewrites the same part."""
     from pipeline.monitoring.monitor import encode_chunk
     from pipeline.settings import ensure_dirs, get_settings
 
@@ -65,7 +65,7 @@ def encode_chunk_task(checkpoint_dir: str, records: list[dict[str, str]]) -> str
 
 @task(name="residual-chunk", timeout_seconds=3600, **job_task_options())
 def residual_chunk_task(checkpoint_dir: str, scoring: dict[str, Any], records: list[dict[str, str]]) -> str:
-    """Diffusion residuals of one chunk into a part file (``pipeline.monitoring.monitor.residual_chunk``); retry-safe."""
+    """Diffusion residuals of one chunk into a part file (``pipeline.monitoring.scoring.residual_chunk``); retry-safe."""
     from pipeline.monitoring.monitor import residual_chunk
     from pipeline.settings import ensure_dirs, get_settings
 

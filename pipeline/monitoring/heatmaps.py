@@ -50,7 +50,7 @@ class WindowHeatmaps:
 
     Args:
         settings: where the catalog and the state folder are.
-        champ: the loaded champion (``pipeline.monitoring.monitor.Champion``): its ``reference`` rows are the
+        champ: the loaded champion (``pipeline.monitoring.champion.Champion``): its ``reference`` rows are the
             calibration cells, ``model_id`` keys the cache, ``version`` names the folders.
         top: cells per window.
         patches: the pass's patch family (shares the fitted detector with the fused score), or a new one.

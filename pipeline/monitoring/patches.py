@@ -105,7 +105,7 @@ class ChampionPatches:
 
     Args:
         settings: where the catalog (its feature store) and the state folder are.
-        champ: the loaded champion (``pipeline.monitoring.monitor.Champion``): its ``reference`` rows are the
+        champ: the loaded champion (``pipeline.monitoring.champion.Champion``): its ``reference`` rows are the
             calibration cells, ``ref_scores`` their out-of-period residual scores, ``model_id`` keys the cache.
     """
 

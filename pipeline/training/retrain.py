@@ -116,7 +116,7 @@ class RetrainConfig:
             exclusions (alerted windows, flagged images) leave it short; at least ``window_days``.
         keep_size: when exclusions drop images, reach back for as many healthy older ones (up to
             ``max_lookback_days``), so the training and calibration sets do not shrink night after night.
-        monitor: the monitor settings the candidate must serve (``pipeline.monitoring.monitor.MonitorConfig`` fields,
+        monitor: the monitor settings the candidate must serve (``pipeline.monitoring.config.MonitorConfig`` fields,
             e.g. ``{"min_window": 30}``); the floor follows them, and ``pipeline.monitoring.monitor.retrain_hooks``
             builds the gate's monitor check from them. None = the monitor's defaults.
         seed: training / evaluation seed.

@@ -81,6 +81,7 @@ def test_monitor_flow_submits_its_pass_to_the_dask_runner(tmp_path, monkeypatch,
         return M.MonitorResult((), (), None, "1", "model-a", 42)
 
     monkeypatch.setattr(M, "monitor", fake_monitor)
+    monkeypatch.setattr("flows.monitor.skip_reason", lambda: None)  # as if the line had a champion
     for key, value in DASK_ENV.items():
         monkeypatch.setenv(key, value)
     on_dask = FlowRunner().monitor(**monitor_params(), encode_chunk_size=0)
@@ -127,6 +128,7 @@ def test_monitor_flow_encodes_chunks_on_dask_workers_before_the_pass(tmp_path, m
     monkeypatch.setattr(M, "encode_chunk", fake_chunk)
     monkeypatch.setattr(M, "residual_chunk", fake_residual_chunk)
     monkeypatch.setattr(M, "monitor", fake_monitor)
+    monkeypatch.setattr("flows.monitor.skip_reason", lambda: None)  # as if the line had a champion
     for key, value in DASK_ENV.items():
         monkeypatch.setenv(key, value)
     assert default_chunk_size() == 1024
