@@ -279,14 +279,17 @@ def fault_outcome(config: Any, fault: Any, verdicts: pd.DataFrame, alerts: pd.Da
     ids = set(during["alert_id"])
     resolved = alerts[(alerts["kind"] == "resolved") & alerts["alert_id"].isin(ids)]
     in_time = resolved[resolved["day"] < end + RECOVERY_DAYS]
+    resolved_in_time: bool | None = bool(ids) and set(in_time["alert_id"]) >= ids
+    if not resolved_in_time and end + RECOVERY_DAYS > config.days:
+        resolved_in_time = None  # its recovery days fall after the soak's last day: not observable
     out.update({
         "expected_family": expected, "first_alert_day": None if during.empty else int(during["day"].min()),
         "families_named": sorted({f for fs in during["families"] for f in fs}),
         "alerted_in_time": not right.empty, "alert_text": during["text"].tolist()[:2],
-        "alerts": len(during), "resolved_in_time": bool(ids) and set(in_time["alert_id"]) >= ids,
+        "alerts": len(during), "resolved_in_time": resolved_in_time,
         "resolved_days": sorted(int(d) for d in resolved["day"].dropna()),
     })
-    out["ok"] = bool(out["alerted_in_time"] and out["resolved_in_time"])
+    out["ok"] = bool(out["alerted_in_time"] and resolved_in_time is not False)
     return out
 
 
@@ -488,8 +491,8 @@ def target_rows(s: dict[str, Any]) -> list[str]:
         ("<= 1 false alert per 30 healthy line-days", f"{s['false_alerts']['per_30']:.2f} "
          f"({s['false_alerts']['false_alerts']} in {s['false_alerts']['healthy_line_days']})",
          s["false_alerts"]["per_30"] <= TARGETS["false_alerts_per_30"]),
-        ("every alert resolved within 2 days after its fault ends",
-         f"{sum(f['resolved_in_time'] for f in faults)}/{len(faults)}", all(f["resolved_in_time"] for f in faults)),
+        ("every alert resolved within 2 days after its fault ends", _resolved_text(faults),
+         all(f["resolved_in_time"] for f in faults if f["resolved_in_time"] is not None)),
         (f"false-flag rate on healthy cells within 1 point of {cfg_fpr:.0%}",
          _fmt(fl.get("flag_rate_healthy"), 3),
          fl.get("flag_rate_healthy") is not None and abs(fl["flag_rate_healthy"] - cfg_fpr) <= 0.01),
@@ -500,6 +503,14 @@ def target_rows(s: dict[str, Any]) -> list[str]:
     return [f"| {a} | {b} | {'met' if ok else '**not met**'} |" for a, b, ok in rows]
 
 
+def _resolved_text(faults: list[dict[str, Any]]) -> str:
+    """``k/n`` faults resolved in time among those whose recovery days the soak saw, and how many it did not see."""
+    seen = [f for f in faults if f["resolved_in_time"] is not None]
+    late = len(faults) - len(seen)
+    return (f"{sum(bool(f['resolved_in_time']) for f in seen)}/{len(seen)}"
+            + (f" ({late} more end(s) too close to the soak's end to tell)" if late else ""))
+
+
 def fault_rows(s: dict[str, Any]) -> list[str]:
     out = []
     for f in s["faults"]:
@@ -508,8 +519,13 @@ def fault_rows(s: dict[str, Any]) -> list[str]:
         out.append(f"| {f['kind']} | {f['line']} | {f['start']}-{f['end'] - 1} | {f['drift_days'] or '-'} | "
                    f"{_fmt(f.get('first_alert_day'))} | {f.get('expected_family', 'none (must not alert)')} | "
                    f"{named} | {'yes' if f.get('alerted_in_time') else 'no'} | "
-                   f"{f.get('resolved_days', '-') or '-'} | {'yes' if f['ok'] else 'no'} | {text} |")
+                   f"{_resolved_cell(f)} | {'yes' if f['ok'] else 'no'} | {text} |")
     return out
+
+
+def _resolved_cell(f: dict[str, Any]) -> str:
+    days = f.get("resolved_days") or "-"
+    return f"{days} (soak ended)" if f.get("resolved_in_time", False) is None else str(days)
 
 
 def verdict_rows(s: dict[str, Any]) -> list[str]:

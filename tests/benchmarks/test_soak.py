@@ -95,6 +95,29 @@ def test_fault_outcomes_and_false_alerts(tmp_path):
     assert fa["false_alerts"] == 2 and fa["healthy_line_days"] == 14  # the mix alert and the day-8 one
 
 
+def test_a_resolution_the_soak_could_not_see_is_not_counted_as_missed(tmp_path):
+    from benchmarks.soak_eval import target_rows
+
+    cfg = SoakConfig(home=tmp_path, days=10, lines=("L1", "L2"), faults=(
+        FaultSpec("blur", start_day=2, duration_days=2, lines=("L1",)),  # ends day 4: days 4-5 to resolve
+        FaultSpec("noise", start_day=7, duration_days=2, lines=("L2",)),  # ends day 9: day 10 is after the soak
+    ))
+    _alert(tmp_path, "opened", "L1", 2, ["quality"], "image quality: fine-detail ratio moved by +2.9 σ")
+    _alert(tmp_path, "resolved", "L1", 7, ["quality"], "image quality: fine-detail ratio moved by +2.9 σ")
+    _alert(tmp_path, "opened", "L2", 7, ["quality"], "image quality: noise level moved by +9 σ", alert_id="n")
+    alerts = alert_table(cfg)
+    verdicts = verdict_table(cfg, [_monitor_record(d, [("L1", d, 2 <= d < 7, "fine-detail"),
+                                                       ("L2", d, d >= 7, "noise level")]) for d in range(1, 10)])
+    blur, noise = (fault_outcome(cfg, f, verdicts, alerts) for f in cfg.faults)
+    assert blur["resolved_in_time"] is False and not blur["ok"]  # resolved on day 7: too late
+    assert noise["resolved_in_time"] is None and noise["ok"]  # still open on day 9, the soak's last day
+    s = {"faults": [blur, noise], "uptime": {"uptime": 1.0, "with_verdict": 1, "line_days": 1},
+         "false_alerts": {"per_30": 0.0, "false_alerts": 0, "healthy_line_days": 1},
+         "flags": {"configured_fpr": 0.05}, "cycle": {"day_cycle_s": {"max": 1.0, "median": 1.0}}}
+    row = [r for r in target_rows(s) if r.startswith("| every alert resolved")][0]
+    assert "0/1 (1 more end(s) too close to the soak's end to tell)" in row and "not met" in row
+
+
 def test_config_from_the_command_line_and_environment(tmp_path):
     import argparse
 
