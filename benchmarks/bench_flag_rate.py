@@ -21,8 +21,9 @@ score like the snapshot's cells. This benchmark measures it on real ELPV cells r
   ``pipeline.handoff.bundle.reference_groups``), the same with ``FlagConfig(confidence=0.9)``, the monitor's fused
   recipe (``pipeline.analysis.fusion.fused_calibration``: the backbone's patch maps of the calibration cells,
   cross-fitted over the same production groups, fused with the residual score and thresholded lot-aware) without
-  and with the line-day offset (:data:`FUSED_DAY`, the monitor's default), and an exploratory one (not in the
-  product): the lot-aware scores thresholded per product type;
+  and with the line-day offset (:data:`FUSED_DAY`, the monitor's default), and two exploratory ones (not in the
+  product): the same offset both ways (:data:`FUSED_DAY_BOTH`) and the lot-aware scores thresholded per product
+  type;
 * **diagnostics**: the recipes calibrated instead on a few unseen days (lots the model never saw), every placement;
   the log-residual shift of unseen healthy cells, the nearest-neighbour distances in z, the rate by product type.
 
@@ -177,6 +178,11 @@ FUSED_DAY = "fused, judged against its line-day too (the monitor's default)"
 the monitor's ``min_window`` as the fewest cells of a moved day) against the fused threshold."""
 
 
+FUSED_DAY_BOTH = "fused, line-day offset both ways (exploratory)"
+"""As :data:`FUSED_DAY`, with the offset two-sided (``day_offsets(two_sided=True)``): a day that scores lower is moved
+up too, so every day is flagged against its own lower quartile."""
+
+
 def fold_patches(cal: pd.DataFrame, new: pd.DataFrame) -> dict[str, np.ndarray]:
     """Backbone patch maps (``pipeline.latent.features.compute_features``) of the fold's calibration and unseen cells."""
     from pipeline.latent.features import BACKBONE_ID, compute_features
@@ -206,8 +212,11 @@ def fused_flags(cal: pd.DataFrame, new: pd.DataFrame, d: dict[str, np.ndarray],
     C.log(f"[{NAME}] fused detector: held-out calibration rate {fused.fpr_heldout:.3f}")
     pred = fused.predict(patches["new"], residual_det.score(np.column_stack([d["new_z"], d["new_r"]])))
     s = np.asarray(pred.scores)
-    offset = day_offsets(s, new["day"].to_numpy(), fused.ref_scores, min_cells=MonitorConfig().min_window)
-    return {FUSED: np.asarray(pred.is_anomaly), FUSED_DAY: np.asarray(pred.is_anomaly) & (s - offset > fused.threshold)}
+    days, n_min = new["day"].to_numpy(), MonitorConfig().min_window
+    offset = day_offsets(s, days, fused.ref_scores, min_cells=n_min)
+    both = day_offsets(s, days, fused.ref_scores, min_cells=n_min, two_sided=True)
+    return {FUSED: np.asarray(pred.is_anomaly), FUSED_DAY: np.asarray(pred.is_anomaly) & (s - offset > fused.threshold),
+            FUSED_DAY_BOTH: s - both > fused.threshold}
 
 
 def _scoring() -> Any:

@@ -154,8 +154,8 @@ RECENTRE_Q = 0.25
 above a defect share of a few percent, it moves only with the healthy cells)."""
 
 
-def day_offsets(scores: Any, days: Any, ref_scores: Any, *, quantile: float = RECENTRE_Q, min_cells: int = 30
-                ) -> np.ndarray:
+def day_offsets(scores: Any, days: Any, ref_scores: Any, *, quantile: float = RECENTRE_Q, min_cells: int = 30,
+                two_sided: bool = False) -> np.ndarray:
     """How far each cell's day scores above the calibration cells: ``max(0, q_day - q_ref)`` per cell (one-sided).
 
     ``q`` is the ``quantile`` of the day's scores and of ``ref_scores`` (the calibration cells' out-of-sample scores,
@@ -168,6 +168,9 @@ def day_offsets(scores: Any, days: Any, ref_scores: Any, *, quantile: float = RE
         ref_scores: the calibration cells' out-of-sample scores.
         quantile: the day's and the reference's quantile compared (:data:`RECENTRE_Q`).
         min_cells: fewest cells of a day for it to be moved.
+        two_sided: also move a day that scores lower (``q_day - q_ref`` may be negative): every day is then flagged
+            against its own lower quartile, at about the configured rate (Dynamic Part Average Testing's limits move
+            both ways).
 
     Raises:
         ValueError: ``scores`` and ``days`` of different lengths, no reference scores, or a quantile outside (0, 1).
@@ -182,7 +185,8 @@ def day_offsets(scores: Any, days: Any, ref_scores: Any, *, quantile: float = RE
     q_ref = float(np.quantile(ref, quantile))
     for _, rows in d.groupby(d, sort=False).indices.items():
         if rows.size >= min_cells:
-            out[rows] = max(0.0, float(np.quantile(s[rows], quantile)) - q_ref)
+            delta = float(np.quantile(s[rows], quantile)) - q_ref
+            out[rows] = delta if two_sided else max(0.0, delta)
     return out
 
 

@@ -144,12 +144,30 @@ def test_day_offsets_bring_days_of_new_lots_back_to_the_configured_rate():
     assert np.mean(s[bad] - off[bad] > thr) > 0.95  # defective cells stay far above their day's quartile
 
 
+def test_two_sided_offsets_flag_every_day_near_the_configured_rate():
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=2000)
+    thr = float(np.quantile(ref, 0.95))
+    lifts = rng.uniform(-1.0, 1.0, size=40)  # new lots that score lower or higher than the calibration cells
+    s = np.concatenate([rng.normal(size=150) + lift for lift in lifts])
+    days = np.repeat(np.arange(40), 150)
+    per_day = {}
+    for name, two in (("one", False), ("both", True)):
+        flagged = s - day_offsets(s, days, ref, two_sided=two) > thr
+        per_day[name] = np.array([flagged[days == d].mean() for d in range(40)])
+    low = lifts < -0.5
+    assert per_day["one"][low].mean() < 0.025 and 0.03 < per_day["both"][low].mean() < 0.08  # a low day moved up
+    assert 0.035 < per_day["both"].mean() < 0.065 and per_day["one"].mean() < per_day["both"].mean()
+
+
 def test_day_offsets_move_only_raised_days_of_enough_cells():
     ref = np.arange(100.0)  # lower quartile 24.75
     s = np.r_[np.arange(100.0) + 10.0, np.arange(100.0) - 10.0, np.full(5, 500.0)]
     days = ["up"] * 100 + ["down"] * 100 + ["few"] * 5
     off = day_offsets(s, days, ref, min_cells=30)
     assert np.allclose(off[:100], 10.0) and (off[100:] == 0).all()
+    both = day_offsets(s, days, ref, min_cells=30, two_sided=True)
+    assert np.allclose(both[:100], 10.0) and np.allclose(both[100:200], -10.0) and (both[200:] == 0).all()
     with pytest.raises(ValueError, match="one day per score"):
         day_offsets(s, days[:-1], ref)
     with pytest.raises(ValueError, match="reference scores"):
