@@ -141,6 +141,24 @@ class SoakConfig:
         return json.loads(json.dumps(d, default=str))
 
 
+def config_from_dict(d: dict[str, Any]) -> SoakConfig:
+    """The soak a :meth:`SoakConfig.to_dict` (``<home>/soak_config.json``) describes."""
+    d = dict(d)
+    d["home"], d["code_dir"] = Path(d["home"]), None if d.get("code_dir") is None else Path(d["code_dir"])
+    d["faults"] = tuple(FaultSpec(**{**f, "lines": tuple(f["lines"]) if f.get("lines") else f.get("lines")})
+                        for f in d["faults"])
+    d["lines"] = tuple(d["lines"])
+    if isinstance(d.get("per_day"), list):
+        d["per_day"] = tuple(d["per_day"])
+    return SoakConfig(**d)
+
+
+def saved_config(home: Path) -> SoakConfig | None:
+    """The settings a soak in ``home`` was run with (None when it has none yet)."""
+    path = Path(home) / "soak_config.json"
+    return config_from_dict(json.loads(path.read_text())) if path.is_file() else None
+
+
 def fast_config(home: Path, name: str = "soak_fast") -> SoakConfig:
     """Eight days of one line on the tiny preset with one strong fault: the loop's wiring in a few minutes.
 
@@ -469,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.soak_eval import evaluate, write_results
 
     config = config_from_args(args)
+    saved = saved_config(config.home) if (args.report_only or args.resume) else None
+    if saved is not None and saved != config:
+        log(f"[soak] {config.home}: using the settings the soak was run with (soak_config.json), not the command line's")
+        config = saved
     t0 = time.perf_counter()
     if not args.report_only:
         run_soak(config, resume=args.resume)

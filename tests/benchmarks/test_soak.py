@@ -133,6 +133,17 @@ def test_config_from_the_command_line_and_environment(tmp_path):
     assert parse_json_answer('log line\n{\n "a": 1\n}\n') == {"a": 1} and parse_json_answer("nothing") is None
 
 
+def test_a_finished_soak_is_rescored_with_the_settings_it_ran_with(tmp_path):
+    from benchmarks.soak import COMPACT_SCHEDULE, config_from_dict, saved_config
+
+    cfg = SoakConfig(name="s", home=tmp_path, days=14, faults=COMPACT_SCHEDULE, code_dir=tmp_path / "code",
+                     per_day=(100, 200), monitor={"lookback_days": 1.0})
+    assert config_from_dict(cfg.to_dict()) == cfg
+    assert saved_config(tmp_path) is None
+    (tmp_path / "soak_config.json").write_text(json.dumps(cfg.to_dict()))
+    assert saved_config(tmp_path) == cfg  # --report-only / --resume use it, whatever the command line says
+
+
 def test_compact_schedule_has_every_fault_kind_in_14_days(tmp_path):
     import argparse
 
