@@ -410,10 +410,11 @@ def model_history(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def why_not_zero(rec: dict[str, Any]) -> str:
     """What a command that exited non-zero said: the reason in its answer (a skipped monitor, a nightly without a
     candidate), else the line of its stderr that names the error."""
-    res = rec.get("result") or {}
-    retrain = res.get("retrain") or {} if isinstance(res, dict) else {}
+    res = rec.get("result")
+    res = res if isinstance(res, dict) else {}
+    retrain = res.get("retrain") or {}
     reasons = [res.get("skipped"), res.get("monitor_skipped"), retrain.get("reason"),
-               (retrain.get("gate") or {}).get("reason")] if isinstance(res, dict) else []
+               (retrain.get("gate") or {}).get("reason")]
     told = "; ".join(str(r) for r in reasons if r)
     return told[:240] if told else error_line(rec.get("stderr_tail", ""))
 

@@ -24,26 +24,19 @@ from prefect import flow
 
 from flows import StepFailed
 from flows.ingest import ingest_flow
-from flows.monitor import monitor_flow
+from flows.monitor import monitor_flow, skip_reason
 from flows.retrain import retrain_flow
 from flows.runners import with_task_runner
-from pipeline.monitoring.monitor import NO_CHAMPION_YET
+from pipeline.monitoring.monitor import NO_CHAMPION_YET  # noqa: F401 - re-exported
 
 STATUSES = ("promoted", "rejected", "no_candidate", "failed")
 """``result["status"]`` of a nightly run: what happened to the retrain's candidate (the champion stays unless
 ``promoted``)."""
 
 
-def _has_champion() -> bool:
-    from pipeline.monitoring.monitor import champion_version
-    from pipeline.settings import get_settings
-
-    return champion_version(get_settings()) is not None
-
-
 def monitor_skip_reason(promoted: bool) -> str | None:
-    """Why the nightly's monitor step cannot run after a retrain (:data:`NO_CHAMPION_YET`); None when it can."""
-    return None if promoted or _has_champion() else NO_CHAMPION_YET
+    """Why the nightly's monitor step cannot run after a retrain (:func:`flows.monitor.skip_reason`); None when it can."""
+    return None if promoted else skip_reason()
 
 
 def _step(name: str, fn: Any, **kwargs: Any) -> Any:

@@ -180,7 +180,7 @@ def _fake_steps(monkeypatch, retrain, champion=True):
     monkeypatch.setattr(N, "retrain_flow", fake_retrain)
     monkeypatch.setattr(N, "monitor_flow", fake_monitor)
     monkeypatch.setattr(N, "with_task_runner", lambda f: f)
-    monkeypatch.setattr(N, "_has_champion", lambda: champion)
+    monkeypatch.setattr(N, "skip_reason", lambda: None if champion else N.NO_CHAMPION_YET)
     return calls
 
 
