@@ -5,12 +5,13 @@ Flow of one window (:meth:`AlertManager.update`):
 1. retry whatever is still in the outbox (:meth:`Outbox.flush`);
 2. load the line's state (JSON, one file per line); a window id already processed returns ``[]`` (idempotent, so a
    restart that re-processes a window, or a later model re-testing it, neither re-alerts nor forgets);
-3. name the window's causes (:func:`pipeline.monitoring.causes.window_causes`: one per family group that fired, e.g.
-   ``axes:z_3``, ``quality:noise_level``, ``scores``) and apply the :class:`AlertPolicy` **per family group**
-   (``latent``, ``quality``, ``scores``): hysteresis (``k_consecutive`` drifted windows of the group in a row before
-   its alert opens), one open alert per group (its later drifted windows fold into it; a new cause or a rise to
-   ``critical`` is an *escalation*, notified), resolution after ``resolve_after`` windows in a row without that
-   group's drift, and a cooldown: the same cause re-opening within ``cooldown_windows`` windows (or
+3. name the window's causes (:func:`pipeline.monitoring.causes.window_causes`: one per family group that fired, and
+   one per significant image-quality channel, e.g. ``axes:z_3``, ``quality:noise_level``, ``scores``) and apply the
+   :class:`AlertPolicy` **per alert group** (:func:`pipeline.monitoring.causes.alert_group`: ``latent``,
+   ``quality:<channel>``, ``scores``, ``spc``, ``camera``): hysteresis (``k_consecutive`` drifted windows of the group
+   in a row before its alert opens), one open alert per group (its later drifted windows fold into it; a new cause,
+   such as another top axis, or a rise to ``critical`` is an *escalation*, notified), resolution after
+   ``resolve_after`` windows in a row without that group's drift, and a cooldown: the same cause re-opening within ``cooldown_windows`` windows (or
    ``cooldown_minutes``) of its last alert is *suppressed*. A window the drift test could not compare with the
    reference (too few cells of a product it knows; ``meta["comparable"]`` False) is recorded but skipped by the
    policy: it neither extends a drifted run, nor breaks it, nor counts towards a resolution;
@@ -117,7 +118,8 @@ def _digest(*parts: Any) -> str:
 class AlertPolicy:
     """When to open, escalate, suppress and resolve alerts.
 
-    Every rule applies per line and family group (``latent``, ``quality``, ``scores``; :mod:`pipeline.monitoring.causes`).
+    Every rule applies per line and alert group (``latent``, ``quality:<channel>``, ``scores``, ...;
+    :func:`pipeline.monitoring.causes.alert_group`).
 
     Attributes:
         k_consecutive: windows in a row in which the group fired before its alert opens (hysteresis; 1 = at once).
@@ -198,8 +200,9 @@ def get_policy(name: str) -> AlertPolicy:
 class Alert:
     """An alert record (the ``alert`` object of every event; see ``docs/alerts.md``).
 
-    One alert per line and family group (``latent``, ``quality``, ``scores``; :mod:`pipeline.monitoring.causes`) can be open at a
-    time, so a defect surge while a camera alert is open is its own alert with its own notification.
+    One alert per line and alert group (``latent``, ``quality:<channel>``, ``scores``, ...;
+    :func:`pipeline.monitoring.causes.alert_group`) can be open at a time, so a defect surge while a camera alert is
+    open is its own alert with its own notification, and so is darker corners while a blur alert is open.
 
     Attributes:
         id: stable id (line, opening window and dedup key).
@@ -330,8 +333,8 @@ class AlertState:
     Attributes:
         line: production line.
         n_windows: windows processed so far (the next window's index).
-        counters: per family group, ``{"drift": drifted windows in a row, "clear": clear windows in a row}``.
-        open: per family group, its open alert (``Alert.to_dict()``).
+        counters: per alert group, ``{"drift": drifted windows in a row, "clear": clear windows in a row}``.
+        open: per alert group, its open alert (``Alert.to_dict()``).
         last_sent: per dedup key, ``{"window_index", "at", "alert_id", "kind"}`` of its last opened/resolved event.
         processed: window id -> window index, for idempotency (oldest dropped past ``max_processed``).
         history: one entry per window (``window_id, index, detected, causes, events, at``), bounded.
@@ -360,7 +363,7 @@ class AlertState:
                 f"alert state version {d.get('version')} is not supported (expected {STATE_VERSION})"
             )
         kw = {k: v for k, v in d.items() if k != "version"}
-        return cls(**kw)
+        return _per_channel_groups(cls(**kw))
 
     @classmethod
     def _from_v1(cls, d: Mapping[str, Any]) -> AlertState:
@@ -373,6 +376,19 @@ class AlertState:
         if active:
             st.open[group] = Alert.from_dict(active).to_dict()
         return st
+
+
+def _per_channel_groups(st: AlertState) -> AlertState:
+    """A state saved when image quality was one alert group: its open alert is kept under its channel's group."""
+    from pipeline.monitoring.causes import PER_CHANNEL_FAMILIES
+
+    for family in PER_CHANNEL_FAMILIES:
+        counter, alert = st.counters.pop(family, None), st.open.pop(family, None)
+        if alert is not None:
+            group = str(alert.get("cause") or family)
+            st.open[group] = alert
+            st.counters[group] = counter or {"drift": 0, "clear": 0}
+    return st
 
 
 # ------------------------------------------------------------------------------------------------ manager
@@ -426,7 +442,7 @@ class AlertManager:
         return AlertState.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
     def open_alerts(self, line: str) -> list[Alert]:
-        """The open alerts of a line (one per family group), oldest first."""
+        """The open alerts of a line (one per alert group), oldest first."""
         alerts = [Alert.from_dict(a) for a in self.state(line).open.values()]
         return sorted(alerts, key=lambda a: (a.created_at, a.id))
 
@@ -549,13 +565,15 @@ class AlertManager:
                        example_serials=tuple(str(s) for s in example_serials), details="")
 
     def _apply_policy(self, st: AlertState, causes: Sequence[Any], ctx: _Window) -> list[AlertEvent]:
-        """Advance every family group's counters by one window and return the events (groups in a fixed order)."""
-        from pipeline.monitoring.causes import GROUP_ORDER
+        """Advance every alert group's counters by one window and return the events (groups in a fixed order)."""
+        from pipeline.monitoring.causes import alert_group, group_rank
 
-        fired = {c.family: c for c in causes}
+        fired: dict[str, Any] = {}
+        for c in causes:
+            fired.setdefault(alert_group(c), c)
         groups = set(st.counters) | set(st.open) | set(fired)
         events: list[AlertEvent] = []
-        for g in sorted(groups, key=lambda g: (GROUP_ORDER.index(g) if g in GROUP_ORDER else len(GROUP_ORDER), g)):
+        for g in sorted(groups, key=group_rank):
             counter = st.counters.setdefault(g, {"drift": 0, "clear": 0})
             cause = fired.get(g)
             if cause is not None:
@@ -573,7 +591,7 @@ class AlertManager:
         severity = self.policy.severity(
             [{"effect": e} for e in cause.effects], cause.p_values)
         if group not in st.open:
-            need = 1 if group in self.policy.immediate_families else self.policy.k_consecutive
+            need = 1 if cause.family in self.policy.immediate_families else self.policy.k_consecutive
             if st.counters[group]["drift"] < need:
                 return []
             alert = self._new_alert(cause, severity, ctx)

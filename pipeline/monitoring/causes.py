@@ -1,14 +1,15 @@
 """What caused a drifted window: one :class:`Cause` per fired test family, named so a person can tell them apart.
 
 A window can drift for more than one reason at once (a camera that goes out of focus while the defect rate rises).
-The alert manager keeps one alert per *family group* and names each by its cause:
+The alert manager keeps one alert per *alert group* (:func:`alert_group`) and names each by its cause; the group is
+the family group, except for image quality, where every channel is a group of its own:
 
 =================  =====================================  ==========================================================
-family group       cause key                              when
+alert group        cause key                              when
 =================  =====================================  ==========================================================
 ``latent``         ``axes:z_<k>``                         the per-axis test fired; ``k`` is the top significant axis
 ``latent``         ``mmd``                                only the multivariate MMD test fired (no single axis)
-``quality``        ``quality:<channel>``                  an image-quality channel moved (the largest significant)
+``quality:<ch>``   ``quality:<channel>``                  an image-quality channel moved (one per significant one)
 ``scores``         ``scores``                             the per-image anomaly scores rose ("defect rate up")
 ``spc``            ``spc:<statistic>``                    the line's control chart alarmed (``monitoring.charts``)
 ``camera``         ``camera:<statistic>``                 golden-sample captures moved (``monitoring.golden``)
@@ -31,6 +32,8 @@ import pandas as pd
 #: Family groups in the order their events are reported.
 GROUP_ORDER: tuple[str, ...] = ("latent", "quality", "scores")
 _GROUP_OF = {"axes": "latent", "mmd": "latent", "quality": "quality", "scores": "scores"}
+#: Families whose every channel is an alert of its own (:func:`alert_group`).
+PER_CHANNEL_FAMILIES: tuple[str, ...] = ("quality",)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,22 @@ class Cause:
 def family_group(family: str) -> str:
     """The group a test family belongs to (``axes``/``mmd`` -> ``latent``; others are their own group)."""
     return _GROUP_OF.get(family, family)
+
+
+def alert_group(cause: Cause) -> str:
+    """The group an alert is kept under: the cause itself for :data:`PER_CHANNEL_FAMILIES`, else its family group.
+
+    An image-quality channel is a measurement of its own (a blurred lens, a noisy sensor and darker corners are
+    different faults), so each channel opens, escalates and resolves its own alert; latent axes move together, so
+    the latent group keeps one alert whose cause is its top axis.
+    """
+    return cause.key if cause.family in PER_CHANNEL_FAMILIES and ":" in cause.key else cause.family
+
+
+def group_rank(group: str) -> tuple[int, str]:
+    """Sort key of an alert group: :data:`GROUP_ORDER` by its family, then by name."""
+    family = group.split(":", 1)[0]
+    return (GROUP_ORDER.index(family) if family in GROUP_ORDER else len(GROUP_ORDER), group)
 
 
 def _fnum(v: Any) -> float:
@@ -95,22 +114,21 @@ def _latent_cause(res: Any, tests: tuple[str, ...], top: list[dict[str, Any]], f
     return Cause(key, "latent", tests, (), ps, (), summary)
 
 
-def _quality_cause(res: Any, fam_p: Mapping[str, float]) -> Cause:
-    from pipeline.analysis.axes import quality_text
+def _quality_causes(res: Any, fam_p: Mapping[str, float]) -> list[Cause]:
+    """One cause per significant image-quality channel, largest |effect| first (the top channel when none is)."""
+    from pipeline.analysis.axes import channel_phrase
 
-    table = getattr(res, "per_channel", None)
-    channel, effect = None, None
-    if isinstance(table, pd.DataFrame) and len(table):
-        sig = table[table["significant"].astype(bool)] if "significant" in table.columns else table.iloc[:0]
-        row = (sig if len(sig) else table).assign(_a=lambda t: t["effect_size"].abs()).sort_values(
-            "_a", ascending=False, kind="stable").iloc[0]
-        channel, effect = str(row["channel"]), _fnum(row["effect_size"])
-    key = f"quality:{channel}" if channel else "quality"
-    summary = quality_text(res) or (f"image quality: {channel} moved by {effect:+.1f} sd" if channel
-                                     else "image quality moved")
     p = fam_p.get("quality")
-    return Cause(key, "quality", ("quality",), (), () if p is None else (_fnum(p),),
-                 () if effect is None else (effect,), summary)
+    ps = () if p is None else (_fnum(p),)
+    table = getattr(res, "per_channel", None)
+    if not isinstance(table, pd.DataFrame) or not len(table):
+        return [Cause("quality", "quality", ("quality",), (), ps, (), "image quality moved")]
+    ranked = table.assign(_a=table["effect_size"].abs()).sort_values("_a", ascending=False, kind="stable")
+    sig = ranked[ranked["significant"].astype(bool)] if "significant" in ranked.columns else ranked.iloc[:0]
+    rows = sig if len(sig) else ranked.iloc[:1]
+    return [Cause(f"quality:{r['channel']}", "quality", ("quality",), (), ps, (_fnum(r["effect_size"]),),
+                  "image quality: " + channel_phrase(str(r["channel"]), _fnum(r["effect_size"])))
+            for _, r in rows.iterrows()]
 
 
 def _scores_cause(res: Any, fam_p: Mapping[str, float]) -> Cause:
@@ -162,7 +180,7 @@ def _test_causes(drift_result: Any, attribution: Any, top_n: int) -> list[Cause]
         if g == "latent":
             out.append(_latent_cause(drift_result, tests, top_axes_of(attribution, top_n), fam_p))
         elif g == "quality":
-            out.append(_quality_cause(drift_result, fam_p))
+            out.extend(_quality_causes(drift_result, fam_p))
         elif g == "scores":
             out.append(_scores_cause(drift_result, fam_p))
         else:
@@ -176,4 +194,5 @@ def causes_text(causes: Sequence[Cause]) -> str:
     return ", ".join(c.key for c in causes)
 
 
-__all__ = ["GROUP_ORDER", "Cause", "causes_text", "family_group", "top_axes_of", "window_causes"]
+__all__ = ["GROUP_ORDER", "PER_CHANNEL_FAMILIES", "Cause", "alert_group", "causes_text", "family_group", "group_rank",
+           "top_axes_of", "window_causes"]

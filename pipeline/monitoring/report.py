@@ -108,7 +108,7 @@ def plain_summary(
     tested = f"{n_images} cells" + (f" ({n_tested} tested for drift)" if n_tested < n_images else "")
     head = f"Line {line}, {window_id}, model v{model_version}: {tested}. "
     if detected and causes:
-        what = "; ".join(f"{_CAUSE_WORDS.get(c.family, c.family)}: {c.summary}" for c in causes)
+        what = causes_phrase(causes)
         head += f"These images differ from the reference more than normal production does. {what[0].upper()}{what[1:]}."
     elif detected:
         head += "These images differ from the reference more than normal production does."
@@ -130,6 +130,14 @@ def plain_summary(
 
 _CAUSE_WORDS = {"latent": "the model's picture of the cells moved", "quality": "image quality changed",
                 "scores": "more unusual cells than normal (defect rate up)", "drift": "drift"}
+
+
+def causes_phrase(causes: Sequence[Any]) -> str:
+    """The causes in words, one clause per family (``"image quality changed: noise level moved by +2.1 σ, ..."``)."""
+    by_family: dict[str, list[str]] = {}
+    for c in causes:
+        by_family.setdefault(c.family, []).append(c.summary.removeprefix("image quality: "))
+    return "; ".join(f"{_CAUSE_WORDS.get(f, f)}: {', '.join(parts)}" for f, parts in by_family.items())
 
 
 def drift_report(

@@ -257,8 +257,13 @@ def quality_text(drift_result: Any, prefix: str = "") -> str:
     sig = table[table["significant"].astype(bool)]
     if sig.empty:
         return ""
-    parts = [f"{_label(str(r['channel']))} moved by {_fmt_effect(float(r['effect_size']))}" for _, r in sig.iterrows()]
+    parts = [channel_phrase(str(r["channel"]), float(r["effect_size"])) for _, r in sig.iterrows()]
     return f"{prefix}image quality: " + ", ".join(parts)
+
+
+def channel_phrase(channel: str, effect: float) -> str:
+    """``"noise level moved by +1.5 σ"``: one image-quality channel's shift in reference sd."""
+    return f"{_label(channel)} moved by {_fmt_effect(effect)}"
 
 
 def scores_text(drift_result: Any, prefix: str = "") -> str:

@@ -442,23 +442,70 @@ def test_a_defect_surge_during_an_open_alert_is_its_own_notified_alert_and_both_
     assert m.open_alerts("L1") == [] and m.active("L1") is None
 
 
-def test_a_new_cause_while_its_group_is_open_escalates_with_a_notification(tmp_path: Path) -> None:
-    from types import SimpleNamespace
-
+def test_a_new_top_axis_while_the_latent_alert_is_open_escalates_with_a_notification(tmp_path: Path) -> None:
     m = manager(tmp_path)
-    noisy_surge = SimpleNamespace(**{**vars(surge()), **{k: v for k, v in vars(quality("noise_level")).items()
-                                                          if k in ("per_channel",)},
-                                     "fired": ("quality", "scores"),
-                                     "family_p": {"axes": 0.5, "mmd": 0.4, "quality": 1e-3, "scores": 1e-3}})
-    days = [quality(), quality(), quality("noise_level"), quality("noise_level"), noisy_surge, noisy_surge]
+    kinds = run(m, [drift(axis=3), drift(axis=3), drift(axis=5), drift(axis=5), clear(), clear()])
+    assert kinds == [[], ["opened"], ["escalated"], [], [], ["resolved"]]
+    esc = jsonl(tmp_path)[1]
+    assert esc["kind"] == "escalated" and "new cause axes:z_5" in esc["reason"]
+    assert esc["alert"]["causes"] == ["axes:z_3", "axes:z_5"]
+
+
+def two_channels(first: str, second: str, effects: tuple[float, float] = (-1.6, 2.4)) -> object:
+    """A quality window in which two channels are significant."""
+    w = quality(first, effects[0])
+    w.per_channel = pd.DataFrame({"channel": [first, second], "ks_stat": [0.5, 0.6], "p_value": [1e-4, 1e-5],
+                                  "effect_size": list(effects), "significant": [True, True]})
+    return w
+
+
+def test_every_significant_quality_channel_is_a_cause_largest_shift_first() -> None:
+    from pipeline.monitoring.causes import alert_group, window_causes
+
+    causes = window_causes(two_channels("detail_ratio", "illumination"))
+    assert [c.key for c in causes] == ["quality:illumination", "quality:detail_ratio"]
+    assert [alert_group(c) for c in causes] == ["quality:illumination", "quality:detail_ratio"]
+    assert causes[0].summary == "image quality: illumination non-uniformity moved by +2.4 σ"
+    assert causes[0].effects == (2.4,) and all(c.family == "quality" for c in causes)
+    (lat,) = window_causes(drift(axis=4))
+    assert alert_group(lat) == "latent"
+
+
+def test_each_quality_channel_opens_and_resolves_its_own_alert(tmp_path: Path) -> None:
+    """Blur for 3 windows; darker corners start on its last one and last 3; healthy after."""
+    m = manager(tmp_path)  # the default policy: 2 windows to open, 2 to resolve
+    days = [quality("detail_ratio"), quality("detail_ratio"), two_channels("detail_ratio", "illumination"),
+            quality("illumination"), quality("illumination"), clear(), clear()]
     kinds = run(m, days)
-    # the surge overlaps the open quality alert: a second alert, opened while the first is still open
-    assert kinds == [[], ["opened"], ["escalated"], [], [], ["opened"]]
+    assert kinds == [[], ["opened"], [], ["opened"], ["resolved"], [], ["resolved"]]
     sent = jsonl(tmp_path)
-    esc = sent[1]
-    assert esc["kind"] == "escalated" and "new cause quality:noise_level" in esc["reason"]
-    assert esc["alert"]["causes"] == ["quality:detail_ratio", "quality:noise_level"]
-    assert {a.cause for a in m.open_alerts("L1")} == {"quality:detail_ratio", "scores"}
+    assert [(e["kind"], e["alert"]["cause"], e["window_id"]) for e in sent] == [
+        ("opened", "quality:detail_ratio", "w1"), ("opened", "quality:illumination", "w3"),
+        ("resolved", "quality:detail_ratio", "w4"), ("resolved", "quality:illumination", "w6")]
+    assert sent[1]["alert"]["family"] == "quality" and "illumination" in sent[1]["alert"]["summary"]
+    assert m.open_alerts("L1") == []
+
+
+def test_one_window_of_another_channel_during_an_open_quality_alert_does_not_notify(tmp_path: Path) -> None:
+    """A single noisy window while a blur alert is open: neither an escalation nor an alert of its own."""
+    m = manager(tmp_path)
+    days = [quality("detail_ratio"), quality("detail_ratio"), two_channels("detail_ratio", "noise_level"),
+            quality("detail_ratio"), clear(), clear()]
+    assert run(m, days) == [[], ["opened"], [], [], [], ["resolved"]]
+    assert [e["alert"]["cause"] for e in jsonl(tmp_path)] == ["quality:detail_ratio"] * 2
+
+
+def test_a_state_with_one_quality_group_keeps_its_open_alert_under_the_channel(tmp_path: Path) -> None:
+    m = manager(tmp_path)
+    run(m, [quality("noise_level"), quality("noise_level")])
+    path = tmp_path / "state" / "lines" / "L1.json"
+    st = json.loads(path.read_text())
+    st["open"] = {"quality": st["open"].pop("quality:noise_level")}
+    st["counters"] = {"quality": st["counters"].pop("quality:noise_level")}
+    path.write_text(json.dumps(st))
+    m2 = manager(tmp_path)
+    assert run(m2, [quality("noise_level"), clear(), clear()], start=2) == [[], [], ["resolved"]]
+    assert jsonl(tmp_path)[-1]["alert"]["cause"] == "quality:noise_level"
 
 
 def test_version_1_state_is_migrated(tmp_path: Path) -> None:
