@@ -18,10 +18,11 @@ score like the snapshot's cells. This benchmark measures it on real ELPV cells r
 * **recipes**, side by side on the same scores: ``main (random split)`` (main's recipe: the calibration images split
   at random between fitting and thresholding; ``detector_calibration`` without groups), ``lot-aware (default)`` (the
   product's recipe now: ``detector_calibration`` with the calibration rows' production groups,
-  ``pipeline.handoff.bundle.reference_groups``), the same with ``FlagConfig(confidence=0.9)``, the monitor's fused
+  ``pipeline.handoff.bundle.reference_groups``), the same with ``FlagConfig(confidence=0.9)``, the fused
   recipe (``pipeline.analysis.fusion.fused_calibration``: the backbone's patch maps of the calibration cells,
   cross-fitted over the same production groups, fused with the residual score and thresholded lot-aware) without
-  and with the line-day offset (:data:`FUSED_DAY`, the monitor's default), and two exploratory ones (not in the
+  and with the line-day offset (:data:`FUSED_DAY`), the patch family alone without and with the offset
+  (:data:`PATCH`, :data:`PATCH_DAY`: the monitor's default), and two exploratory ones (not in the
   product): the same offset both ways (:data:`FUSED_DAY_BOTH`) and the lot-aware scores thresholded per product
   type;
 * **diagnostics**: the recipes calibrated instead on a few unseen days (lots the model never saw), every placement;
@@ -171,11 +172,17 @@ def recipes(cal: pd.DataFrame, d: dict[str, np.ndarray]) -> dict[str, Any]:
     }
 
 
-FUSED = "fused patch + residual (lot-aware), calibration only (--no-recentre)"
-"""The monitor's fused recipe (``pipeline.analysis.fusion.fused_calibration``) without the line-day offset."""
-FUSED_DAY = "fused, judged against its line-day too (the monitor's default)"
-"""The monitor's default flags: the fused score less its line-day's offset (``pipeline.analysis.thresholds.day_offsets``,
-the monitor's ``min_window`` as the fewest cells of a moved day) against the fused threshold."""
+FUSED = "fused patch + residual (lot-aware), calibration only (--no-recentre --residual-weight 1)"
+"""The fused recipe (``pipeline.analysis.fusion.fused_calibration``, residual weight 1) without the line-day offset."""
+FUSED_DAY = "fused, judged against its line-day too (--residual-weight 1)"
+"""The fused score less its line-day's offset (``pipeline.analysis.thresholds.day_offsets``, the monitor's
+``min_window`` as the fewest cells of a moved day) against the fused threshold: the monitor's default until the patch
+family alone (:data:`PATCH_DAY`) measured better."""
+PATCH = "patch family alone (lot-aware), calibration only (--no-recentre)"
+"""``fused_calibration`` with residual weight 0: the backbone's patch maps alone, without the line-day offset."""
+PATCH_DAY = "patch family alone, judged against its line-day too (the monitor's default)"
+"""The monitor's default flags (``MonitorConfig.residual_weight`` = 0, ``recentre``): as :data:`FUSED_DAY` on the patch
+family's score."""
 
 
 FUSED_DAY_BOTH = "fused, line-day offset both ways (exploratory)"
@@ -209,14 +216,36 @@ def fused_flags(cal: pd.DataFrame, new: pd.DataFrame, d: dict[str, np.ndarray],
     patches = fold_patches(cal, new)
     ref = calibration_scores(d["cal_z"], d["cal_r"], k=k, groups=groups)
     fused = fused_calibration(patches["cal"], ref, FPR, groups=groups)
-    C.log(f"[{NAME}] fused detector: held-out calibration rate {fused.fpr_heldout:.3f}")
-    pred = fused.predict(patches["new"], residual_det.score(np.column_stack([d["new_z"], d["new_r"]])))
-    s = np.asarray(pred.scores)
+    patch = fused_calibration(patches["cal"], None, FPR, groups=groups, residual_weight=0.0)
+    C.log(f"[{NAME}] held-out calibration rate: fused {fused.fpr_heldout:.3f}, patch alone {patch.fpr_heldout:.3f}")
+    residual = residual_det.score(np.column_stack([d["new_z"], d["new_r"]]))
+    pred, ppred = fused.predict(patches["new"], residual), patch.predict(patches["new"])
+    s, ps = np.asarray(pred.scores), np.asarray(ppred.scores)
     days, n_min = new["day"].to_numpy(), MonitorConfig().min_window
     offset = day_offsets(s, days, fused.ref_scores, min_cells=n_min)
     both = day_offsets(s, days, fused.ref_scores, min_cells=n_min, two_sided=True)
+    p_off = day_offsets(ps, days, patch.ref_scores, min_cells=n_min)
     return {FUSED: np.asarray(pred.is_anomaly), FUSED_DAY: np.asarray(pred.is_anomaly) & (s - offset > fused.threshold),
-            FUSED_DAY_BOTH: s - both > fused.threshold}
+            FUSED_DAY_BOTH: s - both > fused.threshold, PATCH: np.asarray(ppred.is_anomaly),
+            PATCH_DAY: np.asarray(ppred.is_anomaly) & (ps - p_off > patch.threshold),
+            SCORES: {"residual": np.asarray(residual), "patch": ps, "fused": s}}
+
+
+SCORES = "scores"
+"""Key of :func:`fused_flags`'s per-image scores of each family (for the AUROC table)."""
+
+
+def score_aurocs(new: pd.DataFrame, scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """AUROC of p = 1 against p < 1 unseen cells per family: raw, and less each line-day's median (within-day)."""
+    from sklearn.metrics import roc_auc_score
+
+    y = (new["prob"].to_numpy() >= 1 - 1e-9).astype(int)
+    days = new["day"].to_numpy()
+    out = {}
+    for name, s in scores.items():
+        centred = s - pd.Series(s).groupby(days).transform("median").to_numpy()
+        out[name] = {"auroc": float(roc_auc_score(y, s)), "within_day": float(roc_auc_score(y, centred))}
+    return out
 
 
 def _scoring() -> Any:
@@ -314,11 +343,12 @@ def run_fold(args: argparse.Namespace, fold: int) -> tuple[pd.DataFrame, list[di
     Xn = np.column_stack([d["new_z"], d["new_r"]])
     dets = recipes(cal, d)
     fused = fused_flags(cal, new, d, dets["lot-aware (default)"])
+    aurocs = score_aurocs(new, fused.pop(SCORES))
     main_days = pd.concat([day_table(new, det.predict(Xn).is_anomaly, fold, name) for name, det in dets.items()]
                           + [day_table(new, flags, fold, name) for name, flags in fused.items()]
                           + [day_table(new, per_type_flags(cal, new, d), fold, "lot-aware, threshold per product type")])
     diag = unseen_day_placements(new, d, fold)
-    info = diagnosis(cal, new, d, dets) | {"train_seconds": float(d["train_seconds"])}
+    info = diagnosis(cal, new, d, dets) | {"train_seconds": float(d["train_seconds"]), "auroc": aurocs}
     healthy = (new["prob"] == 0).to_numpy()
     info["by_type"] = {name: {t: float(det.predict(Xn[healthy & (new["product_type"] == t).to_numpy()]).is_anomaly.mean())
                               for t in ("mono", "poly")} for name, det in dets.items()}
@@ -375,6 +405,15 @@ def _diag_rows(infos: dict[int, dict[str, Any]]) -> list[str]:
     return out
 
 
+def _auroc_rows(infos: dict[int, dict[str, Any]]) -> list[str]:
+    out = ["| fold | residual (lot-aware detector) | patch family | fused (weight 1) |", "|---|---|---|---|"]
+    for fold, i in infos.items():
+        a = i["auroc"]
+        out.append(f"| {fold} | " + " | ".join(f"{C.fmt(a[k]['auroc'], 3)} (within day {C.fmt(a[k]['within_day'], 3)})"
+                                               for k in ("residual", "patch", "fused")) + " |")
+    return out
+
+
 def report(args: argparse.Namespace, argv: list[str] | None, days: pd.DataFrame, diag: pd.DataFrame,
            infos: dict[int, dict[str, Any]], seconds: float) -> str:
     """The results file's markdown."""
@@ -389,6 +428,9 @@ def report(args: argparse.Namespace, argv: list[str] | None, days: pd.DataFrame,
              f"{args.boot} resamples of days. Total wall time {seconds:.0f} s.", "",
              "## Realised false-flag rate on unseen line-days (lots the model never saw)", "",
              *_summary_rows(days, args.boot), "",
+             "## Per-image score: AUROC of p = 1 against p < 1 cells on the unseen line-days", "",
+             "Each family's continuous score; within day: less its line-day's median (what the line-day offset "
+             "approximates).", "", *_auroc_rows(infos), "",
              "## Diagnostic: calibrated on lots the model never saw", "",
              f"Not what the product does now: each recipe calibrated on {UNSEEN_CAL_DAYS} consecutive unseen days "
              "(every second placement), judged on the fold's other unseen days (mean false-flag rate on healthy "

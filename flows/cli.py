@@ -157,6 +157,7 @@ def _monitor_params(args: argparse.Namespace) -> dict[str, Any]:
         "scores": False if getattr(args, "no_scores", False) else None,
         "heatmaps": False if getattr(args, "no_heatmaps", False) else None,
         "fusion": False if getattr(args, "no_fusion", False) else None,
+        "residual_weight": getattr(args, "residual_weight", None),
         "recentre": False if getattr(args, "no_recentre", False) else None,
     }.items() if v is not None}
     try:
@@ -309,7 +310,11 @@ def _monitor_options(p: argparse.ArgumentParser, *, full: bool) -> None:
     p.add_argument("--no-heatmaps", action="store_true",
                    help="skip the heatmap overlays of a drifted window's top flagged cells (alert and drift report)")
     p.add_argument("--no-fusion", action="store_true",
-                   help="flag cells by the diffusion residual alone (default: fused with the backbone's patch maps)")
+                   help="flag cells by the diffusion residual alone (default: the backbone's patch maps judged "
+                        "against the calibration cells')")
+    p.add_argument("--residual-weight", type=float, default=None, metavar="W",
+                   help="weight of the diffusion residual fused into the patch maps' per-image score (default 0: "
+                        "the patch maps alone, no residuals computed; 1: both equally)")
     p.add_argument("--no-recentre", action="store_true",
                    help="flag cells against the calibration cells only (default: also against their own line-day, "
                         "so a day of new lots is flagged at about the configured rate)")

@@ -137,6 +137,7 @@ def monitor_flow(
     report: bool = True,
     heatmaps: bool = True,
     fusion: bool = True,
+    residual_weight: float = 0.0,
     recentre: bool = True,
     quality: bool = True,
     scores: bool = True,
@@ -157,7 +158,10 @@ def monitor_flow(
         cards: Render axis cards for alerted axes.
         report: Draw drift report pictures.
         heatmaps: Draw heatmap overlays of the top flagged cells of a window that fired (alert and report).
-        fusion: Flag cells by the residual fused with the backbone's patch maps (off: the residual alone).
+        fusion: Flag cells by the backbone's patch maps judged against the calibration cells' (off: the diffusion
+            residual alone).
+        residual_weight: Weight of the diffusion residual fused into the patch family's score (0: the patch family
+            alone, no residuals computed; 1: both equally).
         recentre: Judge each cell against its own line-day too (a day of new lots that scores higher overall is
             moved down by its lower quartile's rise before the flag threshold).
         quality: Also test the full-resolution image-quality channels (blur, noise, rotation).
@@ -174,7 +178,8 @@ def monitor_flow(
     config = monitor_config(
         lines=lines, start=start, end=end, lookback_days=lookback_days, window_by=window_by,
         window_size=window_size, alpha=alpha, null=null, min_window=min_window, cards=cards, report=report,
-        heatmaps=heatmaps, fusion=fusion, recentre=recentre, quality=quality, scores=scores,
+        heatmaps=heatmaps, fusion=fusion, residual_weight=residual_weight, recentre=recentre, quality=quality,
+        scores=scores,
     )
     skipped = skip_reason()
     if skipped:

@@ -183,13 +183,23 @@ class FusedDetector:
         """The decision threshold on the fused score."""
         return float(self.fusion.threshold_)
 
-    def family_scores(self, patches: Any, residual_scores: Any) -> np.ndarray:
-        """The score matrix (N, 2) of ``FAMILIES``: patch scores of the patch maps, and the given residual scores."""
-        r = np.asarray(residual_scores, dtype=np.float64).ravel()
+    @property
+    def residual_weight(self) -> float:
+        """The residual family's weight against the patch family's (0: the patch family alone)."""
+        w = self.fusion.weights
+        return float(w[1] / w[0]) if w[0] > 0 else float("inf")
+
+    def family_scores(self, patches: Any, residual_scores: Any = None) -> np.ndarray:
+        """The score matrix (N, 2) of ``FAMILIES``: patch scores of the patch maps, and the given residual scores.
+
+        ``residual_scores`` may be None (read as zeros) when the residual family's weight is 0.
+        """
+        n = len(patches) if residual_scores is None else np.asarray(residual_scores).size
+        r = _residual_column(residual_scores, n, self.residual_weight)
         p = self.patch.score(patches) if len(r) else np.empty(0)
         return np.column_stack([p, r])
 
-    def predict(self, patches: Any, residual_scores: Any) -> Any:
+    def predict(self, patches: Any, residual_scores: Any = None) -> Any:
         """Fused scores and flags (``DetectionResult``) of cells: their patch maps and residual-family scores."""
         return self.fusion.predict(self.family_scores(patches, residual_scores))
 
@@ -215,25 +225,28 @@ def patch_reference_scores(patches: Any, *, groups: Any = None, flag: Any = None
 
 
 def fuse_families(patch: Any, patch_scores: Any, residual_scores: Any, fpr_target: float, *, groups: Any = None,
-                  flag: Any = None) -> FusedDetector:
+                  flag: Any = None, residual_weight: float = 1.0) -> FusedDetector:
     """The fused detector from a fitted patch detector and both families' out-of-period calibration scores.
 
     The fusion is fitted on the calibration scores, and thresholded on them with the residual detector's lot-aware
     rule (``pipeline.analysis.thresholds.grouped_threshold``; with no production groups, the conformal threshold).
+    ``residual_weight`` is the residual family's weight against the patch family's 1 (0: the patch family alone;
+    its residual scores may then be None).
 
     Raises:
-        ValueError: fewer than 9 calibration cells, or score arrays of different lengths.
+        ValueError: fewer than 9 calibration cells, score arrays of different lengths, a negative weight, or no
+            residual scores with a positive weight.
     """
     from pipeline.analysis.thresholds import FlagConfig, grouped_threshold, heldout_rate
 
     flag = flag or FlagConfig()
     p = np.asarray(patch_scores, dtype=np.float64).ravel()
-    r = np.asarray(residual_scores, dtype=np.float64).ravel()
+    r = _residual_column(residual_scores, len(p), residual_weight)
     if len(p) != len(r) or len(r) < 9:
         raise ValueError(f"fused calibration needs >= 9 cells with one residual score each, got {len(p)} patch "
                          f"scores and {len(r)} residual scores")
     S = np.column_stack([p, r])
-    fusion = ScoreFusion(FAMILIES, log=(True, False)).fit(S)
+    fusion = ScoreFusion(FAMILIES, log=(True, False), weights=(1.0, float(residual_weight))).fit(S)
     fused = fusion.score(S)
     grouped = groups is not None and np.unique(groups).size >= 2
     g = np.asarray(groups) if grouped else np.zeros(len(r), int)
@@ -246,8 +259,20 @@ def fuse_families(patch: Any, patch_scores: Any, residual_scores: Any, fpr_targe
     return FusedDetector(patch, fusion, fused, held)
 
 
+def _residual_column(residual_scores: Any, n: int, weight: float) -> np.ndarray:
+    """The residual family's score column: the scores, or zeros when its weight is 0 and there are none."""
+    if weight < 0:
+        raise ValueError(f"residual_weight must be >= 0, got {weight}")
+    if residual_scores is None:
+        if weight > 0:
+            raise ValueError("residual scores are needed when the residual family has a positive weight")
+        return np.zeros(n)
+    return np.asarray(residual_scores, dtype=np.float64).ravel()
+
+
 def fused_calibration(patches: Any, residual_scores: Any, fpr_target: float, *, groups: Any = None,
-                      flag: Any = None, seed: int = 0, patch_detector: Callable[[], Any] | None = None) -> FusedDetector:
+                      flag: Any = None, seed: int = 0, patch_detector: Callable[[], Any] | None = None,
+                      residual_weight: float = 1.0) -> FusedDetector:
     """Fit and threshold the fused per-image detector on normal calibration cells.
 
     Args:
@@ -259,6 +284,7 @@ def fused_calibration(patches: Any, residual_scores: Any, fpr_target: float, *, 
         flag: ``pipeline.analysis.thresholds.FlagConfig`` (folds, fence, confidence).
         seed: seed of the random halves.
         patch_detector: makes an unfitted patch detector (default: the Gaussian ``PatchDetector``).
+        residual_weight: the residual family's weight against the patch family's 1 (0: the patch family alone).
 
     Returns:
         :class:`FusedDetector` (its patch detector fitted on every calibration cell).
@@ -269,10 +295,11 @@ def fused_calibration(patches: Any, residual_scores: Any, fpr_target: float, *, 
     from pipeline.analysis.detectors.patch import PatchDetector
 
     P = np.asarray(patches)
-    n_r = np.asarray(residual_scores).size
-    if len(P) != n_r or n_r < 9:
+    r = _residual_column(residual_scores, len(P), residual_weight)
+    if len(P) != r.size or r.size < 9:
         raise ValueError(f"fused calibration needs >= 9 cells with one residual score each, got {len(P)} patch maps "
-                         f"and {n_r} scores")
+                         f"and {r.size} scores")
     make = patch_detector or PatchDetector
     p_oos = patch_reference_scores(P, groups=groups, flag=flag, seed=seed, patch_detector=make)
-    return fuse_families(make().fit(P), p_oos, residual_scores, fpr_target, groups=groups, flag=flag)
+    return fuse_families(make().fit(P), p_oos, r, fpr_target, groups=groups, flag=flag,
+                         residual_weight=residual_weight)

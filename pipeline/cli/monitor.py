@@ -20,7 +20,7 @@ import pandas as pd
 
 from pipeline.cli import CLIError
 
-DETECTORS = ("auto", "fused", "residual", "mahalanobis", "knn", "iforest", "ensemble")
+DETECTORS = ("auto", "patch", "fused", "residual", "mahalanobis", "knn", "iforest", "ensemble")
 
 
 @dataclass(frozen=True)
@@ -130,12 +130,13 @@ examples:
 Images registered in the catalog ($LINEWATCH_CATALOG / $LINEWATCH_HOME) are named by their MES serial (matched by
 content), others by their path.
 
-Detectors: "fused" (the monitor's: the residual below fused with the frozen EfficientNet-Lite0's patch maps judged
-against the reference's at each place of the cell; needs image folders), "residual" (the diffusion residual, noised
-to t* = 100 and 250 and denoised with the image's own z, judged against the reference images nearest in z; needs
-image folders, or latents files with r_* residual columns), "mahalanobis", "knn", "iforest" and "ensemble" on z
-alone. "auto" (default) takes "fused" when both sources are image folders, "residual" when both can give
-residuals, else "mahalanobis", and says which.
+Detectors: "patch" (the monitor's default: the frozen EfficientNet-Lite0's patch maps judged against the
+reference's at each place of the cell; needs image folders), "fused" (the patch maps fused with the residual below,
+as `linewatch monitor --residual-weight 1`), "residual" (the diffusion residual, noised to t* = 100 and 250 and
+denoised with the image's own z, judged against the reference images nearest in z; needs image folders, or latents
+files with r_* residual columns), "mahalanobis", "knn", "iforest" and "ensemble" on z alone. "auto" (default) takes
+"patch" when both sources are image folders, "residual" when both can give residuals, else "mahalanobis", and says
+which.
 
 The reference (normal images the model did not train on) is split at random into two halves: the detector is fit on
 one, and the flag threshold is the conformal (1 - fpr) quantile of the scores of the other, so the false-alarm rate
@@ -273,11 +274,13 @@ def _score_with_detector(args: argparse.Namespace, ckpt: Any, ref: Any, cur: Any
     name = args.detector
     if name == "auto":
         n = len(scoring.t_stars)
-        name = ("fused" if ref.kind == cur.kind == "images" else
+        name = ("patch" if ref.kind == cur.kind == "images" else
                 "residual" if _has_residuals(ref, n) and _has_residuals(cur, n) else "mahalanobis")
     X_ref, X_cur = ref.Z, cur.Z
     if name == "fused":
         return name, _fused_prediction(args, ckpt, ref, cur, fit_idx, val_idx, progress)
+    if name == "patch":
+        return name, _patch_prediction(args, ref, cur, fit_idx, val_idx)
     if name == "residual":
         det = residual_detector(len(scoring.t_stars), k=scoring.k, n_fit=len(fit_idx))
         _check_reference_size(det, len(fit_idx), name, len(X_ref), args.calibration_share)  # before the costly part
@@ -308,10 +311,7 @@ def _fused_prediction(args: argparse.Namespace, ckpt: Any, ref: Any, cur: Any, f
     from pipeline.handoff.bundle import ScoringConfig, make_detector
 
     scoring = ScoringConfig()
-    for src, what in ((ref, "--reference"), (cur, "--images")):
-        if src.kind != "images":
-            raise CLIError(f"the fused detector needs image folders: {what} {src.origin!r} holds latents "
-                           "(use --detector residual or mahalanobis)")
+    _require_image_folders("fused", ref, cur)
     res_det = make_detector(len(scoring.t_stars), k=scoring.k, n_fit=len(fit_idx))
     _check_reference_size(res_det, len(fit_idx), "fused", len(ref.frame), args.calibration_share)
     X_ref, X_cur = _residual_inputs(ckpt, ref, cur, scoring, progress)
@@ -327,6 +327,30 @@ def _fused_prediction(args: argparse.Namespace, ckpt: Any, ref: Any, cur: Any, f
     return fusion.predict(np.column_stack([patch.score(P_cur), res_det.score(X_cur)]))
 
 
+def _require_image_folders(name: str, ref: Any, cur: Any) -> None:
+    """One clear error when a source holds latents where the detector needs the images."""
+    for src, what in ((ref, "--reference"), (cur, "--images")):
+        if src.kind != "images":
+            raise CLIError(f"the {name} detector needs image folders: {what} {src.origin!r} holds latents "
+                           "(use --detector residual or mahalanobis)")
+
+
+def _patch_prediction(args: argparse.Namespace, ref: Any, cur: Any, fit_idx: np.ndarray, val_idx: np.ndarray) -> Any:
+    """The monitor's default score: a patch detector fitted on the fit part's patch maps, thresholded on the rest."""
+    from pipeline.analysis.detectors.patch import PatchDetector
+
+    _require_image_folders("patch", ref, cur)
+    det = PatchDetector()
+    _check_reference_size(det, len(fit_idx), "patch", len(ref.frame), args.calibration_share)
+    P_ref, P_cur = _patch_maps(ref, "--reference"), _patch_maps(cur, "--images")
+    det.fit(P_ref[fit_idx])
+    try:
+        det.infer_threshold(P_ref[val_idx], fpr=args.fpr)
+    except ValueError as exc:
+        raise CLIError(f"{exc} (reference: {len(P_ref)} images, {len(val_idx)} used for the threshold)") from exc
+    return det.predict(P_cur)
+
+
 def _patch_maps(source: LatentSource, what: str) -> np.ndarray:
     """Backbone patch maps of a source's image files (one clear error when the weights package is missing)."""
     from pipeline.common.images import read_images
@@ -336,7 +360,7 @@ def _patch_maps(source: LatentSource, what: str) -> np.ndarray:
 
         return compute_features(read_images(source.frame["path"].tolist())).patches
     except ImportError as exc:
-        raise CLIError(f"the fused detector needs the backbone weights ({what}): {exc}") from exc
+        raise CLIError(f"the patch maps need the backbone weights ({what}): {exc}") from exc
 
 
 def _score_doc(info: dict[str, Any], res: Any, cur: Any, labels: list[str], serials: list[str],
@@ -545,7 +569,7 @@ def register(subparsers: Any) -> None:
     _common(p)
     p.add_argument("--images", required=True, metavar="DIR", help="images to score (folder, recursive, or one file)")
     p.add_argument("--detector", default="auto", choices=DETECTORS,
-                   help="default auto: residual with image folders, else mahalanobis (see below)")
+                   help="default auto: patch with image folders, else residual or mahalanobis (see below)")
     p.add_argument("--fpr", type=float, default=0.01, help="target false-alarm rate on normal images (default 0.01)")
     p.add_argument(
         "--calibration-share", type=float, default=0.5, help="share of the reference used for the threshold (0.5)"

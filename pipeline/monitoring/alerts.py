@@ -378,6 +378,22 @@ class AlertState:
         return st
 
 
+def _credit_open_alerts(st: AlertState, causes: Sequence[Any]) -> dict[str, Any]:
+    """The window's causes by alert group, a per-channel cause that an open alert holds credited to that alert."""
+    from pipeline.monitoring.causes import PER_CHANNEL_FAMILIES, alert_group
+
+    holder = {key: g for g, a in st.open.items() if a.get("family") in PER_CHANNEL_FAMILIES
+              for key in a.get("causes", ())}
+    fired: dict[str, Any] = {}
+    for c in causes:
+        g = alert_group(c)
+        if g not in st.open and c.key in holder:
+            st.counters.pop(g, None)
+            g = holder[c.key]
+        fired.setdefault(g, c)
+    return fired
+
+
 def _per_channel_groups(st: AlertState) -> AlertState:
     """A state saved when image quality was one alert group: its open alert is kept under its channel's group."""
     from pipeline.monitoring.causes import PER_CHANNEL_FAMILIES
@@ -565,26 +581,55 @@ class AlertManager:
                        example_serials=tuple(str(s) for s in example_serials), details="")
 
     def _apply_policy(self, st: AlertState, causes: Sequence[Any], ctx: _Window) -> list[AlertEvent]:
-        """Advance every alert group's counters by one window and return the events (groups in a fixed order)."""
-        from pipeline.monitoring.causes import alert_group, group_rank
+        """Advance every alert group's counters by one window and return the events (groups in a fixed order).
 
-        fired: dict[str, Any] = {}
-        for c in causes:
-            fired.setdefault(alert_group(c), c)
+        Channels of a per-channel family that an open alert already holds count for that alert; channels that fire
+        in the window an alert of their family opens join it (one fault that moves several channels is one alert).
+        """
+        from pipeline.monitoring.causes import group_rank
+
+        fired = _credit_open_alerts(st, causes)
         groups = set(st.counters) | set(st.open) | set(fired)
         events: list[AlertEvent] = []
+        joined: set[str] = set()
         for g in sorted(groups, key=group_rank):
+            if g in joined:
+                continue
             counter = st.counters.setdefault(g, {"drift": 0, "clear": 0})
             cause = fired.get(g)
             if cause is not None:
                 counter["drift"], counter["clear"] = counter["drift"] + 1, 0
-                events += self._on_drift(st, g, cause, ctx)
+                new = self._on_drift(st, g, cause, ctx)
+                if any(e.kind == "opened" for e in new):
+                    mates = self._join_companions(st, g, fired, joined)
+                    joined |= mates
+                    if mates:  # the notification names the whole alert
+                        alert = Alert.from_dict(st.open[g])
+                        new = [replace(e, alert=alert, reason=f"{e.reason}; with {', '.join(sorted(mates))}")
+                               if e.kind == "opened" else e for e in new]
+                events += new
             else:
                 counter["drift"], counter["clear"] = 0, counter["clear"] + 1
                 events += self._on_clear(st, g, ctx)
             if g not in st.open and counter["drift"] == 0 and counter["clear"] >= self.policy.resolve_after:
                 del st.counters[g]  # quiet and settled: nothing to remember
         return events
+
+    def _join_companions(self, st: AlertState, group: str, fired: Mapping[str, Any], joined: set[str]) -> set[str]:
+        """Fold the other fired channels of a just-opened per-channel alert's family into it; the groups folded."""
+        from pipeline.monitoring.causes import PER_CHANNEL_FAMILIES
+
+        alert = Alert.from_dict(st.open[group])
+        if alert.family not in PER_CHANNEL_FAMILIES:
+            return set()
+        mates = [h for h, c in fired.items() if h != group and h not in st.open and h not in joined
+                 and c.family == alert.family]
+        for h in mates:
+            st.counters.pop(h, None)
+            alert = replace(alert, causes=(*alert.causes, fired[h].key),
+                            summary=f"{alert.summary}; with {fired[h].summary.removeprefix('image quality: ')}")
+        st.open[group] = alert.to_dict()
+        return set(mates)
 
     def _on_drift(self, st: AlertState, group: str, cause: Any, ctx: _Window) -> list[AlertEvent]:
         """A window in which ``group`` fired: open (after hysteresis), fold into the open alert, or escalate."""

@@ -373,11 +373,11 @@ class MonitorCharts:
     def window(self, line: str, window_id: str, frame: pd.DataFrame) -> ChartPoint:
         """The chart point of one monitored window.
 
-        Its rows carry ``z_*``, ``image_id`` and ``residual_score`` (else ``score``): the per-image score on the scale
-        of the reference scores the chart was fitted with.
+        Its rows carry ``z_*``, ``image_id`` and ``score``: the per-image flag score on the scale of the reference
+        scores the chart was fitted with (``pipeline.monitoring.scoring.score_images``).
         """
         q = None if self.quality is None else self._channels(self.quality.loc[frame["image_id"].astype(str).to_numpy()])
-        col = next((c for c in ("residual_score", "score") if c in frame.columns), None)
+        col = "score" if "score" in frame.columns else None
         scores = frame[col].to_numpy(float) if col is not None else None
         stats = image_statistics(frame[self.z_names].to_numpy(float), self.z_names, q, scores, self.threshold)
         strata = frame["product_type"].fillna("unknown").astype(str).to_numpy() \

@@ -56,11 +56,15 @@ class MonitorConfig:
             (``pipeline.monitoring.heatmaps``: backbone patch maps judged by a patch detector fitted once per model on
             the calibration cells), cite them in the alert and show them in the drift report. A failure is one
             logged warning; the window goes on without them.
-        fusion: score and flag every cell with the fused per-image score (``pipeline.monitoring.patches``): the
-            backbone's patch maps judged by the patch detector of the calibration cells, fused with the residual
-            family and thresholded lot-aware at ``fpr``. The drift test's score family and the chart's
-            ``score_tail`` stay on the residual family (measured with it). Off, or when the patch family cannot
-            run (a missing weights package: one warning), the residual family alone scores and flags.
+        fusion: score and flag every cell with the patch family (``pipeline.monitoring.patches``): the backbone's
+            patch maps judged by the patch detector of the calibration cells, fused with the residual family at
+            ``residual_weight`` and thresholded lot-aware at ``fpr``. The drift test's score family and the chart's
+            ``score_tail`` read the same score. Off, or when the patch family cannot run (a missing weights
+            package: one warning), the residual family alone scores and flags.
+        residual_weight: the diffusion residual's weight in the per-image score against the patch family's 1.
+            0 (default): the patch family alone, and the monitor computes no residuals. On cells of lots the model
+            never saw, the nightly model's residual ranks defective cells barely above chance and pulls the fused
+            score below the patch family's (``benchmarks/bench_flag_rate``); 1 weighs both families equally.
         recentre: judge every cell against its own line-day too (``pipeline.analysis.thresholds.day_offsets``): a
             day whose lower quartile of flag scores lies above the calibration cells' is moved down by that distance
             before the threshold, so a day of new lots is flagged at about ``fpr`` rather than two or three times
@@ -91,6 +95,7 @@ class MonitorConfig:
     spc_min_lots: int = 2
     heatmaps: bool = True
     fusion: bool = True
+    residual_weight: float = 0.0
     recentre: bool = True
 
     def __post_init__(self) -> None:
@@ -104,6 +109,8 @@ class MonitorConfig:
             raise ValueError(f"MonitorConfig.lookback_days must be > 0, got {self.lookback_days}")
         if self.min_reference_blocks < 0:
             raise ValueError(f"MonitorConfig.min_reference_blocks must be >= 0, got {self.min_reference_blocks}")
+        if not self.residual_weight >= 0:
+            raise ValueError(f"MonitorConfig.residual_weight must be >= 0, got {self.residual_weight}")
 
 
 @dataclass(frozen=True)

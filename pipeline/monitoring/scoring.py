@@ -1,9 +1,10 @@
 """The monitor's per-image step: which images a pass monitors, their latents and residuals, scores and flags.
 
 :func:`monitored_rows` picks the catalog rows of the monitored period (whole plant days); :func:`score_images`
-encodes them with the champion (resumable latents table), adds their diffusion residuals (computed once per image
-and model), scores them (the residual judged in z-context, fused by default with the backbone's patch maps), moves
-each line-day by its offset (``MonitorConfig.recentre``) and writes the flags to the scores table.
+encodes them with the champion (resumable latents table), scores them (by default the backbone's patch maps judged
+against the calibration cells'; optionally fused with the diffusion residual judged in z-context, whose residuals
+are then computed once per image and model), moves each line-day by its offset (``MonitorConfig.recentre``) and
+writes the flags to the scores table.
 :func:`encoding_plan`, :func:`encode_chunk` and :func:`residual_chunk` spread the encoding and the residuals over a
 flow's workers; the pass then folds their part files into the tables as their single writer.
 """
@@ -69,7 +70,8 @@ def encoding_plan(settings: Any, config: MonitorConfig, chunk_size: int = 1024) 
     Returns:
         ``{"checkpoint": str, "model_id": str, "chunks": [[{"image_id", "store_path"}, ...], ...],
         "scoring": dict | None, "residual_chunks": [...]}``: ``residual_chunks`` (images without diffusion
-        residuals under this model, for :func:`residual_chunk`) is empty when the bundle has no scoring recipe.
+        residuals under this model, for :func:`residual_chunk`) is empty when the bundle has no scoring recipe or
+        the per-image score does not read residuals (:func:`needs_residuals`).
     """
     from pipeline.latent.encode import pending_images
 
@@ -88,7 +90,7 @@ def encoding_plan(settings: Any, config: MonitorConfig, chunk_size: int = 1024) 
 
     plan["chunks"] = chunked(pending_images(champ.checkpoint, rows[["image_id", "store_path"]],
                                             latents_table_path(settings)))
-    if champ.scoring is not None:  # golden captures are never scored
+    if champ.scoring is not None and needs_residuals(config):  # golden captures are never scored
         from pipeline.monitoring.golden import split_golden
 
         plan["residual_chunks"] = chunked(pending_residuals(settings, champ.model_id, split_golden(rows)[0],
@@ -131,15 +133,24 @@ def residual_chunk(settings: Any, checkpoint_dir: str, scoring: dict[str, Any], 
     return str(write_parquet_atomic(df, part_file(residual_parts_dir(settings), model_id, df["image_id"])))
 
 
+def needs_residuals(config: MonitorConfig) -> bool:
+    """Whether the per-image score reads the diffusion residuals (the residual family alone, or fused at a weight)."""
+    return not config.fusion or config.residual_weight > 0
+
+
 def score_images(settings: Any, champ: Champion, rows: pd.DataFrame,
-                  config: MonitorConfig) -> tuple[pd.DataFrame, Any]:
-    """Encode (resumable), compute residuals, score and flag every monitored image; the flags go to the scores table.
+                 config: MonitorConfig) -> tuple[pd.DataFrame, Any, np.ndarray | None]:
+    """Encode (resumable), score and flag every monitored image; the flags go to the scores table.
+
+    The flag's score is the patch family (fused with the residual family at ``config.residual_weight``), or the
+    residual family's when fusion is off or the patch family cannot run; residuals are computed (once per image and
+    model) only when that score reads them.
 
     Returns:
-        The catalog rows with their ``z_*`` columns, ``score`` and ``is_anomaly`` (the flag's score: fused, or the
-        residual family's) and ``residual_score`` (the residual family's, on the scale of ``champ.ref_scores``: what
-        the drift test's score family and the chart's ``score_tail`` compare); the pass's patch family
-        (``ChampionPatches``, also when the fused score is off: the heatmaps use it).
+        The catalog rows with their ``z_*`` columns, ``score`` (the flag's score, before the line-day offset),
+        ``day_offset`` and ``is_anomaly``; the pass's patch family (``ChampionPatches``, also when fusion is off:
+        the heatmaps use it); the out-of-period scores of the calibration cells on the same scale (what the drift
+        test's score family and the chart's ``score_tail`` compare the windows with; None without them).
     """
     from pipeline.analysis.thresholds import judged
     from pipeline.latent.encode import encode_catalog, z_columns
@@ -150,17 +161,8 @@ def score_images(settings: Any, champ: Champion, rows: pd.DataFrame,
     latents = latents[latents["model_id"] == champ.model_id]
     zc = z_columns(latents)
     df = rows.merge(latents[["image_id", *zc]], on="image_id", how="inner")
-    Z = df[zc].to_numpy(np.float64)
-    if champ.scoring is not None:
-        R = residual_table(settings, champ, df, progress=config.progress).loc[df["image_id"].astype(str)]
-        Z = np.column_stack([Z, R.to_numpy(np.float64)])
     patches = ChampionPatches(settings, champ)
-    det, scorer, ref_scores = champ.detector.predict(Z), "residual", champ.ref_scores
-    df["residual_score"] = det.scores
-    if config.fusion and champ.ref_scores is not None:
-        fused = _fused_scores(patches, df, det.scores, config)
-        if fused is not None:
-            det, scorer, ref_scores = fused, "fused", patches.fused(config.fpr).ref_scores
+    det, scorer, ref_scores = _flag_scores(settings, champ, df, patches, config)
     # a cell of a product the calibration snapshot does not know is not judged (pipeline.analysis.thresholds.judged)
     known = judged(champ.reference["product_type"], df["product_type"]) if {"product_type"} <= \
         set(champ.reference.columns) & set(df.columns) else np.ones(len(df), dtype=bool)
@@ -172,7 +174,34 @@ def score_images(settings: Any, champ: Champion, rows: pd.DataFrame,
         "score": df["score"].astype(float), "is_anomaly": df["is_anomaly"].astype(bool),
         "threshold": float(det.threshold), "scorer": scorer, "day_offset": df["day_offset"].astype(float),
     }), ["image_id", "model_id"])
-    return df, patches
+    return df, patches, ref_scores
+
+
+def _flag_scores(settings: Any, champ: Champion, df: pd.DataFrame, patches: Any,
+                 config: MonitorConfig) -> tuple[Any, str, np.ndarray | None]:
+    """The flag's ``DetectionResult``, the scorer's name and the calibration cells' scores on its scale."""
+    residual: Any = None
+    if needs_residuals(config):
+        residual = _residual_detection(settings, champ, df, config)
+    if config.fusion and (champ.ref_scores is not None or config.residual_weight == 0):
+        fused = _fused_scores(patches, df, None if residual is None else residual.scores, config)
+        if fused is not None:
+            scorer = "fused" if config.residual_weight > 0 else "patch"
+            return fused, scorer, patches.fused(config.fpr, residual_weight=config.residual_weight).ref_scores
+    if residual is None:  # the patch family failed: the residual family alone still scores every cell
+        residual = _residual_detection(settings, champ, df, config)
+    return residual, "residual", champ.ref_scores
+
+
+def _residual_detection(settings: Any, champ: Champion, df: pd.DataFrame, config: MonitorConfig) -> Any:
+    """The residual family's scores and flags of the cells (z, and the diffusion residuals with a scoring recipe)."""
+    from pipeline.latent.encode import z_columns
+
+    Z = df[z_columns(df)].to_numpy(np.float64)
+    if champ.scoring is not None:
+        R = residual_table(settings, champ, df, progress=config.progress).loc[df["image_id"].astype(str)]
+        Z = np.column_stack([Z, R.to_numpy(np.float64)])
+    return champ.detector.predict(Z)
 
 
 def _day_offsets(settings: Any, df: pd.DataFrame, scores: Any, ref_scores: Any, config: MonitorConfig) -> np.ndarray:
@@ -186,10 +215,10 @@ def _day_offsets(settings: Any, df: pd.DataFrame, scores: Any, ref_scores: Any, 
     return day_offsets(scores, (line + "|" + day).to_numpy(), ref_scores, min_cells=config.min_window)
 
 
-def _fused_scores(patches: Any, df: pd.DataFrame, residual_scores: np.ndarray, config: MonitorConfig) -> Any:
-    """The fused scores and flags (``DetectionResult``) of the cells; None (one warning) on failure."""
+def _fused_scores(patches: Any, df: pd.DataFrame, residual_scores: np.ndarray | None, config: MonitorConfig) -> Any:
+    """The patch family's (fused) scores and flags (``DetectionResult``) of the cells; None (one warning) on failure."""
     try:
-        return patches.predict(df, residual_scores, config.fpr)
+        return patches.predict(df, residual_scores, config.fpr, residual_weight=config.residual_weight)
     except Exception as exc:  # noqa: BLE001 - the residual family alone still scores every cell
         logger.warning("per-image scores from the residual family alone: the patch family failed (%s: %s)",
                        type(exc).__name__, exc)

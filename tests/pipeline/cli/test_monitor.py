@@ -49,7 +49,11 @@ def test_score_flags_an_odd_image(tiny_checkpoint, ref_parquet, elpv_small, tmp_
     assert doc["images"][3]["flagged"] is True
     assert all(0 < r["p_value"] <= 1 for r in doc["images"])
     assert len(doc["images"][0]["sha256"]) == 64
-    assert doc["detector"] == "fused"  # auto: image folders give the monitor's fused score
+    assert doc["detector"] == "patch"  # auto: image folders give the monitor's default score, the patch maps
+    # fused with the residual family (--residual-weight 1 in the monitor): the black frame first too
+    doc_fused = _score_json(capsys, "--model", str(tiny_checkpoint), "--images", str(imgs), "--reference",
+                            str(ref_dir), "--fpr", "0.1", "--detector", "fused")
+    assert doc_fused["detector"] == "fused" and int(np.argmax([r["score"] for r in doc_fused["images"]])) == 3
     # the residual family alone ranks the black frame first too
     doc_res = _score_json(capsys, "--model", str(tiny_checkpoint), "--images", str(imgs), "--reference",
                           str(ref_dir), "--fpr", "0.1", "--detector", "residual")
@@ -86,6 +90,7 @@ def test_score_user_errors(tiny_checkpoint, ref_parquet, tmp_path, capsys):
         (["--reference", str(ref_pq), "--fpr", "2"], "--fpr"),
         (["--reference", str(ref_pq), "--detector", "residual"], "has no residual columns"),
         (["--reference", str(ref_pq), "--detector", "fused"], "the fused detector needs image folders"),
+        (["--reference", str(ref_pq), "--detector", "patch"], "the patch detector needs image folders"),
     ]
     for extra, msg in cases:
         assert main([*base, *extra]) == 2, extra

@@ -495,6 +495,22 @@ def test_one_window_of_another_channel_during_an_open_quality_alert_does_not_not
     assert [e["alert"]["cause"] for e in jsonl(tmp_path)] == ["quality:detail_ratio"] * 2
 
 
+def test_channels_that_fire_when_an_alert_opens_are_one_alert_until_all_are_quiet(tmp_path: Path) -> None:
+    """A blur moves fine detail and the noise estimate together: one alert, named by both, kept open by either."""
+    m = manager(tmp_path)
+    days = [quality("detail_ratio"), two_channels("detail_ratio", "noise_level"), quality("noise_level"),
+            clear(), clear(), quality("noise_level"), clear()]
+    assert run(m, days) == [[], ["opened"], [], [], ["resolved"], [], []]
+    sent = jsonl(tmp_path)
+    assert [(e["kind"], e["alert"]["cause"]) for e in sent] == [("opened", "quality:detail_ratio"),
+                                                              ("resolved", "quality:detail_ratio")]
+    opened = sent[0]
+    assert opened["alert"]["causes"] == ["quality:detail_ratio", "quality:noise_level"]
+    assert "with quality:noise_level" in opened["reason"] and "noise level" in opened["alert"]["summary"]
+    # once resolved, the noise channel is a group of its own again: one window of it opens nothing
+    assert m.open_alerts("L1") == []
+
+
 def test_a_state_with_one_quality_group_keeps_its_open_alert_under_the_channel(tmp_path: Path) -> None:
     m = manager(tmp_path)
     run(m, [quality("noise_level"), quality("noise_level")])

@@ -212,30 +212,45 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
     assert len(tail) == len(sres.windows) and all(0 <= v <= 1 for _, v in tail)
     assert len(tracking.get_metric_history("scores/p", run_id=sres.run_id)) == len(sres.windows)
 
-    # the fused per-image score: the backbone's patch maps beside the residual family, thresholded lot-aware; the
-    # score family of the drift test stays on the residual family (the same verdicts as without fusion)
+    # the default per-image score: the backbone's patch maps judged against the calibration cells', thresholded
+    # lot-aware; no residuals are computed, and the drift test's score family reads the same score
     from pipeline.handoff.state import state_dir
+    from pipeline.monitoring import scoring as scoring_mod
     from pipeline.monitoring.patches import ChampionPatches
 
-    fres = monitor(settings, monitor_config(**monitor_params(scores=True, fusion=True)),
-                   alert_manager=AlertManager(tmp_path / "alerts-fused"))
-    assert [w.summary for w in fres.windows] == [w.summary for w in sres.windows]
+    def no_residuals(*a, **k):
+        raise AssertionError("residuals computed for a score that does not read them")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(scoring_mod, "residual_table", no_residuals)
+        pres = monitor(settings, monitor_config(**monitor_params(scores=True, fusion=True)),
+                       alert_manager=AlertManager(tmp_path / "alerts-patch"))
+    assert all("scores p=" in w.summary for w in pres.windows)
     scored = pd.read_parquet(scores_table_path(settings)).query("model_id == @champ.model_id")
-    assert (scored["scorer"] == "fused").all() and len(scored) == 90
+    assert (scored["scorer"] == "patch").all() and len(scored) == 90
     assert (scored["is_anomaly"] <= (scored["score"] > scored["threshold"])).all()
-    fused = ChampionPatches(settings, champ).fused(0.05)
-    assert len(fused.ref_scores) == len(champ.reference) and scored["threshold"].iloc[0] == pytest.approx(fused.threshold)
+    patch_only = ChampionPatches(settings, champ).fused(0.05, residual_weight=0.0)
+    assert patch_only.residual_weight == 0.0 and len(patch_only.ref_scores) == len(champ.reference)
+    assert scored["threshold"].iloc[0] == pytest.approx(patch_only.threshold)
     assert len(list((state_dir(settings) / "patches").rglob("*.npz"))) == 2  # the detector and the reference scores
     # each cell is judged against its own line-day too: one offset per day, >= 0, and the flag is on the moved score
-    assert (scored["day_offset"] >= 0).all() and (scored["day_offset"] > 0).any()  # the faulty days score higher
+    assert (scored["day_offset"] >= 0).all()
     assert (scored["is_anomaly"] <= (scored["score"] - scored["day_offset"] > scored["threshold"])).all()
     plain = monitor(settings, monitor_config(**monitor_params(scores=True, fusion=True, recentre=False)),
                     alert_manager=AlertManager(tmp_path / "alerts-plain"))
-    assert [w.summary for w in plain.windows] == [w.summary for w in fres.windows]  # verdicts do not use the flags
+    assert [w.summary for w in plain.windows] == [w.summary for w in pres.windows]  # verdicts do not use the offset
     unmoved = pd.read_parquet(scores_table_path(settings)).query("model_id == @champ.model_id").set_index("image_id")
     moved = scored.set_index("image_id").loc[unmoved.index]
     assert (unmoved["day_offset"] == 0).all() and (moved["is_anomaly"] <= unmoved["is_anomaly"]).all()
-    assert sum(w.n_anomalous for w in plain.windows) > sum(w.n_anomalous for w in fres.windows)
+    # fused with the residual family at weight 1: both families, the same cached patch detector
+    fres = monitor(settings, monitor_config(**monitor_params(scores=True, fusion=True, residual_weight=1.0)),
+                   alert_manager=AlertManager(tmp_path / "alerts-fused"))
+    assert all("scores p=" in w.summary for w in fres.windows)
+    fused_rows = pd.read_parquet(scores_table_path(settings)).query("model_id == @champ.model_id")
+    assert (fused_rows["scorer"] == "fused").all()
+    fused = ChampionPatches(settings, champ).fused(0.05, residual_weight=1.0)
+    assert fused_rows["threshold"].iloc[0] == pytest.approx(fused.threshold) and fused.threshold != patch_only.threshold
+    assert len(list((state_dir(settings) / "patches").rglob("*.npz"))) == 2
     # the patch family cannot run (a missing weights package): one warning, the residual family alone flags
     import logging
     import shutil
