@@ -178,6 +178,8 @@ FUSED_DAY = "fused, judged against its line-day too (--residual-weight 1)"
 """The fused score less its line-day's offset (``pipeline.analysis.thresholds.day_offsets``, the monitor's
 ``min_window`` as the fewest cells of a moved day) against the fused threshold: the monitor's default until the patch
 family alone (:data:`PATCH_DAY`) measured better."""
+PATCH_DAY_BOTH = "patch family alone, line-day offset both ways (exploratory)"
+"""As :data:`PATCH_DAY` with the offset two-sided (``day_offsets(two_sided=True)``)."""
 PATCH = "patch family alone (lot-aware), calibration only (--no-recentre)"
 """``fused_calibration`` with residual weight 0: the backbone's patch maps alone, without the line-day offset."""
 PATCH_DAY = "patch family alone, judged against its line-day too (the monitor's default)"
@@ -206,6 +208,8 @@ def fused_flags(cal: pd.DataFrame, new: pd.DataFrame, d: dict[str, np.ndarray],
                 residual_det: Any) -> dict[str, np.ndarray]:
     """Flags of the unseen cells by the fused recipe (calibrated on the fold's calibration cells only), without and
     with the line-day offset, by recipe name."""
+    from threadpoolctl import threadpool_limits
+
     from pipeline.analysis.fusion import fused_calibration
     from pipeline.analysis.thresholds import day_offsets
     from pipeline.handoff.bundle import calibration_scores, reference_groups
@@ -215,19 +219,23 @@ def fused_flags(cal: pd.DataFrame, new: pd.DataFrame, d: dict[str, np.ndarray],
     groups = reference_groups(cal)
     patches = fold_patches(cal, new)
     ref = calibration_scores(d["cal_z"], d["cal_r"], k=k, groups=groups)
-    fused = fused_calibration(patches["cal"], ref, FPR, groups=groups)
-    patch = fused_calibration(patches["cal"], None, FPR, groups=groups, residual_weight=0.0)
-    C.log(f"[{NAME}] held-out calibration rate: fused {fused.fpr_heldout:.3f}, patch alone {patch.fpr_heldout:.3f}")
-    residual = residual_det.score(np.column_stack([d["new_z"], d["new_r"]]))
-    pred, ppred = fused.predict(patches["new"], residual), patch.predict(patches["new"])
+    # one BLAS thread, as the monitor fits and scores the patch family (64 small covariances)
+    with threadpool_limits(limits=1, user_api="blas"):
+        fused = fused_calibration(patches["cal"], ref, FPR, groups=groups)
+        patch = fused_calibration(patches["cal"], None, FPR, groups=groups, residual_weight=0.0)
+        C.log(f"[{NAME}] held-out calibration rate: fused {fused.fpr_heldout:.3f}, patch alone {patch.fpr_heldout:.3f}")
+        residual = residual_det.score(np.column_stack([d["new_z"], d["new_r"]]))
+        pred, ppred = fused.predict(patches["new"], residual), patch.predict(patches["new"])
     s, ps = np.asarray(pred.scores), np.asarray(ppred.scores)
     days, n_min = new["day"].to_numpy(), MonitorConfig().min_window
     offset = day_offsets(s, days, fused.ref_scores, min_cells=n_min)
     both = day_offsets(s, days, fused.ref_scores, min_cells=n_min, two_sided=True)
     p_off = day_offsets(ps, days, patch.ref_scores, min_cells=n_min)
+    p_both = day_offsets(ps, days, patch.ref_scores, min_cells=n_min, two_sided=True)
     return {FUSED: np.asarray(pred.is_anomaly), FUSED_DAY: np.asarray(pred.is_anomaly) & (s - offset > fused.threshold),
             FUSED_DAY_BOTH: s - both > fused.threshold, PATCH: np.asarray(ppred.is_anomaly),
             PATCH_DAY: np.asarray(ppred.is_anomaly) & (ps - p_off > patch.threshold),
+            PATCH_DAY_BOTH: ps - p_both > patch.threshold,
             SCORES: {"residual": np.asarray(residual), "patch": ps, "fused": s}}
 
 

@@ -267,10 +267,9 @@ def fault_outcome(config: Any, fault: Any, verdicts: pd.DataFrame, alerts: pd.Da
     out: dict[str, Any] = {"kind": fault.kind, "line": line, "start": fault.start_day, "end": end,
                            "severity": fault.severity, "drift_days": drift_days,
                            "verdict_text": on_line["description"].tolist()}
-    if fault.kind == "product_mix":
+    if fault.kind == "product_mix":  # normal production: the target is no alert (drift verdicts are reported)
         ev = _events(alerts, line, range(fault.start_day, end + 1))
-        out.update({"alerts": len(ev), "ok": ev.empty and not drift_days,
-                    "alert_text": ev["text"].tolist()[:2]})
+        out.update({"alerts": len(ev), "ok": ev.empty, "alert_text": ev["text"].tolist()[:2]})
         return out
     expected = EXPECTED_FAMILY[fault.kind]
     during = _events(alerts, line, range(fault.start_day, end))
@@ -280,8 +279,8 @@ def fault_outcome(config: Any, fault: Any, verdicts: pd.DataFrame, alerts: pd.Da
     resolved = alerts[(alerts["kind"] == "resolved") & alerts["alert_id"].isin(ids)]
     in_time = resolved[resolved["day"] < end + RECOVERY_DAYS]
     resolved_in_time: bool | None = bool(ids) and set(in_time["alert_id"]) >= ids
-    if not resolved_in_time and end + RECOVERY_DAYS > config.days:
-        resolved_in_time = None  # its recovery days fall after the soak's last day: not observable
+    if not ids or (not resolved_in_time and end + RECOVERY_DAYS > config.days):
+        resolved_in_time = None  # never alerted (nothing to resolve), or its recovery days fall after the soak
     out.update({
         "expected_family": expected, "first_alert_day": None if during.empty else int(during["day"].min()),
         "families_named": sorted({f for fs in during["families"] for f in fs}),
@@ -488,7 +487,9 @@ def target_rows(s: dict[str, Any]) -> list[str]:
          f"({s['uptime']['with_verdict']}/{s['uptime']['line_days']})", s["uptime"]["uptime"] >= 1.0),
         ("every fault alerted within 2 line-days, right family named",
          f"{sum(f['alerted_in_time'] for f in faults)}/{len(faults)}", all(f["alerted_in_time"] for f in faults)),
-        ("product-mix change not alerted", f"{sum(f['alerts'] for f in mix)} alert(s)", all(f["ok"] for f in mix)),
+        ("product-mix change not alerted", f"{sum(f['alerts'] for f in mix)} alert(s); drift verdict on "
+         f"{sum(len(f['drift_days']) for f in mix)} of {sum(f['end'] - f['start'] for f in mix)} mix days",
+         all(f["ok"] for f in mix)),
         ("<= 1 false alert per 30 healthy line-days", f"{s['false_alerts']['per_30']:.2f} "
          f"({s['false_alerts']['false_alerts']} in {s['false_alerts']['healthy_line_days']})",
          s["false_alerts"]["per_30"] <= TARGETS["false_alerts_per_30"]),
@@ -505,11 +506,13 @@ def target_rows(s: dict[str, Any]) -> list[str]:
 
 
 def _resolved_text(faults: list[dict[str, Any]]) -> str:
-    """``k/n`` faults resolved in time among those whose recovery days the soak saw, and how many it did not see."""
+    """``k/n`` alerted faults resolved in time among those whose recovery days the soak saw, and the others."""
     seen = [f for f in faults if f["resolved_in_time"] is not None]
-    late = len(faults) - len(seen)
-    return (f"{sum(bool(f['resolved_in_time']) for f in seen)}/{len(seen)}"
-            + (f" ({late} more end(s) too close to the soak's end to tell)" if late else ""))
+    late = sum(f["resolved_in_time"] is None and f.get("alerts", 0) > 0 for f in faults)
+    never = sum(f["resolved_in_time"] is None and not f.get("alerts", 0) for f in faults)
+    notes = ([f"{late} more end(s) too close to the soak's end to tell"] if late else []) + (
+        [f"{never} fault(s) never alerted, nothing to resolve"] if never else [])
+    return f"{sum(bool(f['resolved_in_time']) for f in seen)}/{len(seen)}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def fault_rows(s: dict[str, Any]) -> list[str]:
@@ -526,7 +529,9 @@ def fault_rows(s: dict[str, Any]) -> list[str]:
 
 def _resolved_cell(f: dict[str, Any]) -> str:
     days = f.get("resolved_days") or "-"
-    return f"{days} (soak ended)" if f.get("resolved_in_time", False) is None else str(days)
+    if f.get("resolved_in_time", False) is None and f.get("alerts", 0):
+        return f"{days} (soak ended)"
+    return str(days)
 
 
 def verdict_rows(s: dict[str, Any]) -> list[str]:

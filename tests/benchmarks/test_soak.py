@@ -118,6 +118,33 @@ def test_a_resolution_the_soak_could_not_see_is_not_counted_as_missed(tmp_path):
     assert "0/1 (1 more end(s) too close to the soak's end to tell)" in row and "not met" in row
 
 
+def test_a_fault_never_alerted_is_missed_once_not_also_unresolved_and_a_mix_verdict_is_not_an_alert(tmp_path):
+    from benchmarks.soak_eval import target_rows
+
+    cfg = SoakConfig(home=tmp_path, days=10, lines=("L1", "L2"), faults=(
+        FaultSpec("blur", start_day=2, duration_days=2, lines=("L1",)),
+        FaultSpec("defect_rate", start_day=5, duration_days=2, lines=("L2",)),
+        FaultSpec("product_mix", start_day=5, duration_days=2, lines=("L1",)),
+    ))
+    _alert(tmp_path, "opened", "L1", 2, ["quality"], "image quality: fine-detail ratio moved by +2.9 σ")
+    _alert(tmp_path, "resolved", "L1", 4, ["quality"], "image quality: fine-detail ratio moved by +2.9 σ")
+    alerts = alert_table(cfg)
+    verdicts = verdict_table(cfg, [_monitor_record(d, [("L1", d, d in (2, 3, 5), "fine-detail"),
+                                                       ("L2", d, False, "")]) for d in range(1, 10)])
+    blur, surge, mix = (fault_outcome(cfg, f, verdicts, alerts) for f in cfg.faults)
+    assert blur["ok"] and not surge["alerted_in_time"] and surge["resolved_in_time"] is None and not surge["ok"]
+    assert mix["ok"] and mix["drift_days"] == [5] and mix["alerts"] == 0  # called drift once, never alerted
+    s = {"faults": [blur, surge, mix], "uptime": {"uptime": 1.0, "with_verdict": 1, "line_days": 1},
+         "false_alerts": {"per_30": 0.0, "false_alerts": 0, "healthy_line_days": 1},
+         "flags": {"configured_fpr": 0.05}, "cycle": {"day_cycle_s": {"max": 1.0, "median": 1.0}}}
+    rows = {r.split(" | ")[0]: r for r in target_rows(s)}
+    assert "1/1 (1 fault(s) never alerted, nothing to resolve)" in rows["| every alert resolved within 2 days after "
+                                                                        "its fault ends"]
+    assert rows["| every fault alerted within 2 line-days, right family named"].endswith("**not met** |")
+    mix_row = rows["| product-mix change not alerted"]
+    assert "0 alert(s); drift verdict on 1 of 2 mix days" in mix_row and mix_row.endswith("| met |")
+
+
 def test_config_from_the_command_line_and_environment(tmp_path):
     import argparse
 
