@@ -312,9 +312,9 @@ def _monitor_options(p: argparse.ArgumentParser, *, full: bool) -> None:
     p.add_argument("--no-fusion", action="store_true",
                    help="flag cells by the diffusion residual alone (default: the backbone's patch maps judged "
                         "against the calibration cells')")
-    p.add_argument("--residual-weight", type=float, default=None, metavar="W",
-                   help="weight of the diffusion residual fused into the patch maps' per-image score (default 0: "
-                        "the patch maps alone, no residuals computed; 1: both equally)")
+    p.add_argument("--residual-weight", type=float, default=0.0, metavar="W",
+                   help="weight of the diffusion residual fused into the patch maps' per-image score (0: the patch "
+                        "maps alone, no residuals computed; 1: both equally)")
     p.add_argument("--no-recentre", action="store_true",
                    help="flag cells against the calibration cells only (default: also against their own line-day, "
                         "so a day of new lots is flagged at about the configured rate)")

@@ -78,6 +78,8 @@ def test_cli_registers_the_flow_commands():
     assert "heatmaps" not in _monitor_params(parser.parse_args(["monitor"]))
     assert _monitor_params(parser.parse_args(["monitor", "--no-fusion"]))["fusion"] is False
     assert "fusion" not in _monitor_params(parser.parse_args(["monitor"]))
+    assert _monitor_params(parser.parse_args(["monitor"]))["residual_weight"] == 0.0  # the patch family alone
+    assert _monitor_params(parser.parse_args(["monitor", "--residual-weight", "1"]))["residual_weight"] == 1.0
     assert _monitor_params(parser.parse_args(["monitor", "--no-recentre"]))["recentre"] is False
     assert "recentre" not in _monitor_params(parser.parse_args(["monitor"]))
     assert parser.parse_args(["monitor"]).encode_chunk_size is None
