@@ -4,8 +4,9 @@
 consecutive images); :func:`resample_stream` draws whole units with replacement into an in-control stream;
 :func:`window_means` summarises a stream window by window; :func:`ewma` smooths the window vectors;
 :func:`run_alarms` counts the run lengths of a chart statistic against a limit, resetting after each alarm;
-:func:`calibrate_limit` finds the limit whose in-control average run length is the target ARL0; and
-:func:`change_point` estimates where a persistent shift began.
+:func:`calibrate_limit` finds the limit whose in-control average run length is the target ARL0;
+:func:`change_point` estimates where a persistent shift began; and :func:`return_llr` with :data:`BACK_LIMIT` decide,
+window by window, whether a shift found by an alarm has ended.
 """
 
 from __future__ import annotations
@@ -171,3 +172,20 @@ def change_point(V: np.ndarray, direction: np.ndarray, min_len: int = 1) -> int:
     lr = tail**2 / (T - np.arange(T))
     lr[T - min_len + 1 :] = -np.inf
     return int(np.argmax(lr))
+
+
+BACK_LIMIT = math.log(20.0)
+"""Level of the return-to-control CUSUM (``max(0, R - llr)`` over :func:`return_llr`) at which a shift counts as
+ended: Wald's bound for about a 5 % chance of calling a shift that goes on ended."""
+
+
+def return_llr(v: Any, shift: Any, precision: Any) -> float:
+    """Log-likelihood ratio of one window's deviation ``v`` between "still shifted by ``shift``" and "in control".
+
+    Window deviations are taken as Gaussian with the between-window precision ``precision`` (``S^-1``):
+    ``llr = shift' P v - shift' P shift / 2``. Positive: the window looks more like the shifted process; a window
+    back at the centre gives ``-shift' P shift / 2``, so a large shift is seen to end at its first clean window and a
+    small one after a few.
+    """
+    d, x, P = (np.asarray(a, float) for a in (shift, v, precision))
+    return float(d @ P @ x - 0.5 * d @ P @ d)

@@ -33,6 +33,13 @@ fitted.
 **State.** :class:`SpcChart` holds the fitted limits and the running EWMA, serialises to JSON with the model id and
 line it belongs to, and refuses a state of another model or line (:class:`ChartStateMismatch`). :meth:`SpcChart.reset`
 restarts the EWMA after an alert is resolved.
+
+**After an alarm.** The EWMA restarts after every alarm (``restart_on_alarm``), as the limit was calibrated
+(:func:`run_alarms`): a shift that has ended then stops alarming at once instead of while the EWMA decays. The chart
+keeps the shift the alarm found and judges each later window against it (:func:`return_llr`: closer to the shift or
+to the centre?); a CUSUM of that evidence says when the shift has ended (:data:`BACK_LIMIT`). Until then a window
+without an alarm is *ongoing* (:attr:`ChartPoint.ongoing`), so an alert on a small shift that goes on stays open
+between the alarms, and one on a shift that has ended resolves.
 """
 
 from __future__ import annotations
@@ -49,12 +56,14 @@ from typing import Any
 import numpy as np
 
 from pipeline.analysis.ewma import (  # the chart's pure maths; re-exported
+    BACK_LIMIT,
     calibrate_limit,
     change_point,
     ewma,
     lot_groups,
     lot_runs,
     resample_stream,
+    return_llr,
     run_alarms,
     window_means,
 )
@@ -69,6 +78,7 @@ __all__ = [
     "SpcChart",
     "SpcConfig",
     "resample_stream",
+    "return_llr",
     "calibrate_limit",
     "change_point",
     "ewma",
@@ -209,6 +219,9 @@ class SpcConfig:
         attribution_sd: a statistic is named in an alarm when its EWMA is this many in-control sd from 0.
         history: chart points kept in the state (for pictures and change points).
         seed: bootstrap seed.
+        restart_on_alarm: restart the EWMA after every alarm (the limit's ARL0 is calibrated that way).
+        back_limit: the return-to-control CUSUM's level at which the shift of the last alarm counts as ended
+            (:data:`pipeline.analysis.ewma.BACK_LIMIT`).
     """
 
     arl0: float = 200.0
@@ -227,8 +240,12 @@ class SpcConfig:
     attribution_sd: float = 2.0
     history: int = 500
     seed: int = 0
+    restart_on_alarm: bool = True
+    back_limit: float = BACK_LIMIT
 
     def __post_init__(self) -> None:
+        if not self.back_limit > 0:
+            raise ValueError(f"SpcConfig.back_limit must be > 0, got {self.back_limit}")
         if not self.arl0 >= 2:
             raise ValueError(f"SpcConfig.arl0 must be >= 2 windows, got {self.arl0}")
         if not 0.0 < self.lam <= 1.0:
@@ -269,8 +286,11 @@ class ChartPoint:
         since_reset: windows since the chart last started.
         pattern: the fault pattern the shift matches (its chart beyond its limit), or None.
         pattern_size: the shift along that pattern, in units of the pattern (1.0 = the fault as measured).
-        change_window: on an alarm, the first window of the most likely step change.
+        change_window: on an alarm, the first window of the most likely step change; on an ongoing point, that of
+            the alarm it continues.
         messages: problems met (unknown stratum, missing statistic).
+        ongoing: no alarm, but the shift of the last alarm has not ended (the return-to-control CUSUM is under
+            ``SpcConfig.back_limit``); its ``shifts`` are sized by that alarm's shift.
     """
 
     window_id: str
@@ -285,6 +305,7 @@ class ChartPoint:
     pattern_size: float | None = None
     change_window: str | None = None
     messages: tuple[str, ...] = ()
+    ongoing: bool = False
 
     @property
     def top(self) -> Shift | None:
@@ -294,9 +315,11 @@ class ChartPoint:
     @property
     def text(self) -> str:
         """The alarm sentence, e.g. ``"persistent shift: brightness -10 % (EWMA over 6 windows); matches ..."``."""
+        since = f" since window {self.change_window}" if self.change_window else ""
+        if self.ongoing:
+            return f"persistent shift{since} goes on: " + ", ".join(s.text for s in self.shifts[:4])
         if not self.alarm:
             return f"in control (chart {self.value:.2f}, limit {self.limit:.2f})"
-        since = f" since window {self.change_window}" if self.change_window else ""
         out = (f"persistent shift{since}: " + ", ".join(s.text for s in self.shifts[:4])
                + f" (EWMA over {self.since_reset} windows)")
         if self.pattern is not None and self.pattern_size is not None:
@@ -571,8 +594,10 @@ class SpcChart:
         """Add one window (its per-image statistics) to the chart.
 
         On an alarm the reported shifts are the mean deviations since the most likely change point
-        (:func:`change_point`), which estimate the size of a step better than the EWMA does. A window id already on
-        the chart is not added again: its recorded point is returned.
+        (:func:`change_point`), which estimate the size of a step better than the EWMA does; that shift is kept,
+        and the EWMA restarts (``SpcConfig.restart_on_alarm``). A window without an alarm while the kept shift has
+        not ended is ``ongoing`` (:meth:`follow_shift`). A window id already on the chart is not added again: its
+        recorded point is returned.
         """
         self._check_fitted()
         window_id = str(window_id)
@@ -580,6 +605,7 @@ class SpcChart:
             if h["window_id"] == window_id:
                 return _point_from_dict(h["point"])
         v, n_cells, messages = self.deviation(X, strata)
+        ongoing = self.follow_shift(v)
         lam = self.config.lam
         self.ewma_state = (1.0 - lam) * self.ewma_state + lam * self.estimate.clipped(v)
         self.since_reset += 1
@@ -589,13 +615,36 @@ class SpcChart:
         del self.history[: max(0, len(self.history) - self.config.history)]
         value = float(self.statistic(self.ewma_state))
         alarm = value > self.limit
-        start, delta = self.change() if alarm else (None, self.ewma_state)
-        pattern, size = self.pattern_match(delta) if alarm else (None, None)
+        if alarm:
+            start, delta = self.change()
+            pattern, size = self.pattern_match(delta)
+            shifts = self.shifts(True, delta)
+        else:
+            start, delta, pattern, size = (self.shift_since if ongoing else None), self.ewma_state, None, None
+            shifts = self.shifts(True, self.shift) if ongoing else self.shifts(False, delta)
         point = ChartPoint(window_id, n_cells, value, float(self.limit), bool(alarm),
-                           float(self.t2(self.ewma_state)), self.shifts(alarm, delta), self.since_reset, pattern,
-                           size, start, tuple(messages))
+                           float(self.t2(self.ewma_state)), shifts, self.since_reset, pattern,
+                           size, start, tuple(messages), ongoing=bool(ongoing and not alarm))
         entry["point"] = _point_to_dict(point)
+        if alarm:
+            self.shift, self.shift_since, self.back = np.asarray(delta, float), start, 0.0
+            if self.config.restart_on_alarm:
+                self._restart()
         return point
+
+    def follow_shift(self, v: Any) -> bool:
+        """Judge a window's deviation ``v`` against the shift of the last alarm; whether that shift goes on.
+
+        The return-to-control CUSUM ``R = max(0, R - llr)`` (:func:`return_llr`) grows while windows look like the
+        centre; at ``SpcConfig.back_limit`` the shift has ended and is forgotten. False when no shift is kept.
+        """
+        if self.shift is None:
+            return False
+        self.back = max(0.0, self.back - return_llr(v, self.shift, self.precision))
+        if self.back > self.config.back_limit:
+            self.shift, self.shift_since, self.back = None, None, 0.0
+            return False
+        return True
 
     def shifts(self, alarm: bool = False, delta: np.ndarray | None = None) -> tuple[Shift, ...]:
         """The statistics whose EWMA is beyond ``attribution_sd`` (at least the largest one on an alarm).
@@ -652,7 +701,12 @@ class SpcChart:
         return str(since[tau]["window_id"]), V[tau:].mean(axis=0)
 
     def reset(self) -> None:
-        """Restart the EWMA at the in-control centre (after an alert is resolved)."""
+        """Restart the EWMA at the in-control centre and forget the last alarm's shift (after an alert is resolved)."""
+        self._restart()
+        self.shift, self.shift_since, self.back = None, None, 0.0
+
+    def _restart(self) -> None:
+        """Restart the EWMA at the in-control centre (after an alarm)."""
         self.ewma_state = np.zeros(len(self.names))
         self.since_reset = 0
 
@@ -672,6 +726,8 @@ class SpcChart:
             "clip": self.estimate.clip if math.isfinite(self.estimate.clip) else None,
             "fit_info": self.fit_info, "ewma_state": self.ewma_state.tolist(), "since_reset": self.since_reset,
             "n_windows": self.n_windows, "history": self.history,
+            "shift": None if self.shift is None else self.shift.tolist(), "shift_since": self.shift_since,
+            "back": self.back,
         }
 
     @classmethod
@@ -701,6 +757,9 @@ class SpcChart:
                                  out.pattern_sd, out.config.lam, math.inf if clip is None else float(clip))
         out.fit_info, out.history = dict(d["fit_info"]), list(d["history"])
         out.since_reset, out.n_windows = int(d["since_reset"]), int(d["n_windows"])
+        shift = d.get("shift")  # states written before the chart kept its last alarm's shift have none
+        out.shift = None if shift is None else np.asarray(shift, float)
+        out.shift_since, out.back = d.get("shift_since"), float(d.get("back", 0.0))
         out.is_fitted = True
         return out
 

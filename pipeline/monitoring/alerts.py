@@ -136,7 +136,10 @@ class AlertPolicy:
         max_processed: window ids remembered for idempotency.
         immediate_families: family groups whose alert opens at the first window that fired, whatever
             ``k_consecutive`` says: ``camera`` (the golden-sample check, :mod:`pipeline.monitoring.golden`) is
-            already calibrated to one false alarm in 500 shifts, and its point is to say so in the first shift.
+            already calibrated to one false alarm in 500 shifts, and its point is to say so in the first shift;
+            ``scores`` ("defect rate up": more unusual cells than the lot-to-lot variation explains) is scrap the
+            line makes while the alert waits, and a surge of defective cells does not always show in two windows
+            in a row.
     """
 
     k_consecutive: int = 2
@@ -149,7 +152,7 @@ class AlertPolicy:
     dedup_axes: int = 1
     max_history: int = 500
     max_processed: int = 10_000
-    immediate_families: tuple[str, ...] = ("camera",)
+    immediate_families: tuple[str, ...] = ("camera", "scores")
 
     def __post_init__(self) -> None:
         for name in ("k_consecutive", "resolve_after", "top_n", "dedup_axes", "max_history", "max_processed"):

@@ -16,8 +16,10 @@ This module runs that chart inside the monitor:
   unreadable one, is replaced by a new fit, with a message.
 * **Alerts**: an alarm becomes a cause ``spc:<statistic>`` of family ``spc`` (:func:`chart_cause`), handed to the
   alert manager with the window's drift result (:class:`ChartedResult`), so it gets the same hysteresis, one alert
-  per cause, outbox and webhook. When the alert manager resolves the ``spc`` alert the chart restarts
-  (:meth:`LineCharts.after_events`).
+  per cause, outbox and webhook. The chart restarts after every alarm and follows the shift it found
+  (``SpcChart.follow_shift``): a window where that shift goes on (``ChartPoint.ongoing``) keeps the alert open, and
+  the first windows back at the centre resolve it. When the alert manager resolves the ``spc`` alert the chart
+  restarts too (:meth:`LineCharts.after_events`).
 """
 
 from __future__ import annotations
@@ -188,8 +190,8 @@ def fit_chart(line: str, model_id: str | None, stats: pd.DataFrame, *, strata: A
 
 
 def chart_cause(point: ChartPoint) -> Cause | None:
-    """The alert cause of a chart point: ``spc:<top statistic>`` on an alarm, else None."""
-    if not point.alarm:
+    """The alert cause of a chart point: ``spc:<top statistic>`` on an alarm or while its shift goes on, else None."""
+    if not (point.alarm or point.ongoing):
         return None
     top = point.top
     name = top.name if top is not None else "chart"

@@ -167,7 +167,53 @@ def test_a_persistent_gain_drop_is_found_named_and_matched(fitted):
     assert ": brightness -" in point.text
     assert point.pattern == "camera gain x0.9" and 0.5 < point.pattern_size < 1.6
     assert "matches camera gain x0.9" in point.text
-    assert point.change_window == chart.change()[0] == "f0"
+    assert point.change_window == chart.shift_since == "f0"
+    assert chart.since_reset == 0 and not chart.ewma_state.any()  # restarted after the alarm, the shift kept
+    assert chart.shift is not None and chart.shift[0] < 0
+
+
+def windows_of(data: pd.DataFrame) -> list[pd.DataFrame]:
+    return [data.iloc[w * CFG.window : (w + 1) * CFG.window] for w in range(len(data) // CFG.window)]
+
+
+def test_a_shift_that_ends_stops_at_its_first_clean_window(fitted):
+    chart, _ = fitted
+    chart = SpcChart.from_dict(chart.to_dict(), line="L1", model_id="m1")
+    rng = np.random.default_rng(11)
+    big = windows_of(lots_data(rng, 4, size=20, shift=np.array([-0.15, 3.0, 3.0])))[:3]
+    points = [chart.update(f"f{w}", part[NAMES], strata=part["product"]) for w, part in enumerate(big)]
+    assert all(p.alarm for p in points)  # a large shift alarms in every window, the EWMA restarted after each
+    clean = windows_of(lots_data(rng, 30, size=20))
+    after = [chart.update(f"c{w}", part[NAMES], strata=part["product"]) for w, part in enumerate(clean)]
+    assert not after[0].alarm and not after[0].ongoing  # without the restart its EWMA would still alarm
+    assert chart.shift is None
+    assert sum(p.alarm for p in after) <= 3  # in control again (ARL0 50)
+
+
+def test_a_small_shift_that_goes_on_stays_ongoing_between_its_alarms(fitted):
+    chart, _ = fitted
+    chart = SpcChart.from_dict(chart.to_dict(), line="L1", model_id="m1")
+    rng = np.random.default_rng(12)
+    small = windows_of(lots_data(rng, 60, shift=np.array([-0.05, 0.0, -0.5])))
+    points = [chart.update(f"s{w}", part[NAMES], strata=part["product"]) for w, part in enumerate(small)]
+    first = next(i for i, p in enumerate(points) if p.alarm)
+    later = points[first:]
+    assert sum(p.alarm for p in later) < len(later)  # the restarted chart does not alarm in every window ...
+    firing = [p.alarm or p.ongoing for p in later]
+    assert sum(firing) >= 0.9 * len(later)  # ... but the shift is followed in (nearly) all of them
+    assert not any(a is b is False for a, b in zip(firing, firing[1:], strict=False))  # never two quiet in a row
+    held = next(p for p in later if p.ongoing)
+    assert held.text.startswith("persistent shift since window s") and "goes on" in held.text
+    assert held.change_window is not None and held.shifts
+
+
+def test_return_llr_weighs_a_window_between_the_shift_and_the_centre():
+    from pipeline.analysis.spc import return_llr
+
+    P, d = np.eye(2), np.array([2.0, 0.0])
+    assert return_llr(d, d, P) == pytest.approx(2.0)  # at the shift: + |d|^2 / 2
+    assert return_llr(np.zeros(2), d, P) == pytest.approx(-2.0)  # at the centre: - |d|^2 / 2
+    assert return_llr(d / 2, d, P) == pytest.approx(0.0)  # half way
 
 
 def test_product_mix_alone_is_not_a_shift(fitted):
@@ -230,6 +276,24 @@ def test_state_round_trip_and_refusals(fitted, tmp_path):
     path.write_text(json.dumps({"kind": "other"}))
     with pytest.raises(ChartStateMismatch, match="not a control-chart state"):
         SpcChart.load(path, line="L1", model_id="m1")
+
+
+def test_the_kept_shift_survives_the_state_and_old_states_have_none(fitted, tmp_path):
+    chart, _ = fitted
+    chart = SpcChart.from_dict(chart.to_dict(), line="L1", model_id="m1")
+    rng = np.random.default_rng(13)
+    for w, part in enumerate(windows_of(lots_data(rng, 2, size=20, shift=np.array([-0.15, 3.0, 3.0])))):
+        chart.update(f"f{w}", part[NAMES], strata=part["product"])
+    assert chart.shift is not None
+    chart.save(tmp_path / "L1.json")
+    back = SpcChart.load(tmp_path / "L1.json", line="L1", model_id="m1")
+    assert np.allclose(back.shift, chart.shift) and back.shift_since == chart.shift_since and back.back == chart.back
+    old = {k: v for k, v in chart.to_dict().items() if k not in ("shift", "shift_since", "back")}
+    assert SpcChart.from_dict(old, line="L1", model_id="m1").shift is None
+    back.reset()
+    assert back.shift is None and back.shift_since is None
+    with pytest.raises(ValueError, match="back_limit must be > 0"):
+        SpcConfig(back_limit=0)
 
 
 def test_bad_configuration_and_history():

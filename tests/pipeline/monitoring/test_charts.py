@@ -112,7 +112,7 @@ def test_the_chart_cause_goes_through_the_alert_manager_and_resolution_resets_th
         gain = 0.9 if 5 <= w < 25 else 1.0
         point = charts.update("L1", f"w{w}", cells(rng, 1, gain=gain))
         res = ChartedResult(QuietDrift(), chart_cause(point))
-        assert [c.key for c in window_causes(res)] == ([chart_cause(point).key] if point.alarm else [])
+        assert [c.key for c in window_causes(res)] == ([chart_cause(point).key] if point.alarm or point.ongoing else [])
         events = manager.update("L1", f"w{w}", res, attribute(res) if res.detected else None)
         opened = opened or next((e for e in events if e.kind == "opened"), None)
         if charts.after_events("L1", events):
@@ -123,6 +123,22 @@ def test_the_chart_cause_goes_through_the_alert_manager_and_resolution_resets_th
     assert resolved is not None and resolved > 25
     sent = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
     assert any(s["kind"] == "opened" and s["alert"]["cause"].startswith("spc:") for s in sent)
+
+
+def test_the_spc_alert_of_a_short_large_fault_resolves_two_windows_after_it_ends(charts: LineCharts, tmp_path: Path):
+    manager = AL.AlertManager(tmp_path / "state", AL.AlertPolicy(k_consecutive=2, resolve_after=2), [])
+    rng = np.random.default_rng(4)
+    kinds: dict[int, list[str]] = {}
+    for w in range(14):
+        gain = 0.7 if 4 <= w < 7 else 1.0  # a three-window fault
+        point = charts.update("L1", f"w{w}", cells(rng, 1, gain=gain))
+        res = ChartedResult(QuietDrift(), chart_cause(point))
+        events = manager.update("L1", f"w{w}", res, attribute(res) if res.detected else None)
+        kinds[w] = [e.kind for e in events if e.alert.family == FAMILY]
+        charts.after_events("L1", events)
+    assert "opened" in kinds[5]  # two alarming windows in a row
+    assert "resolved" in kinds[8]  # windows 7 and 8 back at the centre: the EWMA did not carry the fault over
+    assert not any(k for w, k in kinds.items() if w > 8)
 
 
 def test_charted_result_reads_as_the_drift_result():
