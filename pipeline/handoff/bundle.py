@@ -5,7 +5,9 @@ with a ``linewatch/`` sub-folder written by the retrain job:
 
 * ``calibration.parquet``: the held-out calibration images (ids, capture times, products, store paths) with their
   latents ``z_*`` and diffusion residuals ``r_*``: the drift reference and the detector's fitting data;
-* ``gate.json``: the gate report, the scoring recipe (``scoring``), the detector seed and false-positive target.
+* ``gate.json``: the gate report, the scoring recipe (``scoring``), the detector seed and false-positive target;
+* ``patches.npz``: the per-image patch family fitted on the calibration cells (``pipeline.handoff.patch_family``),
+  the monitor's default per-image score; a bundle written before the retrain stored it has none.
 
 :func:`load_bundle` reads it back and rebuilds the per-image detector exactly as the monitor does (same split, same
 seed), so an image scores the same in the monitor, in ``linewatch score`` and behind ``mlflow models serve``.
@@ -235,6 +237,7 @@ class Bundle:
         detector: the per-image detector (fitted and thresholded).
         gate: the gate report (``gate.json``).
         scoring: the residual recipe; None for a bundle from before residual scoring (Mahalanobis on z).
+        patches: the patch family (``pipeline.handoff.patch_family.PatchFamily``); None when the bundle has none.
     """
 
     path: Path
@@ -246,6 +249,7 @@ class Bundle:
     detector: Any
     gate: dict[str, Any]
     scoring: ScoringConfig | None
+    patches: Any = None
 
 
 def read_gate(model_dir: str | Path) -> dict[str, Any]:
@@ -280,9 +284,32 @@ def load_bundle(model_dir: str | Path, *, fpr: float = 0.05, seed: int = 0) -> B
     residuals = None if scoring is None else ref[residual_columns(len(scoring.t_stars))].to_numpy(np.float64)
     _, det = detector_calibration(z_ref, gate.get("fpr_target", fpr), seed=int(gate.get("detector_seed", seed)),
                                   residuals=residuals, k=scoring.k if scoring else 25, groups=reference_groups(ref))
-    return Bundle(model_dir, ckpt, str(ckpt.meta.get("model_id", "")), ref, z_ref, residuals, det, gate, scoring)
+    return Bundle(model_dir, ckpt, str(ckpt.meta.get("model_id", "")), ref, z_ref, residuals, det, gate, scoring,
+                  bundle_patches(model_dir, ref))
 
 
-__all__ = ["BUNDLE_DIR", "CALIBRATION_FILE", "GATE_FILE", "Bundle", "ScoringConfig", "calibration_scores",
+def bundle_patches(model_dir: str | Path, reference: pd.DataFrame) -> Any:
+    """The bundle's patch family when it was fitted on these calibration rows, else None.
+
+    A file that is there but unreadable, or fitted on other cells, is not used (one warning).
+    """
+    import logging
+
+    from pipeline.handoff.patch_family import read_patch_family
+
+    log = logging.getLogger(__name__)
+    try:
+        family = read_patch_family(Path(model_dir) / BUNDLE_DIR)
+    except ValueError as exc:
+        log.warning("%s: patch family not used (%s)", model_dir, exc)
+        return None
+    ids = reference["image_id"].astype(str) if "image_id" in reference.columns else []
+    if family is not None and not family.matches(ids, family.backbone_id):
+        log.warning("%s: patch family not used (fitted on other calibration cells)", model_dir)
+        return None
+    return family
+
+
+__all__ = ["BUNDLE_DIR", "CALIBRATION_FILE", "GATE_FILE", "Bundle", "ScoringConfig", "bundle_patches", "calibration_scores",
            "detector_calibration", "grouped_calibration", "load_bundle", "make_detector", "read_gate",
            "reference_groups"]

@@ -22,6 +22,7 @@ from pipeline.handoff.bundle import (
     CALIBRATION_FILE,
     GATE_FILE,
     ScoringConfig,
+    bundle_patches,
     calibration_scores,
     detector_calibration,
     reference_groups,
@@ -47,6 +48,8 @@ class Champion:
     """The residual recipe of the bundle; None for a bundle from before residual scoring (Mahalanobis on z)."""
     ref_scores: np.ndarray | None = None
     """Out-of-sample anomaly scores of the reference images (cross-fitted), for the drift test's score family."""
+    patches: Any = None
+    """The bundle's patch family (``pipeline.handoff.patch_family.PatchFamily``); None when the bundle has none."""
 
 
 NO_CHAMPION_YET = "no champion yet: the line is monitored from its first promoted model on"
@@ -116,4 +119,4 @@ def load_bundle(path: str | Path, version: str, *, fpr: float = 0.05, seed: int 
     ref_scores = None if scoring is None else calibration_scores(z_ref, residuals, k=scoring.k, seed=det_seed,
                                                                  groups=groups)
     return Champion(str(version), Path(path), ckpt, str(ckpt.meta.get("model_id", "")), ref, z_ref, det, gate,
-                    scoring, ref_scores)
+                    scoring, ref_scores, bundle_patches(path, ref))

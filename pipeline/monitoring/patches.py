@@ -11,10 +11,12 @@ The per-image flag of the monitor reads the patch family, optionally fused with 
 
 Both are fitted on the calibration cells only (images the model did not train on) and judged out of period (the
 patch detector cross-fitted over the same production groups as the residual's ``calibration_scores``); the threshold
-is the residual detector's lot-aware rule. The fitted patch detector and the calibration cells' out-of-period patch
-scores are cached per model and backbone under the state folder (``<state>/patches/<model id>/``: arrays only,
-nothing is unpickled; the newest :data:`KEEP_MODELS` models' caches are kept), so a monitor pass after the first only
-runs the backbone on its new cells. The heatmap
+is the residual detector's lot-aware rule. The retrain fits the patch detector and the calibration cells'
+out-of-period patch scores and stores them in the bundle (``pipeline.handoff.patch_family``), so the monitor reads
+them with the champion, as a served model does. For a bundle without them the monitor fits them itself and caches
+them per model and backbone under the state folder (``<state>/patches/<model id>/``: arrays only, nothing is
+unpickled; the newest :data:`KEEP_MODELS` models' caches are kept). A monitor pass then only runs the backbone on its
+new cells. The heatmap
 overlays (``pipeline.monitoring.heatmaps``) draw the same detector's maps.
 """
 
@@ -73,24 +75,19 @@ def prune_caches(settings: Any, keep: int = KEEP_MODELS) -> list[Path]:
 
 def save_detector(detector: Any, path: Path) -> None:
     """Write a fitted Gaussian :class:`PatchDetector` as plain arrays (``.npz``, atomically)."""
-    if detector.method != "gaussian":
-        raise ValueError(f"only the gaussian patch detector is cached, got {detector.method!r}")
+    from pipeline.analysis.detectors.patch import detector_arrays
+
     buf = io.BytesIO()
-    np.savez(buf, mean=detector.mean_, whiten=detector.whiten_, shape=np.asarray(detector.n_features_in_),
-             n_ref=np.asarray(detector.n_ref_))
+    np.savez(buf, **detector_arrays(detector))
     atomic.write_bytes(path, buf.getvalue())
 
 
 def load_detector(path: Path) -> Any:
     """A Gaussian :class:`PatchDetector` from :func:`save_detector`'s arrays (``allow_pickle=False``)."""
-    from pipeline.analysis.detectors.patch import PatchDetector
+    from pipeline.analysis.detectors.patch import detector_from_arrays
 
     with np.load(path, allow_pickle=False) as z:
-        det = PatchDetector(method="gaussian")
-        det.mean_, det.whiten_ = z["mean"].astype(np.float32), z["whiten"].astype(np.float32)
-        det.n_features_in_, det.n_ref_ = tuple(int(v) for v in z["shape"]), int(z["n_ref"])
-    det.banks_, det.is_fitted_ = [], True
-    return det
+        return detector_from_arrays(z)
 
 
 def cell_images(settings: Any, store_paths: Any) -> list[Any]:
@@ -137,8 +134,18 @@ class ChampionPatches:
             self._reference = self.features(self.champ.reference)
         return self._reference
 
+    def bundled(self) -> Any:
+        """The champion bundle's patch family when it was fitted with this backbone; else None."""
+        family = getattr(self.champ, "patches", None)
+        return family if family is not None and family.backbone_id == self.backbone_id else None
+
     def detector(self) -> Any:
-        """The patch detector of the calibration cells: in memory, else the cache, else fitted and cached."""
+        """The patch detector of the calibration cells.
+
+        In memory, else the bundle's, else the cache, else fitted and cached.
+        """
+        if self._detector is None and self.bundled() is not None:
+            self._detector = self.bundled().detector
         if self._detector is None:
             path = detector_cache_path(self.settings, self.champ.model_id, self.backbone_id)
             if path.is_file():
@@ -187,9 +194,11 @@ class ChampionPatches:
             return fused.predict(self.features(rows), residual_scores)
 
     def _reference_scores(self, groups: Any, flag: Any) -> np.ndarray:
-        """Out-of-period patch scores of the calibration cells (cached with the cells' ids)."""
+        """Out-of-period patch scores of the calibration cells: the bundle's, else cached with the cells' ids."""
         from pipeline.analysis.fusion import patch_reference_scores
 
+        if self.bundled() is not None and flag is None:  # the bundle's were cross-fitted with the default folds
+            return self.bundled().ref_scores
         ref = self.champ.reference
         ids = np.asarray(ref["image_id"].astype(str).tolist() if "image_id" in ref.columns
                          else [str(i) for i in range(len(ref))], dtype=str)

@@ -125,6 +125,8 @@ class RetrainConfig:
             trained candidate before evaluation (a deliberately regressed model). 0 = off.
         gate: promotion gate.
         scoring: the per-image anomaly score the monitor will use with this model (residual recipe).
+        patch_family: fit the per-image patch family on the calibration cells and store it in the bundle, so the
+            monitor, ``linewatch score`` and a served model flag a cell alike (``pipeline.handoff.patch_family``).
         lock_timeout_s: how long to wait for another retrain holding the lock.
     """
 
@@ -148,6 +150,7 @@ class RetrainConfig:
     inject_weight_noise: float = 0.0
     gate: GateConfig = field(default_factory=GateConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    patch_family: bool = True
     lock_timeout_s: float = 3600.0
 
     def __post_init__(self) -> None:
@@ -417,7 +420,7 @@ def _retrain_locked(
                                    groups=reference_groups(sel.calibration), feats=feats)
         model_dir, model_id = _save_candidate(config, sel, cand, work_dir / "model", spec, hooks,
                                               parent_version=parent_version, data_digest=data_digest,
-                                              calib_digest=calib_digest)
+                                              calib_digest=calib_digest, catalog_root=settings.catalog_root)
         version, alias, metrics = _register(settings, config, cand, model_dir, model_id, parent_version,
                                             data_digest=data_digest, calib_digest=calib_digest,
                                             warm=champion_dir is not None)
@@ -567,10 +570,12 @@ def _train_and_evaluate(config: RetrainConfig, x_train: torch.Tensor, x_cal: tor
 
 def _save_candidate(config: RetrainConfig, sel: DataSelection, cand: _Candidate, model_dir: Path, spec: Any,
                     hooks: MonitorHooks, *, parent_version: str | None, data_digest: str,
-                    calib_digest: str) -> tuple[Path, str]:
+                    calib_digest: str, catalog_root: Any = None) -> tuple[Path, str]:
     """Step 5: write the registered folder (weights + bundle) and let the monitor try it; the gate learns the answer.
 
-    The registered weights are exactly the evaluated ones (a clean folder: no resume state, no pickles).
+    The registered weights are exactly the evaluated ones (a clean folder: no resume state, no pickles). The bundle
+    carries the per-image patch family of the calibration cells (:func:`patch_family_of`) when ``catalog_root`` is
+    given and ``config.patch_family`` is on.
     """
     from models.checkpoint import load_checkpoint, save_checkpoint
 
@@ -580,12 +585,35 @@ def _save_candidate(config: RetrainConfig, sel: DataSelection, cand: _Candidate,
     meta = {"scoring": dataclasses.asdict(config.scoring), "model_id": model_id, "parent_version": parent_version,
             "data_digest": data_digest, "calibration_digest": calib_digest, "detector_seed": config.seed,
             "fpr_target": config.gate.fpr_target}
+    patches = patch_family_of(catalog_root, sel.calibration) if config.patch_family and catalog_root else None
     write_bundle(model_dir, sel.calibration, cand.z_cal, cand.gate, cand.metrics, cand.ref_metrics, cand.baseline,
-                 cand.pairs, residuals=cand.residuals, **meta)
+                 cand.pairs, residuals=cand.residuals, patches=patches, **meta)
     cand.gate = monitor_gate(model_dir, cand.gate, config, hooks)
     write_bundle(model_dir, sel.calibration, cand.z_cal, cand.gate, cand.metrics, cand.ref_metrics, cand.baseline,
-                 cand.pairs, residuals=cand.residuals, **meta)
+                 cand.pairs, residuals=cand.residuals, patches=patches, **meta)
     return model_dir, model_id
+
+
+def patch_family_of(catalog_root: Any, calibration: pd.DataFrame) -> Any:
+    """Step 5a: the per-image patch family fitted on the calibration cells (``pipeline.handoff.patch_family``).
+
+    The cells' patch maps come from the catalog's feature store (computed and stored when missing). None, with a
+    warning, when they cannot be had (no image digests, no weights package): the monitor then fits the family
+    itself, and a served model scores with the residual family.
+    """
+    from pipeline.handoff.patch_family import fit_patch_family
+    from pipeline.latent.features import BACKBONE_ID, SHA, load_or_compute_features
+
+    try:
+        if SHA not in calibration.columns or "store_path" not in calibration.columns:
+            raise ValueError(f"the calibration rows have no {SHA!r} and 'store_path' columns")
+        P = load_or_compute_features(catalog_root, calibration[[SHA, "store_path"]]).patches
+        return fit_patch_family(P, calibration["image_id"].astype(str), BACKBONE_ID,
+                                groups=reference_groups(calibration))
+    except Exception as exc:  # noqa: BLE001 - the bundle is still usable without it
+        logger.warning("retrain: no patch family in the bundle (%s: %s); the monitor fits it itself",
+                       type(exc).__name__, exc)
+        return None
 
 
 def monitor_gate(model_dir: Path, gate: GateResult, config: RetrainConfig,
@@ -675,13 +703,15 @@ def write_bundle(
     baseline: dict[str, float],
     alignment: dict[str, Any],
     residuals: np.ndarray | None = None,
+    patches: Any = None,
     **meta: Any,
 ) -> Path:
     """Write the monitor's reference data next to the checkpoint (``<out_dir>/linewatch/``).
 
     ``calibration.parquet`` holds the calibration rows with ``z_*`` and, when given, their diffusion residuals
     ``r_*`` (the per-image detector's reference); ``gate.json`` the gate report and ``meta`` (e.g. the scoring
-    recipe under ``scoring``).
+    recipe under ``scoring``); ``patches.npz`` the patch family when ``patches`` is given
+    (``pipeline.handoff.patch_family``).
     """
     bundle = Path(out_dir) / BUNDLE_DIR
     tmp = bundle.with_name(bundle.name + ".tmp")
@@ -704,6 +734,10 @@ def write_bundle(
         "alignment": alignment or None, **meta,
     }
     (tmp / GATE_FILE).write_text(json.dumps(report, indent=2, default=str))
+    if patches is not None:
+        from pipeline.handoff.patch_family import write_patch_family
+
+        write_patch_family(tmp, patches)
     return atomic.replace_dir(tmp, bundle)
 
 

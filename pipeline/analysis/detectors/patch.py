@@ -27,7 +27,7 @@ from sklearn.covariance import LedoitWolf
 
 from pipeline.analysis.detectors.base import BaseDetector
 
-__all__ = ["PatchDetector", "as_patch_array", "greedy_coreset"]
+__all__ = ["PatchDetector", "as_patch_array", "detector_arrays", "detector_from_arrays", "greedy_coreset"]
 
 METHODS = ("gaussian", "knn")
 _EIG_FLOOR = 1e-8
@@ -186,3 +186,24 @@ class PatchDetector(BaseDetector):
         """Rows in the memory bank of one position (``knn``); 0 for ``gaussian``."""
         self._check_fitted()
         return len(self.banks_[0][0]) if self.banks_ else 0
+
+
+def detector_arrays(detector: PatchDetector, dtype: Any = np.float32) -> dict[str, np.ndarray]:
+    """A fitted Gaussian :class:`PatchDetector` as plain arrays (``mean``, ``whiten`` in ``dtype``, ``shape``, ``n_ref``).
+
+    Raises:
+        ValueError: a detector of another method (its memory banks are not plain arrays of fixed shape).
+    """
+    if detector.method != "gaussian":
+        raise ValueError(f"only the gaussian patch detector is stored as arrays, got {detector.method!r}")
+    return {"mean": detector.mean_.astype(dtype), "whiten": detector.whiten_.astype(dtype),
+            "shape": np.asarray(detector.n_features_in_), "n_ref": np.asarray(detector.n_ref_)}
+
+
+def detector_from_arrays(arrays: Any) -> PatchDetector:
+    """The Gaussian :class:`PatchDetector` of :func:`detector_arrays` (any mapping with its keys, e.g. an ``NpzFile``)."""
+    det = PatchDetector(method="gaussian")
+    det.mean_, det.whiten_ = np.asarray(arrays["mean"], np.float32), np.asarray(arrays["whiten"], np.float32)
+    det.n_features_in_, det.n_ref_ = tuple(int(v) for v in arrays["shape"]), int(arrays["n_ref"])
+    det.banks_, det.is_fitted_ = [], True
+    return det

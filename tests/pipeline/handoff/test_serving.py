@@ -67,3 +67,45 @@ def test_bad_inputs_name_the_row(scorer) -> None:
     with pytest.raises(ValueError, match="row 1 has neither"):
         scorer.predict(pd.DataFrame({"image": [png_bytes(np.zeros((8, 8), np.uint8)), None]}))
     assert scorer.predict(pd.DataFrame({"image": []})).empty
+
+
+@pytest.fixture(scope="module")
+def patch_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, elpv_small) -> Path:
+    """The tiny bundle with the patch family the retrain stores, fitted on its calibration cells' real patch maps."""
+    from pipeline.handoff.patch_family import fit_patch_family, write_patch_family
+    from pipeline.latent.features import BACKBONE_ID, compute_features
+    from tests.conftest import build_bundle
+
+    folder = build_bundle(tiny_checkpoint, elpv_small.images, tmp_path_factory.mktemp("patch-bundle") / "model")
+    ref = pd.read_parquet(folder / "linewatch" / "calibration.parquet")
+    family = fit_patch_family(compute_features(elpv_small.images, workers=1).patches, ref["image_id"], BACKBONE_ID,
+                              groups=reference_groups(ref))
+    write_patch_family(folder / "linewatch", family)
+    return folder
+
+
+def test_a_bundle_with_a_patch_family_scores_by_it_as_the_monitor_does(patch_bundle: Path, elpv_small) -> None:
+    from pipeline.analysis.fusion import fuse_families
+    from pipeline.latent.features import compute_features
+
+    scorer = serving._load_pyfunc(str(patch_bundle))
+    images = elpv_small.images[[0, 7, 13, 20]]
+    got = scorer.predict(pd.DataFrame({"image": [png_bytes(im) for im in images]}))
+    assert list(got.columns) == [c for c, _ in serving.output_columns(8)] and (got["scorer"] == "patch").all()
+    b = load_bundle(patch_bundle)
+    assert b.patches is not None
+    # the monitor's patch family alone, thresholded lot-aware at the bundle's false-positive target (0.1)
+    fused = fuse_families(b.patches.detector, b.patches.ref_scores, None, 0.1, groups=reference_groups(b.reference),
+                          residual_weight=0.0)
+    expected = fused.predict(compute_features(images, workers=1).patches)
+    np.testing.assert_allclose(got["anomaly_score"], expected.scores, rtol=1e-5)
+    assert got["is_anomaly"].tolist() == list(expected.is_anomaly)
+    assert (got["threshold"] == fused.threshold).all()
+    # the residual family's score is another one
+    residual = serving._load_pyfunc(str(patch_bundle))._residual_scores(list(images), got[latent_columns(8)].to_numpy())
+    assert not np.allclose(residual.scores, got["anomaly_score"])
+
+
+def test_a_bundle_without_a_patch_family_scores_by_the_residual_family(scorer) -> None:
+    out = scorer.predict(pd.DataFrame({"image": [png_bytes(np.full((32, 32), 120, np.uint8))]}))
+    assert out["scorer"].tolist() == ["residual"]

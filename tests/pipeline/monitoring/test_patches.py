@@ -67,3 +67,25 @@ def test_only_the_newest_models_keep_their_caches(world, champ):  # noqa: F811
     assert kept == ["m-2", "m-3", "m-new"]
     assert prune_caches(world.settings, keep=1) and \
         [p.name for p in detector_cache_path(world.settings, "m-new", "x").parent.parent.iterdir()] == ["m-new"]
+
+
+def test_a_bundled_patch_family_is_used_without_fitting_or_caching(world, champ):  # noqa: F811
+    from pipeline.handoff.bundle import reference_groups
+    from pipeline.handoff.patch_family import fit_patch_family
+
+    probe = ChampionPatches(world.settings, champ)
+    family = fit_patch_family(probe.reference_patches(), champ.reference["image_id"], probe.backbone_id,
+                              groups=reference_groups(champ.reference))
+    world.calls.clear()
+    bundled = ChampionPatches(world.settings, SimpleNamespace(**vars(champ), patches=family))
+    res = bundled.predict(world.window, None, 0.1, residual_weight=0.0)
+    assert world.calls == [8]  # the window only: no backbone pass over the calibration cells
+    assert not detector_cache_path(world.settings, "m-123", probe.backbone_id).exists()
+    assert bundled.detector() is family.detector
+    # the same detector and reference scores as the monitor's own fit: the same scores and threshold
+    own = probe.fused(0.1, residual_weight=0.0)
+    np.testing.assert_allclose(bundled.fused(0.1, residual_weight=0.0).ref_scores, own.ref_scores)
+    np.testing.assert_allclose(res.scores, probe.predict(world.window, None, 0.1, residual_weight=0.0).scores)
+    assert bundled.fused(0.1, residual_weight=0.0).threshold == pytest.approx(own.threshold)
+    other = SimpleNamespace(**{**vars(family), "backbone_id": "another backbone"})
+    assert ChampionPatches(world.settings, SimpleNamespace(**vars(champ), patches=other)).bundled() is None

@@ -55,7 +55,7 @@ def test_version_is_a_pyfunc_model_over_the_checkpoint(lw_env, tiny_bundle: Path
     meta = Model.load(str(local))
     assert meta.signature.inputs.input_names() == ["image", "path"]
     assert meta.signature.outputs.input_names() == [*(f"z_{i}" for i in range(8)), "anomaly_score", "is_anomaly",
-                                                    "threshold"]
+                                                    "threshold", "scorer"]
     example = meta.load_input_example(str(local))
     assert list(example.columns) == ["image"] and len(example) == 1
     assert "torch==" in (local / "requirements.txt").read_text()

@@ -205,6 +205,14 @@ def test_retrain_registers_v1_then_refuses_a_degraded_candidate(tmp_path, monkey
     v1 = retrain(settings, retrain_config(**tiny_retrain_params()))
     assert v1.promoted and v1.version == "1" and v1.parent_version is None, v1.gate.reason
     assert (v1.model_dir / "linewatch" / "calibration.parquet").exists()
+    # the bundle carries the patch family of its calibration cells (what a served model flags with)
+    from pipeline.handoff.bundle import load_bundle
+    from pipeline.latent.features import BACKBONE_ID
+
+    b = load_bundle(v1.model_dir)
+    assert b.patches is not None and b.patches.backbone_id == BACKBONE_ID
+    assert list(b.patches.image_ids) == b.reference["image_id"].astype(str).tolist()
+    assert b.patches.ref_scores.shape == (len(b.reference),) and np.isfinite(b.patches.ref_scores).all()
     tracking.configure(settings)
     info = tracking.get_model_version(1)
     assert info.tags["data.train_digest"] == v1.data_digest
