@@ -125,7 +125,10 @@ class AlertPolicy:
         k_consecutive: windows in a row in which the group fired before its alert opens (hysteresis; 1 = at once).
         resolve_after: windows in a row without the group's drift before its open alert resolves.
         cooldown_windows: after an alert for a cause opened or resolved, the same cause re-opening within this
-            many windows is suppressed (0 = no cooldown).
+            many windows is suppressed (0 = no cooldown). With one window a line-day, the default 2 stops an alert
+            from re-opening the window after it resolved, and no longer: a suppressed cause is neither notified nor
+            under an alert, so a longer cooldown hides a real fault of the same cause days later (and lets the
+            nightly learn its windows).
         cooldown_minutes: the same in wall-clock minutes (None = off); either cooldown suppresses.
         critical_effect: |effect| (reference sd) of a top axis at or above which the alert is ``critical``.
         critical_p: a test-family p-value (or a top axis's adjusted p) below which the alert is ``critical``.
@@ -144,7 +147,7 @@ class AlertPolicy:
 
     k_consecutive: int = 2
     resolve_after: int = 2
-    cooldown_windows: int = 6
+    cooldown_windows: int = 2
     cooldown_minutes: float | None = None
     critical_effect: float = 2.0
     critical_p: float = 1e-6

@@ -566,3 +566,11 @@ def test_a_defect_surge_seen_in_one_window_opens_its_alert_at_once(tmp_path: Pat
     assert run(manager(tmp_path / "k2", immediate_families=("camera",)), [surge(), clear(), surge(), clear()]) == \
         [[], [], [], []]  # with the hysteresis, single windows never open it
     assert run(manager(tmp_path / "latent"), [drift(axis=3), clear()]) == [[], []]  # other families still wait
+
+
+def test_with_the_default_cooldown_a_second_surge_days_later_is_alerted(tmp_path: Path) -> None:
+    # one day of "defect rate up" on a healthy day, then a real surge five days later (soak_s31, line L2)
+    windows = [surge(), clear(), clear(), clear(), clear(), surge(), surge()]
+    assert run(manager(tmp_path), windows) == [["opened"], [], ["resolved"], [], [], ["opened"], []]
+    long = manager(tmp_path / "six", cooldown_windows=6)  # the cooldown hides it: never notified
+    assert run(long, windows) == [["opened"], [], ["resolved"], [], [], ["suppressed"], ["suppressed"]]
