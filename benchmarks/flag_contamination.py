@@ -1,0 +1,96 @@
+"""Why a soak's per-image flags miss the configured false-flag rate: the calibration cells are not all healthy.
+
+The flag threshold is the configured rate's quantile of the calibration cells' out-of-period patch scores. Those cells
+are production, defective ones included. For each model whose patch cache a soak kept (``state/patches/<model
+id>/*.reference.npz``: the calibration cells' scores), this reports the share of p = 1 cells among its calibration
+cells and the rate at which its own threshold flags their healthy (p < 1) cells; and, for the monitored days of the
+soak, the healthy cells' flag rate with the line-day offset (what the monitor flagged) and without it.
+
+Command::
+
+    python -m benchmarks.flag_contamination --name soak_s30
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from benchmarks import common as C
+
+__all__ = ["calibration_rows", "day_rates", "main"]
+
+
+def _truth(home: Path) -> pd.DataFrame:
+    """Image id -> truth (``prob``, ``line``, ``day``) of a soak's catalogued cells."""
+    from pipeline.catalog.tables import read_catalog
+
+    cat = read_catalog(home, columns=["image_id", "source_path"])
+    cat["serial"] = cat["source_path"].map(lambda p: Path(str(p)).stem)
+    return cat.merge(pd.read_parquet(home / "truth.parquet"), on="serial")[["image_id", "prob", "line", "day"]]
+
+
+def calibration_rows(home: Path, scores: pd.DataFrame, truth: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per kept model: calibration cells, their p = 1 share, and the healthy share its threshold flags."""
+    out = []
+    for path in sorted((home / "state" / "patches").glob("*/*.reference.npz")):
+        model_id = path.parent.name
+        thr = scores.loc[scores["model_id"] == model_id, "threshold"]
+        if thr.empty:
+            continue
+        with np.load(path, allow_pickle=False) as z:
+            log_s = np.log(np.maximum(z["scores"], 1e-12))
+            ids = z["image_id"].astype(str)
+        fused = (log_s - log_s.mean()) / log_s.std(ddof=1)  # the patch family alone on the fusion's scale
+        d = pd.DataFrame({"image_id": ids, "s": fused}).merge(truth, on="image_id", how="left")
+        healthy = d["prob"] < 1
+        out.append({"model_id": model_id, "cells": len(d), "p1_share": float((d["prob"] >= 1).mean()),
+                    "threshold": float(thr.iloc[0]), "healthy_flagged": float((d.loc[healthy, "s"] > thr.iloc[0]).mean())})
+    return out
+
+
+def day_rates(scores: pd.DataFrame, truth: pd.DataFrame, days: pd.DataFrame | None = None) -> dict[str, float]:
+    """Healthy (p < 1) and p = 1 cells' flag rates, with and without the line-day offset.
+
+    Each cell is taken under the first model that scored it (the day's champion). With ``days`` (``line``, ``day``,
+    ``status`` of ``benchmarks.soak_eval.line_days``) only the healthy, product-mix and recovery days count (the
+    soak's target); else every monitored day.
+    """
+    first = scores.drop_duplicates("image_id", keep="first").merge(truth, on="image_id")
+    if days is not None:
+        first = first.merge(days[["line", "day", "status"]], on=["line", "day"])
+        first = first[first["status"].isin(["healthy", "mix", "recovery"])]
+    with_offset = first["score"] - first["day_offset"] > first["threshold"]
+    without = first["score"] > first["threshold"]
+    h, p1 = first["prob"] < 1, first["prob"] >= 1
+    return {"cells": len(first), "healthy_with_offset": float(with_offset[h].mean()),
+            "healthy_without_offset": float(without[h].mean()), "recall_with_offset": float(with_offset[p1].mean()),
+            "recall_without_offset": float(without[p1].mean())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: print both tables for a soak."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--name", required=True, help="the soak (benchmarks/out/soak/<name>)")
+    args = ap.parse_args(argv)
+    home = C.OUT / "soak" / args.name
+    if not (home / "state" / "scores.parquet").is_file():
+        print(f"flag_contamination: no scores table under {home}: run the soak first")
+        return 2
+    from benchmarks.soak import saved_config
+    from benchmarks.soak_eval import line_days
+
+    scores, truth = pd.read_parquet(home / "state" / "scores.parquet"), _truth(home)
+    rows = calibration_rows(home, scores[scores["scorer"] == "patch"], truth)
+    print(pd.DataFrame(rows).round(3).to_string(index=False) if rows else "no patch caches kept")
+    config = saved_config(home)
+    print(pd.Series(day_rates(scores, truth, None if config is None else line_days(config))).round(3).to_string())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,34 @@
+"""benchmarks.flag_contamination: the calibration cells' defect share and the flag rates with and without the offset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from benchmarks.flag_contamination import calibration_rows, day_rates
+
+
+def test_day_rates_count_each_cell_once_under_its_first_model() -> None:
+    scores = pd.DataFrame({"image_id": ["a", "b", "c", "d", "a"], "model_id": ["m1"] * 4 + ["m2"],
+                           "score": [2.0, 0.5, 2.0, 3.0, 0.0], "threshold": 1.0, "day_offset": [1.5, 0, 0, 0, 0]})
+    truth = pd.DataFrame({"image_id": list("abcd"), "prob": [0.0, 0.0, 1 / 3, 1.0], "line": "L1", "day": [1, 1, 2, 2]})
+    r = day_rates(scores, truth)
+    assert r["cells"] == 4  # "a" counted under m1 only
+    assert r["healthy_without_offset"] == 2 / 3 and r["healthy_with_offset"] == 1 / 3  # a's offset clears it
+    assert r["recall_with_offset"] == r["recall_without_offset"] == 1.0
+    days = pd.DataFrame({"line": "L1", "day": [1, 2], "status": ["healthy", "fault:blur"]})
+    assert day_rates(scores, truth, days)["cells"] == 2
+
+
+def test_calibration_rows_report_the_defect_share_and_the_healthy_rate(tmp_path: Path) -> None:
+    folder = tmp_path / "state" / "patches" / "m1"
+    folder.mkdir(parents=True)
+    raw = np.exp(np.array([0.0, 0.1, 0.2, 0.3, 3.0]))
+    np.savez(folder / "bb.reference.npz", image_id=np.array(list("abcde")), scores=raw)
+    truth = pd.DataFrame({"image_id": list("abcde"), "prob": [0, 0, 0, 0, 1.0], "line": "L1", "day": 1})
+    (row,) = calibration_rows(tmp_path, pd.DataFrame({"model_id": ["m1"], "threshold": [1.0]}), truth)
+    assert row["cells"] == 5 and row["p1_share"] == 0.2
+    assert row["healthy_flagged"] == 0.0  # only the defective cell is far out
+    assert calibration_rows(tmp_path, pd.DataFrame({"model_id": ["other"], "threshold": [1.0]}), truth) == []
