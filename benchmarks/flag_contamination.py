@@ -36,6 +36,8 @@ def _truth(home: Path) -> pd.DataFrame:
 
 def calibration_rows(home: Path, scores: pd.DataFrame, truth: pd.DataFrame) -> list[dict[str, Any]]:
     """Per kept model: calibration cells, their p = 1 share, and the healthy share its threshold flags."""
+    from pipeline.analysis.fusion import FAMILIES, ScoreFusion
+
     out = []
     for path in sorted((home / "state" / "patches").glob("*/*.reference.npz")):
         model_id = path.parent.name
@@ -43,9 +45,10 @@ def calibration_rows(home: Path, scores: pd.DataFrame, truth: pd.DataFrame) -> l
         if thr.empty:
             continue
         with np.load(path, allow_pickle=False) as z:
-            log_s = np.log(np.maximum(z["scores"], 1e-12))
+            S = np.column_stack([z["scores"], np.zeros(len(z["scores"]))])
             ids = z["image_id"].astype(str)
-        fused = (log_s - log_s.mean()) / log_s.std(ddof=1)  # the patch family alone on the fusion's scale
+        # the patch family alone on the threshold's scale, fitted as pipeline.analysis.fusion.fuse_families does
+        fused = ScoreFusion(FAMILIES, log=(True, False), weights=(1.0, 0.0)).fit(S).score(S)
         d = pd.DataFrame({"image_id": ids, "s": fused}).merge(truth, on="image_id", how="left")
         healthy = d["prob"] < 1
         out.append({"model_id": model_id, "cells": len(d), "p1_share": float((d["prob"] >= 1).mean()),
