@@ -304,7 +304,7 @@ def bundle_patches(model_dir: str | Path, reference: pd.DataFrame) -> Any:
         log.warning("%s: patch family not used (%s)", model_dir, exc)
         return None
     ids = reference["image_id"].astype(str) if "image_id" in reference.columns else []
-    if family is not None and not family.matches(ids, family.backbone_id):
+    if family is not None and not family.fitted_on(ids):
         log.warning("%s: patch family not used (fitted on other calibration cells)", model_dir)
         return None
     return family

@@ -45,10 +45,14 @@ class PatchFamily:
     image_ids: np.ndarray
     backbone_id: str
 
-    def matches(self, image_ids: Any, backbone_id: str) -> bool:
-        """Whether this family was fitted on these calibration cells (same ids, same order) with this backbone."""
+    def fitted_on(self, image_ids: Any) -> bool:
+        """Whether this family was fitted on these calibration cells (same ids, same order)."""
         ids = np.asarray([str(i) for i in image_ids], dtype=str)
-        return self.backbone_id == backbone_id and ids.shape == self.image_ids.shape and bool((ids == self.image_ids).all())
+        return ids.shape == self.image_ids.shape and bool((ids == self.image_ids).all())
+
+    def matches(self, image_ids: Any, backbone_id: str) -> bool:
+        """Whether this family was fitted on these calibration cells with this backbone."""
+        return self.backbone_id == backbone_id and self.fitted_on(image_ids)
 
 
 def fit_patch_family(patches: Any, image_ids: Any, backbone_id: str, *, groups: Any = None,

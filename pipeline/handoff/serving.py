@@ -28,6 +28,7 @@ checkpoint folder plus this importable code)::
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Sequence
@@ -36,6 +37,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN = "image"
 """Input column holding encoded image bytes (PNG, TIFF, JPEG ...)."""
@@ -123,6 +126,7 @@ class BundleScorer:
         self.bundle = load_bundle(model_dir)
         self.batch_size = int(batch_size)
         self._patch: Any = None  # the patch family's thresholded detector, built on first use
+        self._patch_failed_said = False  # the patch family's failure is logged once per scorer
 
     @property
     def latent_dim(self) -> int:
@@ -167,8 +171,6 @@ class BundleScorer:
 
     def _patch_scores(self, arrays: Sequence[np.ndarray]) -> Any:
         """The patch family's ``DetectionResult`` of the images; None (one warning) when it cannot run."""
-        import logging
-
         from threadpoolctl import threadpool_limits
 
         try:
@@ -181,10 +183,10 @@ class BundleScorer:
             with threadpool_limits(limits=1, user_api="blas"):
                 return fused.predict(patches)
         except Exception as exc:  # noqa: BLE001 - the residual family still scores every image
-            if not getattr(self, "_warned", False):
-                self._warned = True
-                logging.getLogger(__name__).warning("scoring with the residual family: the patch family failed "
-                                                    "(%s: %s)", type(exc).__name__, exc)
+            if not self._patch_failed_said:
+                self._patch_failed_said = True
+                logger.warning("scoring with the residual family: the patch family failed (%s: %s)",
+                               type(exc).__name__, exc)
             return None
 
     def _residual_scores(self, arrays: Sequence[np.ndarray], z: np.ndarray) -> Any:

