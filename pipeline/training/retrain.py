@@ -589,8 +589,7 @@ def _save_candidate(config: RetrainConfig, sel: DataSelection, cand: _Candidate,
     write_bundle(model_dir, sel.calibration, cand.z_cal, cand.gate, cand.metrics, cand.ref_metrics, cand.baseline,
                  cand.pairs, residuals=cand.residuals, patches=patches, **meta)
     cand.gate = monitor_gate(model_dir, cand.gate, config, hooks)
-    write_bundle(model_dir, sel.calibration, cand.z_cal, cand.gate, cand.metrics, cand.ref_metrics, cand.baseline,
-                 cand.pairs, residuals=cand.residuals, patches=patches, **meta)
+    write_gate_report(model_dir, cand.gate, cand.metrics, cand.ref_metrics, cand.baseline, cand.pairs, **meta)
     return model_dir, model_id
 
 
@@ -728,17 +727,31 @@ def write_bundle(
         for i in range(R.shape[1]):
             ref[f"r_{i}"] = R[:, i]
     ref.to_parquet(tmp / CALIBRATION_FILE, index=False)
-    report = {
-        "gate": {"passed": gate.passed, "reason": gate.reason, "checks": {k: list(v) for k, v in gate.checks.items()}},
-        "candidate": cand_metrics, "champion": ref_metrics, "untrained": baseline,
-        "alignment": alignment or None, **meta,
-    }
-    (tmp / GATE_FILE).write_text(json.dumps(report, indent=2, default=str))
+    (tmp / GATE_FILE).write_text(_gate_json(gate, cand_metrics, ref_metrics, baseline, alignment, **meta))
     if patches is not None:
         from pipeline.handoff.patch_family import write_patch_family
 
         write_patch_family(tmp, patches)
     return atomic.replace_dir(tmp, bundle)
+
+
+def write_gate_report(out_dir: Path, gate: GateResult, cand_metrics: dict[str, float],
+                      ref_metrics: dict[str, float] | None, baseline: dict[str, float], alignment: dict[str, Any],
+                      **meta: Any) -> Path:
+    """Rewrite only the bundle's ``gate.json`` (atomically), e.g. with the monitor's checks added to the gate."""
+    return atomic.write_text(Path(out_dir) / BUNDLE_DIR / GATE_FILE,
+                             _gate_json(gate, cand_metrics, ref_metrics, baseline, alignment, **meta))
+
+
+def _gate_json(gate: GateResult, cand_metrics: dict[str, float], ref_metrics: dict[str, float] | None,
+               baseline: dict[str, float], alignment: dict[str, Any], **meta: Any) -> str:
+    """The gate report's JSON: the gate's verdict and checks, the metrics compared, the alignment and ``meta``."""
+    report = {
+        "gate": {"passed": gate.passed, "reason": gate.reason, "checks": {k: list(v) for k, v in gate.checks.items()}},
+        "candidate": cand_metrics, "champion": ref_metrics, "untrained": baseline,
+        "alignment": alignment or None, **meta,
+    }
+    return json.dumps(report, indent=2, default=str)
 
 
 def _ops_alert(settings: Any, hooks: MonitorHooks | None, message: str, *, kind: str, key: str,
@@ -769,6 +782,6 @@ EXIT_NO_CANDIDATE = 4
 __all__ = [
     "GateConfig", "RetrainConfig", "ScoringConfig", "GateResult", "DataSelection", "RetrainResult", "retrain", "apply_gate",
     "select_training_data", "holdout_mask", "latent_quality", "mmd_to_prior", "axis_alignment", "evaluate_model",
-    "perturb_weights", "write_bundle", "calibration_scores", "detector_calibration", "make_detector",
+    "perturb_weights", "write_bundle", "write_gate_report", "calibration_scores", "detector_calibration", "make_detector",
     "InsufficientData", "MonitorHooks", "monitor_gate", "EXIT_REJECTED", "EXIT_NO_CANDIDATE",
 ]

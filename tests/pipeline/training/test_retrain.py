@@ -385,6 +385,11 @@ def test_the_gate_never_promotes_a_model_the_monitor_cannot_use(tmp_path, monkey
     v1 = retrain(settings, retrain_config(**tiny_retrain_params()), hooks=retrain_hooks(settings, usable))
     assert v1.promoted and v1.gate.checks["monitor_loads"] == (1.0, 1.0, True), v1.gate.reason
     assert v1.gate.checks["reference_images"][1] == 30  # 2 x the world monitor's min_window of 15
+    from pipeline.handoff.bundle import read_gate
+
+    stored = read_gate(v1.model_dir)  # the bundle's report carries the monitor's checks too
+    assert stored["gate"]["checks"]["monitor_loads"] == [1.0, 1.0, True] and stored["gate"]["passed"]
+    assert (v1.model_dir / "linewatch" / "patches.npz").is_file()
 
     # the monitor's defaults (min_window 30) need 60 reference images; the floor is lowered by hand here, so only the
     # gate stands between this candidate and the champion alias
