@@ -1,8 +1,9 @@
 """Why a soak's per-image flags miss the configured false-flag rate: the calibration cells are not all healthy.
 
 The flag threshold is the configured rate's quantile of the calibration cells' out-of-period patch scores. Those cells
-are production, defective ones included. For each model whose patch cache a soak kept (``state/patches/<model
-id>/*.reference.npz``: the calibration cells' scores), this reports the share of p = 1 cells among its calibration
+are production, defective ones included. For each model of a soak whose calibration cells' scores are kept (in its
+bundle's patch family, ``linewatch/patches.npz`` under the MLflow artifacts, or in the monitor's patch cache of older
+bundles, ``state/patches/<model id>/*.reference.npz``), this reports the share of p = 1 cells among its calibration
 cells and the rate at which its own threshold flags their healthy (p < 1) cells; and, for the monitored days of the
 soak, the healthy cells' flag rate with the line-day offset (what the monitor flagged) and without it.
 
@@ -22,7 +23,7 @@ import pandas as pd
 
 from benchmarks import common as C
 
-__all__ = ["calibration_rows", "day_rates", "main"]
+__all__ = ["calibration_rows", "calibration_scores", "day_rates", "main"]
 
 
 def _truth(home: Path) -> pd.DataFrame:
@@ -34,19 +35,34 @@ def _truth(home: Path) -> pd.DataFrame:
     return cat.merge(pd.read_parquet(home / "truth.parquet"), on="serial")[["image_id", "prob", "line", "day"]]
 
 
+def calibration_scores(home: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Model id -> (calibration image ids, their out-of-period patch scores), from bundles and monitor caches."""
+    import json
+
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for path in sorted((home / "mlartifacts").glob("**/linewatch/patches.npz")):
+        gate = path.parent / "gate.json"
+        if gate.is_file():
+            with np.load(path, allow_pickle=False) as z:
+                out[str(json.loads(gate.read_text())["model_id"])] = (z["image_id"].astype(str),
+                                                                      z["ref_scores"].astype(np.float64))
+    for path in sorted((home / "state" / "patches").glob("*/*.reference.npz")):
+        if path.parent.name not in out:
+            with np.load(path, allow_pickle=False) as z:
+                out[path.parent.name] = (z["image_id"].astype(str), z["scores"].astype(np.float64))
+    return out
+
+
 def calibration_rows(home: Path, scores: pd.DataFrame, truth: pd.DataFrame) -> list[dict[str, Any]]:
     """Per kept model: calibration cells, their p = 1 share, and the healthy share its threshold flags."""
     from pipeline.analysis.fusion import FAMILIES, ScoreFusion
 
     out = []
-    for path in sorted((home / "state" / "patches").glob("*/*.reference.npz")):
-        model_id = path.parent.name
+    for model_id, (ids, raw) in calibration_scores(home).items():
         thr = scores.loc[scores["model_id"] == model_id, "threshold"]
         if thr.empty:
             continue
-        with np.load(path, allow_pickle=False) as z:
-            S = np.column_stack([z["scores"], np.zeros(len(z["scores"]))])
-            ids = z["image_id"].astype(str)
+        S = np.column_stack([raw, np.zeros(len(raw))])
         # the patch family alone on the threshold's scale, fitted as pipeline.analysis.fusion.fuse_families does
         fused = ScoreFusion(FAMILIES, log=(True, False), weights=(1.0, 0.0)).fit(S).score(S)
         d = pd.DataFrame({"image_id": ids, "s": fused}).merge(truth, on="image_id", how="left")
@@ -89,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     scores, truth = pd.read_parquet(home / "state" / "scores.parquet"), _truth(home)
     rows = calibration_rows(home, scores[scores["scorer"] == "patch"], truth)
-    print(pd.DataFrame(rows).round(3).to_string(index=False) if rows else "no patch caches kept")
+    print(pd.DataFrame(rows).round(3).to_string(index=False) if rows else "no calibration scores kept")
     config = saved_config(home)
     print(pd.Series(day_rates(scores, truth, None if config is None else line_days(config))).round(3).to_string())
     return 0

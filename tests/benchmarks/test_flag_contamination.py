@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from benchmarks.flag_contamination import calibration_rows, day_rates
+from benchmarks.flag_contamination import calibration_rows, calibration_scores, day_rates
 
 
 def test_day_rates_count_each_cell_once_under_its_first_model() -> None:
@@ -32,3 +33,18 @@ def test_calibration_rows_report_the_defect_share_and_the_healthy_rate(tmp_path:
     assert row["cells"] == 5 and row["p1_share"] == 0.2
     assert row["healthy_flagged"] == 0.0  # only the defective cell is far out
     assert calibration_rows(tmp_path, pd.DataFrame({"model_id": ["other"], "threshold": [1.0]}), truth) == []
+
+
+def test_calibration_scores_come_from_bundles_first_and_from_monitor_caches_of_older_models(tmp_path: Path) -> None:
+    bundle = tmp_path / "mlartifacts" / "exp" / "models" / "m-1" / "artifacts" / "data" / "checkpoint" / "linewatch"
+    bundle.mkdir(parents=True)
+    (bundle / "gate.json").write_text(json.dumps({"model_id": "m1"}))
+    np.savez(bundle / "patches.npz", image_id=np.array(list("abc")), ref_scores=np.array([1.0, 2.0, 3.0]))
+    for model, first in (("m1", 9.0), ("m0", 5.0)):  # m1's cache is shadowed by its bundle; m0 has only a cache
+        folder = tmp_path / "state" / "patches" / model
+        folder.mkdir(parents=True)
+        np.savez(folder / "bb.reference.npz", image_id=np.array(list("xy")), scores=np.array([first, 1.0]))
+    kept = calibration_scores(tmp_path)
+    assert sorted(kept) == ["m0", "m1"]
+    assert kept["m1"][0].tolist() == list("abc") and kept["m1"][1].tolist() == [1.0, 2.0, 3.0]
+    assert kept["m0"][1].tolist() == [5.0, 1.0]
