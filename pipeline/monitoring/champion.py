@@ -8,7 +8,6 @@ promoted, so a bundle the monitor cannot load never becomes champion.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +19,8 @@ import pandas as pd
 from pipeline.handoff.bundle import (
     BUNDLE_DIR,
     CALIBRATION_FILE,
-    GATE_FILE,
     ScoringConfig,
-    bundle_patches,
     calibration_scores,
-    detector_calibration,
     reference_groups,
 )
 from pipeline.handoff.state import CHAMPION
@@ -87,36 +83,25 @@ def load_champion(settings: Any, *, fpr: float = 0.05, seed: int = 0) -> Champio
 def load_bundle(path: str | Path, version: str, *, fpr: float = 0.05, seed: int = 0) -> Champion:
     """Load a model folder (checkpoint + ``linewatch/`` bundle) the way the monitor uses it.
 
-    The detector is refitted from the bundle's calibration latents and residuals (same seed and split as the
-    retrain's gate) and the reference's anomaly scores are cross-fitted. The retrain's gate calls this on a candidate
-    before it may become champion, so a bundle the monitor cannot load is never promoted.
+    The bundle is read by :func:`pipeline.handoff.bundle.load_bundle` (the detector refitted from the calibration
+    latents and residuals with the retrain gate's seed and split); the reference's anomaly scores are cross-fitted
+    here. The retrain's gate calls this on a candidate before it may become champion, so a bundle the monitor cannot
+    load is never promoted.
 
     Raises:
         ValueError: the folder has no linewatch bundle, or its reference is too small for the detector.
     """
-    from models.checkpoint import load_checkpoint
-    from pipeline.analysis.detectors.conditional import residual_columns
-    from pipeline.latent.encode import z_columns
+    from pipeline.handoff.bundle import load_bundle as read_bundle
 
-    bundle = Path(path) / BUNDLE_DIR
-    if not (bundle / CALIBRATION_FILE).exists():
+    if not (Path(path) / BUNDLE_DIR / CALIBRATION_FILE).exists():
         raise ValueError(f"model v{version} has no {BUNDLE_DIR}/{CALIBRATION_FILE}: register it with the retrain job")
-    ckpt = load_checkpoint(path)
-    ref = pd.read_parquet(bundle / CALIBRATION_FILE)
-    z_ref = ref[z_columns(ref)].to_numpy(np.float64)
-    gate = json.loads((bundle / GATE_FILE).read_text()) if (bundle / GATE_FILE).exists() else {}
-    scoring = ScoringConfig.from_dict(gate.get("scoring"))
-    residuals = None
-    if scoring is not None:
-        residuals = ref[residual_columns(len(scoring.t_stars))].to_numpy(np.float64)
-    else:
+    b = read_bundle(path, fpr=fpr, seed=seed)
+    ref_scores = None
+    if b.scoring is None:
         logger.warning("model v%s has no residual scoring in its bundle: scoring images with Mahalanobis on z "
                        "(retrain to get the residual detector)", version)
-    det_seed = int(gate.get("detector_seed", seed))
-    groups = reference_groups(ref)  # threshold on scores of periods the detector did not fit (handoff.bundle)
-    _, det = detector_calibration(z_ref, gate.get("fpr_target", fpr), seed=det_seed,
-                                  residuals=residuals, k=scoring.k if scoring else 25, groups=groups)
-    ref_scores = None if scoring is None else calibration_scores(z_ref, residuals, k=scoring.k, seed=det_seed,
-                                                                 groups=groups)
-    return Champion(str(version), Path(path), ckpt, str(ckpt.meta.get("model_id", "")), ref, z_ref, det, gate,
-                    scoring, ref_scores, bundle_patches(path, ref))
+    else:
+        ref_scores = calibration_scores(b.z_ref, b.residuals, k=b.scoring.k, seed=int(b.gate.get("detector_seed", seed)),
+                                        groups=reference_groups(b.reference))
+    return Champion(str(version), Path(path), b.checkpoint, b.model_id, b.reference, b.z_ref, b.detector, b.gate,
+                    b.scoring, ref_scores, b.patches)
