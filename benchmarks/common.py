@@ -194,14 +194,17 @@ def find_checkpoint(variant: str, image_size: int = 32, preset: str = "cpu") -> 
     Only the shipped MMD kernel (``mmd_bandwidth="reference"``) counts, and only the encoder kind of ``preset``
     (``"pretrained"``: the frozen-backbone encoder; otherwise one that reads the image). Prefers the one trained for
     the most steps (``meta.step`` of its config.json), then the lowest training seed, then the path (deterministic).
+    Models of a soak (``benchmarks/out/soak/``) never count: they trained on the soak's line days, whose cells are the
+    benchmarks' test cells too.
     """
     lam, zeta = VARIANTS[variant]
     want_features = preset == "pretrained"
     found: list[tuple[int, int, str, Path]] = []
     for cfg in OUT.rglob("config.json"):
         d = cfg.parent
-        if d.name.startswith(".") or not (d / "weights.safetensors").exists() or "anomaly_tiles" in d.parts:
-            continue  # tile models (bench_anomaly_tiles) are not whole-cell models
+        if d.name.startswith(".") or not (d / "weights.safetensors").exists() or "anomaly_tiles" in d.parts \
+                or d.relative_to(OUT).parts[0] == "soak":
+            continue  # tile models (bench_anomaly_tiles) are not whole-cell models; soak models saw the test cells
         try:
             size, l_, z_, meta = _loss_of(cfg)
             model_doc = json.loads(cfg.read_text())["model"]
