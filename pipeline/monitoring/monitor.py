@@ -169,7 +169,8 @@ def build_drift_detector(settings: Any, champ: Champion, config: MonitorConfig, 
 def check_bundle(settings: Any, path: str | Path, config: MonitorConfig | None = None) -> list[str]:
     """What would stop the monitor from using the model folder at ``path``; ``[]`` when it can.
 
-    Loads the bundle as the monitor does (:func:`load_bundle`), fits its drift detector (:func:`build_drift_detector`)
+    Loads the bundle as the monitor does (:func:`load_bundle`), fits its drift detector (:func:`build_drift_detector`,
+    with the calibration scores the monitor's score family would compare with: :func:`bundled_reference_scores`)
     and tests the largest window the monitor would test (reference rows stand in for a window). Every failure is
     caught and returned as one line, so the retrain's gate can refuse the candidate instead of promoting it.
     """
@@ -183,17 +184,35 @@ def check_bundle(settings: Any, path: str | Path, config: MonitorConfig | None =
         young = reference_problem(settings, champ.reference, config)
         if young:
             return [young]
-        drift, quality = build_drift_detector(settings, champ, config)
+        ref_scores = bundled_reference_scores(settings, champ, config)
+        drift, quality = build_drift_detector(settings, champ, config, ref_scores=ref_scores)
         n = drift.max_window or config.min_window
         keep = np.arange(min(n, len(champ.z_ref)))
         qw = None if quality is None else drift_channels(
             quality.loc[champ.reference["image_id"].astype(str).to_numpy()[keep]])
-        sw = None if drift.ref_scores_ is None else champ.ref_scores[keep]
+        sw = None if drift.ref_scores_ is None else np.asarray(
+            champ.ref_scores if ref_scores is None else ref_scores)[keep]
         drift.test(champ.z_ref[keep], model_id=champ.model_id, cur_quality=qw, cur_scores=sw)
     except Exception as exc:  # noqa: BLE001 - any failure here is a reason not to promote
         logger.warning("the monitor could not use the model at %s: %s", path, exc)
         return [f"{type(exc).__name__}: {exc}"]
     return []
+
+
+def bundled_reference_scores(settings: Any, champ: Champion, config: MonitorConfig) -> np.ndarray | None:
+    """The calibration cells' flag scores of the bundle's patch family, as the monitor's score family uses them.
+
+    None when the monitor would use the residual family's (``champ.ref_scores``): no fusion configured, no patch
+    family in the bundle, or nothing to fuse it with. Reads only the bundle (no patch features are computed).
+    """
+    from pipeline.monitoring.patches import ChampionPatches
+
+    if not config.fusion or (champ.ref_scores is None and config.residual_weight > 0):
+        return None
+    patches = ChampionPatches(settings, champ)
+    if patches.bundled() is None:
+        return None
+    return np.asarray(patches.fused(config.fpr, residual_weight=config.residual_weight).ref_scores, dtype=np.float64)
 
 
 def retrain_hooks(settings: Any, config: MonitorConfig | None = None) -> MonitorHooks:

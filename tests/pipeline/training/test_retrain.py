@@ -414,6 +414,18 @@ def test_the_gate_never_promotes_a_model_the_monitor_cannot_use(tmp_path, monkey
 
     # the monitor's own check on a bundle: usable, too small for the defaults, broken
     assert check_bundle(settings, v1.model_dir, usable) == []
+    from pipeline.monitoring import monitor as M
+
+    fitted = []
+    build = M.build_drift_detector
+    monkeypatch.setattr(M, "build_drift_detector", lambda *a, **k: fitted.append(k.get("ref_scores")) or build(*a, **k))
+    assert check_bundle(settings, v1.model_dir, dataclasses.replace(usable, scores=True)) == []
+    champ = M.load_bundle(v1.model_dir, "1")
+    expected = M.bundled_reference_scores(settings, champ, usable)
+    assert expected is not None and fitted[-1] is not None  # the patch family's scores, as the monitor's score family
+    np.testing.assert_allclose(fitted[-1], expected)
+    assert not np.allclose(expected, champ.ref_scores)  # not the residual family's
+    assert M.bundled_reference_scores(settings, champ, dataclasses.replace(usable, fusion=False)) is None
     assert "reference has" in check_bundle(settings, v1.model_dir, MonitorConfig(quality=False))[0]
     broken = tmp_path / "broken"
     shutil.copytree(v1.model_dir, broken)
