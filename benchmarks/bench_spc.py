@@ -109,7 +109,7 @@ def make_rep(data: Data, index: int, phase1: int, patterns: bool = True) -> Rep:
     F = {C.slug(v): data.cells(v, threshold) for v in VARIANTS}
     sig = signatures(data, p1) if patterns else None
     t0 = time.perf_counter()
-    settings = ChartSettings(arl0=ARL0, window=WINDOW, seed=index, unusual_pattern=patterns)
+    settings = ChartSettings(arl0=ARL0, window=WINDOW, seed=index)
     chart = fit_chart("bench", data.model["model_id"], pd.DataFrame(F["clean"][p1], columns=data.names),
                       strata=data.types[p1], lots=data.lots[p1], settings=settings, signatures=sig)
     return Rep(index, p1, F, chart, runs, run_types, time.perf_counter() - t0)

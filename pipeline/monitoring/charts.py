@@ -10,9 +10,7 @@ This module runs that chart inside the monitor:
 * **Phase I** (:func:`fit_chart`): the champion's reference images, in production order, with their product types
   and lots (or blocks of consecutive images), limits calibrated to ``arl0`` windows. Beside its MEWMA the chart
   watches the patterns of the common camera faults (:data:`CAMERA_PATTERNS`), measured on a line's first fit by
-  applying each fault to a sample of the reference images (:func:`fault_signatures`), and the pattern of a rise in
-  the share of unusual cells (:data:`UNUSUAL_PATTERN`, :func:`unusual_signature`), measured without labels on the
-  Phase I itself: what a window's means do when more of its cells look like the reference's highest-scoring ones.
+  applying each fault to a sample of the reference images (:func:`fault_signatures`).
 * **State** (:class:`LineCharts`): one JSON file per line under the alert manager's state folder
   (``<state_dir>/charts/<line>.json``), tied to the line and the model; a state of another line or model, or an
   unreadable one, is replaced by a new fit, with a message.
@@ -55,9 +53,8 @@ FAMILY = "spc"
 TAIL_QUANTILE = 0.9
 """A cell counts in ``score_tail`` when its anomaly score is above this quantile of the reference's scores."""
 
-__all__ = ["CAMERA_PATTERNS", "FAMILY", "UNUSUAL_PATTERN", "ChartNotReady", "ChartSettings", "ChartedResult",
-           "LineCharts", "MonitorCharts", "chart_cause", "draw_chart", "fault_signatures", "fit_chart",
-           "model_statistics", "image_statistics", "point_metrics", "unusual_signature", "window_size_of"]
+__all__ = ["CAMERA_PATTERNS", "FAMILY", "ChartNotReady", "ChartSettings", "ChartedResult", "LineCharts", "MonitorCharts", "chart_cause",
+           "draw_chart", "fault_signatures", "fit_chart", "model_statistics", "image_statistics", "point_metrics", "window_size_of"]
 
 CAMERA_PATTERNS: dict[str, tuple[str, float]] = {
     "camera gain x0.9": ("gain", 0.9),
@@ -68,12 +65,6 @@ CAMERA_PATTERNS: dict[str, tuple[str, float]] = {
 }
 """The camera faults whose patterns the chart watches beside its MEWMA: pattern name -> (fault kind, physical
 parameter) of :func:`pipeline.line.faults.apply_to_capture`."""
-UNUSUAL_PATTERN = "more unusual cells +10 pp"
-"""The population pattern the chart watches when its statistics include ``score_tail`` (a defect surge upstream)."""
-UNUSUAL_STEP = 0.1
-"""The rise in the share of cells above the tail cut that one unit of :data:`UNUSUAL_PATTERN` stands for."""
-MIN_TAIL_CELLS = 10
-"""Fewest Phase I cells on each side of the tail cut for :func:`unusual_signature` to measure the pattern."""
 SIGNATURE_IMAGES = 120
 """Reference images a fault pattern is measured on (evenly spread over the reference)."""
 
@@ -92,8 +83,6 @@ class ChartSettings:
         block: bootstrap block length (images) when the reference has no lot labels.
         min_lots: fewest lots (or blocks) of the reference for a chart (``SpcConfig.min_lots``).
         seed: bootstrap seed.
-        unusual_pattern: watch :data:`UNUSUAL_PATTERN` beside the camera patterns when the statistics include
-            ``score_tail`` (:func:`unusual_signature`).
     """
 
     arl0: float = 200.0
@@ -103,7 +92,6 @@ class ChartSettings:
     block: int = 60
     min_lots: int = SpcConfig.min_lots
     seed: int = 0
-    unusual_pattern: bool = True
 
     def spc_config(self) -> SpcConfig:
         """The chart configuration."""
@@ -166,42 +154,6 @@ def fault_signatures(images: Sequence[np.ndarray], statistics_of: Callable[[list
     return out
 
 
-def unusual_signature(stats: pd.DataFrame, strata: Any = None, step: float = UNUSUAL_STEP) -> pd.Series | None:
-    """The pattern of "more unusual cells": the change of every window mean when the tail share rises by ``step``.
-
-    Measured on the in-control cells alone, without labels: each cell is taken relative to its stratum's mean (as
-    the chart does, so the pattern is a change at a fixed product mix), and a window in which a share ``e`` of the
-    cells is replaced by cells like the tail cells (``score_tail`` = 1) moves by ``e`` times the tail cells' mean
-    deviation. ``e`` is chosen so that the ``score_tail`` share itself rises by ``step``. A defect surge upstream
-    moves a window this way: more cells score high, and with them the statistics such cells differ in (dark area,
-    contrast, latent axes).
-
-    Args:
-        stats: per-image chart statistics (:func:`image_statistics`) of the Phase I.
-        strata: product type per image, or None.
-        step: the rise of the tail share one unit of the pattern stands for.
-
-    Returns:
-        The pattern (indexed like ``stats``' columns), or None without ``score_tail`` or with fewer than
-        :data:`MIN_TAIL_CELLS` finite cells on either side of the cut.
-    """
-    if "score_tail" not in stats.columns:
-        return None
-    X = stats.to_numpy(float)
-    ok = np.isfinite(X).all(axis=1)
-    X = X[ok]
-    tail = X[:, list(stats.columns).index("score_tail")] > 0.5
-    if tail.sum() < MIN_TAIL_CELLS or (~tail).sum() < MIN_TAIL_CELLS:
-        return None
-    groups = np.zeros(len(X), int) if strata is None else pd.factorize(np.asarray(strata)[ok])[0]
-    centred = X - pd.DataFrame(X).groupby(groups).transform("mean").to_numpy()
-    change = centred[tail].mean(axis=0) - centred.mean(axis=0)
-    rise = change[list(stats.columns).index("score_tail")]
-    if not rise > 0:
-        return None
-    return pd.Series(change * (step / rise), index=stats.columns)
-
-
 def model_statistics(checkpoint: Any, images: Sequence[np.ndarray]) -> pd.DataFrame:
     """Per-image chart statistics of images under a model: its latents and the ``CHART_CHANNELS`` properties.
 
@@ -227,16 +179,11 @@ def fit_chart(line: str, model_id: str | None, stats: pd.DataFrame, *, strata: A
         lots: lot per image, or None (bootstrap blocks of consecutive images).
         settings: fitting settings.
         signatures: fault patterns (:func:`fault_signatures`) watched beside the MEWMA; a statistic a pattern
-            does not give (e.g. ``score_tail``) counts as unchanged. :data:`UNUSUAL_PATTERN` is added to them
-            (``settings.unusual_pattern``). None and no ``score_tail``: the MEWMA alone.
+            does not give (e.g. ``score_tail``) counts as unchanged. None: the MEWMA alone.
 
     Returns:
         The fitted chart.
     """
-    signatures = dict(signatures or {})
-    unusual = unusual_signature(stats, strata) if settings.unusual_pattern else None
-    if unusual is not None:
-        signatures[UNUSUAL_PATTERN] = unusual
     sig = None if not signatures else {k: v.reindex(stats.columns).fillna(0.0).to_numpy(float)
                                        for k, v in signatures.items()}
     return SpcChart(line, model_id, settings.spc_config()).fit(stats, strata=strata, lots=lots, signatures=sig)

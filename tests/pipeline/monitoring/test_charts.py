@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,6 @@ from pipeline.monitoring.causes import window_causes
 from pipeline.monitoring.charts import (
     CAMERA_PATTERNS,
     FAMILY,
-    UNUSUAL_PATTERN,
     ChartedResult,
     ChartNotReady,
     ChartSettings,
@@ -26,7 +25,6 @@ from pipeline.monitoring.charts import (
     fit_chart,
     image_statistics,
     point_metrics,
-    unusual_signature,
 )
 
 SETTINGS = ChartSettings(arl0=50, window=20, n_windows=3000, n_segments=6, block=10)
@@ -260,67 +258,3 @@ def test_chart_settings_give_the_bootstrap_enough_windows_for_any_arl0(arl0):
     cfg = ChartSettings(arl0=arl0).spc_config()
     assert cfg.arl0 == arl0 and cfg.n_windows >= ChartSettings.n_windows
     assert cfg.n_windows >= 5 * arl0 * cfg.arl0_margin / (1.0 - cfg.pattern_share)  # calibrate_limit's floor
-
-
-def surge_cells(rng: np.random.Generator, n_lots: int, size: int = 20, defect: float = 0.05) -> pd.DataFrame:
-    """Per-image statistics with defective cells (darker, more often above the score tail cut, z_0 moved), lot
-    effects in brightness and every axis, and 18 more latent axes that nothing moves (as a chart's many statistics)."""
-    frames = []
-    for _ in range(n_lots):
-        share = float(np.clip(defect + rng.normal(0, 0.02), 0.0, 1.0))  # lots differ in their defect share
-        bad = rng.random(size) < share
-        z = rng.normal(0, 1.0, (1, 20)) + rng.normal(0, 1.0, (size, 20))
-        z[:, 0] += 0.7 * bad
-        frame = pd.DataFrame(z, columns=[f"z_{k}" for k in range(20)])
-        frame.insert(0, "mean_intensity", 0.5 + rng.normal(0, 0.01) + rng.normal(0, 0.01, size))
-        frame.insert(1, "dark_fraction", 0.05 + 0.04 * bad + rng.normal(0, 0.03, size))
-        frame["score_tail"] = (rng.random(size) < np.where(bad, 0.7, 0.07)).astype(float)
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
-
-
-def test_the_unusual_cells_pattern_is_the_tail_cells_deviation_scaled_to_ten_points_of_tail_share():
-    hist = surge_cells(np.random.default_rng(0), 100)
-    sig = unusual_signature(hist)
-    assert sig["score_tail"] == pytest.approx(0.1)
-    assert sig["dark_fraction"] > 0 and sig["z_0"] > 0  # tail cells are darker and sit higher on z_0
-    assert abs(sig["mean_intensity"]) < 0.1 * abs(sig["dark_fraction"])  # brightness does not go with the tail
-    assert unusual_signature(hist.drop(columns="score_tail")) is None
-    few = hist.assign(score_tail=0.0)
-    few.loc[:5, "score_tail"] = 1.0
-    assert unusual_signature(few) is None
-
-
-def test_the_unusual_cells_pattern_compares_cells_within_their_product_type():
-    rng = np.random.default_rng(1)
-    n = 2000
-    kind = np.where(np.arange(n) < n // 2, "mono", "poly")
-    tail = ((kind == "poly") & (rng.random(n) < 0.2)).astype(float)  # poly cells score high more often ...
-    dark = np.where(kind == "poly", 0.3, 0.1) + rng.normal(0, 0.01, n)  # ... and are darker, tail or not
-    stats = pd.DataFrame({"dark_fraction": dark, "score_tail": tail})
-    assert unusual_signature(stats)["dark_fraction"] > 0.008  # pooled: the type difference reads as the pattern
-    assert abs(unusual_signature(stats, kind)["dark_fraction"]) < 0.001  # within type: nothing moves with the tail
-
-
-def test_a_defect_surge_alarms_sooner_with_the_unusual_cells_pattern_and_names_it():
-    hist = surge_cells(np.random.default_rng(0), 100)
-    lots = np.repeat(np.arange(100), 20)
-    with_pattern = fit_chart("L1", "m1", hist, lots=lots, settings=SETTINGS)
-    alone = fit_chart("L1", "m1", hist, lots=lots, settings=replace(SETTINGS, unusual_pattern=False))
-    assert with_pattern.pattern_names == (UNUSUAL_PATTERN,) and alone.pattern_names == ()
-    delays: dict[str, list[int]] = {"pattern": [], "alone": []}
-    named = []
-    for stream in range(12):
-        for key, chart in (("pattern", with_pattern), ("alone", alone)):
-            chart.reset()
-            rng = np.random.default_rng([7, stream])  # the same surge windows for both charts
-            for w in range(1, 41):
-                point = chart.update(f"{key}{stream}-{w}", surge_cells(rng, 1, defect=0.2))  # 5 % -> 20 %
-                if point.alarm:
-                    break
-            delays[key].append(w if point.alarm else 99)
-            if key == "pattern":
-                named.append(point.pattern == UNUSUAL_PATTERN)
-    assert np.median(delays["pattern"]) <= 8
-    assert np.median(delays["pattern"]) < np.median(delays["alone"])
-    assert np.mean(named) >= 0.75
