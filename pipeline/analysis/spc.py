@@ -47,7 +47,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -351,7 +351,7 @@ class SpcChart:
 
     # ---- fit (Phase I) -------------------------------------------------------------------------------------
     def fit(self, X: Any, *, names: Sequence[str] | None = None, strata: Any = None, lots: Any = None,
-            signatures: Mapping[str, Any] | None = None) -> SpcChart:
+            signatures: Mapping[str, Any] | None = None, one_sided: Collection[str] = ()) -> SpcChart:
         """Fit centre, covariance and limit on the line's in-control history (rows in production order).
 
         Args:
@@ -362,8 +362,11 @@ class SpcChart:
             lots: lot label per row; None: bootstrap blocks of ``config.block`` consecutive rows.
             signatures: optional fault patterns, name -> (K,) mean change of each statistic under that fault
                 (e.g. ``"camera gain x0.9"``: measured by applying :func:`pipeline.line.faults.gain` to in-control
-                images). Each gets a two-sided EWMA along its most sensitive direction ``S^-1 delta`` beside the
-                MEWMA, which watches every direction; the two share the ARL0.
+                images). Each gets an EWMA along its most sensitive direction ``S^-1 delta`` beside the MEWMA, which
+                watches every direction; the two share the ARL0.
+            one_sided: the patterns whose fault moves only one way (more blur, more noise, more light fall-off):
+                their charts alarm only on a shift in the pattern's own direction; the others on either direction
+                (a gain can drop or rise). Fewer directions to watch give each a lower limit.
 
         Returns:
             self.
@@ -384,6 +387,7 @@ class SpcChart:
         self.pattern_names = tuple(signatures or ())
         self.patterns = np.array([np.asarray(signatures[k], float) for k in self.pattern_names]).reshape(
             len(self.pattern_names), len(self.names)) if signatures else np.zeros((0, len(self.names)))
+        self.pattern_one_sided = np.array([k in set(one_sided) for k in self.pattern_names], dtype=bool)
         rng = np.random.default_rng([self.config.seed, 0x5BC])
         fallback = np.broadcast_to(self.center_all, (len(labels), len(names)))
         self._use(_estimate(X, g, runs, self.patterns, fallback, self.config.n_windows // 4, self.config, rng))
@@ -447,15 +451,19 @@ class SpcChart:
         self.pattern_limit = 1.0
         if share:
             self.pattern_limit = calibrate_limit(
-                [(E, lambda x, est=est: np.abs(est.patterns(x)).max(axis=-1)) for E, est in segments],
+                [(E, lambda x, est=est: self._pattern_max(est.patterns(x))) for E, est in segments],
                 lam, target / share)[0]
         self.limit, self.arl0_fit = calibrate_limit(
             [(E, lambda x, est=est: self._combined(est, x)) for E, est in segments], lam, target)
 
+    def _pattern_max(self, u: np.ndarray) -> np.ndarray:
+        """The largest pattern chart value: ``u`` itself for a one-sided pattern, ``|u|`` for the others."""
+        return np.where(self.pattern_one_sided, u, np.abs(u)).max(axis=-1)
+
     def _combined(self, est: _Estimate, E: np.ndarray) -> np.ndarray:
         out = est.t2(E) / self.t2_limit
         if len(self.pattern_names):
-            out = np.maximum(out, np.abs(est.patterns(E)).max(axis=-1) / self.pattern_limit)
+            out = np.maximum(out, self._pattern_max(est.patterns(E)) / self.pattern_limit)
         return out
 
     def clipped(self, V: np.ndarray) -> np.ndarray:
@@ -637,7 +645,7 @@ class SpcChart:
             "precision": self.precision.tolist(), "limit": self.limit, "arl0_fit": self.arl0_fit,
             "t2_limit": self.t2_limit, "pattern_limit": self.pattern_limit, "pattern_names": list(self.pattern_names),
             "patterns": self.patterns.tolist(), "pattern_weights": self.pattern_weights.tolist(),
-            "pattern_sd": self.pattern_sd.tolist(),
+            "pattern_sd": self.pattern_sd.tolist(), "pattern_one_sided": self.pattern_one_sided.tolist(),
             "clip": self.estimate.clip if math.isfinite(self.estimate.clip) else None,
             "fit_info": self.fit_info, "ewma_state": self.ewma_state.tolist(), "since_reset": self.since_reset,
             "n_windows": self.n_windows, "history": self.history,
@@ -665,6 +673,8 @@ class SpcChart:
         out.patterns = np.asarray(d["patterns"], float).reshape(-1, k)
         out.pattern_weights = np.asarray(d["pattern_weights"], float).reshape(-1, k)
         out.pattern_names = tuple(d["pattern_names"])
+        # states written before one-sided patterns watched every pattern both ways
+        out.pattern_one_sided = np.asarray(d.get("pattern_one_sided", [False] * len(out.pattern_names)), dtype=bool)
         out.limit, out.arl0_fit = float(d["limit"]), float(d["arl0_fit"])
         out.t2_limit, out.pattern_limit = float(d["t2_limit"]), float(d["pattern_limit"])
         clip = d.get("clip")

@@ -53,8 +53,9 @@ FAMILY = "spc"
 TAIL_QUANTILE = 0.9
 """A cell counts in ``score_tail`` when its anomaly score is above this quantile of the reference's scores."""
 
-__all__ = ["CAMERA_PATTERNS", "FAMILY", "ChartNotReady", "ChartSettings", "ChartedResult", "LineCharts", "MonitorCharts", "chart_cause",
-           "draw_chart", "fault_signatures", "fit_chart", "model_statistics", "image_statistics", "point_metrics", "window_size_of"]
+__all__ = ["CAMERA_PATTERNS", "FAMILY", "ONE_SIDED_PATTERNS", "ChartNotReady", "ChartSettings", "ChartedResult",
+           "LineCharts", "MonitorCharts", "chart_cause", "draw_chart", "fault_signatures", "fit_chart",
+           "model_statistics", "image_statistics", "point_metrics", "window_size_of"]
 
 CAMERA_PATTERNS: dict[str, tuple[str, float]] = {
     "camera gain x0.9": ("gain", 0.9),
@@ -65,6 +66,11 @@ CAMERA_PATTERNS: dict[str, tuple[str, float]] = {
 }
 """The camera faults whose patterns the chart watches beside its MEWMA: pattern name -> (fault kind, physical
 parameter) of :func:`pipeline.line.faults.apply_to_capture`."""
+ONE_SIDED_PATTERNS: frozenset[str] = frozenset({"defocus blur 1 px", "sensor noise 3 %", "vignetting 0.2"})
+"""Patterns whose fault moves one way only: optics lose focus, sensors gain noise, light falls off towards the corners
+with age. Their charts alarm only in that direction (a sharper, quieter or more even picture is no such fault; the
+MEWMA still watches every direction). A gain can drop or rise and a cell can turn either way, so those two stay
+two-sided."""
 SIGNATURE_IMAGES = 120
 """Reference images a fault pattern is measured on (evenly spread over the reference)."""
 
@@ -179,14 +185,16 @@ def fit_chart(line: str, model_id: str | None, stats: pd.DataFrame, *, strata: A
         lots: lot per image, or None (bootstrap blocks of consecutive images).
         settings: fitting settings.
         signatures: fault patterns (:func:`fault_signatures`) watched beside the MEWMA; a statistic a pattern
-            does not give (e.g. ``score_tail``) counts as unchanged. None: the MEWMA alone.
+            does not give (e.g. ``score_tail``) counts as unchanged; those of :data:`ONE_SIDED_PATTERNS` in their
+            own direction only. None: the MEWMA alone.
 
     Returns:
         The fitted chart.
     """
     sig = None if not signatures else {k: v.reindex(stats.columns).fillna(0.0).to_numpy(float)
                                        for k, v in signatures.items()}
-    return SpcChart(line, model_id, settings.spc_config()).fit(stats, strata=strata, lots=lots, signatures=sig)
+    return SpcChart(line, model_id, settings.spc_config()).fit(stats, strata=strata, lots=lots, signatures=sig,
+                                                               one_sided=ONE_SIDED_PATTERNS)
 
 
 def chart_cause(point: ChartPoint) -> Cause | None:

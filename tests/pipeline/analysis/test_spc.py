@@ -359,3 +359,24 @@ def test_a_shift_against_a_pattern_is_not_named_as_that_fault(fitted):
             break
     assert point.alarm and point.top.name == "mean_intensity" and point.top.value > 0
     assert point.pattern is None and "matches" not in point.text
+
+
+def test_a_one_sided_pattern_alarms_only_its_own_way_and_gets_a_lower_limit(fitted):
+    _, hist = fitted
+    blur = {"defocus blur 1 px": [0.0, 0.0, 0.8]}
+    fit = {"strata": hist["product"], "lots": hist["lot"], "signatures": blur}
+    both = SpcChart("L1", "m1", CFG).fit(hist[NAMES], **fit)
+    one = SpcChart("L1", "m1", CFG).fit(hist[NAMES], **fit, one_sided={"defocus blur 1 px"})
+    assert one.pattern_one_sided.tolist() == [True] and both.pattern_one_sided.tolist() == [False]
+    assert one.pattern_limit < both.pattern_limit  # one direction to watch instead of two
+    along = 1.5 * np.array(blur["defocus blur 1 px"]) * CFG.lam
+    for E in (along, -along):  # the pattern's way and the opposite way
+        u = both.pattern_scores(E)[0]
+        assert both.statistic(E) == pytest.approx(max(both.t2(E) / both.t2_limit, abs(u) / both.pattern_limit))
+    assert one.statistic(along) == pytest.approx(max(one.t2(along) / one.t2_limit,
+                                                     one.pattern_scores(along)[0] / one.pattern_limit))
+    assert one.statistic(-along) == pytest.approx(one.t2(-along) / one.t2_limit)  # only the MEWMA sees it
+    back = SpcChart.from_dict(json.loads(json.dumps(one.to_dict())), line="L1", model_id="m1")
+    assert back.pattern_one_sided.tolist() == [True] and back.statistic(-along) == pytest.approx(one.statistic(-along))
+    old = {k: v for k, v in one.to_dict().items() if k != "pattern_one_sided"}  # a state from before: both ways
+    assert SpcChart.from_dict(old, line="L1", model_id="m1").pattern_one_sided.tolist() == [False]

@@ -16,6 +16,7 @@ from pipeline.monitoring.causes import window_causes
 from pipeline.monitoring.charts import (
     CAMERA_PATTERNS,
     FAMILY,
+    ONE_SIDED_PATTERNS,
     ChartedResult,
     ChartNotReady,
     ChartSettings,
@@ -209,6 +210,7 @@ def test_a_chart_fitted_with_signatures_watches_them_and_a_missing_statistic_cou
     chart = fit_chart("L1", "m1", hist, lots=lots, settings=SETTINGS, signatures=sig)
     assert chart.pattern_names == ("camera gain x0.9",)
     assert chart.patterns[0].tolist() == [-0.05, -1.0, 0.0]
+    assert chart.pattern_one_sided.tolist() == [False]  # a gain can drop or rise
     rng = np.random.default_rng(5)
     for w in range(30):
         point = chart.update(f"bad{w}", cells(rng, 1, gain=0.9))
@@ -258,3 +260,14 @@ def test_chart_settings_give_the_bootstrap_enough_windows_for_any_arl0(arl0):
     cfg = ChartSettings(arl0=arl0).spc_config()
     assert cfg.arl0 == arl0 and cfg.n_windows >= ChartSettings.n_windows
     assert cfg.n_windows >= 5 * arl0 * cfg.arl0_margin / (1.0 - cfg.pattern_share)  # calibrate_limit's floor
+
+
+def test_blur_noise_and_vignetting_patterns_are_watched_one_way_gain_and_misalignment_both():
+    hist = cells(np.random.default_rng(0), 100)
+    lots = np.repeat(np.arange(100), 20)
+    sig = {name: pd.Series({"mean_intensity": 0.01 * (k + 1), "z_1": 0.2}) for k, name in enumerate(CAMERA_PATTERNS)}
+    chart = fit_chart("L1", "m1", hist, lots=lots, settings=SETTINGS, signatures=sig)
+    one_way = dict(zip(chart.pattern_names, chart.pattern_one_sided.tolist(), strict=True))
+    assert one_way == {"camera gain x0.9": False, "defocus blur 1 px": True, "sensor noise 3 %": True,
+                       "fixture misalignment 2 deg": False, "vignetting 0.2": True}
+    assert ONE_SIDED_PATTERNS <= set(CAMERA_PATTERNS)
