@@ -302,7 +302,7 @@ def crack_fraction(
 
 
 def rotation_deg(images: np.ndarray) -> float | np.ndarray:
-    """Rotation of the cell's busbar / edge grid away from the image axes, in degrees, in [-22.5, 22.5).
+    """Rotation of the cell's busbar / edge grid away from the image axes, in degrees, in (-45, 45].
 
     The gradient orientations of the strongest edges (busbars and cell borders are all horizontal or vertical on an
     aligned cell) are averaged in the *quadrupled*-angle representation, so horizontal and vertical edges agree and

@@ -29,8 +29,10 @@ from pipeline.analysis.drift.statistics import (
     effect_size,
     ks_per_axis,
     median_heuristic,
+    median_shift,
     mmd_permutation_test,
     psi_band,
+    robust_scale,
     score_distribution_test,
     score_tail_test,
 )
@@ -275,7 +277,7 @@ class DriftDetector(LotNull):
         self.ref_scores_ = scores
         self.ref_quality_ = quality
         self.quality_names_ = q_names
-        self._q_sd = None if quality is None else np.maximum(quality.std(axis=0), 1e-12)
+        self._q_sd = None if quality is None else robust_scale(quality)
         self.model_id_ = model_id
         self.n_ref_, self.n_features_in_ = Z.shape
         self.psi_edges_ = _psi_edges(Z, self.psi_bins)
@@ -488,11 +490,8 @@ class DriftDetector(LotNull):
         if win.quality is not None:
             q_ref = self.ref_quality_
             st.q_ks, _ = ks_per_axis(q_ref[rows], win.quality)
-            if w is None:
-                st.q_eff = effect_size(q_ref, win.quality)
-            else:
-                st.q_eff = (win.quality.mean(axis=0) - w @ q_ref) / np.maximum(q_ref.std(axis=0, ddof=1), 1e-12)
-            q_pv = stats.ttest_ind(win.quality, q_ref[rows], axis=0, equal_var=False).pvalue
+            st.q_eff = median_shift(q_ref, win.quality, self._q_sd, w)
+            q_pv = stats.mannwhitneyu(win.quality, q_ref[rows], axis=0, alternative="two-sided").pvalue
             st.q_pv = np.where(np.isfinite(q_pv), q_pv, 1.0)
             st.quality_stat = float(np.max(np.abs(st.q_eff)))
 

@@ -29,6 +29,7 @@ from pipeline.analysis.drift.statistics import (
     _weighted_auc,
     _weighted_mmd2,
     _weighted_quantile,
+    median_shift,
     mmd2_unbiased,
 )
 
@@ -162,7 +163,7 @@ class LotNull:
     ) -> tuple[float, float, float, float, float]:
         """Family statistics of rows ``idx`` (repeats allowed) against the re-weighted rest.
 
-        Max KS (axes), MMD^2, score AUC, max |mean shift| in sd (quality) and the score tail share. ``weights`` (of
+        Max KS (axes), MMD^2, score AUC, max |median shift| in robust sd (quality) and the score tail share. ``weights`` (of
         the kept rows) replace the stratum re-weighting to ``shares``.
         """
         keep = ~excl
@@ -186,8 +187,8 @@ class LotNull:
             tail = float(np.mean(self.ref_scores_[idx] > cut))
         qstat = math.nan
         if self.ref_quality_ is not None:
-            shift = self.ref_quality_[idx].mean(axis=0) - w @ self.ref_quality_[rest_idx]
-            qstat = float(np.max(np.abs(shift) / self._q_sd))
+            shift = median_shift(self.ref_quality_[rest_idx], self.ref_quality_[idx], self._q_sd, w)
+            qstat = float(np.max(np.abs(shift)))
         return ks, mmd, auc, qstat, tail
 
     def calibrate(self, n: int, shares: dict[str, float] | None = None) -> dict[str, np.ndarray]:

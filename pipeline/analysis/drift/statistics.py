@@ -4,7 +4,8 @@ Pure functions on arrays. The public ones test or describe a window against the 
 
 * :func:`ks_per_axis` (two-sample Kolmogorov-Smirnov on every latent axis), corrected by :func:`bh_adjust`
   (Benjamini-Hochberg) or :func:`bonferroni`;
-* :func:`effect_size` (signed mean shift in reference sd), :func:`psi` and :func:`psi_band` (population stability
+* :func:`effect_size` (signed mean shift in reference sd), :func:`median_shift` and :func:`robust_scale` (the
+  image-quality channels' level shift), :func:`psi` and :func:`psi_band` (population stability
   index and its conventional bands);
 * :func:`median_heuristic`, :func:`mmd2_unbiased` and :func:`mmd_permutation_test` (multivariate: unbiased MMD^2 with
   a Gaussian RBF kernel);
@@ -118,6 +119,36 @@ def effect_size(ref: Any, cur: Any) -> np.ndarray:
     ref, cur = _pair(ref, cur)
     sd = np.maximum(ref.std(axis=0, ddof=1), 1e-12)
     return (cur.mean(axis=0) - ref.mean(axis=0)) / sd
+
+
+def robust_scale(x: Any) -> np.ndarray:
+    """Robust standard deviation per column: ``1.4826 * MAD`` (the sd for normal data), the sd where the MAD is 0.
+
+    A few cells on which a measurement fails (e.g. a rotation read at +-40 degrees on a cell without a clear busbar
+    grid) inflate the sd many times over; they leave the MAD alone. Floored at 1e-12.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    mad = 1.4826 * np.median(np.abs(x - np.median(x, axis=0)), axis=0)
+    sd = x.std(axis=0, ddof=1) if x.shape[0] > 1 else np.zeros(x.shape[1])
+    return np.maximum(np.where(mad > 0, mad, sd), 1e-12)
+
+
+def weighted_median(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Median per column of ``x`` (n, k), each row weighted by ``weights`` (n,) when given (the lower median)."""
+    if weights is None:
+        return np.median(x, axis=0)
+    return np.array([_weighted_quantile(x[:, j], weights, 0.5) for j in range(x.shape[1])])
+
+
+def median_shift(ref: np.ndarray, cur: np.ndarray, scale: np.ndarray, ref_weights: np.ndarray | None = None
+                 ) -> np.ndarray:
+    """Signed shift of the median per column, in units of ``scale``: ``(median_cur - median_ref) / scale``.
+
+    The level shift a fault of the whole window makes (every cell blurred, noisier, rotated) moves the median as it
+    moves the mean, while a minority of cells with outlying values (a lot on which a measurement fails) does not.
+    ``ref_weights`` re-weight the reference rows (e.g. to the window's product mix).
+    """
+    return (np.median(cur, axis=0) - weighted_median(ref, ref_weights)) / scale
 
 
 def _psi_edges(ref: np.ndarray, bins: int) -> list[np.ndarray]:
