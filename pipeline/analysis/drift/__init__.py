@@ -17,9 +17,10 @@ families of tests:
   higher is normal, it finds a minority of bad cells far more often than the AUC (synthetic lots:
   ``tests/pipeline/analysis/drift/test_lotnull.py``; ELPV lot windows: ``benchmarks/results/bench_drift_faults.md``); the AUC
   is the stronger one for a shift of every cell and on i.i.d. windows;
-* **image quality** (when given): per-channel mean shift (in reference sd; Welch t-test under the i.i.d. null) of
+* **image quality** (when given): per-channel median shift (in robust reference sd, 1.4826 MAD, so that a minority
+  of cells on which a measurement fails cannot move it; Mann-Whitney under the i.i.d. null) of
   full-resolution image-quality measurements (fine detail, noise level, rotation from :mod:`pipeline.latent.properties`),
-  Bonferroni over channels. A mean shift, not KS: the faults these channels watch move a property's level, while
+  Bonferroni over channels. A level shift, not KS: the faults these channels watch move a property's level, while
   whole lots differ in the *shape* of e.g. the rotation distribution (all cells of one module share it), which KS
   would count as drift. A latent computed at
   32-64 px cannot see a 1 px blur or 3 % sensor noise on a 300 px image (downsampling averages them away); these

@@ -34,11 +34,13 @@ class DriftResult:
         n_cur: window size.
         null: ``"iid"`` or ``"lot"``.
         thresholds: the decision thresholds used (levels, lot-null quantiles, the expected null PSI).
-        quality_stat: largest |mean shift| of the image-quality channels, in reference sd (None without them).
-        quality_p: p-value of the quality family (Welch t-tests, Bonferroni over channels, under the i.i.d. null;
+        quality_stat: largest |median shift| of the image-quality channels, in robust reference sd (1.4826 MAD;
+            None without them).
+        quality_p: p-value of the quality family (Mann-Whitney tests, Bonferroni over channels, under the i.i.d. null;
             lot bootstrap of the largest |shift| under the lot null; None without channels).
         per_channel: one row per quality channel, significant first then by |effect|: ``channel, ks_stat, p_value,
-            effect_size, significant`` (``p_value``: Welch t-test; None without channels).
+            effect_size, significant`` (``effect_size``: median shift in robust sd; ``p_value``: Mann-Whitney; None without
+            channels).
         score_tail: share of the window's cells above the reference's ``1 - score_tail`` score quantile (None
             without scores); ``score_tail_expected`` is that share on the reference (``score_tail``, e.g. 0.10).
         mix: the window's product mix against the reference's (:class:`pipeline.analysis.strata.MixSignal`; None without

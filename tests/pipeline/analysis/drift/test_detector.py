@@ -139,6 +139,27 @@ def test_quality_family_sees_a_channel_the_latents_miss(null):
         det.test(rng.normal(size=(80, D)), cur_quality=q_ok.assign(sharpness=np.nan))
 
 
+@pytest.mark.parametrize("null", ["iid", "lot"])
+def test_quality_family_is_not_moved_by_a_minority_of_failed_reads(null):
+    """A few cells whose rotation reads fail (+-40 degrees) do not fire the family; every cell rotated does."""
+    rng = np.random.default_rng(7)
+    ref = rng.normal(size=(600, D))
+    q_ref = pd.DataFrame({"rotation_deg": rng.normal(0.0, 0.2, 600), "noise_level": rng.normal(0.01, 0.002, 600)})
+    det = DriftDetector(null=null, n_permutations=49, n_calibration=200, mmd_max_ref=300).fit(ref, ref_quality=q_ref)
+
+    def window(n_failed: int = 0, rotated: float = 0.0) -> pd.DataFrame:
+        rot = rng.normal(0.0, 0.2, 100) + rotated
+        rot[:n_failed] = rng.choice([-40.0, 40.0], n_failed)
+        return pd.DataFrame({"rotation_deg": rot, "noise_level": rng.normal(0.01, 0.002, 100)})
+
+    failed = [det.test(rng.normal(size=(100, D)), cur_quality=window(n_failed=8)) for _ in range(20)]
+    assert np.mean(["quality" in r.fired for r in failed]) <= 0.1
+    assert max(abs(r.per_channel.set_index("channel").loc["rotation_deg", "effect_size"]) for r in failed) < 1.0
+    rotated = det.test(rng.normal(size=(100, D)), cur_quality=window(rotated=0.6))
+    assert "quality" in rotated.fired and rotated.top_channel == "rotation_deg"
+    assert rotated.per_channel.iloc[0]["effect_size"] == pytest.approx(3.0, abs=0.8)
+
+
 @pytest.mark.parametrize("null", ["lot", "iid"])
 def test_conditioning_on_the_product_makes_a_mix_swing_no_drift(null):
     """A window of another product mix, nothing else changed: drift without conditioning, none with it."""

@@ -12,11 +12,14 @@ from pipeline.analysis.drift.statistics import (
     bonferroni,
     effect_size,
     ks_per_axis,
+    median_shift,
     mmd_permutation_test,
     psi,
     psi_band,
+    robust_scale,
     score_distribution_test,
     score_tail_test,
+    weighted_median,
 )
 from tests.pipeline.analysis.drift.synthetic import D
 
@@ -49,6 +52,39 @@ def test_effect_size_signed_in_reference_sd():
     ref = rng.normal(size=(20000, 2)) * [1.0, 4.0]
     cur = rng.normal(size=(20000, 2)) * [1.0, 4.0] + [-0.5, 2.0]
     np.testing.assert_allclose(effect_size(ref, cur), [-0.5, 0.5], atol=0.03)
+
+
+def test_robust_scale_ignores_failed_reads_and_falls_back_to_the_sd():
+    rng = np.random.default_rng(1)
+    x = rng.normal(0.0, 0.2, size=(2000, 2))
+    x[:100, 0] = rng.choice([-40.0, 40.0], 100)  # 5 % failed reads, as a rotation measured on a cell without a grid
+    s = robust_scale(x)
+    assert s[0] == pytest.approx(0.2, rel=0.1) and x[:, 0].std() > 5.0
+    assert s[1] == pytest.approx(0.2, rel=0.1)
+    # a column whose MAD is 0 (most values equal) gets its sd
+    y = np.zeros((100, 1))
+    y[:10] = 1.0
+    assert robust_scale(y)[0] == pytest.approx(y.std(ddof=1))
+
+
+def test_weighted_median_follows_the_weights():
+    x = np.array([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [4.0, 40.0], [5.0, 50.0]])
+    np.testing.assert_allclose(weighted_median(x), [3.0, 30.0])
+    np.testing.assert_allclose(weighted_median(x, np.full(5, 0.2)), [3.0, 30.0])
+    np.testing.assert_allclose(weighted_median(x, np.array([0.0, 0.0, 0.1, 0.1, 0.8])), [5.0, 50.0])
+
+
+def test_median_shift_sees_a_level_shift_not_a_minority_of_outliers():
+    rng = np.random.default_rng(2)
+    ref = rng.normal(0.0, 0.2, size=(1000, 1))
+    scale = robust_scale(ref)
+    cur = rng.normal(0.0, 0.2, size=(100, 1))
+    cur_failed = cur.copy()
+    cur_failed[:12, 0] = -40.0  # 12 % failed reads: the mean moves by 24 sd, the median by about 0.3 sd
+    assert abs(median_shift(ref, cur_failed, scale)[0]) < 0.5
+    assert abs(effect_size(ref, cur_failed)[0]) > 10.0
+    # every cell rotated by 0.4 degrees: 2 sd, as with the mean
+    assert median_shift(ref, cur + 0.4, scale)[0] == pytest.approx(2.0, abs=0.4)
 
 
 def test_psi_and_bands():
