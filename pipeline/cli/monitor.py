@@ -525,7 +525,8 @@ def _print_drift(res: Any, model_id: str, n_given: int) -> None:
             f"{r.effect_size:>+7.2f}  {r.psi:>6.3f}  {r.psi_band}  {'*' if r.significant else ''}"
         )
     if res.per_channel is not None:
-        print(f"image quality (full resolution): max KS {res.quality_stat:.3f}, p = {res.quality_p:.4g}")
+        print(f"image quality (full resolution): largest median shift {res.quality_stat:.2f} robust sd, "
+              f"p = {res.quality_p:.4g}")
         for r in res.per_channel.itertuples(index=False):
             print(f"  {r.channel:<14}  KS {r.ks_stat:.3f}  p {r.p_value:.3g}  effect {r.effect_size:+.2f} sd"
                   f"  {'*' if r.significant else ''}")
