@@ -277,7 +277,7 @@ class DriftDetector(LotNull):
         self.ref_scores_ = scores
         self.ref_quality_ = quality
         self.quality_names_ = q_names
-        self._q_sd = None if quality is None else robust_scale(quality)
+        self._q_scale = None if quality is None else robust_scale(quality)
         self.model_id_ = model_id
         self.n_ref_, self.n_features_in_ = Z.shape
         self.psi_edges_ = _psi_edges(Z, self.psi_bins)
@@ -490,7 +490,7 @@ class DriftDetector(LotNull):
         if win.quality is not None:
             q_ref = self.ref_quality_
             st.q_ks, _ = ks_per_axis(q_ref[rows], win.quality)
-            st.q_eff = median_shift(q_ref, win.quality, self._q_sd, w)
+            st.q_eff = median_shift(q_ref, win.quality, self._q_scale, w)
             q_pv = stats.mannwhitneyu(win.quality, q_ref[rows], axis=0, alternative="two-sided").pvalue
             st.q_pv = np.where(np.isfinite(q_pv), q_pv, 1.0)
             st.quality_stat = float(np.max(np.abs(st.q_eff)))

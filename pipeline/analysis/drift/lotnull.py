@@ -9,7 +9,7 @@ statistics into empirical p-values ``(1 + #{boot >= obs}) / (B + 1)``.
 
 :class:`LotNull` is the part of :class:`pipeline.analysis.drift.DriftDetector` that does this; it reads the fitted
 reference the detector stores (``ref_``, ``ref_scores_``, ``ref_quality_``, ``n_ref_``, ``sigma_ref_``, ``strata_``,
-``ref_strata_``, ``_streams``, ``_q_sd``, ``_calibrations``) and its settings (``lot_block``, ``n_calibration``,
+``ref_strata_``, ``_streams``, ``_q_scale``, ``_calibrations``) and its settings (``lot_block``, ``n_calibration``,
 ``mmd_max_ref``, ``score_tail``, ``random_state``, ``progress``).
 """
 
@@ -187,7 +187,7 @@ class LotNull:
             tail = float(np.mean(self.ref_scores_[idx] > cut))
         qstat = math.nan
         if self.ref_quality_ is not None:
-            shift = median_shift(self.ref_quality_[rest_idx], self.ref_quality_[idx], self._q_sd, w)
+            shift = median_shift(self.ref_quality_[rest_idx], self.ref_quality_[idx], self._q_scale, w)
             qstat = float(np.max(np.abs(shift)))
         return ks, mmd, auc, qstat, tail
 

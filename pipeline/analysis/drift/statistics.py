@@ -134,7 +134,7 @@ def robust_scale(x: Any) -> np.ndarray:
 
 
 def weighted_median(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-    """Median per column of ``x`` (n, k), each row weighted by ``weights`` (n,) when given (the lower median)."""
+    """Median per column of ``x`` (n, k); with ``weights`` (n,), the lower weighted median (a value of ``x``)."""
     if weights is None:
         return np.median(x, axis=0)
     return np.array([_weighted_quantile(x[:, j], weights, 0.5) for j in range(x.shape[1])])
