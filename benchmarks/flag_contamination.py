@@ -23,7 +23,7 @@ import pandas as pd
 
 from benchmarks import common as C
 
-__all__ = ["calibration_rows", "calibration_scores", "day_rates", "main"]
+__all__ = ["calibration_rows", "calibration_scores", "day_rates", "day_rule_rates", "main"]
 
 
 def _truth(home: Path) -> pd.DataFrame:
@@ -91,6 +91,48 @@ def day_rates(scores: pd.DataFrame, truth: pd.DataFrame, days: pd.DataFrame | No
             "recall_without_offset": float(without[p1].mean())}
 
 
+def _fused_reference(home: Path, truth: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Model id -> its calibration cells' out-of-period patch scores on the threshold's scale, with line and day."""
+    from pipeline.analysis.fusion import FAMILIES, ScoreFusion
+
+    out = {}
+    for model_id, (ids, raw) in calibration_scores(home).items():
+        S = np.column_stack([raw, np.zeros(len(raw))])
+        fused = ScoreFusion(FAMILIES, log=(True, False), weights=(1.0, 0.0)).fit(S).score(S)
+        out[model_id] = pd.DataFrame({"image_id": ids, "s": fused}).merge(truth, on="image_id", how="left")
+    return out
+
+
+def day_rule_rates(home: Path, scores: pd.DataFrame, truth: pd.DataFrame, days: pd.DataFrame | None = None,
+                   fpr: float = 0.05, min_cells: int = 30) -> dict[str, float]:
+    """Healthy and p = 1 cells' flag rates when each cell is judged in robust units of its own line-day.
+
+    The rule of ``pipeline.analysis.thresholds.day_thresholds``: each model's threshold in period units
+    (``period_threshold``) from its calibration cells' out-of-period scores and their line-days, then each monitored
+    day's own median and interquartile range. Cells as in :func:`day_rates` (the first model that scored them).
+    """
+    from pipeline.analysis.thresholds import day_thresholds, period_threshold
+
+    refs = _fused_reference(home, truth)
+    first = scores.drop_duplicates("image_id", keep="first").merge(truth, on="image_id")
+    first = first[first["model_id"].isin(list(refs))]
+    first["key"] = first["line"].astype(str) + "|" + first["day"].astype(str)
+    thr_day = pd.Series(np.nan, index=first.index)
+    for model_id, rows in first.groupby("model_id"):
+        ref = refs[model_id]
+        unit = period_threshold(ref["s"], ref["line"].astype(str) + "|" + ref["day"].astype(str), fpr,
+                                min_cells=min_cells)
+        thr_day[rows.index] = day_thresholds(rows["score"], rows["key"], float(rows["threshold"].iloc[0]), unit,
+                                             min_cells=min_cells)
+    if days is not None:
+        keep = first.merge(days[["line", "day", "status"]], on=["line", "day"], how="left")["status"]
+        sel = keep.isin(["healthy", "mix", "recovery"]).to_numpy()
+        first, thr_day = first[sel], thr_day[sel]
+    flagged = first["score"] > thr_day
+    h, p1 = first["prob"] < 1, first["prob"] >= 1
+    return {"cells": len(first), "healthy_day_rule": float(flagged[h].mean()), "recall_day_rule": float(flagged[p1].mean())}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: print both tables for a soak."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -107,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = calibration_rows(home, scores[scores["scorer"] == "patch"], truth)
     print(pd.DataFrame(rows).round(3).to_string(index=False) if rows else "no calibration scores kept")
     config = saved_config(home)
-    print(pd.Series(day_rates(scores, truth, None if config is None else line_days(config))).round(3).to_string())
+    days = None if config is None else line_days(config)
+    print(pd.Series(day_rates(scores, truth, days)).round(3).to_string())
+    print(pd.Series(day_rule_rates(home, scores[scores["scorer"] == "patch"], truth, days)).round(3).to_string())
     return 0
 
 

@@ -47,9 +47,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["RECENTRE_Q", "TRIM_FENCE", "FlagCalibration", "FlagConfig", "cross_fit_scores", "day_offsets", "group_folds",
-           "grouped_threshold", "healthy_mask", "heldout_rate", "judged", "medcouple", "production_groups",
-           "set_flag_threshold"]
+__all__ = ["RECENTRE_Q", "TRIM_FENCE", "FlagCalibration", "FlagConfig", "cross_fit_scores", "day_offsets",
+           "day_thresholds", "group_folds", "grouped_threshold", "healthy_mask", "heldout_rate", "judged", "medcouple",
+           "period_threshold", "production_groups", "robust_units", "set_flag_threshold"]
 
 TRIM_FENCE = 3.0
 """Multiple of the (skew-adjusted) interquartile range above the third quartile beyond which a calibration score is
@@ -187,6 +187,82 @@ def day_offsets(scores: Any, days: Any, ref_scores: Any, *, quantile: float = RE
         if rows.size >= min_cells:
             delta = float(np.quantile(s[rows], quantile)) - q_ref
             out[rows] = delta if two_sided else max(0.0, delta)
+    return out
+
+
+def robust_units(scores: Any, groups: Any, *, min_cells: int = 30) -> tuple[np.ndarray, np.ndarray]:
+    """Each score in robust units of its own group, ``(s - median) / IQR`` of its group's scores.
+
+    Returns:
+        ``(units, ok)``: the scores in their group's units (NaN where not defined) and where they are defined: groups
+        of at least ``min_cells`` scores whose interquartile range is positive.
+
+    Raises:
+        ValueError: scores and groups of different lengths.
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    g = pd.Series(np.asarray(groups, dtype=object).ravel())
+    if len(g) != s.size:
+        raise ValueError(f"robust_units needs one group per score, got {s.size} scores and {len(g)} groups")
+    out = np.full(s.size, np.nan)
+    for _, rows in g.groupby(g, sort=False).indices.items():
+        if rows.size < min_cells:
+            continue
+        q1, med, q3 = np.quantile(s[rows], [0.25, 0.5, 0.75])
+        if q3 > q1:
+            out[rows] = (s[rows] - med) / (q3 - q1)
+    return out, np.isfinite(out)
+
+
+def period_threshold(ref_scores: Any, ref_periods: Any, fpr: float, *, min_cells: int = 30,
+                     fence: float | None = TRIM_FENCE) -> float | None:
+    """The flag threshold in robust units of a production period (the rule of :func:`day_thresholds`).
+
+    Each calibration cell's out-of-period score is put in units of its own period (:func:`robust_units`), far-out
+    ones are left out (:func:`healthy_mask`), and the threshold is the conformal ``(1 - fpr)`` order statistic of the
+    rest (``pipeline.analysis.detectors.base.conformal_threshold``). None when the periods of ``min_cells`` cells or
+    more hold too few cells for ``fpr``.
+    """
+    from pipeline.analysis.detectors.base import conformal_threshold
+
+    units, ok = robust_units(ref_scores, ref_periods, min_cells=min_cells)
+    if not ok.any():
+        return None
+    u = units[ok]
+    try:
+        return float(conformal_threshold(u[healthy_mask(u, fence)], fpr)[0])
+    except ValueError:  # too few cells for that rate
+        return None
+
+
+def day_thresholds(scores: Any, days: Any, threshold: float, unit_threshold: float | None, *,
+                   min_cells: int = 30) -> np.ndarray:
+    """Each cell's flag threshold when it is judged against its own line-day (Dynamic Part Average Testing).
+
+    A cell is flagged when its score, in robust units of its day (median and interquartile range of the day's
+    scores, :func:`robust_units`), is above ``unit_threshold`` (:func:`period_threshold`: the configured rate of the
+    calibration cells judged the same way against their own production periods). That is a threshold of
+    ``median_day + IQR_day x unit_threshold`` on the score itself, which this returns per cell. A day of new lots that
+    scores higher or lower overall, or spreads more or less, is judged by its own level and spread; days of fewer
+    than ``min_cells`` cells (too few for their quartiles), and every day when ``unit_threshold`` is None, keep
+    ``threshold``.
+
+    Raises:
+        ValueError: ``scores`` and ``days`` of different lengths.
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    d = pd.Series(np.asarray(days, dtype=object).ravel())
+    if len(d) != s.size:
+        raise ValueError(f"day_thresholds needs one day per score, got {s.size} scores and {len(d)} days")
+    out = np.full(s.size, float(threshold))
+    if unit_threshold is None:
+        return out
+    for _, rows in d.groupby(d, sort=False).indices.items():
+        if rows.size < min_cells:
+            continue
+        q1, med, q3 = np.quantile(s[rows], [0.25, 0.5, 0.75])
+        if q3 > q1:
+            out[rows] = med + (q3 - q1) * float(unit_threshold)
     return out
 
 

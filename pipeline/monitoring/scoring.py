@@ -166,9 +166,9 @@ def score_images(settings: Any, champ: Champion, rows: pd.DataFrame,
     # a cell of a product the calibration snapshot does not know is not judged (pipeline.analysis.thresholds.judged)
     known = judged(champ.reference["product_type"], df["product_type"]) if {"product_type"} <= \
         set(champ.reference.columns) & set(df.columns) else np.ones(len(df), dtype=bool)
-    offset = _day_offsets(settings, df, det.scores, ref_scores, config)
+    offset = _day_offsets(settings, champ, df, det, ref_scores, config)
     df["score"], df["day_offset"] = det.scores, offset
-    df["is_anomaly"] = det.is_anomaly & (np.asarray(det.scores) - offset > det.threshold) & known
+    df["is_anomaly"] = (np.asarray(det.scores) - offset > det.threshold) & known
     _upsert(scores_table_path(settings), pd.DataFrame({
         "image_id": df["image_id"].astype(str), "model_version": champ.version, "model_id": champ.model_id,
         "score": df["score"].astype(float), "is_anomaly": df["is_anomaly"].astype(bool),
@@ -204,15 +204,30 @@ def _residual_detection(settings: Any, champ: Champion, df: pd.DataFrame, config
     return champ.detector.predict(Z)
 
 
-def _day_offsets(settings: Any, df: pd.DataFrame, scores: Any, ref_scores: Any, config: MonitorConfig) -> np.ndarray:
-    """Each cell's line-day offset of its flag score (``pipeline.analysis.thresholds.day_offsets``); 0 when off."""
-    from pipeline.analysis.thresholds import day_offsets
+def _day_offsets(settings: Any, champ: Champion, df: pd.DataFrame, det: Any, ref_scores: Any,
+                 config: MonitorConfig) -> np.ndarray:
+    """How far each cell's line-day moves its flag threshold (``pipeline.analysis.thresholds.day_thresholds``).
 
-    if not config.recentre or ref_scores is None or df.empty:
+    The threshold in robust period units comes from the calibration cells' out-of-period scores and their own
+    line-days (the champion's reference rows, in the same order); 0 when the rule is off or cannot be set.
+    """
+    from pipeline.analysis.thresholds import day_thresholds, period_threshold
+
+    ref = champ.reference
+    if not config.recentre or ref_scores is None or df.empty or not {"captured_at"} <= set(ref.columns) \
+            or len(ref) != len(ref_scores):
         return np.zeros(len(df))
-    day = local_time(df["captured_at"], settings.timezone).dt.strftime("%Y-%m-%d")
-    line = df["line"].astype(str) if "line" in df.columns else pd.Series("", index=df.index)
-    return day_offsets(scores, (line + "|" + day).to_numpy(), ref_scores, min_cells=config.min_window)
+    unit = period_threshold(ref_scores, _line_days(settings, ref), config.fpr, min_cells=config.min_window)
+    thr = day_thresholds(det.scores, _line_days(settings, df), float(det.threshold), unit,
+                         min_cells=config.min_window)
+    return thr - float(det.threshold)
+
+
+def _line_days(settings: Any, rows: pd.DataFrame) -> np.ndarray:
+    """Each row's line and plant day (``"<line>|<YYYY-MM-DD>"`` in the configured time zone)."""
+    day = local_time(rows["captured_at"], settings.timezone).dt.strftime("%Y-%m-%d")
+    line = rows["line"].astype(str) if "line" in rows.columns else pd.Series("", index=rows.index)
+    return (line + "|" + day).to_numpy()
 
 
 def _fused_scores(patches: Any, df: pd.DataFrame, residual_scores: np.ndarray | None, config: MonitorConfig) -> Any:

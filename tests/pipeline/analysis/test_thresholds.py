@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from pipeline.analysis.detectors import Mahalanobis
-from pipeline.analysis.thresholds import day_offsets, healthy_mask, medcouple, set_flag_threshold
+from pipeline.analysis.thresholds import (
+    day_offsets,
+    day_thresholds,
+    healthy_mask,
+    medcouple,
+    period_threshold,
+    robust_units,
+    set_flag_threshold,
+)
 
 
 def _line(rng, n, defect_share, sep=8.0):
@@ -172,3 +180,62 @@ def test_day_offsets_move_only_raised_days_of_enough_cells():
         day_offsets(s, days[:-1], ref)
     with pytest.raises(ValueError, match="reference scores"):
         day_offsets(s, days, [])
+
+
+def _lots(rng, n_days, n, defect_share=0.05, sep=6.0):
+    """Line-days of lots unlike each other: each day's healthy scores N(level, spread), defective cells far out."""
+    scores, days, bad = [], [], []
+    for day in range(n_days):
+        level, spread = rng.uniform(-2.0, 2.0), rng.uniform(0.6, 1.5)
+        defective = rng.random(n) < defect_share
+        scores.append(level + spread * (rng.normal(size=n) + sep * defective))
+        days += [f"L1|{day}"] * n
+        bad.append(defective)
+    return np.concatenate(scores), np.array(days, dtype=object), np.concatenate(bad)
+
+
+def test_robust_units_put_each_group_on_its_own_median_and_iqr():
+    s = np.r_[np.arange(100.0), 10.0 * np.arange(100.0), np.full(40, 3.0), np.arange(5.0)]
+    groups = ["a"] * 100 + ["b"] * 100 + ["flat"] * 40 + ["few"] * 5
+    units, ok = robust_units(s, groups, min_cells=30)
+    assert np.allclose(units[:100], (np.arange(100) - 49.5) / 49.5)  # median 49.5, IQR 49.5
+    assert np.allclose(units[100:200], units[:100])  # a ten times wider group in its own units
+    assert ok[:200].all() and not ok[200:].any() and np.isnan(units[200:]).all()  # no spread / too few cells
+    with pytest.raises(ValueError, match="one group per score"):
+        robust_units(s, groups[:-1])
+
+
+def test_day_thresholds_flag_healthy_cells_of_every_kind_of_day_near_the_configured_rate():
+    rng = np.random.default_rng(3)
+    ref, ref_days, _ = _lots(rng, 12, 60)  # calibration periods, defective cells included
+    unit = period_threshold(ref, ref_days, 0.05)
+    s, days, bad = _lots(rng, 40, 150)  # new line-days: other levels and spreads
+    thr = float(np.quantile(ref, 0.95))
+    judged = s > day_thresholds(s, days, thr, unit)
+    per_day = np.array([judged[(days == d) & ~bad].mean() for d in np.unique(days)])
+    plain = np.array([(s > thr)[(days == d) & ~bad].mean() for d in np.unique(days)])
+    assert 0.03 < judged[~bad].mean() < 0.065, judged[~bad].mean()
+    assert plain.min() < 0.005 and plain.max() > 0.15  # against the calibration cells alone, the day sets the rate
+    near = lambda rates: np.mean((rates > 0.01) & (rates < 0.1))  # noqa: E731
+    assert near(per_day) >= 0.85 and near(plain) <= 0.5, (near(per_day), near(plain))  # own day: most days near it
+    assert judged[bad].mean() > 0.9  # defective cells stay far above their day's spread
+    before = s - day_offsets(s, days, ref) > thr  # the lower-quartile offset: lower, narrower days see almost none
+    assert before[~bad].mean() < 0.035
+
+
+def test_day_thresholds_keep_the_threshold_for_small_days_and_without_a_period_threshold():
+    s = np.r_[np.arange(100.0), np.full(5, 500.0)]
+    days = ["big"] * 100 + ["few"] * 5
+    out = day_thresholds(s, days, 7.0, 1.0, min_cells=30)
+    assert np.allclose(out[:100], 49.5 + 49.5) and (out[100:] == 7.0).all()
+    assert (day_thresholds(s, days, 7.0, None) == 7.0).all()
+    with pytest.raises(ValueError, match="one day per score"):
+        day_thresholds(s, days[:-1], 7.0, 1.0)
+
+
+def test_period_threshold_needs_enough_cells_in_periods_of_enough_cells():
+    rng = np.random.default_rng(0)
+    assert period_threshold(rng.normal(size=10), ["a"] * 10, 0.05) is None  # one period, too small
+    assert period_threshold(rng.normal(size=30), ["a"] * 30, 0.01) is None  # too few cells for 1 %
+    u = period_threshold(rng.normal(size=4000), np.repeat(np.arange(40), 100), 0.05)
+    assert abs(u - 1.645 / 1.349) < 0.1  # the normal's 95th percentile in IQR units
