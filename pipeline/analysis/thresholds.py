@@ -25,12 +25,15 @@ therefore grouped by production period (:func:`production_groups`), each fold of
 fitted on the others (:func:`group_folds`, ``pipeline.handoff.bundle.grouped_calibration``), and the threshold is set
 on those scores (:func:`grouped_threshold`, :class:`FlagConfig`).
 
-Even so, whole days of new lots can score higher than every calibration period did (a module the snapshot has no
-kin of): all their healthy cells sit closer to the threshold, and the day sees two or three times the configured
-rate. The monitor therefore judges each cell against its own day too (:func:`day_offsets`): a day whose lower
-quartile, its typical healthy cells, lies above the calibration scores' lower quartile is moved down by that
-distance before the threshold (Dynamic Part Average Testing, AEC-Q001). A day that scores lower is not moved, nor
-one of fewer cells than the monitor's smallest window, and defective cells stay far above their day's quartile.
+Even so, whole days of new lots score higher or lower, and spread more or less, than the calibration periods did
+(a module the snapshot has no kin of): judged against the calibration cells alone, one day floods the flags and the
+next sees none. The monitor therefore judges each cell against its own line-day (Dynamic Part Average Testing,
+AEC-Q001): its score in robust units of the day (median and interquartile range, :func:`robust_units`) must pass the
+configured rate's order statistic of the calibration cells judged the same way against their own production periods
+(:func:`period_threshold`, :func:`day_thresholds`). Defective cells, a few percent of a day, stay far above their
+day's spread; a day of fewer cells than the monitor's smallest window keeps the calibration threshold.
+:func:`day_offsets` is the one-sided lower-quartile rule the benchmarks compare it with (a day is only moved down,
+by its lower quartile's rise).
 
 The rule only reads scores, so it holds for any per-image score (the diffusion residual judged among neighbours in
 z, or a later fused one): :func:`set_flag_threshold` works with any detector of the one protocol (``score`` /
@@ -47,9 +50,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["RECENTRE_Q", "TRIM_FENCE", "FlagCalibration", "FlagConfig", "cross_fit_scores", "day_offsets",
-           "day_thresholds", "group_folds", "grouped_threshold", "healthy_mask", "heldout_rate", "judged", "medcouple",
-           "period_threshold", "production_groups", "robust_units", "set_flag_threshold"]
+__all__ = ["PERIOD_MIN_CELLS", "RECENTRE_Q", "TRIM_FENCE", "FlagCalibration", "FlagConfig", "cross_fit_scores",
+           "day_offsets", "day_thresholds", "group_folds", "grouped_threshold", "healthy_mask", "heldout_rate", "judged",
+           "medcouple", "period_threshold", "production_groups", "robust_units", "set_flag_threshold"]
 
 TRIM_FENCE = 3.0
 """Multiple of the (skew-adjusted) interquartile range above the third quartile beyond which a calibration score is
@@ -190,6 +193,12 @@ def day_offsets(scores: Any, days: Any, ref_scores: Any, *, quantile: float = RE
     return out
 
 
+PERIOD_MIN_CELLS = 15
+"""Fewest calibration cells of a production period for it to count in :func:`period_threshold` (a nightly's
+calibration snapshot holds 15-45 cells of most line-days; the monitored day itself needs the monitor's
+``min_window``)."""
+
+
 def robust_units(scores: Any, groups: Any, *, min_cells: int = 30) -> tuple[np.ndarray, np.ndarray]:
     """Each score in robust units of its own group, ``(s - median) / IQR`` of its group's scores.
 
@@ -214,7 +223,7 @@ def robust_units(scores: Any, groups: Any, *, min_cells: int = 30) -> tuple[np.n
     return out, np.isfinite(out)
 
 
-def period_threshold(ref_scores: Any, ref_periods: Any, fpr: float, *, min_cells: int = 30,
+def period_threshold(ref_scores: Any, ref_periods: Any, fpr: float, *, min_cells: int = PERIOD_MIN_CELLS,
                      fence: float | None = TRIM_FENCE) -> float | None:
     """The flag threshold in robust units of a production period (the rule of :func:`day_thresholds`).
 

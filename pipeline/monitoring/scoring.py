@@ -217,7 +217,7 @@ def _day_offsets(settings: Any, champ: Champion, df: pd.DataFrame, det: Any, ref
     if not config.recentre or ref_scores is None or df.empty or not {"captured_at"} <= set(ref.columns) \
             or len(ref) != len(ref_scores):
         return np.zeros(len(df))
-    unit = period_threshold(ref_scores, _line_days(settings, ref), config.fpr, min_cells=config.min_window)
+    unit = period_threshold(ref_scores, _line_days(settings, ref), config.fpr)
     thr = day_thresholds(det.scores, _line_days(settings, df), float(det.threshold), unit,
                          min_cells=config.min_window)
     return thr - float(det.threshold)
