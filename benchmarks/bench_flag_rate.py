@@ -22,7 +22,8 @@ score like the snapshot's cells. This benchmark measures it on real ELPV cells r
   recipe (``pipeline.analysis.fusion.fused_calibration``: the backbone's patch maps of the calibration cells,
   cross-fitted over the same production groups, fused with the residual score and thresholded lot-aware) without
   and with the line-day offset (:data:`FUSED_DAY`), the patch family alone without and with the offset
-  (:data:`PATCH`, :data:`PATCH_DAY`: the monitor's default), and two exploratory ones (not in the
+  (:data:`PATCH`, :data:`PATCH_DAY`), judged in robust units of its line-day (:data:`PATCH_UNITS`: the monitor's
+  default), and two exploratory ones (not in the
   product): the same offset both ways (:data:`FUSED_DAY_BOTH`) and the lot-aware scores thresholded per product
   type;
 * **diagnostics**: the recipes calibrated instead on a few unseen days (lots the model never saw), every placement;
@@ -182,9 +183,13 @@ PATCH_DAY_BOTH = "patch family alone, line-day offset both ways (exploratory)"
 """As :data:`PATCH_DAY` with the offset two-sided (``day_offsets(two_sided=True)``)."""
 PATCH = "patch family alone (lot-aware), calibration only (--no-recentre)"
 """``fused_calibration`` with residual weight 0: the backbone's patch maps alone, without the line-day offset."""
-PATCH_DAY = "patch family alone, judged against its line-day too (the monitor's default)"
-"""The monitor's default flags (``MonitorConfig.residual_weight`` = 0, ``recentre``): as :data:`FUSED_DAY` on the patch
-family's score."""
+PATCH_DAY = "patch family alone, line-day lower-quartile offset (one-sided)"
+"""As :data:`FUSED_DAY` on the patch family's score (``MonitorConfig.residual_weight`` = 0)."""
+PATCH_UNITS = "patch family alone, judged in robust units of its line-day (the monitor's default)"
+"""The monitor's default flags (``MonitorConfig.residual_weight`` = 0, ``recentre``): each unseen cell's patch score in
+units of its line-day's median and interquartile range against the configured rate's order statistic of the
+calibration cells' out-of-period scores in units of their own production periods
+(``pipeline.analysis.thresholds.period_threshold``, ``day_thresholds``)."""
 
 
 FUSED_DAY_BOTH = "fused, line-day offset both ways (exploratory)"
@@ -211,7 +216,7 @@ def fused_flags(cal: pd.DataFrame, new: pd.DataFrame, d: dict[str, np.ndarray],
     from threadpoolctl import threadpool_limits
 
     from pipeline.analysis.fusion import fused_calibration
-    from pipeline.analysis.thresholds import day_offsets
+    from pipeline.analysis.thresholds import day_offsets, day_thresholds, period_threshold
     from pipeline.handoff.bundle import calibration_scores, reference_groups
     from pipeline.monitoring.monitor import MonitorConfig
 
@@ -232,10 +237,12 @@ def fused_flags(cal: pd.DataFrame, new: pd.DataFrame, d: dict[str, np.ndarray],
     both = day_offsets(s, days, fused.ref_scores, min_cells=n_min, two_sided=True)
     p_off = day_offsets(ps, days, patch.ref_scores, min_cells=n_min)
     p_both = day_offsets(ps, days, patch.ref_scores, min_cells=n_min, two_sided=True)
+    unit = period_threshold(patch.ref_scores, groups, FPR)
+    p_units = day_thresholds(ps, days, patch.threshold, unit, min_cells=n_min)
     return {FUSED: np.asarray(pred.is_anomaly), FUSED_DAY: np.asarray(pred.is_anomaly) & (s - offset > fused.threshold),
             FUSED_DAY_BOTH: s - both > fused.threshold, PATCH: np.asarray(ppred.is_anomaly),
             PATCH_DAY: np.asarray(ppred.is_anomaly) & (ps - p_off > patch.threshold),
-            PATCH_DAY_BOTH: ps - p_both > patch.threshold,
+            PATCH_DAY_BOTH: ps - p_both > patch.threshold, PATCH_UNITS: ps > p_units,
             SCORES: {"residual": np.asarray(residual), "patch": ps, "fused": s}}
 
 

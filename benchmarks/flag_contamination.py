@@ -108,8 +108,9 @@ def day_rule_rates(home: Path, scores: pd.DataFrame, truth: pd.DataFrame, days: 
     """Healthy and p = 1 cells' flag rates when each cell is judged in robust units of its own line-day.
 
     The rule of ``pipeline.analysis.thresholds.day_thresholds``: each model's threshold in period units
-    (``period_threshold``) from its calibration cells' out-of-period scores and their line-days, then each monitored
-    day's own median and interquartile range. Cells as in :func:`day_rates` (the first model that scored them).
+    (``period_threshold``, periods of ``PERIOD_MIN_CELLS`` cells or more) from its calibration cells' out-of-period
+    scores and their line-days, then each monitored day's own median and interquartile range (days of ``min_cells``
+    or more, the monitor's ``min_window``). Cells as in :func:`day_rates` (the first model that scored them).
     """
     from pipeline.analysis.thresholds import day_thresholds, period_threshold
 
@@ -120,8 +121,7 @@ def day_rule_rates(home: Path, scores: pd.DataFrame, truth: pd.DataFrame, days: 
     thr_day = pd.Series(np.nan, index=first.index)
     for model_id, rows in first.groupby("model_id"):
         ref = refs[model_id]
-        unit = period_threshold(ref["s"], ref["line"].astype(str) + "|" + ref["day"].astype(str), fpr,
-                                min_cells=min_cells)
+        unit = period_threshold(ref["s"], ref["line"].astype(str) + "|" + ref["day"].astype(str), fpr)
         thr_day[rows.index] = day_thresholds(rows["score"], rows["key"], float(rows["threshold"].iloc[0]), unit,
                                              min_cells=min_cells)
     if days is not None:

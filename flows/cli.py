@@ -316,8 +316,8 @@ def _monitor_options(p: argparse.ArgumentParser, *, full: bool) -> None:
                    help="weight of the diffusion residual fused into the patch maps' per-image score (0: the patch "
                         "maps alone, no residuals computed; 1: both equally)")
     p.add_argument("--no-recentre", action="store_true",
-                   help="flag cells against the calibration cells only (default: also against their own line-day, "
-                        "so a day of new lots is flagged at about the configured rate)")
+                   help="flag cells against the calibration cells only (default: against their own line-day's "
+                        "median and spread, so a day of new lots is flagged at about the configured rate)")
     p.add_argument("--encode-chunk-size", type=int, default=None,
                    help="images per parallel encode task (None: 1024 with LINEWATCH_TASK_RUNNER=dask, else 0 = off)")
 

@@ -162,8 +162,8 @@ def monitor_flow(
             residual alone).
         residual_weight: Weight of the diffusion residual fused into the patch family's score (0: the patch family
             alone, no residuals computed; 1: both equally).
-        recentre: Judge each cell against its own line-day too (a day of new lots that scores higher overall is
-            moved down by its lower quartile's rise before the flag threshold).
+        recentre: Judge each cell against its own line-day (its score in units of the day's median and
+            interquartile range), so a day of new lots is flagged at about the configured rate.
         quality: Also test the full-resolution image-quality channels (blur, noise, rotation).
         scores: Also test whether the window's per-image anomaly scores rose against the reference's.
         encode_chunk_size: Images per parallel ``encode-chunk`` task; 0 = encode inside the monitor pass; None =

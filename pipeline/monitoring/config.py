@@ -65,11 +65,12 @@ class MonitorConfig:
             0 (default): the patch family alone, and the monitor computes no residuals. On cells of lots the model
             never saw, the nightly model's residual ranks defective cells barely above chance and pulls the fused
             score below the patch family's (``benchmarks/bench_flag_rate``); 1 weighs both families equally.
-        recentre: judge every cell against its own line-day too (``pipeline.analysis.thresholds.day_offsets``): a
-            day whose lower quartile of flag scores lies above the calibration cells' is moved down by that distance
-            before the threshold, so a day of new lots is flagged at about ``fpr`` rather than two or three times
-            it. Days of fewer than ``min_window`` cells so far are not moved; a cell's flag is final once its day is
-            complete. The offset is kept in the scores table (``day_offset``).
+        recentre: judge every cell against its own line-day (``pipeline.analysis.thresholds.day_thresholds``): its
+            flag score in robust units of the day (median, interquartile range) against the ``fpr`` order statistic
+            of the calibration cells judged against their own production periods, so a day of new lots, higher or
+            lower, wider or narrower, is flagged at about ``fpr``. Days of fewer than ``min_window`` cells so far
+            keep the calibration threshold; a cell's flag is final once its day is complete. The day's threshold
+            less the calibration one is kept in the scores table (``day_offset``, either sign).
     """
 
     lines: tuple[str, ...] | None = None
