@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks.flag_contamination import calibration_rows, calibration_scores, day_rates
+from benchmarks.flag_contamination import calibration_rows, calibration_scores, day_rates, day_rule_rates
 
 
 def test_day_rates_count_each_cell_once_under_its_first_model() -> None:
@@ -48,3 +48,23 @@ def test_calibration_scores_come_from_bundles_first_and_from_monitor_caches_of_o
     assert sorted(kept) == ["m0", "m1"]
     assert kept["m1"][0].tolist() == list("abc") and kept["m1"][1].tolist() == [1.0, 2.0, 3.0]
     assert kept["m0"][1].tolist() == [5.0, 1.0]
+
+
+def test_day_rule_rates_judge_each_day_against_its_own_median_and_spread(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "state" / "patches" / "m1"
+    folder.mkdir(parents=True)
+    cal_ids = [f"c{i}" for i in range(200)]
+    raw = np.exp(rng.normal(size=200))  # four calibration periods of 50 healthy cells
+    np.savez(folder / "bb.reference.npz", image_id=np.array(cal_ids), scores=raw)
+    ids = [f"x{i}" for i in range(120)]
+    s = np.r_[rng.normal(size=60) + 3.0, rng.normal(size=60) - 3.0]  # a day far above, a day far below
+    bad = np.zeros(120, dtype=bool)
+    bad[[0, 60]] = True
+    s[bad] += 20.0  # one defective cell on each day
+    scores = pd.DataFrame({"image_id": ids, "model_id": "m1", "score": s, "threshold": 1.6, "day_offset": 0.0})
+    truth = pd.DataFrame({"image_id": cal_ids + ids, "prob": [0.0] * 200 + list(bad.astype(float)), "line": "L1",
+                          "day": [i // 50 for i in range(200)] + [10] * 60 + [11] * 60})
+    r = day_rule_rates(tmp_path, scores, truth)
+    assert r["cells"] == 120 and r["recall_day_rule"] == 1.0
+    assert 0.0 < r["healthy_day_rule"] < 0.15  # against the calibration threshold alone: about half
