@@ -110,7 +110,7 @@ def day_rule_rates(home: Path, scores: pd.DataFrame, truth: pd.DataFrame, days: 
     The rule of ``pipeline.analysis.thresholds.day_thresholds``: each model's threshold in period units
     (``period_threshold``, periods of ``PERIOD_MIN_CELLS`` cells or more) from its calibration cells' out-of-period
     scores and their line-days, then each monitored day's own median and interquartile range (days of ``min_cells``
-    or more, the monitor's ``min_window``). Cells as in :func:`day_rates` (the first model that scored them).
+    or more, the monitor's ``min_window``; the model's own calibration cells left out of them, as the monitor does). Cells as in :func:`day_rates` (the first model that scored them).
     """
     from pipeline.analysis.thresholds import day_thresholds, period_threshold
 
@@ -122,8 +122,9 @@ def day_rule_rates(home: Path, scores: pd.DataFrame, truth: pd.DataFrame, days: 
     for model_id, rows in first.groupby("model_id"):
         ref = refs[model_id]
         unit = period_threshold(ref["s"], ref["line"].astype(str) + "|" + ref["day"].astype(str), fpr)
+        own = rows["image_id"].isin(set(ref["image_id"])).to_numpy()  # the model's calibration cells, in-sample
         thr_day[rows.index] = day_thresholds(rows["score"], rows["key"], float(rows["threshold"].iloc[0]), unit,
-                                             min_cells=min_cells)
+                                             min_cells=min_cells, basis=~own)
     if days is not None:
         keep = first.merge(days[["line", "day", "status"]], on=["line", "day"], how="left")["status"]
         sel = keep.isin(["healthy", "mix", "recovery"]).to_numpy()

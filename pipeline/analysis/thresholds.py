@@ -245,7 +245,7 @@ def period_threshold(ref_scores: Any, ref_periods: Any, fpr: float, *, min_cells
 
 
 def day_thresholds(scores: Any, days: Any, threshold: float, unit_threshold: float | None, *,
-                   min_cells: int = 30) -> np.ndarray:
+                   min_cells: int = 30, basis: Any = None) -> np.ndarray:
     """Each cell's flag threshold when it is judged against its own line-day (Dynamic Part Average Testing).
 
     A cell is flagged when its score, in robust units of its day (median and interquartile range of the day's
@@ -256,20 +256,27 @@ def day_thresholds(scores: Any, days: Any, threshold: float, unit_threshold: flo
     than ``min_cells`` cells (too few for their quartiles), and every day when ``unit_threshold`` is None, keep
     ``threshold``.
 
+    ``basis`` (bool per cell, default all) marks the cells whose scores set their day's median and interquartile
+    range; the others are judged by them too. The monitor leaves out the champion's own calibration cells: the patch
+    detector was fitted on them, so they score lower than any new cell.
+
     Raises:
-        ValueError: ``scores`` and ``days`` of different lengths.
+        ValueError: ``scores``, ``days`` or ``basis`` of different lengths.
     """
     s = np.asarray(scores, dtype=np.float64).ravel()
     d = pd.Series(np.asarray(days, dtype=object).ravel())
-    if len(d) != s.size:
-        raise ValueError(f"day_thresholds needs one day per score, got {s.size} scores and {len(d)} days")
+    use = np.ones(s.size, dtype=bool) if basis is None else np.asarray(basis, dtype=bool).ravel()
+    if len(d) != s.size or use.size != s.size:
+        raise ValueError(f"day_thresholds needs one day per score, got {s.size} scores, {len(d)} days and "
+                         f"{use.size} basis flags")
     out = np.full(s.size, float(threshold))
     if unit_threshold is None:
         return out
     for _, rows in d.groupby(d, sort=False).indices.items():
-        if rows.size < min_cells:
+        ref = rows[use[rows]]
+        if ref.size < min_cells:
             continue
-        q1, med, q3 = np.quantile(s[rows], [0.25, 0.5, 0.75])
+        q1, med, q3 = np.quantile(s[ref], [0.25, 0.5, 0.75])
         if q3 > q1:
             out[rows] = med + (q3 - q1) * float(unit_threshold)
     return out

@@ -209,7 +209,8 @@ def _day_offsets(settings: Any, champ: Champion, df: pd.DataFrame, det: Any, ref
     """How far each cell's line-day moves its flag threshold (``pipeline.analysis.thresholds.day_thresholds``).
 
     The threshold in robust period units comes from the calibration cells' out-of-period scores and their own
-    line-days (the champion's reference rows, in the same order); 0 when the rule is off or cannot be set.
+    line-days (the champion's reference rows, in the same order); a day's median and spread come from its cells
+    outside the calibration snapshot (the patch detector was fitted on those). 0 when the rule is off or cannot be set.
     """
     from pipeline.analysis.thresholds import day_thresholds, period_threshold
 
@@ -218,8 +219,10 @@ def _day_offsets(settings: Any, champ: Champion, df: pd.DataFrame, det: Any, ref
             or len(ref) != len(ref_scores):
         return np.zeros(len(df))
     unit = period_threshold(ref_scores, _line_days(settings, ref), config.fpr)
+    own = df["image_id"].astype(str).isin(set(ref["image_id"].astype(str))).to_numpy() \
+        if {"image_id"} <= set(ref.columns) & set(df.columns) else np.zeros(len(df), dtype=bool)
     thr = day_thresholds(det.scores, _line_days(settings, df), float(det.threshold), unit,
-                         min_cells=config.min_window)
+                         min_cells=config.min_window, basis=~own)
     return thr - float(det.threshold)
 
 

@@ -233,6 +233,19 @@ def test_day_thresholds_keep_the_threshold_for_small_days_and_without_a_period_t
         day_thresholds(s, days[:-1], 7.0, 1.0)
 
 
+def test_day_thresholds_take_the_day_s_spread_from_its_basis_cells_only():
+    rng = np.random.default_rng(0)
+    new, own = rng.normal(size=100), rng.normal(size=60) - 4.0  # the snapshot's own cells score far lower
+    s, days = np.r_[new, own], ["d"] * 160
+    basis = np.r_[np.ones(100, dtype=bool), np.zeros(60, dtype=bool)]
+    q1, med, q3 = np.quantile(new, [0.25, 0.5, 0.75])
+    out = day_thresholds(s, days, 9.0, 1.2, basis=basis)
+    assert np.allclose(out, med + 1.2 * (q3 - q1))  # every cell judged by the new cells' median and spread
+    assert (day_thresholds(s, days, 9.0, 1.2) > out + 0.5).all()  # with the own cells the spread is inflated
+    few = np.r_[np.ones(20, dtype=bool), np.zeros(140, dtype=bool)]  # fewer basis cells than min_cells
+    assert (day_thresholds(s, days, 9.0, 1.2, basis=few) == 9.0).all()
+
+
 def test_period_threshold_needs_enough_cells_in_periods_of_enough_cells():
     rng = np.random.default_rng(0)
     assert period_threshold(rng.normal(size=10), ["a"] * 10, 0.05) is None  # one period, too small
