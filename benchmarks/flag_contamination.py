@@ -55,17 +55,11 @@ def calibration_scores(home: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def calibration_rows(home: Path, scores: pd.DataFrame, truth: pd.DataFrame) -> list[dict[str, Any]]:
     """Per kept model: calibration cells, their p = 1 share, and the healthy share its threshold flags."""
-    from pipeline.analysis.fusion import FAMILIES, ScoreFusion
-
     out = []
-    for model_id, (ids, raw) in calibration_scores(home).items():
+    for model_id, d in _fused_reference(home, truth).items():
         thr = scores.loc[scores["model_id"] == model_id, "threshold"]
         if thr.empty:
             continue
-        S = np.column_stack([raw, np.zeros(len(raw))])
-        # the patch family alone on the threshold's scale, fitted as pipeline.analysis.fusion.fuse_families does
-        fused = ScoreFusion(FAMILIES, log=(True, False), weights=(1.0, 0.0)).fit(S).score(S)
-        d = pd.DataFrame({"image_id": ids, "s": fused}).merge(truth, on="image_id", how="left")
         healthy = d["prob"] < 1
         out.append({"model_id": model_id, "cells": len(d), "p1_share": float((d["prob"] >= 1).mean()),
                     "threshold": float(thr.iloc[0]), "healthy_flagged": float((d.loc[healthy, "s"] > thr.iloc[0]).mean())})
@@ -92,12 +86,13 @@ def day_rates(scores: pd.DataFrame, truth: pd.DataFrame, days: pd.DataFrame | No
 
 
 def _fused_reference(home: Path, truth: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Model id -> its calibration cells' out-of-period patch scores on the threshold's scale, with line and day."""
+    """Model id -> its calibration cells' out-of-period patch scores on the threshold's scale, with their truth."""
     from pipeline.analysis.fusion import FAMILIES, ScoreFusion
 
     out = {}
     for model_id, (ids, raw) in calibration_scores(home).items():
         S = np.column_stack([raw, np.zeros(len(raw))])
+        # the patch family alone on the threshold's scale, fitted as pipeline.analysis.fusion.fuse_families does
         fused = ScoreFusion(FAMILIES, log=(True, False), weights=(1.0, 0.0)).fit(S).score(S)
         out[model_id] = pd.DataFrame({"image_id": ids, "s": fused}).merge(truth, on="image_id", how="left")
     return out
@@ -110,7 +105,8 @@ def day_rule_rates(home: Path, scores: pd.DataFrame, truth: pd.DataFrame, days: 
     The rule of ``pipeline.analysis.thresholds.day_thresholds``: each model's threshold in period units
     (``period_threshold``, periods of ``PERIOD_MIN_CELLS`` cells or more) from its calibration cells' out-of-period
     scores and their line-days, then each monitored day's own median and interquartile range (days of ``min_cells``
-    or more, the monitor's ``min_window``; the model's own calibration cells left out of them, as the monitor does). Cells as in :func:`day_rates` (the first model that scored them).
+    or more, the monitor's ``min_window``; the model's own calibration cells left out of them, as the monitor does).
+    Cells as in :func:`day_rates` (the first model that scored them).
     """
     from pipeline.analysis.thresholds import day_thresholds, period_threshold
 

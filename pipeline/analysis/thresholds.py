@@ -210,17 +210,30 @@ def robust_units(scores: Any, groups: Any, *, min_cells: int = 30) -> tuple[np.n
         ValueError: scores and groups of different lengths.
     """
     s = np.asarray(scores, dtype=np.float64).ravel()
-    g = pd.Series(np.asarray(groups, dtype=object).ravel())
-    if len(g) != s.size:
-        raise ValueError(f"robust_units needs one group per score, got {s.size} scores and {len(g)} groups")
-    out = np.full(s.size, np.nan)
-    for _, rows in g.groupby(g, sort=False).indices.items():
-        if rows.size < min_cells:
-            continue
-        q1, med, q3 = np.quantile(s[rows], [0.25, 0.5, 0.75])
-        if q3 > q1:
-            out[rows] = (s[rows] - med) / (q3 - q1)
+    g = np.asarray(groups, dtype=object).ravel()
+    if g.size != s.size:
+        raise ValueError(f"robust_units needs one group per score, got {s.size} scores and {g.size} groups")
+    med, iqr = _group_spread(s, g, np.ones(s.size, dtype=bool), min_cells)
+    out = (s - med) / iqr
     return out, np.isfinite(out)
+
+
+def _group_spread(s: np.ndarray, groups: np.ndarray, basis: np.ndarray, min_cells: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the median and interquartile range of its group's ``basis`` rows.
+
+    NaN for groups of fewer than ``min_cells`` basis rows or with no spread.
+    """
+    med, iqr = np.full(s.size, np.nan), np.full(s.size, np.nan)
+    g = pd.Series(groups)
+    for _, rows in g.groupby(g, sort=False).indices.items():
+        ref = rows[basis[rows]]
+        if ref.size < min_cells:
+            continue
+        q1, m, q3 = np.quantile(s[ref], [0.25, 0.5, 0.75])
+        if q3 > q1:
+            med[rows], iqr[rows] = m, q3 - q1
+    return med, iqr
 
 
 def period_threshold(ref_scores: Any, ref_periods: Any, fpr: float, *, min_cells: int = PERIOD_MIN_CELLS,
@@ -264,22 +277,15 @@ def day_thresholds(scores: Any, days: Any, threshold: float, unit_threshold: flo
         ValueError: ``scores``, ``days`` or ``basis`` of different lengths.
     """
     s = np.asarray(scores, dtype=np.float64).ravel()
-    d = pd.Series(np.asarray(days, dtype=object).ravel())
+    d = np.asarray(days, dtype=object).ravel()
     use = np.ones(s.size, dtype=bool) if basis is None else np.asarray(basis, dtype=bool).ravel()
-    if len(d) != s.size or use.size != s.size:
-        raise ValueError(f"day_thresholds needs one day per score, got {s.size} scores, {len(d)} days and "
+    if d.size != s.size or use.size != s.size:
+        raise ValueError(f"day_thresholds needs one day per score, got {s.size} scores, {d.size} days and "
                          f"{use.size} basis flags")
-    out = np.full(s.size, float(threshold))
     if unit_threshold is None:
-        return out
-    for _, rows in d.groupby(d, sort=False).indices.items():
-        ref = rows[use[rows]]
-        if ref.size < min_cells:
-            continue
-        q1, med, q3 = np.quantile(s[ref], [0.25, 0.5, 0.75])
-        if q3 > q1:
-            out[rows] = med + (q3 - q1) * float(unit_threshold)
-    return out
+        return np.full(s.size, float(threshold))
+    med, iqr = _group_spread(s, d, use, min_cells)
+    return np.where(np.isfinite(iqr), med + iqr * float(unit_threshold), float(threshold))
 
 
 def judged(ref_products: Any, products: Any) -> np.ndarray:
