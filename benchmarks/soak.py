@@ -83,6 +83,9 @@ class SoakConfig:
         defect_jitter: each day's share is drawn uniformly in ``defect_share +- defect_jitter``.
         pool: ELPV pool replayed (``"all"``: no model is pre-trained on ELPV here; the line trains its own).
         order: ``"lot"`` (whole modules in file order: daily product-mix swings and lot-to-lot variation).
+        mirror_repeats: show each replay of an ELPV cell in its next mirrored view (``pipeline.line.simulate``): a
+            month of two lines draws each of ELPV's cells 3-4 times, and a real line never shows a model a cell it
+            trained on.
         faults: the fault schedule.
         first_monitored_day: first day that must have a verdict (the first nightly runs after day 0).
         timezone: the plant's ``LINEWATCH_TIMEZONE`` (the simulated MES writes CET, UTC+01:00).
@@ -107,6 +110,7 @@ class SoakConfig:
     defect_jitter: float = 0.015
     pool: str = "all"
     order: str = "lot"
+    mirror_repeats: bool = True
     faults: tuple[FaultSpec, ...] = DEFAULT_SCHEDULE
     first_monitored_day: int = 1
     timezone: str = "Europe/Berlin"
@@ -148,6 +152,7 @@ def config_from_dict(d: dict[str, Any]) -> SoakConfig:
     d["faults"] = tuple(FaultSpec(**{**f, "lines": tuple(f["lines"]) if f.get("lines") else f.get("lines")})
                         for f in d["faults"])
     d["lines"] = tuple(d["lines"])
+    d.setdefault("mirror_repeats", False)  # soaks saved before the option replayed cells unchanged
     if isinstance(d.get("per_day"), list):
         d["per_day"] = tuple(d["per_day"])
     return SoakConfig(**d)
@@ -200,7 +205,8 @@ def stage_line(config: SoakConfig) -> Path:
         return staging
     simulate_line(staging, days=config.days, per_day=config.per_day, lines=config.lines, start=DEFAULT_START,
                   seed=config.seed, defect_rate=day_defect_shares(config), faults=config.faults, pool=config.pool,
-                  order=config.order, truth=config.home / "truth.parquet", progress=False)
+                  order=config.order, truth=config.home / "truth.parquet", progress=False,
+                  mirror_repeats=config.mirror_repeats)
     return staging
 
 
@@ -457,6 +463,8 @@ def config_from_args(args: argparse.Namespace) -> SoakConfig:
         over["code_dir"] = Path(args.code_dir)
     if args.threads:
         over["threads"] = args.threads
+    if args.replay_unchanged:
+        over["mirror_repeats"] = False
     if args.preset or args.steps:
         over["retrain"] = {**cfg.retrain, **({"preset": args.preset} if args.preset else {}),
                            **({"steps": args.steps} if args.steps else {})}
@@ -477,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default=None, help="model preset of the nightly (default: the command's default)")
     ap.add_argument("--steps", type=int, default=None, help="training steps of the nightly (default: the command's)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per command (default 1)")
+    ap.add_argument("--replay-unchanged", action="store_true",
+                    help="replay ELPV cells as they are (default: each replay in its next mirrored view)")
     ap.add_argument("--fast", action="store_true", help="the fast version: tiny preset, one line, one fault")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted soak in its home")
     ap.add_argument("--report-only", action="store_true", help="only score a finished soak's home")

@@ -21,6 +21,15 @@ file order, as a real line's cells come in lots) or shuffled. Capture times foll
 hand-overs, breaks and random unplanned stops. Every capture carries a small sensor read noise
 (``capture_noise_dn``, default sigma = 1 grey level) so repeated replays of a cell are not byte-identical files,
 as on a real camera. The output is deterministic for a seed: the same arguments give the same bytes.
+
+**Repeated cells.** ELPV holds 2,624 cells; a month of two lines draws several times that, so a long simulation
+replays each cell several times, and a model retrained on the line has then seen most of the cells it is judged on
+(in a 30-day, 2-line soak, 80-100 % of the cells of day 13 on). A real line never shows a model the same cell twice.
+With ``mirror_repeats=True`` the k-th replay of a cell in one call is the cell turned by 180 degrees, then mirrored
+left-right, then top-bottom (k = 1, 2, 3; then again from the original), as the cell would be imaged if placed the
+other way round. A mirrored cell is a new cell to a patch detector: a patch bank of 1,200 cells scores their
+mirrored views like cells it never saw (AUROC 0.46-0.50 between the two), and their unchanged views lower. The truth
+file records the view in ``mirror`` (0 = as in ELPV; golden cells are always captured as they are).
 """
 
 from __future__ import annotations
@@ -390,6 +399,24 @@ class _Run:
     tz: dt.tzinfo
     pool_of: np.ndarray
     golden_cells: int = 0
+    mirror_repeats: bool = False
+
+
+MIRRORS = 4
+"""The distinct views of a replayed cell with ``mirror_repeats``: as captured, turned 180 degrees, mirrored left-right,
+mirrored top-bottom."""
+
+
+def mirrored(img: np.ndarray, view: int) -> np.ndarray:
+    """``img`` in view ``view % MIRRORS`` (0: unchanged, 1: turned 180 degrees, 2: left-right, 3: top-bottom)."""
+    v = int(view) % MIRRORS
+    if v == 1:
+        return img[::-1, ::-1]
+    if v == 2:
+        return img[:, ::-1]
+    if v == 3:
+        return img[::-1, :]
+    return img
 
 
 @dataclass(frozen=True)
@@ -461,9 +488,10 @@ def _truth_fault_columns(run: _Run, state: _Capture, line_faults: tuple[FaultSpe
             "fault_value": info.value(0.0, baseline=baseline), "fault_active": False}
 
 
-def _capture_image(run: _Run, data: Any, cell: int, state: _Capture, rng: np.random.Generator) -> np.ndarray:
-    """The captured picture of one cell: its image faults in schedule order, then the sensor read noise."""
-    img = data.images[cell]
+def _capture_image(run: _Run, data: Any, cell: int, state: _Capture, rng: np.random.Generator,
+                   view: int = 0) -> np.ndarray:
+    """The captured picture of one cell in ``view`` (:func:`mirrored`): image faults in schedule order, then read noise."""
+    img = mirrored(data.images[cell], view)
     for fault, sev, _ in state.active:
         if not FAULTS[fault.kind].population:
             img = apply_fault(img, fault.kind, sev, rng)
@@ -510,7 +538,7 @@ def _golden_day(run: _Run, data: Any, line: str, d: int, golden: np.ndarray,
                 "serial": serial, "line": line, "station": station, "day": d, "date": day.isoformat(),
                 "timestamp": stamp, "path": path.relative_to(run.out).as_posix(), "elpv_index": int(cell),
                 "prob": float(data.probs[cell]), "type": ptype, "lot": int(data.lot[cell]),
-                "pool": str(run.pool_of[cell]), **_truth_fault_columns(run, state, faults),
+                "pool": str(run.pool_of[cell]), "mirror": 0, **_truth_fault_columns(run, state, faults),
                 "sample_kind": "golden", "golden_cell": gid,
             })
     return rows, paths, mes
@@ -529,8 +557,14 @@ def _write_mes(path: Path, mes: list[dict[str, str]], golden: bool) -> None:
 
 def _simulate_day(
     run: _Run, data: Any, source: _CellSource, line: str, d: int, bar: Any, golden: np.ndarray | None = None,
+    replays: dict[int, int] | None = None,
 ) -> tuple[list[dict[str, Any]], list[Path], Path]:
-    """Write one line-day (images, golden captures, then its MES export); its truth rows, image paths and MES file."""
+    """Write one line-day (images, golden captures, then its MES export); its truth rows, image paths and MES file.
+
+    ``replays`` counts the captures of each ELPV cell so far in this call (updated here); with
+    ``run.mirror_repeats`` a replayed cell is captured in its next :func:`mirrored` view.
+    """
+    replays = {} if replays is None else replays
     line_id = _stable_id(line)
     day = run.start + dt.timedelta(days=d)
     faults = tuple(f for f in run.schedule if f.lines is None or line in f.lines)
@@ -548,9 +582,11 @@ def _simulate_day(
     for k in range(n):
         state = _capture_state(run, faults, d + secs[k] / 86400.0, day_rate)
         cell = source.draw(state.mono_share, state.defect_rate)
+        view = replays.get(cell, 0) % MIRRORS if run.mirror_repeats else 0
+        replays[cell] = replays.get(cell, 0) + 1
         serial = f"{line}-{day:%Y%m%d}-{k + 1:06d}"
         path = folder / f"{serial}.png"
-        _write_png(path, _capture_image(run, data, cell, state, rng))
+        _write_png(path, _capture_image(run, data, cell, state, rng, view))
         paths.append(path)
         stamp = (midnight + dt.timedelta(seconds=float(secs[k]))).isoformat(timespec="milliseconds")
         station, ptype = f"{line}-EL{int(stations[k])}", str(data.types[cell])
@@ -559,7 +595,7 @@ def _simulate_day(
             "serial": serial, "line": line, "station": station, "day": d, "date": day.isoformat(),
             "timestamp": stamp, "path": path.relative_to(run.out).as_posix(), "elpv_index": int(cell),
             "prob": float(data.probs[cell]), "type": ptype, "lot": int(data.lot[cell]),
-            "pool": str(run.pool_of[cell]), **_truth_fault_columns(run, state, faults),
+            "pool": str(run.pool_of[cell]), "mirror": view, **_truth_fault_columns(run, state, faults),
         })
         bar.update(1)
     if golden is not None and len(golden):
@@ -613,6 +649,7 @@ def simulate_line(
     tz: dt.tzinfo = PLANT_TZ,
     progress: bool = True,
     golden_cells: int = 0,
+    mirror_repeats: bool = False,
 ) -> SimulationResult:
     """Replay ELPV cells as one or more production lines into a drop folder.
 
@@ -639,6 +676,8 @@ def simulate_line(
         progress: show a progress bar (only on a terminal).
         golden_cells: golden cells per line, imaged at the start of every shift (0 = none; see the module
             docstring).
+        mirror_repeats: capture each replay of a cell in its next mirrored view, so that a long simulation does
+            not show the line the same cell twice (see the module docstring); False replays cells unchanged.
 
     Returns:
         What was written.
@@ -657,7 +696,7 @@ def simulate_line(
                base_mono=float(np.mean(data.types[idx] == "mono")),
                base_defect=float(np.mean(data.probs[idx] >= 1.0 - 1e-9)) if imposed is None else imposed,
                capture_noise_dn=capture_noise_dn, tz=tz, pool_of=split_pools()["pool"].astype(str).to_numpy(),
-               golden_cells=int(golden_cells))
+               golden_cells=int(golden_cells), mirror_repeats=bool(mirror_repeats))
     dates = tuple(start + dt.timedelta(days=d) for d in range(days))
     old_truth = _old_truth(truth_path, lines, dates)
     rows, paths, meta_files = _simulate_lines(run, data, idx, lines, days, order, progress)
@@ -675,12 +714,13 @@ def _simulate_lines(run: _Run, data: Any, idx: np.ndarray, lines: tuple[str, ...
     per_day = run.per_day if isinstance(run.per_day, int | np.integer) else int(np.mean(run.per_day))
     bar = tqdm(total=days * len(lines) * per_day, desc="simulate", unit="img",
                disable=not progress or not sys.stderr.isatty())
+    replays: dict[int, int] = {}
     for line in lines:
         seed = [run.seed, _stable_id(line), run.start.toordinal(), 1]
         source = _CellSource(idx, order, np.random.default_rng(seed))
         golden = golden_cell_indices(idx, data, line, run.seed, run.golden_cells)
         for d in range(days):
-            r, p, m = _simulate_day(run, data, source, line, d, bar, golden)
+            r, p, m = _simulate_day(run, data, source, line, d, bar, golden, replays)
             rows += r
             paths += p
             meta_files.append(m)

@@ -150,9 +150,10 @@ def test_config_from_the_command_line_and_environment(tmp_path):
 
     ns = argparse.Namespace(name="x", home=str(tmp_path), fast=False, driver=None, days=12, lines="L1",
                             per_day="100-150", code_dir=None, preset=None, steps=None, threads=None,
-                            schedule=None)
+                            schedule=None, replay_unchanged=False)
     cfg = config_from_args(ns)
-    assert cfg.days == 12 and cfg.lines == ("L1",) and cfg.per_day == (100, 150)
+    assert cfg.days == 12 and cfg.lines == ("L1",) and cfg.per_day == (100, 150) and cfg.mirror_repeats
+    assert not config_from_args(argparse.Namespace(**{**vars(ns), "replay_unchanged": True})).mirror_repeats
     assert all(f.start_day < 12 and f.lines == ("L1",) for f in cfg.faults)
     env = environment(cfg)
     assert env["LINEWATCH_HOME"] == str(tmp_path.resolve()) and env["MLFLOW_TRACKING_URI"].startswith("sqlite:///")
@@ -169,13 +170,28 @@ def test_a_finished_soak_is_rescored_with_the_settings_it_ran_with(tmp_path):
     assert saved_config(tmp_path) is None
     (tmp_path / "soak_config.json").write_text(json.dumps(cfg.to_dict()))
     assert saved_config(tmp_path) == cfg  # --report-only / --resume use it, whatever the command line says
+    old = {k: v for k, v in cfg.to_dict().items() if k != "mirror_repeats"}
+    assert not config_from_dict(old).mirror_repeats  # soaks saved before the option replayed cells unchanged
+
+
+def test_replayed_views_are_the_captures_of_a_cell_view_the_line_showed_before():
+    from benchmarks.soak_eval import replayed_views
+
+    truth = pd.DataFrame({"elpv_index": [7, 7, 7, 8, 7], "mirror": [0, 1, 0, 0, 1],
+                          "timestamp": ["2026-01-05T01:00:00+01:00", "2026-01-05T02:00:00+01:00",
+                                        "2026-01-06T00:30:00+01:00", "2026-01-05T03:00:00+01:00",
+                                        "2026-01-06T00:00:00+00:00"]})
+    # in time order (UTC): 7/0, 7/1, 8/0, 7/0 again (00:30 local is 23:30 UTC), 7/1 again
+    assert replayed_views(truth).tolist() == [False, False, True, False, True]
+    assert replayed_views(truth.drop(columns="mirror")).tolist() == [False, True, True, False, True]
 
 
 def test_compact_schedule_has_every_fault_kind_in_14_days(tmp_path):
     import argparse
 
     ns = argparse.Namespace(name="x", home=str(tmp_path), fast=False, driver=None, days=14, lines=None,
-                            per_day=None, code_dir=None, preset=None, steps=None, threads=None, schedule="compact")
+                            per_day=None, code_dir=None, preset=None, steps=None, threads=None, schedule="compact",
+                            replay_unchanged=False)
     cfg = config_from_args(ns)
     assert {f.kind for f in cfg.faults} == {f.kind for f in DEFAULT_SCHEDULE}
     for line in cfg.lines:

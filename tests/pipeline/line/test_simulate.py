@@ -357,3 +357,32 @@ def test_golden_cells_argument_is_checked(tmp_path):
                  "--json"]) == 0
     mes = pd.read_csv(tmp_path / "c" / "L1" / "2026-01-05" / "mes_export.csv")
     assert (mes["sample_kind"] == "golden").sum() == 6
+
+
+def test_mirror_repeats_show_each_replay_of_a_cell_in_its_next_view(tmp_path):
+    from pipeline.line.simulate import MIRRORS, mirrored
+
+    kw = dict(days=1, per_day=300, start=START, seed=2, capture_noise_dn=0, order="shuffled", defect_rate=1.0,
+              progress=False)
+    res = simulate_line(tmp_path / "m", mirror_repeats=True, **kw)
+    truth = pd.read_parquet(res.truth_path).sort_values("timestamp")
+    data = load_elpv()
+    assert truth["elpv_index"].value_counts().max() >= 2  # the pool's p = 1 cells are replayed
+    seen: dict[int, int] = {}
+    for row in truth.itertuples():
+        assert row.mirror == seen.get(row.elpv_index, 0) % MIRRORS
+        seen[row.elpv_index] = seen.get(row.elpv_index, 0) + 1
+        assert np.array_equal(read(res.out / row.path), mirrored(data.images[row.elpv_index], row.mirror))
+    first_views = truth.groupby("elpv_index").head(MIRRORS)
+    assert len({(res.out / p).read_bytes() for p in first_views["path"]}) == len(first_views)  # no capture twice
+    plain = pd.read_parquet(simulate_line(tmp_path / "p", **kw).truth_path)
+    assert (plain["mirror"] == 0).all() and plain["elpv_index"].tolist() == truth["elpv_index"].tolist()
+
+
+def test_mirrored_views():
+    from pipeline.line.simulate import mirrored
+
+    img = np.arange(6).reshape(2, 3)
+    assert np.array_equal(mirrored(img, 0), img) and np.array_equal(mirrored(img, 4), img)
+    assert np.array_equal(mirrored(img, 1), np.rot90(img, 2))
+    assert np.array_equal(mirrored(img, 2), img[:, ::-1]) and np.array_equal(mirrored(img, 3), img[::-1])
