@@ -9,7 +9,8 @@ Flow of one window (:meth:`AlertManager.update`):
    one per significant image-quality channel, e.g. ``axes:z_3``, ``quality:noise_level``, ``scores``) and apply the
    :class:`AlertPolicy` **per alert group** (:func:`pipeline.monitoring.causes.alert_group`: ``latent``,
    ``quality:<channel>``, ``scores``, ``spc``, ``camera``): hysteresis (``k_consecutive`` drifted windows of the group
-   in a row before its alert opens), one open alert per group (its later drifted windows fold into it; a new cause,
+   in a row before its alert opens; groups still short of it join an alert that opens in the same window), one open
+   alert per group (its later drifted windows fold into it; a new cause,
    such as another top axis, or a rise to ``critical`` is an *escalation*, notified), resolution after
    ``resolve_after`` windows in a row without that group's drift, and a cooldown: the same cause re-opening within ``cooldown_windows`` windows (or
    ``cooldown_minutes``) of its last alert is *suppressed*. A window the drift test could not compare with the
@@ -385,18 +386,27 @@ class AlertState:
 
 
 def _credit_open_alerts(st: AlertState, causes: Sequence[Any]) -> dict[str, Any]:
-    """The window's causes by alert group, a per-channel cause that an open alert holds credited to that alert."""
-    from pipeline.monitoring.causes import PER_CHANNEL_FAMILIES, alert_group
+    """The window's causes by alert group; a cause held by an open alert of another group is credited to that alert.
 
-    holder = {key: g for g, a in st.open.items() if a.get("family") in PER_CHANNEL_FAMILIES
-              for key in a.get("causes", ())}
+    A per-channel cause (one image-quality channel) is held by its key; any other cause by its group (a latent alert
+    names whichever axis moves most, so any latent cause counts for the alert that holds the latent group).
+    """
+    from pipeline.monitoring.causes import alert_group, key_group
+
+    by_key = {key: g for g, a in st.open.items() for key in a.get("causes", ())}
+    by_group = {key_group(key): g for g, a in st.open.items() for key in a.get("causes", ()) if key_group(key) != key}
     fired: dict[str, Any] = {}
+    credited: list[tuple[str, Any]] = []
     for c in causes:
         g = alert_group(c)
-        if g not in st.open and c.key in holder:
+        holder = None if g in st.open else by_key.get(c.key, by_group.get(g))
+        if holder is None or holder == g:
+            fired.setdefault(g, c)
+        else:
             st.counters.pop(g, None)
-            g = holder[c.key]
-        fired.setdefault(g, c)
+            credited.append((holder, c))
+    for holder, c in credited:  # the holder's own cause, when it fired too, speaks for it
+        fired.setdefault(holder, c)
     return fired
 
 
@@ -589,8 +599,9 @@ class AlertManager:
     def _apply_policy(self, st: AlertState, causes: Sequence[Any], ctx: _Window) -> list[AlertEvent]:
         """Advance every alert group's counters by one window and return the events (groups in a fixed order).
 
-        Channels of a per-channel family that an open alert already holds count for that alert; channels that fire
-        in the window an alert of their family opens join it (one fault that moves several channels is one alert).
+        Causes that an open alert already holds count for that alert; the other channels of its family, and groups
+        short of their own hysteresis, that fire in the window an alert opens join it (one fault that moves several
+        channels or families is one alert).
         """
         from pipeline.monitoring.causes import group_rank
 
@@ -598,16 +609,18 @@ class AlertManager:
         groups = set(st.counters) | set(st.open) | set(fired)
         events: list[AlertEvent] = []
         joined: set[str] = set()
+        counted: set[str] = set()
         for g in sorted(groups, key=group_rank):
             if g in joined:
                 continue
+            counted.add(g)
             counter = st.counters.setdefault(g, {"drift": 0, "clear": 0})
             cause = fired.get(g)
             if cause is not None:
                 counter["drift"], counter["clear"] = counter["drift"] + 1, 0
                 new = self._on_drift(st, g, cause, ctx)
                 if any(e.kind == "opened" for e in new):
-                    mates = self._join_companions(st, g, fired, joined)
+                    mates = self._join_companions(st, g, fired, joined, counted)
                     joined |= mates
                     if mates:  # the notification names the whole alert
                         alert = Alert.from_dict(st.open[g])
@@ -621,29 +634,44 @@ class AlertManager:
                 del st.counters[g]  # quiet and settled: nothing to remember
         return events
 
-    def _join_companions(self, st: AlertState, group: str, fired: Mapping[str, Any], joined: set[str]) -> set[str]:
-        """Fold the other fired channels of a just-opened per-channel alert's family into it; the groups folded."""
+    def _join_companions(self, st: AlertState, group: str, fired: Mapping[str, Any], joined: set[str],
+                         counted: set[str]) -> set[str]:
+        """Fold into a just-opened alert the window's other fired groups it speaks for; returns the groups folded.
+
+        Those are the other channels of its per-channel family, and any group that fired but is still short of its
+        own hysteresis (a camera gain drop that raises the anomaly scores, whose alert opens at once, and moves a
+        latent axis, which would wait for a second window): one fault seen by several families is one alert,
+        named by all of them. Groups in ``counted`` have had this window added to their counters already.
+        """
         from pipeline.monitoring.causes import PER_CHANNEL_FAMILIES
 
         alert = Alert.from_dict(st.open[group])
-        if alert.family not in PER_CHANNEL_FAMILIES:
-            return set()
         mates = [h for h, c in fired.items() if h != group and h not in st.open and h not in joined
-                 and c.family == alert.family]
+                 and ((alert.family in PER_CHANNEL_FAMILIES and c.family == alert.family)
+                      or self._short_of_hysteresis(st, h, c, counted=h in counted))]
         for h in mates:
             st.counters.pop(h, None)
             alert = replace(alert, causes=(*alert.causes, fired[h].key),
+                            tests=tuple(dict.fromkeys((*alert.tests, *(fired[h].tests or (fired[h].family,))))),
                             summary=f"{alert.summary}; with {fired[h].summary.removeprefix('image quality: ')}")
         st.open[group] = alert.to_dict()
         return set(mates)
+
+    def _need(self, cause: Any) -> int:
+        """Windows in a row a cause's group must fire before its alert opens."""
+        return 1 if cause.family in self.policy.immediate_families else self.policy.k_consecutive
+
+    def _short_of_hysteresis(self, st: AlertState, group: str, cause: Any, *, counted: bool) -> bool:
+        """True when ``group`` firing in this window does not yet open its own alert."""
+        drift = st.counters.get(group, {}).get("drift", 0) + (0 if counted else 1)
+        return drift < self._need(cause)
 
     def _on_drift(self, st: AlertState, group: str, cause: Any, ctx: _Window) -> list[AlertEvent]:
         """A window in which ``group`` fired: open (after hysteresis), fold into the open alert, or escalate."""
         severity = self.policy.severity(
             [{"effect": e} for e in cause.effects], cause.p_values)
         if group not in st.open:
-            need = 1 if cause.family in self.policy.immediate_families else self.policy.k_consecutive
-            if st.counters[group]["drift"] < need:
+            if st.counters[group]["drift"] < self._need(cause):
                 return []
             alert = self._new_alert(cause, severity, ctx)
             if self._in_cooldown(st.last_sent.get(alert.dedup_key), ctx.index, ctx.now):

@@ -74,6 +74,12 @@ def alert_group(cause: Cause) -> str:
     return cause.key if cause.family in PER_CHANNEL_FAMILIES and ":" in cause.key else cause.family
 
 
+def key_group(key: str) -> str:
+    """The alert group of a cause key (``"axes:z_3"`` -> ``latent``; ``"quality:noise_level"`` stays itself)."""
+    family = family_group(key.split(":", 1)[0])
+    return key if family in PER_CHANNEL_FAMILIES and ":" in key else family
+
+
 def group_rank(group: str) -> tuple[int, str]:
     """Sort key of an alert group: :data:`GROUP_ORDER` by its family, then by name."""
     family = group.split(":", 1)[0]

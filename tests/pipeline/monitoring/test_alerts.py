@@ -574,3 +574,35 @@ def test_with_the_default_cooldown_a_second_surge_days_later_is_alerted(tmp_path
     assert run(manager(tmp_path), windows) == [["opened"], [], ["resolved"], [], [], ["opened"], []]
     long = manager(tmp_path / "six", cooldown_windows=6)  # the cooldown hides it: never notified
     assert run(long, windows) == [["opened"], [], ["resolved"], [], [], ["suppressed"], ["suppressed"]]
+
+
+def scores_and_axis(axis: int = 2) -> object:
+    """A window in which the anomaly scores rose and a latent axis moved (a camera gain drop)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{**vars(surge()), "fired": ("axes", "scores"), "per_axis": drift(axis=axis).per_axis,
+                              "family_p": {"axes": 1e-4, "mmd": 0.4, "scores": 1e-3}})
+
+
+def test_a_latent_axis_that_fires_with_an_alert_opening_at_once_joins_it_and_keeps_it_open(tmp_path: Path) -> None:
+    """Gain drop: scores (immediate) and a latent axis (2 windows) fire on day one: one alert, named by both."""
+    m = manager(tmp_path)
+    days = [clear(), scores_and_axis(2), clear(), drift(axis=4), clear(), clear()]
+    assert run(m, days) == [[], ["opened"], [], ["escalated"], [], ["resolved"]]
+    sent = jsonl(tmp_path)
+    opened = sent[0]["alert"]
+    assert opened["cause"] == "scores" and opened["causes"] == ["scores", "axes:z_2"]
+    assert set(opened["tests"]) >= {"scores", "axes"} and "with axis 2" in opened["summary"]
+    assert "with latent" in sent[0]["reason"]
+    # the later latent window counts for the open alert (no latent alert of its own) and names its new axis
+    assert sent[1]["kind"] == "escalated" and "new cause axes:z_4" in sent[1]["reason"]
+    assert [e["alert"]["id"] for e in sent] == [opened["id"]] * 3 and m.open_alerts("L1") == []
+
+
+def test_a_group_that_reaches_its_own_hysteresis_keeps_its_own_alert(tmp_path: Path) -> None:
+    m = manager(tmp_path)
+    assert run(m, [drift(axis=2), scores_and_axis(2), clear(), clear()]) == \
+        [[], ["opened", "opened"], [], ["resolved", "resolved"]]
+    assert sorted(e["alert"]["cause"] for e in jsonl(tmp_path)[:2]) == ["axes:z_2", "scores"]
+    without = manager(tmp_path / "k2", immediate_families=())  # nothing opens at once: nothing to join
+    assert run(without, [scores_and_axis(2), clear()]) == [[], []]
