@@ -20,8 +20,10 @@ to them (the same functions the faults come from: the pattern charts are matched
 **Peers** on the same windows and Phase I, at the same ARL0: the monitor's per-window drift test
 (``pipeline.analysis.drift.DriftDetector``, lot null, z + quality channels + anomaly scores, alpha = 1 / ARL0);
 alibi-detect's ``CVMDriftOnline`` (and ``LSDDDriftOnline``) on the same per-window statistic vectors, with the
-Phase I windows as reference and ERT = ARL0, run in their own virtualenv (``make peers``; alibi-detect needs
-numpy < 2 and is BSL-licensed, so it is never a dependency of linewatch).
+Phase I windows as reference and ERT = ARL0, and again at ERT = 3 x ARL0 (``--peer-erts``): their null treats
+windows as independent draws, so on lot-structured streams their realised ARL falls far below the ERT (78-95 at
+ERT 200), and the larger ERT is the peer at about the chart's realised ARL. They run in their own virtualenv
+(``make peers``; alibi-detect needs numpy < 2 and is BSL-licensed, so it is never a dependency of linewatch).
 
 **Golden samples** (``pipeline.analysis.golden``): 5 functional cells per stream, re-imaged at the start of every shift
 through the current camera state, with re-imaging jitter (excitation 1 % sd, placement 0.1 deg and 0.5 px sd, read
@@ -40,6 +42,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,17 +206,28 @@ def peer_inputs(rep: Rep, data: Data, ic: dict[str, Any], runs: dict[str, list[F
     np.savez(path, **arrays)
 
 
-def run_peers(inputs: list[Path], onset: int, out: Path, lsdd: bool) -> dict[str, Any]:
-    """Run ``benchmarks/spc_peers.py`` in the peers' virtualenv; {} with a reason when it is not there."""
+def run_peers(inputs: list[Path], onset: int, out: Path, lsdd: bool, erts: Sequence[float] = (ARL0,)
+              ) -> dict[str, Any]:
+    """Run ``benchmarks/spc_peers.py`` in the peers' virtualenv at every ERT; {} with a reason when it is not there.
+
+    Keys: ``"<detector>"`` at ERT = ARL0, ``"<detector> (ERT <e>)"`` at the others. On lot-structured streams a
+    peer's realised ARL falls short of its ERT (its null is windows drawn independently), so a larger ERT is the
+    peer at about the chart's realised ARL.
+    """
     if not PEERS_PY.exists():
         return {"skipped": f"no peers virtualenv at {PEERS_PY} (run `make peers`)"}
-    cmd = [str(PEERS_PY), str(C.ROOT / "benchmarks" / "spc_peers.py"), "--ert", str(ARL0), "--onset", str(onset),
-           "--out", str(out), *(["--lsdd"] if lsdd else []), *map(str, inputs)]
-    C.log(f"[{NAME}] peers: {' '.join(cmd[2:6])} ...")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"skipped": f"peers failed: {proc.stderr.strip().splitlines()[-1:]}"}
-    return json.loads(out.read_text())
+    peers: dict[str, Any] = {}
+    for ert in erts:
+        path = out.with_name(f"{out.stem}_ert{ert:g}{out.suffix}")
+        cmd = [str(PEERS_PY), str(C.ROOT / "benchmarks" / "spc_peers.py"), "--ert", str(ert), "--onset", str(onset),
+               "--out", str(path), *(["--lsdd"] if lsdd else []), *map(str, inputs)]
+        C.log(f"[{NAME}] peers: {' '.join(cmd[2:6])} ...")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return {"skipped": f"peers failed at ERT {ert:g}: {proc.stderr.strip().splitlines()[-1:]}"}
+        suffix = "" if ert == ARL0 else f" (ERT {ert:g})"
+        peers.update({f"{kind}{suffix}": v for kind, v in json.loads(path.read_text()).items()})
+    return peers
 
 
 # ------------------------------------------------------------------------------------------------ golden samples
@@ -398,7 +412,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      for k, v in short.items()}
             window_test.append(window_test_rep(rep, data, short, args.onset, args.window_test_ic, args.ref_cells))
         C.log(f"[{NAME}] replicate {r}: {time.perf_counter() - t0:.0f} s (chart fit {rep.fit_seconds:.0f} s)")
-    peers = run_peers(peer_files, args.onset, C.OUT / "spc_peers" / "peers.json", args.lsdd) if peer_files else {}
+    peers = run_peers(peer_files, args.onset, C.OUT / "spc_peers" / "peers.json", args.lsdd,
+                      erts=args.peer_erts) if peer_files else {}
     ckpt = C.find_checkpoint("InfoDiffusion")
     golden = golden_streams(golden_bank(ckpt), data.model["model_id"], args.golden_streams)
     return {"args": vars(args), "model": data.model, "feature_notes": list(data.notes), "labels": labels, "reps": reps, "ablation": ablation,
@@ -607,6 +622,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ref-cells", type=int, default=3000, help="reference cells of the per-window test")
     ap.add_argument("--peer-reps", type=int, default=4, help="replicates given to the alibi-detect peers")
     ap.add_argument("--no-lsdd", dest="lsdd", action="store_false", help="skip alibi-detect's LSDDDriftOnline")
+    ap.add_argument("--peer-erts", type=lambda t: tuple(float(x) for x in t.split(",")), default=(ARL0, 3 * ARL0),
+                    help="the peers' expected run times, comma-separated (default ARL0 and 3 x ARL0: at ERT = ARL0 "
+                         "their realised ARL on lot streams is far below ARL0)")
     ap.add_argument("--golden-streams", type=int, default=300)
     ap.add_argument("--steps", type=int, default=3000, help="training steps if no checkpoint can be reused")
     ap.add_argument("--no-train", action="store_true", help="only reuse a checkpoint found under benchmarks/out/")

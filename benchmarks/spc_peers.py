@@ -45,8 +45,10 @@ def make(kind, ref, ert):
 
     ref = ref.astype(np.float32)
     if kind == "CVMDriftOnline":
-        return CVMDriftOnline(ref, ert=ert, window_sizes=[5, 20], n_bootstraps=20000, verbose=False)
-    return LSDDDriftOnline(ref, ert=ert, window_size=10, backend="pytorch", n_bootstraps=2000, verbose=False)
+        # the threshold is a (1 - 1/ERT)-ish quantile of bootstrapped statistics: enough draws for it at a large ERT
+        return CVMDriftOnline(ref, ert=ert, window_sizes=[5, 20], n_bootstraps=max(20000, int(60 * ert)), verbose=False)
+    return LSDDDriftOnline(ref, ert=ert, window_size=10, backend="pytorch", n_bootstraps=max(2000, int(10 * ert)),
+                           verbose=False)
 
 
 def main():

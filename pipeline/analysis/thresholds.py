@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["PERIOD_MIN_CELLS", "RECENTRE_Q", "TRIM_FENCE", "FlagCalibration", "FlagConfig", "cross_fit_scores",
+__all__ = ["PERIOD_FENCE", "PERIOD_MIN_CELLS", "RECENTRE_Q", "TRIM_FENCE", "FlagCalibration", "FlagConfig", "cross_fit_scores",
            "day_offsets", "day_thresholds", "group_folds", "grouped_threshold", "healthy_mask", "heldout_rate", "judged",
            "medcouple", "period_threshold", "production_groups", "robust_units", "set_flag_threshold"]
 
@@ -236,14 +236,25 @@ def _group_spread(s: np.ndarray, groups: np.ndarray, basis: np.ndarray, min_cell
     return med, iqr
 
 
+PERIOD_FENCE = 2.0
+"""Fence of :func:`period_threshold` (skew-adjusted IQRs above the third quartile of the cells' period units).
+
+In period units a defective cell sits closer to the healthy ones than on the raw score (its own period's median and
+IQR include it and its lot-mates), so the far-out fence (3) keeps most of them and the configured 5 % flags 3.6 %
+of the healthy cells of a 30-day soak (soak_s37, soak_s40 replayed); at 2 the soaks' replays give 4.9-5.9 % and the
+flag-rate bench 5.4-5.9 % (``docs/monitoring.md``). A line without defective cells loses almost none of its
+healthy cells to it (normal scores: 0.04 %)."""
+
+
 def period_threshold(ref_scores: Any, ref_periods: Any, fpr: float, *, min_cells: int = PERIOD_MIN_CELLS,
-                     fence: float | None = TRIM_FENCE) -> float | None:
+                     fence: float | None = PERIOD_FENCE) -> float | None:
     """The flag threshold in robust units of a production period (the rule of :func:`day_thresholds`).
 
-    Each calibration cell's out-of-period score is put in units of its own period (:func:`robust_units`), far-out
-    ones are left out (:func:`healthy_mask`), and the threshold is the conformal ``(1 - fpr)`` order statistic of the
-    rest (``pipeline.analysis.detectors.base.conformal_threshold``). None when the periods of ``min_cells`` cells or
-    more hold too few cells for ``fpr``.
+    Each calibration cell's out-of-period score is put in units of its own period (:func:`robust_units`), those above
+    the skew-adjusted fence at ``fence`` IQRs (:func:`healthy_mask`, :data:`PERIOD_FENCE`) are taken for defective
+    cells of normal production and left out, and the threshold is the conformal ``(1 - fpr)`` order statistic of
+    the rest (``pipeline.analysis.detectors.base.conformal_threshold``). None when the periods of ``min_cells`` cells
+    or more hold too few cells for ``fpr``.
     """
     from pipeline.analysis.detectors.base import conformal_threshold
 

@@ -9,7 +9,8 @@ Flow of one window (:meth:`AlertManager.update`):
    one per significant image-quality channel, e.g. ``axes:z_3``, ``quality:noise_level``, ``scores``) and apply the
    :class:`AlertPolicy` **per alert group** (:func:`pipeline.monitoring.causes.alert_group`: ``latent``,
    ``quality:<channel>``, ``scores``, ``spc``, ``camera``): hysteresis (``k_consecutive`` drifted windows of the group
-   in a row before its alert opens; groups still short of it join an alert that opens in the same window), one open
+   in a row before its alert opens; groups still short of it join an alert of an immediate family that opens in the
+   same window), one open
    alert per group (its later drifted windows fold into it; a new cause,
    such as another top axis, or a rise to ``critical`` is an *escalation*, notified), resolution after
    ``resolve_after`` windows in a row without that group's drift, and a cooldown: the same cause re-opening within ``cooldown_windows`` windows (or
@@ -638,17 +639,19 @@ class AlertManager:
                          counted: set[str]) -> set[str]:
         """Fold into a just-opened alert the window's other fired groups it speaks for; returns the groups folded.
 
-        Those are the other channels of its per-channel family, and any group that fired but is still short of its
-        own hysteresis (a camera gain drop that raises the anomaly scores, whose alert opens at once, and moves a
-        latent axis, which would wait for a second window): one fault seen by several families is one alert,
-        named by all of them. Groups in ``counted`` have had this window added to their counters already.
+        Those are the other channels of its per-channel family and, when it is of an immediate family (one that
+        opens at its first window), any group that fired but is still short of its own hysteresis: a camera gain
+        drop raises the anomaly scores, whose alert opens at once, and moves a latent axis, which would wait for a
+        second window. One fault seen by several families is then one alert, named by all of them. Groups in
+        ``counted`` have had this window added to their counters already.
         """
         from pipeline.monitoring.causes import PER_CHANNEL_FAMILIES
 
         alert = Alert.from_dict(st.open[group])
+        early = alert.family in self.policy.immediate_families
         mates = [h for h, c in fired.items() if h != group and h not in st.open and h not in joined
                  and ((alert.family in PER_CHANNEL_FAMILIES and c.family == alert.family)
-                      or self._short_of_hysteresis(st, h, c, counted=h in counted))]
+                      or (early and self._short_of_hysteresis(st, h, c, counted=h in counted)))]
         for h in mates:
             st.counters.pop(h, None)
             alert = replace(alert, causes=(*alert.causes, fired[h].key),

@@ -252,3 +252,29 @@ def test_period_threshold_needs_enough_cells_in_periods_of_enough_cells():
     assert period_threshold(rng.normal(size=30), ["a"] * 30, 0.01) is None  # too few cells for 1 %
     u = period_threshold(rng.normal(size=4000), np.repeat(np.arange(40), 100), 0.05)
     assert abs(u - 1.645 / 1.349) < 0.1  # the normal's 95th percentile in IQR units
+
+
+def test_period_fence_leaves_out_defective_cells_a_production_snapshot_holds():
+    """Calibration periods of production, 6 % of them defective cells 6 sd up: the period fence takes most of those
+    out, so the healthy cells of new days are flagged near the configured 5 %; the far-out fence alone keeps most of
+    them and the rate on healthy cells falls far short. On a line without defective cells both give about 5 %."""
+    from pipeline.analysis.thresholds import PERIOD_FENCE, TRIM_FENCE
+
+    rng = np.random.default_rng(3)
+
+    def line(periods, share):
+        s = rng.normal(size=periods * 30)
+        bad = rng.random(s.size) < share
+        s[bad] = 6.0 + 0.2 * rng.normal(size=bad.sum())
+        return s, np.repeat(np.arange(periods), 30), bad
+
+    def healthy_rate(share, fence):
+        ref, periods, _ = line(40, share)
+        new, days, bad = line(200, share)
+        unit = period_threshold(ref, periods, 0.05, fence=fence)
+        thr = day_thresholds(new, days, np.inf, unit)
+        return float((new[~bad] > thr[~bad]).mean())
+
+    assert 0.035 <= healthy_rate(0.06, PERIOD_FENCE) <= 0.065
+    assert healthy_rate(0.06, TRIM_FENCE) < 0.03
+    assert 0.035 <= healthy_rate(0.0, PERIOD_FENCE) <= 0.065 and 0.035 <= healthy_rate(0.0, TRIM_FENCE) <= 0.065

@@ -606,3 +606,13 @@ def test_a_group_that_reaches_its_own_hysteresis_keeps_its_own_alert(tmp_path: P
     assert sorted(e["alert"]["cause"] for e in jsonl(tmp_path)[:2]) == ["axes:z_2", "scores"]
     without = manager(tmp_path / "k2", immediate_families=())  # nothing opens at once: nothing to join
     assert run(without, [scores_and_axis(2), clear()]) == [[], []]
+
+
+def test_only_an_alert_that_opens_at_once_takes_in_groups_short_of_their_hysteresis(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    # image quality (2 windows) opens on the second window while a latent axis fires for the first time: two alerts
+    both = SimpleNamespace(**{**vars(quality()), "fired": ("axes", "quality"), "per_axis": drift(axis=2).per_axis})
+    m = manager(tmp_path)
+    assert run(m, [quality(), both, drift(axis=2)]) == [[], ["opened"], ["opened"]]
+    assert [e["alert"]["cause"] for e in jsonl(tmp_path)] == ["quality:detail_ratio", "axes:z_2"]
