@@ -4,8 +4,9 @@ Two lines of real ELPV cells (100-200 cells per line-day, about 5 % defective ce
 swings from day to day as on a real line) are simulated up front with a schedule of faults (camera gain, blur,
 sensor noise, illumination non-uniformity, a defect surge, and a product-mix change that is normal production) into
 a staging folder. A month draws each of ELPV's cells 3-4 times; each replay shows the cell in its next mirrored view
-(``SoakConfig.mirror_repeats``), so a model is not judged on the very images it trained on. Then, for every simulated day, that day's folders are released into the drop folder and the
-documented commands run in schedule order with the default settings:
+(``SoakConfig.mirror_repeats``), so a model is not judged on the very images it trained on. Then, for every
+simulated day, that day's folders are released into the drop folder and the documented commands run in schedule
+order with the default settings:
 
 1. ``linewatch ingest <drop>``: the line's new images;
 2. ``linewatch monitor``: the 15-minute monitor, which tests the finished day with the current champion;

@@ -240,10 +240,9 @@ PERIOD_FENCE = 2.0
 """Fence of :func:`period_threshold` (skew-adjusted IQRs above the third quartile of the cells' period units).
 
 In period units a defective cell sits closer to the healthy ones than on the raw score (its own period's median and
-IQR include it and its lot-mates), so the far-out fence (3) keeps most of them and the configured 5 % flags 3.6 %
-of the healthy cells of a 30-day soak (soak_s37, soak_s40 replayed); at 2 the soaks' replays give 4.9-5.9 % and the
-flag-rate bench 5.4-5.9 % (``docs/monitoring.md``). A line without defective cells loses almost none of its
-healthy cells to it (normal scores: 0.04 %)."""
+IQR include it and its lot-mates), so the far-out fence (3) of the calibration threshold keeps most of them and the
+configured rate then flags fewer healthy cells than configured. A line without defective cells loses almost none of
+its healthy cells to this fence. Measurements with both fences: ``docs/monitoring.md``."""
 
 
 def period_threshold(ref_scores: Any, ref_periods: Any, fpr: float, *, min_cells: int = PERIOD_MIN_CELLS,

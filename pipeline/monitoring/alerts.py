@@ -10,9 +10,8 @@ Flow of one window (:meth:`AlertManager.update`):
    :class:`AlertPolicy` **per alert group** (:func:`pipeline.monitoring.causes.alert_group`: ``latent``,
    ``quality:<channel>``, ``scores``, ``spc``, ``camera``): hysteresis (``k_consecutive`` drifted windows of the group
    in a row before its alert opens; groups still short of it join an alert of an immediate family that opens in the
-   same window), one open
-   alert per group (its later drifted windows fold into it; a new cause,
-   such as another top axis, or a rise to ``critical`` is an *escalation*, notified), resolution after
+   same window), one open alert per group (its later drifted windows fold into it; a new cause, such as another top
+   axis, or a rise to ``critical`` is an *escalation*, notified), resolution after
    ``resolve_after`` windows in a row without that group's drift, and a cooldown: the same cause re-opening within ``cooldown_windows`` windows (or
    ``cooldown_minutes``) of its last alert is *suppressed*. A window the drift test could not compare with the
    reference (too few cells of a product it knows; ``meta["comparable"]`` False) is recorded but skipped by the

@@ -71,12 +71,16 @@ def alert_group(cause: Cause) -> str:
     different faults), so each channel opens, escalates and resolves its own alert; latent axes move together, so
     the latent group keeps one alert whose cause is its top axis.
     """
-    return cause.key if cause.family in PER_CHANNEL_FAMILIES and ":" in cause.key else cause.family
+    return _group(cause.family, cause.key)
 
 
 def key_group(key: str) -> str:
     """The alert group of a cause key (``"axes:z_3"`` -> ``latent``; ``"quality:noise_level"`` stays itself)."""
-    family = family_group(key.split(":", 1)[0])
+    return _group(family_group(key.split(":", 1)[0]), key)
+
+
+def _group(family: str, key: str) -> str:
+    """The cause's key for a channel of a per-channel family, else its family group."""
     return key if family in PER_CHANNEL_FAMILIES and ":" in key else family
 
 

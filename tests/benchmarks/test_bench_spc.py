@@ -44,3 +44,14 @@ def test_golden_capture_jitter_and_faults():
     assert 0.003 < np.std(clean) / np.mean(clean) < 0.03  # excitation jitter of about 1 %
     assert np.mean(gain) / np.mean(clean) == pytest.approx(0.9, abs=0.01)
 
+
+
+def test_peer_erts_option_takes_positive_numbers_only():
+    import argparse
+
+    import pytest
+
+    assert B._erts("200,600") == (200.0, 600.0)
+    for bad in ("", "200,x", "0", "-5,200"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            B._erts(bad)
