@@ -74,13 +74,17 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"windows to open (default {AlertPolicy.k_consecutive})")
     ap.add_argument("--resolve-after", type=int, default=AlertPolicy.resolve_after,
                     help=f"windows to resolve (default {AlertPolicy.resolve_after})")
+    ap.add_argument("--immediate", default=",".join(AlertPolicy.immediate_families),
+                    help="families whose alert opens at their first window, comma-separated "
+                         f"(default {','.join(AlertPolicy.immediate_families)})")
     args = ap.parse_args(argv)
     path = C.OUT / "soak" / args.name / "state" / "windows.parquet"
     if not path.is_file():
         print(f"alert_replay: no {path}: run the soak first")
         return 2
     policy = AlertPolicy(k_consecutive=args.k_consecutive, resolve_after=args.resolve_after,
-                         cooldown_windows=args.cooldown_windows)
+                         cooldown_windows=args.cooldown_windows,
+                         immediate_families=tuple(f for f in args.immediate.split(",") if f))
     with tempfile.TemporaryDirectory() as tmp:
         events = replay(pd.read_parquet(path), policy, Path(tmp))
     print(events.to_string(index=False) if len(events) else "no events")

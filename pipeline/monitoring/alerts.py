@@ -143,7 +143,9 @@ class AlertPolicy:
             already calibrated to one false alarm in 500 shifts, and its point is to say so in the first shift;
             ``scores`` ("defect rate up": more unusual cells than the lot-to-lot variation explains) is scrap the
             line makes while the alert waits, and a surge of defective cells does not always show in two windows
-            in a row.
+            in a row; ``spc`` (the line's control chart, :mod:`pipeline.monitoring.charts`) has already weighed
+            the windows before its alarm against its in-control average run length, so a second window would count
+            the same evidence twice, and a chart alarm that comes on a fault's last day would never open.
     """
 
     k_consecutive: int = 2
@@ -156,7 +158,7 @@ class AlertPolicy:
     dedup_axes: int = 1
     max_history: int = 500
     max_processed: int = 10_000
-    immediate_families: tuple[str, ...] = ("camera", "scores")
+    immediate_families: tuple[str, ...] = ("camera", "scores", "spc")
 
     def __post_init__(self) -> None:
         for name in ("k_consecutive", "resolve_after", "top_n", "dedup_axes", "max_history", "max_processed"):

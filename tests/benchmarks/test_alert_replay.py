@@ -25,3 +25,13 @@ def test_the_cooldown_decides_whether_a_later_surge_is_alerted(tmp_path: Path) -
     short = replay(w, AlertPolicy(cooldown_windows=2), tmp_path / "two")
     assert short["kind"].tolist() == ["opened", "resolved", "opened"]
     assert short["window_id"].tolist()[-1] == "2026-01-23" and set(short["key"]) == {"L2|scores"}
+
+
+def test_a_chart_alarm_opens_at_once_unless_the_policy_waits_for_two_windows(tmp_path: Path) -> None:
+    from benchmarks.alert_replay import main
+
+    w = pd.DataFrame({"line": "L2", "window_id": ["2026-01-13", "2026-01-14", "2026-01-15", "2026-01-16"],
+                      "causes": ["", "", "spc:detail_ratio", ""], "original": True})
+    assert replay(w, AlertPolicy(), tmp_path / "now")["kind"].tolist() == ["opened"]
+    assert replay(w, AlertPolicy(immediate_families=("camera", "scores")), tmp_path / "k2").empty
+    assert main(["--name", "no_such_soak", "--immediate", "camera"]) == 2

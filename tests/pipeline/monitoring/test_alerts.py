@@ -561,6 +561,22 @@ def test_an_immediate_family_opens_at_its_first_window(tmp_path: Path) -> None:
     assert run(slow, [ChartedResult(clear(), cam), ChartedResult(clear(), cam)]) == [[], ["opened"]]
 
 
+def test_a_control_chart_alarm_opens_at_its_first_window(tmp_path: Path) -> None:
+    """A chart alarm has already weighed the windows before it (soak_s42: blur seen by the chart on its last day)."""
+    from pipeline.monitoring.causes import Cause
+    from pipeline.monitoring.charts import ChartedResult
+
+    text = "persistent shift since window w1: fine-detail ratio +1.8 sd (EWMA over 3 windows)"
+    chart = Cause("spc:detail_ratio", "spc", ("spc",), (), (), (1.8,), text)
+    days = [clear(), ChartedResult(clear(), chart), clear(), clear()]
+    m = manager(tmp_path)
+    assert run(m, days) == [[], ["opened"], [], ["resolved"]]
+    opened = jsonl(tmp_path)[0]["alert"]
+    assert opened["cause"] == "spc:detail_ratio" and "fine-detail ratio +1.8 sd" in opened["summary"]
+    old = manager(tmp_path / "k2", immediate_families=("camera", "scores"))  # the chart behind the hysteresis
+    assert run(old, days) == [[], [], [], []]
+
+
 def test_a_defect_surge_seen_in_one_window_opens_its_alert_at_once(tmp_path: Path) -> None:
     assert run(manager(tmp_path), [clear(), surge(), clear(), clear()]) == [[], ["opened"], [], ["resolved"]]
     assert run(manager(tmp_path / "k2", immediate_families=("camera",)), [surge(), clear(), surge(), clear()]) == \
