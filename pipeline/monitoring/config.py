@@ -150,6 +150,9 @@ class WindowOutcome:
         golden_metrics: their numbers for MLflow (``pipeline.monitoring.golden.round_metrics``).
         original: this is the window's first verdict (made by the champion of that moment); False for a later
             model's re-evaluation, which is stored beside it and never over it (:func:`record_verdicts`).
+        shift_since: when the line's control chart names a cause in this window, the first window of the shift it
+            found (its estimated change point); the nightly retrain keeps every window from there on out of training
+            (``pipeline.training.selection.alert_windows``). Empty otherwise.
     """
 
     line: str
@@ -179,6 +182,7 @@ class WindowOutcome:
     golden: tuple[str, ...] = ()
     golden_metrics: dict[str, float] = field(default_factory=dict)
     heatmaps: tuple[str, ...] = ()
+    shift_since: str = ""
 
 
 @dataclass(frozen=True)

@@ -357,7 +357,7 @@ def _test_window(ctx: _Pass, line: str, w: Any) -> tuple[WindowOutcome, Any]:
 
     frame = w.frame
     res, n_tested = _drift_of_window(ctx, frame)
-    chart_metrics, alert_res, chart_pics = _chart_window(ctx, line, w.window_id, frame, res)
+    chart_metrics, alert_res, chart_pics, shift_since = _chart_window(ctx, line, w.window_id, frame, res)
     alert_res, golden, golden_metrics = _golden_window(ctx, line, w, alert_res)
     attr, top, effect, description, mix = _describe(ctx, res, frame)
     cards: dict[int, str] = {}
@@ -394,7 +394,7 @@ def _test_window(ctx: _Pass, line: str, w: Any) -> tuple[WindowOutcome, Any]:
         alert_active=bool(ctx.manager.open_alerts(line)), events=ev_dicts, model_version=ctx.champ.version,
         fired=tuple(res.fired), causes=tuple(c.key for c in causes), example_serials=tuple(serials),
         explanation=explanation, chart=chart_metrics, golden=golden, golden_metrics=golden_metrics,
-        heatmaps=tuple(heatmaps),
+        heatmaps=tuple(heatmaps), shift_since=shift_since,
     )
     return outcome, res
 
@@ -440,13 +440,14 @@ def _chart_signatures(ctx: _Pass) -> dict[str, pd.Series]:
 
 
 def _chart_window(ctx: _Pass, line: str, window_id: str, frame: pd.DataFrame,
-                  res: Any) -> tuple[dict[str, float], Any, list[str]]:
-    """The window's chart metrics, the drift result for the alert manager (with the chart's cause), the picture.
+                  res: Any) -> tuple[dict[str, float], Any, list[str], str]:
+    """The window's chart metrics, drift result for the alert manager (with the chart's cause), pictures, change point.
 
-    On an alarm the chart's picture is drawn and cited by the alert beside the axis cards.
+    The change point is the first window of the shift the chart names (``""`` when it names none). On an alarm the
+    chart's picture is drawn and cited by the alert beside the axis cards.
     """
     if ctx.charts is None:
-        return {}, res, []
+        return {}, res, [], ""
     from pipeline.monitoring.charts import (
         ChartedResult,
         ChartNotReady,
@@ -461,10 +462,10 @@ def _chart_window(ctx: _Pass, line: str, window_id: str, frame: pd.DataFrame,
         if line not in ctx.charts.not_ready_said:
             ctx.charts.not_ready_said.add(line)
             logger.warning("%s", e)
-        return {}, res, []
+        return {}, res, [], ""
     except Exception:  # noqa: BLE001 - a chart that cannot take the window must not stop its test
         logger.exception("control chart of line %s failed on window %s", line, window_id)
-        return {}, res, []
+        return {}, res, [], ""
     for m in point.messages:
         logger.warning("control chart of line %s, window %s: %s", line, window_id, m)
     pics: list[str] = []
@@ -475,7 +476,9 @@ def _chart_window(ctx: _Pass, line: str, window_id: str, frame: pd.DataFrame,
                                        title=f"line {line}: {point.text}"[:120])))
         except Exception:  # noqa: BLE001 - a missing picture must not stop the alert
             logger.exception("control chart picture failed for line %s", line)
-    return point_metrics(point), ChartedResult(res, chart_cause(point)), pics
+    cause = chart_cause(point)
+    since = str(point.change_window or window_id) if cause is not None else ""
+    return point_metrics(point), ChartedResult(res, cause), pics, since
 
 
 def _monitor_golden(ctx: _Pass, rows: pd.DataFrame) -> Any:

@@ -29,7 +29,7 @@ def _verdict_rows(outcomes: list[Any]) -> pd.DataFrame:
         "fired": ",".join(o.fired), "causes": ",".join(o.causes), "top_axis": -1 if o.top_axis is None else o.top_axis,
         "n_images": o.n_images, "n_tested": o.n_tested, "n_anomalous": o.n_anomalous, "description": o.description,
         "summary": o.summary, "report": o.report or "", "example_serials": ",".join(o.example_serials),
-        "tested_at": now,
+        "shift_since": getattr(o, "shift_since", ""), "tested_at": now,
     } for o in outcomes])
 
 
@@ -38,6 +38,9 @@ def _read_verdicts(path: Path) -> pd.DataFrame:
     old = pd.read_parquet(path)
     if "original" not in old.columns:
         old["original"] = True
+    if "shift_since" not in old.columns:  # a table from before the chart's change point was kept
+        old["shift_since"] = ""
+    old["shift_since"] = old["shift_since"].fillna("").astype(str)
     old["model_version"] = old["model_version"].astype(str)
     return old
 

@@ -207,17 +207,34 @@ def alert_windows(settings: Any) -> pd.DataFrame:
 
     Every verdict counts (``pipeline.monitoring.verdicts``: the original one and any later model's re-evaluation): a window any
     model called drifted stays out. A drifted window counts even before the alert policy's hysteresis opened the alert
-    (the first faulty day).
+    (the first faulty day). A window in which the line's control chart named a cause keeps out every window of its line
+    from the chart's change point on (``shift_since``): a persistent shift is often under every per-window test for
+    the days before the chart can call it, and those days are the fault too.
 
     Returns:
-        Columns ``line, start, end`` (UTC), one row per window.
+        Columns ``line, start, end`` (UTC), one row per window or charted shift.
     """
     path = windows_table_path(settings)
     if not path.exists():
         return pd.DataFrame(columns=["line", "start", "end"])
     df = pd.read_parquet(path)
-    df = df.loc[df["alert_active"].astype(bool) | df["detected"].astype(bool)]
-    return df[["line", "start", "end"]].drop_duplicates().reset_index(drop=True)
+    out = df.loc[df["alert_active"].astype(bool) | df["detected"].astype(bool), ["line", "start", "end"]]
+    return pd.concat([out, _charted_shifts(df)], ignore_index=True).drop_duplicates().reset_index(drop=True)
+
+
+def _charted_shifts(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """``line, start, end`` from the first window of each charted shift (``shift_since``) to the window that named it.
+
+    A change point before the first window on record starts at the naming window itself.
+    """
+    if "shift_since" not in verdicts.columns:
+        return pd.DataFrame(columns=["line", "start", "end"])
+    since = verdicts["shift_since"].fillna("").astype(str)
+    charted = verdicts.loc[since != ""]
+    starts = verdicts.groupby(["line", "window_id"])["start"].min()
+    rows = [{"line": r.line, "start": starts.get((r.line, str(r.shift_since)), r.start), "end": r.end}
+            for r in charted.itertuples(index=False)]
+    return pd.DataFrame(rows, columns=["line", "start", "end"])
 
 
 __all__ = ["DataSelection", "alert_windows", "anomalous_ids", "holdout_mask", "select_training_data"]

@@ -109,6 +109,7 @@ def test_monitor_alerts_on_the_fault_and_a_restart_neither_resends_nor_forgets(t
     first_alarm = next(w.window_id for w in res.windows if w.chart and w.chart["spc_alarm"])
     assert len(charted) == 1 and charted[0]["window_id"] == first_alarm
     assert charted[0]["alert"]["cause"].startswith("spc:")
+    assert by_day[first_alarm].shift_since and by_day[first_alarm].shift_since <= first_alarm  # its change point
     assert all(by_day[d].chart["spc_alarm"] or by_day[d].alert_active for d in faulty)
     assert any(Path(p).name.startswith("chart_L1_") and Path(p).exists() for p in charted[0]["alert"]["card_paths"])
     assert by_day[faulty[1]].alert_active and by_day[faulty[1]].description
@@ -328,6 +329,28 @@ def test_verdicts_are_append_only_and_readers_take_the_original(tmp_path):
         window_verdicts(settings, which="newest")
 
 
+def test_a_charted_shift_keeps_its_days_before_the_alarm_out_of_training(tmp_path):
+    """The chart calls a blur on its third day (soak_s42, line L2): all three days stay out of the nightly's data."""
+    from types import SimpleNamespace
+
+    from pipeline.monitoring.monitor import record_verdicts, window_verdicts
+    from pipeline.training.retrain import alert_windows
+
+    settings = SimpleNamespace(state_dir=tmp_path)
+    days = [_outcome("2026-01-12", False, "7"), _outcome("2026-01-13", False, "7"),
+            _outcome("2026-01-14", False, "7"),
+            _outcome("2026-01-15", False, "7", causes=("spc:detail_ratio",), shift_since="2026-01-13"),
+            _outcome("2026-01-16", False, "7")]
+    record_verdicts(settings, "7", days)
+    assert window_verdicts(settings).set_index("window_id").loc["2026-01-15", "shift_since"] == "2026-01-13"
+    ex = alert_windows(settings)
+    assert ex[["start", "end"]].values.tolist() == [[pd.Timestamp("2026-01-13", tz="UTC"),
+                                                      pd.Timestamp("2026-01-16", tz="UTC")]]
+    # a change point before the first verdict on record: from the naming window on
+    record_verdicts(settings, "8", [_outcome("2026-01-17", False, "8", shift_since="2025-12-30")])
+    assert pd.Timestamp("2026-01-17", tz="UTC") in set(alert_windows(settings)["start"])
+
+
 def test_a_verdict_table_from_before_append_only_reads_as_originals(tmp_path):
     from types import SimpleNamespace
 
@@ -341,6 +364,7 @@ def test_a_verdict_table_from_before_append_only_reads_as_originals(tmp_path):
     (o,) = record_verdicts(settings, "2", [_outcome("2026-01-10", False, "2")])
     assert not o.original
     assert window_verdicts(settings)["model_version"].tolist() == ["1"]
+    assert window_verdicts(settings, which="all")["shift_since"].tolist() == ["", ""]  # no chart shift in the old rows
 
 
 @pytest.mark.slow
@@ -423,6 +447,6 @@ def test_a_line_without_a_chart_is_said_once_per_pass_and_its_window_is_still_te
     ctx, res = SimpleNamespace(charts=YoungCharts()), object()
     with caplog.at_level(logging.WARNING, logger="pipeline.monitoring.monitor"):
         got = [_chart_window(ctx, "L1", w, pd.DataFrame(), res) for w in ("w1", "w2")]
-    assert got == [({}, res, [])] * 2  # the drift result goes on unchanged, without chart metrics
+    assert got == [({}, res, [], "")] * 2  # the drift result goes on unchanged, without chart metrics
     said = [r for r in caplog.records if "no control chart" in r.getMessage()]
     assert len(said) == 1 and said[0].exc_info is None  # one line, no traceback
