@@ -99,16 +99,17 @@ def _fused_reference(home: Path, truth: pd.DataFrame) -> dict[str, pd.DataFrame]
 
 
 def day_rule_rates(home: Path, scores: pd.DataFrame, truth: pd.DataFrame, days: pd.DataFrame | None = None,
-                   fpr: float = 0.05, min_cells: int = 30) -> dict[str, float]:
+                   fpr: float = 0.05, min_cells: int = 30, fence: float | None = None) -> dict[str, float]:
     """Healthy and p = 1 cells' flag rates when each cell is judged in robust units of its own line-day.
 
     The rule of ``pipeline.analysis.thresholds.day_thresholds``: each model's threshold in period units
     (``period_threshold``, periods of ``PERIOD_MIN_CELLS`` cells or more) from its calibration cells' out-of-period
     scores and their line-days, then each monitored day's own median and interquartile range (days of ``min_cells``
     or more, the monitor's ``min_window``; the model's own calibration cells left out of them, as the monitor does).
-    Cells as in :func:`day_rates` (the first model that scored them).
+    Cells as in :func:`day_rates` (the first model that scored them). ``fence``: ``period_threshold``'s fence
+    (None: the monitor's, ``PERIOD_FENCE``).
     """
-    from pipeline.analysis.thresholds import day_thresholds, period_threshold
+    from pipeline.analysis.thresholds import PERIOD_FENCE, day_thresholds, period_threshold
 
     refs = _fused_reference(home, truth)
     first = scores.drop_duplicates("image_id", keep="first").merge(truth, on="image_id")
@@ -117,7 +118,8 @@ def day_rule_rates(home: Path, scores: pd.DataFrame, truth: pd.DataFrame, days: 
     thr_day = pd.Series(np.nan, index=first.index)
     for model_id, rows in first.groupby("model_id"):
         ref = refs[model_id]
-        unit = period_threshold(ref["s"], ref["line"].astype(str) + "|" + ref["day"].astype(str), fpr)
+        unit = period_threshold(ref["s"], ref["line"].astype(str) + "|" + ref["day"].astype(str), fpr,
+                                fence=PERIOD_FENCE if fence is None else fence)
         own = rows["image_id"].isin(set(ref["image_id"])).to_numpy()  # the model's calibration cells, in-sample
         thr_day[rows.index] = day_thresholds(rows["score"], rows["key"], float(rows["threshold"].iloc[0]), unit,
                                              min_cells=min_cells, basis=~own)
@@ -134,7 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: print both tables for a soak."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--name", required=True, help="the soak (benchmarks/out/soak/<name>)")
+    ap.add_argument("--fences", default="",
+                    help="also replay the line-day rule with these period fences, comma-separated (e.g. 1.5,2,3)")
     args = ap.parse_args(argv)
+    try:
+        fences = [float(f) for f in args.fences.split(",") if f.strip()]
+    except ValueError:
+        print(f"flag_contamination: --fences takes numbers separated by commas, got {args.fences!r}")
+        return 2
     home = C.OUT / "soak" / args.name
     if not (home / "state" / "scores.parquet").is_file():
         print(f"flag_contamination: no scores table under {home}: run the soak first")
@@ -148,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     config = saved_config(home)
     days = None if config is None else line_days(config)
     print(pd.Series(day_rates(scores, truth, days)).round(3).to_string())
-    print(pd.Series(day_rule_rates(home, scores[scores["scorer"] == "patch"], truth, days)).round(3).to_string())
+    patch = scores[scores["scorer"] == "patch"]
+    print(pd.Series(day_rule_rates(home, patch, truth, days)).round(3).to_string())
+    for fence in fences:
+        rates = day_rule_rates(home, patch, truth, days, fence=fence)
+        print(f"period fence {fence:g}: " + ", ".join(f"{k} {v:.3f}" for k, v in rates.items() if k != "cells"))
     return 0
 
 

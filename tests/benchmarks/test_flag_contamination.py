@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from benchmarks.flag_contamination import calibration_rows, calibration_scores, day_rates, day_rule_rates
 
@@ -68,3 +69,13 @@ def test_day_rule_rates_judge_each_day_against_its_own_median_and_spread(tmp_pat
     r = day_rule_rates(tmp_path, scores, truth)
     assert r["cells"] == 120 and r["recall_day_rule"] == 1.0
     assert 0.0 < r["healthy_day_rule"] < 0.15  # against the calibration threshold alone: about half
+    # a smaller period fence leaves more calibration cells out as defective: the unit threshold falls, more flags
+    tight, loose = day_rule_rates(tmp_path, scores, truth, fence=0.5), day_rule_rates(tmp_path, scores, truth, fence=3)
+    assert tight["healthy_day_rule"] > loose["healthy_day_rule"]
+
+
+def test_a_bad_fence_list_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.flag_contamination import main
+
+    assert main(["--name", "no_such_soak", "--fences", "1.5,x"]) == 2
+    assert capsys.readouterr().out.count("\n") == 1

@@ -13,7 +13,6 @@ from benchmarks.soak import (
     SoakConfig,
     config_from_args,
     environment,
-    fast_config,
     parse_json_answer,
 )
 from benchmarks.soak_eval import (
@@ -198,20 +197,6 @@ def test_compact_schedule_has_every_fault_kind_in_14_days(tmp_path):
         spans = sorted((f.start_day, f.start_day + f.duration_days) for f in cfg.faults if line in f.lines)
         assert all(end < nxt for (_, end), (nxt, _) in zip(spans, spans[1:], strict=False))  # a healthy day between
         assert spans[-1][1] <= cfg.days
-
-
-@pytest.fixture(scope="module")
-def fast_soak(tmp_path_factory):
-    """The fast soak run once (eight days of one line, tiny preset, camera gain on days 5-6), scored."""
-    from benchmarks.soak import run_soak
-    from benchmarks.soak_eval import evaluate
-
-    cfg = fast_config(tmp_path_factory.mktemp("fast") / "soak")
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in environment(cfg).items():
-            mp.setenv(key, value)  # restored after the module (the local driver sets them)
-        records = run_soak(cfg)
-        return cfg, records, evaluate(cfg)
 
 
 @pytest.mark.slow
