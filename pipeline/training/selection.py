@@ -205,9 +205,11 @@ def anomalous_ids(settings: Any) -> set[str]:
 def alert_windows(settings: Any) -> pd.DataFrame:
     """Windows to keep out of training, from the monitor's verdict log: drifted, or with an alert open on the line.
 
-    Every verdict counts (``pipeline.monitoring.verdicts``: the original one and any later model's re-evaluation): a window any
-    model called drifted stays out. A drifted window counts even before the alert policy's hysteresis opened the alert
-    (the first faulty day). A window in which the line's control chart named a cause keeps out every window of its line
+    Every verdict's drift counts (``pipeline.monitoring.verdicts``: the original one and any later model's
+    re-evaluation): a window any model called drifted stays out. A drifted window counts even before the alert
+    policy's hysteresis opened the alert (the first faulty day). An open alert counts from the original verdict only:
+    a re-evaluation records the line's alert state at the time it ran (a healthy day re-tested the morning after a
+    fault opened an alert would otherwise be kept out for that later alert). A window in which the line's control chart named a cause keeps out every window of its line
     from the chart's change point on (``shift_since``): a persistent shift is often under every per-window test for
     the days before the chart can call it, and those days are the fault too.
 
@@ -218,8 +220,13 @@ def alert_windows(settings: Any) -> pd.DataFrame:
     if not path.exists():
         return pd.DataFrame(columns=["line", "start", "end"])
     df = pd.read_parquet(path)
-    out = df.loc[df["alert_active"].astype(bool) | df["detected"].astype(bool), ["line", "start", "end"]]
-    return pd.concat([out, _charted_shifts(df)], ignore_index=True).drop_duplicates().reset_index(drop=True)
+    original = df["original"].astype(bool) if "original" in df.columns else pd.Series(True, index=df.index)
+    under_alert = df["alert_active"].astype(bool) & original
+    out = df.loc[under_alert | df["detected"].astype(bool), ["line", "start", "end"]]
+    shifts = _charted_shifts(df)
+    if len(shifts):
+        out = pd.concat([out, shifts], ignore_index=True)
+    return out.drop_duplicates().reset_index(drop=True)
 
 
 def _charted_shifts(verdicts: pd.DataFrame) -> pd.DataFrame:

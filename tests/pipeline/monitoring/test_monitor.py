@@ -294,9 +294,10 @@ def _outcome(window_id: str, detected: bool, version: str, **kw):
     from pipeline.monitoring.monitor import WindowOutcome
 
     start = datetime.fromisoformat(window_id).replace(tzinfo=UTC)
+    kw.setdefault("alert_active", False)
     return WindowOutcome(line="L1", window_id=window_id, start=start, end=start + timedelta(days=1), n_images=40,
                          n_tested=40, n_anomalous=2, detected=detected, top_axis=None, top_share=0.0, effect=0.0,
-                         description="", summary="", attribution="", alert_active=False, model_version=version, **kw)
+                         description="", summary="", attribution="", model_version=version, **kw)
 
 
 def test_verdicts_are_append_only_and_readers_take_the_original(tmp_path):
@@ -349,6 +350,24 @@ def test_a_charted_shift_keeps_its_days_before_the_alarm_out_of_training(tmp_pat
     # a change point before the first verdict on record: from the naming window on
     record_verdicts(settings, "8", [_outcome("2026-01-17", False, "8", shift_since="2025-12-30")])
     assert pd.Timestamp("2026-01-17", tz="UTC") in set(alert_windows(settings)["start"])
+
+
+def test_a_healthy_day_re_tested_while_a_later_alert_is_open_stays_in_training(tmp_path):
+    """soak_s42: the gain alert opened on day 5; model v5 re-tested days 3-4 while it was open. Those rows record the
+    line's alert state at re-test time, not the days' own: the retrain must not keep the healthy days out for it."""
+    from types import SimpleNamespace
+
+    from pipeline.monitoring.monitor import record_verdicts
+    from pipeline.training.retrain import alert_windows
+
+    settings = SimpleNamespace(state_dir=tmp_path)
+    record_verdicts(settings, "4", [_outcome("2026-01-08", False, "4"), _outcome("2026-01-09", False, "4")])
+    record_verdicts(settings, "4", [_outcome("2026-01-10", True, "4", alert_active=True)])
+    record_verdicts(settings, "5", [_outcome("2026-01-08", False, "5", alert_active=True),
+                                    _outcome("2026-01-09", False, "5", alert_active=True),
+                                    _outcome("2026-01-11", False, "5", alert_active=True)])  # its own first verdict
+    ex = alert_windows(settings)
+    assert sorted(pd.to_datetime(ex["start"], utc=True).dt.day) == [10, 11]  # the fault day and a day first tested under the open alert
 
 
 def test_a_verdict_table_from_before_append_only_reads_as_originals(tmp_path):
