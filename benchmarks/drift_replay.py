@@ -125,12 +125,13 @@ def soak_settings(home: Path, scratch: Path) -> Any:
 
 def recorded_windows(home: Path, version: str | None = None, original: bool = False) -> pd.DataFrame:
     """The soak's recorded verdicts (``state/windows.parquet``), of one model version and only first ones if asked."""
-    w = pd.read_parquet(home / "state" / "windows.parquet")
-    w = w.assign(model_version=w["model_version"].astype(str), line=w["line"].astype(str),
-                 window_id=w["window_id"].astype(str))
+    from pipeline.handoff.state import read_verdicts
+
+    w = read_verdicts(home / "state" / "windows.parquet")
+    w = w.assign(line=w["line"].astype(str), window_id=w["window_id"].astype(str))
     if version is not None:
         w = w[w["model_version"] == str(version)]
-    return w[w["original"]] if original else w
+    return w[w["original"].astype(bool)] if original else w
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -35,12 +35,31 @@ def windows_table_path(settings: Any) -> Path:
     """Per-window verdicts, append-only: one row per (``line``, ``window_id``, ``model_version``).
 
     Columns: ``line, window_id, model_version, original, start, end, detected, alert_active, fired, causes,
-    top_axis, n_images, n_tested, n_anomalous, description, summary, report, example_serials, tested_at``.
+    top_axis, n_images, n_tested, n_anomalous, description, summary, report, example_serials, shift_since,
+    tested_at``.
     ``original`` marks the first verdict of a window (the one its alert was made from); a later model's
     re-evaluation is a further row (``pipeline.monitoring.verdicts``). Written by the monitor; the retrain keeps
     drifted and alerted windows out of training.
     """
     return state_dir(settings) / "windows.parquet"
+
+
+def read_verdicts(path: Path) -> Any:
+    """The verdict table at ``path`` (a DataFrame), with the columns later versions added filled in for older rows.
+
+    A table from before append-only verdicts has one original row per window; rows from before the chart's change
+    point was kept have an empty ``shift_since``.
+    """
+    import pandas as pd
+
+    df = pd.read_parquet(path)
+    if "original" not in df.columns:
+        df["original"] = True
+    if "shift_since" not in df.columns:
+        df["shift_since"] = ""
+    df["shift_since"] = df["shift_since"].fillna("").astype(str)
+    df["model_version"] = df["model_version"].astype(str)
+    return df
 
 
 def ops_alerts_path(settings: Any) -> Path:

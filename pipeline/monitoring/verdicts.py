@@ -4,19 +4,19 @@ The verdict, report picture and alert of a window are kept as the champion of th
 that tests the same window again (the nightly re-monitors the last days after a retrain) adds a row beside the
 first, marked ``original=False``; nothing already written changes. Readers that need *the* verdict of a window take
 the original one (:func:`window_verdicts`); the retrain's exclusion of alerted windows reads every row
-(``pipeline.training.retrain.alert_windows``: a window any model called drifted stays out of training).
+(``pipeline.training.retrain.alert_windows``: a window any model called drifted stays out of training; an open
+alert counts from the original row only).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from pipeline.common import atomic
-from pipeline.handoff.state import state_dir, windows_table_path  # noqa: F401 - re-exported
+from pipeline.handoff.state import read_verdicts, state_dir, windows_table_path  # noqa: F401 - re-exported
 
 VERDICT_KEYS = ["line", "window_id", "model_version"]
 
@@ -29,20 +29,8 @@ def _verdict_rows(outcomes: list[Any]) -> pd.DataFrame:
         "fired": ",".join(o.fired), "causes": ",".join(o.causes), "top_axis": -1 if o.top_axis is None else o.top_axis,
         "n_images": o.n_images, "n_tested": o.n_tested, "n_anomalous": o.n_anomalous, "description": o.description,
         "summary": o.summary, "report": o.report or "", "example_serials": ",".join(o.example_serials),
-        "shift_since": getattr(o, "shift_since", ""), "tested_at": now,
+        "shift_since": o.shift_since, "tested_at": now,
     } for o in outcomes])
-
-
-def _read_verdicts(path: Path) -> pd.DataFrame:
-    """The verdict table; a table from before append-only verdicts has one original row per window."""
-    old = pd.read_parquet(path)
-    if "original" not in old.columns:
-        old["original"] = True
-    if "shift_since" not in old.columns:  # a table from before the chart's change point was kept
-        old["shift_since"] = ""
-    old["shift_since"] = old["shift_since"].fillna("").astype(str)
-    old["model_version"] = old["model_version"].astype(str)
-    return old
 
 
 def record_verdicts(settings: Any, model_version: str, outcomes: list[Any]) -> list[Any]:
@@ -57,7 +45,7 @@ def record_verdicts(settings: Any, model_version: str, outcomes: list[Any]) -> l
     if not outcomes:
         return outcomes
     path = windows_table_path(settings)
-    old = _read_verdicts(path) if path.exists() else pd.DataFrame(columns=[*VERDICT_KEYS, "original"])
+    old = read_verdicts(path) if path.exists() else pd.DataFrame(columns=[*VERDICT_KEYS, "original"])
     first_by = {(str(r.line), str(r.window_id)): str(r.model_version)
                 for r in old[old["original"].astype(bool)].itertuples(index=False)}
     seen_rows = set(zip(old["line"].astype(str), old["window_id"].astype(str), old["model_version"], strict=True))
@@ -84,13 +72,12 @@ def window_verdicts(settings: Any, *, which: str = "original") -> pd.DataFrame:
     path = windows_table_path(settings)
     if not path.exists():
         return pd.DataFrame(columns=[*VERDICT_KEYS, "original", "detected", "alert_active"])
-    df = _read_verdicts(path)
+    df = read_verdicts(path)
     if which == "original":
         df = df[df["original"].astype(bool)]
     elif which == "latest":
         df = df.drop_duplicates(["line", "window_id"], keep="last")
     return df.reset_index(drop=True)
-
 
 
 __all__ = ["VERDICT_KEYS", "record_verdicts", "window_verdicts", "windows_table_path"]

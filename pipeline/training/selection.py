@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.common.schemas import golden_mask
-from pipeline.handoff.state import scores_table_path, windows_table_path
+from pipeline.handoff.state import read_verdicts, scores_table_path, windows_table_path
 
 
 @dataclass(frozen=True)
@@ -209,9 +209,10 @@ def alert_windows(settings: Any) -> pd.DataFrame:
     re-evaluation): a window any model called drifted stays out. A drifted window counts even before the alert
     policy's hysteresis opened the alert (the first faulty day). An open alert counts from the original verdict only:
     a re-evaluation records the line's alert state at the time it ran (a healthy day re-tested the morning after a
-    fault opened an alert would otherwise be kept out for that later alert). A window in which the line's control chart named a cause keeps out every window of its line
-    from the chart's change point on (``shift_since``): a persistent shift is often under every per-window test for
-    the days before the chart can call it, and those days are the fault too.
+    fault opened an alert would otherwise be kept out for that later alert). A window in which the line's control
+    chart named a cause keeps out every window of its line from the chart's change point on (``shift_since``): a
+    persistent shift is often under every per-window test for the days before the chart can call it, and those days
+    are the fault too.
 
     Returns:
         Columns ``line, start, end`` (UTC), one row per window or charted shift.
@@ -219,9 +220,8 @@ def alert_windows(settings: Any) -> pd.DataFrame:
     path = windows_table_path(settings)
     if not path.exists():
         return pd.DataFrame(columns=["line", "start", "end"])
-    df = pd.read_parquet(path)
-    original = df["original"].astype(bool) if "original" in df.columns else pd.Series(True, index=df.index)
-    under_alert = df["alert_active"].astype(bool) & original
+    df = read_verdicts(path)
+    under_alert = df["alert_active"].astype(bool) & df["original"].astype(bool)
     out = df.loc[under_alert | df["detected"].astype(bool), ["line", "start", "end"]]
     shifts = _charted_shifts(df)
     if len(shifts):
@@ -234,10 +234,7 @@ def _charted_shifts(verdicts: pd.DataFrame) -> pd.DataFrame:
 
     A change point before the first window on record starts at the naming window itself.
     """
-    if "shift_since" not in verdicts.columns:
-        return pd.DataFrame(columns=["line", "start", "end"])
-    since = verdicts["shift_since"].fillna("").astype(str)
-    charted = verdicts.loc[since != ""]
+    charted = verdicts.loc[verdicts["shift_since"] != ""]
     starts = verdicts.groupby(["line", "window_id"])["start"].min()
     rows = [{"line": r.line, "start": starts.get((r.line, str(r.shift_since)), r.start), "end": r.end}
             for r in charted.itertuples(index=False)]
