@@ -21,8 +21,9 @@ truth and writes ``benchmarks/results/<name>.md`` and ``.json``.
 
 Run: ``.venv/bin/python -m benchmarks.soak`` (about two hours on 2 cores; ``make bench`` runs it), ``--days 6
 --lines L1 --per-day 60 --fast`` for a quick look, ``--code-dir /path/to/other/checkout`` to run the commands with
-another checkout's code (the simulation and the scoring stay this tree's), ``--report-only`` to rescore a finished
-home.
+another checkout's code (the simulation and the scoring stay this tree's), ``--golden-cells 5`` for a line that
+re-images five golden cells every shift (the production captures stay the same; a camera fault is then also rightly
+named by a "camera/optics changed" alert), ``--report-only`` to rescore a finished home.
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ class SoakConfig:
         monitor: monitor parameters other than the defaults (``pipeline.monitoring.config.MonitorConfig`` fields).
         fpr: the per-image false-flag rate the monitor is configured with (what the flags are scored against).
         seed: simulation seed.
+        golden_cells: golden cells per line, re-imaged at the start of every shift (``pipeline.line.simulate``;
+            0 = a line without golden samples). Production captures are the same with or without them.
         threads: torch / OpenMP threads of every command (``OMP_NUM_THREADS``). One by default: on a shared,
             oversubscribed machine two threads made a training step 20x slower than one (0.47 s vs 11.4 s per tiny
             step at a load average of 17 on 2 cores); on two free cores use 2.
@@ -122,6 +125,7 @@ class SoakConfig:
     monitor: dict[str, Any] = field(default_factory=dict)
     fpr: float = 0.05
     seed: int = 0
+    golden_cells: int = 0
     threads: int = 1
 
     def __post_init__(self) -> None:
@@ -129,6 +133,8 @@ class SoakConfig:
             raise ValueError(f"driver must be 'cli' or 'local', got {self.driver!r}")
         if not 0 < self.first_monitored_day < self.days:
             raise ValueError(f"first_monitored_day must be in 1..{self.days - 1}, got {self.first_monitored_day}")
+        if not 0 <= self.golden_cells <= 50:
+            raise ValueError(f"golden_cells must be in 0..50, got {self.golden_cells}")
         for f in self.faults:
             if f.start_day >= self.days or not set(f.lines or self.lines) <= set(self.lines):
                 raise ValueError(f"fault {f} is outside the soak's days or lines")
@@ -208,7 +214,7 @@ def stage_line(config: SoakConfig) -> Path:
     simulate_line(staging, days=config.days, per_day=config.per_day, lines=config.lines, start=DEFAULT_START,
                   seed=config.seed, defect_rate=day_defect_shares(config), faults=config.faults, pool=config.pool,
                   order=config.order, truth=config.home / "truth.parquet", progress=False,
-                  mirror_repeats=config.mirror_repeats)
+                  mirror_repeats=config.mirror_repeats, golden_cells=config.golden_cells)
     return staging
 
 
@@ -467,6 +473,8 @@ def config_from_args(args: argparse.Namespace) -> SoakConfig:
         over["threads"] = args.threads
     if args.replay_unchanged:
         over["mirror_repeats"] = False
+    if args.golden_cells is not None:
+        over["golden_cells"] = args.golden_cells
     if args.preset or args.steps:
         over["retrain"] = {**cfg.retrain, **({"preset": args.preset} if args.preset else {}),
                            **({"steps": args.steps} if args.steps else {})}
@@ -489,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads per command (default 1)")
     ap.add_argument("--replay-unchanged", action="store_true",
                     help="replay ELPV cells as they are (default: each replay in its next mirrored view)")
+    ap.add_argument("--golden-cells", type=int, default=None,
+                    help="golden cells per line, re-imaged every shift (default 0: a line without golden samples)")
     ap.add_argument("--fast", action="store_true", help="the fast version: tiny preset, one line, one fault")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted soak in its home")
     ap.add_argument("--report-only", action="store_true", help="only score a finished soak's home")

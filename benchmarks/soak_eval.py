@@ -43,6 +43,8 @@ EXPECTED_FAMILY: dict[str, str] = {
     "gain": "latent", "blur": "fine detail", "noise": "noise", "illumination": "illumination",
     "vignetting": "illumination", "misalign": "rotation", "defect_rate": "defect rate",
 }
+#: Faults of the camera and its optics: on a line with golden cells, "camera/optics changed" names them rightly too.
+CAMERA_FAULTS = frozenset({"gain", "blur", "noise", "illumination", "vignetting", "misalign"})
 #: Phrases of an alert's text that name a family.
 FAMILY_PHRASES: dict[str, tuple[str, ...]] = {
     "illumination": ("illumination",),
@@ -51,6 +53,7 @@ FAMILY_PHRASES: dict[str, tuple[str, ...]] = {
     "rotation": ("rotation",),
     "defect rate": ("anomaly scores up", "defect rate", "more unusual cells"),
     "product mix": ("product mix",),
+    "camera": ("camera/optics",),
 }
 RECOVERY_DAYS = 2
 TARGETS = {"uptime": 1.0, "false_alerts_per_30": 1.0, "flag_rate_tolerance": 0.01, "cycle_s": 300.0}
@@ -274,7 +277,9 @@ def fault_outcome(config: Any, fault: Any, verdicts: pd.DataFrame, alerts: pd.Da
     expected = EXPECTED_FAMILY[fault.kind]
     during = _events(alerts, line, range(fault.start_day, end))
     early = _events(alerts, line, range(fault.start_day, fault.start_day + 2))
-    right = early[early["families"].apply(lambda f: expected in f)]
+    golden = fault.kind in CAMERA_FAULTS and getattr(config, "golden_cells", 0) > 0
+    accepted = {expected, "camera"} if golden else {expected}
+    right = early[early["families"].apply(lambda f: bool(accepted & set(f)))]
     ids = set(during["alert_id"])
     resolved = alerts[(alerts["kind"] == "resolved") & alerts["alert_id"].isin(ids)]
     in_time = resolved[resolved["day"] < end + RECOVERY_DAYS]
@@ -282,7 +287,7 @@ def fault_outcome(config: Any, fault: Any, verdicts: pd.DataFrame, alerts: pd.Da
     if not ids or (not resolved_in_time and end + RECOVERY_DAYS > config.days):
         resolved_in_time = None  # never alerted (nothing to resolve), or its recovery days fall after the soak
     out.update({
-        "expected_family": expected, "first_alert_day": None if during.empty else int(during["day"].min()),
+        "expected_family": expected + (" or camera" if golden else ""), "first_alert_day": None if during.empty else int(during["day"].min()),
         "families_named": sorted({f for fs in during["families"] for f in fs}),
         "alerted_in_time": not right.empty, "alert_text": during["text"].tolist()[:2],
         "alerts": len(during), "resolved_in_time": resolved_in_time,
@@ -340,6 +345,13 @@ def flag_table(config: Any, records: list[dict[str, Any]], truth: pd.DataFrame) 
     if not out:
         return pd.DataFrame(columns=["line", "day", "prob", "is_anomaly", "score"])
     return pd.concat(out, ignore_index=True)
+
+
+def production_truth(truth: pd.DataFrame) -> pd.DataFrame:
+    """The truth rows of production captures (golden captures, which are never flagged, left out)."""
+    if "sample_kind" not in truth.columns:
+        return truth
+    return truth[truth["sample_kind"].fillna("production").astype(str) != "golden"].reset_index(drop=True)
 
 
 def replayed_views(truth: pd.DataFrame) -> pd.Series:
@@ -455,7 +467,7 @@ def evaluate(config: Any, harness_log: str | None = None) -> dict[str, Any]:
     days = line_days(config)
     verdicts = verdict_table(config, records)
     alerts = alert_table(config)
-    truth = pd.read_parquet(config.home / "truth.parquet")
+    truth = production_truth(pd.read_parquet(config.home / "truth.parquet"))
     flags = flag_table(config, records, truth)
     return {
         "config": config.to_dict(),
@@ -587,7 +599,8 @@ def write_results(config: Any, s: dict[str, Any]) -> Path:
         f"- line: {config.days} days, lines {', '.join(config.lines)}, {config.per_day} cells per line-day, "
         f"defect share {config.defect_share:.0%} +- {config.defect_jitter:.1%} per day, ELPV pool "
         f"'{config.pool}' in {config.order} order, replays mirrored: "
-        f"{getattr(config, 'mirror_repeats', False)}; driver {config.driver}; retrain {config.retrain or 'defaults'}; "
+        f"{getattr(config, 'mirror_repeats', False)}; golden cells per line and shift: "
+        f"{getattr(config, 'golden_cells', 0)}; driver {config.driver}; retrain {config.retrain or 'defaults'}; "
         f"monitor {config.monitor or 'defaults'}; LINEWATCH_TIMEZONE {config.timezone}",
         f"- stderr lines written by the commands: {s['stderr_lines']}\n",
         "## Targets\n", "| target | measured | |", "|---|---|---|", *target_rows(s), "",

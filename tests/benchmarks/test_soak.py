@@ -94,6 +94,31 @@ def test_fault_outcomes_and_false_alerts(tmp_path):
     assert fa["false_alerts"] == 2 and fa["healthy_line_days"] == 14  # the mix alert and the day-8 one
 
 
+def test_a_camera_alert_names_a_camera_fault_rightly_only_on_a_line_with_golden_cells(tmp_path):
+    faults = (FaultSpec("gain", start_day=2, duration_days=2, lines=("L1",)),
+              FaultSpec("defect_rate", start_day=5, duration_days=2, lines=("L1",)))
+    cfg = SoakConfig(home=tmp_path, days=10, lines=("L1",), faults=faults, golden_cells=5)
+    _alert(tmp_path, "opened", "L1", 2, ["camera"], "camera/optics changed: brightness -25 % on the golden cells")
+    _alert(tmp_path, "opened", "L1", 5, ["camera"], "camera/optics changed: brightness -3 % on the golden cells",
+           alert_id="a2")
+    alerts = alert_table(cfg)
+    assert alerts["families"].tolist() == [["camera"], ["camera"]]
+    verdicts = verdict_table(cfg, [_monitor_record(d, [("L1", d, False, "")]) for d in range(1, 10)])
+    gain, surge = (fault_outcome(cfg, f, verdicts, alerts) for f in faults)
+    assert gain["alerted_in_time"] and gain["expected_family"] == "latent or camera"
+    assert not surge["alerted_in_time"]  # a surge of defective cells is no camera fault
+    no_golden = SoakConfig(home=tmp_path, days=10, lines=("L1",), faults=faults)
+    assert not fault_outcome(no_golden, faults[0], verdicts, alerts)["alerted_in_time"]
+
+
+def test_golden_captures_are_left_out_of_the_production_truth():
+    from benchmarks.soak_eval import production_truth
+
+    truth = pd.DataFrame({"serial": ["a", "b", "c"], "sample_kind": ["production", "golden", None]})
+    assert production_truth(truth)["serial"].tolist() == ["a", "c"]
+    assert production_truth(truth.drop(columns="sample_kind"))["serial"].tolist() == ["a", "b", "c"]
+
+
 def test_a_resolution_the_soak_could_not_see_is_not_counted_as_missed(tmp_path):
     from benchmarks.soak_eval import target_rows
 
@@ -149,10 +174,14 @@ def test_config_from_the_command_line_and_environment(tmp_path):
 
     ns = argparse.Namespace(name="x", home=str(tmp_path), fast=False, driver=None, days=12, lines="L1",
                             per_day="100-150", code_dir=None, preset=None, steps=None, threads=None,
-                            schedule=None, replay_unchanged=False)
+                            schedule=None, replay_unchanged=False, golden_cells=None)
     cfg = config_from_args(ns)
     assert cfg.days == 12 and cfg.lines == ("L1",) and cfg.per_day == (100, 150) and cfg.mirror_repeats
     assert not config_from_args(argparse.Namespace(**{**vars(ns), "replay_unchanged": True})).mirror_repeats
+    assert cfg.golden_cells == 0 and config_from_args(argparse.Namespace(**{**vars(ns), "golden_cells": 5})
+                                                      ).golden_cells == 5
+    with pytest.raises(ValueError, match="golden_cells"):
+        config_from_args(argparse.Namespace(**{**vars(ns), "golden_cells": 51}))
     assert all(f.start_day < 12 and f.lines == ("L1",) for f in cfg.faults)
     env = environment(cfg)
     assert env["LINEWATCH_HOME"] == str(tmp_path.resolve()) and env["MLFLOW_TRACKING_URI"].startswith("sqlite:///")
@@ -190,7 +219,7 @@ def test_compact_schedule_has_every_fault_kind_in_14_days(tmp_path):
 
     ns = argparse.Namespace(name="x", home=str(tmp_path), fast=False, driver=None, days=14, lines=None,
                             per_day=None, code_dir=None, preset=None, steps=None, threads=None, schedule="compact",
-                            replay_unchanged=False)
+                            replay_unchanged=False, golden_cells=None)
     cfg = config_from_args(ns)
     assert {f.kind for f in cfg.faults} == {f.kind for f in DEFAULT_SCHEDULE}
     for line in cfg.lines:
