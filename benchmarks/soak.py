@@ -192,6 +192,14 @@ def fast_config(home: Path, name: str = "soak_fast") -> SoakConfig:
     )
 
 
+def first_days(config: SoakConfig, days: int) -> SoakConfig:
+    """The soak ``config`` cut to its first ``days`` days (faults starting later dropped): how a soak stopped early
+    is scored on the days it ran (``--report-only --days N``)."""
+    if not config.first_monitored_day < days <= config.days:
+        raise ValueError(f"days must be in {config.first_monitored_day + 1}..{config.days}, got {days}")
+    return dataclasses.replace(config, days=days, faults=tuple(f for f in config.faults if f.start_day < days))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The line: simulated up front, released day by day
 # --------------------------------------------------------------------------------------------------------------
@@ -485,7 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--name", default="soak", help="results file stem and home folder name (default soak)")
     ap.add_argument("--home", default=None, help="LINEWATCH_HOME of the soak (default benchmarks/out/soak/NAME)")
-    ap.add_argument("--days", type=int, default=None, help="simulated days (default 30; faults after it dropped)")
+    ap.add_argument("--days", type=int, default=None,
+                    help="simulated days (default 30; faults after it dropped); with --report-only, score only the "
+                         "first DAYS days of a soak stopped early")
     ap.add_argument("--schedule", choices=sorted(SCHEDULES), default=None,
                     help="fault schedule: default (30 days) or compact (every fault in 14 days)")
     ap.add_argument("--lines", default=None, help="lines, comma-separated (default L1,L2)")
@@ -513,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     if saved is not None and saved != config:
         log(f"[soak] {config.home}: using the settings the soak was run with (soak_config.json), not the command line's")
         config = saved
+    if args.report_only and args.days and saved is not None and args.days < saved.days:
+        config = first_days(saved, args.days)
+        log(f"[soak] scoring the first {args.days} of the soak's {saved.days} days")
     t0 = time.perf_counter()
     if not args.report_only:
         run_soak(config, resume=args.resume)

@@ -111,6 +111,17 @@ def test_a_camera_alert_names_a_camera_fault_rightly_only_on_a_line_with_golden_
     assert not fault_outcome(no_golden, faults[0], verdicts, alerts)["alerted_in_time"]
 
 
+def test_a_soak_stopped_early_is_scored_on_the_days_it_ran(tmp_path):
+    from benchmarks.soak import first_days
+
+    cfg = SoakConfig(home=tmp_path)  # the default 30-day schedule: the defect surge starts on day 21
+    cut = first_days(cfg, 21)
+    assert cut.days == 21 and [f.kind for f in cut.faults] == [f.kind for f in cfg.faults if f.start_day < 21]
+    assert "defect_rate" not in {f.kind for f in cut.faults} and len(line_days(cut)) == 2 * 21
+    with pytest.raises(ValueError, match="days must be in"):
+        first_days(cfg, 31)
+
+
 def test_golden_captures_are_left_out_of_the_production_truth():
     from benchmarks.soak_eval import production_truth
 
