@@ -18,7 +18,11 @@ class GateConfig:
 
     Attributes:
         loss_tolerance: candidate denoising loss on calibration must be <= champion x (1 + tol).
-        recon_tolerance: candidate reconstruction MSE must be <= champion x (1 + tol).
+        recon_tolerance: candidate reconstruction MSE must be <= champion x (1 + tol). Two nightly models of a line
+            differ by more than the denoising loss shows: on the same calibration images the ratio of consecutive
+            models' reconstruction MSE has a log standard deviation of about 0.065 (BENCHMARKS.md, the gate row), so
+            0.25 (3.4 sd) refuses a candidate that reconstructs clearly worse, not one that drew the other side of
+            that spread; with 0.15 a champion that drew the good side kept its line for days.
         first_night_improvement: with no champion, the candidate's loss must beat an untrained model of the same
             preset by this fraction (so a model that learned nothing cannot pass).
         fpr_target: detector threshold is set at this false-positive rate on half of the calibration latents.
@@ -33,7 +37,7 @@ class GateConfig:
     """
 
     loss_tolerance: float = 0.10
-    recon_tolerance: float = 0.15
+    recon_tolerance: float = 0.25
     first_night_improvement: float = 0.05
     fpr_target: float = 0.05
     fpr_tolerance: float = 0.10

@@ -139,6 +139,15 @@ def test_gate_passes_a_comparable_candidate_and_names_failures():
     assert bad.checks["eps_mse"] == (0.2, pytest.approx(0.11), False)
 
 
+def test_gate_reconstruction_tolerance_is_wider_than_nightly_models_differ_but_refuses_a_worse_one():
+    """Consecutive nightly models reconstruct the same images within about +-15 % of each other (log sd 0.065); a
+    candidate 20 % worse passes, one 30 % worse is refused."""
+    gate = GateConfig()
+    assert apply_gate({**GOOD, "recon_mse": GOOD["recon_mse"] * 1.2}, GOOD, gate, baseline={}).passed
+    worse = apply_gate({**GOOD, "recon_mse": GOOD["recon_mse"] * 1.3}, GOOD, gate, baseline={})
+    assert not worse.passed and worse.reason.startswith("failed: recon_mse=0.065")
+
+
 def test_gate_first_night_needs_to_beat_an_untrained_model():
     cand = {k: v for k, v in GOOD.items() if k != "alignment"}
     base = {"eps_mse": 0.5}
