@@ -20,9 +20,10 @@ class GateConfig:
         loss_tolerance: candidate denoising loss on calibration must be <= champion x (1 + tol).
         recon_tolerance: candidate reconstruction MSE must be <= champion x (1 + tol). Two nightly models of a line
             differ by more than the denoising loss shows: on the same calibration images the ratio of consecutive
-            models' reconstruction MSE has a log standard deviation of about 0.065 (BENCHMARKS.md, the gate row), so
-            0.25 (3.4 sd) refuses a candidate that reconstructs clearly worse, not one that drew the other side of
-            that spread; with 0.15 a champion that drew the good side kept its line for days.
+            models' reconstruction MSE has a log standard deviation of 0.06-0.07 (``benchmarks.gate_replay``;
+            BENCHMARKS.md, the gate row), so 0.25 (3.3-3.7 sd) refuses a candidate that reconstructs clearly worse,
+            not one that drew the other side of that spread; with 0.15 a champion that drew the good side kept its
+            line for days.
         first_night_improvement: with no champion, the candidate's loss must beat an untrained model of the same
             preset by this fraction (so a model that learned nothing cannot pass).
         fpr_target: detector threshold is set at this false-positive rate on half of the calibration latents.
