@@ -63,23 +63,13 @@ def nightly_pairs(home: Path) -> list[dict[str, Any]]:
     return pairs
 
 
-def per_image_error(model: Any, x: Any, *, steps: int, seed: int) -> np.ndarray:
-    """Each image's mean squared DDIM reconstruction error, as ``pipeline.training.evaluation.reconstruction_error``."""
-    import torch
-
-    model.eval()
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        rec = model.reconstruct(x, steps=steps, z=model.encode(x))
-    return ((rec - x) ** 2).flatten(1).mean(1).double().numpy()
-
-
 def _pair_ratios(settings: Any, pair: dict[str, Any], gate: Any, seed: int, n_images: int) -> dict[str, Any]:
     """One nightly: the gate's ratio (replayed and as recorded) and the ratio on ``n_images``."""
     import pandas as pd
 
     from models.checkpoint import load_checkpoint
     from pipeline.handoff.bundle import BUNDLE_DIR, CALIBRATION_FILE
+    from pipeline.training.evaluation import reconstruction_errors
     from pipeline.training.retrain import load_images
 
     cand, champ = load_checkpoint(pair["candidate_dir"]), load_checkpoint(pair["champion_dir"])
@@ -88,8 +78,8 @@ def _pair_ratios(settings: Any, pair: dict[str, Any], gate: Any, seed: int, n_im
             raise GateReplayError(f"v{pair['version']}: a pretrained encoder needs its backbone features; not replayed")
     cal = pd.read_parquet(pair["candidate_dir"] / BUNDLE_DIR / CALIBRATION_FILE)
     x = load_images(settings, cal.iloc[:max(n_images, gate.recon_images)], cand.preprocess)
-    a = per_image_error(cand.model, x, steps=gate.recon_steps, seed=seed)
-    b = per_image_error(champ.model, x, steps=gate.recon_steps, seed=seed)
+    a = reconstruction_errors(cand.model, x, steps=gate.recon_steps, seed=seed)
+    b = reconstruction_errors(champ.model, x, steps=gate.recon_steps, seed=seed)
     k = gate.recon_images
     recorded = json.loads((pair["candidate_dir"] / BUNDLE_DIR / "gate.json").read_text())
     rec_c, rec_p = recorded["candidate"]["recon_mse"], recorded["champion"]["recon_mse"]
@@ -107,7 +97,7 @@ def replay_gate(home: Path, n_images: int = 64) -> dict[str, Any]:
     from pipeline.training.retrain import retrain_config
 
     saved = soak_config(home)
-    cfg = retrain_config(**{k: v for k, v in (saved.get("retrain") or {}).items()})
+    cfg = retrain_config(**(saved.get("retrain") or {}))
     pairs = nightly_pairs(home)
     with tempfile.TemporaryDirectory(prefix="gate_replay-") as tmp, threadpool_limits(limits=saved.get("threads")):
         settings = soak_settings(home, Path(tmp))

@@ -287,7 +287,8 @@ def fault_outcome(config: Any, fault: Any, verdicts: pd.DataFrame, alerts: pd.Da
     if not ids or (not resolved_in_time and end + RECOVERY_DAYS > config.days):
         resolved_in_time = None  # never alerted (nothing to resolve), or its recovery days fall after the soak
     out.update({
-        "expected_family": expected + (" or camera" if golden else ""), "first_alert_day": None if during.empty else int(during["day"].min()),
+        "expected_family": expected + (" or camera" if golden else ""),
+        "first_alert_day": None if during.empty else int(during["day"].min()),
         "families_named": sorted({f for fs in during["families"] for f in fs}),
         "alerted_in_time": not right.empty, "alert_text": during["text"].tolist()[:2],
         "alerts": len(during), "resolved_in_time": resolved_in_time,
@@ -349,9 +350,9 @@ def flag_table(config: Any, records: list[dict[str, Any]], truth: pd.DataFrame) 
 
 def production_truth(truth: pd.DataFrame) -> pd.DataFrame:
     """The truth rows of production captures (golden captures, which are never flagged, left out)."""
-    if "sample_kind" not in truth.columns:
-        return truth
-    return truth[truth["sample_kind"].fillna("production").astype(str) != "golden"].reset_index(drop=True)
+    from pipeline.common.schemas import golden_mask
+
+    return truth[~golden_mask(truth)].reset_index(drop=True)
 
 
 def replayed_views(truth: pd.DataFrame) -> pd.Series:

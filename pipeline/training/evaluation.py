@@ -79,20 +79,27 @@ def denoising_loss(model: Any, x: torch.Tensor, *, seed: int, repeats: int = 2, 
     return total / max(n, 1)
 
 
+def _reconstruct(model: Any, x: torch.Tensor, steps: int, seed: int, features: torch.Tensor | None) -> torch.Tensor:
+    """The deterministic DDIM reconstruction of ``x`` with its own z (model in eval mode, seeded)."""
+    model.eval()
+    torch.manual_seed(seed)
+    return model.reconstruct(x, steps=steps, z=model.encode(x, features=features))
+
+
 @torch.no_grad()
 def reconstruction_error(model: Any, x: torch.Tensor, *, steps: int, seed: int,
                          features: torch.Tensor | None = None) -> float:
     """Mean squared error of the deterministic DDIM reconstruction of ``x`` (in model-input units)."""
-    model.eval()
-    torch.manual_seed(seed)
-    rec = model.reconstruct(x, steps=steps, z=model.encode(x, features=features))
+    rec = _reconstruct(model, x, steps, seed, features)
     return float(((rec - x) ** 2).mean())
 
 
-
-
-
-
+@torch.no_grad()
+def reconstruction_errors(model: Any, x: torch.Tensor, *, steps: int, seed: int,
+                          features: torch.Tensor | None = None) -> np.ndarray:
+    """Each image's mean squared reconstruction error (:func:`reconstruction_error` per image), shape (N,)."""
+    rec = _reconstruct(model, x, steps, seed, features)
+    return ((rec - x) ** 2).flatten(1).mean(1).double().numpy()
 
 
 def evaluate_model(
@@ -145,4 +152,5 @@ def perturb_weights(model: torch.nn.Module, scale: float, seed: int = 0) -> None
 __all__ = [
     "axis_alignment", "calibration_scores", "denoising_loss", "detector_calibration", "encode_tensor",
     "evaluate_model", "latent_quality", "make_detector", "mmd_to_prior", "perturb_weights", "reconstruction_error",
+    "reconstruction_errors",
 ]

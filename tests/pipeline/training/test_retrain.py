@@ -177,6 +177,18 @@ def test_the_gate_and_the_sweep_share_one_collapse_metric():
     assert gate["axis_std_min"] == health["axis_std_min"]
 
 
+def test_per_image_reconstruction_errors_average_to_the_gates_figure(tiny_checkpoint, elpv_small):
+    """benchmarks.gate_replay reads the gate's comparison image by image: the same reconstruction, the same mean."""
+    from models import load_checkpoint, to_model_input
+    from pipeline.training.evaluation import reconstruction_error, reconstruction_errors
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    x = to_model_input(list(elpv_small.images)[:6], ckpt.preprocess)
+    per_image = reconstruction_errors(ckpt.model, x, steps=4, seed=0)
+    assert per_image.shape == (6,) and (per_image > 0).all()
+    assert per_image.mean() == pytest.approx(reconstruction_error(ckpt.model, x, steps=4, seed=0), rel=1e-5)
+
+
 def test_degraded_candidate_fails_the_gate(tiny_checkpoint, elpv_small):
     """A champion with noise added to its weights is measurably worse and is not promoted."""
     import copy
