@@ -13,6 +13,12 @@ from typing import Any
 
 from pipeline.analysis.blocks import MIN_BLOCKS
 
+#: Smallest move of an image-quality channel's window median the drift test reports, in the channel's unit. Pixel
+#: noise (fraction of full scale): healthy ELPV poly lots sit in two groups whose day medians differ by up to about
+#: 0.001 (0.0042-0.0043 and 0.0050-0.0056), and a day made only of the rarer group lies outside a two-week reference;
+#: 0.002 (half a grey level of an 8-bit camera) is twice that spread and a twelfth of the 3 % noise fault's rise.
+DEFAULT_QUALITY_FLOORS: tuple[tuple[str, float], ...] = (("noise_level", 0.002),)
+
 
 @dataclass(frozen=True)
 class MonitorConfig:
@@ -65,6 +71,10 @@ class MonitorConfig:
             0 (default): the patch family alone, and the monitor computes no residuals. On cells of lots the model
             never saw, the nightly model's residual ranks defective cells barely above chance and pulls the fused
             score below the patch family's (``benchmarks/bench_flag_rate``); 1 weighs both families equally.
+        quality_floors: (channel, floor) pairs: the smallest move of a quality channel's window median, in the
+            channel's own unit, that the quality family reports (``DriftDetector(quality_floors=...)``); a smaller
+            move is never significant however unusual against the reference. A mapping is accepted too. Default:
+            pixel noise must rise or fall by 0.002 of full scale (``DEFAULT_QUALITY_FLOORS``, ``docs/monitoring.md``).
         recentre: judge every cell against its own line-day (``pipeline.analysis.thresholds.day_thresholds``): its
             flag score in robust units of the day (median, interquartile range) against the ``fpr`` order statistic
             of the calibration cells judged against their own production periods, so a day of new lots, higher or
@@ -98,8 +108,13 @@ class MonitorConfig:
     fusion: bool = True
     residual_weight: float = 0.0
     recentre: bool = True
+    quality_floors: tuple[tuple[str, float], ...] = DEFAULT_QUALITY_FLOORS
 
     def __post_init__(self) -> None:
+        floors = self.quality_floors.items() if isinstance(self.quality_floors, dict) else self.quality_floors
+        object.__setattr__(self, "quality_floors", tuple((str(k), float(v)) for k, v in floors))
+        if any(not v >= 0 or v == float("inf") for _, v in self.quality_floors):
+            raise ValueError(f"MonitorConfig.quality_floors must be finite and >= 0, got {self.quality_floors}")
         if self.window_by not in ("day", "shift", "count"):
             raise ValueError(f"MonitorConfig.window_by must be 'day', 'shift' or 'count', got {self.window_by!r}")
         if self.window_by == "count" and not self.window_size:

@@ -90,7 +90,8 @@ def drift_detector(config: MonitorConfig) -> Any:
     from pipeline.analysis.drift import DriftDetector
 
     return DriftDetector(alpha=config.alpha, null=config.null, min_window=config.min_window,
-                         n_calibration=config.n_calibration, random_state=config.seed, progress=config.progress)
+                         n_calibration=config.n_calibration, quality_floors=dict(config.quality_floors),
+                         random_state=config.seed, progress=config.progress)
 
 
 def reference_floor(config: MonitorConfig | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -126,6 +127,11 @@ class DriftDetector(LotNull):
         psi_bins: bins of the PSI.
         score_tail: upper tail of the reference's anomaly scores whose share the score family watches (0.10: the
             share of cells above the reference's 90th percentile).
+        quality_floors: smallest change of an image-quality channel's median, in the channel's own unit, that the
+            quality family may report (channel name -> floor; channels not named have none). A channel whose median
+            moved less is neither significant nor part of the family's statistic, however far outside the
+            reference's spread: it separates a change worth an alarm from a healthy lot that sits just outside
+            the few line-days a reference holds. The test stays valid (a smaller statistic only raises the p-value).
         random_state: seed; every ``test`` call is reproducible given its inputs.
         progress: show a progress bar while calibrating the lot null.
     """
@@ -145,6 +151,7 @@ class DriftDetector(LotNull):
         mmd_max_ref: int = 500,
         psi_bins: int = 10,
         score_tail: float = 0.1,
+        quality_floors: Mapping[str, float] | None = None,
         random_state: int = 0,
         progress: bool = False,
     ) -> None:
@@ -167,6 +174,10 @@ class DriftDetector(LotNull):
             raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
         if not 0.0 < score_tail <= 0.5:
             raise ValueError(f"score_tail must be in (0, 0.5], got {score_tail}")
+        floors = dict(quality_floors or {})
+        bad = {k: v for k, v in floors.items() if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0)}
+        if bad:
+            raise ValueError(f"quality_floors must map channel names to finite numbers >= 0, got {bad}")
         self.alpha = float(alpha)
         self.correction = correction
         self.n_permutations = int(n_permutations)
@@ -177,6 +188,7 @@ class DriftDetector(LotNull):
         self.mmd_max_ref = int(mmd_max_ref)
         self.psi_bins = int(psi_bins)
         self.score_tail = float(score_tail)
+        self.quality_floors = {str(k): float(v) for k, v in floors.items()}
         self.random_state = int(random_state)
         self.progress = progress
 
@@ -184,7 +196,7 @@ class DriftDetector(LotNull):
         """Hyperparameters given to ``__init__``."""
         keys = (
             "alpha correction n_permutations min_window null lot_block n_calibration mmd_max_ref psi_bins "
-            "score_tail random_state"
+            "score_tail quality_floors random_state"
         ).split()
         return {k: getattr(self, k) for k in keys}
 
@@ -278,6 +290,7 @@ class DriftDetector(LotNull):
         self.ref_quality_ = quality
         self.quality_names_ = q_names
         self._q_scale = None if quality is None else robust_scale(quality)
+        self._q_floors = np.array([self.quality_floors.get(name, 0.0) for name in q_names])
         self.model_id_ = model_id
         self.n_ref_, self.n_features_in_ = Z.shape
         self.psi_edges_ = _psi_edges(Z, self.psi_bins)
@@ -493,7 +506,8 @@ class DriftDetector(LotNull):
             st.q_eff = median_shift(q_ref, win.quality, self._q_scale, w)
             q_pv = stats.mannwhitneyu(win.quality, q_ref[rows], axis=0, alternative="two-sided").pvalue
             st.q_pv = np.where(np.isfinite(q_pv), q_pv, 1.0)
-            st.quality_stat = float(np.max(np.abs(st.q_eff)))
+            st.q_floor_met = np.abs(st.q_eff) * self._q_scale >= self._q_floors
+            st.quality_stat = float(np.max(np.abs(st.q_eff), initial=0.0, where=st.q_floor_met))
 
     def _iid_families(self, win: _WindowData, st: _FamilyStats, fam_alpha: float, rng: np.random.Generator
                       ) -> None:
@@ -511,8 +525,8 @@ class DriftDetector(LotNull):
             st.score_p = min(1.0, 2.0 * min(p_auc, p_tail))
         if win.quality is not None:
             q_adj = bonferroni(st.q_pv)
-            st.quality_p = float(q_adj.min())
-            st.q_sig = q_adj <= fam_alpha
+            st.quality_p = float(np.min(q_adj, initial=1.0, where=st.q_floor_met))
+            st.q_sig = (q_adj <= fam_alpha) & st.q_floor_met
         st.thresholds["p_adjusted"] = fam_alpha
 
     def _result(self, win: _WindowData, st: _FamilyStats, families: list[str], fam_alpha: float) -> DriftResult:
@@ -525,7 +539,7 @@ class DriftDetector(LotNull):
             st.family_p["quality"] = float(st.quality_p)
             per_channel = pd.DataFrame(
                 {"channel": list(self.quality_names_), "ks_stat": st.q_ks, "p_value": st.q_pv,
-                 "effect_size": st.q_eff, "significant": st.q_sig}
+                 "effect_size": st.q_eff, "floor_met": st.q_floor_met, "significant": st.q_sig}
             ).assign(_abs=np.abs(st.q_eff)).sort_values(["significant", "_abs"], ascending=False, kind="stable",
                                                         ignore_index=True).drop(columns="_abs")
         fired = tuple(k for k in families if st.family_p[k] <= fam_alpha * (1 + 1e-9))

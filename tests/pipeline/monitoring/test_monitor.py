@@ -24,7 +24,15 @@ def test_monitor_config_validation():
         monitor_config(alpah=0.1)
     with pytest.raises(ValueError, match="min_reference_blocks"):
         MonitorConfig(min_reference_blocks=-1)
-    from pipeline.monitoring.monitor import encoding_plan
+    with pytest.raises(ValueError, match="quality_floors"):
+        MonitorConfig(quality_floors={"noise_level": -0.1})
+    from pipeline.monitoring.monitor import drift_detector, encoding_plan
+
+    # floors from JSON (a dict or a list of pairs) reach the drift detector; the default floors pixel noise
+    assert monitor_config(quality_floors={"noise_level": 0.003}).quality_floors == (("noise_level", 0.003),)
+    assert monitor_config(quality_floors=[["illumination", 0.02]]).quality_floors == (("illumination", 0.02),)
+    assert drift_detector(MonitorConfig()).quality_floors == {"noise_level": 0.002}
+    assert drift_detector(MonitorConfig(quality_floors=())).quality_floors == {}
 
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         encoding_plan(None, cfg, chunk_size=0)

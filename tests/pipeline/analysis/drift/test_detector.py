@@ -160,6 +160,42 @@ def test_quality_family_is_not_moved_by_a_minority_of_failed_reads(null):
     assert rotated.per_channel.iloc[0]["effect_size"] == pytest.approx(3.0, abs=0.8)
 
 
+@pytest.mark.parametrize("null", ["iid", "lot"])
+def test_quality_floor_keeps_a_small_move_quiet_and_a_large_one_significant(null):
+    """A noise-level move far outside a tight reference but under its floor is not reported; one over it is."""
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(600, D))
+    q_ref = pd.DataFrame({"noise_level": rng.normal(0.0045, 0.0003, 600), "detail_ratio": rng.normal(1.3, 0.1, 600)})
+
+    def window(noise: float) -> pd.DataFrame:
+        return pd.DataFrame({"noise_level": rng.normal(noise, 0.0003, 100), "detail_ratio": rng.normal(1.3, 0.1, 100)})
+
+    plain = DriftDetector(null=null, n_permutations=49, n_calibration=200, mmd_max_ref=300).fit(ref, ref_quality=q_ref)
+    floored = DriftDetector(null=null, n_permutations=49, n_calibration=200, mmd_max_ref=300,
+                            quality_floors={"noise_level": 0.002}).fit(ref, ref_quality=q_ref)
+    Z = rng.normal(size=(100, D))
+    small, large = window(0.0053), window(0.0300)  # +0.0008 (about 2.7 reference sd) and +0.0255
+    assert "quality" in plain.test(Z, cur_quality=small).fired
+    quiet = floored.test(Z, cur_quality=small)
+    assert "quality" not in quiet.fired and quiet.family_p["quality"] > quiet.family_alpha
+    row = quiet.per_channel.set_index("channel").loc["noise_level"]
+    assert not row["floor_met"] and not row["significant"] and row["effect_size"] > 2.0  # the move is still shown
+    loud = floored.test(Z, cur_quality=large)
+    assert "quality" in loud.fired and loud.top_channel == "noise_level"
+    assert loud.per_channel.set_index("channel").loc["noise_level", "floor_met"]
+    # a channel without a floor is judged as before
+    blur = floored.test(Z, cur_quality=window(0.0045).assign(detail_ratio=lambda q: q["detail_ratio"] + 0.3))
+    assert "quality" in blur.fired and blur.top_channel == "detail_ratio"
+
+
+def test_quality_floors_are_checked():
+    with pytest.raises(ValueError, match="quality_floors"):
+        DriftDetector(quality_floors={"noise_level": -1.0})
+    with pytest.raises(ValueError, match="quality_floors"):
+        DriftDetector(quality_floors={"noise_level": float("nan")})
+    assert DriftDetector(quality_floors={"noise_level": 2e-3}).get_params()["quality_floors"] == {"noise_level": 0.002}
+
+
 @pytest.mark.parametrize("null", ["lot", "iid"])
 def test_conditioning_on_the_product_makes_a_mix_swing_no_drift(null):
     """A window of another product mix, nothing else changed: drift without conditioning, none with it."""
