@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn.covariance import LedoitWolf
+from sklearn.covariance import ledoit_wolf
 
 from pipeline.analysis.detectors.base import BaseDetector
 
@@ -85,11 +85,17 @@ def greedy_coreset(X: np.ndarray, n: int, *, proj_dim: int = 64, seed: int = 0) 
 
 
 def _whitener(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (C,) and whitening matrix (C, C) of the rows of ``X`` from a Ledoit-Wolf covariance."""
-    lw = LedoitWolf().fit(X.astype(np.float64))
-    ev, V = np.linalg.eigh(lw.covariance_)
+    """Mean (C,) and whitening matrix (C, C) of the rows of ``X`` from a Ledoit-Wolf covariance.
+
+    ``sklearn.covariance.ledoit_wolf`` rather than the ``LedoitWolf`` estimator, which would also invert the
+    covariance (a second eigendecomposition per grid position) for a precision matrix nothing reads.
+    """
+    X = X.astype(np.float64)
+    location = X.mean(axis=0)
+    cov, _ = ledoit_wolf(X - location, assume_centered=True)
+    ev, V = np.linalg.eigh(cov)
     W = V / np.sqrt(np.maximum(ev, _EIG_FLOOR * max(float(ev.max()), _EIG_FLOOR)))
-    return lw.location_.astype(np.float32), W.astype(np.float32)
+    return location.astype(np.float32), W.astype(np.float32)
 
 
 def _sq_dist_min_k(Q: np.ndarray, B: np.ndarray, k: int) -> np.ndarray:
