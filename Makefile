@@ -32,8 +32,8 @@ demo: install  ## the main job end to end on embedded defaults (local SQLite MLf
 lint: install
 	$(VENV)/bin/ruff check models pipeline flows tests benchmarks
 
-test: install lint  ## the whole suite (CI runs this)
-	$(VENV)/bin/pytest -q --timeout=900 --ignore=tests/stack $(PYTEST_ARGS)
+test: install lint  ## the whole suite (CI runs this; the slowest tests are listed at the end, for the 25-minute budget)
+	$(VENV)/bin/pytest -q --timeout=900 --durations=25 --ignore=tests/stack $(PYTEST_ARGS)
 	@# the stack tests talk to real servers: own process, so no in-process Prefect test server or events worker leaks in
 	$(VENV)/bin/pytest -q --timeout=900 tests/stack $(PYTEST_ARGS)
 
