@@ -438,7 +438,7 @@ def _run_drift(args: argparse.Namespace) -> tuple[Any, str, int]:
     """(drift result, model id, images given as current) of the reference and current window of ``args``."""
     from pipeline.analysis.drift import DriftDetector
     from pipeline.cli.model import load_model
-    from pipeline.monitoring.config import DEFAULT_QUALITY_FLOORS
+    from pipeline.monitoring.config import DEFAULT_QUALITY_DIRECTIONS, DEFAULT_QUALITY_FLOORS
 
     _require_reference(args, "drift")
     ckpt = load_model(args.model, args.device)
@@ -452,6 +452,7 @@ def _run_drift(args: argparse.Namespace) -> tuple[Any, str, int]:
         min_window=args.min_window,
         n_permutations=args.permutations,
         quality_floors=dict(DEFAULT_QUALITY_FLOORS),
+        quality_directions=dict(DEFAULT_QUALITY_DIRECTIONS),
         random_state=args.seed,
         progress=progress,
     )
@@ -597,6 +598,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--permutations", type=int, default=200, help="MMD permutations, iid null (default 200)")
     p.add_argument("--quality", action="store_true",
                    help="also test full-resolution image-quality channels (fine detail, noise, rotation, illumination; "
-                        "a pixel-noise move under 0.002 of full scale is not reported, as in the monitor); needs image "
-                        "folders for --reference and --current")
+                        "as in the monitor, a pixel-noise move under 0.002 of full scale is not reported, nor a fall "
+                        "of fine detail or noise or a rise of the border / centre ratio); needs image folders for "
+                        "--reference and --current")
     p.set_defaults(func=cmd_drift)

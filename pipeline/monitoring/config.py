@@ -19,6 +19,12 @@ from pipeline.analysis.blocks import MIN_BLOCKS
 #: grey level of an 8-bit camera) is above that whole spread and a thirteenth of the 3 % noise fault's rise.
 DEFAULT_QUALITY_FLOORS: tuple[tuple[str, float], ...] = (("noise_level", 0.002),)
 
+#: The direction the drift test watches each image-quality channel in: the way camera and optics faults move it
+#: (``pipeline.latent.properties``; the control chart's one-sided patterns, ``docs/spc.md``). Defocus and sensor noise
+#: raise the fine-detail ratio, sensor noise raises the noise level, uneven light and vignetting lower the
+#: border / centre ratio; rotation is watched both ways. Healthy ELPV lots move the first three either way.
+DEFAULT_QUALITY_DIRECTIONS: tuple[tuple[str, int], ...] = (("detail_ratio", 1), ("noise_level", 1), ("illumination", -1))
+
 
 @dataclass(frozen=True)
 class MonitorConfig:
@@ -75,6 +81,9 @@ class MonitorConfig:
             channel's own unit, that the quality family reports (``DriftDetector(quality_floors=...)``); a smaller
             move is never significant however unusual against the reference. A mapping is accepted too. Default:
             pixel noise must rise or fall by 0.002 of full scale (``DEFAULT_QUALITY_FLOORS``, ``docs/monitoring.md``).
+        quality_directions: (channel, direction) pairs: +1 reports only a rise of the channel's median, -1 only a
+            fall, 0 or unnamed both (``DriftDetector(quality_directions=...)``). Default ``DEFAULT_QUALITY_DIRECTIONS``:
+            each channel in the direction camera and optics faults move it; the control chart still sees both.
         recentre: judge every cell against its own line-day (``pipeline.analysis.thresholds.day_thresholds``): its
             flag score in robust units of the day (median, interquartile range) against the ``fpr`` order statistic
             of the calibration cells judged against their own production periods, so a day of new lots, higher or
@@ -109,12 +118,18 @@ class MonitorConfig:
     residual_weight: float = 0.0
     recentre: bool = True
     quality_floors: tuple[tuple[str, float], ...] = DEFAULT_QUALITY_FLOORS
+    quality_directions: tuple[tuple[str, int], ...] = DEFAULT_QUALITY_DIRECTIONS
 
     def __post_init__(self) -> None:
         floors = self.quality_floors.items() if isinstance(self.quality_floors, dict) else self.quality_floors
         object.__setattr__(self, "quality_floors", tuple((str(k), float(v)) for k, v in floors))
         if any(not v >= 0 or v == float("inf") for _, v in self.quality_floors):
             raise ValueError(f"MonitorConfig.quality_floors must be finite and >= 0, got {self.quality_floors}")
+        dirs = self.quality_directions
+        object.__setattr__(self, "quality_directions", tuple((str(k), v) for k, v in (dirs.items() if isinstance(
+            dirs, dict) else dirs)))
+        if any(v not in (-1, 0, 1) for _, v in self.quality_directions):
+            raise ValueError(f"MonitorConfig.quality_directions must be -1, 0 or +1, got {self.quality_directions}")
         if self.window_by not in ("day", "shift", "count"):
             raise ValueError(f"MonitorConfig.window_by must be 'day', 'shift' or 'count', got {self.window_by!r}")
         if self.window_by == "count" and not self.window_size:

@@ -91,7 +91,8 @@ def drift_detector(config: MonitorConfig) -> Any:
 
     return DriftDetector(alpha=config.alpha, null=config.null, min_window=config.min_window,
                          n_calibration=config.n_calibration, quality_floors=dict(config.quality_floors),
-                         random_state=config.seed, progress=config.progress)
+                         quality_directions=dict(config.quality_directions), random_state=config.seed,
+                         progress=config.progress)
 
 
 def reference_floor(config: MonitorConfig | None = None) -> int:

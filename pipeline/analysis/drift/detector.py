@@ -132,6 +132,10 @@ class DriftDetector(LotNull):
             moved less is neither significant nor part of the family's statistic, however far outside the
             reference's spread: it separates a change worth an alarm from a healthy lot that sits just outside
             the few line-days a reference holds. The test stays valid (a smaller statistic only raises the p-value).
+        quality_directions: the direction each named channel is watched in (+1: only a rise is reported, -1: only a
+            fall, 0 or not named: both), for channels a camera or optics fault moves one way only (defocus and sensor
+            noise raise the fine-detail ratio and the noise level, a darker border lowers the illumination ratio) while
+            healthy lots move them both ways. A move the other way is shown but is not reported, as under a floor.
         random_state: seed; every ``test`` call is reproducible given its inputs.
         progress: show a progress bar while calibrating the lot null.
     """
@@ -152,6 +156,7 @@ class DriftDetector(LotNull):
         psi_bins: int = 10,
         score_tail: float = 0.1,
         quality_floors: Mapping[str, float] | None = None,
+        quality_directions: Mapping[str, int] | None = None,
         random_state: int = 0,
         progress: bool = False,
     ) -> None:
@@ -178,6 +183,10 @@ class DriftDetector(LotNull):
         bad = {k: v for k, v in floors.items() if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0)}
         if bad:
             raise ValueError(f"quality_floors must map channel names to finite numbers >= 0, got {bad}")
+        directions = dict(quality_directions or {})
+        bad = {k: v for k, v in directions.items() if v not in (-1, 0, 1)}
+        if bad:
+            raise ValueError(f"quality_directions must map channel names to -1, 0 or +1, got {bad}")
         self.alpha = float(alpha)
         self.correction = correction
         self.n_permutations = int(n_permutations)
@@ -189,6 +198,7 @@ class DriftDetector(LotNull):
         self.psi_bins = int(psi_bins)
         self.score_tail = float(score_tail)
         self.quality_floors = {str(k): float(v) for k, v in floors.items()}
+        self.quality_directions = {str(k): int(v) for k, v in directions.items()}
         self.random_state = int(random_state)
         self.progress = progress
 
@@ -196,7 +206,7 @@ class DriftDetector(LotNull):
         """Hyperparameters given to ``__init__``."""
         keys = (
             "alpha correction n_permutations min_window null lot_block n_calibration mmd_max_ref psi_bins "
-            "score_tail quality_floors random_state"
+            "score_tail quality_floors quality_directions random_state"
         ).split()
         return {k: getattr(self, k) for k in keys}
 
@@ -291,6 +301,7 @@ class DriftDetector(LotNull):
         self.quality_names_ = q_names
         self._q_scale = None if quality is None else robust_scale(quality)
         self._q_floors = np.array([self.quality_floors.get(name, 0.0) for name in q_names])
+        self._q_dirs = np.array([self.quality_directions.get(name, 0) for name in q_names])
         self.model_id_ = model_id
         self.n_ref_, self.n_features_in_ = Z.shape
         self.psi_edges_ = _psi_edges(Z, self.psi_bins)
@@ -506,8 +517,8 @@ class DriftDetector(LotNull):
             st.q_eff = median_shift(q_ref, win.quality, self._q_scale, w)
             q_pv = stats.mannwhitneyu(win.quality, q_ref[rows], axis=0, alternative="two-sided").pvalue
             st.q_pv = np.where(np.isfinite(q_pv), q_pv, 1.0)
-            st.q_floor_met = np.abs(st.q_eff) * self._q_scale >= self._q_floors
-            st.quality_stat = float(np.max(np.abs(st.q_eff), initial=0.0, where=st.q_floor_met))
+            st.q_reportable = (np.abs(st.q_eff) * self._q_scale >= self._q_floors) & (st.q_eff * self._q_dirs >= 0)
+            st.quality_stat = float(np.max(np.abs(st.q_eff), initial=0.0, where=st.q_reportable))
 
     def _iid_families(self, win: _WindowData, st: _FamilyStats, fam_alpha: float, rng: np.random.Generator
                       ) -> None:
@@ -525,8 +536,8 @@ class DriftDetector(LotNull):
             st.score_p = min(1.0, 2.0 * min(p_auc, p_tail))
         if win.quality is not None:
             q_adj = bonferroni(st.q_pv)
-            st.quality_p = float(np.min(q_adj, initial=1.0, where=st.q_floor_met))
-            st.q_sig = (q_adj <= fam_alpha) & st.q_floor_met
+            st.quality_p = float(np.min(q_adj, initial=1.0, where=st.q_reportable))
+            st.q_sig = (q_adj <= fam_alpha) & st.q_reportable
         st.thresholds["p_adjusted"] = fam_alpha
 
     def _result(self, win: _WindowData, st: _FamilyStats, families: list[str], fam_alpha: float) -> DriftResult:
@@ -539,7 +550,7 @@ class DriftDetector(LotNull):
             st.family_p["quality"] = float(st.quality_p)
             per_channel = pd.DataFrame(
                 {"channel": list(self.quality_names_), "ks_stat": st.q_ks, "p_value": st.q_pv,
-                 "effect_size": st.q_eff, "floor_met": st.q_floor_met, "significant": st.q_sig}
+                 "effect_size": st.q_eff, "reportable": st.q_reportable, "significant": st.q_sig}
             ).assign(_abs=np.abs(st.q_eff)).sort_values(["significant", "_abs"], ascending=False, kind="stable",
                                                         ignore_index=True).drop(columns="_abs")
         fired = tuple(k for k in families if st.family_p[k] <= fam_alpha * (1 + 1e-9))

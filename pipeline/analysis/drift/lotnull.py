@@ -306,5 +306,5 @@ class LotNull:
         if win.quality is not None:
             q_thr = self._boot_threshold(cal["quality"], fam_alpha)
             st.quality_p = self._boot_p(cal["quality"], st.quality_stat)
-            st.q_sig = (np.abs(st.q_eff) > q_thr) & st.q_floor_met
+            st.q_sig = (np.abs(st.q_eff) > q_thr) & st.q_reportable
             st.thresholds["quality_max_shift_sd"] = q_thr

@@ -140,6 +140,6 @@ class _FamilyStats:
     q_pv: np.ndarray | None = None
     q_eff: np.ndarray | None = None
     q_sig: np.ndarray | None = None
-    q_floor_met: np.ndarray | None = None
+    q_reportable: np.ndarray | None = None
     quality_stat: float | None = None
     quality_p: float | None = None

@@ -33,6 +33,10 @@ def test_monitor_config_validation():
     assert monitor_config(quality_floors=[["illumination", 0.02]]).quality_floors == (("illumination", 0.02),)
     assert drift_detector(MonitorConfig()).quality_floors == {"noise_level": 0.002}
     assert drift_detector(MonitorConfig(quality_floors=())).quality_floors == {}
+    assert drift_detector(MonitorConfig()).quality_directions == {"detail_ratio": 1, "noise_level": 1, "illumination": -1}
+    assert monitor_config(quality_directions={"rotation_deg": -1}).quality_directions == (("rotation_deg", -1),)
+    with pytest.raises(ValueError, match="quality_directions"):
+        MonitorConfig(quality_directions={"illumination": -2})
 
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         encoding_plan(None, cfg, chunk_size=0)

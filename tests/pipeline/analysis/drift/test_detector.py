@@ -179,13 +179,40 @@ def test_quality_floor_keeps_a_small_move_quiet_and_a_large_one_significant(null
     quiet = floored.test(Z, cur_quality=small)
     assert "quality" not in quiet.fired and quiet.family_p["quality"] > quiet.family_alpha
     row = quiet.per_channel.set_index("channel").loc["noise_level"]
-    assert not row["floor_met"] and not row["significant"] and row["effect_size"] > 2.0  # the move is still shown
+    assert not row["reportable"] and not row["significant"] and row["effect_size"] > 2.0  # the move is still shown
     loud = floored.test(Z, cur_quality=large)
     assert "quality" in loud.fired and loud.top_channel == "noise_level"
-    assert loud.per_channel.set_index("channel").loc["noise_level", "floor_met"]
+    assert loud.per_channel.set_index("channel").loc["noise_level", "reportable"]
     # a channel without a floor is judged as before
     blur = floored.test(Z, cur_quality=window(0.0045).assign(detail_ratio=lambda q: q["detail_ratio"] + 0.3))
     assert "quality" in blur.fired and blur.top_channel == "detail_ratio"
+
+
+@pytest.mark.parametrize("null", ["iid", "lot"])
+def test_a_one_sided_channel_reports_only_its_direction(null):
+    """Fine detail watched for a rise (defocus, noise): a healthy lot's fall is shown but not reported; a rise is."""
+    rng = np.random.default_rng(5)
+    ref = rng.normal(size=(600, D))
+    q_ref = pd.DataFrame({"detail_ratio": rng.normal(1.3, 0.1, 600), "rotation_deg": rng.normal(0.0, 0.2, 600)})
+    kw = dict(null=null, n_permutations=49, n_calibration=200, mmd_max_ref=300)
+    plain = DriftDetector(**kw).fit(ref, ref_quality=q_ref)
+    watched = DriftDetector(**kw, quality_directions={"detail_ratio": 1}).fit(ref, ref_quality=q_ref)
+    Z = rng.normal(size=(100, D))
+
+    def window(detail: float, rotation: float = 0.0) -> pd.DataFrame:
+        return pd.DataFrame({"detail_ratio": rng.normal(detail, 0.1, 100), "rotation_deg": rng.normal(rotation, 0.2, 100)})
+
+    fall, rise = window(1.0), window(1.6)
+    assert "quality" in plain.test(Z, cur_quality=fall).fired
+    quiet = watched.test(Z, cur_quality=fall)
+    row = quiet.per_channel.set_index("channel").loc["detail_ratio"]
+    assert "quality" not in quiet.fired and not row["reportable"] and row["effect_size"] < -2.0
+    loud = watched.test(Z, cur_quality=rise)
+    assert "quality" in loud.fired and loud.top_channel == "detail_ratio"
+    turned = watched.test(Z, cur_quality=window(1.3, rotation=-0.8))  # an unnamed channel: both ways
+    assert "quality" in turned.fired and turned.top_channel == "rotation_deg"
+    with pytest.raises(ValueError, match="quality_directions"):
+        DriftDetector(quality_directions={"detail_ratio": 2})
 
 
 def test_quality_floors_are_checked():
