@@ -23,7 +23,8 @@ Run: ``.venv/bin/python -m benchmarks.soak`` (about two hours on 2 cores; ``make
 --lines L1 --per-day 60 --fast`` for a quick look, ``--code-dir /path/to/other/checkout`` to run the commands with
 another checkout's code (the simulation and the scoring stay this tree's), ``--golden-cells 5`` for a line that
 re-images five golden cells every shift (the production captures stay the same; a camera fault is then also rightly
-named by a "camera/optics changed" alert), ``--report-only`` to rescore a finished home.
+named by a "camera/optics changed" alert), ``--schedule compact`` for every fault of the schedule in 15 days,
+``--report-only`` to rescore a finished home.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ COMPACT_SCHEDULE: tuple[FaultSpec, ...] = (
 
 #: The schedules ``--schedule`` names.
 SCHEDULES: dict[str, tuple[FaultSpec, ...]] = {"default": DEFAULT_SCHEDULE, "compact": COMPACT_SCHEDULE}
+
+#: Days each schedule runs when ``--days`` is not given: its last fault's end plus two days to resolve the alert.
+SCHEDULE_DAYS: dict[str, int] = {"default": 30, "compact": 15}
 
 
 @dataclass(frozen=True)
@@ -466,9 +470,10 @@ def config_from_args(args: argparse.Namespace) -> SoakConfig:
     over: dict[str, Any] = {"driver": args.driver or cfg.driver}
     if args.schedule:
         over["faults"] = SCHEDULES[args.schedule]
-    if args.days:
-        over["days"] = args.days
-        over["faults"] = tuple(f for f in over.get("faults", cfg.faults) if f.start_day < args.days)
+    days = args.days or (SCHEDULE_DAYS[args.schedule] if args.schedule else None)
+    if days:
+        over["days"] = days
+        over["faults"] = tuple(f for f in over.get("faults", cfg.faults) if f.start_day < days)
     if args.lines:
         over["lines"] = tuple(args.lines.split(","))
         over["faults"] = tuple(f for f in over.get("faults", cfg.faults) if set(f.lines or ()) <= set(over["lines"]))
@@ -494,8 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="soak", help="results file stem and home folder name (default soak)")
     ap.add_argument("--home", default=None, help="LINEWATCH_HOME of the soak (default benchmarks/out/soak/NAME)")
     ap.add_argument("--days", type=int, default=None,
-                    help="simulated days (default 30; faults after it dropped); with --report-only, score only the "
-                         "first DAYS days of a soak stopped early")
+                    help="simulated days (default 30, 15 with --schedule compact; faults after it dropped); with "
+                         "--report-only, score only the first DAYS days of a soak stopped early")
     ap.add_argument("--schedule", choices=sorted(SCHEDULES), default=None,
                     help="fault schedule: default (30 days) or compact (every fault in 14 days)")
     ap.add_argument("--lines", default=None, help="lines, comma-separated (default L1,L2)")

@@ -237,6 +237,11 @@ def test_compact_schedule_has_every_fault_kind_in_14_days(tmp_path):
         spans = sorted((f.start_day, f.start_day + f.duration_days) for f in cfg.faults if line in f.lines)
         assert all(end < nxt for (_, end), (nxt, _) in zip(spans, spans[1:], strict=False))  # a healthy day between
         assert spans[-1][1] <= cfg.days
+    # without --days the compact schedule runs 15 days: its last fault's end and two days to resolve
+    short = config_from_args(argparse.Namespace(**{**vars(ns), "days": None}))
+    assert short.days == 15 == max(f.start_day + f.duration_days for f in short.faults) + 2
+    assert short.faults == cfg.faults
+    assert config_from_args(argparse.Namespace(**{**vars(ns), "days": None, "schedule": None})).days == 30
 
 
 @pytest.mark.slow
