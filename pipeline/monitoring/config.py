@@ -121,15 +121,11 @@ class MonitorConfig:
     quality_directions: tuple[tuple[str, int], ...] = DEFAULT_QUALITY_DIRECTIONS
 
     def __post_init__(self) -> None:
-        floors = self.quality_floors.items() if isinstance(self.quality_floors, dict) else self.quality_floors
-        object.__setattr__(self, "quality_floors", tuple((str(k), float(v)) for k, v in floors))
-        if any(not v >= 0 or v == float("inf") for _, v in self.quality_floors):
-            raise ValueError(f"MonitorConfig.quality_floors must be finite and >= 0, got {self.quality_floors}")
-        dirs = self.quality_directions
-        object.__setattr__(self, "quality_directions", tuple((str(k), v) for k, v in (dirs.items() if isinstance(
-            dirs, dict) else dirs)))
-        if any(v not in (-1, 0, 1) for _, v in self.quality_directions):
-            raise ValueError(f"MonitorConfig.quality_directions must be -1, 0 or +1, got {self.quality_directions}")
+        from pipeline.analysis.drift.detector import quality_rules
+
+        floors, directions = quality_rules(self.quality_floors, self.quality_directions)  # the detector's own check
+        object.__setattr__(self, "quality_floors", tuple(floors.items()))
+        object.__setattr__(self, "quality_directions", tuple(directions.items()))
         if self.window_by not in ("day", "shift", "count"):
             raise ValueError(f"MonitorConfig.window_by must be 'day', 'shift' or 'count', got {self.window_by!r}")
         if self.window_by == "count" and not self.window_size:

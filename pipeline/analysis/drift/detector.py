@@ -39,7 +39,7 @@ from pipeline.analysis.drift.statistics import (
 )
 from pipeline.common.schemas import as_latent_matrix
 
-__all__ = ["DriftDetector", "even_subsample"]
+__all__ = ["DriftDetector", "even_subsample", "quality_rules"]
 
 
 def _as_channels(X: Any, n: int, what: str) -> tuple[np.ndarray | None, tuple[str, ...]]:
@@ -60,6 +60,24 @@ def _as_channels(X: Any, n: int, what: str) -> tuple[np.ndarray | None, tuple[st
         raise ValueError(f"{what} contain NaN or inf")
     return M, names
 
+
+
+def quality_rules(floors: Any = None, directions: Any = None) -> tuple[dict[str, float], dict[str, int]]:
+    """Checked image-quality floors and directions (:class:`DriftDetector`), each a mapping or (name, value) pairs.
+
+    Raises:
+        ValueError: a floor that is not a finite number >= 0, or a direction other than -1, 0 or +1.
+    """
+    def pairs(rules: Any) -> list[tuple[str, Any]]:
+        return [(str(k), v) for k, v in (rules.items() if isinstance(rules, Mapping) else rules or ())]
+
+    bad = [(k, v) for k, v in pairs(floors) if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0)]
+    if bad:
+        raise ValueError(f"quality_floors must map channel names to finite numbers >= 0, got {dict(bad)}")
+    bad = [(k, v) for k, v in pairs(directions) if v not in (-1, 0, 1)]
+    if bad:
+        raise ValueError(f"quality_directions must map channel names to -1, 0 or +1, got {dict(bad)}")
+    return {k: float(v) for k, v in pairs(floors)}, {k: int(v) for k, v in pairs(directions)}
 
 
 def _too_small(n: int, min_window: int, alpha: float) -> str:
@@ -179,14 +197,7 @@ class DriftDetector(LotNull):
             raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
         if not 0.0 < score_tail <= 0.5:
             raise ValueError(f"score_tail must be in (0, 0.5], got {score_tail}")
-        floors = dict(quality_floors or {})
-        bad = {k: v for k, v in floors.items() if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0)}
-        if bad:
-            raise ValueError(f"quality_floors must map channel names to finite numbers >= 0, got {bad}")
-        directions = dict(quality_directions or {})
-        bad = {k: v for k, v in directions.items() if v not in (-1, 0, 1)}
-        if bad:
-            raise ValueError(f"quality_directions must map channel names to -1, 0 or +1, got {bad}")
+        floors, directions = quality_rules(quality_floors, quality_directions)
         self.alpha = float(alpha)
         self.correction = correction
         self.n_permutations = int(n_permutations)
@@ -197,8 +208,7 @@ class DriftDetector(LotNull):
         self.mmd_max_ref = int(mmd_max_ref)
         self.psi_bins = int(psi_bins)
         self.score_tail = float(score_tail)
-        self.quality_floors = {str(k): float(v) for k, v in floors.items()}
-        self.quality_directions = {str(k): int(v) for k, v in directions.items()}
+        self.quality_floors, self.quality_directions = floors, directions
         self.random_state = int(random_state)
         self.progress = progress
 
